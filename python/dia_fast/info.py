@@ -1,0 +1,51 @@
+"""``dia_fast.info()``: what this installation runs on."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+from typing import Any
+
+import torch
+
+from . import _ext, ops
+from ._version import __version__
+
+
+def _version_of(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def default_device() -> torch.device:
+    """cuda > mps > cpu."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def info() -> dict[str, Any]:
+    """Version, extension status, backend per op per device, library versions, devices found."""
+    dev = default_device()
+    devices = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": dev.type == "mps"}
+    return {
+        "version": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "triton": _version_of("triton"),
+        "transformers": _version_of("transformers"),
+        "extension": {"loaded": _ext.loaded(), "reason": _ext.why_not() or "ok"},
+        "device": str(dev),
+        "cuda_device": torch.cuda.get_device_name(0) if devices["cuda"] else None,
+        "devices": devices,
+        "backends": ops.table(),
+        "backend_availability": {
+            b: {d: ops.backend_available(b, d)[1] for d in ("cpu", "cuda", "mps")} for b in ops.BACKENDS
+        },
+    }

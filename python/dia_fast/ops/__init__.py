@@ -1,0 +1,189 @@
+"""Hot ops of dia_fast, each dispatched to the best backend for the tensors' device.
+
+The model and the generation loop call only these functions; kernels replace an op by
+registering a backend here (see :mod:`dia_fast.ops._dispatch`), never by copying model code.
+Every op has a plain PyTorch reference in :mod:`dia_fast.ops.reference` that defines its
+semantics; ``backend="torch"`` always runs it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Sequence
+
+import torch
+
+from . import reference
+from ._dispatch import (
+    BACKENDS,
+    backend_available,
+    get_impl,
+    register,
+    register_availability,
+    select_backend,
+    set_backend,
+    table,
+)
+from .reference import delayed_view, filter_cfg_logits, top_p_filter
+
+__all__ = [
+    "BACKENDS",
+    "apply_delay",
+    "attention",
+    "backend_available",
+    "cfg_sample",
+    "decode_attention",
+    "delayed_view",
+    "filter_cfg_logits",
+    "register",
+    "revert_delay",
+    "select_backend",
+    "set_backend",
+    "table",
+    "top_p_filter",
+    "undelay_codes",
+]
+
+
+# --- backend availability -------------------------------------------------------------------
+
+
+def _triton_available(device_type: str) -> tuple[bool, str]:
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed"
+    if device_type == "cuda":
+        return (True, "CUDA") if torch.cuda.is_available() else (False, "no CUDA device")
+    if device_type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return True, "TRITON_INTERPRET=1 (interpreter, for tests)"
+        return False, "Triton runs on CPU only in the interpreter (TRITON_INTERPRET=1)"
+    return False, f"Triton does not run on {device_type}"
+
+
+def _cpp_available(device_type: str) -> tuple[bool, str]:
+    if device_type != "cpu":
+        return False, "the C++ kernels are CPU kernels"
+    from .. import _ext
+
+    return (True, "extension loaded") if _ext.loaded() else (False, _ext.why_not())
+
+
+def _metal_available(device_type: str) -> tuple[bool, str]:
+    if device_type != "mps":
+        return False, "Metal runs on Apple GPUs (mps) only"
+    from . import metal
+
+    return metal.available()
+
+
+register_availability("triton", _triton_available)
+register_availability("cpp", _cpp_available)
+register_availability("metal", _metal_available)
+
+# --- the table ------------------------------------------------------------------------------
+
+for _op in ("apply_delay", "revert_delay", "undelay_codes", "attention", "decode_attention", "cfg_sample"):
+    register(_op, "torch", getattr(reference, _op))
+
+for _op in ("apply_delay", "revert_delay", "undelay_codes"):
+    register(_op, "triton", f"dia_fast.ops.triton_delay:{_op}")
+register("attention", "triton", "dia_fast.ops.triton_attention:attention")
+register("decode_attention", "triton", "dia_fast.ops.triton_attention:decode_attention")
+register("cfg_sample", "triton", "dia_fast.ops.triton_sampling:cfg_sample")
+
+
+# --- public API -----------------------------------------------------------------------------
+
+
+def apply_delay(
+    codes: torch.Tensor,
+    delay_pattern: Sequence[int] | torch.Tensor,
+    bos_value: int,
+    pad_value: int,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Delay channel ``c`` of ``codes`` [B, T, C] by ``delay_pattern[c]`` frames (BOS in front).
+
+    See :func:`dia_fast.ops.reference.apply_delay` for the exact semantics.
+    """
+    return get_impl("apply_delay", codes.device, backend)(codes, delay_pattern, bos_value, pad_value)
+
+
+def revert_delay(
+    codes: torch.Tensor, delay_pattern: Sequence[int] | torch.Tensor, *, backend: str | None = None
+) -> torch.Tensor:
+    """Undo :func:`apply_delay` (``out[t, c] = codes[min(t + d_c, T - 1), c]``)."""
+    return get_impl("revert_delay", codes.device, backend)(codes, delay_pattern)
+
+
+def undelay_codes(
+    delayed: torch.Tensor,
+    delay_pattern: Sequence[int] | torch.Tensor,
+    codebook_size: int = 1024,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Delayed decoder output -> codec codes [B, T - max_delay, C] (special values -> 0)."""
+    return get_impl("undelay_codes", delayed.device, backend)(delayed, delay_pattern, codebook_size)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float = 1.0,
+    causal: bool = False,
+    key_mask: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Attention over whole sequences with GQA, optional causal mask and key padding mask.
+
+    q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D], key_mask [B, Tk] (True = attend) -> [B, Hq, Tq, D].
+    """
+    return get_impl("attention", q.device, backend)(q, k, v, scale=scale, causal=causal, key_mask=key_mask)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    *,
+    scale: float = 1.0,
+    kv_len: torch.Tensor | int | None = None,
+    key_mask: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """One decode step: q [B, Hq, 1, D] against caches [B, Hkv, L, D], keys ``< kv_len``."""
+    return get_impl("decode_attention", q.device, backend)(
+        q, k_cache, v_cache, scale=scale, kv_len=kv_len, key_mask=key_mask
+    )
+
+
+def cfg_sample(
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    *,
+    cfg_scale: float = 3.0,
+    temperature: float = 1.2,
+    top_p: float = 0.95,
+    top_k: int | None = 45,
+    eos_id: int = 1024,
+    do_sample: bool = True,
+    generator: torch.Generator | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Next codes [B, C] from conditional / unconditional logits [B, C, V] (CFG + filters + draw)."""
+    return get_impl("cfg_sample", cond.device, backend)(
+        cond,
+        uncond,
+        cfg_scale=cfg_scale,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        eos_id=eos_id,
+        do_sample=do_sample,
+        generator=generator,
+    )

@@ -1,0 +1,147 @@
+"""The op dispatch table: for every op, which backends implement it and which one runs.
+
+A backend implementation is registered as ``"module:function"`` and imported on first use,
+so ``import dia_fast`` never imports Triton or compiles a shader. Selection, per op and
+device type, in order:
+
+1. the ``backend=`` argument of the call;
+2. an override set with :func:`set_backend` (or the ``DIA_FAST_BACKEND`` environment
+   variable, read once: ``torch``, ``triton``, ``cpp`` or ``metal``);
+3. the default for the device: the first *available* backend in ``DEFAULT_ORDER``.
+
+An override naming a backend that does not implement an op (or is unavailable) falls back
+to ``torch`` for that op, so ``DIA_FAST_BACKEND=triton`` on a machine without Triton still
+runs; an explicit ``backend=`` argument that cannot run raises instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+BACKENDS = ("torch", "triton", "cpp", "metal")
+# Preferred backends per device type, best first. "torch" always works.
+DEFAULT_ORDER: dict[str, tuple[str, ...]] = {
+    "cuda": ("triton", "torch"),
+    "cpu": ("cpp", "torch"),
+    "mps": ("metal", "torch"),
+}
+
+# op -> backend -> "module:function" (or an already imported callable)
+_REGISTRY: dict[str, dict[str, str | Callable[..., Any]]] = {}
+# backend -> callable(device_type) -> (available: bool, reason: str)
+_AVAILABILITY: dict[str, Callable[[str], tuple[bool, str]]] = {}
+_RESOLVED: dict[tuple[str, str], Callable[..., Any]] = {}
+_OVERRIDE: dict[str | None, str] = {}
+
+
+def register(op: str, backend: str, impl: str | Callable[..., Any]) -> None:
+    """Register ``impl`` (a callable or ``"module:function"``) as ``backend``'s version of ``op``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    _REGISTRY.setdefault(op, {})[backend] = impl
+    _RESOLVED.pop((op, backend), None)
+
+
+def register_availability(backend: str, check: Callable[[str], tuple[bool, str]]) -> None:
+    """Register the function telling whether ``backend`` can run on a device type."""
+    _AVAILABILITY[backend] = check
+
+
+def backend_available(backend: str, device_type: str) -> tuple[bool, str]:
+    """(available, reason) for ``backend`` on ``device_type`` (``"cpu"``, ``"cuda"``, ``"mps"``)."""
+    if backend == "torch":
+        return True, "always available"
+    check = _AVAILABILITY.get(backend)
+    if check is None:
+        return False, "no availability check registered"
+    try:
+        return check(device_type)
+    except Exception as exc:  # a broken optional backend must never break the package
+        return False, f"{type(exc).__name__}: {exc}"
+
+
+def set_backend(backend: str | None, op: str | None = None) -> None:
+    """Force ``backend`` for ``op`` (or for every op when ``op`` is None); None clears it."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if backend is None:
+        _OVERRIDE.pop(op, None)
+    else:
+        _OVERRIDE[op] = backend
+
+
+def _env_override() -> None:
+    value = os.environ.get("DIA_FAST_BACKEND", "").strip().lower()
+    if value:
+        if value not in BACKENDS:
+            raise ValueError(f"DIA_FAST_BACKEND={value!r} is not one of {BACKENDS}")
+        _OVERRIDE.setdefault(None, value)
+
+
+def ops() -> list[str]:
+    """Names of all registered ops."""
+    return sorted(_REGISTRY)
+
+
+def _device_type(device: torch.device | str | None) -> str:
+    if device is None:
+        return "cpu"
+    return torch.device(device).type
+
+
+def select_backend(op: str, device: torch.device | str | None) -> str:
+    """The backend that runs ``op`` on ``device`` when no ``backend=`` argument is given."""
+    impls = _REGISTRY.get(op)
+    if impls is None:
+        raise KeyError(f"unknown op {op!r}; registered: {ops()}")
+    dtype_ = _device_type(device)
+    forced = _OVERRIDE.get(op, _OVERRIDE.get(None))
+    if forced is not None:
+        if forced in impls and backend_available(forced, dtype_)[0]:
+            return forced
+        return "torch"
+    for name in DEFAULT_ORDER.get(dtype_, ("torch",)):
+        if name in impls and backend_available(name, dtype_)[0]:
+            return name
+    return "torch"
+
+
+def _resolve(op: str, backend: str) -> Callable[..., Any]:
+    key = (op, backend)
+    fn = _RESOLVED.get(key)
+    if fn is None:
+        impl = _REGISTRY[op][backend]
+        if isinstance(impl, str):
+            module, _, name = impl.partition(":")
+            fn = getattr(importlib.import_module(module), name)
+        else:
+            fn = impl
+        _RESOLVED[key] = fn
+    return fn
+
+
+def get_impl(op: str, device: torch.device | str | None, backend: str | None = None) -> Callable[..., Any]:
+    """The implementation of ``op`` to run on ``device`` (``backend`` forces one, or raises)."""
+    if backend is None:
+        backend = select_backend(op, device)
+    else:
+        impls = _REGISTRY.get(op, {})
+        if backend not in impls:
+            raise ValueError(f"op {op!r} has no {backend!r} backend (has: {sorted(impls)})")
+        ok, why = backend_available(backend, _device_type(device))
+        if not ok:
+            raise RuntimeError(f"backend {backend!r} cannot run {op!r} on {_device_type(device)}: {why}")
+    return _resolve(op, backend)
+
+
+def table(device_types: tuple[str, ...] = ("cpu", "cuda", "mps")) -> dict[str, dict[str, str]]:
+    """{op: {device_type: backend}} as it would be selected now (used by ``dia_fast.info()``)."""
+    return {op: {d: select_backend(op, d) for d in device_types} for op in ops()}
+
+
+_env_override()

@@ -35,6 +35,7 @@ __all__ = [
     "cfg_sample",
     "decode_attention",
     "delayed_view",
+    "embed_codes",
     "filter_cfg_logits",
     "register",
     "revert_delay",
@@ -83,10 +84,11 @@ register_availability("metal", _metal_available)
 
 # --- the table ------------------------------------------------------------------------------
 
-for _op in ("apply_delay", "revert_delay", "undelay_codes", "attention", "decode_attention", "cfg_sample"):
+_OPS = ("apply_delay", "revert_delay", "undelay_codes", "embed_codes", "attention", "decode_attention", "cfg_sample")
+for _op in _OPS:
     register(_op, "torch", getattr(reference, _op))
 
-for _op in ("apply_delay", "revert_delay", "undelay_codes"):
+for _op in ("apply_delay", "revert_delay", "undelay_codes", "embed_codes"):
     register(_op, "triton", f"dia_fast.ops.triton_delay:{_op}")
 register("attention", "triton", "dia_fast.ops.triton_attention:attention")
 register("decode_attention", "triton", "dia_fast.ops.triton_attention:decode_attention")
@@ -127,6 +129,13 @@ def undelay_codes(
 ) -> torch.Tensor:
     """Delayed decoder output -> codec codes [B, T - max_delay, C] (special values -> 0)."""
     return get_impl("undelay_codes", delayed.device, backend)(delayed, delay_pattern, codebook_size)
+
+
+def embed_codes(
+    codes: torch.Tensor, table: torch.Tensor, vocab_size: int, *, backend: str | None = None
+) -> torch.Tensor:
+    """Decoder input: sum over channels of ``table[c * vocab_size + codes[..., c]]`` -> [B, T, D]."""
+    return get_impl("embed_codes", codes.device, backend)(codes, table, vocab_size)
 
 
 def attention(

@@ -103,6 +103,17 @@ def delayed_view(buffer: torch.Tensor, delay_pattern: DelayPattern) -> torch.Ten
     return buffer.as_strided((B, T, C), (buffer.stride(0), 1, channel_stride), offset)
 
 
+def embed_codes(codes: torch.Tensor, table: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Sum of per-channel embeddings: ``out[b, t] = sum_c table[c * vocab_size + codes[b, t, c]]``.
+
+    codes [B, T, C] integer in ``[0, vocab_size)``; table [C * vocab_size, D] -> [B, T, D] in table's dtype.
+    """
+    _check_codes(codes)
+    C = codes.shape[2]
+    offsets = torch.arange(C, device=codes.device) * vocab_size
+    return F.embedding(codes.long() + offsets, table).sum(dim=2)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,

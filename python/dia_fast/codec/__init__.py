@@ -1,0 +1,82 @@
+"""Audio codecs: the :class:`AudioCodec` protocol, DAC 44.1 kHz and EnCodec 24 kHz."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+
+from .base import AudioCodec
+
+__all__ = ["AudioCodec", "codec_kind", "load_codec"]
+
+_DEMO_WARNING = (
+    "no codec checkpoint given: using a small random {kind} codec, so the audio is a demonstration, not speech "
+    "(pass a codec checkpoint: descript's DAC 44.1 kHz weights, or an EnCodec 24 kHz checkpoint)"
+)
+
+
+def codec_kind(path: Path) -> str:
+    """``"dac"`` or ``"encodec"`` for a codec checkpoint directory or file."""
+    cfg = path / "config.json" if path.is_dir() else path.parent / "config.json"
+    if cfg.exists():
+        try:
+            model_type = json.loads(cfg.read_text()).get("model_type", "")
+        except json.JSONDecodeError:
+            model_type = ""
+        if model_type in ("dac", "encodec"):
+            return model_type
+    name = path.name.lower()
+    return "encodec" if "encodec" in name else "dac"
+
+
+def random_codec(kind: str, seed: int = 0) -> AudioCodec:
+    """A small random codec of ``kind`` (``"dac"`` or ``"encodec"``) for tests and the demo."""
+    if kind == "dac":
+        from .dac import DacCodec
+
+        return DacCodec.random("tiny", seed=seed)
+    if kind == "encodec":
+        from .encodec import EncodecCodec
+
+        return EncodecCodec.random("tiny", seed=seed)
+    raise ValueError(f"unknown codec {kind!r}; expected 'dac' or 'encodec'")
+
+
+def load_codec(
+    spec: AudioCodec | str | Path | None,
+    *,
+    device: torch.device | str = "cpu",
+    search_dir: Path | None = None,
+    warn_demo: bool = True,
+) -> AudioCodec:
+    """Resolve a codec: an instance; a checkpoint path (DAC or EnCodec, detected); ``"dac"`` or
+    ``"encodec"`` (a random demo codec, with a warning); or None (a ``dac/`` or ``codec/``
+    directory inside ``search_dir`` when there is one, else the random demo DAC)."""
+    if spec is not None and not isinstance(spec, (str, Path)):
+        return spec
+    if spec is None and search_dir is not None:
+        for sub in ("dac", "codec", "audio_tokenizer"):
+            if (search_dir / sub).is_dir():
+                spec = search_dir / sub
+                break
+    if spec is None or (isinstance(spec, str) and spec.lower() in ("dac", "encodec")):
+        kind = "dac" if spec is None else str(spec).lower()
+        if warn_demo:
+            warnings.warn(_DEMO_WARNING.format(kind=kind.upper() if kind == "dac" else "EnCodec"), stacklevel=3)
+        codec = random_codec(kind)
+    else:
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"codec checkpoint not found: {path}")
+        if codec_kind(path) == "encodec":
+            from .encodec import EncodecCodec
+
+            codec = EncodecCodec.from_pretrained(path)
+        else:
+            from .dac import DacCodec
+
+            codec = DacCodec.from_pretrained(path)
+    return codec.to(device) if isinstance(codec, torch.nn.Module) else codec

@@ -1,0 +1,265 @@
+"""Loading and saving Dia weights in the two published layouts.
+
+- **transformers** (``DiaForConditionalGeneration.save_pretrained``): ``config.json`` +
+  ``model.safetensors`` (possibly sharded), ``nn.Linear`` weights, keys under ``model.`` and a
+  top-level ``logits_dense.weight``.
+- **official nari-labs** (``dia`` package): ``config.json`` (v0.1 or current) + ``model.safetensors``
+  or a ``.pth`` state dict, DenseGeneral kernels shaped ``in_dims + out_dims`` and one embedding per
+  channel (``decoder.embeddings.{c}.weight``).
+
+Both are converted to dia_fast's layout (transformers' names without the ``model.`` prefix).
+Loading is strict: missing, unexpected or mis-shaped keys raise :class:`CheckpointError` naming them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from .config import DiaConfig
+
+Tensors = dict[str, torch.Tensor]
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "dia-v0_1.pth", "model.pth")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the model it is loaded into."""
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def find_weights(directory: Path) -> list[Path]:
+    """Weight files of a checkpoint directory: one file, or the shards of an index."""
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [directory / name for name in sorted(set(weight_map.values()))]
+    for name in WEIGHT_FILES:
+        if (directory / name).exists():
+            return [directory / name]
+    found = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("*.pth")) or sorted(
+        directory.glob("*.bin")
+    )
+    if len(found) == 1:
+        return found
+    if not found:
+        raise CheckpointError(f"{directory}: no weights found (expected one of {', '.join(WEIGHT_FILES)})")
+    raise CheckpointError(f"{directory}: several weight files and no index: {[p.name for p in found]}")
+
+
+def read_tensors(path: Path) -> Tensors:
+    """Read a safetensors file or a torch pickle holding a state dict (``weights_only``)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot read as a torch state dict ({type(exc).__name__}: {exc})") from exc
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: does not hold a flat state dict of tensors")
+    return obj
+
+
+def read_all(paths: Iterable[Path]) -> Tensors:
+    tensors: Tensors = {}
+    for p in paths:
+        tensors.update(read_tensors(p))
+    return tensors
+
+
+# ---------------------------------------------------------------------------------------------- layouts
+
+
+def detect_layout(state: Tensors) -> str:
+    """``"transformers"``, ``"official"`` or ``"dia_fast"``."""
+    keys = state.keys()
+    if any(k.startswith("model.") for k in keys) or "logits_dense.weight" in keys:
+        return "transformers"
+    if "decoder.embeddings.0.weight" in keys:
+        return "official"
+    if "decoder.embeddings.embed.weight" in keys:
+        return "dia_fast"
+    raise CheckpointError(
+        "unrecognised checkpoint layout: expected transformers keys ('model.encoder...'), official nari-labs "
+        "keys ('decoder.embeddings.0.weight', ...) or dia_fast keys"
+    )
+
+
+def from_transformers(state: Tensors) -> Tensors:
+    out: Tensors = {}
+    for k, v in state.items():
+        if k == "logits_dense.weight":
+            out["decoder.logits_dense.weight"] = v
+        elif k.startswith("model."):
+            out[k[len("model.") :]] = v
+        else:
+            out[k] = v  # left for the strict check to report
+    return out
+
+
+def to_transformers(state: Tensors) -> Tensors:
+    """dia_fast state dict -> transformers ``DiaForConditionalGeneration`` keys."""
+    return {
+        ("logits_dense.weight" if k == "decoder.logits_dense.weight" else f"model.{k}"): v for k, v in state.items()
+    }
+
+
+_DENSE = re.compile(r"\.(self_attention|cross_attention)\.(q_proj|k_proj|v_proj|o_proj)\.weight$")
+
+
+def from_official(state: Tensors) -> Tensors:
+    """Official DenseGeneral kernels -> ``nn.Linear`` (out, in) weights."""
+    out: Tensors = {}
+    embeds: dict[int, torch.Tensor] = {}
+    for k, w in state.items():
+        m = re.fullmatch(r"decoder\.embeddings\.(\d+)\.weight", k)
+        if m:
+            embeds[int(m.group(1))] = w
+        elif _DENSE.search(k):
+            if k.endswith("o_proj.weight"):  # (H, D, out)
+                out[k] = w.reshape(w.shape[0] * w.shape[1], -1).t().contiguous()
+            else:  # (in, H, D)
+                out[k] = w.reshape(w.shape[0], -1).t().contiguous()
+        elif k.endswith(".mlp.wi_fused.weight"):  # (in, 2, I): [gate | up]
+            out[k.replace("wi_fused", "gate_up_proj")] = w.reshape(w.shape[0], -1).t().contiguous()
+        elif k.endswith(".mlp.wo.weight"):  # (I, out)
+            out[k.replace(".wo.", ".down_proj.")] = w.t().contiguous()
+        elif k == "decoder.logits_dense.weight":  # (D, C, V)
+            out[k] = w.reshape(w.shape[0], -1).t().contiguous()
+        else:
+            out[k] = w
+    if embeds:
+        if sorted(embeds) != list(range(len(embeds))):
+            raise CheckpointError(f"decoder.embeddings: channels {sorted(embeds)} are not 0..{len(embeds) - 1}")
+        out["decoder.embeddings.embed.weight"] = torch.cat([embeds[i] for i in range(len(embeds))], dim=0)
+    return out
+
+
+def to_official(state: Tensors, config: DiaConfig) -> Tensors:
+    """dia_fast state dict -> the official nari-labs layout (DenseGeneral kernels)."""
+    enc, dec = config.model.encoder, config.model.decoder
+    C, V = config.data.channels, dec.vocab_size
+    out: Tensors = {}
+    for k, w in state.items():
+        m = _DENSE.search(k)
+        if m:
+            kind, proj = m.groups()
+            if k.startswith("encoder."):
+                heads, hd = (enc.n_kv_head if proj in ("k_proj", "v_proj") else enc.n_head), enc.head_dim
+            elif kind == "self_attention":
+                heads, hd = (dec.n_kv_head if proj in ("k_proj", "v_proj") else dec.n_head), dec.head_dim
+            else:
+                heads = dec.cross_n_kv_head if proj in ("k_proj", "v_proj") else dec.cross_n_head
+                hd = dec.cross_head_dim
+            if proj == "o_proj":
+                out[k] = w.t().reshape(heads, hd, -1).contiguous()
+            else:
+                out[k] = w.t().reshape(-1, heads, hd).contiguous()
+        elif k.endswith(".mlp.gate_up_proj.weight"):
+            out[k.replace("gate_up_proj", "wi_fused")] = w.t().reshape(w.shape[1], 2, -1).contiguous()
+        elif k.endswith(".mlp.down_proj.weight"):
+            out[k.replace(".down_proj.", ".wo.")] = w.t().contiguous()
+        elif k == "decoder.logits_dense.weight":
+            out[k] = w.t().reshape(-1, C, V).contiguous()
+        elif k == "decoder.embeddings.embed.weight":
+            for c, chunk in enumerate(w.split(V, dim=0)):
+                out[f"decoder.embeddings.{c}.weight"] = chunk.contiguous()
+        else:
+            out[k] = w
+    return out
+
+
+def to_internal(state: Tensors) -> Tensors:
+    layout = detect_layout(state)
+    if layout == "transformers":
+        return from_transformers(state)
+    if layout == "official":
+        return from_official(state)
+    return dict(state)
+
+
+# ---------------------------------------------------------------------------------------------- strict load
+
+
+def check_state_dict(expected: dict[str, torch.Size], state: Tensors, source: str) -> None:
+    """Raise :class:`CheckpointError` listing missing, unexpected and mis-shaped keys."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k])}"
+        for k in set(expected) & set(state)
+        if tuple(state[k].shape) != tuple(expected[k])
+    )
+    if not (missing or unexpected or shapes):
+        return
+
+    def fmt(items: list[str]) -> str:
+        head = ", ".join(items[:8])
+        return head + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
+
+    parts = []
+    if missing:
+        parts.append(f"missing keys: {fmt(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys: {fmt(unexpected)}")
+    if shapes:
+        parts.append(f"mis-shaped keys: {fmt(shapes)}")
+    raise CheckpointError(f"{source} does not match the model config; " + "; ".join(parts))
+
+
+def resolve_path(path_or_id: str | Path) -> Path:
+    """A local file/directory, or a hub id downloaded with ``huggingface_hub`` when it can be reached."""
+    p = Path(path_or_id).expanduser()
+    if p.exists():
+        return p
+    text = str(path_or_id)
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not text.startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+        except ImportError as exc:
+            raise CheckpointError(
+                f"{text!r} is not a local path, and huggingface_hub is not installed to fetch it from the hub "
+                "(pip install huggingface_hub)"
+            ) from exc
+        try:
+            local = snapshot_download(
+                text, allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json", "*.pth"]
+            )
+        except Exception as exc:
+            raise CheckpointError(
+                f"{text!r} is not a local path and could not be fetched from the Hugging Face hub "
+                f"({type(exc).__name__}: {exc}). Download it where the hub is reachable and pass the directory."
+            ) from exc
+        return Path(local)
+    raise FileNotFoundError(f"checkpoint not found: {path_or_id}")
+
+
+def load_config_and_state(path_or_id: str | Path, config: DiaConfig | None = None) -> tuple[DiaConfig, Tensors, str]:
+    """(config, dia_fast-layout state dict, detected layout) from a directory or a weights file."""
+    p = resolve_path(path_or_id)
+    if p.is_dir():
+        files = find_weights(p)
+        cfg_file = p / "config.json"
+    else:
+        files = [p]
+        cfg_file = p.parent / "config.json"
+    if config is None:
+        if not cfg_file.exists():
+            raise CheckpointError(f"no config.json next to {p}; pass config= explicitly")
+        config = DiaConfig.from_json(cfg_file)
+    raw = read_all(files)
+    layout = detect_layout(raw)
+    return config, to_internal(raw), layout

@@ -1,0 +1,469 @@
+"""Triton attention kernels: FlashAttention-2 style prefill and split-KV flash decoding.
+
+Semantics are those of :func:`dia_fast.ops.reference.attention` and
+:func:`dia_fast.ops.reference.decode_attention`: GQA without materialising repeated K/V,
+optional key padding mask, causal mask aligned to the end of the keys, fully masked query
+rows return zeros, fp32 accumulation, output in q's dtype.
+
+Both kernels run on CUDA and, for tests, on CPU tensors under the Triton interpreter
+(``TRITON_INTERPRET=1`` set before triton is imported).
+
+Decode never synchronises with the host: ``kv_len`` may be a device tensor read inside the
+kernel, and the number of KV splits depends only on shapes and the SM count, so a decode
+step can be captured in a CUDA graph and replayed after ``kv_len`` is updated in place.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["attention", "decode_attention", "decode_num_splits"]
+
+_LOG2E = 1.4426950408889634
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# SM count assumed where there is no CUDA device (the interpreter): enough to exercise splitting.
+_CPU_SM_COUNT = 4
+# Upper bound on KV splits (the reduction kernel loads all splits of a head at once).
+_MAX_SPLITS = 128
+
+
+# --- kernels --------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, KM,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sob, soh, som, sod,
+    skmb, skmn,
+    Hq, Tq, Tk, qk_scale,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    PREC: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = (pid_bh % Hq).to(tl.int64)
+    hk = h // GROUP
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < Tq
+
+    q = tl.load(
+        Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=row_ok[:, None], other=0.0
+    )
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+    if CAUSAL:
+        # query i sees keys <= i + Tk - Tq; no row of this block sees a key past `hi`.
+        last = offs_m + (Tk - Tq)
+        hi = tl.minimum(Tk, (pid_m + 1) * BLOCK_M + (Tk - Tq))
+    else:
+        hi = Tk
+
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < Tk
+        k = tl.load(k_base + cols[None, :] * skn + offs_d[:, None] * skd, mask=col_ok[None, :], other=0.0)
+        # log2-domain scores: softmax via exp2
+        qk = tl.dot(q, k, input_precision=PREC) * qk_scale
+        valid = col_ok[None, :]
+        if HAS_MASK:
+            km = tl.load(KM + b * skmb + cols * skmn, mask=col_ok, other=0)
+            valid = valid & (km != 0)[None, :]
+        if CAUSAL:
+            valid = valid & (cols[None, :] <= last[:, None])
+        qk = tl.where(valid, qk, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # rows that have seen no key yet keep m = -inf; subtract 0 instead so exp2 gives 0, not NaN
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(qk - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :] * svd, mask=col_ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+
+    denom = tl.where(l_i > 0.0, l_i, 1.0)
+    out = tl.where((l_i > 0.0)[:, None], acc / denom[:, None], 0.0)
+    tl.store(
+        O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
+        out.to(O.dtype.element_ty),
+        mask=row_ok[:, None],
+    )
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q, K, V, KM, KVLEN, O, PO, PM, PL,
+    sqb, sqh, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    skmb, skmn,
+    skvl, kv_len_int,
+    sob, soh, sod,
+    Hq, L, chunk, n_splits, qk_scale,
+    GROUP: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    KVLEN_MODE: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    DIRECT: tl.constexpr,
+    PREC: tl.constexpr,
+):  # fmt: skip
+    """One program = one (batch row, KV head, split): all GROUP query heads of the KV head
+    against keys [split * chunk, (split + 1) * chunk) ∩ [0, kv_len). K/V are read once."""
+    b = tl.program_id(0).to(tl.int64)
+    hk = tl.program_id(1)
+    s = tl.program_id(2)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    g_ok = offs_g < GROUP
+    heads = (hk * GROUP + offs_g).to(tl.int64)
+
+    # KVLEN_MODE: 0 = all L keys, 1 = host int, 2 = device tensor (read here: no host sync)
+    if KVLEN_MODE == 2:
+        n_valid = tl.minimum(tl.load(KVLEN + b * skvl).to(tl.int32), L)
+    elif KVLEN_MODE == 1:
+        n_valid = tl.minimum(kv_len_int, L)
+    else:
+        n_valid = L
+    lo = s * chunk
+    hi = tl.minimum(lo + chunk, n_valid)
+
+    q = tl.load(Q + b * sqb + heads[:, None] * sqh + offs_d[None, :] * sqd, mask=g_ok[:, None], other=0.0)
+    k_base = K + b * skb + hk.to(tl.int64) * skh
+    v_base = V + b * svb + hk.to(tl.int64) * svh
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+
+    # splits entirely past kv_len run no iteration and report (m=-inf, l=0, acc=0)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < hi
+        k = tl.load(k_base + cols[None, :] * skn + offs_d[:, None] * skd, mask=col_ok[None, :], other=0.0)
+        qk = tl.dot(q, k, input_precision=PREC) * qk_scale
+        valid = col_ok
+        if HAS_MASK:
+            km = tl.load(KM + b * skmb + cols * skmn, mask=col_ok, other=0)
+            valid = valid & (km != 0)
+        qk = tl.where(valid[None, :], qk, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(qk - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :] * svd, mask=col_ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+
+    if DIRECT:
+        # a single split: normalise and write the output, no reduction pass
+        denom = tl.where(l_i > 0.0, l_i, 1.0)
+        out = tl.where((l_i > 0.0)[:, None], acc / denom[:, None], 0.0)
+        tl.store(
+            O + b * sob + heads[:, None] * soh + offs_d[None, :] * sod,
+            out.to(O.dtype.element_ty),
+            mask=g_ok[:, None],
+        )
+    else:
+        # partials laid out [B * Hq, n_splits, (HEAD_DIM)], fp32, unnormalised
+        row = (b * Hq + heads) * n_splits + s
+        tl.store(PM + row, m_i, mask=g_ok)
+        tl.store(PL + row, l_i, mask=g_ok)
+        tl.store(PO + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_ok[:, None])
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    PO, PM, PL, O,
+    sob, soh, sod,
+    Hq, n_splits,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    """Combine the per-split (acc, max, sumexp) of one (batch row, query head)."""
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // Hq
+    h = pid % Hq
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM)
+    s_ok = offs_s < n_splits
+    row = pid * n_splits + offs_s
+
+    m = tl.load(PM + row, mask=s_ok, other=float("-inf"))
+    l = tl.load(PL + row, mask=s_ok, other=0.0)  # noqa: E741
+    m_max = tl.max(m, 0)
+    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.exp2(m - m_safe)  # empty splits (m = -inf) weigh 0
+    denom = tl.sum(w * l, 0)
+    acc = tl.load(PO + row[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    num = tl.sum(acc * w[:, None], 0)
+    out = tl.where(denom > 0.0, num / tl.where(denom > 0.0, denom, 1.0), 0.0)
+    tl.store(O + b * sob + h * soh + offs_d * sod, out.to(O.dtype.element_ty))
+
+
+# --- host side ------------------------------------------------------------------------------
+
+
+def _check_device(t: torch.Tensor) -> None:
+    if t.device.type == "cuda":
+        return
+    if t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    raise RuntimeError(
+        f"Triton attention runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {t.device}"
+    )
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int, int]:
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(
+            f"q, k, v must be 4-D [B, H, T, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    B, Hq, Tq, D = q.shape
+    Bk, Hkv, Tk, Dk = k.shape
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if Bk != B or Dk != D:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch or head_dim")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
+    if D < 16 or D > 256 or D & (D - 1):
+        raise ValueError(f"head_dim must be a power of two in [16, 256], got {D}")
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(
+            f"q, k, v must share one dtype among float32/float16/bfloat16, got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    _check_device(q)
+    return B, Hq, Tq, D, Hkv, Tk
+
+
+def _mask_arg(key_mask: torch.Tensor | None, B: int, T: int, like: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(tensor, batch stride, key stride) of a [B, T] key mask as bytes; a dummy when None."""
+    if key_mask is None:
+        return like, 0, 0
+    if key_mask.ndim != 2 or key_mask.shape[0] not in (1, B) or key_mask.shape[1] != T:
+        raise ValueError(f"key_mask must be [B={B}, T={T}], got {tuple(key_mask.shape)}")
+    km = key_mask.to(device=like.device)
+    km = km.view(torch.uint8) if km.dtype == torch.bool else (km != 0).view(torch.uint8)
+    sb = km.stride(0) if km.shape[0] == B else 0
+    return km, sb, km.stride(1)
+
+
+def _is_interpreter(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu"
+
+
+def _prefill_config(D: int, dtype: torch.dtype, Tq: int, interp: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the prefill kernel."""
+    if interp:
+        # small blocks: cheap in numpy and they exercise multi-block loops in tests
+        bm, bn, warps, stages = 32, 32, 4, 1
+    elif dtype == torch.float32:
+        bm = 64 if D <= 64 else 32
+        bn = 32 if D <= 128 else 16
+        warps, stages = 4, (2 if D <= 128 else 1)
+    elif D <= 64:
+        bm, bn, warps, stages = 128, 64, 4, 3
+    elif D <= 128:
+        bm, bn, warps, stages = 128, 64, 8, 3
+    else:
+        bm, bn, warps, stages = 64, 32, 4, 2
+    # short query blocks (cross-attention of a few steps): do not waste a 128-row tile
+    bm = max(16, min(bm, triton.next_power_of_2(max(Tq, 1))))
+    if bm < 64:
+        warps = min(warps, 4)
+    return bm, bn, warps, stages
+
+
+def _decode_config(D: int, dtype: torch.dtype, interp: bool) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) for the split-KV decode kernel."""
+    if interp:
+        return 32, 4, 1
+    if dtype == torch.float32:
+        return (32 if D <= 128 else 16), 4, 2
+    if D <= 128:
+        return 64, 4, 3
+    return 32, 4, 2
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _device_sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _CPU_SM_COUNT
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _sm_count(index)
+
+
+def decode_num_splits(
+    batch: int, kv_heads: int, cache_len: int, block_n: int, sm_count: int, num_splits: int | None = None
+) -> tuple[int, int]:
+    """(n_splits, chunk) for split-KV decoding: split the cache into ``n_splits`` chunks of
+    ``chunk`` keys (a multiple of ``block_n``) so that ``batch * kv_heads * n_splits``
+    programs fill about two waves of ``sm_count`` SMs. Depends on shapes only, never on
+    ``kv_len``, so a decode step stays CUDA-graph capturable. ``num_splits`` forces a count
+    (clamped to what the cache length allows)."""
+    n_blocks = max(1, triton.cdiv(cache_len, block_n))
+    if num_splits is None:
+        num_splits = triton.cdiv(2 * sm_count, max(1, batch * kv_heads))
+    n = max(1, min(num_splits, n_blocks, _MAX_SPLITS))
+    chunk = triton.cdiv(n_blocks, n) * block_n
+    return triton.cdiv(max(cache_len, 1), chunk), chunk
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float = 1.0,
+    causal: bool = False,
+    key_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention over whole sequences (encoder, decoder prefill, cross-attention), Triton.
+
+    q [B, Hq, Tq, D]; k, v [B, Hkv, Tk, D] with ``Hq % Hkv == 0`` (query head ``h`` reads KV
+    head ``h // (Hq // Hkv)``); ``key_mask`` [B, Tk] (True = attend) or None; ``causal``
+    aligns queries to the end of the keys (query ``i`` sees keys ``<= i + Tk - Tq``). Rows
+    seeing no key return zeros. fp32 / fp16 / bf16, head_dim a power of two in [16, 256],
+    any strides. Returns a contiguous [B, Hq, Tq, D] tensor in q's dtype.
+    """
+    B, Hq, Tq, D, Hkv, Tk = _check_qkv(q, k, v)
+    out = torch.empty((B, Hq, Tq, D), dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    if Tk == 0:
+        return out.zero_()
+    km, skmb, skmn = _mask_arg(key_mask, B, Tk, q)
+    interp = _is_interpreter(q)
+    bm, bn, warps, stages = _prefill_config(D, q.dtype, Tq, interp)
+    grid = (triton.cdiv(Tq, bm), B * Hq)
+    _attn_fwd_kernel[grid](
+        q, k, v, out, km,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        skmb, skmn,
+        Hq, Tq, Tk, float(scale) * _LOG2E,
+        GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn,
+        CAUSAL=bool(causal), HAS_MASK=key_mask is not None, PREC="ieee",
+        num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return out
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    *,
+    scale: float = 1.0,
+    kv_len: torch.Tensor | int | None = None,
+    key_mask: torch.Tensor | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """One decode step against a static KV cache, split-KV flash decoding in Triton.
+
+    q [B, Hq, 1, D]; k_cache, v_cache [B, Hkv, L, D]. Keys ``[0, kv_len)`` are attended:
+    ``kv_len`` None (all L), an int, or a 0-d / [B] integer tensor that is read inside the
+    kernel (put it on q's device: nothing then syncs with the host and the call can be
+    captured in a CUDA graph). ``key_mask`` [B, L] (True = attend) further restricts keys.
+    The query heads sharing a KV head run in one program, so each K/V tile is read once.
+    ``num_splits`` overrides the automatic split count (see :func:`decode_num_splits`).
+    Returns [B, Hq, 1, D] in q's dtype.
+    """
+    B, Hq, Tq, D, Hkv, L = _check_qkv(q, k_cache, v_cache)
+    if Tq != 1:
+        raise ValueError(f"decode_attention takes one query step, q is {tuple(q.shape)}")
+    out = torch.empty((B, Hq, 1, D), dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    if L == 0:
+        return out.zero_()
+
+    kvlen_t, skvl, kv_len_int = q, 0, 0
+    if kv_len is None:
+        mode = 0
+    elif isinstance(kv_len, torch.Tensor):
+        if kv_len.dtype.is_floating_point or kv_len.dtype.is_complex or kv_len.dtype == torch.bool:
+            raise ValueError(f"kv_len must be an integer tensor, got {kv_len.dtype}")
+        if kv_len.numel() not in (1, B) or kv_len.ndim > 1:
+            raise ValueError(f"kv_len must be 0-d or [B={B}], got shape {tuple(kv_len.shape)}")
+        mode = 2
+        kvlen_t = kv_len if kv_len.device == q.device else kv_len.to(q.device)
+        skvl = kvlen_t.stride(0) if kvlen_t.ndim == 1 and kvlen_t.numel() == B and B > 1 else 0
+    else:
+        mode = 1
+        kv_len_int = max(0, min(int(kv_len), L))
+
+    km, skmb, skmn = _mask_arg(key_mask, B, L, q)
+    interp = _is_interpreter(q)
+    block_n, warps, stages = _decode_config(D, q.dtype, interp)
+    n_splits, chunk = decode_num_splits(B, Hkv, L, block_n, _device_sm_count(q.device), num_splits)
+    group = Hq // Hkv
+    direct = n_splits == 1
+    if direct:
+        po = pm = pl = out  # unused
+    else:
+        po = torch.empty((B * Hq, n_splits, D), dtype=torch.float32, device=q.device)
+        pm = torch.empty((B * Hq, n_splits), dtype=torch.float32, device=q.device)
+        pl = torch.empty((B * Hq, n_splits), dtype=torch.float32, device=q.device)
+    sq = q.stride()
+    so = out.stride()
+    _decode_split_kernel[(B, Hkv, n_splits)](
+        q, k_cache, v_cache, km, kvlen_t, out, po, pm, pl,
+        sq[0], sq[1], sq[3],
+        *k_cache.stride(), *v_cache.stride(),
+        skmb, skmn,
+        skvl, kv_len_int,
+        so[0], so[1], so[3],
+        Hq, L, chunk, n_splits, float(scale) * _LOG2E,
+        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, BLOCK_N=block_n,
+        KVLEN_MODE=mode, HAS_MASK=key_mask is not None, DIRECT=direct, PREC="ieee",
+        num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    if not direct:
+        _decode_reduce_kernel[(B * Hq,)](
+            po, pm, pl, out,
+            so[0], so[1], so[3],
+            Hq, n_splits,
+            HEAD_DIM=D, BLOCK_S=max(2, triton.next_power_of_2(n_splits)),
+            num_warps=4 if D <= 128 else 8,
+        )  # fmt: skip
+    return out
+
+
+def _unused() -> None:  # pragma: no cover - keeps `math` import meaningful for type checkers
+    math.inf  # noqa: B018

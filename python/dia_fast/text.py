@@ -1,0 +1,63 @@
+"""Dia's byte-level text tokenizer: UTF-8 bytes, ``[S1]`` -> 1, ``[S2]`` -> 2, pad 0."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+SPEAKER_TOKENS = {b"[S1]": 1, b"[S2]": 2}
+PAD_ID = 0
+
+
+def encode_text(text: str, max_length: int = 1024) -> list[int]:
+    """Token ids of one text. Raises ValueError for empty text or text over ``max_length`` bytes."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    if not text.strip():
+        raise ValueError("text is empty: give at least one character to speak")
+    raw = text.encode("utf-8")
+    for tag, tok in SPEAKER_TOKENS.items():
+        raw = raw.replace(tag, bytes([tok]))
+    ids = list(raw)
+    if len(ids) > max_length:
+        raise ValueError(
+            f"text is {len(ids)} bytes after tokenization but the model accepts at most {max_length}; "
+            "split it into shorter pieces (long-form generation splits at sentence boundaries)"
+        )
+    return ids
+
+
+def encode_batch(
+    texts: Sequence[str], max_length: int = 1024, pad_to_multiple: int = 1, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids [B, T] (int64) and mask [B, T] (bool, True = real token) for a batch.
+
+    T is the longest text rounded up to ``pad_to_multiple`` (capped at ``max_length``); padding
+    is masked, so results do not depend on it.
+    """
+    if isinstance(texts, str):
+        texts = [texts]
+    if len(texts) == 0:
+        raise ValueError("no texts given")
+    encoded = [encode_text(t, max_length) for t in texts]
+    longest = max(len(e) for e in encoded)
+    T = min(max_length, -(-longest // pad_to_multiple) * pad_to_multiple)
+    ids = torch.full((len(encoded), T), PAD_ID, dtype=torch.long)
+    for i, e in enumerate(encoded):
+        ids[i, : len(e)] = torch.tensor(e, dtype=torch.long)
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    for i, e in enumerate(encoded):
+        mask[i, : len(e)] = True
+    return ids.to(device), mask.to(device)
+
+
+def decode_ids(ids: Sequence[int]) -> str:
+    """Inverse of :func:`encode_text` (pad ids dropped)."""
+    out = bytearray()
+    names = {v: k for k, v in SPEAKER_TOKENS.items()}
+    for i in ids:
+        if i == PAD_ID:
+            continue
+        out += names.get(int(i), bytes([int(i)]))
+    return out.decode("utf-8", errors="replace")

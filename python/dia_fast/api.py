@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,9 @@ from .generation.generate import DecodeOutput, generate_codes
 from .generation.sampling import SamplingConfig
 from .model import DiaModel, RMSNorm, RotaryEmbedding
 from .text import encode_batch
+
+# An audio prompt: a file path, float samples (numpy / torch) or codec codes [T, C] (an integer tensor).
+PromptLike = str | Path | np.ndarray | torch.Tensor | None
 
 
 @dataclass
@@ -195,14 +199,25 @@ class DiaTTS:
         seed: int | None = None,
         progress: bool | None = None,
         decode_audio: bool = True,
+        audio_prompt: PromptLike | Sequence[PromptLike] = None,
+        audio_prompt_text: str | Sequence[str | None] | None = None,
     ) -> GenerationResult:
         """Speak ``text`` (one string or a batch). See :class:`GenerationResult`.
 
         ``max_new_tokens``: decoder steps (at most ``max_new_tokens - 16`` audio frames, ~86 per
-        second); default: the model's whole audio budget. ``seed`` makes sampling reproducible.
-        ``progress``: a progress bar (default: when stderr is a terminal).
+        second); default: the model's whole audio budget left after the prompt. ``seed`` makes
+        sampling reproducible. ``progress``: a progress bar (default: when stderr is a terminal).
+
+        Voice cloning: ``audio_prompt`` is an audio file path, a float array at the codec's sample
+        rate, or codec codes ``[T, C]`` (from :meth:`encode_prompt`), or a list of those (one per
+        text, ``None`` for no prompt). ``audio_prompt_text`` is what the prompt says (e.g.
+        ``"[S1] Hello, this is my voice."``); it is put in front of the text, as the model
+        expects. The returned audio and codes exclude the prompt.
         """
         texts = [text] if isinstance(text, str) else list(text)
+        if not texts:
+            raise ValueError("no texts given")
+        prompts, texts = self._prepare_prompts(texts, audio_prompt, audio_prompt_text)
         sampling = SamplingConfig(
             cfg_scale=cfg_scale,
             temperature=temperature,
@@ -218,6 +233,7 @@ class DiaTTS:
             self.model,
             ids,
             mask,
+            prompts=prompts,
             max_new_tokens=max_new_tokens,
             sampling=sampling,
             generator=generator,
@@ -225,6 +241,108 @@ class DiaTTS:
             frame_rate=self.codec.frame_rate,
         )
         return self._result(out, decode_audio)
+
+    # ------------------------------------------------------------------------------ voice prompts
+    def max_prompt_frames(self) -> int:
+        """The longest audio prompt (codec frames) that leaves room for at least one new frame."""
+        data = self.config.data
+        return data.audio_length - 1 - (data.max_delay + 2)
+
+    def encode_prompt(self, audio: PromptLike, sample_rate: int | None = None) -> torch.Tensor:
+        """An audio prompt as codec codes ``[T, C]`` (int64, on the CPU).
+
+        ``audio``: a file path (WAV/FLAC/OGG, any rate and channel count: mixed to mono and
+        resampled with soxr), an array/tensor of samples (``sample_rate`` defaults to the codec's),
+        or already encoded codes ``[T, C]`` (an integer tensor, checked and returned).
+        Raises ValueError for empty, silent, too long or malformed prompts.
+        """
+        data = self.config.data
+        if isinstance(audio, torch.Tensor) and not audio.is_floating_point():
+            codes = audio.detach().to("cpu", torch.long)
+            if codes.ndim != 2 or codes.shape[1] != data.channels:
+                raise ValueError(f"prompt codes must be [T, {data.channels}], got shape {tuple(codes.shape)}")
+            if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codec.codebook_size):
+                raise ValueError(f"prompt codes must lie in 0..{self.codec.codebook_size - 1}")
+        else:
+            from .audio import load_prompt_audio
+
+            if isinstance(audio, (str, Path)):
+                if sample_rate is not None:
+                    raise ValueError("sample_rate is only for arrays: an audio file is read at its own rate")
+                if not Path(audio).is_file():
+                    raise FileNotFoundError(f"audio prompt not found: {audio}")
+                samples = load_prompt_audio(str(audio), target_rate=self.codec.sample_rate)
+            else:
+                rate = self.codec.sample_rate if sample_rate is None else sample_rate
+                samples = load_prompt_audio(audio, rate, target_rate=self.codec.sample_rate)
+            peak = float(np.max(np.abs(samples))) if samples.size else 0.0
+            if peak < 1e-4:
+                raise ValueError("the audio prompt is silent (peak below -80 dBFS): give a recording of the voice")
+            frames = -(-samples.shape[0] // self.codec.hop_length)
+            self._check_prompt_length(frames)
+            wav = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))[None].to(self.device)
+            with torch.inference_mode():
+                codes = self.codec.encode(wav)[0].to("cpu", torch.long)
+        if codes.shape[0] == 0:
+            raise ValueError("the audio prompt is empty (0 codec frames)")
+        self._check_prompt_length(int(codes.shape[0]))
+        return codes
+
+    def _check_prompt_length(self, frames: int) -> None:
+        limit = self.max_prompt_frames()
+        if frames > limit:
+            rate = self.codec.frame_rate
+            raise ValueError(
+                f"the audio prompt is {frames / rate:.1f} s ({frames} codec frames) but the model's audio budget "
+                f"leaves room for at most {limit / rate:.1f} s ({limit} frames); use a shorter prompt (5-10 s is best)"
+            )
+
+    def _prepare_prompts(
+        self,
+        texts: list[str],
+        audio_prompt: PromptLike | Sequence[PromptLike],
+        audio_prompt_text: str | Sequence[str | None] | None,
+    ) -> tuple[list[torch.Tensor | None] | None, list[str]]:
+        """Per-item prompt codes and texts with the transcripts put in front."""
+        n = len(texts)
+        if audio_prompt is None and audio_prompt_text is None:
+            return None, texts
+        if isinstance(audio_prompt, (list, tuple)):
+            if len(audio_prompt) != n:
+                raise ValueError(f"got {len(audio_prompt)} audio prompts for {n} texts")
+            prompts_in = list(audio_prompt)
+        else:
+            prompts_in = [audio_prompt] * n
+        if audio_prompt_text is None or isinstance(audio_prompt_text, str):
+            transcripts = [audio_prompt_text] * n
+        else:
+            transcripts = list(audio_prompt_text)
+            if len(transcripts) != n:
+                raise ValueError(f"got {len(transcripts)} prompt transcripts for {n} texts")
+        cache: dict[int, torch.Tensor] = {}
+        prompts: list[torch.Tensor | None] = []
+        out_texts = []
+        for text, prompt, transcript in zip(texts, prompts_in, transcripts, strict=True):
+            if prompt is None:
+                if transcript:
+                    raise ValueError("audio_prompt_text was given without an audio_prompt")
+                prompts.append(None)
+                out_texts.append(text)
+                continue
+            key = id(prompt)
+            if key not in cache:  # one prompt shared by the batch is encoded once
+                cache[key] = self.encode_prompt(prompt)
+            prompts.append(cache[key])
+            if transcript is None or not transcript.strip():
+                warnings.warn(
+                    "an audio prompt was given without its transcript (audio_prompt_text): Dia continues the "
+                    "prompt's speech from the text, so cloning quality suffers badly without it",
+                    stacklevel=3,
+                )
+                out_texts.append(text)
+            else:
+                out_texts.append(f"{transcript.strip()} {text.strip()}")
+        return prompts, out_texts
 
     def decode(self, codes: torch.Tensor) -> np.ndarray:
         """Codec codes [T, C] -> float32 PCM at :attr:`sample_rate`."""

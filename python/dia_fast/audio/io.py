@@ -1,0 +1,189 @@
+"""Reading audio files and prompt arrays; atomic WAV writing."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import soundfile as sf
+
+from .pcm import float_to_pcm16
+from .resample import check_rate, resample
+
+__all__ = ["AudioFormatError", "load_prompt_audio", "read_audio", "write_wav"]
+
+PathLike = str | os.PathLike
+
+
+class AudioFormatError(ValueError):
+    """An audio file that cannot be decoded (corrupt, unsupported, empty) or holds NaN/inf samples."""
+
+
+def _describe(src: Any) -> str:
+    if isinstance(src, (str, os.PathLike)):
+        return os.fspath(src)
+    return str(getattr(src, "name", None) or f"<{type(src).__name__}>")
+
+
+def _mixdown(data: np.ndarray, mono: bool) -> np.ndarray:
+    """[N, channels] float32 -> [N] (mean of channels) when ``mono``, else unchanged."""
+    if not mono:
+        return data
+    if data.shape[1] == 1:
+        return data[:, 0]
+    return data.mean(axis=1, dtype=np.float64).astype(np.float32)
+
+
+def read_audio(
+    path_or_file: PathLike | BinaryIO, *, target_rate: int | None = None, mono: bool = True
+) -> tuple[np.ndarray, int]:
+    """Read an audio file (WAV, FLAC, OGG/Vorbis/Opus, MP3, ... whatever libsndfile decodes).
+
+    Any sample rate, channel count and integer or float sample format is accepted; integer
+    formats are scaled to [-1, 1). With ``mono`` (default) channels are mixed to their mean and
+    the result is float32 [N]; with ``mono=False`` it is float32 [N, channels] (time first, as
+    soundfile returns it). With ``target_rate`` the audio is resampled (soxr "HQ") to that rate.
+
+    Returns ``(samples, rate)`` where ``rate`` is ``target_rate`` if given, else the file's rate.
+
+    Raises ``FileNotFoundError`` for a missing path, ``AudioFormatError`` (a ``ValueError``)
+    naming the file for data libsndfile cannot decode, for audio with no samples and for
+    NaN/inf samples.
+    """
+    name = _describe(path_or_file)
+    if isinstance(path_or_file, (str, os.PathLike)):
+        if not os.path.exists(path_or_file):
+            raise FileNotFoundError(f"audio file not found: {name}")
+        if os.path.isdir(path_or_file):
+            raise IsADirectoryError(f"expected an audio file, got a directory: {name}")
+    if target_rate is not None:
+        target_rate = check_rate(target_rate, "target_rate")
+    try:
+        data, rate = sf.read(path_or_file, dtype="float32", always_2d=True)
+    except (sf.SoundFileError, RuntimeError, TypeError) as exc:
+        # LibsndfileError (a RuntimeError) carries libsndfile's reason; TypeError is raised for
+        # headerless (RAW) data, which needs a rate and format nobody gave.
+        reason = getattr(exc, "error_string", None) or str(exc)
+        raise AudioFormatError(f"cannot decode audio file {name}: {reason}") from exc
+    if data.shape[0] == 0 or data.shape[1] == 0:
+        raise AudioFormatError(f"audio file {name} has no samples")
+    if not np.isfinite(data).all():
+        raise AudioFormatError(f"audio file {name} contains NaN or infinite samples")
+    out = _mixdown(data, mono)
+    if target_rate is not None and target_rate != rate:
+        out = resample(out, rate, target_rate)
+        rate = target_rate
+    return np.ascontiguousarray(out), int(rate)
+
+
+def _array_to_numpy(x: Any) -> np.ndarray:
+    torch = sys.modules.get("torch")  # only present if the caller already uses torch
+    if torch is not None and isinstance(x, torch.Tensor):
+        x = x.detach().to("cpu")
+        if x.dtype in (torch.bfloat16, torch.float16):
+            x = x.float()
+        return x.numpy()
+    return np.asarray(x)
+
+
+def _to_float(arr: np.ndarray) -> np.ndarray:
+    """Integer PCM -> float in [-1, 1) (soundfile's scaling); float stays as is."""
+    if arr.dtype.kind == "f":
+        return arr.astype(np.float32, copy=False)
+    if arr.dtype == np.uint8:  # 8-bit PCM is unsigned, centred on 128
+        return (arr.astype(np.float32) - 128.0) / 128.0
+    if arr.dtype.kind == "i":
+        return (arr.astype(np.float64) / float(2 ** (8 * arr.itemsize - 1))).astype(np.float32)
+    raise TypeError(f"audio array must have a float or signed integer dtype, got {arr.dtype}")
+
+
+def load_prompt_audio(
+    path_or_array: PathLike | BinaryIO | np.ndarray | Any,
+    sample_rate: int | None = None,
+    *,
+    target_rate: int,
+) -> np.ndarray:
+    """Load an audio prompt as mono float32 [N] at ``target_rate``.
+
+    ``path_or_array`` is a path / binary file (read with :func:`read_audio`; then
+    ``sample_rate`` must be left out, the file's own rate is used) or an array with its
+    ``sample_rate``: a numpy array or a torch tensor (any device, float or integer PCM: int16
+    and int32 are scaled by 2**15 / 2**31, uint8 is centred on 128). Array layout:
+
+    * 1-D ``[N]``: mono.
+    * 2-D: the *shorter* axis is the channel axis, so both torch's ``[channels, N]`` and
+      soundfile's ``[N, channels]`` work; a square array is read as ``[channels, N]``.
+
+    Channels are averaged. Raises ``ValueError`` for an empty array, NaN/inf samples, a missing
+    or extra ``sample_rate``, or another rank.
+    """
+    target = check_rate(target_rate, "target_rate")
+    if isinstance(path_or_array, (str, os.PathLike)) or hasattr(path_or_array, "read"):
+        if sample_rate is not None:
+            raise ValueError("sample_rate is only for arrays: a file is read at its own rate")
+        samples, _ = read_audio(path_or_array, target_rate=target, mono=True)
+        return samples
+    if sample_rate is None:
+        raise ValueError("sample_rate is required when the prompt is an array")
+    rate = check_rate(sample_rate, "sample_rate")
+    arr = _to_float(_array_to_numpy(path_or_array))
+    if arr.ndim == 2:
+        # channel axis = the shorter one; mean over it in float64, then back to float32
+        axis = 0 if arr.shape[0] <= arr.shape[1] else 1
+        arr = arr.mean(axis=axis, dtype=np.float64).astype(np.float32) if arr.shape[axis] > 1 else arr.reshape(-1)
+    elif arr.ndim != 1:
+        raise ValueError(f"prompt audio must be [N], [channels, N] or [N, channels]; got shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError("prompt audio is empty")
+    if not np.isfinite(arr).all():
+        raise ValueError("prompt audio contains NaN or infinite samples")
+    return np.ascontiguousarray(resample(arr, rate, target))
+
+
+_SUBTYPES = ("PCM_16", "FLOAT")
+
+
+def write_wav(path: PathLike, samples: np.ndarray | Any, sample_rate: int, *, subtype: str = "PCM_16") -> Path:
+    """Write mono float samples [N] to a WAV file, atomically; returns the path written.
+
+    ``subtype="PCM_16"`` converts with :func:`float_to_pcm16` (scale by 32767, values beyond
+    [-1, 1] are clipped, never wrapped); ``"FLOAT"`` stores 32-bit float samples unchanged.
+    The data goes to a temporary file in the destination directory that is then renamed over
+    ``path`` (``os.replace``), so a failure never leaves a partial or truncated WAV behind.
+
+    Raises ``ValueError`` for NaN/inf samples, non-1-D input, an unknown subtype or a bad rate.
+    """
+    rate = check_rate(sample_rate, "sample_rate")
+    if subtype not in _SUBTYPES:
+        raise ValueError(f"subtype must be one of {_SUBTYPES}, got {subtype!r}")
+    arr = _array_to_numpy(samples)
+    if arr.ndim != 1:
+        raise ValueError(f"write_wav expects mono samples [N], got shape {arr.shape}")
+    if arr.dtype.kind != "f":
+        raise ValueError(f"write_wav expects float samples, got dtype {arr.dtype}")
+    if not np.isfinite(arr).all():
+        raise ValueError("refusing to write audio with NaN or infinite samples")
+    data = float_to_pcm16(arr) if subtype == "PCM_16" else arr.astype(np.float32, copy=False)
+
+    dest = Path(os.fspath(path))
+    # O_EXCL on a random name: no clash with a concurrent writer; mode 0o666 lets the umask apply
+    # as for any new file (mkstemp would force 0o600).
+    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            sf.write(fh, data, rate, subtype=subtype, format="WAV")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return dest

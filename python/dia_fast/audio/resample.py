@@ -1,0 +1,48 @@
+"""Sample-rate conversion with soxr (band-limited, high quality)."""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import numpy as np
+import soxr
+
+__all__ = ["check_rate", "resample"]
+
+# "HQ" = 20-bit precision, passband to ~91% of Nyquist: transparent for speech at a fraction of VHQ's cost.
+# "VHQ" = 28-bit precision, for when the output is mastered further.
+_QUALITIES = ("HQ", "VHQ")
+
+
+def check_rate(rate: object, name: str = "sample rate") -> int:
+    """Validate a sample rate: a positive whole number (an int, or a float such as 44100.0)."""
+    if isinstance(rate, bool) or not isinstance(rate, Real) or isinstance(rate, complex):
+        raise TypeError(f"{name} must be a positive integer, got {type(rate).__name__}")
+    value = float(rate)
+    if not math.isfinite(value) or value <= 0 or value != int(value):
+        raise ValueError(f"{name} must be a positive integer, got {rate!r}")
+    return int(value)
+
+
+def resample(x: np.ndarray, from_rate: int, to_rate: int, *, quality: str = "HQ") -> np.ndarray:
+    """Resample ``x`` from ``from_rate`` to ``to_rate`` Hz with soxr (``quality`` "HQ" or "VHQ").
+
+    ``x`` is 1-D [N] or 2-D [N, channels] (time first, as soundfile returns it). The result is
+    float32 with about ``round(N * to_rate / from_rate)`` samples. When the rates are equal this
+    is the identity: ``x`` comes back as float32 without a copy when it already is float32.
+
+    Raises ``ValueError`` for a rate that is not a positive integer, an unknown quality or input
+    of another rank.
+    """
+    if quality not in _QUALITIES:
+        raise ValueError(f"quality must be one of {_QUALITIES}, got {quality!r}")
+    src = check_rate(from_rate, "from_rate")
+    dst = check_rate(to_rate, "to_rate")
+    arr = np.asarray(x)
+    if arr.ndim not in (1, 2):
+        raise ValueError(f"resample expects [N] or [N, channels], got shape {arr.shape}")
+    arr = arr.astype(np.float32, copy=False)
+    if src == dst or arr.shape[0] == 0:
+        return arr
+    return soxr.resample(np.ascontiguousarray(arr), src, dst, quality=quality)

@@ -1,0 +1,303 @@
+"""dia_fast.audio: file reading, soxr resampling, BS.1770 loudness, atomic WAV writing, crossfades."""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import numpy as np
+import pyloudnorm
+import pytest
+import soundfile as sf
+import torch
+from dia_fast.audio import (
+    AudioFormatError,
+    crossfade_join,
+    integrated_loudness,
+    load_prompt_audio,
+    loudness_gain,
+    normalize_loudness,
+    read_audio,
+    resample,
+    write_wav,
+)
+from scipy.signal import butter, sosfilt
+
+CODEC_RATE = 44_100
+
+
+def _sine(freq: float, rate: int, seconds: float, amp: float = 0.5) -> np.ndarray:
+    t = np.arange(int(rate * seconds)) / rate
+    return (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def _peak_hz(x: np.ndarray, rate: int) -> float:
+    spec = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+    return float(np.fft.rfftfreq(len(x), 1 / rate)[np.argmax(spec)])
+
+
+def _speech_like(seconds: float, rate: int, seed: int) -> np.ndarray:
+    """Band-limited noise (300-3400 Hz) with a 4 Hz syllable-like envelope and pauses."""
+    rng = np.random.default_rng(seed)
+    n = int(seconds * rate)
+    noise = sosfilt(butter(4, [300, 3400], btype="band", fs=rate, output="sos"), rng.standard_normal(n))
+    t = np.arange(n) / rate
+    envelope = np.clip(np.sin(2 * np.pi * 4.0 * t), 0, None) * (0.6 + 0.4 * np.sin(2 * np.pi * 0.3 * t))
+    return (0.1 * noise * envelope).astype(np.float32)
+
+
+def _reference_lufs(x: np.ndarray, rate: int) -> float:
+    return pyloudnorm.Meter(rate).integrated_loudness(x.astype(np.float64))
+
+
+# ------------------------------------------------------------------------------------------ reading
+def test_stereo_48k_sine_resampled_to_codec_rate_keeps_frequency(tmp_path):
+    rate = 48_000
+    left, right = _sine(1000.0, rate, 1.0), _sine(1000.0, rate, 1.0, amp=0.3)
+    path = tmp_path / "stereo.wav"
+    sf.write(path, np.stack([left, right], axis=1), rate, subtype="PCM_16")
+
+    audio, out_rate = read_audio(path, target_rate=CODEC_RATE)
+    assert out_rate == CODEC_RATE
+    assert audio.dtype == np.float32 and audio.ndim == 1
+    assert abs(len(audio) - CODEC_RATE) <= 2
+    assert abs(_peak_hz(audio, CODEC_RATE) - 1000.0) < 2.0
+    # mono mix = mean of channels: amplitude (0.5 + 0.3) / 2, away from the resampler's edges
+    mid = audio[CODEC_RATE // 4 : 3 * CODEC_RATE // 4]
+    assert np.max(np.abs(mid)) == pytest.approx(0.4, abs=2e-3)
+
+
+def test_resample_matches_sine_at_target_rate():
+    x = _sine(440.0, 16_000, 0.5)
+    y = resample(x, 16_000, CODEC_RATE, quality="VHQ")
+    expected = _sine(440.0, CODEC_RATE, 0.5)
+    n = min(len(y), len(expected))
+    inner = slice(2000, n - 2000)  # skip the filter's edge transients
+    np.testing.assert_allclose(y[inner], expected[inner], atol=2e-3)
+    assert resample(x, 16_000, 16_000) is x  # identity without a copy
+    with pytest.raises(ValueError, match="quality"):
+        resample(x, 16_000, CODEC_RATE, quality="LQ")
+    with pytest.raises(ValueError):
+        resample(x, 0, CODEC_RATE)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "subtype", "atol"),
+    [("WAV", "PCM_16", 1 / 32767), ("WAV", "PCM_24", 1e-6), ("WAV", "FLOAT", 0.0), ("FLAC", "PCM_16", 1 / 32767)],
+)
+def test_read_formats_as_mono_float32(tmp_path, fmt, subtype, atol):
+    x = _sine(300.0, 22_050, 0.3)
+    path = tmp_path / f"a.{fmt.lower()}"
+    sf.write(path, x, 22_050, format=fmt, subtype=subtype)
+    audio, rate = read_audio(path)
+    assert rate == 22_050 and audio.dtype == np.float32 and audio.shape == x.shape
+    np.testing.assert_allclose(audio, x, atol=atol + 1e-7)
+
+
+def test_read_int16_scaling(tmp_path):
+    ints = np.array([0, 16384, -32768, 32767], dtype=np.int16)
+    path = tmp_path / "ints.wav"
+    sf.write(path, ints, 8000, subtype="PCM_16")
+    audio, _ = read_audio(path)
+    np.testing.assert_allclose(audio, ints / 32768.0, atol=0)
+
+
+def test_read_ogg_vorbis(tmp_path):
+    x = _sine(700.0, 44_100, 0.5, amp=0.4)
+    path = tmp_path / "a.ogg"
+    sf.write(path, x, 44_100, format="OGG", subtype="VORBIS")
+    audio, rate = read_audio(path, target_rate=24_000)
+    assert rate == 24_000 and audio.dtype == np.float32
+    assert abs(_peak_hz(audio, 24_000) - 700.0) < 3.0
+
+
+def test_read_stereo_without_mixdown(tmp_path):
+    data = np.stack([_sine(200.0, 8000, 0.1), np.zeros(800, np.float32)], axis=1)
+    path = tmp_path / "st.wav"
+    sf.write(path, data, 8000, subtype="FLOAT")
+    audio, _ = read_audio(path, mono=False)
+    assert audio.shape == (800, 2)
+    np.testing.assert_array_equal(audio, data)
+
+
+def test_corrupt_missing_and_empty_files_give_clear_errors(tmp_path):
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"RIFF\x10\x00\x00\x00WAVEthis is not audio at all" * 3)
+    with pytest.raises(AudioFormatError, match="bad.wav"):
+        read_audio(bad)
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(AudioFormatError, match="cannot decode"):
+        read_audio(text)
+    with pytest.raises(FileNotFoundError, match="missing.wav"):
+        read_audio(tmp_path / "missing.wav")
+    empty = tmp_path / "empty.wav"
+    sf.write(empty, np.zeros(0, np.float32), 8000)
+    with pytest.raises(AudioFormatError, match="no samples"):
+        read_audio(empty)
+
+
+def test_load_prompt_audio_arrays_and_layouts(tmp_path):
+    rate = 22_050
+    mono = _sine(500.0, rate, 0.2)
+    ref = resample(mono, rate, CODEC_RATE)
+    # torch [channels, N], numpy [N, channels], int16 PCM: all the same mono signal
+    both = torch.from_numpy(np.stack([mono, mono]))
+    np.testing.assert_allclose(load_prompt_audio(both, rate, target_rate=CODEC_RATE), ref, atol=1e-6)
+    np.testing.assert_allclose(load_prompt_audio(both.T.numpy(), rate, target_rate=CODEC_RATE), ref, atol=1e-6)
+    ints = np.round(mono * 32767).astype(np.int16)
+    np.testing.assert_allclose(load_prompt_audio(ints, rate, target_rate=CODEC_RATE), ref, atol=1e-4)
+    path = tmp_path / "p.wav"
+    sf.write(path, mono, rate, subtype="FLOAT")
+    np.testing.assert_allclose(load_prompt_audio(path, target_rate=CODEC_RATE), ref, atol=1e-6)
+    with pytest.raises(ValueError, match="sample_rate is required"):
+        load_prompt_audio(mono, target_rate=CODEC_RATE)
+    with pytest.raises(ValueError, match="only for arrays"):
+        load_prompt_audio(path, rate, target_rate=CODEC_RATE)
+    with pytest.raises(ValueError, match="empty"):
+        load_prompt_audio(np.zeros(0, np.float32), rate, target_rate=CODEC_RATE)
+    with pytest.raises(ValueError, match="NaN"):
+        load_prompt_audio(np.array([0.0, np.nan], np.float32), rate, target_rate=CODEC_RATE)
+
+
+# ------------------------------------------------------------------------------------------ writing
+def test_write_wav_round_trip_and_clipping(tmp_path):
+    x = _sine(440.0, CODEC_RATE, 0.2, amp=0.9)
+    pcm = write_wav(tmp_path / "pcm.wav", x, CODEC_RATE)
+    back, rate = sf.read(pcm, dtype="int16")
+    assert rate == CODEC_RATE and sf.info(pcm).subtype == "PCM_16"
+    np.testing.assert_array_equal(back, np.rint(x.astype(np.float64) * 32767).astype(np.int16))
+
+    flt = write_wav(tmp_path / "flt.wav", x, CODEC_RATE, subtype="FLOAT")
+    back, _ = sf.read(flt, dtype="float32")
+    np.testing.assert_array_equal(back, x)
+
+    loud = np.array([0.0, 1.5, -1.5, 1.0, -1.0, 0.5], dtype=np.float32)
+    clipped = write_wav(tmp_path / "clip.wav", loud, 8000)
+    back, _ = sf.read(clipped, dtype="int16")
+    np.testing.assert_array_equal(back, [0, 32767, -32768, 32767, -32767, 16384])  # saturated, not wrapped
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.wav", "flt.wav", "pcm.wav"]  # no temp files
+
+
+def test_write_wav_is_atomic(tmp_path, monkeypatch):
+    dest = tmp_path / "out.wav"
+    write_wav(dest, _sine(100.0, 8000, 0.1), 8000)
+    before = dest.read_bytes()
+
+    def failing_write(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(sf, "write", failing_write)
+    with pytest.raises(OSError, match="disk full"):
+        write_wav(dest, _sine(200.0, 8000, 0.5), 8000)
+    assert dest.read_bytes() == before  # the old file is intact
+    assert os.listdir(tmp_path) == ["out.wav"]  # and the temp file is gone
+    with pytest.raises(ValueError, match="NaN"):
+        write_wav(dest, np.array([np.nan], np.float32), 8000)
+    with pytest.raises(ValueError, match="mono"):
+        write_wav(dest, np.zeros((10, 2), np.float32), 8000)
+
+
+# ----------------------------------------------------------------------------------------- loudness
+@pytest.mark.parametrize("target", [-23.0, -20.0, -30.0])
+def test_normalize_loudness_reaches_target_on_speech_like_noise(target):
+    x = _speech_like(5.0, CODEC_RATE, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = normalize_loudness(x, CODEC_RATE, target)
+    assert y.dtype == np.float32 and y.shape == x.shape
+    assert not loudness_gain(x, CODEC_RATE, target).peak_limited
+    assert _reference_lufs(y, CODEC_RATE) == pytest.approx(target, abs=0.5)
+    assert np.max(np.abs(y)) <= 10 ** (-1 / 20)
+    assert integrated_loudness(x, CODEC_RATE) == pytest.approx(_reference_lufs(x, CODEC_RATE), abs=1e-6)
+
+
+def test_peak_ceiling_limits_gain():
+    # quiet noise with a few full-scale clicks: reaching -10 LUFS would push the clicks past -1 dBFS
+    x = _speech_like(3.0, 24_000, seed=2)
+    x[[1000, 30_000, 50_000]] = [0.9, -0.95, 0.9]
+    g = loudness_gain(x, 24_000, -10.0, peak_ceiling_db=-1.0)
+    assert g.peak_limited and not g.reason
+    y = normalize_loudness(x, 24_000, -10.0, peak_ceiling_db=-1.0)
+    assert np.max(np.abs(y)) <= np.float32(10 ** (-1 / 20))
+    assert np.max(np.abs(y)) == pytest.approx(10 ** (-1 / 20), rel=1e-5)
+    assert _reference_lufs(y, 24_000) < -10.5  # quieter than asked, but not clipped
+
+
+def test_silence_stays_silence_without_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        silent = np.zeros(CODEC_RATE, np.float32)
+        np.testing.assert_array_equal(normalize_loudness(silent, CODEC_RATE), silent)
+        assert integrated_loudness(silent, CODEC_RATE) == -math.inf
+        g = loudness_gain(silent, CODEC_RATE)
+        assert g.gain == 1.0 and "silent" in g.reason
+        # below the -70 LUFS absolute gate counts as silence too
+        tiny = np.full(CODEC_RATE, 1e-6, np.float32)
+        np.testing.assert_array_equal(normalize_loudness(tiny, CODEC_RATE), tiny)
+        assert normalize_loudness(np.zeros(0, np.float32), CODEC_RATE).shape == (0,)
+
+
+def test_short_audio_unchanged_no_nan_no_warnings():
+    short = _sine(300.0, CODEC_RATE, 0.2, amp=0.2)  # 200 ms < one 400 ms gating block
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = normalize_loudness(short, CODEC_RATE)
+        lufs = integrated_loudness(short, CODEC_RATE)
+        g = loudness_gain(short, CODEC_RATE)
+    np.testing.assert_array_equal(y, short)
+    assert math.isfinite(lufs)
+    assert g.gain == 1.0 and "400 ms" in g.reason
+    # a looped stationary clip measures like a long stretch of the same signal
+    assert lufs == pytest.approx(_reference_lufs(_sine(300.0, CODEC_RATE, 2.0, amp=0.2), CODEC_RATE), abs=0.1)
+
+
+def test_loudness_rejects_bad_input():
+    x = _speech_like(1.0, 16_000, seed=3)
+    with pytest.raises(ValueError, match="target_lufs"):
+        normalize_loudness(x, 16_000, 5.0)
+    with pytest.raises(ValueError, match="peak_ceiling_db"):
+        normalize_loudness(x, 16_000, peak_ceiling_db=3.0)
+    with pytest.raises(ValueError, match="NaN"):
+        normalize_loudness(np.array([np.inf], np.float32), 16_000)
+    with pytest.raises(TypeError):
+        normalize_loudness(np.zeros(10, np.int16), 16_000)
+
+
+# ----------------------------------------------------------------------------------------- crossfade
+def test_crossfade_join_matches_explicit_mix():
+    rng = np.random.default_rng(0)
+    rate, fade_ms = 1000, 10.0  # 10-sample crossfade
+    a, b, c = (rng.standard_normal(n).astype(np.float32) for n in (50, 40, 30))
+    out = crossfade_join([a, b, c], rate, fade_ms)
+    assert out.dtype == np.float32 and len(out) == 50 + 40 + 30 - 2 * 10
+
+    t = (np.arange(10) + 0.5) / 10
+    fin, fout = np.sin(t * np.pi / 2), np.cos(t * np.pi / 2)
+    expected = np.concatenate(
+        [a[:40], a[40:] * fout + b[:10] * fin, b[10:30], b[30:] * fout + c[:10] * fin, c[10:]]
+    ).astype(np.float32)
+    np.testing.assert_allclose(out, expected, atol=1e-6)
+
+
+def test_crossfade_join_linear_keeps_constant_signal_constant():
+    out = crossfade_join([np.ones(100, np.float32), np.ones(80, np.float32)], 1000, 20.0, curve="linear")
+    assert len(out) == 160
+    np.testing.assert_allclose(out, 1.0, atol=1e-6)
+
+
+def test_crossfade_join_edge_cases():
+    assert crossfade_join([], 44_100).shape == (0,)
+    x = np.arange(5, dtype=np.float32)
+    np.testing.assert_array_equal(crossfade_join([np.zeros(0, np.float32), x], 1000, 50.0), x)
+    np.testing.assert_array_equal(
+        crossfade_join([x, np.arange(3, dtype=np.float32)], 1000, 0.0), [0, 1, 2, 3, 4, 0, 1, 2]
+    )
+    # chunks shorter than the crossfade: the overlap shrinks, nothing is lost beyond it
+    out = crossfade_join([np.ones(4, np.float32), np.ones(2, np.float32), np.ones(4, np.float32)], 1000, 100.0)
+    assert len(out) == 4 + 2 + 4 - 1 - 1
+    with pytest.raises(ValueError, match="crossfade_ms"):
+        crossfade_join([x], 1000, -1.0)
+    with pytest.raises(ValueError, match="1-D"):
+        crossfade_join([np.zeros((2, 2), np.float32)], 1000)

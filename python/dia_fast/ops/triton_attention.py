@@ -16,7 +16,6 @@ step can be captured in a CUDA graph and replayed after ``kv_len`` is updated in
 from __future__ import annotations
 
 import functools
-import math
 import os
 
 import torch
@@ -38,7 +37,7 @@ _MAX_SPLITS = 128
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, KM,
+    Q, K, V, Out, KM,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
@@ -64,9 +63,7 @@ def _attn_fwd_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < Tq
 
-    q = tl.load(
-        Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=row_ok[:, None], other=0.0
-    )
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=row_ok[:, None], other=0.0)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
 
@@ -108,15 +105,15 @@ def _attn_fwd_kernel(
     denom = tl.where(l_i > 0.0, l_i, 1.0)
     out = tl.where((l_i > 0.0)[:, None], acc / denom[:, None], 0.0)
     tl.store(
-        O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
-        out.to(O.dtype.element_ty),
+        Out + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
+        out.to(Out.dtype.element_ty),
         mask=row_ok[:, None],
     )
 
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, KM, KVLEN, O, PO, PM, PL,
+    Q, K, V, KM, KVLEN, Out, PO, PM, PL,
     sqb, sqh, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
@@ -189,8 +186,8 @@ def _decode_split_kernel(
         denom = tl.where(l_i > 0.0, l_i, 1.0)
         out = tl.where((l_i > 0.0)[:, None], acc / denom[:, None], 0.0)
         tl.store(
-            O + b * sob + heads[:, None] * soh + offs_d[None, :] * sod,
-            out.to(O.dtype.element_ty),
+            Out + b * sob + heads[:, None] * soh + offs_d[None, :] * sod,
+            out.to(Out.dtype.element_ty),
             mask=g_ok[:, None],
         )
     else:
@@ -203,7 +200,7 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_reduce_kernel(
-    PO, PM, PL, O,
+    PO, PM, PL, Out,
     sob, soh, sod,
     Hq, n_splits,
     HEAD_DIM: tl.constexpr,
@@ -227,7 +224,7 @@ def _decode_reduce_kernel(
     acc = tl.load(PO + row[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None], other=0.0)
     num = tl.sum(acc * w[:, None], 0)
     out = tl.where(denom > 0.0, num / tl.where(denom > 0.0, denom, 1.0), 0.0)
-    tl.store(O + b * sob + h * soh + offs_d * sod, out.to(O.dtype.element_ty))
+    tl.store(Out + b * sob + h * soh + offs_d * sod, out.to(Out.dtype.element_ty))
 
 
 # --- host side ------------------------------------------------------------------------------
@@ -245,9 +242,7 @@ def _check_device(t: torch.Tensor) -> None:
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int, int]:
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(
-            f"q, k, v must be 4-D [B, H, T, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
+        raise ValueError(f"q, k, v must be 4-D [B, H, T, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     B, Hq, Tq, D = q.shape
     Bk, Hkv, Tk, Dk = k.shape
     if tuple(v.shape) != tuple(k.shape):
@@ -369,6 +364,8 @@ def attention(
     if Tk == 0:
         return out.zero_()
     km, skmb, skmn = _mask_arg(key_mask, B, Tk, q)
+    if B * Hq > 65535:
+        raise ValueError(f"batch * query heads must be <= 65535 (a CUDA grid dimension), got {B * Hq}")
     interp = _is_interpreter(q)
     bm, bn, warps, stages = _prefill_config(D, q.dtype, Tq, interp)
     grid = (triton.cdiv(Tq, bm), B * Hq)
@@ -463,7 +460,3 @@ def decode_attention(
             num_warps=4 if D <= 128 else 8,
         )  # fmt: skip
     return out
-
-
-def _unused() -> None:  # pragma: no cover - keeps `math` import meaningful for type checkers
-    math.inf  # noqa: B018

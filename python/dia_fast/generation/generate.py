@@ -25,10 +25,10 @@ import torch
 
 from .. import ops
 from ..config import DiaConfig
-from ..model import DecoderState, DiaModel
-from .sampling import SamplingConfig, apply_eos_rules
-
-NOT_FORCED = -1
+from ..memory import PinnedPool, PooledBuffer, default_pool
+from ..model import DiaModel
+from .engine import NOT_FORCED, DecodeEngine, StepBuffers, StepSpec, default_sampler, engine_for
+from .sampling import SamplingConfig
 
 
 @dataclass
@@ -64,14 +64,17 @@ def build_prefix(config: DiaConfig, prompts: Sequence[torch.Tensor | None], devi
 
 @dataclass
 class DecodeOutput:
-    """Raw result of :func:`generate_codes`."""
+    """Raw result of :func:`generate_codes` (tensors on the CPU)."""
 
     delayed: torch.Tensor  # [B, L, C] whole delayed sequences (prefix included, PAD after each item's end)
     eos_pos: torch.Tensor  # [B] position of channel 0's EOS
     prefix_length: int
     steps: int  # decode steps run
     prefill_seconds: float
-    decode_seconds: float
+    decode_seconds: float  # steady-state decode loop (capture excluded)
+    warmup_seconds: float = 0.0  # CUDA-graph warm-up + capture in this call (0 when eager or reused)
+    cuda_graphs: bool = False  # whether the steps replayed a captured CUDA graph
+    batch_bucket: int = 0  # rows the step ran on (batch rounded up to a bucket by static runners)
 
     def frames(self, config: DiaConfig) -> list[torch.Tensor]:
         """Undelayed new audio codes per item, [T_i, C] int64 (prompt, BOS, EOS, PAD removed)."""
@@ -98,6 +101,73 @@ def _progress_bar(total: int, enabled: bool | None, frame_rate: float, batch: in
     return bar
 
 
+def _pad_batch(
+    text_ids: torch.Tensor, text_mask: torch.Tensor, prompts: list[torch.Tensor | None], rows: int
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
+    """Pads a batch to ``rows`` items with copies of item 0 (their output is dropped)."""
+    extra = rows - text_ids.shape[0]
+    if extra <= 0:
+        return text_ids, text_mask, prompts
+    text_ids = torch.cat([text_ids, text_ids[:1].expand(extra, -1)])
+    text_mask = torch.cat([text_mask, text_mask[:1].expand(extra, -1)])
+    return text_ids, text_mask, prompts + [prompts[0]] * extra
+
+
+def _to_device(pool: PinnedPool | None, t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor -> device, through a pooled (pinned) buffer when a pool is given."""
+    if pool is None:
+        return t.to(device)
+    with pool.acquire(t.shape, t.dtype) as buf:  # released at once: the pool waits for the copy itself
+        buf.tensor.copy_(t)
+        return pool.copy_to_device(buf, device)
+
+
+def _to_host(pool: PinnedPool | None, t: torch.Tensor) -> torch.Tensor:
+    """Device tensor -> a new CPU tensor, through a pooled (pinned) buffer when a pool is given."""
+    if pool is None:
+        return t.to("cpu", copy=True)
+    buf = pool.copy_to_host(t)
+    try:
+        return buf.wait().clone()
+    finally:
+        buf.release()
+
+
+class _DoneFlag:
+    """Reads the step's completion flag without stalling the device.
+
+    With a pool, :meth:`poll` queues a non-blocking copy of the flag into a pooled host buffer and
+    reads the result of the previous copy once its event has completed (one poll late, never waiting).
+    Without a pool, or on the CPU, it reads the flag directly.
+    """
+
+    def __init__(self, done: torch.Tensor, pool: PinnedPool | None) -> None:
+        self.done = done
+        self.pool = pool if done.device.type == "cuda" else None
+        self.host: PooledBuffer | None = None
+        self.pending = False
+
+    def poll(self) -> bool:
+        if self.pool is None:
+            return bool(self.done)
+        if self.pending:
+            assert self.host is not None
+            if not self.host.ready():
+                return False
+            self.pending = False
+            if bool(self.host.tensor[0]):
+                return True
+        # `done` only ever turns True, so a replay overwriting it while the copy runs is harmless.
+        self.host = self.pool.copy_to_host(self.done, out=self.host)
+        self.pending = True
+        return False
+
+    def close(self) -> None:
+        if self.host is not None and self.pool is not None:
+            self.host.release()
+            self.host = None
+
+
 @torch.inference_mode()
 def generate_codes(
     model: DiaModel,
@@ -112,9 +182,24 @@ def generate_codes(
     frame_rate: float = 44100 / 512,
     sync_every: int = 8,
     on_step: Callable[[torch.Tensor, int], None] | None = None,
+    cuda_graphs: bool | None = None,
+    pool: bool | PinnedPool | None = True,
+    engine: DecodeEngine | None = None,
 ) -> DecodeOutput:
-    """Generate delayed codes for a batch of tokenized texts [B, T] (see the module doc)."""
+    """Generate delayed codes for a batch of tokenized texts [B, T] (see the module doc).
+
+    Every decode step is :func:`dia_fast.generation.engine.decode_step`, run eagerly or replayed from a
+    captured CUDA graph. ``cuda_graphs``: None = on for CUDA (with a static engine), False = eager steps.
+    ``sync_every``: steps between reads of the completion flag (with a pool on CUDA the read is a
+    non-blocking copy, so the loop may run up to ``2 * sync_every`` steps past the end; the codes do not
+    change). ``on_step(out, p)`` is called after step ``p`` with the [B, L, C] output buffer (on the device,
+    possibly still being written by queued work on CUDA): ``out[:, :p + 1]`` is final. ``pool``: the
+    :class:`~dia_fast.memory.PinnedPool` for host<->device copies (True: the default pool; False/None:
+    plain copies). ``engine``: the :class:`DecodeEngine` (default: the model's shared one).
+    """
     sampling = sampling or SamplingConfig()
+    if sync_every < 1:
+        raise ValueError(f"sync_every must be >= 1, got {sync_every}")
     cfg = model.config
     data = cfg.data
     device = model.device
@@ -122,8 +207,11 @@ def generate_codes(
     prompts = list(prompts) if prompts is not None else [None] * B
     if len(prompts) != B:
         raise ValueError(f"got {len(prompts)} prompts for {B} texts")
-    prefix = build_prefix(cfg, prompts, device)
-    P0, md = prefix.length, data.max_delay
+    host_pool: PinnedPool | None = default_pool() if pool is True else (pool or None)
+    engine = engine or engine_for(model)
+
+    frames = [0 if p is None else int(p.shape[0]) for p in prompts]
+    P0, md = max(frames) + 1, data.max_delay
     budget = data.audio_length - P0
     if max_new_tokens is None:
         max_new_tokens = budget
@@ -137,71 +225,99 @@ def generate_codes(
             f"max_new_tokens={max_new_tokens} plus the {P0} prefix positions exceeds the model's audio length "
             f"{data.audio_length} (at most {budget} new tokens here)"
         )
+    L = P0 + max_new_tokens
+    Bb, Lb, Tb = engine.shapes(B, L, text_ids.shape[1])
+    text_ids, text_mask, prompts = _pad_batch(text_ids.cpu(), text_mask.cpu(), prompts, Bb)
 
     t0 = time.perf_counter()
-    text_ids, text_mask = text_ids.to(device), text_mask.to(device)
+    prefix = build_prefix(cfg, prompts, torch.device("cpu"))
+    text_ids = _to_device(host_pool, text_ids, device)
+    text_mask = _to_device(host_pool, text_mask.bool(), device)
     rows = 2 if sampling.use_cfg else 1
     enc_ids = torch.cat([text_ids, torch.zeros_like(text_ids)]) if rows == 2 else text_ids
     enc_mask = text_mask.repeat(rows, 1)
     enc_out = model.encode(enc_ids, enc_mask)
-    L = P0 + max_new_tokens
-    self_mask = None
-    if prefix.self_mask is not None:
-        self_mask = torch.ones(B, L, dtype=torch.bool, device=device)
-        self_mask[:, :P0] = prefix.self_mask
-        self_mask = self_mask.repeat(rows, 1)
-    state: DecoderState = model.new_state(enc_out, enc_mask, L, self_mask)
+    spec = StepSpec(
+        batch=Bb,
+        sampling=sampling,
+        channels=data.channels,
+        eos_value=data.audio_eos_value,
+        pad_value=data.audio_pad_value,
+        max_delay=md,
+        sampler=default_sampler(device),
+    )
+    runner = engine.runner(spec, Lb, Tb, prefix.self_mask is not None or engine.is_static, generator, cuda_graphs)
+    with runner:
+        bufs = runner.bufs
+        _load(model, bufs, enc_out, enc_mask, prefix, L, B, host_pool)
+        # Prefill: the decoder over the prefix fills the caches and the logits of position P0.
+        out = bufs.out
+        bufs.logits.copy_(model.decoder(out[:, :P0].repeat(rows, 1, 1), bufs.state)[:, -1])
+        prefill_s = time.perf_counter() - t0 - runner.warmup_seconds
 
-    out = torch.full((B, L, data.channels), data.audio_pad_value, dtype=torch.long, device=device)
-    out[:, :P0] = prefix.forced[:, :P0]
-    logits = model.decoder(out[:, :P0].repeat(rows, 1, 1), state)[:, -1]
-    prefill_s = time.perf_counter() - t0
+        out_view = out[:B, :L]
+        flag = _DoneFlag(bufs.done, host_pool)
+        bar = _progress_bar(max_new_tokens, progress, frame_rate, B)
+        t1 = time.perf_counter()
+        steps = 0
+        try:
+            for p in range(P0, L):
+                runner.step()
+                steps += 1
+                if on_step is not None:
+                    on_step(out_view, p)
+                if bar is not None:
+                    bar.update(1)
+                    if steps % 16 == 0:
+                        rate = steps / max(time.perf_counter() - t1, 1e-9)
+                        bar.set_postfix_str(f"{rate:.1f} steps/s, x{rate / frame_rate:.2f} realtime", refresh=False)
+                if steps % sync_every == 0 and p < L - 1 and flag.poll():
+                    break
+            eos_pos = _to_host(host_pool, bufs.eos_pos[:B])  # waits for the queued steps
+        finally:
+            flag.close()
+            if bar is not None:
+                bar.close()
+        decode_s = time.perf_counter() - t1
+        # Items that stopped are complete up to eos + max_delay; crop to the longest.
+        end = int(torch.clamp(eos_pos + md + 1, max=L).max()) if bool((eos_pos >= 0).all()) else L
+        delayed = _to_host(host_pool, out[:B, :end])
+    return DecodeOutput(delayed, eos_pos, P0, steps, prefill_s, decode_s, runner.warmup_seconds, runner.graphed, Bb)
 
-    delays = torch.tensor(data.delay_pattern, dtype=torch.long, device=device)
-    eos_pos = torch.full((B,), -1, dtype=torch.long, device=device)
-    forced_eos_pos = torch.tensor(L - md - 1, device=device)
-    n_forced = prefix.forced.shape[1]
-    bar = _progress_bar(max_new_tokens, progress, frame_rate, B)
-    t1 = time.perf_counter()
-    steps = 0
-    pos_t = torch.zeros(1, dtype=torch.long, device=device)
-    for p in range(P0, L):
-        pos_t.fill_(p)
-        cond, uncond = (logits[:B], logits[B:]) if rows == 2 else (logits, logits)
-        codes = ops.cfg_sample(
-            cond,
-            uncond,
-            cfg_scale=sampling.cfg_scale,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=sampling.cfg_filter_top_k,
-            eos_id=data.audio_eos_value,
-            do_sample=not sampling.greedy,
-            generator=generator,
-        )
-        codes = apply_eos_rules(
-            codes, pos_t[0], eos_pos, delays, forced_eos_pos, data.audio_eos_value, data.audio_pad_value
-        )
-        if p < n_forced:
-            f = prefix.forced[:, p]
-            codes = torch.where(f != NOT_FORCED, f, codes)
-        out[:, p] = codes
-        steps += 1
-        if on_step is not None:
-            on_step(out, p)
-        if bar is not None:
-            bar.update(1)
-            if steps % 16 == 0:
-                rate = steps / max(time.perf_counter() - t1, 1e-9)
-                bar.set_postfix_str(f"{rate:.1f} steps/s, x{rate / frame_rate:.2f} realtime", refresh=False)
-        if p == L - 1:
-            break
-        if steps % sync_every == 0 and bool(((eos_pos >= 0) & (p - eos_pos >= md)).all()):
-            break
-        logits = model.decoder(codes.repeat(rows, 1)[:, None, :], state, pos_t)[:, 0]
-    if bar is not None:
-        bar.close()
-    decode_s = time.perf_counter() - t1
-    # Items that stopped are complete up to eos + max_delay; crop to the longest.
-    end = int(torch.clamp(eos_pos + md + 1, max=L).max()) if bool((eos_pos >= 0).all()) else L
-    return DecodeOutput(out[:, :end], eos_pos, P0, steps, prefill_s, decode_s)
+
+def _load(
+    model: DiaModel,
+    bufs: StepBuffers,
+    enc_out: torch.Tensor,
+    enc_mask: torch.Tensor,
+    prefix: Prefix,
+    L: int,
+    B: int,
+    host_pool: PinnedPool | None,
+) -> None:
+    """Fills a runner's buffers for a new call (every buffer a step reads is rewritten here)."""
+    state, dev = bufs.state, model.device
+    T = enc_out.shape[1]
+    cross = model.new_state(enc_out, enc_mask, 1)  # cross K/V of every layer; tiny self caches
+    state.cross_k[..., :T, :].copy_(cross.cross_k)
+    state.cross_v[..., :T, :].copy_(cross.cross_v)
+    state.cross_k[..., T:, :].zero_()
+    state.cross_v[..., T:, :].zero_()
+    state.cross_mask.zero_()
+    state.cross_mask[:, :T].copy_(enc_mask)
+    P0 = prefix.length
+    if state.self_mask is not None:
+        state.self_mask.fill_(True)
+        if prefix.self_mask is not None:
+            rows = state.self_mask.shape[0] // prefix.self_mask.shape[0]
+            state.self_mask[:, :P0].copy_(_to_device(host_pool, prefix.self_mask, dev).repeat(rows, 1))
+    n = prefix.forced.shape[1]
+    bufs.forced.fill_(NOT_FORCED)
+    bufs.forced[:, :n].copy_(_to_device(host_pool, prefix.forced, dev))
+    bufs.out.fill_(model.config.data.audio_pad_value)
+    bufs.out[:, :P0].copy_(bufs.forced[:, :P0])
+    bufs.eos_pos.fill_(-1)
+    bufs.real.copy_(torch.arange(bufs.real.shape[0], device=dev) < B)
+    bufs.done.zero_()
+    bufs.forced_eos_pos.fill_(L - model.config.data.max_delay - 1)
+    bufs.pos.fill_(P0)

@@ -5,36 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from dia_fast import DiaTTS
 from dia_fast import checkpoint as ck
 from dia_fast.config import DiaConfig
 from dia_fast.model import DiaModel
 
-from .hf_reference import hf_dia, hf_processor
+from .hf_reference import HFDacAdapter, hf_dia, hf_processor
 
 TRANSCRIPT = "[S1] This is the voice to clone."
 TEXT = "[S1] And this is new text, spoken in that voice."
-
-
-class HFDacAdapter:
-    """transformers' DacModel behind dia_fast's AudioCodec protocol, so both sides share one codec."""
-
-    def __init__(self, dac) -> None:
-        self.dac = dac
-        self.sample_rate = 44100
-        self.hop_length = 512
-        self.n_codebooks = 9
-        self.codebook_size = 1024
-        self.frame_rate = self.sample_rate / self.hop_length
-
-    def encode(self, wav: torch.Tensor) -> torch.Tensor:
-        pad = (-wav.shape[-1]) % self.hop_length
-        x = torch.nn.functional.pad(wav, (0, pad))[:, None]
-        return self.dac.encode(x).audio_codes.transpose(1, 2)
-
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        return self.dac.decode(audio_codes=codes.transpose(1, 2)).audio_values
 
 
 @pytest.fixture(scope="module")

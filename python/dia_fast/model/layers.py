@@ -35,7 +35,8 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", self._inv_freq(torch.device("cpu")), persistent=False)
 
     def _inv_freq(self, device: torch.device) -> torch.Tensor:
-        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim
+        # explicit device: also right inside a ``torch.device("meta")`` context (meta builds)
+        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.float64, device="cpu") / self.head_dim
         return (1.0 / self.theta**exponent).float().to(device)
 
     def reset(self) -> None:

@@ -1,0 +1,8 @@
+"""``python -m dia_fast``: see :mod:`dia_fast.cli`."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

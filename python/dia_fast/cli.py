@@ -1,0 +1,263 @@
+"""``python -m dia_fast``: speak text (or clone a voice) into a WAV file.
+
+Without ``--model`` a random-weight demo model runs (the audio is not speech): the command
+shows that everything is installed and working. User errors (bad text, missing files, bad
+options) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ._version import __version__
+
+
+class UsageError(Exception):
+    """A mistake in the command line: printed as one line, exit status 2."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m dia_fast",
+        description="Speak text with the Dia TTS model (or a random demo model) and write a WAV file.",
+        epilog='Example: python -m dia_fast "[S1] Hello there. [S2] Hi!" --out hello.wav',
+    )
+    p.add_argument("text", nargs="?", help="text to speak, with [S1]/[S2] speaker tags; '-' reads stdin")
+    p.add_argument("--text-file", type=Path, help="read the text from this UTF-8 file")
+    p.add_argument("-o", "--out", type=Path, default=Path("output.wav"), help="output WAV (default: output.wav)")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="checkpoint directory/file (official or transformers layout) or hub id")
+    g.add_argument(
+        "--demo-preset",
+        default="tiny",
+        choices=("tiny", "dia-1.6b"),
+        help="shapes of the random demo model used without --model (default: tiny)",
+    )
+    g.add_argument("--codec", help="'dac', 'encodec' or a codec checkpoint path (default: the model's DAC)")
+    g.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best available)")
+    g.add_argument("--dtype", help="float32, bfloat16, float16 (default: bf16 on CUDA, fp16 on MPS, fp32 on CPU)")
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=int, help="decoder steps (~86 per second of audio); default: see README")
+    g.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance scale (default 3.0)")
+    g.add_argument("--temperature", type=float, default=1.2, help="sampling temperature (default 1.2)")
+    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (default 0.95)")
+    g.add_argument("--cfg-filter-top-k", type=int, default=45, help="CFG top-k filter (default 45)")
+    g.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    g.add_argument("--seed", type=int, help="random seed for reproducible sampling")
+    g = p.add_argument_group("voice cloning")
+    g.add_argument("--prompt-wav", type=Path, help="audio of the voice to clone (WAV/FLAC/OGG, any rate)")
+    g.add_argument("--prompt-text", help="transcript of --prompt-wav, with speaker tags, e.g. '[S1] ...'")
+    g.add_argument("--speaker-file", type=Path, help="a voice saved with --save-speaker (instead of --prompt-wav)")
+    g.add_argument("--save-speaker", type=Path, help="save the encoded --prompt-wav voice to this file for reuse")
+    g = p.add_argument_group("output")
+    g.add_argument("--loudness", type=float, default=-23.0, metavar="LUFS", help="target loudness (default -23)")
+    g.add_argument("--no-loudness", action="store_true", help="leave the loudness as generated")
+    g.add_argument("--sample-rate", type=int, help="resample the output to this rate (default: the codec's)")
+    g.add_argument("--float", dest="float_wav", action="store_true", help="write 32-bit float WAV (default 16-bit)")
+    g.add_argument("--crossfade-ms", type=float, default=40.0, help="crossfade between long-form chunks")
+    g = p.add_argument_group("other")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    g.add_argument("--json", dest="json_out", action="store_true", help="print a JSON summary on stdout")
+    g.add_argument("--info", action="store_true", help="print dia_fast.info() as JSON and exit")
+    g.add_argument("--version", action="version", version=f"dia_fast {__version__}")
+    return p
+
+
+def _read_text(args: argparse.Namespace) -> str:
+    if args.text_file is not None:
+        if args.text is not None:
+            raise UsageError("give the text either as an argument or with --text-file, not both")
+        if not args.text_file.is_file():
+            raise UsageError(f"text file not found: {args.text_file}")
+        return args.text_file.read_text(encoding="utf-8")
+    if args.text is None:
+        raise UsageError('no text given: python -m dia_fast "[S1] Hello." --out hello.wav')
+    if args.text == "-":
+        return sys.stdin.read()
+    return args.text
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.prompt_text and not (args.prompt_wav or args.speaker_file):
+        raise UsageError("--prompt-text needs --prompt-wav (the audio it transcribes)")
+    if args.prompt_wav and args.speaker_file:
+        raise UsageError("use either --prompt-wav or --speaker-file, not both")
+    if args.save_speaker and not args.prompt_wav:
+        raise UsageError("--save-speaker needs --prompt-wav (the voice to save)")
+    if args.prompt_wav is not None and not args.prompt_wav.is_file():
+        raise UsageError(f"prompt audio not found: {args.prompt_wav}")
+    if args.speaker_file is not None and not args.speaker_file.is_file():
+        raise UsageError(f"speaker file not found: {args.speaker_file}")
+    if args.sample_rate is not None and not 1000 <= args.sample_rate <= 384000:
+        raise UsageError(f"--sample-rate must be between 1000 and 384000 Hz, got {args.sample_rate}")
+    if not args.no_loudness and not -70.0 <= args.loudness <= 0.0:
+        raise UsageError(f"--loudness must be between -70 and 0 LUFS, got {args.loudness}")
+    if args.crossfade_ms < 0:
+        raise UsageError("--crossfade-ms must be >= 0")
+    out_dir = args.out.expanduser().resolve().parent
+    if not out_dir.is_dir():
+        raise UsageError(f"output directory does not exist: {out_dir}")
+
+
+def _log(args: argparse.Namespace, msg: str) -> None:
+    if not args.quiet:
+        print(msg, file=sys.stderr)
+
+
+def _load_tts(args: argparse.Namespace):
+    from .api import DiaTTS
+
+    if args.model:
+        return DiaTTS.from_pretrained(args.model, device=args.device, dtype=args.dtype, codec=args.codec)
+    _log(
+        args,
+        f"dia_fast: no --model given, using a random-weight '{args.demo_preset}' demo model: "
+        "the audio shows the pipeline works but is not speech",
+    )
+    return DiaTTS.random(args.demo_preset, seed=0, device=args.device, dtype=args.dtype, codec=args.codec)
+
+
+def demo_max_new_tokens(text: str, frame_rate: float, max_delay: int, budget: int) -> int:
+    """Decoder steps for a random demo model (which never decides to stop): the length a
+    speaker would need for ``text`` at ~14 characters per second, plus one second."""
+    seconds = len(text) / 14.0 + 1.0
+    return int(min(budget, max(max_delay + 2, round(seconds * frame_rate) + max_delay + 1)))
+
+
+def _voice(args: argparse.Namespace, tts) -> tuple[Any, str | None]:
+    """(audio prompt or None, transcript or None) from --prompt-wav / --speaker-file."""
+    if args.speaker_file is not None:
+        from .voice import CustomSpeaker
+
+        speaker = CustomSpeaker.load(args.speaker_file, codec=tts.codec)
+        return speaker.codes, speaker.transcript
+    if args.prompt_wav is None:
+        return None, None
+    codes = tts.encode_prompt(args.prompt_wav)
+    if args.save_speaker is not None:
+        from .voice import CustomSpeaker
+
+        CustomSpeaker.from_codes(codes, args.prompt_text or "", tts.codec).save(args.save_speaker)
+        _log(args, f"dia_fast: saved the voice to {args.save_speaker}")
+    return codes, args.prompt_text
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Execute a parsed command line; returns the summary printed with ``--json``."""
+    import numpy as np
+
+    from . import audio
+
+    text = _read_text(args)
+    _check_args(args)
+    t0 = time.perf_counter()
+    tts = _load_tts(args)
+    load_s = time.perf_counter() - t0
+    prompt, transcript = _voice(args, tts)
+    if prompt is not None and not transcript:
+        _log(args, "dia_fast: warning: no --prompt-text: cloning quality suffers without the prompt's transcript")
+
+    data = tts.config.data
+    max_new = args.max_new_tokens
+    if max_new is None and tts.demo:
+        budget = data.audio_length - 1 - (0 if prompt is None else int(prompt.shape[0]))
+        max_new = demo_max_new_tokens(text, tts.codec.frame_rate, data.max_delay, budget)
+    options = dict(
+        max_new_tokens=max_new,
+        cfg_scale=args.cfg_scale,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        cfg_filter_top_k=args.cfg_filter_top_k,
+        do_sample=not args.greedy,
+        seed=args.seed,
+        progress=False if args.no_progress or args.quiet else None,
+    )
+    transcript_bytes = len(transcript.encode("utf-8")) + 1 if transcript else 0
+    t1 = time.perf_counter()
+    if len(text.encode("utf-8")) + transcript_bytes > data.text_length:
+        from .longform import generate_long
+
+        _log(args, f"dia_fast: text is longer than one generation allows ({data.text_length} bytes): long-form mode")
+        samples, rate = generate_long(
+            tts,
+            text,
+            audio_prompt=prompt,
+            audio_prompt_text=transcript,
+            crossfade_ms=args.crossfade_ms,
+            **options,
+        )
+        steps_per_s = None
+    else:
+        with _quiet_transcript_warning():
+            result = tts.generate(text, audio_prompt=prompt, audio_prompt_text=transcript, **options)
+        samples, rate = result.audio[0], result.sample_rate
+        steps_per_s = result.stats.get("steps_per_s")
+    gen_s = time.perf_counter() - t1
+    if samples.size == 0:
+        raise RuntimeError("the model produced no audio (it ended right away); try another seed or --greedy")
+    if args.sample_rate and args.sample_rate != rate:
+        samples, rate = audio.resample(samples, rate, args.sample_rate), args.sample_rate
+    if not args.no_loudness:
+        samples = audio.normalize_loudness(samples, rate, args.loudness)
+    out = audio.write_wav(
+        args.out, np.asarray(samples, np.float32), rate, subtype="FLOAT" if args.float_wav else "PCM_16"
+    )
+    duration = samples.shape[0] / rate
+    summary = {
+        "out": str(out),
+        "seconds": round(duration, 3),
+        "sample_rate": rate,
+        "demo_model": bool(tts.demo),
+        "device": str(tts.device),
+        "dtype": str(tts.dtype).replace("torch.", ""),
+        "load_s": round(load_s, 3),
+        "generate_s": round(gen_s, 3),
+        "realtime_factor": round(duration / gen_s, 3) if gen_s > 0 else None,
+        "steps_per_s": round(steps_per_s, 1) if steps_per_s else None,
+    }
+    _log(args, f"dia_fast: wrote {out} ({duration:.2f} s at {rate} Hz, {duration / max(gen_s, 1e-9):.2f}x realtime)")
+    return summary
+
+
+class _quiet_transcript_warning:
+    """The CLI already printed its own warning about a missing transcript."""
+
+    def __enter__(self) -> None:
+        import warnings
+
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        warnings.filterwarnings("ignore", message="an audio prompt was given without its transcript")
+
+    def __exit__(self, *exc: object) -> None:
+        self._ctx.__exit__(*exc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m dia_fast`` and the ``dia-fast`` script; returns the exit status."""
+    args = _parser().parse_args(argv)
+    if args.info:
+        from .info import info
+
+        print(json.dumps(info(), indent=2, default=str))
+        return 0
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+
+    try:
+        summary = run(args)
+    except (UsageError, ValueError, FileNotFoundError, ConfigError, CheckpointError) as exc:
+        print(f"dia_fast: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dia_fast: interrupted", file=sys.stderr)
+        return 130
+    if args.json_out:
+        print(json.dumps(summary))
+    return 0

@@ -1,7 +1,8 @@
 """Loads the optional compiled extension ``dia_fast._C``; never raises on import.
 
-The wheel ships ``_C`` where it could be built. Where it is missing (or built for another
-platform), every feature runs on the PyTorch path and :func:`why_not` says why.
+The wheel ships ``_C`` where it could be built. Where it is missing (built with
+``DIA_FAST_BUILD_EXT=OFF``), built for another platform or Python, or stale (an ABI older than
+this Python code expects), every feature runs on the PyTorch path and :func:`why_not` says why.
 Set ``DIA_FAST_DISABLE_EXT=1`` to ignore an installed extension.
 """
 
@@ -9,6 +10,10 @@ from __future__ import annotations
 
 import os
 from types import ModuleType
+from typing import Any
+
+# The ABI of _C this Python code was written against (csrc/module.cpp: kAbiVersion).
+ABI_VERSION = 2
 
 _module: ModuleType | None = None
 _error: str = ""
@@ -16,13 +21,28 @@ _error: str = ""
 
 def _load() -> None:
     global _module, _error
+    _module, _error = None, ""
     if os.environ.get("DIA_FAST_DISABLE_EXT") == "1":
         _error = "disabled by DIA_FAST_DISABLE_EXT=1"
         return
     try:
         from . import _C  # type: ignore[attr-defined]
-    except Exception as exc:  # ImportError, or an OSError for a foreign binary
+    except ModuleNotFoundError as exc:
+        if exc.name == f"{__package__}._C":
+            _error = "not built: this installation has no compiled extension (built with DIA_FAST_BUILD_EXT=OFF?)"
+        else:
+            _error = f"{type(exc).__name__}: {exc}"
+        return
+    except Exception as exc:  # ImportError / OSError for a binary built for another platform or Python
         _error = f"{type(exc).__name__}: {exc}"
+        return
+    try:
+        abi = int(_C.abi_version())
+    except Exception as exc:
+        _error = f"unusable extension ({type(exc).__name__}: {exc})"
+        return
+    if abi != ABI_VERSION:
+        _error = f"stale extension: ABI {abi}, this dia_fast expects {ABI_VERSION} (rebuild it)"
         return
     _module = _C
 
@@ -42,6 +62,26 @@ def module() -> ModuleType:
 def why_not() -> str:
     """Why the extension is not loaded ("" when it is)."""
     return _error
+
+
+def reload() -> bool:
+    """Try to load the extension again (after building it in place, or changing
+    ``DIA_FAST_DISABLE_EXT``); returns :func:`loaded`."""
+    _load()
+    return loaded()
+
+
+def build_info() -> dict[str, Any]:
+    """How the loaded extension was built: ``version``, ``abi_version``, ``compiler``, ``build_type``,
+    ``openmp`` (bool), ``openmp_version``, ``openmp_max_threads``, ``arch``, ``pybind11`` and
+    ``kernels``; ``{"loaded": False, "reason": ...}`` when it is not loaded."""
+    if _module is None:
+        return {"loaded": False, "reason": _error}
+    try:
+        info = dict(_module.build_info())
+    except Exception as exc:  # never let introspection break dia_fast.info()
+        return {"loaded": True, "reason": f"build_info() failed: {type(exc).__name__}: {exc}"}
+    return {"loaded": True, **info}
 
 
 _load()

@@ -93,6 +93,9 @@ for _op in ("apply_delay", "revert_delay", "undelay_codes", "embed_codes"):
 register("attention", "triton", "dia_fast.ops.triton_attention:attention")
 register("decode_attention", "triton", "dia_fast.ops.triton_attention:decode_attention")
 register("cfg_sample", "triton", "dia_fast.ops.triton_sampling:cfg_sample")
+# C++ CPU kernels: registered where they measured faster than the reference (benchmarks/RESULTS.md)
+for _op in ("apply_delay", "revert_delay", "undelay_codes", "cfg_sample"):
+    register(_op, "cpp", f"dia_fast.ops.cpp:{_op}")
 
 
 # --- public API -----------------------------------------------------------------------------

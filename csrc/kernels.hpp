@@ -1,0 +1,59 @@
+// dia_fast native CPU kernels: plain C++ on raw buffers (no Python, no libtorch).
+// The Python-facing checks (dtypes, shapes, aliasing) live in module.cpp; these functions
+// trust their arguments.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace dia_fast {
+
+// Element count above which a kernel spreads over OpenMP threads (below it, waking threads
+// costs more than the work on a small shared CPU).
+constexpr int64_t kParallelMinElements = int64_t(1) << 20;
+
+// out[b, t, c] = codes[b, t - d_c, c]; bos where t - d_c < 0; pad where t - d_c >= T.
+// codes, out: C-contiguous [B, T, C]. Instantiated for int32_t and int64_t.
+template <typename T>
+void apply_delay(const T* codes, T* out, int64_t B, int64_t Tn, int64_t C, const int64_t* delays, T bos, T pad);
+
+// out[b, t, c] = codes[b, min(t + d_c, T - 1), c]. codes, out: C-contiguous [B, T, C].
+template <typename T>
+void revert_delay(const T* codes, T* out, int64_t B, int64_t Tn, int64_t C, const int64_t* delays);
+
+// out[b, t, c] = v = codes[b, min(t + d_c, T - 1), c] for t < T_out = max(T - max(d), 0), with
+// v -> 0 where v is outside [0, codebook_size). out: C-contiguous int64 [B, T_out, C].
+template <typename T>
+void undelay_codes(const T* codes, int64_t* out, int64_t B, int64_t Tn, int64_t C, const int64_t* delays,
+                   int64_t codebook_size);
+
+struct SampleParams {
+  float cfg_scale = 3.0f;
+  float temperature = 1.2f;
+  float top_p = 0.95f;
+  int64_t top_k = 45;  // <= 0 or >= V: no top-k filter
+  int64_t eos_id = 1024;
+};
+
+// One CFG sampling step over B x C rows of V logits (last dim contiguous; row (b, c) of `cond`
+// starts at cond + b * cond_sb + c * cond_sc, same for `uncond`).
+// uniforms == nullptr: greedy; else uniforms[b * C + c] in [0, 1) drives an inverse-CDF draw
+// over the filtered distribution, walked in ascending token id order.
+void cfg_sample(const float* cond, const float* uncond, int64_t B, int64_t C, int64_t V, int64_t cond_sb,
+                int64_t cond_sc, int64_t uncond_sb, int64_t uncond_sc, const float* uniforms, int64_t* out,
+                const SampleParams& params);
+
+// dst[i] = clip(rint(src[i] * 32767 + dither_i), -32768, 32767); NaN -> 0. Rounding is half to
+// even (like np.rint). dither_i = (u(2i) + u(2i + 1)) with u(n) the n-th output of a SplitMix64
+// stream seeded with `seed`, mapped to [-0.5, 0.5): (z >> 40) * 2^-24 - 0.5 (TPDF, +-1 LSB).
+void float_to_pcm16(const float* src, int16_t* dst, int64_t n, bool dither, uint64_t seed);
+
+// SplitMix64: the n-th (0-based) output of the stream seeded with `seed`.
+inline uint64_t splitmix64_at(uint64_t seed, uint64_t n) {
+  uint64_t z = seed + (n + 1) * 0x9E3779B97F4A7C15ULL;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  return z ^ (z >> 31);
+}
+
+}  // namespace dia_fast

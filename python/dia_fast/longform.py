@@ -1,0 +1,278 @@
+"""Long-form text: split at sentence / speaker-turn boundaries, generate chunk by chunk, crossfade.
+
+Dia reads at most ``text_length`` bytes and writes at most ``audio_length`` codec frames (~35 s)
+per generation, and speaks best with 5-20 s of audio per generation. :func:`split_text` cuts a
+long text into chunks that fit both budgets; :func:`generate_long` speaks them with one voice and
+joins the audio.
+
+The audio budget is a heuristic (the model decides how fast it talks): a chunk may hold at most
+``chars_per_second * seconds`` spoken characters, where ``seconds`` is the audio the model can
+still write after the prompt (capped at ``max_chunk_seconds``, 20 s by default) and
+``chars_per_second`` defaults to 12, a slow speaking rate (English speech runs ~12-16 characters
+per second including spaces), so that a chunk's speech fits even when the model speaks slowly.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .audio import crossfade_join
+
+if TYPE_CHECKING:
+    import torch
+
+    from .api import DiaTTS
+
+__all__ = [
+    "DEFAULT_CHARS_PER_SECOND",
+    "DEFAULT_MAX_CHUNK_SECONDS",
+    "TextChunk",
+    "chunk_budget",
+    "generate_long",
+    "spoken_chars",
+    "split_text",
+    "split_text_spans",
+    "text_tokens",
+]
+
+DEFAULT_CHARS_PER_SECOND = 12.0
+DEFAULT_MAX_CHUNK_SECONDS = 20.0
+
+_TAG_RE = re.compile(r"\[S[12]\]")
+# A sentence ends at . ! ? … (or their CJK forms), optionally followed by closing quotes/brackets,
+# then whitespace; the whitespace stays with the sentence before it.
+_SENTENCE_END_RE = re.compile(r"[.!?…。！？]+[\"'”’)\]]*\s+")
+_WORD_RE = re.compile(r"\S+\s*|\s+")
+
+
+def text_tokens(text: str) -> int:
+    """Dia text tokens in ``text``: UTF-8 bytes, each ``[S1]`` / ``[S2]`` tag counting as one."""
+    return len(text.encode("utf-8")) - 3 * len(_TAG_RE.findall(text))
+
+
+def spoken_chars(text: str) -> int:
+    """Characters the audio budget counts: tags dropped, whitespace runs collapsed to one space."""
+    return len(" ".join(_TAG_RE.sub(" ", text).split()))
+
+
+@dataclass(frozen=True)
+class TextChunk:
+    """One chunk of :func:`split_text_spans`: ``text == prefix + source[start:end]``.
+
+    ``prefix`` is the speaker tag (``"[S1] "``) carried into a chunk that starts mid-turn, or "".
+    """
+
+    text: str
+    start: int
+    end: int
+    prefix: str
+
+
+def _units(text: str) -> Iterator[tuple[int, int, str | None, bool]]:
+    """Sentences as (start, end, speaker tag active at start, starts with its tag), covering ``text``."""
+    tags = list(_TAG_RE.finditer(text))
+    bounds = [0] + [m.start() for m in tags] + [len(text)]
+    speakers: list[str | None] = [None] + [m.group() for m in tags]
+    for seg, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        if lo == hi:
+            continue
+        speaker = speakers[seg]
+        pos = lo
+        for m in _SENTENCE_END_RE.finditer(text, lo, hi):
+            if m.end() < hi and text[m.end() : hi].strip():
+                yield pos, m.end(), speaker, pos == lo and seg > 0
+                pos = m.end()
+        yield pos, hi, speaker, pos == lo and seg > 0
+
+
+def split_text_spans(
+    text: str,
+    max_bytes: int,
+    max_chars: int | None = None,
+) -> list[TextChunk]:
+    """:func:`split_text` with where each chunk comes from (see :class:`TextChunk`)."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    if not text.strip():
+        raise ValueError("text is empty: give at least one character to speak")
+    if max_bytes < 1:
+        raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
+    if max_chars is not None and max_chars < 1:
+        raise ValueError(f"max_chars must be >= 1 or None, got {max_chars}")
+
+    def fits(prefix: str, start: int, end: int) -> bool:
+        piece = prefix + text[start:end]
+        return text_tokens(piece) <= max_bytes and (max_chars is None or spoken_chars(piece) <= max_chars)
+
+    def prefix_for(speaker: str | None, starts_turn: bool) -> str:
+        return f"{speaker} " if speaker is not None and not starts_turn else ""
+
+    # pieces: whole sentences where they fit in a chunk of their own, else their words
+    pieces: list[tuple[int, int, str]] = []  # (start, end, prefix if a chunk starts here)
+    for start, end, speaker, starts_turn in _units(text):
+        if fits(prefix_for(speaker, starts_turn), start, end):
+            pieces.append((start, end, prefix_for(speaker, starts_turn)))
+            continue
+        for k, m in enumerate(_WORD_RE.finditer(text, start, end)):
+            prefix = prefix_for(speaker, starts_turn and k == 0)
+            if not fits(prefix, m.start(), m.end()):
+                word = text[m.start() : m.end()].strip()
+                raise ValueError(
+                    f"the word {word[:40]!r}{'...' if len(word) > 40 else ''} at character {m.start()} does not "
+                    f"fit in one chunk (at most {max_bytes} text bytes"
+                    f"{'' if max_chars is None else f' and {max_chars} spoken characters'}); break it up"
+                )
+            pieces.append((m.start(), m.end(), prefix))
+
+    chunks: list[TextChunk] = []
+    cur_start, cur_end, cur_prefix = pieces[0]
+    for start, end, prefix in pieces[1:]:
+        if fits(cur_prefix, cur_start, end):
+            cur_end = end
+        else:
+            chunks.append(TextChunk(cur_prefix + text[cur_start:cur_end], cur_start, cur_end, cur_prefix))
+            cur_start, cur_end, cur_prefix = start, end, prefix
+    chunks.append(TextChunk(cur_prefix + text[cur_start:cur_end], cur_start, cur_end, cur_prefix))
+    return chunks
+
+
+def split_text(text: str, max_bytes: int, max_chars: int | None = None) -> list[str]:
+    """Split ``text`` into chunks that each fit Dia's text and audio budgets.
+
+    Chunks end at sentence boundaries (``. ! ? …`` followed by whitespace) or speaker turns
+    (``[S1]`` / ``[S2]``) and are packed greedily: each holds as many whole sentences as fit in
+    ``max_bytes`` text tokens (:func:`text_tokens`) and ``max_chars`` spoken characters
+    (:func:`spoken_chars`; None = no audio budget). A chunk that starts in the middle of a turn
+    begins with that turn's speaker tag (``"[S2] "``). A sentence longer than the budget is split
+    between words; a single word longer than the budget raises ``ValueError``.
+
+    Every character of ``text`` is in exactly one chunk, in order: removing the carried tags and
+    joining the chunks gives ``text`` back (whitespace included; strip a chunk before speaking it
+    if you like). Raises ``ValueError`` for empty text.
+    """
+    return [c.text for c in split_text_spans(text, max_bytes, max_chars)]
+
+
+def chunk_budget(
+    tts: DiaTTS,
+    *,
+    prompt_text: str | None = None,
+    prompt_frames: int = 0,
+    max_new_tokens: int | None = None,
+    chars_per_second: float = DEFAULT_CHARS_PER_SECOND,
+    max_chunk_seconds: float | None = DEFAULT_MAX_CHUNK_SECONDS,
+) -> tuple[int, int]:
+    """``(max_bytes, max_chars)`` for one chunk spoken by ``tts`` after a prompt.
+
+    ``max_bytes``: ``text_length`` minus the prompt transcript's tokens and the space that joins
+    it to the text. ``max_chars``: ``chars_per_second`` times the seconds of audio left, i.e. the
+    decoder steps (``max_new_tokens``, at most ``audio_length`` less the BOS and prompt frames) less
+    the delay pattern's tail of ``max_delay + 1`` steps, capped at ``max_chunk_seconds``.
+    Raises ``ValueError`` when nothing is left.
+    """
+    data = tts.config.data
+    max_bytes = data.text_length
+    if prompt_text and prompt_text.strip():
+        max_bytes -= text_tokens(prompt_text.strip()) + 1
+    # decoder positions after the BOS + prompt prefix; the delay pattern's last max_delay + 1 add no frame
+    steps = data.audio_length - prompt_frames - 1
+    if max_new_tokens is not None:
+        steps = min(int(max_new_tokens), steps)
+    frames = steps - (data.max_delay + 1)
+    seconds = frames / tts.codec.frame_rate
+    if max_chunk_seconds is not None:
+        seconds = min(seconds, max_chunk_seconds)
+    max_chars = math.floor(chars_per_second * seconds)
+    if max_bytes < 1 or max_chars < 1:
+        raise ValueError(
+            f"no room left for text: the prompt uses the budget (text bytes left {max_bytes}, audio frames left "
+            f"{frames}); use a shorter prompt or a larger max_new_tokens"
+        )
+    return max_bytes, max_chars
+
+
+def _progress_bar(total: int, progress: bool | None) -> Any:
+    """A tqdm bar over chunks, or None (``progress=None``: only when stderr is a terminal)."""
+    enabled = progress if progress is not None else sys.stderr.isatty()
+    if not enabled or total <= 1:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="long-form", unit="chunk")
+
+
+def generate_long(
+    tts: DiaTTS,
+    text: str,
+    *,
+    audio_prompt: Any = None,
+    audio_prompt_text: str | None = None,
+    crossfade_ms: float = 40.0,
+    batch_size: int = 1,
+    chars_per_second: float = DEFAULT_CHARS_PER_SECOND,
+    max_chunk_seconds: float | None = DEFAULT_MAX_CHUNK_SECONDS,
+    progress: bool | None = None,
+    on_chunk: Callable[[int, np.ndarray], None] | None = None,
+    **generate_kwargs: Any,
+) -> tuple[np.ndarray, int]:
+    """Speak a text of any length: split it (:func:`split_text`), generate each chunk, crossfade.
+
+    Every chunk is spoken with the same voice: the same ``audio_prompt`` (a path, samples at the
+    codec rate or codes ``[T, C]``; encoded once) and ``audio_prompt_text``, or no prompt.
+    ``batch_size`` chunks are generated per ``tts.generate`` call (faster on a GPU; the same
+    result with greedy decoding). Neighbouring chunks are joined with ``crossfade_ms``
+    equal-power crossfades. ``progress``: a per-chunk progress bar (default: when stderr is a
+    terminal; never for a single chunk). ``on_chunk(i, audio)`` is called as each chunk is done.
+    Other keyword arguments (``max_new_tokens``, ``cfg_scale``, ``temperature``, ``seed``,
+    ``do_sample``, ...) go to :meth:`DiaTTS.generate` for every chunk.
+
+    Returns ``(samples, sample_rate)``: float32 mono PCM at the codec's rate.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for key in ("text", "progress", "decode_audio"):
+        if key in generate_kwargs:
+            raise TypeError(f"generate_long() got an unexpected keyword argument {key!r}")
+    prompt_codes: torch.Tensor | None = None
+    if audio_prompt is not None:
+        prompt_codes = tts.encode_prompt(audio_prompt)
+    elif audio_prompt_text:
+        raise ValueError("audio_prompt_text was given without an audio_prompt")
+    max_bytes, max_chars = chunk_budget(
+        tts,
+        prompt_text=audio_prompt_text if prompt_codes is not None else None,
+        prompt_frames=0 if prompt_codes is None else int(prompt_codes.shape[0]),
+        max_new_tokens=generate_kwargs.get("max_new_tokens"),
+        chars_per_second=chars_per_second,
+        max_chunk_seconds=max_chunk_seconds,
+    )
+    chunks = [c.strip() for c in split_text(text, max_bytes, max_chars)]
+    bar = _progress_bar(len(chunks), progress)
+    pieces: list[np.ndarray] = []
+    try:
+        for lo in range(0, len(chunks), batch_size):
+            batch: Sequence[str] = chunks[lo : lo + batch_size]
+            result = tts.generate(
+                list(batch),
+                audio_prompt=None if prompt_codes is None else [prompt_codes] * len(batch),
+                audio_prompt_text=audio_prompt_text if prompt_codes is not None else None,
+                progress=False,
+                **generate_kwargs,
+            )
+            for k, audio in enumerate(result.audio):
+                pieces.append(audio)
+                if on_chunk is not None:
+                    on_chunk(lo + k, audio)
+            if bar is not None:
+                bar.update(len(batch))
+    finally:
+        if bar is not None:
+            bar.close()
+    return crossfade_join(pieces, tts.sample_rate, crossfade_ms), tts.sample_rate

@@ -1,0 +1,188 @@
+"""Long-form text: splitting into chunks that fit Dia's budgets, and chunked generation with crossfades."""
+
+from __future__ import annotations
+
+import random
+import re
+
+import numpy as np
+import pytest
+import torch
+from dia_fast.audio import crossfade_join
+from dia_fast.longform import chunk_budget, generate_long, split_text, split_text_spans, spoken_chars, text_tokens
+
+TAG = re.compile(r"\[S[12]\]")
+WORDS = ["hello", "there", "speech", "model", "(laughs)", "café", "naïve", "über", "data", "fast", "a", "I", "ok"]
+
+
+def _random_text(rng: random.Random) -> str:
+    parts = []
+    if rng.random() < 0.3:
+        parts.append("Intro without a tag. ")
+    for _ in range(rng.randint(1, 6)):
+        parts.append(rng.choice(["[S1]", "[S2]"]) + rng.choice([" ", "", "  "]))
+        for _ in range(rng.randint(1, 4)):
+            n = rng.randint(1, 12)
+            words = " ".join(rng.choice(WORDS) for _ in range(n)).capitalize()
+            parts.append(words + rng.choice([". ", "! ", "? ", "... ", ".\n", ", ", "… "]))
+    return "".join(parts)
+
+
+def _tag_before(text: str, pos: int) -> str | None:
+    tags = [m.group() for m in TAG.finditer(text) if m.start() <= pos]
+    return tags[-1] if tags else None
+
+
+# ------------------------------------------------------------------------------------------- split
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize(("max_bytes", "max_chars"), [(48, None), (1024, 30), (64, 40), (200, 120)])
+def test_chunks_fit_and_cover_every_byte_once(seed, max_bytes, max_chars):
+    text = _random_text(random.Random(seed))
+    spans = split_text_spans(text, max_bytes, max_chars)
+    chunks = split_text(text, max_bytes, max_chars)
+    assert chunks == [s.text for s in spans]
+
+    # contiguous spans covering the text once, in order; chunk = carried tag + source slice
+    assert spans[0].start == 0 and spans[-1].end == len(text)
+    for a, b in zip(spans, spans[1:], strict=False):
+        assert a.end == b.start
+    for s in spans:
+        assert s.text == s.prefix + text[s.start : s.end]
+        assert s.prefix in ("", "[S1] ", "[S2] ")
+
+    # independent of the spans: without tags and whitespace, the chunks concatenate to the text
+    def bare(s: str) -> str:
+        return re.sub(r"\s", "", TAG.sub("", s))
+
+    assert "".join(bare(c) for c in chunks) == bare(text)
+
+    for s in spans:
+        assert text_tokens(s.text) <= max_bytes
+        assert max_chars is None or spoken_chars(s.text) <= max_chars
+        # each chunk speaks as the speaker active where it starts in the source text
+        assert TAG.match(s.text) or _tag_before(text, s.start) is None
+        if TAG.match(s.text):
+            assert s.text[:4] == _tag_before(text, s.start)
+        # cuts fall between words: before a cut is whitespace or the end of a tag
+        if s.start > 0:
+            assert (
+                text[s.start - 1].isspace()
+                or text[s.start - 4 : s.start] in ("[S1]", "[S2]")
+                or TAG.match(text, s.start)
+            )
+
+
+def test_split_prefers_sentence_and_turn_boundaries():
+    text = "[S1] One two three. Four five six! [S2] Seven eight? Nine ten."
+    assert split_text(text, 1024, 30) == ["[S1] One two three. Four five six! ", "[S2] Seven eight? Nine ten."]
+    assert split_text(text, 1024, 20) == [
+        "[S1] One two three. ",
+        "[S1] Four five six! ",
+        "[S2] Seven eight? ",
+        "[S2] Nine ten.",
+    ]
+    assert split_text(text, 1024) == [text]
+
+
+def test_long_sentence_splits_between_words_and_carries_the_tag():
+    text = "[S2] alpha beta gamma delta epsilon zeta eta theta"
+    chunks = split_text(text, 20)
+    # tokens: the tag counts 1, so "[S2] alpha beta gamma " is 19 and "... delta " would be 25
+    assert chunks == ["[S2] alpha beta gamma ", "[S2] delta epsilon ", "[S2] zeta eta theta"]
+    assert all(text_tokens(c) <= 20 for c in chunks)
+
+
+def test_byte_budget_counts_utf8_bytes_and_tags_as_one():
+    assert text_tokens("[S1] é") == 1 + 1 + 2
+    assert spoken_chars("[S1]  Hi   there [S2] x") == len("Hi there x")
+    text = "[S1] ééé ééé"  # tokens: 1 + 1 + 6 + 1 + 6 = 15
+    assert split_text(text, 15) == [text]
+    assert split_text(text, 14) == ["[S1] ééé ", "[S1] ééé"]
+
+
+def test_split_errors():
+    with pytest.raises(ValueError, match="empty"):
+        split_text("  \n ", 100)
+    with pytest.raises(ValueError, match="supercalifragilistic"):
+        split_text("[S1] a supercalifragilisticexpialidocious word", 20)
+    with pytest.raises(ValueError, match="does not fit"):
+        split_text("[S1] fine words then aaaaaaaaaaaaaaaaaaaaaaaaa", 1024, 10)
+    with pytest.raises(ValueError, match="max_bytes"):
+        split_text("hi", 0)
+    with pytest.raises(TypeError):
+        split_text(b"bytes", 10)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------- generation
+@pytest.fixture(scope="module")
+def tts():
+    from dia_fast import DiaTTS
+
+    return DiaTTS.random("tiny", seed=0)
+
+
+GREEDY = {"do_sample": False, "max_new_tokens": 40}
+
+
+def test_chunk_budget(tts):
+    data = tts.config.data
+    max_bytes, max_chars = chunk_budget(tts, max_new_tokens=40, chars_per_second=100.0)
+    assert max_bytes == data.text_length
+    assert max_chars == int(100.0 * (40 - data.max_delay - 1) / tts.codec.frame_rate)  # 24 frames
+    max_bytes, _ = chunk_budget(tts, prompt_text="[S1] Hi there.", chars_per_second=100.0)
+    assert max_bytes == data.text_length - len("_ Hi there.") - 1
+    _, max_chars = chunk_budget(tts, max_chunk_seconds=20.0)
+    assert max_chars == 12 * 20
+    with pytest.raises(ValueError, match="no room"):
+        chunk_budget(tts, prompt_frames=data.audio_length)
+
+
+def test_generate_long_equals_chunks_generated_alone_and_joined(tts):
+    text = "[S1] Hello there. How are you today? [S2] Fine, thanks. And you?"
+    kwargs = dict(chars_per_second=100.0, crossfade_ms=20.0, progress=False, **GREEDY)
+    _, max_chars = chunk_budget(tts, max_new_tokens=40, chars_per_second=100.0)
+    assert max_chars == 27
+    chunks = ["[S1] Hello there.", "[S1] How are you today?", "[S2] Fine, thanks. And you?"]
+
+    audio, rate = generate_long(tts, text, **kwargs)
+    assert rate == tts.sample_rate and audio.dtype == np.float32
+    pieces = [tts.generate(c, progress=False, **GREEDY).audio[0] for c in chunks]
+    expected = crossfade_join(pieces, rate, 20.0)
+    np.testing.assert_allclose(audio, expected, atol=1e-6)
+
+    seen = []
+    batched, _ = generate_long(tts, text, batch_size=3, on_chunk=lambda i, a: seen.append((i, len(a))), **kwargs)
+    np.testing.assert_allclose(batched, expected, atol=1e-5)
+    assert seen == [(i, len(p)) for i, p in enumerate(pieces)]
+
+
+def test_generate_long_reuses_the_prompt_for_every_chunk(tts):
+    t = np.arange(int(0.3 * tts.sample_rate)) / tts.sample_rate
+    codes = tts.encode_prompt((0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32))
+    transcript = "[S1] This is my voice."
+    text = "[S1] Hello there. How are you today?"
+    audio, rate = generate_long(
+        tts, text, audio_prompt=codes, audio_prompt_text=transcript, chars_per_second=100.0, progress=False, **GREEDY
+    )
+    pieces = [
+        tts.generate(c, audio_prompt=codes, audio_prompt_text=transcript, progress=False, **GREEDY).audio[0]
+        for c in ["[S1] Hello there.", "[S1] How are you today?"]
+    ]
+    np.testing.assert_allclose(audio, crossfade_join(pieces, rate, 40.0), atol=1e-6)
+
+
+def test_generate_long_progress_bar_and_errors(tts, capsys):
+    text = "[S1] Hello there. How are you today?"
+    generate_long(tts, text, chars_per_second=100.0, progress=True, **GREEDY)
+    assert "2/2" in capsys.readouterr().err
+    generate_long(tts, text, chars_per_second=100.0, progress=False, **GREEDY)
+    assert capsys.readouterr().err == ""
+    with pytest.raises(ValueError, match="without an audio_prompt"):
+        generate_long(tts, text, audio_prompt_text="[S1] hi", **GREEDY)
+    with pytest.raises(ValueError, match="batch_size"):
+        generate_long(tts, text, batch_size=0, **GREEDY)
+    with pytest.raises(ValueError, match="empty"):
+        generate_long(tts, "   ", **GREEDY)
+    with pytest.raises(TypeError, match="decode_audio"):
+        generate_long(tts, text, decode_audio=False, **GREEDY)
+    assert torch.is_tensor(tts.encode_prompt(np.full(1000, 0.1, np.float32)))

@@ -1,0 +1,408 @@
+"""Streaming generation: audio chunks while the decoder is still running.
+
+The decode loop runs in a worker thread; its ``on_step`` hook hands finished delayed positions to
+the caller's thread through a queue. A frame at position ``t`` is final once step
+``t + max_delay`` is done. The caller undelays the frames and decodes them with the codec in
+windows that carry ``left_context_frames`` frames before the chunk and ``lookahead_frames`` after
+it (the codec's receptive field; DAC's convolutions are not causal), so that the joined chunks
+equal the one-shot decode of all frames up to float rounding. Batch 1 only.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from .. import ops
+from ..codec.base import AudioCodec
+from ..text import encode_batch
+from .generate import DecodeOutput, generate_codes
+from .sampling import SamplingConfig
+
+if TYPE_CHECKING:
+    from ..api import DiaTTS
+
+__all__ = ["AudioStream", "StreamStats", "codec_context_frames", "stream_generate"]
+
+_CONTEXT_MARGIN = 2  # frames added to the measured receptive field (transposed-conv edge effects)
+_context_cache: weakref.WeakKeyDictionary[Any, tuple[int, int]] = weakref.WeakKeyDictionary()
+
+
+@torch.inference_mode()
+def codec_context_frames(codec: AudioCodec, device: torch.device | str | None = None) -> tuple[int, int]:
+    """(left, right) frames of context the codec decoder needs around a frame for exact audio.
+
+    Uses ``codec.context_frames`` when the codec declares it; otherwise it is measured once per
+    codec (and cached): decode random codes, change one frame, and see how far the audio changes.
+    A margin of two frames is added to the measurement.
+    """
+    declared = getattr(codec, "context_frames", None)
+    if declared is not None:
+        left, right = declared
+        return int(left), int(right)
+    try:
+        return _context_cache[codec]
+    except (KeyError, TypeError):
+        pass
+    if device is None:
+        params = getattr(codec, "parameters", None)
+        first = next(iter(params()), None) if callable(params) else None
+        device = first.device if first is not None else "cpu"
+    gen = torch.Generator().manual_seed(0)
+    hop, n_cb, size = codec.hop_length, codec.n_codebooks, codec.codebook_size
+    frames = 32
+    while True:
+        codes = torch.randint(0, size, (1, frames, n_cb), generator=gen)
+        mid = frames // 2
+        changed = codes.clone()
+        changed[0, mid] = (codes[0, mid] + 1 + torch.randint(0, size - 1, (n_cb,), generator=gen)) % size
+        a = codec.decode(codes.to(device))[0].float().cpu()
+        b = codec.decode(changed.to(device))[0].float().cpu()
+        diff = (a - b).abs() > 1e-6 * max(float(a.abs().max()), float(b.abs().max()), 1e-12)
+        idx = diff.nonzero().flatten()
+        if idx.numel() == 0:  # the frame has no effect at all: no context needed
+            result = (0, 0)
+            break
+        s0, s1 = int(idx[0]), int(idx[-1])
+        if (s0 > 0 and s1 < frames * hop - 1) or frames >= 1024:
+            reach_left = mid - s0 // hop  # output frames before `mid` that it changes
+            reach_right = s1 // hop - mid
+            # output frame j depends on inputs j - reach_right .. j + reach_left
+            result = (reach_right + _CONTEXT_MARGIN, reach_left + _CONTEXT_MARGIN)
+            break
+        frames *= 2
+    try:
+        _context_cache[codec] = result
+    except TypeError:
+        pass
+    return result
+
+
+@dataclass
+class StreamStats:
+    """Timings of one stream (seconds; wall clock from the :func:`stream_generate` call, after the
+    one-time measurement of the codec's context).
+
+    ``time_to_first_audio_s`` is None until the first chunk has been returned. ``prefill_s``,
+    ``decode_s`` and ``steps`` are filled in when generation finishes.
+    """
+
+    time_to_first_audio_s: float | None = None
+    prefill_s: float | None = None
+    decode_s: float | None = None
+    steps: int = 0
+    codec_s: float = 0.0
+    chunks: int = 0
+    frames: int = 0
+    samples: int = 0
+    total_s: float | None = None
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        return dict(self.__dict__)
+
+
+class _Cancelled(Exception):
+    """Raised inside ``on_step`` to stop the worker after :meth:`AudioStream.close`."""
+
+
+_START, _CODES, _DONE, _ERROR = "start", "codes", "done", "error"
+
+
+def _worker(
+    out_queue: queue.Queue[tuple[str, Any]],
+    cancel: threading.Event,
+    tts: DiaTTS,
+    text: str,
+    kw: dict[str, Any],
+    first_need: int,
+    chunk: int,
+) -> None:
+    """Run the decode loop; send final delayed positions whenever the consumer can use them."""
+    try:
+        device = tts.device
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        kw = dict(kw)
+        prompt = kw.pop("prompt", None)
+        seed = kw.pop("seed", None)
+        sampling = SamplingConfig(
+            cfg_scale=kw.pop("cfg_scale", 3.0),
+            temperature=kw.pop("temperature", 1.2),
+            top_p=kw.pop("top_p", 0.95),
+            cfg_filter_top_k=kw.pop("cfg_filter_top_k", 45),
+            do_sample=kw.pop("do_sample", True),
+        )
+        generator = None if seed is None else torch.Generator(device=device).manual_seed(int(seed))
+        ids, mask = encode_batch([text], tts.config.data.text_length)
+        md = tts.config.data.max_delay
+        prefix: list[int] = []  # the prefix length, learnt from the first step
+        sent = [0]  # first delayed position not yet sent
+        need = [first_need]  # new frames the consumer needs for its next chunk
+
+        def on_step(out: torch.Tensor, p: int) -> None:
+            if cancel.is_set():
+                raise _Cancelled
+            if not prefix:
+                prefix.append(p)
+                sent[0] = p
+                out_queue.put((_START, p))
+            if p - md - prefix[0] + 1 >= need[0]:  # new frames that are final after this step
+                out_queue.put((_CODES, out[0, sent[0] : p + 1].clone()))
+                sent[0] = p + 1
+                need[0] += chunk
+
+        result = generate_codes(
+            tts.model,
+            ids,
+            mask,
+            prompts=None if prompt is None else [prompt],
+            sampling=sampling,
+            generator=generator,
+            progress=kw.pop("progress", False),
+            frame_rate=tts.codec.frame_rate,
+            on_step=on_step,
+            **kw,
+        )
+        out_queue.put((_DONE, result))
+    except _Cancelled:
+        out_queue.put((_DONE, None))
+    except BaseException as exc:  # noqa: BLE001 - handed to the consumer thread, raised there
+        out_queue.put((_ERROR, exc))
+
+
+class AudioStream(Iterator[np.ndarray]):
+    """Iterator of float32 PCM chunks (at ``sample_rate``) for one text; see :func:`stream_generate`.
+
+    Generation starts as soon as the stream is created. ``close()`` (or leaving a ``with`` block,
+    or dropping the iterator) stops the worker thread. Exceptions in generation are raised from
+    ``next()``. Timings are in :attr:`stats`.
+    """
+
+    def __init__(
+        self,
+        tts: DiaTTS,
+        text: str,
+        *,
+        chunk_frames: int,
+        first_chunk_frames: int | None,
+        left_context_frames: int,
+        lookahead_frames: int,
+        generate_kwargs: dict[str, Any],
+        start_time: float | None = None,
+    ) -> None:
+        if chunk_frames < 1:
+            raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
+        if left_context_frames < 0 or lookahead_frames < 0:
+            raise ValueError("left_context_frames and lookahead_frames must be >= 0")
+        self._t0 = time.perf_counter() if start_time is None else start_time
+        self.stats = StreamStats()
+        self.sample_rate = tts.sample_rate
+        self._codec = tts.codec
+        self._device = tts.device
+        data = tts.config.data
+        self._delays = data.delay_pattern
+        self._max_delay = data.max_delay
+        self._eos = data.audio_eos_value
+        self._codebook_size = tts.config.codebook_size
+        self._hop = tts.codec.hop_length
+        self._chunk = chunk_frames
+        self._first = first_chunk_frames or chunk_frames
+        self._left = left_context_frames
+        self._ahead = lookahead_frames
+
+        self._queue: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._cancel = threading.Event()
+        self._delayed: list[torch.Tensor] = []  # delayed positions [prefix, ...) of item 0, in arrival order
+        self._positions = 0  # delayed positions received
+        self._prefix: int | None = None
+        self._total: int | None = None  # number of new frames, once known (EOS seen or generation done)
+        self._emitted = 0  # frames whose audio has been returned
+        self._closed = False
+        self._finished = False
+        # the worker holds no reference to the stream, so dropping the stream can stop it
+        self._thread = threading.Thread(
+            target=_worker,
+            args=(self._queue, self._cancel, tts, text, generate_kwargs, self._first + self._ahead, self._chunk),
+            name="dia_fast-stream",
+            daemon=True,
+        )
+        self._thread.start()
+
+    # ------------------------------------------------------------------------------ consumer side
+    def __iter__(self) -> AudioStream:
+        return self
+
+    def __next__(self) -> np.ndarray:
+        if self._closed:
+            raise StopIteration
+        while True:
+            chunk = self._try_emit()
+            if chunk is not None:
+                return chunk
+            if self._finished:
+                self.stats.total_s = time.perf_counter() - self._t0
+                self._join()
+                raise StopIteration
+            self._receive(self._queue.get())
+
+    def _receive(self, item: tuple[str, Any]) -> None:
+        kind, payload = item
+        if kind == _ERROR:
+            self._finished = True
+            self._closed = True
+            self._join()
+            raise payload
+        if kind == _DONE:
+            self._finish(payload)
+            return
+        if kind == _START:
+            self._prefix = payload
+            return
+        codes = payload
+        self._delayed.append(codes)
+        self._positions += codes.shape[0]
+        if self._total is None:
+            # channel 0 has no delay: its EOS marks the end of the audio
+            hits = (codes[:, 0] == self._eos).nonzero()
+            if hits.numel():
+                self._total = self._positions - codes.shape[0] + int(hits[0, 0])
+
+    def _finish(self, result: DecodeOutput | None) -> None:
+        self._finished = True
+        if result is None:
+            return
+        self.stats.prefill_s = result.prefill_seconds
+        self.stats.decode_s = result.decode_seconds
+        self.stats.steps = result.steps
+        P0 = result.prefix_length
+        rest = result.delayed[0, P0 + self._positions :]
+        if rest.shape[0]:
+            self._delayed.append(rest)
+            self._positions += rest.shape[0]
+        self._total = max(int(result.eos_pos[0]) - P0, 0)
+
+    def _ready(self) -> int:
+        """New frames whose codes are final."""
+        n = max(self._positions - self._max_delay, 0)
+        return n if self._total is None else min(n, self._total)
+
+    def _try_emit(self) -> np.ndarray | None:
+        ready = self._ready()
+        if self._total is not None and (self._finished or self._positions >= self._total + self._max_delay):
+            end = self._total  # the last window ends where the one-shot decode ends
+            if end <= self._emitted:
+                return None
+            stop = end
+        else:
+            size = self._first if self._emitted == 0 else self._chunk
+            if ready - self._ahead - self._emitted < size:
+                return None
+            end = self._emitted + size
+            stop = end + self._ahead
+        start = max(self._emitted - self._left, 0)
+        return self._decode(start, self._emitted, end, stop)
+
+    def _decode(self, start: int, emit_from: int, emit_to: int, stop: int) -> np.ndarray:
+        t = time.perf_counter()
+        delayed = torch.cat(self._delayed) if len(self._delayed) > 1 else self._delayed[0]
+        self._delayed = [delayed]
+        window = delayed[start : stop + self._max_delay][None]
+        codes = ops.undelay_codes(window, self._delays, self._codebook_size)[0, : stop - start]
+        with torch.inference_mode():
+            wav = self._codec.decode(codes[None].to(self._device))[0]
+        a = (emit_from - start) * self._hop
+        pcm = wav[a : a + (emit_to - emit_from) * self._hop].float().cpu().numpy()
+        self._emitted = emit_to
+        now = time.perf_counter()
+        st = self.stats
+        st.codec_s += now - t
+        st.chunks += 1
+        st.frames = emit_to
+        st.samples += int(pcm.shape[0])
+        if st.time_to_first_audio_s is None:
+            st.time_to_first_audio_s = now - self._t0
+        return pcm
+
+    # ------------------------------------------------------------------------------ lifecycle
+    def _join(self) -> None:
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def close(self) -> None:
+        """Stop generation (at the next decode step) and wait for the worker thread to end."""
+        if self._closed:
+            return
+        self._closed = True
+        self._cancel.set()
+        self._join()
+
+    def __enter__(self) -> AudioStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+def stream_generate(
+    tts: DiaTTS,
+    text: str,
+    *,
+    chunk_frames: int = 43,
+    left_context_frames: int | None = None,
+    lookahead_frames: int | None = None,
+    first_chunk_frames: int | None = None,
+    audio_prompt: Any = None,
+    audio_prompt_text: str | None = None,
+    **generate_kwargs: Any,
+) -> AudioStream:
+    """Speak ``text`` as a stream of float32 PCM chunks (batch 1).
+
+    ``chunk_frames`` codec frames per chunk (43 ≈ 0.5 s with DAC), ``first_chunk_frames`` for the
+    first one (smaller = earlier first audio). ``left_context_frames`` / ``lookahead_frames``: codec
+    frames decoded before / after each chunk so that its audio is exact; by default the codec's
+    receptive field (:func:`codec_context_frames`). A chunk is ready once its frames plus the
+    lookahead are final, i.e. ``max_delay`` decode steps after the last of them was sampled.
+
+    ``audio_prompt`` / ``audio_prompt_text``: voice cloning, as in :meth:`DiaTTS.generate` (the prompt
+    is encoded before the stream starts; its audio is not streamed). ``generate_kwargs``:
+    ``max_new_tokens``, ``cfg_scale``, ``temperature``, ``top_p``, ``cfg_filter_top_k``,
+    ``do_sample``, ``seed``, and the other keywords of
+    :func:`~dia_fast.generation.generate.generate_codes` (e.g. ``cuda_graphs``).
+    Time to first audio and the generation timings are in the returned stream's ``stats``.
+    """
+    if not isinstance(text, str):
+        raise TypeError("streaming takes one text (batch 1)")
+    if isinstance(audio_prompt, (list, tuple)):
+        raise TypeError("streaming takes one audio prompt (batch 1)")
+    if left_context_frames is None or lookahead_frames is None:  # measured once per codec, then cached
+        left, right = codec_context_frames(tts.codec, tts.device)
+        left_context_frames = left if left_context_frames is None else left_context_frames
+        lookahead_frames = right if lookahead_frames is None else lookahead_frames
+    t0 = time.perf_counter()  # time to first audio counts from here (prompt encoding included)
+    prompts, texts = tts._prepare_prompts([text], audio_prompt, audio_prompt_text)
+    if prompts is not None:
+        generate_kwargs["prompt"] = prompts[0]
+    return AudioStream(
+        tts,
+        texts[0],
+        start_time=t0,
+        chunk_frames=chunk_frames,
+        first_chunk_frames=first_chunk_frames,
+        left_context_frames=left_context_frames,
+        lookahead_frames=lookahead_frames,
+        generate_kwargs=generate_kwargs,
+    )

@@ -1,0 +1,149 @@
+"""Streaming: the joined chunks equal the one-shot audio; early close, errors, EOS, prompts."""
+
+from __future__ import annotations
+
+import gc
+import threading
+
+import numpy as np
+import pytest
+import torch
+from dia_fast.api import DiaTTS
+from dia_fast.generation.stream import codec_context_frames, stream_generate
+
+TEXT = "[S1] Hello there, this is a streaming test. [S2] Nice."
+GREEDY = dict(do_sample=False, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tts() -> DiaTTS:
+    return DiaTTS.random("tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def one_shot(tts: DiaTTS) -> np.ndarray:
+    audio = tts.generate(TEXT, max_new_tokens=60, **GREEDY).audio[0]
+    assert audio.shape[0] == 44 * tts.codec.hop_length  # 60 - 16 frames
+    return audio
+
+
+def _stream_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "dia_fast-stream"]
+
+
+def _close_to(joined: np.ndarray, ref: np.ndarray) -> None:
+    assert joined.dtype == np.float32
+    assert joined.shape == ref.shape
+    scale = float(np.abs(ref).max())
+    assert scale > 1e-3  # the reference is not silence
+    np.testing.assert_allclose(joined, ref, rtol=0, atol=1e-5 * scale)
+
+
+# 44 frames: with 43-frame chunks the lookahead is only there at the end, so one chunk holds all
+@pytest.mark.parametrize(("chunk", "first", "first_size"), [(7, 5, 5), (43, None, 44), (1, None, 1)])
+def test_joined_stream_equals_one_shot(tts, one_shot, chunk, first, first_size):
+    stream = stream_generate(tts, TEXT, chunk_frames=chunk, first_chunk_frames=first, max_new_tokens=60, **GREEDY)
+    chunks = list(stream)
+    hop = tts.codec.hop_length
+    sizes = [c.shape[0] // hop for c in chunks]
+    assert all(c.shape[0] % hop == 0 for c in chunks)
+    assert sizes[0] == first_size
+    assert all(s == chunk for s in sizes[1:-1])
+    _close_to(np.concatenate(chunks), one_shot)
+    st = stream.stats
+    assert st.frames == 44 and st.samples == one_shot.shape[0] and st.chunks == len(chunks)
+    assert 0 < st.time_to_first_audio_s <= st.total_s
+    assert st.steps == 60 and st.prefill_s > 0 and st.decode_s > 0
+    assert not _stream_threads()
+
+
+def test_context_is_needed(tts, one_shot):
+    """Without the codec's context the chunk edges are wrong: the equality above is not vacuous."""
+    left, right = codec_context_frames(tts.codec)
+    assert left > 0 and right > 0
+    stream = stream_generate(
+        tts, TEXT, chunk_frames=7, left_context_frames=0, lookahead_frames=0, max_new_tokens=60, **GREEDY
+    )
+    joined = np.concatenate(list(stream))
+    assert joined.shape == one_shot.shape
+    assert np.abs(joined - one_shot).max() > 1e-2 * np.abs(one_shot).max()
+
+
+def test_first_chunk_before_generation_ends(tts):
+    """The first chunk comes out while the decoder is still running (a long generation)."""
+    stream = stream_generate(tts, TEXT, chunk_frames=8, max_new_tokens=400, **GREEDY)
+    first = next(stream)
+    assert first.shape[0] == 8 * tts.codec.hop_length
+    assert stream.stats.steps == 0  # generation has not finished
+    stream.close()
+
+
+def test_early_close_stops_generation(tts):
+    stream = stream_generate(tts, TEXT, chunk_frames=4, max_new_tokens=800, **GREEDY)
+    next(stream)
+    stream.close()
+    assert not stream._thread.is_alive()
+    assert not _stream_threads()
+    with pytest.raises(StopIteration):
+        next(stream)
+    assert stream.stats.steps == 0  # stopped before the end: the decode loop never finished
+
+    with stream_generate(tts, TEXT, chunk_frames=4, max_new_tokens=800, **GREEDY) as s2:
+        next(s2)
+    assert not _stream_threads()
+
+
+def test_dropped_stream_stops_its_thread(tts):
+    stream = stream_generate(tts, TEXT, chunk_frames=4, max_new_tokens=800, **GREEDY)
+    next(stream)
+    thread = stream._thread
+    del stream
+    gc.collect()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+
+
+def test_errors_propagate(tts):
+    stream = stream_generate(tts, TEXT, max_new_tokens=5, **GREEDY)  # too few steps for one frame
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        next(stream)
+    assert not _stream_threads()
+    with pytest.raises(TypeError):
+        stream_generate(tts, [TEXT, TEXT])
+
+
+def test_natural_eos_mid_stream():
+    """Channel 0's EOS made to win mid-way: the stream stops there and still equals the one-shot audio."""
+    tts = DiaTTS.random("tiny", seed=0)
+    plain = tts.generate(TEXT, max_new_tokens=120, **GREEDY).delayed[0, 1:, 0]
+    candidates = [(int((plain == t).nonzero()[0]), t) for t in torch.unique(plain).tolist() if t < 1024]
+    first, token = min((f, t) for f, t in candidates if 20 < f < 70)
+    with torch.no_grad():
+        w = tts.model.decoder.logits_dense.weight
+        w[1024] = 1.05 * w[token]  # channel 0's EOS row
+    ref = tts.generate(TEXT, max_new_tokens=120, **GREEDY)
+    n = ref.codes[0].shape[0]
+    assert 0 < n < 120 - 16  # stopped on its own
+    stream = stream_generate(tts, TEXT, chunk_frames=6, max_new_tokens=120, **GREEDY)
+    _close_to(np.concatenate(list(stream)), ref.audio[0])
+    assert stream.stats.frames == n
+
+
+def test_audio_prompt_codes(tts):
+    prompt = torch.randint(0, 1024, (12, 9), generator=torch.Generator().manual_seed(1))
+    kw = dict(audio_prompt=prompt, audio_prompt_text="[S1] A prompt.", max_new_tokens=50, **GREEDY)
+    ref = tts.generate(TEXT, **kw).audio[0]
+    stream = stream_generate(tts, TEXT, chunk_frames=9, **kw)
+    _close_to(np.concatenate(list(stream)), ref)
+
+
+def test_declared_context_is_used(tts):
+    class Declared:
+        def __init__(self, codec):
+            self._codec = codec
+            self.context_frames = (3, 4)
+
+        def __getattr__(self, name):
+            return getattr(self._codec, name)
+
+    assert codec_context_frames(Declared(tts.codec)) == (3, 4)

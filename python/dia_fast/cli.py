@@ -88,8 +88,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError("--prompt-text needs --prompt-wav (the audio it transcribes)")
     if args.prompt_wav and args.speaker_file:
         raise UsageError("use either --prompt-wav or --speaker-file, not both")
-    if args.save_speaker and not args.prompt_wav:
-        raise UsageError("--save-speaker needs --prompt-wav (the voice to save)")
+    if args.save_speaker and not (args.prompt_wav and args.prompt_text):
+        raise UsageError("--save-speaker needs --prompt-wav and --prompt-text (the voice to save and its transcript)")
     if args.prompt_wav is not None and not args.prompt_wav.is_file():
         raise UsageError(f"prompt audio not found: {args.prompt_wav}")
     if args.speaker_file is not None and not args.speaker_file.is_file():
@@ -131,21 +131,22 @@ def demo_max_new_tokens(text: str, frame_rate: float, max_delay: int, budget: in
 
 
 def _voice(args: argparse.Namespace, tts) -> tuple[Any, str | None]:
-    """(audio prompt or None, transcript or None) from --prompt-wav / --speaker-file."""
+    """(audio prompt codes or None, transcript or None) from --prompt-wav / --speaker-file."""
     if args.speaker_file is not None:
         from .voice import CustomSpeaker
 
-        speaker = CustomSpeaker.load(args.speaker_file, codec=tts.codec)
-        return speaker.codes, speaker.transcript
+        speaker = CustomSpeaker.load(args.speaker_file, pool=tts)
+        return speaker.codes, speaker.tagged_transcript(0)
     if args.prompt_wav is None:
         return None, None
-    codes = tts.encode_prompt(args.prompt_wav)
     if args.save_speaker is not None:
         from .voice import CustomSpeaker
 
-        CustomSpeaker.from_codes(codes, args.prompt_text or "", tts.codec).save(args.save_speaker)
+        speaker = CustomSpeaker.from_audio(args.prompt_wav, args.prompt_text, tts)
+        speaker.save(args.save_speaker)
         _log(args, f"dia_fast: saved the voice to {args.save_speaker}")
-    return codes, args.prompt_text
+        return speaker.codes, speaker.tagged_transcript(0)
+    return tts.encode_prompt(args.prompt_wav), args.prompt_text
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -155,6 +156,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from . import audio
 
     text = _read_text(args)
+    if not text.strip():
+        raise UsageError("text is empty: give at least one character to speak")
     _check_args(args)
     t0 = time.perf_counter()
     tts = _load_tts(args)

@@ -1,0 +1,138 @@
+"""``python -m dia_fast``: the demo run, checkpoints, voice cloning and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from dia_fast.cli import demo_max_new_tokens, main
+
+FAST = ["--max-new-tokens", "40", "--no-progress", "--seed", "0"]
+
+
+def _run(capsys, *args: str) -> tuple[int, str, str]:
+    rc = main([*args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_demo_writes_a_real_wav(tmp_path, capsys):
+    out = tmp_path / "hello.wav"
+    rc, stdout, err = _run(capsys, "[S1] Hello there. [S2] Hi!", "--out", str(out), "--json", *FAST)
+    assert rc == 0, err
+    assert "random-weight" in err  # the demo says what it is
+    data, rate = sf.read(out, dtype="float32")
+    info = sf.info(out)
+    assert rate == 44100 and info.subtype == "PCM_16" and data.ndim == 1
+    assert data.shape[0] == (40 - 16) * 512  # max_new_tokens - 16 frames of 512 samples
+    assert np.isfinite(data).all() and np.abs(data).max() > 0
+    summary = json.loads(stdout)
+    assert summary["out"] == str(out) and summary["demo_model"] and summary["sample_rate"] == 44100
+
+
+def test_loudness_sample_rate_and_float_output(tmp_path, capsys):
+    from dia_fast.audio import integrated_loudness
+
+    out = tmp_path / "x.wav"
+    longer = ["--max-new-tokens", "80", "--no-progress", "--seed", "0"]  # > 400 ms: the loudness gate applies
+    rc, _, err = _run(capsys, "[S1] Loud enough.", "--out", str(out), "--loudness", "-20", "--float", *longer)
+    assert rc == 0, err
+    data, rate = sf.read(out, dtype="float32")
+    assert sf.info(out).subtype == "FLOAT"
+    assert np.abs(data).max() <= 10 ** (-1 / 20) + 1e-6  # the peak ceiling holds
+    level = integrated_loudness(data, rate)
+    assert level <= -20 + 0.5  # at the target, or below it when the peak ceiling limited the gain
+    rc, _, err = _run(capsys, "[S1] Resampled.", "--out", str(out), "--sample-rate", "16000", "--no-loudness", *FAST)
+    assert rc == 0, err
+    data, rate = sf.read(out)
+    assert rate == 16000 and abs(data.shape[0] - 24 * 512 * 16000 / 44100) <= 2
+
+
+def test_default_length_of_the_demo_follows_the_text(tmp_path, capsys):
+    out = tmp_path / "d.wav"
+    rc, _, err = _run(capsys, "[S1] Short.", "--out", str(out), "--no-progress", "--greedy", "-q")
+    assert rc == 0, err
+    assert err == ""  # --quiet
+    seconds = sf.info(out).duration
+    # at most ~11 characters at 14 characters per second + 1 s (the random model may stop earlier)
+    assert 0 < seconds <= len("[S1] Short.") / 14 + 1 + 1 / 86
+    assert demo_max_new_tokens("x" * 140, 86.0, 15, 3071) == 11 * 86 + 16
+    assert demo_max_new_tokens("x" * 100000, 86.0, 15, 3071) == 3071  # capped by the audio budget
+
+
+def test_checkpoint_directory_with_its_codec(tmp_path, capsys):
+    from dia_fast import DiaTTS
+
+    tts = DiaTTS.random("tiny", seed=2)
+    tts.save_pretrained(tmp_path / "ckpt", layout="official")
+    tts.codec.save_pretrained(tmp_path / "ckpt" / "dac")
+    out = tmp_path / "c.wav"
+    rc, _, err = _run(capsys, "[S1] From a checkpoint.", "--model", str(tmp_path / "ckpt"), "--out", str(out), *FAST)
+    assert rc == 0, err
+    assert "random-weight" not in err and "demonstration" not in err
+    assert sf.info(out).frames == 24 * 512
+
+
+def _voice_file(path: Path) -> Path:
+    t = np.arange(int(48000 * 0.8)) / 48000
+    stereo = np.stack([0.3 * np.sin(2 * np.pi * 150 * t), 0.3 * np.sin(2 * np.pi * 220 * t)], 1)
+    sf.write(path, stereo.astype(np.float32), 48000)
+    return path
+
+
+def test_voice_cloning_and_saved_speaker_give_the_same_audio(tmp_path, capsys):
+    voice = _voice_file(tmp_path / "voice.wav")
+    common = ["--greedy", "--no-loudness", *FAST]
+    a, b = tmp_path / "a.wav", tmp_path / "b.wav"
+    spk = tmp_path / "voice.safetensors"
+    rc, _, err = _run(
+        capsys, "[S1] New words.", "--prompt-wav", str(voice), "--prompt-text", "[S1] The prompt.",
+        "--save-speaker", str(spk), "--out", str(a), *common,
+    )  # fmt: skip
+    assert rc == 0, err
+    assert spk.is_file()
+    rc, _, err = _run(capsys, "[S1] New words.", "--speaker-file", str(spk), "--out", str(b), *common)
+    assert rc == 0, err
+    assert np.array_equal(sf.read(a)[0], sf.read(b)[0])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([""], "text is empty"),
+        ([], "no text given"),
+        (["[S1] hi", "--prompt-wav", "missing.wav"], "prompt audio not found"),
+        (["[S1] hi", "--prompt-text", "[S1] x"], "--prompt-text needs --prompt-wav"),
+        (["[S1] hi", "--loudness", "5"], "--loudness must be between"),
+        (["[S1] hi", "--model", "no/such/dir/anywhere"], "checkpoint not found"),
+        (["[S1] hi", "--max-new-tokens", "5"], "max_new_tokens=5 is too small"),
+        (["[S1] hi", "--out", "/no/such/dir/x.wav"], "output directory does not exist"),
+        (["[S1] hi", "--temperature", "-1"], "temperature"),
+    ],
+)
+def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = _run(capsys, *args, "--no-progress")
+    assert rc == 2
+    lines = [line for line in err.splitlines() if line.startswith("dia_fast: error:")]
+    assert len(lines) == 1 and message in lines[0], err
+    assert not list(tmp_path.glob("*.wav"))  # nothing half-written
+
+
+def test_python_dash_m_entry_point(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "python"), *sys.path])}
+    out = tmp_path / "m.wav"
+    proc = subprocess.run(
+        [sys.executable, "-m", "dia_fast", "[S1] Hi.", "--out", str(out), *FAST],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert sf.info(out).samplerate == 44100
+    bad = subprocess.run([sys.executable, "-m", "dia_fast", ""], capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("dia_fast: error: text is empty")

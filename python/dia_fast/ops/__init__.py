@@ -96,6 +96,9 @@ register("cfg_sample", "triton", "dia_fast.ops.triton_sampling:cfg_sample")
 # C++ CPU kernels: registered where they measured faster than the reference (benchmarks/RESULTS.md)
 for _op in ("apply_delay", "revert_delay", "undelay_codes", "cfg_sample"):
     register(_op, "cpp", f"dia_fast.ops.cpp:{_op}")
+# Metal kernels (kernels/*.metal), compiled at run time on Apple GPUs
+for _op in ("apply_delay", "revert_delay", "undelay_codes", "decode_attention", "cfg_sample"):
+    register(_op, "metal", f"dia_fast.ops.metal:{_op}")
 
 
 # --- public API -----------------------------------------------------------------------------

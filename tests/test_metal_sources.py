@@ -1,0 +1,253 @@
+"""The Metal backend on any platform: shader sources parsed and checked against the Python side,
+dispatch wiring, argument checking; plus ``@pytest.mark.mps`` tests that run the kernels on an
+Apple GPU (skipped elsewhere)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from dia_fast import ops
+from dia_fast.ops import metal, reference
+
+ROOT = Path(__file__).resolve().parents[1]
+DIA_DELAYS = [0, 8, 9, 10, 11, 12, 13, 14, 15]
+
+
+def _strip_comments(src: str) -> str:
+    src = re.sub(r"/\*.*?\*/", "", src, flags=re.S)
+    return re.sub(r"//[^\n]*", "", src)
+
+
+def _split_top(params: str) -> list[str]:
+    out, depth, cur = [], 0, ""
+    for ch in params:
+        if ch in "([":
+            depth += 1
+        elif ch in ")]":
+            depth -= 1
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    if cur.strip():
+        out.append(cur)
+    return [p.strip() for p in out]
+
+
+def parse_kernels(src: str) -> dict[str, dict]:
+    """{kernel name: {"args": [(type, name, buffer index)], "builtins": [(attribute, name)]}}."""
+    src = _strip_comments(src)
+    kernels = {}
+    for m in re.finditer(r"\bkernel\s+void\s+(\w+)\s*\(", src):
+        depth, i = 1, m.end()
+        while depth:
+            depth += {"(": 1, ")": -1}.get(src[i], 0)
+            i += 1
+        args, builtins = [], []
+        for p in _split_top(src[m.end() : i - 1]):
+            attr = re.search(r"\[\[\s*([^\]]+?)\s*\]\]\s*$", p)
+            assert attr, f"{m.group(1)}: parameter without an attribute: {p!r}"
+            decl = " ".join(p[: attr.start()].replace("*", "* ").replace("&", "& ").split())
+            decl = decl.replace(" *", "*").replace(" &", "&")
+            ctype, name = decl.rsplit(" ", 1)
+            buf = re.fullmatch(r"buffer\((\d+)\)", attr.group(1))
+            if buf:
+                args.append((ctype, name, int(buf.group(1))))
+            else:
+                builtins.append((attr.group(1), name))
+        kernels[m.group(1)] = {"args": args, "builtins": builtins}
+    return kernels
+
+
+def _defines(src: str) -> dict[str, int]:
+    return {k: int(v) for k, v in re.findall(r"#define\s+(\w+)\s+(\d+)\s*$", src, flags=re.M)}
+
+
+@pytest.fixture(scope="module")
+def source() -> str:
+    return metal.load_sources()
+
+
+def test_sources_found_in_tree_and_listed():
+    assert metal.kernel_dir() == ROOT / "kernels"
+    assert sorted(p.name for p in (ROOT / "kernels").glob("*.metal")) == sorted(metal.SOURCES)
+
+
+def test_kernel_names_and_argument_lists_match_python(source):
+    parsed = parse_kernels(source)
+    assert set(parsed) == set(metal.SIGNATURES)
+    for name, sig in metal.SIGNATURES.items():
+        got = parsed[name]
+        assert [(t, n) for t, n, _ in got["args"]] == [tuple(a) for a in sig["args"]], name
+        # buffer(i) is the i-th argument of the Python call: indices must be 0, 1, 2, ... in order
+        assert [i for _, _, i in got["args"]] == list(range(len(sig["args"]))), name
+        assert got["builtins"] == [tuple(b) for b in sig["builtins"]], name
+        for ctype, _ in sig["args"]:
+            if ctype.startswith("device"):
+                assert ctype.rstrip("*").split()[-1] in metal.BUFFER_DTYPES
+            else:
+                assert ctype in ("constant long&", "constant float&")
+
+
+def test_defines_match_python(source):
+    defs = _defines(source)
+    for name, sig in metal.SIGNATURES.items():
+        for key, value in sig.get("defines", {}).items():
+            assert defs[key] == value, (name, key)
+        if "group_size" in sig:
+            group_key = next(k for k in sig.get("defines", {}) if k.endswith("_GROUP"))
+            assert sig["group_size"] == defs[group_key]
+            assert defs[group_key] & (defs[group_key] - 1) == 0  # tree reductions need a power of two
+
+
+def test_sources_are_balanced_and_self_contained(source):
+    code = _strip_comments(source)
+    assert code.count("{") == code.count("}") and code.count("(") == code.count(")")
+    assert set(re.findall(r"#include\s*<([^>]+)>", code)) == {"metal_stdlib"}
+
+
+class _FakeLibrary:
+    """Stands in for torch.mps.compile_shader's library: records every launch."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple, dict]] = []
+
+    def __getattr__(self, name: str):
+        def kernel(*args, **kwargs):
+            self.calls.append((name, args, kwargs))
+
+        return kernel
+
+
+@pytest.fixture
+def fake_lib(monkeypatch):
+    lib = _FakeLibrary()
+    monkeypatch.setattr(metal, "_library", lambda: lib)
+    return lib
+
+
+def test_wrappers_launch_with_the_declared_arguments(fake_lib):
+    codes = torch.randint(0, 1024, (2, 20, 9))
+    metal.apply_delay(codes, DIA_DELAYS, 1026, 1025)
+    metal.revert_delay(codes, DIA_DELAYS)
+    metal.undelay_codes(codes, DIA_DELAYS, 1024)
+    q = torch.randn(2, 8, 1, 64).half()
+    kc = torch.randn(2, 2, 33, 64).half()
+    metal.decode_attention(q, kc, kc.clone(), scale=0.125, kv_len=torch.tensor([5, 33]))
+    cond = torch.randn(2, 9, 1028)
+    metal.cfg_sample(cond, cond.clone(), do_sample=True)
+    metal.cfg_sample(cond, cond.clone(), do_sample=False)
+    names = [c[0] for c in fake_lib.calls]
+    assert names == [
+        "dia_apply_delay",
+        "dia_revert_delay",
+        "dia_undelay_codes",
+        "dia_decode_attention_f16",
+        "dia_cfg_sample_f32",
+        "dia_cfg_sample_f32",
+    ]
+    by_name = {c[0]: c for c in fake_lib.calls}
+    _, args, kw = by_name["dia_apply_delay"]
+    assert kw == {"threads": 2 * 20 * 9} and args[3:] == (2 * 20 * 9, 20, 9, 1026, 1025)
+    _, args, kw = by_name["dia_undelay_codes"]
+    assert kw == {"threads": 2 * 5 * 9} and args[3:] == (2 * 5 * 9, 20, 9, 5, 1024)
+    assert tuple(args[1].shape) == (2, 5, 9)
+    _, args, kw = by_name["dia_decode_attention_f16"]
+    assert kw == {"threads": 2 * 8 * metal.ATTN_GROUP, "group_size": metal.ATTN_GROUP}
+    assert args[5:] == (8, 2, 33, 64, 0.125)
+    assert args[3].tolist()[0] == [1] * 5 + [0] * 28  # kv_len folded into the uchar mask
+    _, args, kw = fake_lib.calls[-1]
+    assert kw == {"threads": 2 * 9 * metal.SAMPLE_GROUP, "group_size": metal.SAMPLE_GROUP}
+    assert args[4:9] == (9, 1028, 45, 1024, 1)  # greedy flag set
+    assert fake_lib.calls[-2][1][8] == 0
+
+
+def test_wrappers_fall_back_outside_kernel_coverage(fake_lib):
+    q = torch.randn(1, 4, 1, 16)  # float32: the kernel is f16 only
+    kc = torch.randn(1, 2, 7, 16)
+    out = metal.decode_attention(q, kc, kc, scale=0.25)
+    torch.testing.assert_close(out, reference.decode_attention(q, kc, kc, scale=0.25))
+    codes = torch.randint(0, 9, (1, 4, 3), dtype=torch.int32)
+    assert torch.equal(metal.revert_delay(codes, [0, 1, 2]), reference.revert_delay(codes, [0, 1, 2]))
+    big = torch.randn(1, 2, metal.SAMPLE_MAX_VOCAB + 1)
+    assert metal.cfg_sample(big, big, eos_id=5, do_sample=False).shape == (1, 2)
+    assert fake_lib.calls == []
+
+
+def test_launch_rejects_mismatched_arguments(fake_lib):
+    codes = torch.zeros(1, 2, 3, dtype=torch.int64)
+    d = torch.zeros(3, dtype=torch.int64)
+    with pytest.raises(TypeError, match="takes 6 arguments"):
+        metal._launch("dia_revert_delay", codes, codes, d, 6, 2, threads=6)
+    with pytest.raises(TypeError, match="torch.int64"):
+        metal._launch("dia_revert_delay", codes.int(), codes, d, 6, 2, 3, threads=6)
+    with pytest.raises(TypeError, match="Python int"):
+        metal._launch("dia_revert_delay", codes, codes, d, 6.0, 2, 3, threads=6)
+    with pytest.raises(TypeError, match="Python float"):
+        h = torch.zeros(1, dtype=torch.float16)
+        m = torch.zeros(1, dtype=torch.uint8)
+        metal._launch("dia_decode_attention_f16", h, h, h, m, h, 1, 1, 1, 1, 1, threads=1)
+    assert fake_lib.calls == []
+
+
+def test_dispatch_registers_metal_and_reports_why_not():
+    for op in ("apply_delay", "revert_delay", "undelay_codes", "decode_attention", "cfg_sample"):
+        assert "metal" in ops._dispatch._REGISTRY[op]
+    ok, why = ops.backend_available("metal", "mps")
+    if not torch.backends.mps.is_available():
+        assert not ok and "Apple GPU" in why
+        assert ops.select_backend("decode_attention", "mps") == "torch"
+    assert ops.backend_available("metal", "cpu")[0] is False
+
+
+# --- on an Apple GPU ----------------------------------------------------------------------------
+
+
+@pytest.mark.mps
+def test_mps_compiles_and_selects_metal():
+    assert metal.available() == (True, "Metal kernels compiled")
+    assert ops.select_backend("cfg_sample", "mps") == "metal"
+
+
+@pytest.mark.mps
+@pytest.mark.parametrize("shape", [(1, 1, 9), (2, 37, 9), (3, 130, 4)])
+def test_mps_delay_ops(shape):
+    codes = torch.randint(-2, 1030, shape)
+    pattern = DIA_DELAYS if shape[2] == 9 else [0, 3, 1, 2]
+    dev = codes.to("mps")
+    assert torch.equal(metal.apply_delay(dev, pattern, 7, 8).cpu(), reference.apply_delay(codes, pattern, 7, 8))
+    assert torch.equal(metal.revert_delay(dev, pattern).cpu(), reference.revert_delay(codes, pattern))
+    assert torch.equal(metal.undelay_codes(dev, pattern, 1024).cpu(), reference.undelay_codes(codes, pattern, 1024))
+
+
+@pytest.mark.mps
+@pytest.mark.parametrize("B,Hq,Hkv,L,D", [(1, 4, 4, 1, 64), (2, 8, 2, 1500, 128), (1, 16, 4, 3000, 128)])
+def test_mps_decode_attention(B, Hq, Hkv, L, D):
+    q = torch.randn(B, Hq, 1, D)
+    k = torch.randn(B, Hkv, L, D)
+    v = torch.randn(B, Hkv, L, D)
+    kv_len = torch.randint(1, L + 1, (B,))
+    want = reference.decode_attention(q, k, v, scale=D**-0.5, kv_len=kv_len)
+    got = metal.decode_attention(
+        q.half().to("mps"), k.half().to("mps"), v.half().to("mps"), scale=D**-0.5, kv_len=kv_len.to("mps")
+    )
+    torch.testing.assert_close(got.float().cpu(), want, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.mps
+def test_mps_cfg_sample_greedy_and_support():
+    cond = torch.randn(3, 9, 1028) * 3
+    uncond = torch.randn(3, 9, 1028) * 3
+    want = reference.cfg_sample(cond, uncond, do_sample=False)
+    got = metal.cfg_sample(cond.to("mps"), uncond.to("mps"), do_sample=False).cpu()
+    assert torch.equal(got, want)
+    gen = torch.Generator(device="mps").manual_seed(0)
+    codes = metal.cfg_sample(cond.to("mps"), uncond.to("mps"), generator=gen).cpu()
+    logits = reference.filter_cfg_logits(cond, uncond, cfg_scale=3.0, top_k=45, eos_id=1024)
+    probs = reference.top_p_filter(logits / 1.2, 0.95).softmax(-1)
+    assert bool((probs.gather(-1, codes[..., None]) > 0).all())

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from dia_fast import ops
 from dia_fast.ops import metal, reference
 

@@ -1,0 +1,82 @@
+"""DiaTTS.generate: results, seeds, batching, dtypes and argument errors (tiny random model)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from dia_fast import DiaTTS
+
+
+@pytest.fixture(scope="module")
+def tts():
+    return DiaTTS.random("tiny", seed=0)
+
+
+def test_result_holds_clean_codes_and_matching_audio(tts):
+    res = tts.generate(["[S1] One.", "[S2] Two, a bit longer."], max_new_tokens=48, seed=1)
+    assert len(res.codes) == len(res.audio) == 2 and res.sample_rate == 44100
+    for codes, audio in zip(res.codes, res.audio, strict=True):
+        assert codes.dtype == torch.long and codes.ndim == 2 and codes.shape[1] == 9
+        assert codes.numel() == 0 or (int(codes.min()) >= 0 and int(codes.max()) < 1024)  # BOS/EOS/PAD removed
+        assert audio.dtype == np.float32 and audio.shape == (codes.shape[0] * 512,)
+        assert np.isfinite(audio).all()
+    assert res.delayed.shape[0] == 2 and res.stats["steps"] > 0
+    assert res.durations == [a.size / 44100 for a in res.audio]
+
+
+def test_seed_makes_sampling_reproducible(tts):
+    a = tts.generate("[S1] Same seed.", max_new_tokens=40, seed=7, decode_audio=False)
+    b = tts.generate("[S1] Same seed.", max_new_tokens=40, seed=7, decode_audio=False)
+    c = tts.generate("[S1] Same seed.", max_new_tokens=40, seed=8, decode_audio=False)
+    assert torch.equal(a.delayed, b.delayed)
+    assert not torch.equal(a.delayed, c.delayed)
+
+
+def test_batched_greedy_equals_one_by_one(tts):
+    texts = ["[S1] First.", "[S2] The second text is longer than the first one."]
+    batch = tts.generate(texts, max_new_tokens=40, do_sample=False, decode_audio=False)
+    for i, text in enumerate(texts):
+        one = tts.generate(text, max_new_tokens=40, do_sample=False, decode_audio=False)
+        assert torch.equal(batch.codes[i], one.codes[0])
+
+
+def test_no_cfg_runs_without_unconditional_rows(tts):
+    res = tts.generate("[S1] No guidance.", max_new_tokens=32, cfg_scale=0.0, do_sample=False)
+    assert res.codes[0].shape[1] == 9
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_generation_on_cpu(dtype):
+    half = DiaTTS.random("tiny", seed=0, dtype=dtype)
+    res = half.generate("[S1] Half precision.", max_new_tokens=32, seed=0)
+    assert half.dtype == dtype and res.audio[0].dtype == np.float32 and np.isfinite(res.audio[0]).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"cfg_scale": float("nan")}, "cfg_scale"),
+        ({"cfg_filter_top_k": 0}, "cfg_filter_top_k"),
+        ({"max_new_tokens": 16}, "too small"),
+        ({"max_new_tokens": 5000}, "exceeds the model's audio length"),
+    ],
+)
+def test_bad_arguments(tts, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tts.generate("[S1] x", **kwargs)
+
+
+def test_bad_texts(tts):
+    with pytest.raises(ValueError, match="empty"):
+        tts.generate("")
+    with pytest.raises(ValueError, match="no texts"):
+        tts.generate([])
+    with pytest.raises(ValueError, match="1100 bytes"):
+        tts.generate("a" * 1100)
+
+
+def test_repr_and_properties(tts):
+    assert "random demo" in repr(tts) and tts.device.type == "cpu" and tts.dtype == torch.float32

@@ -1,0 +1,365 @@
+"""The decode engine: the pure step function against a plain reference loop, sync/pool/static variants,
+precision of the buffers, and (GPU) CUDA graphs against eager steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dia_fast import ops
+from dia_fast.config import DiaConfig
+from dia_fast.generation.engine import (
+    DecodeEngine,
+    StepSpec,
+    allocate_buffers,
+    bucket_batch,
+    bucket_length,
+    decode_step,
+    engine_for,
+)
+from dia_fast.generation.generate import build_prefix, generate_codes
+from dia_fast.generation.sampling import SamplingConfig, exponential_cfg_sample
+from dia_fast.memory import PinnedPool
+from dia_fast.model import DiaModel
+from dia_fast.ops import reference
+from dia_fast.text import encode_batch
+
+TEXTS = ["[S1] Hello there. [S2] Hi!", "[S1] A longer sentence (laughs) to pad the other one.", "[S2] Third."]
+GREEDY = SamplingConfig(do_sample=False)
+SAMPLED = SamplingConfig(cfg_scale=3.0, temperature=1.2, top_p=0.9, cfg_filter_top_k=45)
+
+
+def _model(seed: int = 0, eos_token: int | None = 613, device: str = "cpu") -> DiaModel:
+    torch.manual_seed(seed)
+    model = DiaModel(DiaConfig.preset("tiny")).eval().to(device)
+    if eos_token is not None:
+        # Channel 0's EOS logit slightly above a common token's: items stop on their own, at different steps.
+        with torch.no_grad():
+            w = model.decoder.logits_dense.weight
+            w[1024] = 1.05 * w[eos_token]
+    return model
+
+
+@pytest.fixture(scope="module")
+def model() -> DiaModel:
+    """Some items stop on their own (at different steps), others run to the length limit."""
+    return _model()
+
+
+@pytest.fixture
+def torch_sampler():
+    """Sample with the PyTorch backend, whose draws the multinomial reference reproduces exactly."""
+    ops.set_backend("torch", "cfg_sample")
+    yield
+    ops.set_backend(None, "cfg_sample")
+
+
+@pytest.fixture(scope="module")
+def early_model() -> DiaModel:
+    """Every item stops on its own within a few steps."""
+    return _model(eos_token=250)
+
+
+def _prompts(config: DiaConfig) -> list[torch.Tensor | None]:
+    g = torch.Generator().manual_seed(5)
+    return [
+        torch.randint(0, 1024, (6, config.data.channels), generator=g),
+        None,
+        torch.randint(0, 1024, (2, 9), generator=g),
+    ]
+
+
+@torch.inference_mode()
+def _reference_loop(model, texts, prompts, max_new_tokens, sampling, generator=None):
+    """Plain generation loop: full caches, one decoder call per step, multinomial sampling, and Dia's EOS
+    countdown written out item by item. Returns the whole delayed sequences [B, L, C] and EOS positions."""
+    cfg = model.config
+    data = cfg.data
+    ids, mask = encode_batch(texts)
+    B, C, md = len(texts), data.channels, data.max_delay
+    prefix = build_prefix(cfg, prompts, torch.device("cpu"))
+    P0 = prefix.length
+    L = P0 + max_new_tokens
+    rows = 2 if sampling.use_cfg else 1
+    enc_ids = torch.cat([ids, torch.zeros_like(ids)]) if rows == 2 else ids
+    enc_mask = mask.repeat(rows, 1)
+    self_mask = None
+    if prefix.self_mask is not None:
+        self_mask = torch.ones(B, L, dtype=torch.bool)
+        self_mask[:, :P0] = prefix.self_mask
+        self_mask = self_mask.repeat(rows, 1)
+    state = model.new_state(model.encode(enc_ids, enc_mask), enc_mask, L, self_mask)
+    seq = torch.full((B, L, C), data.audio_pad_value, dtype=torch.long)
+    seq[:, :P0] = prefix.forced[:, :P0]
+    logits = model.decoder(seq[:, :P0].repeat(rows, 1, 1), state)[:, -1]
+    eos = [-1] * B
+    for p in range(P0, L):
+        cond, uncond = (logits[:B], logits[B:]) if rows == 2 else (logits, logits)
+        codes = reference.cfg_sample(
+            cond,
+            uncond,
+            cfg_scale=sampling.cfg_scale,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.cfg_filter_top_k,
+            eos_id=data.audio_eos_value,
+            do_sample=not sampling.greedy,
+            generator=generator,
+        )
+        for b in range(B):
+            if eos[b] < 0 and (int(codes[b, 0]) == data.audio_eos_value or p >= L - md - 1):
+                eos[b] = p
+            if eos[b] >= 0:
+                for c, d in enumerate(data.delay_pattern):
+                    if p - eos[b] == d:
+                        codes[b, c] = data.audio_eos_value
+                    elif p - eos[b] > d:
+                        codes[b, c] = data.audio_pad_value
+            if p < prefix.forced.shape[1]:
+                f = prefix.forced[b, p]
+                codes[b] = torch.where(f >= 0, f, codes[b])
+        seq[:, p] = codes
+        logits = model.decoder(codes.repeat(rows, 1)[:, None], state, torch.tensor([p]))[:, 0]
+    return seq, torch.tensor(eos), P0
+
+
+def _check_against_reference(out, ref, ref_eos):
+    assert torch.equal(out.eos_pos, ref_eos)
+    end = out.delayed.shape[1]
+    assert torch.equal(out.delayed, ref[:, :end])
+    # past the crop, the reference holds only PAD (every item had finished)
+    assert bool((ref[:, end:] == 1025).all())
+
+
+# ---------------------------------------------------------------------------------------------- step
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_engine_equals_reference_loop(model, sampling, torch_sampler):
+    prompts = _prompts(model.config)
+    ref, ref_eos, P0 = _reference_loop(model, TEXTS, prompts, 60, sampling, torch.Generator().manual_seed(11))
+    ids, mask = encode_batch(TEXTS)
+    out = generate_codes(
+        model,
+        ids,
+        mask,
+        prompts=prompts,
+        max_new_tokens=60,
+        sampling=sampling,
+        generator=torch.Generator().manual_seed(11),
+        progress=False,
+    )
+    assert out.prefix_length == P0 and not out.cuda_graphs and out.warmup_seconds == 0.0
+    assert out.delayed.device.type == "cpu"
+    _check_against_reference(out, ref, ref_eos)
+    # some items stopped on their own before the forced end (the countdown was exercised), some did not
+    forced_end = P0 + 60 - model.config.data.max_delay - 1
+    assert int(ref_eos.min()) < forced_end == int(ref_eos.max())
+
+
+def test_sampling_without_cfg_equals_reference(model, torch_sampler):
+    sampling = SamplingConfig(cfg_scale=0.0, temperature=1.0, top_p=0.8, cfg_filter_top_k=None)
+    ref, ref_eos, _ = _reference_loop(model, TEXTS[:2], [None, None], 40, sampling, torch.Generator().manual_seed(3))
+    ids, mask = encode_batch(TEXTS[:2])
+    out = generate_codes(
+        model, ids, mask, max_new_tokens=40, sampling=sampling, generator=torch.Generator().manual_seed(3)
+    )
+    _check_against_reference(out, ref, ref_eos)
+
+
+def test_exponential_sample_equals_multinomial_draw():
+    g = torch.Generator().manual_seed(0)
+    cond, uncond = torch.randn(3, 9, 1028, generator=g), torch.randn(3, 9, 1028, generator=g)
+    cfg = SamplingConfig(temperature=0.9, top_p=0.7, cfg_filter_top_k=50)
+    a = exponential_cfg_sample(cond, uncond, cfg, 1024, torch.Generator().manual_seed(4))
+    b = reference.cfg_sample(
+        cond, uncond, cfg_scale=3.0, temperature=0.9, top_p=0.7, top_k=50, eos_id=1024,
+        generator=torch.Generator().manual_seed(4),
+    )  # fmt: skip
+    assert torch.equal(a, b)
+
+
+def test_decode_step_is_pure_over_its_buffers(model):
+    """Two identical buffer sets stepped side by side stay identical, and a step touches nothing else."""
+    cfg = model.config
+    spec = StepSpec(2, GREEDY, cfg.data.channels, 1024, 1025, cfg.data.max_delay, "torch")
+    a = allocate_buffers(model, spec, 32, 8, self_mask=True)
+    g = torch.Generator().manual_seed(0)
+    for t in (a.state.cross_k, a.state.cross_v, a.logits):
+        t.copy_(torch.randn(t.shape, generator=g))
+    a.pos.fill_(3)
+    b = allocate_buffers(model, spec, 32, 8, self_mask=True)
+    for name in ("logits", "pos", "out", "forced", "eos_pos", "real", "done", "delays", "forced_eos_pos"):
+        getattr(b, name).copy_(getattr(a, name))
+    for name in ("self_k", "self_v", "cross_k", "cross_v", "cross_mask", "self_mask"):
+        getattr(b.state, name).copy_(getattr(a.state, name))
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.inference_mode():
+        for _ in range(5):
+            decode_step(model, spec, a)
+            decode_step(model, spec, b)
+    assert int(a.pos) == 8
+    assert torch.equal(a.out, b.out) and torch.equal(a.logits, b.logits) and torch.equal(a.state.self_k, b.state.self_k)
+    assert bool((a.out[:, 3:8] != 1025).all()) and bool((a.out[:, 8:] == 1025).all())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+
+
+@pytest.mark.parametrize("sync_every", [1, 3, 1000])
+def test_sync_every_does_not_change_the_codes(early_model, sync_every):
+    ids, mask = encode_batch(TEXTS)
+    base = generate_codes(early_model, ids, mask, max_new_tokens=60, sampling=GREEDY, sync_every=8)
+    out = generate_codes(early_model, ids, mask, max_new_tokens=60, sampling=GREEDY, sync_every=sync_every)
+    assert torch.equal(out.delayed, base.delayed) and torch.equal(out.eos_pos, base.eos_pos)
+    md = early_model.config.data.max_delay
+    finished = int((base.eos_pos + md).max())  # the position where the last item wrote its last EOS
+    P0 = base.prefix_length
+    assert finished < P0 + 60 - 1  # every item stopped before the length limit
+    # the loop stops at the first poll after the end: at most sync_every - 1 extra steps on the CPU
+    assert finished - P0 + 1 <= out.steps <= min(finished - P0 + sync_every, 60)
+
+
+def test_on_step_sees_final_prefix(model):
+    ids, mask = encode_batch(TEXTS[:2])
+    seen: list[torch.Tensor] = []
+
+    def on_step(buf: torch.Tensor, p: int) -> None:
+        seen.append(buf[:, : p + 1].clone())
+
+    out = generate_codes(model, ids, mask, max_new_tokens=40, sampling=GREEDY, on_step=on_step)
+    assert len(seen) == out.steps
+    for s in seen:
+        n = min(s.shape[1], out.delayed.shape[1])
+        assert torch.equal(s[:, :n], out.delayed[:, :n])
+
+
+# ---------------------------------------------------------------------------------------------- pool
+
+
+def test_pool_on_off_gives_identical_codes(model):
+    ids, mask = encode_batch(TEXTS)
+    prompts = _prompts(model.config)
+    pool = PinnedPool(max_bytes=1 << 22)
+    kw = dict(prompts=prompts, max_new_tokens=50, sampling=SAMPLED)
+    off = generate_codes(model, ids, mask, pool=False, generator=torch.Generator().manual_seed(2), **kw)
+    on = generate_codes(model, ids, mask, pool=pool, generator=torch.Generator().manual_seed(2), **kw)
+    assert torch.equal(on.delayed, off.delayed) and torch.equal(on.eos_pos, off.eos_pos)
+    s = pool.stats()
+    assert s["misses"] > 0 and s["buffers_in_use"] == 0  # used, and every buffer given back
+    again = generate_codes(model, ids, mask, pool=pool, generator=torch.Generator().manual_seed(2), **kw)
+    assert torch.equal(again.delayed, off.delayed)
+    assert pool.stats()["hits"] > 0  # the second call reused the first one's buffers
+    # results own their memory: the pooled buffers were copied out, not handed over
+    assert on.delayed.data_ptr() != again.delayed.data_ptr()
+
+
+# ---------------------------------------------------------------------------------------------- static buffers
+
+
+def test_buckets():
+    assert [bucket_batch(b) for b in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 16]
+    assert bucket_length(1, 256, 3072) == 256 and bucket_length(257, 256, 3072) == 512
+    assert bucket_length(3000, 256, 3072) == 3072 and bucket_length(70, 128) == 128
+
+
+def test_static_engine_equals_eager_and_reuses_its_buffers(model):
+    """Bucketed, cached buffers (what CUDA graphs replay on), run eagerly: same codes as exact-shape buffers,
+    and a second call on the same bucket (reusing dirty buffers) gives the same codes again."""
+    prompts = _prompts(model.config)
+    ids, mask = encode_batch(TEXTS)
+    kw = dict(prompts=prompts, max_new_tokens=50, sampling=GREEDY)
+    eager = generate_codes(model, ids, mask, engine=DecodeEngine(model, static=False), **kw)
+    engine = DecodeEngine(model, static=True)
+    assert engine.shapes(3, 57, 40) == (4, 256, 128)
+    first = generate_codes(model, ids, mask, engine=engine, **kw)
+    assert first.batch_bucket == 4 and not first.cuda_graphs
+    assert torch.equal(first.delayed, eager.delayed) and torch.equal(first.eos_pos, eager.eos_pos)
+    (runner,) = engine._entries.values()
+    # another batch in the same bucket dirties the buffers, then the first batch again
+    other = generate_codes(model, ids[:2], mask[:2], prompts=[None, prompts[2]], max_new_tokens=50, engine=engine)
+    assert other.batch_bucket == 2 and len(engine._entries) == 2
+    ids4, mask4 = encode_batch(TEXTS + ["[S1] four"])
+    four = generate_codes(model, ids4, mask4, max_new_tokens=50, sampling=GREEDY, engine=engine)
+    assert len(engine._entries) == 2 and four.batch_bucket == 4  # ran on the first call's runner
+    again = generate_codes(model, ids, mask, engine=engine, **kw)
+    assert torch.equal(again.delayed, eager.delayed) and torch.equal(again.eos_pos, eager.eos_pos)
+    assert runner in engine._entries.values()
+
+
+def test_engine_for_is_shared_and_cpu_defaults_to_eager(model):
+    eng = engine_for(model)
+    assert engine_for(model) is eng and not eng.is_static and not eng.graphs_enabled(True)
+    assert "_dia_fast_engine" not in model.state_dict()
+
+
+# ---------------------------------------------------------------------------------------------- precision
+
+
+def test_bf16_model_keeps_fp32_logits():
+    model = _model(eos_token=None).to(torch.bfloat16)
+    cfg = model.config
+    spec = StepSpec(1, GREEDY, cfg.data.channels, 1024, 1025, cfg.data.max_delay, "torch")
+    bufs = allocate_buffers(model, spec, 16, 8, self_mask=False)
+    assert bufs.logits.dtype == torch.float32 and bufs.state.self_k.dtype == torch.bfloat16
+    ids, mask = encode_batch(TEXTS[:1])
+    out = generate_codes(model, ids, mask, max_new_tokens=24, sampling=GREEDY)
+    assert out.delayed.shape == (1, 25, 9)
+    assert bool(((out.delayed >= 0) & (out.delayed <= 1026)).all())
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 3])
+def test_gpu_graphs_equal_eager_greedy(batch):
+    model = _model(device="cuda").to(torch.bfloat16)
+    texts = TEXTS[:batch]
+    ids, mask = encode_batch(texts, pad_to_multiple=128)  # text length at its bucket: same buffers as eager
+    prompts = _prompts(model.config)[:batch]
+    kw = dict(prompts=prompts, max_new_tokens=60, sampling=GREEDY)
+    # eager steps on the very same bucketed buffers (static engine, graphs off)
+    eager = generate_codes(model, ids, mask, engine=DecodeEngine(model, static=True, cuda_graphs=False), **kw)
+    engine = DecodeEngine(model)
+    graphed = generate_codes(model, ids, mask, engine=engine, **kw)
+    assert graphed.cuda_graphs and graphed.warmup_seconds > 0 and not eager.cuda_graphs
+    assert torch.equal(graphed.delayed, eager.delayed) and torch.equal(graphed.eos_pos, eager.eos_pos)
+    replay = generate_codes(model, ids, mask, engine=engine, **kw)  # reuses the captured graph
+    assert replay.cuda_graphs and replay.warmup_seconds == 0.0
+    assert torch.equal(replay.delayed, eager.delayed)
+    plain = generate_codes(model, ids, mask, cuda_graphs=False, engine=DecodeEngine(model, static=False), **kw)
+    assert plain.delayed.shape == eager.delayed.shape
+
+
+@pytest.mark.gpu
+def test_gpu_graph_sampling_is_reproducible_with_a_seed():
+    model = _model(device="cuda").to(torch.bfloat16)
+    ids, mask = encode_batch(TEXTS[:2], pad_to_multiple=128)
+    engine = DecodeEngine(model)
+    g = torch.Generator(device="cuda")
+    runs = [
+        generate_codes(model, ids, mask, max_new_tokens=60, sampling=SAMPLED, generator=g.manual_seed(9), engine=engine)
+        for _ in range(2)
+    ]
+    assert runs[0].warmup_seconds > 0 and runs[1].warmup_seconds == 0.0  # captured, then replayed
+    assert torch.equal(runs[0].delayed, runs[1].delayed)
+    default = generate_codes(model, ids, mask, max_new_tokens=60, sampling=SAMPLED, engine=engine)
+    assert default.cuda_graphs  # the default CUDA generator works under graphs too
+
+
+@pytest.mark.gpu
+def test_gpu_decode_step_never_syncs():
+    model = _model(device="cuda").to(torch.bfloat16)
+    cfg = model.config
+    for sampling in (GREEDY, SAMPLED):
+        spec = StepSpec(2, sampling, cfg.data.channels, 1024, 1025, cfg.data.max_delay, "torch")
+        bufs = allocate_buffers(model, spec, 64, 16, self_mask=True)
+        with torch.inference_mode():
+            decode_step(model, spec, bufs)  # first call: lazy inits may sync
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                for _ in range(3):
+                    decode_step(model, spec, bufs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        assert bufs.logits.dtype == torch.float32 and int(bufs.pos) == 4

@@ -207,6 +207,9 @@ def test_decode_matches_reference(case, dtype: torch.dtype) -> None:
     k, v = _poison_past(k, kv_len), _poison_past(v, kv_len)
     got = ta.decode_attention(q, k, v, scale=scale, kv_len=kv_len, key_mask=km)
     _close(got, want, case)
+    if dtype == torch.float32:  # the split + reduce path, whatever the automatic count was
+        got = ta.decode_attention(q, k, v, scale=scale, kv_len=kv_len, key_mask=km, num_splits=3)
+        _close(got, want, (case, "3 splits"))
 
 
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 7, 1000])
@@ -245,21 +248,22 @@ def test_decode_reads_kv_len_from_the_tensor_each_call() -> None:
     kv_len = torch.zeros(1, dtype=torch.long, device=DEVICE)
     for n in (1, 31, 32, 33, 95, 96):
         kv_len.fill_(n)
-        got = ta.decode_attention(q, k, v, scale=0.125, kv_len=kv_len)
-        _close(got, ref.decode_attention(q, k, v, scale=0.125, kv_len=n), n)
+        want = ref.decode_attention(q, k, v, scale=0.125, kv_len=n)
+        for num_splits in (None, 5):
+            got = ta.decode_attention(q, k, v, scale=0.125, kv_len=kv_len, num_splits=num_splits)
+            _close(got, want, (n, num_splits))
 
 
 def test_decode_num_splits_depends_on_shapes_only() -> None:
     # batch 1 (x2 rows for CFG), 4 KV heads, full Dia cache, on an H100 (132 SMs): about two waves
     for rows in (1, 2, 8):
-        n, chunk = ta.decode_num_splits(rows, 4, 3072 + 100, 64, 132)
-        assert chunk % 64 == 0
-        assert (n - 1) * chunk < 3172 <= n * chunk
+        n = ta.decode_num_splits(rows, 4, 3072 + 100, 64, 132)
         assert rows * 4 * n >= 132  # at least one program per SM
-    assert ta.decode_num_splits(1, 4, 10, 64, 132) == (1, 64)
-    assert ta.decode_num_splits(2, 4, 1000, 64, 132, num_splits=1) == (1, 1024)
-    n, chunk = ta.decode_num_splits(2, 4, 1000, 64, 132, num_splits=5000)
-    assert chunk == 64 and n == 16
+        assert n <= 50  # at most one split per block of 64 keys
+    assert ta.decode_num_splits(1, 4, 10, 64, 132) == 1
+    assert ta.decode_num_splits(2, 4, 1000, 64, 132, num_splits=1) == 1
+    assert ta.decode_num_splits(2, 4, 1000, 64, 132, num_splits=5000) == 16
+    assert ta.decode_num_splits(2, 4, 100_000, 64, 132, num_splits=5000) == 128
 
 
 # --- dispatch and the model -----------------------------------------------------------------

@@ -120,7 +120,7 @@ def _decode_split_kernel(
     skmb, skmn,
     skvl, kv_len_int,
     sob, soh, sod,
-    Hq, L, chunk, n_splits, qk_scale,
+    Hq, L, n_splits, qk_scale,
     GROUP: tl.constexpr,
     BLOCK_G: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -131,7 +131,10 @@ def _decode_split_kernel(
     PREC: tl.constexpr,
 ):  # fmt: skip
     """One program = one (batch row, KV head, split): all GROUP query heads of the KV head
-    against keys [split * chunk, (split + 1) * chunk) ∩ [0, kv_len). K/V are read once."""
+    against keys [split * chunk, (split + 1) * chunk) ∩ [0, kv_len). K/V are read once.
+
+    ``chunk`` is computed here from the length read on the device: the valid keys are spread
+    evenly over the fixed number of splits (in whole blocks), whatever the current length."""
     b = tl.program_id(0).to(tl.int64)
     hk = tl.program_id(1)
     s = tl.program_id(2)
@@ -144,11 +147,12 @@ def _decode_split_kernel(
 
     # KVLEN_MODE: 0 = all L keys, 1 = host int, 2 = device tensor (read here: no host sync)
     if KVLEN_MODE == 2:
-        n_valid = tl.minimum(tl.load(KVLEN + b * skvl).to(tl.int32), L)
+        n_valid = tl.maximum(tl.minimum(tl.load(KVLEN + b * skvl).to(tl.int32), L), 0)
     elif KVLEN_MODE == 1:
         n_valid = tl.minimum(kv_len_int, L)
     else:
         n_valid = L
+    chunk = tl.cdiv(tl.cdiv(n_valid, n_splits), BLOCK_N) * BLOCK_N
     lo = s * chunk
     hi = tl.minimum(lo + chunk, n_valid)
 
@@ -326,18 +330,16 @@ def _device_sm_count(device: torch.device) -> int:
 
 def decode_num_splits(
     batch: int, kv_heads: int, cache_len: int, block_n: int, sm_count: int, num_splits: int | None = None
-) -> tuple[int, int]:
-    """(n_splits, chunk) for split-KV decoding: split the cache into ``n_splits`` chunks of
-    ``chunk`` keys (a multiple of ``block_n``) so that ``batch * kv_heads * n_splits``
-    programs fill about two waves of ``sm_count`` SMs. Depends on shapes only, never on
-    ``kv_len``, so a decode step stays CUDA-graph capturable. ``num_splits`` forces a count
-    (clamped to what the cache length allows)."""
+) -> int:
+    """Number of KV splits for split-KV decoding: enough that ``batch * kv_heads * n_splits``
+    programs fill about two waves of ``sm_count`` SMs, at most one per ``block_n`` keys of the
+    cache and at most 128. Depends on shapes only, never on ``kv_len``, so a decode step stays
+    CUDA-graph capturable; the kernel spreads the current ``kv_len`` keys evenly over the
+    splits. ``num_splits`` forces a count (clamped to the same bounds)."""
     n_blocks = max(1, triton.cdiv(cache_len, block_n))
     if num_splits is None:
         num_splits = triton.cdiv(2 * sm_count, max(1, batch * kv_heads))
-    n = max(1, min(num_splits, n_blocks, _MAX_SPLITS))
-    chunk = triton.cdiv(n_blocks, n) * block_n
-    return triton.cdiv(max(cache_len, 1), chunk), chunk
+    return max(1, min(num_splits, n_blocks, _MAX_SPLITS))
 
 
 def attention(
@@ -428,7 +430,7 @@ def decode_attention(
     km, skmb, skmn = _mask_arg(key_mask, B, L, q)
     interp = _is_interpreter(q)
     block_n, warps, stages = _decode_config(D, q.dtype, interp)
-    n_splits, chunk = decode_num_splits(B, Hkv, L, block_n, _device_sm_count(q.device), num_splits)
+    n_splits = decode_num_splits(B, Hkv, L, block_n, _device_sm_count(q.device), num_splits)
     group = Hq // Hkv
     direct = n_splits == 1
     if direct:
@@ -446,7 +448,7 @@ def decode_attention(
         skmb, skmn,
         skvl, kv_len_int,
         so[0], so[1], so[3],
-        Hq, L, chunk, n_splits, float(scale) * _LOG2E,
+        Hq, L, n_splits, float(scale) * _LOG2E,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, BLOCK_N=block_n,
         KVLEN_MODE=mode, HAS_MASK=key_mask is not None, DIRECT=direct, PREC="ieee",
         num_warps=warps, num_stages=stages,

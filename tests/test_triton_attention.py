@@ -185,6 +185,7 @@ def _poison_past(cache: torch.Tensor, kv_len: torch.Tensor | int | None) -> torc
 # (B, Hq, Hkv, L, D, kv_len kind, mask kind, scale)
 DECODE_CASES = [
     (1, 2, 2, 1, 64, "int", "none", 0.125),  # a one-entry cache
+    (1, 2, 1, 1, 64, "none", "none", 0.5),  # ... attended whole
     (2, 4, 2, 100, 64, "batch", "random", 0.125),
     (3, 4, 1, 77, 64, "0d", "none", 1.0),
     (5, 8, 2, 130, 128, "batch", "left", 0.088),  # kv_len 0 and > L items

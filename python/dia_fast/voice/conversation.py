@@ -1,0 +1,187 @@
+"""``Conversation``: a dialogue (text with [S1]/[S2] turns) spoken by chosen voices through a ``VoicePool``."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..audio import crossfade_join, write_wav
+from ..longform import DEFAULT_CHARS_PER_SECOND, DEFAULT_MAX_CHUNK_SECONDS, chunk_budget, split_text
+from .pool import GenerationOptions, VoicePool
+from .speaker import CustomSpeaker, Speaker
+
+__all__ = ["Audio", "Conversation", "SpeakerLike", "Turn"]
+
+SpeakerLike = Speaker | CustomSpeaker
+Turn = tuple[Speaker | CustomSpeaker | str | int, str]
+_TAG_RE = re.compile(r"\[S[12]\]")
+
+
+@dataclass(frozen=True)
+class Audio:
+    """Generated speech: float32 mono ``samples`` at ``sample_rate`` (and the codes of each chunk)."""
+
+    samples: np.ndarray
+    sample_rate: int
+    codes: tuple[torch.Tensor, ...] = field(default=(), repr=False)
+
+    @property
+    def duration(self) -> float:
+        """Length in seconds."""
+        return len(self.samples) / self.sample_rate
+
+    def save(self, path: str | Path, *, subtype: str = "PCM_16") -> Path:
+        """Write a WAV file (16-bit PCM or ``"FLOAT"``), atomically."""
+        return write_wav(path, self.samples, self.sample_rate, subtype=subtype)
+
+
+def _slots(speaker_or_speakers: SpeakerLike | Sequence[SpeakerLike] | None) -> list[SpeakerLike]:
+    """The voice of each tag: slot 0 speaks [S1], slot 1 speaks [S2]."""
+    if speaker_or_speakers is None:
+        return [Speaker.S1, Speaker.S2]
+    if isinstance(speaker_or_speakers, Speaker):
+        return [Speaker.S1, Speaker.S2]  # a built-in voice: the text's tags decide
+    if isinstance(speaker_or_speakers, CustomSpeaker):
+        return [speaker_or_speakers, Speaker.S2]
+    slots = list(speaker_or_speakers)
+    if not 1 <= len(slots) <= 2:
+        raise ValueError(f"Dia has two voices ([S1], [S2]): give one or two speakers, got {len(slots)}")
+    for i, s in enumerate(slots):
+        if isinstance(s, Speaker):
+            if s.index != i:
+                raise ValueError(f"{s.tag} cannot fill slot {i}: slot {i} speaks {Speaker.parse(i).tag}")
+        elif not isinstance(s, CustomSpeaker):
+            raise TypeError(f"speakers must be Speaker or CustomSpeaker, got {type(s).__name__}")
+    return slots + [Speaker.S2] * (2 - len(slots))
+
+
+def _default_tag(speaker_or_speakers: object) -> str:
+    return speaker_or_speakers.tag if isinstance(speaker_or_speakers, Speaker) else Speaker.S1.tag
+
+
+class Conversation:
+    """Text (or turns) spoken by one or two voices through ``pool``.
+
+    ``text_or_turns``: a string, optionally with ``[S1]`` / ``[S2]`` turns (a string without
+    tags is spoken by the first speaker), or a list of ``(speaker, text)`` turns where speaker is
+    a slot index (0 = [S1], 1 = [S2]), a tag (``"[S1]"``, ``Speaker.S2``) or one of the given
+    :class:`CustomSpeaker` objects.
+
+    ``speaker_or_speakers``: one voice or a list of up to two, by slot: ``[alice, bob]`` makes
+    ``alice`` speak the [S1] turns and ``bob`` the [S2] turns. A :class:`Speaker` is a built-in
+    voice (no prompt; ``Speaker.S2`` alone speaks untagged text as [S2]); a
+    :class:`CustomSpeaker` clones a voice (its codes and transcript are the prompt; two custom
+    speakers' prompts are concatenated).
+
+    ``options``: generation settings (:class:`~dia_fast.voice.pool.GenerationOptions`:
+    ``max_new_tokens``, ``cfg_scale``, ``temperature``, ``top_p``, ``cfg_filter_top_k``,
+    ``do_sample``, ``seed``); ``crossfade_ms``, ``chars_per_second``, ``max_chunk_seconds``:
+    long-form settings (see :mod:`dia_fast.longform`). Text too long for one generation is
+    split into chunks, which the pool generates as a batch, joined with crossfades.
+    """
+
+    def __init__(
+        self,
+        text_or_turns: str | Sequence[Turn],
+        speaker_or_speakers: SpeakerLike | Sequence[SpeakerLike] | None,
+        pool: VoicePool,
+        *,
+        crossfade_ms: float = 40.0,
+        chars_per_second: float = DEFAULT_CHARS_PER_SECOND,
+        max_chunk_seconds: float | None = DEFAULT_MAX_CHUNK_SECONDS,
+        **options: Any,
+    ) -> None:
+        if not isinstance(pool, VoicePool):
+            raise TypeError(f"pool must be a VoicePool, got {type(pool).__name__}")
+        self.pool = pool
+        self.options = GenerationOptions(**options)
+        self.crossfade_ms = crossfade_ms
+        self.speakers = _slots(speaker_or_speakers)
+        custom = [(i, s) for i, s in enumerate(self.speakers) if isinstance(s, CustomSpeaker)]
+        for _, s in custom:
+            s.check_compatible(pool)
+        self.text = self._build_text(text_or_turns, _default_tag(speaker_or_speakers))
+        self.prompt: torch.Tensor | None = None
+        self.prompt_text: str | None = None
+        if custom:
+            self.prompt = torch.cat([s.codes for _, s in custom], dim=0)
+            self.prompt_text = " ".join(s.tagged_transcript(i) for i, s in custom)
+            tts = pool.tts
+            if self.prompt.shape[0] > tts.max_prompt_frames():
+                raise ValueError(
+                    f"the speakers' prompts are {self.prompt.shape[0]} codec frames together; the model allows "
+                    f"{tts.max_prompt_frames()}: use shorter prompts"
+                )
+        max_bytes, max_chars = chunk_budget(
+            pool.tts,
+            prompt_text=self.prompt_text,
+            prompt_frames=0 if self.prompt is None else int(self.prompt.shape[0]),
+            max_new_tokens=self.options.max_new_tokens,
+            chars_per_second=chars_per_second,
+            max_chunk_seconds=max_chunk_seconds,
+        )
+        self.chunks = [c.strip() for c in split_text(self.text, max_bytes, max_chars)]
+
+    def _build_text(self, text_or_turns: str | Sequence[Turn], default_tag: str) -> str:
+        if isinstance(text_or_turns, str):
+            if not text_or_turns.strip():
+                raise ValueError("the conversation text is empty")
+            text = text_or_turns.strip()
+            return text if text.startswith(("[S1]", "[S2]")) else f"{default_tag} {text}"
+        turns = list(text_or_turns)
+        if not turns:
+            raise ValueError("the conversation has no turns")
+        parts = []
+        for k, turn in enumerate(turns):
+            if not (isinstance(turn, (tuple, list)) and len(turn) == 2):
+                raise TypeError(f"turn {k} must be a (speaker, text) pair, got {turn!r}")
+            who, words = turn
+            if not isinstance(words, str) or not words.strip():
+                raise ValueError(f"turn {k} has no text")
+            if _TAG_RE.search(words):
+                raise ValueError(f"turn {k} contains a speaker tag: give each turn's speaker in the pair instead")
+            parts.append(f"{self._tag_of(who)} {words.strip()}")
+        return " ".join(parts)
+
+    def _tag_of(self, who: object) -> str:
+        if isinstance(who, CustomSpeaker):
+            for i, s in enumerate(self.speakers):
+                if s is who:
+                    return Speaker.parse(i).tag
+            raise ValueError(f"{who!r} speaks a turn but is not one of the conversation's speakers")
+        return Speaker.parse(who).tag
+
+    async def generate(self) -> Audio:
+        """Speak the conversation; concurrent calls (from asyncio tasks) are batched by the pool."""
+        results = await asyncio.gather(
+            *(
+                self.pool.generate(
+                    chunk,
+                    audio_prompt=self.prompt,
+                    audio_prompt_text=self.prompt_text,
+                    **self.options.kwargs(),
+                )
+                for chunk in self.chunks
+            )
+        )
+        rate = self.pool.sample_rate
+        samples = crossfade_join([r.audio for r in results], rate, self.crossfade_ms)
+        return Audio(samples, rate, tuple(r.codes for r in results))
+
+    def generate_sync(self) -> Audio:
+        """Blocking :meth:`generate` (not from inside a running event loop: ``await generate()`` there)."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(self.generate())
+        raise RuntimeError("generate_sync() was called inside a running event loop: use `await generate()`")
+
+    def __repr__(self) -> str:
+        return f"Conversation({len(self.chunks)} chunk(s), {len(self.text)} chars, speakers={self.speakers})"

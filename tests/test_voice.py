@@ -1,0 +1,295 @@
+"""dia_fast.voice: VoicePool batching, CustomSpeaker files, Conversation (tiny random model, CPU, greedy)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from safetensors.torch import save_file
+
+from dia_fast.audio import crossfade_join
+from dia_fast.voice import (
+    Audio,
+    Conversation,
+    CustomSpeaker,
+    Speaker,
+    SpeakerFileError,
+    VoicePool,
+    default_max_batch,
+)
+
+GREEDY = {"do_sample": False, "max_new_tokens": 40}
+LONGFORM = {"chars_per_second": 1000.0}  # tests use 40 decoder steps: let a sentence fit in them
+
+
+@pytest.fixture(scope="module")
+def tts():
+    from dia_fast import DiaTTS
+
+    return DiaTTS.random("tiny", seed=0)
+
+
+@pytest.fixture()
+def pool(tts):
+    with VoicePool(tts, max_batch=4) as p:
+        yield p
+
+
+def _single(tts, text, **kw):
+    return tts.generate(text, progress=False, **GREEDY, **kw).codes[0]
+
+
+def _voice_sample(tts, seconds=0.4, freq=220.0):
+    t = np.arange(int(seconds * tts.sample_rate)) / tts.sample_rate
+    return (0.3 * np.sin(2 * np.pi * freq * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------- pool
+def test_four_concurrent_conversations_are_one_batch_with_the_same_codes(tts, pool):
+    texts = ["[S1] Hello there.", "[S2] Hi! How are you?", "[S1] Fine, thanks. (laughs)", "[S2] Good."]
+
+    async def main():
+        convs = [Conversation(t, None, pool, **GREEDY, **LONGFORM) for t in texts]
+        return await asyncio.gather(*(c.generate() for c in convs))
+
+    audios = asyncio.run(main())
+    assert pool.stats == {"requests": 4, "batches": 1, "largest_batch": 4}
+    for text, audio in zip(texts, audios, strict=True):
+        expected = _single(tts, text)
+        assert len(audio.codes) == 1
+        torch.testing.assert_close(audio.codes[0], expected, rtol=0, atol=0)
+        np.testing.assert_allclose(audio.samples, tts.decode(expected), atol=1e-6)
+        assert audio.sample_rate == tts.sample_rate
+        assert audio.duration == pytest.approx(len(audio.samples) / tts.sample_rate)
+
+
+def test_different_settings_are_not_batched_together(tts, pool):
+    async def main():
+        return await asyncio.gather(
+            pool.generate("[S1] One.", **GREEDY),
+            pool.generate("[S1] Two.", **GREEDY, cfg_scale=2.0),
+            pool.generate("[S1] Three.", **GREEDY),
+        )
+
+    one, two, three = asyncio.run(main())
+    assert pool.stats["batches"] == 2 and pool.stats["largest_batch"] == 2
+    torch.testing.assert_close(one.codes, _single(tts, "[S1] One."), rtol=0, atol=0)
+    torch.testing.assert_close(two.codes, _single(tts, "[S1] Two.", cfg_scale=2.0), rtol=0, atol=0)
+    torch.testing.assert_close(three.codes, _single(tts, "[S1] Three."), rtol=0, atol=0)
+
+
+def test_errors_reach_only_their_caller(tts, monkeypatch):
+    real_generate = tts.generate
+
+    def generate_failing_on_boom(text, **kw):
+        if any("boom" in t for t in ([text] if isinstance(text, str) else text)):
+            raise RuntimeError("boom failed")
+        return real_generate(text, **kw)
+
+    pool = VoicePool(tts, max_batch=4)
+    monkeypatch.setattr(tts, "generate", generate_failing_on_boom)
+
+    async def main():
+        too_long = "[S1] " + "x" * (tts.config.data.text_length + 10)
+        return await asyncio.gather(
+            pool.generate("[S1] Good one.", **GREEDY),
+            pool.generate("[S1] boom", **GREEDY),
+            pool.generate(too_long, **GREEDY),
+            pool.generate("[S2] Good two.", **GREEDY),
+            return_exceptions=True,
+        )
+
+    good1, bad, too_long, good2 = asyncio.run(main())
+    pool.close()
+    assert isinstance(bad, RuntimeError) and "boom" in str(bad)
+    assert isinstance(too_long, ValueError) and "bytes" in str(too_long)
+    torch.testing.assert_close(good1.codes, _single(tts, "[S1] Good one."), rtol=0, atol=0)
+    torch.testing.assert_close(good2.codes, _single(tts, "[S2] Good two."), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="closed"):
+        pool.generate_sync("[S1] Hi.")
+
+
+def test_pool_construction_and_sync_generate(tts):
+    assert default_max_batch("cpu") == 1 and default_max_batch("cuda") == 8 and default_max_batch("mps") == 4
+    with VoicePool(tts) as pool:
+        assert pool.max_batch == 1 and pool.sample_rate == tts.sample_rate
+        result = pool.generate_sync("[S1] Hello.", **GREEDY)
+        torch.testing.assert_close(result.codes, _single(tts, "[S1] Hello."), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="max_batch"):
+        VoicePool(tts, max_batch=0)
+    with pytest.raises(ValueError, match="already loaded"):
+        VoicePool(tts, dtype="float16")
+    with pytest.raises(TypeError):
+        VoicePool(42)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        VoicePool(tts).generate_sync("[S1] Hi.", temprature=1.0)  # misspelt option
+
+
+# ------------------------------------------------------------------------------------------ speaker
+def test_speaker_tags():
+    assert Speaker.S1.tag == "[S1]" and Speaker.S2.index == 1
+    assert Speaker.parse("s2") is Speaker.S2 and Speaker.parse("[S1]") is Speaker.S1 and Speaker.parse(1) is Speaker.S2
+    with pytest.raises(ValueError):
+        Speaker.parse(2)
+    with pytest.raises(ValueError):
+        Speaker.parse("S3")
+
+
+def test_custom_speaker_save_load_round_trip(tts, pool, tmp_path):
+    wav = tmp_path / "voice.wav"
+    sf.write(wav, _voice_sample(tts), tts.sample_rate, subtype="PCM_16")
+    alice = CustomSpeaker.from_audio(wav, "  Hi, I am Alice. ", pool, name="alice")
+    assert alice.transcript == "Hi, I am Alice."
+    torch.testing.assert_close(alice.codes, tts.encode_prompt(wav), rtol=0, atol=0)
+    assert alice.codec["codec"] == "dac" and alice.codec["sample_rate"] == str(tts.sample_rate)
+
+    path = alice.save(tmp_path / "alice.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alice.safetensors", "voice.wav"]
+    back = CustomSpeaker.load(path, pool)
+    torch.testing.assert_close(back.codes, alice.codes, rtol=0, atol=0)
+    assert (back.transcript, back.codec, back.name) == (alice.transcript, alice.codec, "alice")
+    assert back.tagged_transcript(1) == "[S2] Hi, I am Alice."
+
+    # from an array at another rate (resampled with soxr before encoding)
+    bob = CustomSpeaker.from_audio(_voice_sample(tts), "[S1] Hello. [S2] I am Bob.", tts, sample_rate=tts.sample_rate)
+    assert bob.tagged_transcript(0) == "[S1] Hello. [S2] I am Bob."  # tagged transcripts are kept as written
+
+
+def test_bad_speaker_files(tts, tmp_path):
+    codes = tts.encode_prompt(_voice_sample(tts))
+    good = CustomSpeaker(codes, "Hello.", {"codec": "dac"}, "x")
+    meta = {
+        "format": "dia_fast.speaker",
+        "format_version": "1",
+        "dia_fast_version": "0.1.0",
+        "transcript": "Hello.",
+        "name": "x",
+        "codec": "dac",
+        "sample_rate": str(tts.sample_rate),
+        "n_codebooks": "9",
+        "codebook_size": str(tts.codec.codebook_size),
+        "hop_length": str(tts.codec.hop_length),
+    }
+
+    def write(name, tensors, metadata):
+        path = tmp_path / name
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+        return path
+
+    assert CustomSpeaker.load(write("ok.safetensors", {"codes": codes}, meta), tts).frames == codes.shape[0]
+    with pytest.raises(FileNotFoundError):
+        CustomSpeaker.load(tmp_path / "missing.safetensors")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00\x01 definitely not safetensors")
+    with pytest.raises(SpeakerFileError, match="not a safetensors"):
+        CustomSpeaker.load(junk)
+    with pytest.raises(SpeakerFileError, match="not a dia_fast speaker"):
+        CustomSpeaker.load(write("nofmt.safetensors", {"codes": codes}, {"transcript": "x"}))
+    with pytest.raises(SpeakerFileError, match="version"):
+        CustomSpeaker.load(write("v9.safetensors", {"codes": codes}, {**meta, "format_version": "9"}))
+    with pytest.raises(SpeakerFileError, match="int64"):
+        CustomSpeaker.load(write("f32.safetensors", {"codes": codes.float()}, meta))
+    with pytest.raises(SpeakerFileError, match="outside"):
+        CustomSpeaker.load(write("range.safetensors", {"codes": codes + 5000}, meta))
+    with pytest.raises(SpeakerFileError, match="exactly one tensor"):
+        CustomSpeaker.load(write("extra.safetensors", {"codes": codes, "more": codes}, meta))
+    with pytest.raises(SpeakerFileError, match="lacks"):
+        bare_meta = {k: meta[k] for k in ("format", "format_version")}
+        CustomSpeaker.load(write("nometa.safetensors", {"codes": codes}, bare_meta))
+    # a speaker made with another codec (EnCodec 24 kHz) loads alone but not for this model
+    other = write("encodec.safetensors", {"codes": codes}, {**meta, "codec": "encodec", "sample_rate": "24000"})
+    assert CustomSpeaker.load(other).codec["codec"] == "encodec"
+    with pytest.raises(SpeakerFileError, match="another codec"):
+        CustomSpeaker.load(other, tts)
+    with pytest.raises(ValueError, match="transcript"):
+        CustomSpeaker.from_audio(_voice_sample(tts), "  ", tts, sample_rate=tts.sample_rate)
+    with pytest.raises(ValueError, match="silent"):
+        CustomSpeaker.from_audio(np.zeros(4410, np.float32), "Hi.", tts, sample_rate=tts.sample_rate)
+    assert good.frames == codes.shape[0]
+
+
+# ------------------------------------------------------------------------------------- conversation
+def test_conversation_text_from_turns_and_speakers(tts, pool):
+    alice = CustomSpeaker.from_audio(_voice_sample(tts), "Hi, I am Alice.", tts, sample_rate=tts.sample_rate)
+    conv = Conversation([(0, "Hello."), ("[S2]", " Hi! "), (Speaker.S1, "Bye.")], None, pool, **GREEDY, **LONGFORM)
+    assert conv.text == "[S1] Hello. [S2] Hi! [S1] Bye."
+    assert conv.prompt is None
+    conv = Conversation([(alice, "Hello."), (1, "Hi!")], [alice, Speaker.S2], pool, **GREEDY, **LONGFORM)
+    assert conv.text == "[S1] Hello. [S2] Hi!"
+    assert conv.prompt_text == "[S1] Hi, I am Alice."
+    assert Conversation("Just me.", Speaker.S2, pool, **GREEDY, **LONGFORM).text == "[S2] Just me."
+    assert Conversation("Just me.", alice, pool, **GREEDY, **LONGFORM).text == "[S1] Just me."
+    bob = CustomSpeaker.from_audio(_voice_sample(tts, freq=150.0), "I am Bob.", tts, sample_rate=tts.sample_rate)
+    both = Conversation("[S1] Hi. [S2] Yo.", [alice, bob], pool, **GREEDY, **LONGFORM)
+    assert both.prompt_text == "[S1] Hi, I am Alice. [S2] I am Bob."
+    torch.testing.assert_close(both.prompt, torch.cat([alice.codes, bob.codes]), rtol=0, atol=0)
+
+
+def test_conversation_with_custom_voice_matches_prompted_generate(tts, pool, tmp_path):
+    alice = CustomSpeaker.from_audio(_voice_sample(tts), "Hi, I am Alice.", pool, sample_rate=tts.sample_rate)
+    conv = Conversation("[S1] Nice to meet you.", [alice], pool, **GREEDY, **LONGFORM)
+    audio = conv.generate_sync()
+    expected = tts.generate(
+        "[S1] Nice to meet you.",
+        audio_prompt=alice.codes,
+        audio_prompt_text="[S1] Hi, I am Alice.",
+        progress=False,
+        **GREEDY,
+    ).codes[0]
+    torch.testing.assert_close(audio.codes[0], expected, rtol=0, atol=0)
+    path = audio.save(tmp_path / "out.wav")
+    assert sf.info(path).samplerate == tts.sample_rate and sf.info(path).frames == len(audio.samples)
+
+
+def test_long_conversation_is_chunked_and_batched(tts, pool):
+    text = "[S1] Hello there. How are you today? [S2] Fine, thanks. And you?"
+    conv = Conversation(text, None, pool, chars_per_second=100.0, crossfade_ms=20.0, **GREEDY)
+    assert conv.chunks == ["[S1] Hello there.", "[S1] How are you today?", "[S2] Fine, thanks. And you?"]
+    audio = conv.generate_sync()
+    assert pool.stats == {"requests": 3, "batches": 1, "largest_batch": 3}
+    singles = [_single(tts, c) for c in conv.chunks]
+    for got, want in zip(audio.codes, singles, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    expected = crossfade_join([tts.decode(c) for c in singles], tts.sample_rate, 20.0)
+    np.testing.assert_allclose(audio.samples, expected, atol=1e-6)
+    assert isinstance(audio, Audio)
+
+
+def test_conversation_bad_inputs(tts, pool):
+    alice = CustomSpeaker.from_audio(_voice_sample(tts), "Hi.", tts, sample_rate=tts.sample_rate)
+    with pytest.raises(ValueError, match="empty"):
+        Conversation("   ", None, pool)
+    with pytest.raises(ValueError, match="no turns"):
+        Conversation([], None, pool)
+    with pytest.raises(ValueError, match="no text"):
+        Conversation([(0, " ")], None, pool)
+    with pytest.raises(ValueError, match="contains a speaker tag"):
+        Conversation([(0, "[S2] sneaky")], None, pool)
+    with pytest.raises(TypeError, match="pair"):
+        Conversation(["just a string"], None, pool)  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="slot 0"):
+        Conversation("Hi.", [Speaker.S2], pool)
+    with pytest.raises(ValueError, match="two voices"):
+        Conversation("Hi.", [Speaker.S1, Speaker.S2, alice], pool)
+    with pytest.raises(ValueError, match="not one of"):
+        Conversation([(alice, "Hi.")], None, pool)
+    with pytest.raises(ValueError, match="speaker index"):
+        Conversation([(3, "Hi.")], None, pool)
+    with pytest.raises(TypeError, match="VoicePool"):
+        Conversation("Hi.", None, tts)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        Conversation("Hi.", None, pool, temprature=1.0)
+    mismatched = CustomSpeaker(alice.codes, "Hi.", {**alice.codec, "sample_rate": "24000"})
+    with pytest.raises(SpeakerFileError, match="another codec"):
+        Conversation("Hi.", mismatched, pool)
+    with pytest.raises(ValueError, match="does not fit"):  # 40 steps of audio hold no 30-letter word
+        Conversation("[S1] " + "a" * 30, None, pool, **GREEDY)
+
+    async def inside_loop():
+        Conversation("Hi.", None, pool, **GREEDY, **LONGFORM).generate_sync()
+
+    with pytest.raises(RuntimeError, match="await"):
+        asyncio.run(inside_loop())

@@ -55,8 +55,9 @@ def _graphed(fn: Callable[[], object]) -> Callable[[], None]:
     return run
 
 
-def _report(benchmark, per_call: str, value: float, unit: str) -> None:
-    seconds = benchmark.stats.stats.mean / N_CALLS
+def _report(benchmark, per_call: str, value: float, unit: str, n_calls: int = N_CALLS) -> None:
+    """Store the time per call and ``value`` (the work of one call) per second in ``extra_info``."""
+    seconds = benchmark.stats.stats.mean / n_calls
     benchmark.extra_info["us_per_call"] = round(seconds * 1e6, 2)
     benchmark.extra_info[unit] = round(value / seconds, 2)
     benchmark.extra_info["what"] = per_call
@@ -173,3 +174,5 @@ def test_bench_interpreter_smoke(benchmark) -> None:
     kv_len = torch.tensor([33])
     out = benchmark.pedantic(lambda: ta.decode_attention(q, k, v, scale=0.125, kv_len=kv_len), rounds=1)
     torch.testing.assert_close(out, ref.decode_attention(q, k, v, scale=0.125, kv_len=kv_len), atol=2e-5, rtol=1e-5)
+    _report(benchmark, "K/V bytes read", 2 * 2 * 2 * 33 * 64 * 4 / 1e9, "GB/s", n_calls=1)
+    assert benchmark.extra_info["us_per_call"] > 0

@@ -293,3 +293,18 @@ def test_conversation_bad_inputs(tts, pool):
 
     with pytest.raises(RuntimeError, match="await"):
         asyncio.run(inside_loop())
+
+
+def test_audio_normalized_and_saved(tmp_path):
+    import pyloudnorm
+
+    rate = 24_000
+    t = np.arange(rate) / rate
+    audio = Audio((0.05 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), rate)
+    loud = audio.normalized(-20.0)
+    assert pyloudnorm.Meter(rate).integrated_loudness(loud.samples.astype(np.float64)) == pytest.approx(-20.0, abs=0.5)
+    short = Audio(audio.samples[: rate // 10], rate)  # 100 ms: loudness undefined, left as is
+    np.testing.assert_array_equal(short.normalized().samples, short.samples)
+    back, sr = sf.read(loud.save(tmp_path / "a.wav", subtype="FLOAT"), dtype="float32")
+    assert sr == rate
+    np.testing.assert_array_equal(back, loud.samples)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..audio import crossfade_join, write_wav
+from ..audio import crossfade_join, normalize_loudness, write_wav
 from ..longform import DEFAULT_CHARS_PER_SECOND, DEFAULT_MAX_CHUNK_SECONDS, chunk_budget, split_text
 from .pool import GenerationOptions, VoicePool
 from .speaker import CustomSpeaker, Speaker
@@ -36,6 +36,15 @@ class Audio:
     def duration(self) -> float:
         """Length in seconds."""
         return len(self.samples) / self.sample_rate
+
+    def normalized(self, target_lufs: float = -23.0, *, peak_ceiling_db: float = -1.0) -> Audio:
+        """A copy at ``target_lufs`` integrated loudness (ITU-R BS.1770), peaks kept below the ceiling.
+
+        Silent audio and audio shorter than 400 ms come back unchanged (see
+        :func:`dia_fast.audio.normalize_loudness`).
+        """
+        samples = normalize_loudness(self.samples, self.sample_rate, target_lufs, peak_ceiling_db=peak_ceiling_db)
+        return Audio(samples, self.sample_rate, self.codes)
 
     def save(self, path: str | Path, *, subtype: str = "PCM_16") -> Path:
         """Write a WAV file (16-bit PCM or ``"FLOAT"``), atomically."""

@@ -73,7 +73,7 @@ class _Request:
     prompt: torch.Tensor | None
     prompt_text: str | None
     options: GenerationOptions
-    future: asyncio.Future = field(repr=False)
+    future: asyncio.Future | None = field(default=None, repr=False)  # None: a synchronous call
 
 
 @dataclass
@@ -189,8 +189,9 @@ class VoicePool:
         """Blocking :meth:`generate` for one text (no batching); safe to call from several threads."""
         opts = GenerationOptions(**options)
         self._check(text, audio_prompt_text)
-        req = _Request(text, self._prompt_codes(audio_prompt), audio_prompt_text, opts, future=None)  # type: ignore[arg-type]
-        return self._run_batch([req])[0]
+        if audio_prompt_text and audio_prompt is None:
+            raise ValueError("audio_prompt_text was given without an audio_prompt")
+        return self._run_batch([_Request(text, self._prompt_codes(audio_prompt), audio_prompt_text, opts)])[0]
 
     # ------------------------------------------------------------------------------ scheduler
     def _state(self, loop: asyncio.AbstractEventLoop) -> _LoopState:
@@ -211,7 +212,7 @@ class VoicePool:
                     await asyncio.sleep(self.batch_window_s)  # let concurrent callers join the batch
                 while len(pending) < self.max_batch and not queue.empty():
                     pending.append(queue.get_nowait())
-                live = [r for r in pending if not r.future.done()]  # drop callers that were cancelled
+                live = [r for r in pending if r.future is not None and not r.future.done()]  # drop cancelled callers
                 groups: dict[GenerationOptions, list[_Request]] = {}
                 for req in live:
                     groups.setdefault(req.options, []).append(req)
@@ -281,8 +282,8 @@ class VoicePool:
         return f"VoicePool({self.tts!r}, max_batch={self.max_batch})"
 
 
-def _settle(future: asyncio.Future, *, result: Any = None, exc: BaseException | None = None) -> None:
-    if future.done():  # the caller was cancelled meanwhile
+def _settle(future: asyncio.Future | None, *, result: Any = None, exc: BaseException | None = None) -> None:
+    if future is None or future.done():  # the caller was cancelled meanwhile
         return
     if exc is not None:
         future.set_exception(exc)

@@ -11,7 +11,12 @@ def snake(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
 
     The ``1e-9`` guard against ``alpha == 0`` is the one DAC was trained with.
     """
-    return x + (alpha + 1e-9).reciprocal() * torch.sin(alpha * x).pow(2)
+    inv_alpha = (alpha + 1e-9).reciprocal()
+    if torch.is_grad_enabled() and (x.requires_grad or alpha.requires_grad):
+        return x + inv_alpha * torch.sin(alpha * x).pow(2)
+    # Inference: 3 passes over x instead of 5 (sin and square in place, then one fused multiply-add).
+    s = torch.sin(alpha * x).square_()
+    return torch.addcmul(x, s, inv_alpha)
 
 
 class Snake(nn.Module):

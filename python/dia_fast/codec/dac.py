@@ -580,13 +580,47 @@ class DacCodec(nn.Module):
         """Quantized latent [B, hidden_size, T] -> float32 PCM [B, T * hop_length] in [-1, 1]."""
         return self.decoder(latent.to(device=self.device, dtype=self.dtype)).squeeze(1).float()
 
+    @property
+    def context_frames(self) -> int:
+        """Frames of context on each side that decide one output frame (the decoder's receptive field,
+        rounded up): decoding a chunk with this much context on both sides gives the same samples as
+        decoding the whole sequence."""
+        cfg = self.config
+        steps = 3.0  # decoder.conv1: kernel 7 at the frame rate
+        rate = 1
+        for stride in cfg.upsampling_ratios:
+            steps += 1 / rate  # transposed conv (kernel 2*stride): one input step either side
+            rate *= stride
+            steps += 3 * (1 + 3 + 9) / rate  # three residual units: kernel 7, dilations 1, 3, 9
+        steps += 3 / rate  # decoder.conv2: kernel 7 at the sample rate
+        return math.ceil(steps) + 1
+
     @torch.no_grad()
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """Int codes [B, T, n_codebooks] (or [T, n_codebooks]) -> float32 PCM [B, T * hop_length]."""
+    def decode(self, codes: torch.Tensor, chunk_frames: int | None = 1024) -> torch.Tensor:
+        """Int codes [B, T, n_codebooks] (or [T, n_codebooks]) -> float32 PCM [B, T * hop_length].
+
+        Sequences longer than ``chunk_frames`` are decoded in chunks, each with
+        :attr:`context_frames` of context either side, which bounds peak memory (the last decoder
+        stages hold [B, 96, samples] activations) and matches whole decoding up to rounding.
+        ``chunk_frames=None`` decodes in one go.
+        """
         codes = self._check_codes(codes)
-        if codes.shape[1] == 0:
-            return torch.zeros(codes.shape[0], 0, device=self.device)
-        return self.decode_latent(self.quantizer.dequantize(codes))
+        b, t = codes.shape[:2]
+        if t == 0:
+            return torch.zeros(b, 0, device=self.device)
+        latent = self.quantizer.dequantize(codes)
+        if chunk_frames is None or t <= chunk_frames:
+            return self.decode_latent(latent)
+        if chunk_frames <= 0:
+            raise ValueError(f"chunk_frames must be positive or None, got {chunk_frames}")
+        hop, ctx = self.hop_length, self.context_frames
+        out = torch.empty(b, t * hop, device=self.device)
+        for start in range(0, t, chunk_frames):
+            end = min(t, start + chunk_frames)
+            lo, hi = max(0, start - ctx), min(t, end + ctx)
+            wav = self.decode_latent(latent[..., lo:hi])
+            out[:, start * hop : end * hop] = wav[:, (start - lo) * hop : (end - lo) * hop]
+        return out
 
     # --- construction ---------------------------------------------------------------------
 

@@ -363,3 +363,19 @@ def test_gpu_decode_step_never_syncs():
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         assert bufs.logits.dtype == torch.float32 and int(bufs.pos) == 4
+
+
+def test_static_engine_sampling_follows_the_callers_generator(model):
+    """A cached runner draws from its own generator, loaded from the caller's: same codes as eager for a seed,
+    on a fresh and on a reused runner, and the caller's generator advances exactly as in eager mode."""
+    ids, mask = encode_batch(TEXTS[:2])
+    kw = dict(max_new_tokens=40, sampling=SAMPLED)
+    g_eager = torch.Generator().manual_seed(21)
+    eager = generate_codes(model, ids, mask, generator=g_eager, engine=DecodeEngine(model, static=False), **kw)
+    engine = DecodeEngine(model, static=True)
+    for _ in range(2):  # new generator objects each time: the runner is reused all the same
+        g = torch.Generator().manual_seed(21)
+        out = generate_codes(model, ids, mask, generator=g, engine=engine, **kw)
+        assert torch.equal(out.delayed, eager.delayed) and torch.equal(out.eos_pos, eager.eos_pos)
+        assert torch.equal(g.get_state(), g_eager.get_state())
+    assert len(engine._entries) == 1

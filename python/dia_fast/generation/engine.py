@@ -19,6 +19,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -145,8 +147,12 @@ def decode_step(model: DiaModel, spec: StepSpec, bufs: StepBuffers, generator: t
 class StepRunner:
     """Runs :func:`decode_step` on one set of buffers: eagerly, or by replaying a captured CUDA graph.
 
-    ``warmup_seconds``: time spent warming up and capturing for this runner (0 when it was reused).
-    Hold it with ``with runner:`` while generating: a static runner is shared by the calls of a bucket.
+    ``generator``: the generator the steps draw from (``None``: the device's default one). A static runner
+    owns its generator (a graph is tied to the generator registered at capture): :meth:`bind` lends it the
+    state of the caller's generator for one call and hands the advanced state back, so a seed gives the same
+    codes on a fresh or a reused runner. ``warmup_seconds``: time spent warming up and capturing for this
+    runner (0 when it was reused). Hold it with ``with runner:`` while generating: a static runner is shared
+    by the calls of a bucket.
     """
 
     def __init__(
@@ -168,6 +174,19 @@ class StepRunner:
     @property
     def graphed(self) -> bool:
         return self.graph is not None
+
+    @contextmanager
+    def bind(self, generator: torch.Generator | None) -> Iterator[None]:
+        """Draw from ``generator``'s state during the block (its state advances as if it had been used)."""
+        own = self.generator
+        if own is None or generator is None or own is generator:
+            yield
+            return
+        own.set_state(generator.get_state())
+        try:
+            yield
+        finally:
+            generator.set_state(own.get_state())
 
     def _eager(self) -> None:
         decode_step(self.model, self.spec, self.bufs, self.generator)
@@ -262,25 +281,30 @@ class DecodeEngine:
         generator: torch.Generator | None = None,
         cuda_graphs: bool | None = None,
     ) -> StepRunner:
-        """A runner for buffers of exactly these shapes (pass the result of :meth:`shapes`)."""
+        """A runner for buffers of exactly these shapes (pass the result of :meth:`shapes`).
+
+        Static runners are cached; they own a generator when ``generator`` is given: use
+        ``with runner, runner.bind(generator):`` around the steps.
+        """
         graph = self.graphs_enabled(cuda_graphs)
         if not self.is_static:
             bufs = allocate_buffers(self.model, spec, max_len, text_len, self_mask)
             return StepRunner(self.model, spec, bufs, generator)
-        key = (spec, max_len, text_len, self_mask, graph)
+        key = (spec, max_len, text_len, self_mask, graph, generator is not None)
         with self._lock:
             run = self._entries.get(key)
-            if run is not None and run.generator is not generator:
-                run = None  # a graph is tied to the generator registered at capture
             if run is not None:
                 self._entries.move_to_end(key)
                 run.warmup_seconds = 0.0
                 return run
-            self._entries.pop(key, None)
             while len(self._entries) >= self.max_entries:
                 self._entries.popitem(last=False)
+        own = None
+        if generator is not None:
+            own = torch.Generator(device=generator.device)
+            own.set_state(generator.get_state())  # warm-up draws must be valid for this device
         bufs = allocate_buffers(self.model, spec, max_len, text_len, self_mask)
-        run = StepRunner(self.model, spec, bufs, generator, graph=graph, warmup_steps=self.warmup_steps)
+        run = StepRunner(self.model, spec, bufs, own, graph=graph, warmup_steps=self.warmup_steps)
         with self._lock:
             self._entries[key] = run
         return run

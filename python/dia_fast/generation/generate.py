@@ -247,7 +247,7 @@ def generate_codes(
         sampler=default_sampler(device),
     )
     runner = engine.runner(spec, Lb, Tb, prefix.self_mask is not None or engine.is_static, generator, cuda_graphs)
-    with runner:
+    with runner, runner.bind(generator):
         bufs = runner.bufs
         _load(model, bufs, enc_out, enc_mask, prefix, L, B, host_pool)
         # Prefill: the decoder over the prefix fills the caches and the logits of position P0.

@@ -52,6 +52,24 @@ def test_greedy_matches_reference(B: int, dtype: torch.dtype) -> None:
     assert bool((got[:, 1:] < EOS).all())
 
 
+def test_gpu_radix_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The interpreter runs 4-bit radix passes by default; the GPU runs 2-bit ones: check those too."""
+    monkeypatch.setattr(ts, "_RADIX_BITS", 2)
+    gen = torch.Generator().manual_seed(12)
+    cond, uncond = _logits(2, torch.float32, gen)
+    for cfg_scale, top_k in GREEDY_SETTINGS[:3]:
+        kw = dict(cfg_scale=cfg_scale, top_k=top_k, do_sample=False)
+        assert torch.equal(ts.cfg_sample(cond, uncond, **kw), ref.cfg_sample(cond, uncond, **kw))
+    kw = dict(cfg_scale=1.0, temperature=2.0, top_p=0.9, top_k=10, eos_id=SEOS)
+    small_c = torch.randn(1, 3, SV, generator=gen) * 1.5
+    small_u = small_c + torch.randn(1, 3, SV, generator=gen) * 0.5
+    counts = _draw_counts(small_c, small_u, 2000, seed=3, **kw)
+    probs = _expected_probs(small_c, small_u, **dict(kw))
+    for c in range(3):
+        assert int(counts[c][probs[c] == 0].sum()) == 0
+        assert _chi2_pvalue(counts[c], probs[c]) > 1e-3
+
+
 def test_greedy_strided_inputs() -> None:
     """The CFG batch [2B, C, V] split in halves, and a channel-major (transposed) layout."""
     gen = torch.Generator().manual_seed(4)
@@ -241,3 +259,43 @@ def test_cuda_graph_capture_gpu() -> None:
         step.fill_(i)
         graph.replay()
         assert torch.equal(out, ts.cfg_sample(cond, uncond, seed=seed, offset=i))
+
+
+# --- the whole generation loop with the Triton delay / embedding / sampling ops ----------------
+
+MY_OPS = ("apply_delay", "revert_delay", "undelay_codes", "embed_codes", "cfg_sample")
+
+
+def _generate(model, ids, mask, backend: str, sampling, generator=None):
+    from dia_fast.generation.generate import generate_codes
+
+    for op in MY_OPS:
+        ops.set_backend(backend, op)
+    try:
+        assert all(ops.select_backend(op, model.device) == backend for op in MY_OPS)
+        out = generate_codes(
+            model, ids, mask, max_new_tokens=24, sampling=sampling, generator=generator, progress=False, pool=False
+        )
+        return out.delayed, out.frames(model.config)
+    finally:
+        for op in MY_OPS:
+            ops.set_backend(None, op)
+
+
+def test_generate_with_triton_ops_matches_torch() -> None:
+    """Tiny random Dia: the greedy codes with the Triton delay, embedding and sampling ops equal the
+    torch backend's (sampling-mode draws differ by design: Gumbel-max on Philox vs torch's RNG)."""
+    from dia_fast.config import DiaConfig
+    from dia_fast.generation.sampling import SamplingConfig
+    from dia_fast.model import DiaModel
+    from dia_fast.text import encode_batch
+
+    torch.manual_seed(0)
+    model = DiaModel(DiaConfig.preset("tiny")).eval()
+    ids, mask = encode_batch(["[S1] Hello there. [S2] Hi!", "[S1] A second, longer line of text (laughs)."])
+    greedy = SamplingConfig(do_sample=False)
+    want, want_frames = _generate(model, ids, mask, "torch", greedy)
+    got, got_frames = _generate(model, ids, mask, "triton", greedy)
+    assert torch.equal(got, want)
+    assert all(torch.equal(g, w) for g, w in zip(got_frames, want_frames, strict=True))
+    assert sum(f.shape[0] for f in got_frames) > 0

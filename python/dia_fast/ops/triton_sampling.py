@@ -33,7 +33,10 @@ import triton.language as tl
 __all__ = ["MAX_VOCAB", "cfg_sample"]
 
 MAX_VOCAB = 4096
-_RADIX_BITS = 2  # bits of the threshold fixed per pass (2**_RADIX_BITS candidates tested at once)
+# Bits of a threshold fixed per radix pass (2**bits candidates tested at once, [rows, 2**bits, V] work per
+# pass). GPU: 2 (small per-thread state); interpreter: 4 (half the passes; its cost is per op, not per
+# element). None = that default; tests set it to run the GPU configuration in the interpreter too.
+_RADIX_BITS: int | None = None
 
 
 @triton.jit
@@ -162,7 +165,7 @@ def _cfg_sample_kernel(
 def _config(n_rows: int, block_v: int, interpreted: bool) -> tuple[int, int]:
     """(rows per program, num_warps). The interpreter runs programs one by one: give it big tiles."""
     if interpreted:
-        return max(1, min(triton.next_power_of_2(n_rows), 16384 // block_v)), 4
+        return max(1, min(triton.next_power_of_2(n_rows), 65536 // block_v)), 4
     rows = max(1, min(triton.next_power_of_2(n_rows), 1024 // block_v))
     return rows, (4 if rows * block_v <= 1024 else 8 if rows * block_v <= 2048 else 16)
 
@@ -222,8 +225,9 @@ def cfg_sample(
 
     block_v = max(16, triton.next_power_of_2(V))
     idx_bits = block_v.bit_length() - 1
-    key_bits = -(-(32 + idx_bits) // _RADIX_BITS) * _RADIX_BITS
     interpreted = os.environ.get("TRITON_INTERPRET") == "1" and cond.device.type == "cpu"
+    radix_bits = _RADIX_BITS or (4 if interpreted else 2)
+    key_bits = -(-(32 + idx_bits) // radix_bits) * radix_bits
     rows, num_warps = _config(n_rows, block_v, interpreted)
     grid = (triton.cdiv(n_rows, rows),)
     _cfg_sample_kernel[grid](
@@ -255,7 +259,7 @@ def cfg_sample(
         BLOCK_V=block_v,
         IDX_BITS=idx_bits,
         KEY_BITS=key_bits,
-        RADIX_BITS=_RADIX_BITS,
+        RADIX_BITS=radix_bits,
         num_warps=num_warps,
         # no FMA contraction: guided = cond + s * (cond - uncond) rounds as torch's separate ops do
         enable_fp_fusion=False,

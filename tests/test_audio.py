@@ -11,6 +11,8 @@ import pyloudnorm
 import pytest
 import soundfile as sf
 import torch
+from scipy.signal import butter, sosfilt
+
 from dia_fast.audio import (
     AudioFormatError,
     crossfade_join,
@@ -22,7 +24,6 @@ from dia_fast.audio import (
     resample,
     write_wav,
 )
-from scipy.signal import butter, sosfilt
 
 CODEC_RATE = 44_100
 

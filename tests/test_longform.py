@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 import torch
+
 from dia_fast.audio import crossfade_join
 from dia_fast.longform import chunk_budget, generate_long, split_text, split_text_spans, spoken_chars, text_tokens
 
@@ -82,6 +83,12 @@ def test_split_prefers_sentence_and_turn_boundaries():
         "[S2] Nine ten.",
     ]
     assert split_text(text, 1024) == [text]
+    # a line break ends a sentence too (titles, lists, verse)
+    assert split_text("[S1] A title\n\nA first line\nthe second", 1024, 12) == [
+        "[S1] A title\n\n",
+        "[S1] A first line\n",
+        "[S1] the second",
+    ]
 
 
 def test_long_sentence_splits_between_words_and_carries_the_tag():
@@ -118,7 +125,7 @@ def test_split_errors():
 def tts():
     from dia_fast import DiaTTS
 
-    return DiaTTS.random("tiny", seed=0)
+    return DiaTTS.random("tiny", seed=0, device="cpu", dtype="float32")
 
 
 GREEDY = {"do_sample": False, "max_new_tokens": 40}

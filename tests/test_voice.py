@@ -29,7 +29,7 @@ LONGFORM = {"chars_per_second": 1000.0}  # tests use 40 decoder steps: let a sen
 def tts():
     from dia_fast import DiaTTS
 
-    return DiaTTS.random("tiny", seed=0)
+    return DiaTTS.random("tiny", seed=0, device="cpu", dtype="float32")
 
 
 @pytest.fixture()

@@ -61,6 +61,8 @@ def _key_mask(kind: str, B: int, T: int, gen: torch.Generator) -> torch.Tensor |
 # (B, Hq, Hkv, Tq, Tk, D, causal, mask kind, scale)
 PREFILL_CASES = [
     (1, 2, 2, 1, 1, 64, False, "none", 0.125),  # T = 1
+    (2, 4, 2, 19, 19, 16, True, "left", 0.25),  # the tiny model's head dim
+    (2, 3, 1, 11, 26, 80, False, "random", 0.11),  # head dim not a power of two, GQA 3
     (1, 2, 1, 1, 9, 64, True, "none", 1.0),  # one causal query sees every key
     (2, 4, 2, 37, 45, 64, False, "random", 0.125),  # ragged, GQA 2, fully masked item
     (3, 4, 1, 33, 33, 64, True, "none", 0.2),  # GQA 4, causal
@@ -138,8 +140,11 @@ def test_invalid_arguments_raise() -> None:
     with pytest.raises(ValueError, match="multiple"):
         ta.attention(q, k, k)
     k = torch.randn(1, 2, 5, 48, device=DEVICE)
-    with pytest.raises(ValueError):
-        ta.attention(torch.randn(1, 4, 3, 48, device=DEVICE), k, k)
+    with pytest.raises(ValueError, match="disagree"):
+        ta.attention(q, k, k)
+    k = torch.randn(1, 2, 5, 272, device=DEVICE)
+    with pytest.raises(ValueError, match="head_dim"):
+        ta.attention(torch.randn(1, 4, 3, 272, device=DEVICE), k, k)
     k = torch.randn(1, 2, 5, 64, device=DEVICE)
     with pytest.raises(ValueError, match="dtype"):
         ta.attention(q, k.half(), k.half())
@@ -193,6 +198,8 @@ DECODE_CASES = [
     (2, 16, 4, 61, 128, "step", "left", 0.088),  # ... with a left-padded prompt
     (2, 16, 16, 45, 128, "none", "right", 1.0),  # Dia cross-attention step over the text
     (1, 4, 4, 33, 64, "int", "right", 0.2),
+    (2, 4, 2, 40, 16, "batch", "none", 0.25),  # the tiny model's head dim
+    (3, 6, 2, 50, 96, "batch", "random", 0.1),  # head dim not a power of two, GQA 3
 ]
 
 

@@ -36,6 +36,17 @@ _MAX_SPLITS = 128
 
 
 @triton.jit
+def _dim_mask(HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Which of the BLOCK_D (a power of two) lanes hold a real head-dim element. A constant
+    all-true splat when nothing is padded, so loads stay vectorised along the head dim."""
+    if BLOCK_D == HEAD_DIM:
+        d_ok = tl.full([BLOCK_D], 1, tl.int1)
+    else:
+        d_ok = tl.arange(0, BLOCK_D) < HEAD_DIM
+    return d_ok
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, Out, KM,
     sqb, sqh, sqm, sqd,
@@ -46,6 +57,7 @@ def _attn_fwd_kernel(
     Hq, Tq, Tk, qk_scale,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
@@ -60,16 +72,18 @@ def _attn_fwd_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = _dim_mask(HEAD_DIM, BLOCK_D)
     row_ok = offs_m < Tq
+    q_mask = row_ok[:, None] & d_ok[None, :]
 
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=row_ok[:, None], other=0.0)
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     if CAUSAL:
         # query i sees keys <= i + Tk - Tq; no row of this block sees a key past `hi`.
@@ -81,7 +95,9 @@ def _attn_fwd_kernel(
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < Tk
-        k = tl.load(k_base + cols[None, :] * skn + offs_d[:, None] * skd, mask=col_ok[None, :], other=0.0)
+        k = tl.load(
+            k_base + cols[None, :] * skn + offs_d[:, None] * skd, mask=col_ok[None, :] & d_ok[:, None], other=0.0
+        )
         # log2-domain scores: softmax via exp2
         qk = tl.dot(q, k, input_precision=PREC) * qk_scale
         valid = col_ok[None, :]
@@ -98,7 +114,9 @@ def _attn_fwd_kernel(
         p = tl.exp2(qk - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :] * svd, mask=col_ok[:, None], other=0.0)
+        v = tl.load(
+            v_base + cols[:, None] * svn + offs_d[None, :] * svd, mask=col_ok[:, None] & d_ok[None, :], other=0.0
+        )
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
 
@@ -107,7 +125,7 @@ def _attn_fwd_kernel(
     tl.store(
         Out + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
         out.to(Out.dtype.element_ty),
-        mask=row_ok[:, None],
+        mask=q_mask,
     )
 
 
@@ -124,6 +142,7 @@ def _decode_split_kernel(
     GROUP: tl.constexpr,
     BLOCK_G: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     KVLEN_MODE: tl.constexpr,
     HAS_MASK: tl.constexpr,
@@ -141,8 +160,10 @@ def _decode_split_kernel(
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = _dim_mask(HEAD_DIM, BLOCK_D)
     g_ok = offs_g < GROUP
+    gd_ok = g_ok[:, None] & d_ok[None, :]
     heads = (hk * GROUP + offs_g).to(tl.int64)
 
     # KVLEN_MODE: 0 = all L keys, 1 = host int, 2 = device tensor (read here: no host sync)
@@ -156,19 +177,21 @@ def _decode_split_kernel(
     lo = s * chunk
     hi = tl.minimum(lo + chunk, n_valid)
 
-    q = tl.load(Q + b * sqb + heads[:, None] * sqh + offs_d[None, :] * sqd, mask=g_ok[:, None], other=0.0)
+    q = tl.load(Q + b * sqb + heads[:, None] * sqh + offs_d[None, :] * sqd, mask=gd_ok, other=0.0)
     k_base = K + b * skb + hk.to(tl.int64) * skh
     v_base = V + b * svb + hk.to(tl.int64) * svh
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
 
     # splits entirely past kv_len run no iteration and report (m=-inf, l=0, acc=0)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < hi
-        k = tl.load(k_base + cols[None, :] * skn + offs_d[:, None] * skd, mask=col_ok[None, :], other=0.0)
+        k = tl.load(
+            k_base + cols[None, :] * skn + offs_d[:, None] * skd, mask=col_ok[None, :] & d_ok[:, None], other=0.0
+        )
         qk = tl.dot(q, k, input_precision=PREC) * qk_scale
         valid = col_ok
         if HAS_MASK:
@@ -181,7 +204,9 @@ def _decode_split_kernel(
         p = tl.exp2(qk - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :] * svd, mask=col_ok[:, None], other=0.0)
+        v = tl.load(
+            v_base + cols[:, None] * svn + offs_d[None, :] * svd, mask=col_ok[:, None] & d_ok[None, :], other=0.0
+        )
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
 
@@ -192,14 +217,14 @@ def _decode_split_kernel(
         tl.store(
             Out + b * sob + heads[:, None] * soh + offs_d[None, :] * sod,
             out.to(Out.dtype.element_ty),
-            mask=g_ok[:, None],
+            mask=gd_ok,
         )
     else:
         # partials laid out [B * Hq, n_splits, (HEAD_DIM)], fp32, unnormalised
         row = (b * Hq + heads) * n_splits + s
         tl.store(PM + row, m_i, mask=g_ok)
         tl.store(PL + row, l_i, mask=g_ok)
-        tl.store(PO + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_ok[:, None])
+        tl.store(PO + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=gd_ok)
 
 
 @triton.jit
@@ -208,6 +233,7 @@ def _decode_reduce_kernel(
     sob, soh, sod,
     Hq, n_splits,
     HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):  # fmt: skip
     """Combine the per-split (acc, max, sumexp) of one (batch row, query head)."""
@@ -215,7 +241,8 @@ def _decode_reduce_kernel(
     b = pid // Hq
     h = pid % Hq
     offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = _dim_mask(HEAD_DIM, BLOCK_D)
     s_ok = offs_s < n_splits
     row = pid * n_splits + offs_s
 
@@ -225,10 +252,10 @@ def _decode_reduce_kernel(
     m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
     w = tl.exp2(m - m_safe)  # empty splits (m = -inf) weigh 0
     denom = tl.sum(w * l, 0)
-    acc = tl.load(PO + row[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    acc = tl.load(PO + row[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
     num = tl.sum(acc * w[:, None], 0)
     out = tl.where(denom > 0.0, num / tl.where(denom > 0.0, denom, 1.0), 0.0)
-    tl.store(Out + b * sob + h * soh + offs_d * sod, out.to(Out.dtype.element_ty))
+    tl.store(Out + b * sob + h * soh + offs_d * sod, out.to(Out.dtype.element_ty), mask=d_ok)
 
 
 # --- host side ------------------------------------------------------------------------------
@@ -255,8 +282,8 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, 
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch or head_dim")
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
-    if D < 16 or D > 256 or D & (D - 1):
-        raise ValueError(f"head_dim must be a power of two in [16, 256], got {D}")
+    if D < 1 or D > 256:
+        raise ValueError(f"head_dim must be in [1, 256], got {D}")
     if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(
             f"q, k, v must share one dtype among float32/float16/bfloat16, got {q.dtype}, {k.dtype}, {v.dtype}"
@@ -277,6 +304,11 @@ def _mask_arg(key_mask: torch.Tensor | None, B: int, T: int, like: torch.Tensor)
     km = km.view(torch.uint8) if km.dtype == torch.bool else (km != 0).view(torch.uint8)
     sb = km.stride(0) if km.shape[0] == B else 0
     return km, sb, km.stride(1)
+
+
+def _block_d(D: int) -> int:
+    """Head-dim tile: the next power of two, at least 16 (the smallest tl.dot operand)."""
+    return max(16, triton.next_power_of_2(D))
 
 
 def _is_interpreter(t: torch.Tensor) -> bool:
@@ -356,7 +388,7 @@ def attention(
     q [B, Hq, Tq, D]; k, v [B, Hkv, Tk, D] with ``Hq % Hkv == 0`` (query head ``h`` reads KV
     head ``h // (Hq // Hkv)``); ``key_mask`` [B, Tk] (True = attend) or None; ``causal``
     aligns queries to the end of the keys (query ``i`` sees keys ``<= i + Tk - Tq``). Rows
-    seeing no key return zeros. fp32 / fp16 / bf16, head_dim a power of two in [16, 256],
+    seeing no key return zeros. fp32 / fp16 / bf16, any head_dim up to 256,
     any strides. Returns a contiguous [B, Hq, Tq, D] tensor in q's dtype.
     """
     B, Hq, Tq, D, Hkv, Tk = _check_qkv(q, k, v)
@@ -376,7 +408,7 @@ def attention(
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         skmb, skmn,
         Hq, Tq, Tk, float(scale) * _LOG2E,
-        GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn,
+        GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=bm, BLOCK_N=bn,
         CAUSAL=bool(causal), HAS_MASK=key_mask is not None, PREC="ieee",
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
@@ -449,7 +481,7 @@ def decode_attention(
         skvl, kv_len_int,
         so[0], so[1], so[3],
         Hq, L, n_splits, float(scale) * _LOG2E,
-        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, BLOCK_N=block_n,
+        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_N=block_n,
         KVLEN_MODE=mode, HAS_MASK=key_mask is not None, DIRECT=direct, PREC="ieee",
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
@@ -458,7 +490,7 @@ def decode_attention(
             po, pm, pl, out,
             so[0], so[1], so[3],
             Hq, n_splits,
-            HEAD_DIM=D, BLOCK_S=max(2, triton.next_power_of_2(n_splits)),
+            HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_S=max(2, triton.next_power_of_2(n_splits)),
             num_warps=4 if D <= 128 else 8,
         )  # fmt: skip
     return out

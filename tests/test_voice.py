@@ -81,6 +81,22 @@ def test_different_settings_are_not_batched_together(tts, pool):
     torch.testing.assert_close(three.codes, _single(tts, "[S1] Three."), rtol=0, atol=0)
 
 
+def test_more_requests_than_max_batch_and_a_cancelled_caller(tts, pool):
+    texts = [f"[S{1 + i % 2}] Number {i}." for i in range(6)]
+
+    async def main():
+        tasks = [asyncio.create_task(pool.generate(t, **GREEDY)) for t in texts]
+        await asyncio.sleep(0)  # all six are queued
+        tasks[1].cancel()  # this caller gives up: the others must still get their results
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert isinstance(results[1], asyncio.CancelledError)
+    assert pool.stats["largest_batch"] == 4 and pool.stats["requests"] == 5
+    for i in (0, 2, 3, 4, 5):
+        torch.testing.assert_close(results[i].codes, _single(tts, texts[i]), rtol=0, atol=0)
+
+
 def test_errors_reach_only_their_caller(tts, monkeypatch):
     real_generate = tts.generate
 

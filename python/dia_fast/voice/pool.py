@@ -208,11 +208,15 @@ class VoicePool:
         try:
             while True:
                 pending = [await queue.get()]
+                if _gone(pending[0]):
+                    continue
                 if queue.qsize() < self.max_batch - 1 and self.batch_window_s > 0:
                     await asyncio.sleep(self.batch_window_s)  # let concurrent callers join the batch
                 while len(pending) < self.max_batch and not queue.empty():
-                    pending.append(queue.get_nowait())
-                live = [r for r in pending if r.future is not None and not r.future.done()]  # drop cancelled callers
+                    req = queue.get_nowait()
+                    if not _gone(req):
+                        pending.append(req)
+                live = [r for r in pending if not _gone(r)]  # a caller may have given up meanwhile
                 groups: dict[GenerationOptions, list[_Request]] = {}
                 for req in live:
                     groups.setdefault(req.options, []).append(req)
@@ -280,6 +284,11 @@ class VoicePool:
 
     def __repr__(self) -> str:
         return f"VoicePool({self.tts!r}, max_batch={self.max_batch})"
+
+
+def _gone(req: _Request) -> bool:
+    """True when the caller no longer waits (its future was cancelled)."""
+    return req.future is None or req.future.done()
 
 
 def _settle(future: asyncio.Future | None, *, result: Any = None, exc: BaseException | None = None) -> None:

@@ -8,6 +8,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+
 from dia_fast.api import DiaTTS
 from dia_fast.generation.stream import codec_context_frames, stream_generate
 
@@ -147,3 +148,27 @@ def test_declared_context_is_used(tts):
             return getattr(self._codec, name)
 
     assert codec_context_frames(Declared(tts.codec)) == (3, 4)
+    c = tts.codec.context_frames
+    assert codec_context_frames(tts.codec) == ((c, c) if isinstance(c, int) else tuple(c))
+
+
+def test_measured_context_covers_the_receptive_field(tts, one_shot):
+    """Without a declared context it is measured (no more than the DAC's analytic figure + the margin),
+    and the measured context alone gives exact joins."""
+
+    class Undeclared:
+        def __init__(self, codec):
+            self._codec = codec
+
+        def __getattr__(self, name):
+            if name == "context_frames":
+                raise AttributeError(name)
+            return getattr(self._codec, name)
+
+    codec = Undeclared(tts.codec)
+    left, right = codec_context_frames(codec, "cpu")
+    assert 0 < left <= tts.codec.context_frames + 2 and 0 < right <= tts.codec.context_frames + 2
+    stream = stream_generate(
+        tts, TEXT, chunk_frames=5, left_context_frames=left, lookahead_frames=right, max_new_tokens=60, **GREEDY
+    )
+    _close_to(np.concatenate(list(stream)), one_shot)

@@ -40,13 +40,14 @@ _context_cache: weakref.WeakKeyDictionary[Any, tuple[int, int]] = weakref.WeakKe
 def codec_context_frames(codec: AudioCodec, device: torch.device | str | None = None) -> tuple[int, int]:
     """(left, right) frames of context the codec decoder needs around a frame for exact audio.
 
-    Uses ``codec.context_frames`` when the codec declares it; otherwise it is measured once per
+    Uses ``codec.context_frames`` (an int for both sides, or a pair) when the codec declares it
+    (as :class:`~dia_fast.codec.dac.DacCodec` does); otherwise it is measured once per
     codec (and cached): decode random codes, change one frame, and see how far the audio changes.
     A margin of two frames is added to the measurement.
     """
     declared = getattr(codec, "context_frames", None)
-    if declared is not None:
-        left, right = declared
+    if declared is not None:  # an int (both sides) or a (left, right) pair
+        left, right = (declared, declared) if isinstance(declared, int) else declared
         return int(left), int(right)
     try:
         return _context_cache[codec]

@@ -1,0 +1,322 @@
+"""``python -m dia_fast.bench``: dia_fast against transformers' Dia on identical weights, in one process.
+
+>>> from dia_fast.bench import BenchOptions, run_bench
+>>> doc = run_bench(BenchOptions(model="tiny", device="cpu", batches=(1,), steps=64))
+>>> doc["results"][0]["decode_steps_per_s"]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .. import ops
+from .._version import __version__
+from ..config import DiaConfig
+from ..devices import resolve_device, resolve_dtype
+from ..generation.sampling import SamplingConfig
+from ..info import _version_of
+from .report import add_speedups, document, table, write_json
+from .runners import RunResult, build_transformers, run_dia_fast, run_transformers, time_to_first_audio
+
+if TYPE_CHECKING:
+    from ..api import DiaTTS
+
+__all__ = ["BenchOptions", "main", "parse_args", "run_bench"]
+
+TEXTS = [
+    "[S1] Dia is an open weights text to dialogue model. [S2] You get full control over scripts and voices.",
+    "[S1] Wow. Amazing. (laughs) [S2] Try it now on Git hub or Hugging Face.",
+    "[S1] The quick brown fox jumps over the lazy dog. [S2] And then it runs away!",
+    "[S1] How fast can this go? [S2] Let us measure it, on the same weights, in the same process.",
+]
+COMPARES = ("transformers", "eager")
+
+
+@dataclass
+class BenchOptions:
+    """Settings of one bench run (the command-line options, see ``python -m dia_fast.bench -h``)."""
+
+    model: str = "tiny"
+    device: str | None = None
+    dtype: str | None = None
+    batches: tuple[int, ...] = (1,)
+    steps: int = 256
+    compare: tuple[str, ...] = COMPARES
+    json_path: str | None = None
+    layers: int | None = None
+    codec: str = "auto"
+    do_sample: bool = False
+    repeat: int = 2
+    chunk_frames: int = 43
+    first_chunk_frames: int = 16
+    seed: int = 0
+    quiet: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def _log(opts: BenchOptions, t0: float) -> Any:
+    def log(msg: str) -> None:
+        if not opts.quiet:
+            print(f"[bench {time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    return log
+
+
+def _codec(opts: BenchOptions, preset_name: str | None, device: torch.device) -> Any:
+    """``auto``: Dia's full-size DAC architecture (random weights) for ``dia-1.6b``, the tiny DAC for
+    ``tiny``; ``tiny`` / ``44khz``: that random DAC; anything else: a codec checkpoint path."""
+    from ..codec.dac import DacCodec
+
+    kind = opts.codec
+    if kind == "auto":
+        kind = "tiny" if preset_name == "tiny" else "44khz"
+    if kind in ("tiny", "44khz"):
+        return DacCodec.random(kind, seed=opts.seed).to(device), f"random DAC ({kind})"
+    from ..codec import load_codec
+
+    return load_codec(kind, device=device), f"checkpoint {kind}"
+
+
+def build_tts(opts: BenchOptions, log: Any) -> tuple[DiaTTS, dict[str, Any]]:
+    """The dia_fast model: a preset with seeded random weights (optionally fewer layers), or a checkpoint."""
+    from ..api import DiaTTS
+
+    device = resolve_device(opts.device)
+    dtype = resolve_dtype(opts.dtype, device)
+    key = opts.model.lower()
+    if key in ("tiny", "dia-1.6b", "dia", "1.6b"):
+        cfg = DiaConfig.preset(key)
+        if opts.layers is not None:
+            cfg = cfg.with_layers(opts.layers, opts.layers)
+        codec, codec_desc = _codec(opts, "tiny" if key == "tiny" else "dia-1.6b", device)
+        log(f"building {opts.model} with random weights (seed {opts.seed}) on {device} in {dtype}")
+        tts = DiaTTS.random(cfg, seed=opts.seed, device=device, dtype=dtype, codec=codec)
+        source = f"preset {opts.model}, random weights (seed {opts.seed})"
+    else:
+        if opts.layers is not None:
+            raise ValueError("--layers only applies to the presets (tiny, dia-1.6b), not to a checkpoint")
+        codec = None
+        codec_desc = "from the checkpoint directory (or a random demo DAC)"
+        if opts.codec != "auto":
+            codec, codec_desc = _codec(opts, None, device)
+        log(f"loading checkpoint {opts.model} on {device} in {dtype}")
+        tts = DiaTTS.from_pretrained(opts.model, device=device, dtype=dtype, codec=codec)
+        source = f"checkpoint {Path(opts.model).expanduser()}"
+    enc, dec = tts.config.model.encoder, tts.config.model.decoder
+    info = {
+        "model": opts.model,
+        "source": source,
+        "encoder_layers": enc.n_layer,
+        "decoder_layers": dec.n_layer,
+        "decoder_hidden_size": dec.hidden_size,
+        "parameters": sum(p.numel() for p in tts.model.parameters()),
+        "codec": codec_desc,
+        "codec_frame_rate": tts.codec.frame_rate,
+    }
+    return tts, info
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return "Apple GPU (mps)"
+    import os
+
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}"
+    )
+
+
+def run_bench(opts: BenchOptions) -> dict[str, Any]:
+    """Run the bench and return its JSON document (also printed as a table and written to ``json_path``)."""
+    t0 = time.perf_counter()
+    log = _log(opts, t0)
+    for c in opts.compare:
+        if c not in COMPARES:
+            raise ValueError(f"unknown --compare entry {c!r}; expected some of {', '.join(COMPARES)}")
+    if not opts.batches or min(opts.batches) < 1:
+        raise ValueError(f"batch sizes must be >= 1, got {opts.batches}")
+    tts, model_info = build_tts(opts, log)
+    device = tts.device
+    md = tts.config.data.max_delay
+    if opts.steps < md + 2:
+        raise ValueError(f"--steps must be at least {md + 2} (the delay pattern needs {md + 1} steps to finish)")
+    sampling = SamplingConfig(do_sample=opts.do_sample)
+    notes = list(opts.notes)
+    compare = list(opts.compare)
+    if "transformers" in compare and importlib.util.find_spec("transformers") is None:
+        notes.append("transformers is not installed: no transformers baseline")
+        compare.remove("transformers")
+    hf = None
+    if "transformers" in compare:
+        log("building transformers' DiaForConditionalGeneration with the same weights")
+        hf = build_transformers(tts)
+    if "eager" in compare and device.type != "cuda":
+        notes.append(
+            f"dia_fast-eager: CUDA graphs are CUDA-only, so on {device.type} it runs the same code as dia_fast"
+        )
+
+    results: list[RunResult] = []
+    channels, rate = tts.config.data.channels, tts.codec.frame_rate
+    for batch in opts.batches:
+        texts = [TEXTS[i % len(TEXTS)] for i in range(batch)]
+        common = dict(repeat=opts.repeat, log=log)
+        r = run_dia_fast(tts, texts, opts.steps, sampling, cuda_graphs=None, engine="dia_fast", **common)
+        if batch == 1:
+            log("dia_fast batch 1: streaming, time to first audio")
+            r.time_to_first_audio_s = time_to_first_audio(
+                tts,
+                texts[0],
+                opts.steps,
+                sampling,
+                chunk_frames=opts.chunk_frames,
+                first_chunk_frames=opts.first_chunk_frames,
+            )
+        results.append(r)
+        if "eager" in compare:
+            results.append(
+                run_dia_fast(tts, texts, opts.steps, sampling, cuda_graphs=False, engine="dia_fast-eager", **common)
+            )
+        if hf is not None:
+            results.append(
+                run_transformers(*hf, texts, opts.steps, sampling, channels=channels, frame_rate=rate, **common)
+            )
+    add_speedups(results)
+
+    meta = {
+        "dia_fast": __version__,
+        "torch": torch.__version__,
+        "transformers": _version_of("transformers"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(device),
+        "device_name": _device_name(device),
+        "dtype": str(tts.dtype).replace("torch.", ""),
+        **model_info,
+        "steps": opts.steps,
+        "batches": list(opts.batches),
+        "compare": compare,
+        "sampling": asdict(sampling),
+        "repeat": opts.repeat,
+        "streaming": {"chunk_frames": opts.chunk_frames, "first_chunk_frames": opts.first_chunk_frames, "batch": 1},
+        "memory": (
+            "peak_memory_bytes = the model's weights + the peak above what was allocated before its warm-up "
+            "(CUDA: torch.cuda.max_memory_allocated; CPU: peak resident set, Linux VmHWM) during generation, "
+            "codec excluded"
+        ),
+        "definitions": {
+            "decode_steps_per_s": "decode steps (one frame of every codebook for every item) per second after prefill",
+            "audio_tokens_per_s": "decode_steps_per_s x channels x batch",
+            "realtime_factor": "decode_steps_per_s / codec frame rate (per stream)",
+            "time_to_first_audio_s": "streaming, batch 1: from the call to the first PCM chunk",
+            "prefill_s": "text encoder + decoder prefill",
+            "warmup_s": "wall time of the first (warm-up) call, including CUDA-graph capture",
+            "speedup": "decode_steps_per_s ratio over each baseline at the same batch size",
+            "speedup_end_to_end": "total generate time ratio (baseline / dia_fast)",
+        },
+        "ops_backends": ops.table(),
+        "ops_backends_used": {op: devs.get(device.type) for op, devs in ops.table().items()},
+        "notes": notes,
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "wall_s": time.perf_counter() - t0,
+    }
+    doc = document(meta, results)
+    if not opts.quiet:
+        print(f"dia_fast {__version__} bench: {opts.model} on {meta['device_name']} ({meta['dtype']})")
+        print(table(results))
+        for n in notes:
+            print(f"note: {n}")
+    if opts.json_path:
+        path = write_json(opts.json_path, doc)
+        log(f"wrote {path}")
+    return doc
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(x.strip().lower() for x in text.split(",") if x.strip())
+    if names == ("none",):
+        return ()
+    bad = [n for n in names if n not in COMPARES]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown --compare entries {bad}; expected {', '.join(COMPARES)} or none")
+    return names
+
+
+def parse_args(argv: list[str] | None = None) -> BenchOptions:
+    """Command-line options -> :class:`BenchOptions`."""
+    p = argparse.ArgumentParser(
+        prog="python -m dia_fast.bench",
+        description="Benchmark dia_fast against transformers' Dia on identical weights (same process).",
+    )
+    p.add_argument("--model", default="tiny", help="tiny | dia-1.6b (random weights) | PATH to a checkpoint")
+    p.add_argument("--device", default=None, help="auto (default) | cpu | cuda | cuda:N | mps")
+    p.add_argument(
+        "--dtype", default=None, help="auto (bf16 on CUDA, f16 on MPS, f32 on CPU) | float32 | bfloat16 | float16"
+    )
+    p.add_argument("--batch", type=_ints, default=(1,), help="batch sizes, comma-separated (e.g. 1,8)")
+    p.add_argument("--steps", type=int, default=256, help="decode steps per generate call (default 256)")
+    p.add_argument(
+        "--compare",
+        type=_names,
+        default=COMPARES,
+        help="baselines: transformers,eager (default both; 'none' for dia_fast alone)",
+    )
+    p.add_argument("--json", dest="json_path", default=None, help="write the results as JSON to this file")
+    p.add_argument("--layers", type=int, default=None, help="N encoder and N decoder layers (quick runs of a preset)")
+    p.add_argument("--codec", default="auto", help="auto | tiny | 44khz (random DAC) | PATH (codec checkpoint)")
+    p.add_argument("--sample", dest="do_sample", action="store_true", help="sample (default: greedy decoding)")
+    p.add_argument("--repeat", type=int, default=2, help="timed runs per configuration, fastest kept (default 2)")
+    p.add_argument("--chunk-frames", type=int, default=43, help="streaming chunk size in codec frames")
+    p.add_argument("--first-chunk-frames", type=int, default=16, help="first streaming chunk in codec frames")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("--quiet", action="store_true", help="no progress and no table (use with --json)")
+    a = p.parse_args(argv)
+    if a.repeat < 1:
+        p.error("--repeat must be >= 1")
+    if a.layers is not None and a.layers < 1:
+        p.error("--layers must be >= 1")
+    return BenchOptions(
+        model=a.model,
+        device=a.device,
+        dtype=a.dtype,
+        batches=a.batch,
+        steps=a.steps,
+        compare=a.compare,
+        json_path=a.json_path,
+        layers=a.layers,
+        codec=a.codec,
+        do_sample=a.do_sample,
+        repeat=a.repeat,
+        chunk_frames=a.chunk_frames,
+        first_chunk_frames=a.first_chunk_frames,
+        seed=a.seed,
+        quiet=a.quiet,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m dia_fast.bench``."""
+    opts = parse_args(argv)
+    try:
+        run_bench(opts)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,89 @@
+"""Timing and peak-memory measurement for the bench (CUDA allocator stats, or Linux peak RSS on CPU)."""
+
+from __future__ import annotations
+
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued device work, so that wall-clock timings cover it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def now(device: torch.device) -> float:
+    """``time.perf_counter()`` after the device's queued work has finished."""
+    sync(device)
+    return time.perf_counter()
+
+
+def _status_kib(key: str) -> int | None:
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) of this process; False where that is not possible."""
+    try:
+        _CLEAR_REFS.write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+class PeakMemory:
+    """Peak memory used while the ``with`` block runs, above what was in use when it started.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` (tensors, not the allocator's cache). CPU: the
+    process's peak resident set (Linux VmHWM, reset on entry through ``/proc/self/clear_refs``;
+    ``ru_maxrss`` elsewhere, which cannot be reset and may then under-report). ``kind`` says which.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_bytes = 0
+        self.kind = ""
+
+    def __enter__(self) -> PeakMemory:
+        sync(self.device)
+        if self.device.type == "cuda":
+            self.kind = "cuda_max_memory_allocated"
+            self._base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif _reset_peak_rss() and _status_kib("VmHWM") is not None:
+            self.kind = "cpu_peak_rss_vmhwm"
+            self._base = (_status_kib("VmRSS") or 0) * 1024
+        else:
+            self.kind = "cpu_peak_rss_ru_maxrss"
+            self._base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        sync(self.device)
+        if self.kind == "cuda_max_memory_allocated":
+            peak = torch.cuda.max_memory_allocated(self.device)
+        elif self.kind == "cpu_peak_rss_vmhwm":
+            peak = (_status_kib("VmHWM") or 0) * 1024
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        self.peak_bytes = max(int(peak - self._base), 0)
+
+
+def weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and buffers."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)

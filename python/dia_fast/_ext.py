@@ -8,6 +8,8 @@ Set ``DIA_FAST_DISABLE_EXT=1`` to ignore an installed extension.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 from types import ModuleType
 from typing import Any
@@ -25,14 +27,12 @@ def _load() -> None:
     if os.environ.get("DIA_FAST_DISABLE_EXT") == "1":
         _error = "disabled by DIA_FAST_DISABLE_EXT=1"
         return
+    name = f"{__package__}._C"
     try:
-        from . import _C  # type: ignore[attr-defined]
-    except ModuleNotFoundError as exc:
-        if exc.name == f"{__package__}._C":
-            _error = "not built: this installation has no compiled extension (built with DIA_FAST_BUILD_EXT=OFF?)"
-        else:
-            _error = f"{type(exc).__name__}: {exc}"
-        return
+        if importlib.util.find_spec(name) is None:
+            _error = "not built: this installation has no compiled extension (built with DIA_FAST_NO_EXT=1?)"
+            return
+        _C = importlib.import_module(name)
     except Exception as exc:  # ImportError / OSError for a binary built for another platform or Python
         _error = f"{type(exc).__name__}: {exc}"
         return

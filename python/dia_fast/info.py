@@ -29,6 +29,16 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def _extension() -> dict[str, Any]:
+    build = _ext.build_info()
+    build.pop("loaded", None)
+    return {
+        "loaded": _ext.loaded(),
+        "reason": _ext.why_not() or "ok",
+        "build": build if _ext.loaded() else None,  # compiler, OpenMP, arch, kernels, ...
+    }
+
+
 def info() -> dict[str, Any]:
     """Version, extension status, backend per op per device, library versions, devices found."""
     dev = default_device()
@@ -40,7 +50,7 @@ def info() -> dict[str, Any]:
         "torch": torch.__version__,
         "triton": _version_of("triton"),
         "transformers": _version_of("transformers"),
-        "extension": {"loaded": _ext.loaded(), "reason": _ext.why_not() or "ok"},
+        "extension": _extension(),
         "device": str(dev),
         "cuda_device": torch.cuda.get_device_name(0) if devices["cuda"] else None,
         "devices": devices,

@@ -379,3 +379,56 @@ def test_static_engine_sampling_follows_the_callers_generator(model):
         assert torch.equal(out.delayed, eager.delayed) and torch.equal(out.eos_pos, eager.eos_pos)
         assert torch.equal(g.get_state(), g_eager.get_state())
     assert len(engine._entries) == 1
+
+
+class _FakeEvent:
+    """A copy 'in flight' until synchronize() (or the test) completes it."""
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def record(self, stream: object = None) -> None:
+        pass
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.done = True
+
+
+def test_done_flag_reads_late_but_bounds_the_run_ahead():
+    """The non-blocking completion poll (CUDA path, driven here with fake copy events): it never waits while at
+    most `max_pending` copies are in flight, sees the flag at most `max_pending` polls late, and gives every
+    pooled buffer back."""
+    from dia_fast.generation.generate import _DoneFlag
+
+    events: list[_FakeEvent] = []
+
+    def factory() -> _FakeEvent:
+        events.append(_FakeEvent())
+        return events[-1]
+
+    pool = PinnedPool(max_bytes=1 << 20, event_factory=factory)
+    done = torch.zeros(1, dtype=torch.bool)
+    flag = _DoneFlag(done, None, max_pending=2)
+    flag.pool = pool  # what the CUDA path uses
+    assert not flag.poll() and not flag.poll()  # two copies in flight, nothing waited for
+    assert not any(e.done for e in events)
+    assert not flag.poll()  # a third: the oldest is waited for (it read False)
+    assert [e.done for e in events] == [True, False, False]
+    done.fill_(True)  # the device finishes; the next copy reads True
+    results = [flag.poll() for _ in range(3)]
+    assert results == [False, False, True]  # seen once that copy became the oldest beyond the bound
+    flag.close()
+    assert pool.stats()["buffers_in_use"] == 0
+    # copies that completed early are read without waiting
+    flag = _DoneFlag(done, None, max_pending=4)
+    flag.pool = pool
+    n = len(events)
+    assert not flag.poll()  # one copy queued, still in flight: not read
+    events[n].done = True
+    assert flag.poll()  # it completed: read at once (True) without waiting for the newer copy
+    assert not events[n + 1].done
+    flag.close()
+    assert pool.stats()["buffers_in_use"] == 0

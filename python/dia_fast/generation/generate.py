@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -134,38 +135,37 @@ def _to_host(pool: PinnedPool | None, t: torch.Tensor) -> torch.Tensor:
 
 
 class _DoneFlag:
-    """Reads the step's completion flag without stalling the device.
+    """Reads the step's completion flag without stalling the device, and keeps the host from running ahead.
 
-    With a pool, :meth:`poll` queues a non-blocking copy of the flag into a pooled host buffer and
-    reads the result of the previous copy once its event has completed (one poll late, never waiting).
-    Without a pool, or on the CPU, it reads the flag directly.
+    With a pool on CUDA, :meth:`poll` queues a non-blocking copy of the flag into a pooled host buffer and
+    reads the copies queued earlier once their events completed. At most ``max_pending`` copies stay in
+    flight: past that the oldest is waited for, which bounds how far the host queues steps ahead of the
+    device (so an early stop is seen within about ``(max_pending + 1) * sync_every`` steps) while always
+    leaving ``max_pending * sync_every`` steps queued. Without a pool, or on the CPU, it reads the flag
+    directly (a synchronisation on CUDA).
     """
 
-    def __init__(self, done: torch.Tensor, pool: PinnedPool | None) -> None:
+    def __init__(self, done: torch.Tensor, pool: PinnedPool | None, max_pending: int = 2) -> None:
         self.done = done
         self.pool = pool if done.device.type == "cuda" else None
-        self.host: PooledBuffer | None = None
-        self.pending = False
+        self.max_pending = max_pending
+        self.pending: deque[PooledBuffer] = deque()
 
     def poll(self) -> bool:
         if self.pool is None:
             return bool(self.done)
-        if self.pending:
-            assert self.host is not None
-            if not self.host.ready():
-                return False
-            self.pending = False
-            if bool(self.host.tensor[0]):
+        self.pending.append(self.pool.copy_to_host(self.done))
+        while self.pending and (len(self.pending) > self.max_pending or self.pending[0].ready()):
+            buf = self.pending.popleft()
+            finished = bool(buf.wait()[0])
+            buf.release()
+            if finished:
                 return True
-        # `done` only ever turns True, so a replay overwriting it while the copy runs is harmless.
-        self.host = self.pool.copy_to_host(self.done, out=self.host)
-        self.pending = True
         return False
 
     def close(self) -> None:
-        if self.host is not None and self.pool is not None:
-            self.host.release()
-            self.host = None
+        while self.pending:
+            self.pending.popleft().release()  # the pool keeps the blocks until their copies complete
 
 
 @torch.inference_mode()
@@ -191,7 +191,7 @@ def generate_codes(
     Every decode step is :func:`dia_fast.generation.engine.decode_step`, run eagerly or replayed from a
     captured CUDA graph. ``cuda_graphs``: None = on for CUDA (with a static engine), False = eager steps.
     ``sync_every``: steps between reads of the completion flag (with a pool on CUDA the read is a
-    non-blocking copy, so the loop may run up to ``2 * sync_every`` steps past the end; the codes do not
+    non-blocking copy, so the loop may run up to ``3 * sync_every`` steps past the end; the codes do not
     change). ``on_step(out, p)`` is called after step ``p`` with the [B, L, C] output buffer (on the device,
     possibly still being written by queued work on CUDA): ``out[:, :p + 1]`` is final. ``pool``: the
     :class:`~dia_fast.memory.PinnedPool` for host<->device copies (True: the default pool; False/None:
@@ -253,6 +253,8 @@ def generate_codes(
         # Prefill: the decoder over the prefix fills the caches and the logits of position P0.
         out = bufs.out
         bufs.logits.copy_(model.decoder(out[:, :P0].repeat(rows, 1, 1), bufs.state)[:, -1])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # honest prefill timing (once per call)
         prefill_s = time.perf_counter() - t0 - runner.warmup_seconds
 
         out_view = out[:B, :L]

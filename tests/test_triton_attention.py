@@ -338,21 +338,32 @@ def test_tiny_model_with_triton_attention_matches_torch(triton_attention_backend
     texts = ["[S1] Hello there. [S2] Hi!", "[S1] A longer sentence, so that the text padding mask matters."]
     ids, mask = encode_batch(texts, device=DEVICE)
     codes = torch.randint(0, 1024, (2, 20, 9), generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    prompts = [torch.randint(0, 1024, (4, 9), generator=torch.Generator().manual_seed(2)), None]
-    greedy = SamplingConfig(do_sample=False)
+    self_mask = torch.ones(2, 12, dtype=torch.bool, device=DEVICE)
+    self_mask[1, :3] = False  # row 1 is a left-padded prompt
+    prompt = torch.randint(0, 1024, (4, 9), generator=torch.Generator().manual_seed(2))
 
     def run():
         with torch.no_grad():
+            # prefill: encoder self-attention, causal decoder self-attention, cross-attention
             logits = model(ids, mask, codes)
-        out = generate_codes(model, ids, mask, prompts=prompts, max_new_tokens=18, sampling=greedy, progress=False)
-        return logits, out.delayed
+            # cached decode steps: self-attention with kv_len = pos + 1 and a padding mask, cross-attention
+            state = model.new_state(model.encode(ids, mask), mask, 12, self_mask)
+            steps = [model.decoder(codes[:, :6], state)]
+            for p in range(6, 9):
+                steps.append(model.decoder(codes[:, p : p + 1], state, torch.tensor([p], device=DEVICE)))
+        greedy = SamplingConfig(do_sample=False)
+        out = generate_codes(
+            model, ids[:1], mask[:1], prompts=[prompt], max_new_tokens=17, sampling=greedy, progress=False
+        )
+        return logits, torch.cat(steps, 1), out.delayed
 
-    logits_triton, codes_triton = run()
+    logits_triton, steps_triton, codes_triton = run()
     assert triton_attention_backend["attention"] > 0 and triton_attention_backend["decode_attention"] > 0
     for name in triton_attention_backend:
         ops.set_backend("torch", name)
-    logits_torch, codes_torch = run()
-    torch.testing.assert_close(logits_triton, logits_torch, rtol=0, atol=1e-4 * float(logits_torch.abs().max()))
+    logits_torch, steps_torch, codes_torch = run()
+    for got, want in ((logits_triton, logits_torch), (steps_triton, steps_torch)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * float(want.abs().max()))
     assert torch.equal(codes_triton, codes_torch)
 
 

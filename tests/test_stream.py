@@ -172,3 +172,9 @@ def test_measured_context_covers_the_receptive_field(tts, one_shot):
         tts, TEXT, chunk_frames=5, left_context_frames=left, lookahead_frames=right, max_new_tokens=60, **GREEDY
     )
     _close_to(np.concatenate(list(stream)), one_shot)
+
+
+def test_dia_tts_generate_stream(tts, one_shot):
+    stream = tts.generate_stream(TEXT, chunk_frames=10, max_new_tokens=60, do_sample=False)
+    _close_to(np.concatenate(list(stream)), one_shot)
+    assert stream.stats.time_to_first_audio_s is not None

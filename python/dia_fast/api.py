@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -343,6 +343,27 @@ class DiaTTS:
             else:
                 out_texts.append(f"{transcript.strip()} {text.strip()}")
         return prompts, out_texts
+
+    def generate_stream(
+        self,
+        text: str,
+        *,
+        chunk_frames: int = 43,
+        left_context_frames: int | None = None,
+        **kwargs: object,
+    ) -> Iterator[np.ndarray]:
+        """Speak one ``text`` as float32 PCM chunks at :attr:`sample_rate`, yielded while generating.
+
+        Chunks of ``chunk_frames`` codec frames (43 ≈ 0.5 s); the joined chunks equal the one-shot
+        audio. The returned stream has ``.stats`` (time to first audio, ...) and ``.close()``.
+        ``left_context_frames`` (default: the codec's receptive field) and the other keywords
+        (``first_chunk_frames``, ``lookahead_frames``, ``max_new_tokens``, sampling, ``seed``,
+        ``audio_prompt``, ``audio_prompt_text``) are those of
+        :func:`dia_fast.generation.stream.stream_generate`.
+        """
+        from .generation.stream import stream_generate
+
+        return stream_generate(self, text, chunk_frames=chunk_frames, left_context_frames=left_context_frames, **kwargs)
 
     def decode(self, codes: torch.Tensor) -> np.ndarray:
         """Codec codes [T, C] -> float32 PCM at :attr:`sample_rate`."""

@@ -11,9 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from dia_fast.checkpoint import CheckpointError
-from dia_fast.codec import AudioCodec, codec_kind, load_codec
-from dia_fast.codec.encodec import EncodecCodec, EncodecCodecConfig, to_internal, to_transformers
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import EncodecConfig, EncodecModel
@@ -22,6 +19,10 @@ from transformers.models.encodec.modeling_encodec import (
     EncodecConvTranspose1d,
     EncodecResidualVectorQuantizer,
 )
+
+from dia_fast.checkpoint import CheckpointError
+from dia_fast.codec import AudioCodec, codec_kind, load_codec
+from dia_fast.codec.encodec import EncodecCodec, EncodecCodecConfig, to_internal, to_transformers
 
 BANDWIDTH = 6.75  # 9 codebooks x 10 bits x 75 Hz
 HOP = 320

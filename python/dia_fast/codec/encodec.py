@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..checkpoint import CheckpointError, check_state_dict, read_tensors
+from ..checkpoint import CheckpointError, check_state_dict, read_tensors, resolve_path
 
 __all__ = ["EncodecCodec", "EncodecCodecConfig"]
 
@@ -452,14 +452,13 @@ class EncodecCodec(nn.Module):
     def from_pretrained(
         cls, path: str | Path, config: EncodecCodecConfig | None = None, *, bandwidth: float | None = None
     ) -> EncodecCodec:
-        """Load a checkpoint: a transformers ``save_pretrained`` directory (or its ``.safetensors``
-        file), or an ``encodec`` package state dict (``encodec_24khz-d7cc33bc.th``, or a directory
-        holding one). The config comes from ``config``, else a ``config.json`` beside the weights,
-        else the 24 kHz preset. ``bandwidth`` overrides the config's (6.75 kbps = 9 codebooks).
-        Raises :class:`~dia_fast.checkpoint.CheckpointError` naming missing/unexpected/mis-shaped keys."""
-        path = Path(path).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(f"EnCodec checkpoint not found: {path}")
+        """Load a checkpoint: a transformers ``save_pretrained`` directory, its ``.safetensors`` file
+        or a hub id (fetched with ``huggingface_hub``); or an ``encodec`` package state dict
+        (``encodec_24khz-d7cc33bc.th``, or a directory holding one). The config comes from ``config``,
+        else a ``config.json`` beside the weights, else the 24 kHz preset. ``bandwidth`` overrides the
+        config's (6.75 kbps = 9 codebooks). Raises :class:`~dia_fast.checkpoint.CheckpointError` naming
+        missing, unexpected and mis-shaped keys."""
+        path = resolve_path(path)  # a local path, or a hub id such as facebook/encodec_24khz
         weights = _find_weights(path) if path.is_dir() else path
         if config is None:
             cfg_file = weights.parent / "config.json"

@@ -318,11 +318,16 @@ def test_gpu_graphs_equal_eager_greedy(batch):
     prompts = _prompts(model.config)[:batch]
     kw = dict(prompts=prompts, max_new_tokens=60, sampling=GREEDY)
     # eager steps on the very same bucketed buffers (static engine, graphs off)
-    eager = generate_codes(model, ids, mask, engine=DecodeEngine(model, static=True, cuda_graphs=False), **kw)
+    eager = generate_codes(
+        model, ids, mask, engine=DecodeEngine(model, static=True, cuda_graphs=False), pool=False, **kw
+    )
     engine = DecodeEngine(model)
     graphed = generate_codes(model, ids, mask, engine=engine, **kw)
     assert graphed.cuda_graphs and graphed.warmup_seconds > 0 and not eager.cuda_graphs
     assert torch.equal(graphed.delayed, eager.delayed) and torch.equal(graphed.eos_pos, eager.eos_pos)
+    # the non-blocking completion poll stops the loop within ~3 * sync_every steps of the end
+    finished = int((graphed.eos_pos + model.config.data.max_delay).max()) - graphed.prefix_length + 1
+    assert finished <= graphed.steps <= min(60, finished + 3 * 8)
     replay = generate_codes(model, ids, mask, engine=engine, **kw)  # reuses the captured graph
     assert replay.cuda_graphs and replay.warmup_seconds == 0.0
     assert torch.equal(replay.delayed, eager.delayed)
@@ -350,8 +355,9 @@ def test_gpu_graph_sampling_is_reproducible_with_a_seed():
 def test_gpu_decode_step_never_syncs():
     model = _model(device="cuda").to(torch.bfloat16)
     cfg = model.config
-    for sampling in (GREEDY, SAMPLED):
-        spec = StepSpec(2, sampling, cfg.data.channels, 1024, 1025, cfg.data.max_delay, "torch")
+    samplers = {"torch", ops.select_backend("cfg_sample", model.device)}
+    for sampling, sampler in [(s, b) for s in (GREEDY, SAMPLED) for b in sorted(samplers)]:
+        spec = StepSpec(2, sampling, cfg.data.channels, 1024, 1025, cfg.data.max_delay, sampler)
         bufs = allocate_buffers(model, spec, 64, 16, self_mask=True)
         with torch.inference_mode():
             decode_step(model, spec, bufs)  # first call: lazy inits may sync

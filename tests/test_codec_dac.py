@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -11,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from dia_fast.checkpoint import CheckpointError
 from dia_fast.codec import AudioCodec, load_codec
 from dia_fast.codec.dac import DacCodec, DacCodecConfig
 
@@ -129,6 +131,9 @@ def test_input_layouts(codec: DacCodec) -> None:
     assert torch.equal(codec.encode(padded), codes)
     assert torch.equal(codec.decode(codes[0].int()), codec.decode(codes))
     assert codec.decode(torch.zeros(1, 0, 9, dtype=torch.long)).shape == (1, 0)
+    with torch.inference_mode():
+        assert torch.equal(codec.decode(codes), codec.decode(codes.clone()))
+        assert torch.equal(codec.encode(wav), codes)
 
 
 def test_chunked_decode_matches_whole(codec: DacCodec) -> None:
@@ -219,8 +224,6 @@ def test_descript_weights_pth(hf_tiny, codec: DacCodec, tmp_path: Path) -> None:
 def test_parametrized_weight_norm_keys(hf_tiny, codec: DacCodec, tmp_path: Path) -> None:
     """A state dict saved with torch's weight-norm parametrization (transformers' apply_weight_norm)."""
     hf, directory = hf_tiny
-    import copy
-
     wn = copy.deepcopy(hf)
     wn.apply_weight_norm()
     state = wn.state_dict()
@@ -260,15 +263,15 @@ def test_strict_keys(hf_tiny, tmp_path: Path) -> None:
     state = load_file(str(directory / "model.safetensors"))
 
     missing = {k: v for k, v in state.items() if k != "decoder.conv2.bias"}
-    with pytest.raises(ValueError, match=r"missing keys: decoder\.conv2\.bias"):
+    with pytest.raises(CheckpointError, match=r"missing keys: decoder\.conv2\.bias"):
         DacCodec.from_pretrained(_write_hf_dir(tmp_path / "missing", directory, missing))
 
     extra = {**state, "decoder.extra.weight": torch.zeros(3)}
-    with pytest.raises(ValueError, match=r"unexpected keys: decoder\.extra\.weight"):
+    with pytest.raises(CheckpointError, match=r"unexpected keys: decoder\.extra\.weight"):
         DacCodec.from_pretrained(_write_hf_dir(tmp_path / "extra", directory, extra))
 
     bad = {**state, "quantizer.quantizers.3.codebook.weight": torch.zeros(512, 8)}
-    with pytest.raises(ValueError, match=r"mis-shaped: quantizer\.quantizers\.3\.codebook\.weight.*\(512, 8\)"):
+    with pytest.raises(CheckpointError, match=r"mis-shaped: quantizer\.quantizers\.3\.codebook\.weight.*\(512, 8\)"):
         DacCodec.from_pretrained(_write_hf_dir(tmp_path / "bad", directory, bad))
 
     with pytest.raises(FileNotFoundError):
@@ -285,11 +288,12 @@ def test_descript_strict_keys(hf_tiny, tmp_path: Path) -> None:
     del ckpt["state_dict"]["decoder.model.6.weight_v"]
     ckpt["state_dict"]["decoder.model.9.weight"] = torch.zeros(1)
     torch.save(ckpt, tmp_path / "broken.pth")
-    with pytest.raises(ValueError, match=r"decoder\.model\.6\.weight_g has no matching"):
+    with pytest.raises(CheckpointError, match=r"decoder\.model\.6\.weight_g has no matching"):
         DacCodec.from_pretrained(tmp_path / "broken.pth")
     ckpt["state_dict"]["decoder.model.6.weight_v"] = ckpt["state_dict"]["decoder.model.6.weight_g"].expand(1, 4, 7)
     torch.save(ckpt, tmp_path / "broken.pth")
-    with pytest.raises(ValueError, match=r"unexpected keys: decoder\.model\.9\.weight.*mis-shaped: decoder\.conv2"):
+    expected = r"unexpected keys: decoder\.model\.9\.weight.*mis-shaped: decoder\.conv2"
+    with pytest.raises(CheckpointError, match=expected):
         DacCodec.from_pretrained(tmp_path / "broken.pth")
 
 
@@ -354,6 +358,24 @@ def test_half_precision(hf_tiny, codec: DacCodec, dtype: torch.dtype) -> None:
     assert enc.shape == (1, 6, 9)
     # the first codebook sees the least-perturbed residual: most frames agree with float32
     assert (enc[..., 0] == codec.encode(wav)[..., 0]).float().mean() >= 0.5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda(codec: DacCodec, dtype: torch.dtype) -> None:
+    gpu = copy.deepcopy(codec).to("cuda", dtype)
+    codes = torch.randint(0, 1024, (2, 40, 9), generator=torch.Generator().manual_seed(12))
+    ref = codec.decode(codes)
+    out = gpu.decode(codes.cuda())
+    assert out.device.type == "cuda" and out.dtype == torch.float32
+    rel = {torch.float32: 1e-4, torch.bfloat16: 0.05}[dtype]
+    assert (out.cpu() - ref).abs().mean() < rel * ref.abs().mean()
+    torch.testing.assert_close(gpu.decode(codes.cuda(), chunk_frames=16), out, atol=0.05, rtol=0.05)
+    wav = 0.3 * torch.randn(2, 4000, generator=torch.Generator().manual_seed(13))
+    enc = gpu.encode(wav.cuda())
+    assert enc.shape == (2, 8, 9) and enc.device.type == "cuda"
+    if dtype == torch.float32:
+        assert (enc.cpu() == codec.encode(wav)).float().mean() > 0.95
 
 
 @pytest.mark.slow

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoint import CheckpointError
 from ._layers import Snake, fold_weight_norm
 
 __all__ = ["DacCodec", "DacCodecConfig", "QuantizerOutput"]
@@ -306,11 +307,11 @@ def _fold_weight_norms(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
             if key.endswith(g_suffix):
                 prefix = key[: -len(g_suffix)]
                 if prefix + v_suffix not in state:
-                    raise ValueError(f"DAC checkpoint: {key} has no matching {prefix + v_suffix}")
+                    raise CheckpointError(f"DAC checkpoint: {key} has no matching {prefix + v_suffix}")
                 out[prefix + ".weight"] = fold_weight_norm(out.pop(key), out.pop(prefix + v_suffix))
     for key in out:
         if key.endswith((".weight_v", ".parametrizations.weight.original1")):
-            raise ValueError(f"DAC checkpoint: {key} has no matching weight-norm gain")
+            raise CheckpointError(f"DAC checkpoint: {key} has no matching weight-norm gain")
     return out
 
 
@@ -452,7 +453,7 @@ def _check_keys(model: nn.Module, state: dict[str, torch.Tensor], source: Path) 
     if misshaped:
         problems.append(f"mis-shaped: {show(misshaped)}")
     if problems:
-        raise ValueError(f"DAC checkpoint {source} does not match its config: " + "; ".join(problems))
+        raise CheckpointError(f"DAC checkpoint {source} does not match its config: " + "; ".join(problems))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -285,6 +285,15 @@ def test_24khz_default_rejects_tiny_weights(tiny_state: tuple[Path, dict]) -> No
         EncodecCodec.from_pretrained(path)
 
 
+def test_foreign_config_json_ignored(hf_model: EncodecModel, tmp_path: Path) -> None:
+    # An encodec .th inside a Dia checkpoint directory: the Dia config.json is not an EnCodec config, so the
+    # 24 kHz preset is assumed (and these tiny weights then fail on shapes, not on the config).
+    torch.save(_to_package_layout(hf_model), tmp_path / "encodec_24khz.th")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "dia"}))
+    with pytest.raises(CheckpointError, match="mis-shaped keys"):
+        EncodecCodec.from_pretrained(tmp_path / "encodec_24khz.th")
+
+
 def test_missing_path(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         EncodecCodec.from_pretrained(tmp_path / "nope")

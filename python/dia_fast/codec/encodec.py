@@ -461,12 +461,13 @@ class EncodecCodec(nn.Module):
         path = resolve_path(path)  # a local path, or a hub id such as facebook/encodec_24khz
         weights = _find_weights(path) if path.is_dir() else path
         if config is None:
+            config = EncodecCodecConfig()
             cfg_file = weights.parent / "config.json"
-            config = (
-                EncodecCodecConfig.from_dict(json.loads(cfg_file.read_text()))
-                if cfg_file.exists()
-                else EncodecCodecConfig()
-            )
+            if cfg_file.exists():
+                cfg = json.loads(cfg_file.read_text())
+                # A config.json of something else (e.g. a Dia checkpoint holding the .th) is not ours.
+                if cfg.get("model_type") == "encodec":
+                    config = EncodecCodecConfig.from_dict(cfg)
         if bandwidth is not None:
             config = replace(config, bandwidth=bandwidth)
         codec = cls(config)

@@ -62,6 +62,16 @@ def test_delay_ops_match_reference(T: int, dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_delay_ops_small_tiles(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+    """Many programs along T with a ragged last tile (the GPU's tiling is bigger than any T above)."""
+    monkeypatch.setattr(td, "_TILE", 64)  # 4 frames of 16 (padded) channels per program
+    gen = torch.Generator().manual_seed(17)
+    for B, T in ((1, 1), (2, 15), (3, 37)):
+        for pattern in _patterns(9, T, gen):
+            _check_all(_codes(B, T, 9, dtype, gen), pattern)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
 def test_delay_ops_non_contiguous(dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(7)
     # channel-major buffer viewed as [B, T, C] (the decoder's layout), a strided slice, a broadcast
@@ -149,6 +159,30 @@ def test_embed_codes_fp16_single_channel_and_one_frame() -> None:
         torch.testing.assert_close(got.float(), want, atol=2e-3, rtol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_embed_delayed_codes(dtype: torch.dtype) -> None:
+    """The fused delay + embedding equals embed_codes(apply_delay(codes)) over ragged shapes."""
+    gen = torch.Generator().manual_seed(21 + (dtype == torch.float16))
+    V, D = 1028, 40
+    # (C, B, T, patterns): T = 1, T < max delay, ragged T; delays beyond T; one channel
+    cases = [
+        (9, 1, 1, [DIA_PATTERN]),
+        (9, 2, 7, [DIA_PATTERN, [0, 1, 2, 3, 4, 5, 6, 7, 30]]),
+        (9, 5, 19, [DIA_PATTERN]),
+        (3, 3, 4, [[2, 0, 9]]),
+        (1, 2, 6, [[3]]),
+    ]
+    for C, B, T, patterns in cases:
+        table = (torch.randn(C * V, D, generator=gen) * 0.5).to(dtype).to(DEVICE)
+        codes = torch.randint(0, 1024, (B, T, C), generator=gen).to(DEVICE)
+        for pattern in patterns:
+            got = td.embed_delayed_codes(codes, pattern, BOS, 1025, table, V)
+            assert got.dtype == dtype and got.shape == (B, T, D)
+            want = ref.embed_codes(ref.apply_delay(codes, pattern, BOS, 1025), table.float(), V)
+            tol = 1e-5 if dtype == torch.float32 else 2e-3
+            torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+
+
 @pytest.mark.gpu
 def test_embed_codes_bf16_gpu() -> None:
     gen = torch.Generator().manual_seed(5)
@@ -158,6 +192,9 @@ def test_embed_codes_bf16_gpu() -> None:
     got = td.embed_codes(codes, table, V)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), ref.embed_codes(codes, table.float(), V), atol=0.05, rtol=1e-2)
+    got = td.embed_delayed_codes(codes, DIA_PATTERN, BOS, 1025, table, V)
+    want = ref.embed_codes(ref.apply_delay(codes, DIA_PATTERN, BOS, 1025), table.float(), V)
+    torch.testing.assert_close(got.float(), want, atol=0.05, rtol=1e-2)
 
 
 @pytest.mark.gpu

@@ -10,14 +10,17 @@ Runs on CUDA, and on CPU tensors in the Triton interpreter (``TRITON_INTERPRET=1
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["apply_delay", "embed_codes", "revert_delay", "undelay_codes"]
+__all__ = ["apply_delay", "embed_codes", "embed_delayed_codes", "revert_delay", "undelay_codes"]
 
+# Elements per tile of the delay kernels; None = the per-device default (tests set it to get many tiles).
+_TILE: int | None = None
 _DELAY_CACHE: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
 
 
@@ -42,6 +45,10 @@ def _pattern(
         delays = torch.tensor(key if key else (0,), dtype=torch.int32, device=device)
         _DELAY_CACHE[cache_key] = delays
     return delays, (max(key) if key else 0)
+
+
+def _interpreted(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _check_codes(codes: torch.Tensor) -> None:
@@ -109,8 +116,10 @@ def _launch_delay(
     if out.numel() == 0:
         return out
     block_c = triton.next_power_of_2(C)
-    # ~4K elements per tile; at most the (rounded up) number of frames.
-    block_t = max(1, min(4096 // block_c, triton.next_power_of_2(T_out)))
+    # 1K elements per tile on the GPU (a [3072, 9] sequence is 48 programs); the interpreter runs
+    # programs one by one, so it gets big tiles. At most the (rounded up) number of frames.
+    tile = _TILE or (8192 if _interpreted(codes) else 1024)
+    block_t = max(1, min(tile // block_c, triton.next_power_of_2(T_out)))
     grid = (triton.cdiv(T_out, block_t), B)
     _delay_kernel[grid](
         codes,
@@ -177,6 +186,7 @@ def _embed_kernel(
     codes,
     table,
     out,
+    delays,
     T,
     C,
     D,
@@ -186,6 +196,9 @@ def _embed_kernel(
     s_c,
     s_row,
     s_col,
+    bos_value,
+    pad_value,
+    DELAY: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -196,7 +209,14 @@ def _embed_kernel(
     t = bt % T
     c = tl.arange(0, BLOCK_C)
     c_ok = c < C
-    code = tl.load(codes + b * s_b + t * s_t + c.to(tl.int64) * s_c, mask=c_ok, other=0).to(tl.int64)
+    if DELAY:
+        # the code of the delayed sequence at (t, c): codes[t - d_c, c], BOS before, PAD after
+        src_t = t - tl.load(delays + c, mask=c_ok, other=0).to(tl.int64)
+        in_ok = c_ok & (src_t >= 0) & (src_t < T)
+        code = tl.load(codes + b * s_b + src_t * s_t + c.to(tl.int64) * s_c, mask=in_ok, other=0).to(tl.int64)
+        code = tl.where(src_t < 0, bos_value, tl.where(src_t >= T, pad_value, code))
+    else:
+        code = tl.load(codes + b * s_b + t * s_t + c.to(tl.int64) * s_c, mask=c_ok, other=0).to(tl.int64)
     # Out-of-range codes would read another channel's rows (or out of bounds): they contribute 0.
     row_ok = c_ok & (code >= 0) & (code < vocab_size)
     row = c.to(tl.int64) * vocab_size + code
@@ -211,12 +231,14 @@ def _embed_kernel(
     tl.store(out + bt * D + d, acc.to(out.dtype.element_ty), mask=d_ok)
 
 
-def embed_codes(codes: torch.Tensor, table: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Decoder input embedding: ``out[b, t] = sum_c table[c * vocab_size + codes[b, t, c]]``.
-
-    codes [B, T, C] integer in ``[0, vocab_size)`` (out-of-range codes add zero instead of raising),
-    table [C * vocab_size, D] -> [B, T, D] in ``table``'s dtype, summed in fp32. One kernel launch.
-    """
+def _launch_embed(
+    codes: torch.Tensor,
+    table: torch.Tensor,
+    vocab_size: int,
+    delays: torch.Tensor | None,
+    bos_value: int = 0,
+    pad_value: int = 0,
+) -> torch.Tensor:
     _check_codes(codes)
     if table.ndim != 2:
         raise ValueError(f"table must be [C * vocab_size, D], got shape {tuple(table.shape)}")
@@ -234,6 +256,7 @@ def embed_codes(codes: torch.Tensor, table: torch.Tensor, vocab_size: int) -> to
         codes,
         table,
         out,
+        codes if delays is None else delays,
         T,
         C,
         D,
@@ -243,7 +266,36 @@ def embed_codes(codes: torch.Tensor, table: torch.Tensor, vocab_size: int) -> to
         codes.stride(2),
         table.stride(0),
         table.stride(1),
+        int(bos_value),
+        int(pad_value),
+        DELAY=delays is not None,
         BLOCK_C=block_c,
         BLOCK_D=block_d,
     )
     return out
+
+
+def embed_codes(codes: torch.Tensor, table: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Decoder input embedding: ``out[b, t] = sum_c table[c * vocab_size + codes[b, t, c]]``.
+
+    codes [B, T, C] integer in ``[0, vocab_size)`` (out-of-range codes add zero instead of raising),
+    table [C * vocab_size, D] -> [B, T, D] in ``table``'s dtype, summed in fp32. One kernel launch.
+    """
+    return _launch_embed(codes, table, vocab_size, None)
+
+
+def embed_delayed_codes(
+    codes: torch.Tensor,
+    delay_pattern: Sequence[int] | torch.Tensor,
+    bos_value: int,
+    pad_value: int,
+    table: torch.Tensor,
+    vocab_size: int,
+) -> torch.Tensor:
+    """``embed_codes(apply_delay(codes, delay_pattern, bos_value, pad_value), table, vocab_size)`` in one
+    kernel, without materialising the delayed codes: the decoder input of undelayed codes [B, T, C]
+    (e.g. an audio prompt). Same value ranges and precision as :func:`embed_codes`.
+    """
+    _check_codes(codes)
+    delays, _ = _pattern(delay_pattern, codes.shape[2], codes.device)
+    return _launch_embed(codes, table, vocab_size, delays, bos_value, pad_value)

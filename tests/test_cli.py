@@ -136,3 +136,18 @@ def test_python_dash_m_entry_point(tmp_path):
     assert sf.info(out).samplerate == 44100
     bad = subprocess.run([sys.executable, "-m", "dia_fast", ""], capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("dia_fast: error: text is empty")
+
+
+def test_long_text_is_spoken_in_chunks(tmp_path, capsys):
+    sentence = "[S1] This sentence is one of many in a long text. [S2] And this is the answer to it. "
+    text_file = tmp_path / "long.txt"
+    text_file.write_text(sentence * 14, encoding="utf-8")  # > 1024 bytes
+    out = tmp_path / "long.wav"
+    rc, _, err = _run(capsys, "--text-file", str(text_file), "--out", str(out), *FAST)
+    assert rc == 0, err
+    assert "chunks" in err
+    n = int(err.split("speaking it in ")[1].split(" chunks")[0])
+    assert n >= 2
+    # each chunk: 24 frames of 512 samples, joined with 40 ms crossfades
+    fade = round(0.040 * 44100)
+    assert sf.info(out).frames == n * 24 * 512 - (n - 1) * fade

@@ -166,11 +166,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if prompt is not None and not transcript:
         _log(args, "dia_fast: warning: no --prompt-text: cloning quality suffers without the prompt's transcript")
 
+    from .longform import chunk_budget, generate_long, split_text
+
     data = tts.config.data
+    prompt_frames = 0 if prompt is None else int(prompt.shape[0])
+    # chunks sized by the model's budgets (an explicit --max-new-tokens caps each chunk's audio)
+    max_bytes, max_chars = chunk_budget(tts, prompt_text=transcript, prompt_frames=prompt_frames)
+    chunks = split_text(text, max_bytes, max_chars)
     max_new = args.max_new_tokens
     if max_new is None and tts.demo:
-        budget = data.audio_length - 1 - (0 if prompt is None else int(prompt.shape[0]))
-        max_new = demo_max_new_tokens(text, tts.codec.frame_rate, data.max_delay, budget)
+        budget = data.audio_length - 1 - prompt_frames
+        max_new = demo_max_new_tokens(max(chunks, key=len), tts.codec.frame_rate, data.max_delay, budget)
     options = dict(
         max_new_tokens=max_new,
         cfg_scale=args.cfg_scale,
@@ -181,20 +187,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed,
         progress=False if args.no_progress or args.quiet else None,
     )
-    transcript_bytes = len(transcript.encode("utf-8")) + 1 if transcript else 0
     t1 = time.perf_counter()
-    if len(text.encode("utf-8")) + transcript_bytes > data.text_length:
-        from .longform import generate_long
-
-        _log(args, f"dia_fast: text is longer than one generation allows ({data.text_length} bytes): long-form mode")
-        samples, rate = generate_long(
-            tts,
-            text,
-            audio_prompt=prompt,
-            audio_prompt_text=transcript,
-            crossfade_ms=args.crossfade_ms,
-            **options,
-        )
+    if len(chunks) > 1:
+        _log(args, f"dia_fast: long text: speaking it in {len(chunks)} chunks (same voice, crossfaded)")
+        with _quiet_transcript_warning():
+            samples, rate = generate_long(
+                tts,
+                text,
+                audio_prompt=prompt,
+                audio_prompt_text=transcript,
+                crossfade_ms=args.crossfade_ms,
+                chunks=chunks,
+                **options,
+            )
         steps_per_s = None
     else:
         with _quiet_transcript_warning():

@@ -220,6 +220,7 @@ def generate_long(
     max_chunk_seconds: float | None = DEFAULT_MAX_CHUNK_SECONDS,
     progress: bool | None = None,
     on_chunk: Callable[[int, np.ndarray], None] | None = None,
+    chunks: Sequence[str] | None = None,
     **generate_kwargs: Any,
 ) -> tuple[np.ndarray, int]:
     """Speak a text of any length: split it (:func:`split_text`), generate each chunk, crossfade.
@@ -230,6 +231,8 @@ def generate_long(
     result with greedy decoding). Neighbouring chunks are joined with ``crossfade_ms``
     equal-power crossfades. ``progress``: a per-chunk progress bar (default: when stderr is a
     terminal; never for a single chunk). ``on_chunk(i, audio)`` is called as each chunk is done.
+    ``chunks``: an already split text (e.g. :func:`split_text` with budgets of your own); ``text``
+    is then ignored.
     Other keyword arguments (``max_new_tokens``, ``cfg_scale``, ``temperature``, ``seed``,
     ``do_sample``, ...) go to :meth:`DiaTTS.generate` for every chunk.
 
@@ -245,15 +248,19 @@ def generate_long(
         prompt_codes = tts.encode_prompt(audio_prompt)
     elif audio_prompt_text:
         raise ValueError("audio_prompt_text was given without an audio_prompt")
-    max_bytes, max_chars = chunk_budget(
-        tts,
-        prompt_text=audio_prompt_text if prompt_codes is not None else None,
-        prompt_frames=0 if prompt_codes is None else int(prompt_codes.shape[0]),
-        max_new_tokens=generate_kwargs.get("max_new_tokens"),
-        chars_per_second=chars_per_second,
-        max_chunk_seconds=max_chunk_seconds,
-    )
-    chunks = [c.strip() for c in split_text(text, max_bytes, max_chars)]
+    if chunks is None:
+        max_bytes, max_chars = chunk_budget(
+            tts,
+            prompt_text=audio_prompt_text if prompt_codes is not None else None,
+            prompt_frames=0 if prompt_codes is None else int(prompt_codes.shape[0]),
+            max_new_tokens=generate_kwargs.get("max_new_tokens"),
+            chars_per_second=chars_per_second,
+            max_chunk_seconds=max_chunk_seconds,
+        )
+        chunks = split_text(text, max_bytes, max_chars)
+    chunks = [c.strip() for c in chunks if c.strip()]
+    if not chunks:
+        raise ValueError("text is empty: give at least one character to speak")
     bar = _progress_bar(len(chunks), progress)
     pieces: list[np.ndarray] = []
     try:

@@ -13,7 +13,10 @@ from .config import ConfigError, DataConfig, DecoderConfig, DiaConfig, EncoderCo
 from .info import info
 
 __all__ = [
+    "Audio",
     "ConfigError",
+    "Conversation",
+    "CustomSpeaker",
     "DataConfig",
     "DecoderConfig",
     "DiaConfig",
@@ -21,6 +24,8 @@ __all__ = [
     "EncoderConfig",
     "GenerationResult",
     "ModelConfig",
+    "Speaker",
+    "VoicePool",
     "__version__",
     "info",
 ]
@@ -31,4 +36,8 @@ def __getattr__(name: str):  # lazy: keep `import dia_fast` light
         from . import api
 
         return getattr(api, name)
+    if name in ("Audio", "Conversation", "CustomSpeaker", "Speaker", "VoicePool"):
+        from . import voice
+
+        return getattr(voice, name)
     raise AttributeError(f"module 'dia_fast' has no attribute {name!r}")

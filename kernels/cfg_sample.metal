@@ -7,8 +7,12 @@
 #include <metal_stdlib>
 using namespace metal;
 
+#ifndef DIA_SAMPLE_GROUP
 #define DIA_SAMPLE_GROUP 256
+#endif
+#ifndef DIA_SAMPLE_MAX_VOCAB
 #define DIA_SAMPLE_MAX_VOCAB 2048
+#endif
 
 // Monotone float -> uint map (larger float, larger key); -0.0 and +0.0 share a key.
 static uint sample_key(float f) {

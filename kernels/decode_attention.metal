@@ -7,9 +7,15 @@
 #include <metal_stdlib>
 using namespace metal;
 
+#ifndef DIA_ATTN_GROUP
 #define DIA_ATTN_GROUP 256
+#endif
+#ifndef DIA_ATTN_CHUNK
 #define DIA_ATTN_CHUNK 1024
+#endif
+#ifndef DIA_ATTN_MAX_DIM
 #define DIA_ATTN_MAX_DIM 256
+#endif
 
 static float attn_reduce_max(threadgroup float* red, float v, uint tid) {
   red[tid] = v;

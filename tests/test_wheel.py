@@ -134,3 +134,17 @@ def test_wheel_without_extension(source_copy, tmp_path):
     assert info["extension"]["loaded"] is False
     assert "not built" in info["extension"]["reason"]
     assert set(info["backends"]["apply_delay"].values()) <= {"torch", "triton"}
+
+
+def test_sdist_has_native_sources(source_copy, tmp_path):
+    import tarfile
+
+    out = tmp_path / "sdist"
+    code = f"from scikit_build_core.build import build_sdist; print(build_sdist({str(out)!r}))"
+    name = _run([sys.executable, "-c", code], cwd=source_copy, env=_clean_env()).strip().splitlines()[-1]
+    with tarfile.open(out / name) as tar:
+        members = {m.split("/", 1)[1] for m in tar.getnames() if "/" in m}
+    assert {"CMakeLists.txt", "pyproject.toml", "csrc/module.cpp", "csrc/kernels.hpp"} <= members
+    assert {f"kernels/{n}" for n in ("delay.metal", "decode_attention.metal", "cfg_sample.metal")} <= members
+    assert "python/dia_fast/_ext.py" in members
+    assert not any(m.endswith((".so", ".pyd")) for m in members)

@@ -306,8 +306,14 @@ def _tiny_model():
 
 @pytest.fixture
 def triton_attention_backend():
-    """Force the Triton attention ops and count their calls (restored afterwards)."""
+    """Force the Triton attention ops and count their calls; every other op runs its torch
+    reference, so the comparison does not depend on other backends (restored afterwards)."""
+    from dia_fast.ops._dispatch import ops as registered_ops
+
     calls = {"attention": 0, "decode_attention": 0}
+    others = [op for op in registered_ops() if op not in calls]
+    for op in others:
+        ops.set_backend("torch", op)
 
     def counted(name):
         fn = getattr(ta, name)
@@ -327,6 +333,8 @@ def triton_attention_backend():
         for name in calls:
             ops.set_backend(None, name)
             ops.register(name, "triton", f"dia_fast.ops.triton_attention:{name}")
+        for op in others:
+            ops.set_backend(None, op)
 
 
 def test_tiny_model_with_triton_attention_matches_torch(triton_attention_backend) -> None:

@@ -13,10 +13,11 @@ import sys
 import sysconfig
 from pathlib import Path
 
-import dia_fast
 import numpy as np
 import pytest
 import torch
+
+import dia_fast
 from dia_fast import _ext, ops
 from dia_fast.ops import reference
 
@@ -54,6 +55,8 @@ def ext():
     if os.environ.get("DIA_FAST_DISABLE_EXT") == "1":
         pytest.skip("DIA_FAST_DISABLE_EXT=1")
     if not _ext.loaded():
+        if Path(dia_fast.__file__).resolve().parent != ROOT / "python" / "dia_fast":
+            pytest.skip(f"installed dia_fast without its extension: {_ext.why_not()}")
         why = build_inplace()
         if why:
             pytest.fail(f"could not build the extension in place: {why}")

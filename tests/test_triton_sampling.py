@@ -299,3 +299,64 @@ def test_generate_with_triton_ops_matches_torch() -> None:
     assert torch.equal(got, want)
     assert all(torch.equal(g, w) for g, w in zip(got_frames, want_frames, strict=True))
     assert sum(f.shape[0] for f in got_frames) > 0
+
+
+# --- the GPU compiler's front end, without a GPU -------------------------------------------------
+
+
+_LOWER_SCRIPT = """
+import importlib, json, sys
+from triton._C.libtriton import ir
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+
+target = GPUTarget("cuda", 90, 32)
+backend = make_backend(target)
+options = backend.parse_options({"num_warps": 8})
+for module, kernel, types, constexprs in json.load(sys.stdin):
+    fn = getattr(importlib.import_module(module), kernel)
+    signature = {name: types.get(name, "constexpr") for name in fn.arg_names}
+    context = ir.context()
+    ir.load_dialects(context)
+    backend.load_dialects(context)
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    ttir = src.make_ir(target, options, backend.get_codegen_implementation(options), backend.get_module_map(), context)
+    assert "tt.func" in str(ttir)
+print("lowered", flush=True)
+"""
+
+
+def lower_for_cuda(cases: list[tuple[str, str, dict[str, str], dict[str, object]]]) -> None:
+    """Run the GPU compiler's front end (Python AST -> Triton IR, for an sm_90 target) on each
+    ``(module, kernel, arg types, constexprs)``, in a subprocess without the interpreter: the
+    interpreter runs kernels as Python and misses errors only the compiler reports (constexpr
+    misuse, runtime ints that Triton turns into constants when they equal 1, type errors)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1] / "python"), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, "-c", _LOWER_SCRIPT], input=json.dumps(cases), env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0 and "lowered" in proc.stdout, proc.stderr[-4000:]
+
+
+def test_sampling_kernel_lowers_for_cuda() -> None:
+    types = dict(cond="*bf16", uncond="*bf16", out="*i64", seed_ptr="*i64", step_ptr="*i64", step="i64")
+    types.update({n: "i32" for n in ("n_rows", "C", "V", "s_cb", "s_cc", "s_cv", "s_ub", "s_uc", "s_uv", "eos_id")})
+    types.update({n: "fp32" for n in ("cfg_scale", "temperature", "top_p", "top_k_target")})
+    dia = dict(ROWS=1, BLOCK_V=2048, IDX_BITS=11, KEY_BITS=44, RADIX_BITS=2)
+    small = dict(ROWS=4, BLOCK_V=16, IDX_BITS=4, KEY_BITS=36, RADIX_BITS=4)
+    ones = {n: 1 for n in ("C", "V", "s_cv", "s_uv", "eos_id")}  # runtime ints equal to 1 become constants
+    plain = {k: v for k, v in types.items() if k not in ones}
+    cases = []
+    for greedy, step_ptr in ((True, False), (False, False), (False, True)):
+        modes = dict(GREEDY=greedy, HAS_TOPK=True, HAS_TOPP=not greedy, STEP_FROM_PTR=step_ptr)
+        cases += [(ts.__name__, "_cfg_sample_kernel", types, {**modes, **sizes}) for sizes in (dia, small)]
+        cases.append((ts.__name__, "_cfg_sample_kernel", plain, {**modes, **dia, **ones}))
+    lower_for_cuda(cases)

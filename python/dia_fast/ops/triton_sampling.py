@@ -61,7 +61,7 @@ def _max_threshold(keys, w, target, KEY_BITS: tl.constexpr, RADIX_BITS: tl.const
     digit = tl.arange(0, NT).to(tl.int64)
     prefix = tl.sum(tl.zeros_like(keys), axis=1)  # [R] int64 zeros
     for i in tl.static_range(KEY_BITS // RADIX_BITS):
-        shift: tl.constexpr = KEY_BITS - (i + 1) * RADIX_BITS
+        shift = KEY_BITS - (i + 1) * RADIX_BITS  # a constant: i comes from static_range
         cand = prefix[:, None] + (digit[None, :] << shift)  # [R, NT]
         ge = keys[:, None, :] >= cand[:, :, None]  # [R, NT, N]
         mass = tl.sum(tl.where(ge, w[:, None, :], 0.0), axis=2)  # [R, NT]

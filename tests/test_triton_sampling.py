@@ -291,7 +291,7 @@ def test_generate_with_triton_ops_matches_torch() -> None:
     from dia_fast.text import encode_batch
 
     torch.manual_seed(0)
-    model = DiaModel(DiaConfig.preset("tiny")).eval()
+    model = DiaModel(DiaConfig.preset("tiny")).eval().to(DEVICE)
     ids, mask = encode_batch(["[S1] Hello there. [S2] Hi!", "[S1] A second, longer line of text (laughs)."])
     greedy = SamplingConfig(do_sample=False)
     want, want_frames = _generate(model, ids, mask, "torch", greedy)

@@ -52,6 +52,15 @@ def test_greedy_matches_reference(B: int, dtype: torch.dtype) -> None:
     assert bool((got[:, 1:] < EOS).all())
 
 
+def test_greedy_bf16_logits() -> None:
+    """bf16 logits (no tl.dot here, so the interpreter's bf16 is right too): upcast, then as fp32."""
+    gen = torch.Generator().manual_seed(13)
+    cond, uncond = _logits(3, torch.bfloat16, gen)
+    for cfg_scale, top_k in GREEDY_SETTINGS[:3]:
+        kw = dict(cfg_scale=cfg_scale, top_k=top_k, do_sample=False)
+        assert torch.equal(ts.cfg_sample(cond, uncond, **kw), ref.cfg_sample(cond, uncond, **kw))
+
+
 def test_gpu_radix_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
     """The interpreter runs 4-bit radix passes by default; the GPU runs 2-bit ones: check those too."""
     monkeypatch.setattr(ts, "_RADIX_BITS", 2)

@@ -318,42 +318,50 @@ _LAUNCHERS = r"""
 #include <vector>
 #include "all.metal"
 
+// dispatchThreads(threads, group_size): group g, thread t of the group; one group at a time, since
+// threadgroup memory is shared static storage here.
 template <class F>
-static int run_groups(long groups, int group_size, F f) {
+static int run_groups(long threads, long group_size, F f) {
+  if (threads % group_size != 0) return 2;
   EmuBarrier bar;
-  bar.n = group_size;
+  bar.n = int(group_size);
   emu_barrier = &bar;
-  for (long g = 0; g < groups; ++g) {  // one group at a time: threadgroup memory is shared static storage
-    std::vector<std::thread> threads;
-    for (int t = 0; t < group_size; ++t) threads.emplace_back([&, g, t] { f(uint(g), uint(t)); });
-    for (auto& th : threads) th.join();
+  for (long g = 0; g < threads / group_size; ++g) {
+    std::vector<std::thread> pool;
+    for (long t = 0; t < group_size; ++t) pool.emplace_back([&, g, t] { f(uint(g), uint(t)); });
+    for (auto& th : pool) th.join();
     if (bar.broken) return 1;
   }
   return 0;
 }
 
 extern "C" {
-int emu_apply_delay(const long* codes, long* out, const long* d, long n, long T, long C, long bos, long pad) {
-  for (long i = 0; i < n; ++i) dia_apply_delay(codes, out, d, n, T, C, bos, pad, uint(i));
+int emu_dia_apply_delay(const long* codes, long* out, const long* d, long n, long T, long C, long bos, long pad,
+                        long threads, long) {
+  for (long i = 0; i < threads; ++i) dia_apply_delay(codes, out, d, n, T, C, bos, pad, uint(i));
   return 0;
 }
-int emu_revert_delay(const long* codes, long* out, const long* d, long n, long T, long C) {
-  for (long i = 0; i < n; ++i) dia_revert_delay(codes, out, d, n, T, C, uint(i));
+int emu_dia_revert_delay(const long* codes, long* out, const long* d, long n, long T, long C, long threads, long) {
+  for (long i = 0; i < threads; ++i) dia_revert_delay(codes, out, d, n, T, C, uint(i));
   return 0;
 }
-int emu_undelay_codes(const long* codes, long* out, const long* d, long n, long T, long C, long T_out, long cb) {
-  for (long i = 0; i < n; ++i) dia_undelay_codes(codes, out, d, n, T, C, T_out, cb, uint(i));
+int emu_dia_undelay_codes(const long* codes, long* out, const long* d, long n, long T, long C, long T_out, long cb,
+                          long threads, long) {
+  for (long i = 0; i < threads; ++i) dia_undelay_codes(codes, out, d, n, T, C, T_out, cb, uint(i));
   return 0;
 }
-int emu_decode_attention(const half* q, const half* k, const half* v, const uchar* mask, half* out, long B, long Hq,
-                         long Hkv, long L, long D, float scale) {
-  return run_groups(B * Hq, DIA_ATTN_GROUP, [&](uint g, uint t) {
+int emu_dia_decode_attention_f16(const half* q, const half* k, const half* v, const uchar* mask, half* out, long Hq,
+                                 long Hkv, long L, long D, float scale, long threads, long group_size) {
+  if (group_size != DIA_ATTN_GROUP) return 3;
+  return run_groups(threads, group_size, [&](uint g, uint t) {
     dia_decode_attention_f16(q, k, v, mask, out, Hq, Hkv, L, D, scale, g, t);
   });
 }
-int emu_cfg_sample(const float* cond, const float* uncond, const float* u, long* out, long R, long C, long V,
-                   long top_k, long eos, long greedy, float cfg, float temp, float top_p) {
-  return run_groups(R, DIA_SAMPLE_GROUP, [&](uint g, uint t) {
+int emu_dia_cfg_sample_f32(const float* cond, const float* uncond, const float* u, long* out, long C, long V,
+                           long top_k, long eos, long greedy, float cfg, float temp, float top_p, long threads,
+                           long group_size) {
+  if (group_size != DIA_SAMPLE_GROUP) return 3;
+  return run_groups(threads, group_size, [&](uint g, uint t) {
     dia_cfg_sample_f32(cond, uncond, u, out, C, V, top_k, eos, greedy, cfg, temp, top_p, g, t);
   });
 }
@@ -363,8 +371,37 @@ int emu_cfg_sample(const float* cond, const float* uncond, const float* u, long*
 EMU_ATTN_GROUP, EMU_ATTN_CHUNK, EMU_SAMPLE_GROUP = 32, 8, 32
 
 
+class _EmuLibrary:
+    """Plays torch.mps.compile_shader's library on the CPU: kernel(*args, threads=, group_size=)
+    binds tensors as buffers, ints as long and floats as float, in order, like the real one."""
+
+    def __init__(self, lib) -> None:
+        self.lib = lib
+
+    def __getattr__(self, name: str):
+        import ctypes
+
+        fn = getattr(self.lib, f"emu_{name}")
+
+        def kernel(*args, threads: int, group_size: int = 1):
+            conv = []
+            for a in args:
+                if isinstance(a, torch.Tensor):
+                    assert a.device.type == "cpu" and a.is_contiguous()
+                    conv.append(ctypes.c_void_p(a.data_ptr()))
+                elif isinstance(a, int):
+                    conv.append(ctypes.c_long(a))
+                else:
+                    assert isinstance(a, float)
+                    conv.append(ctypes.c_float(a))
+            rc = fn(*conv, ctypes.c_long(threads), ctypes.c_long(group_size))
+            assert rc == 0, {1: "a barrier timed out (divergent barrier)", 3: "wrong group size"}.get(rc, rc)
+
+        return kernel
+
+
 @pytest.fixture(scope="module")
-def emu(tmp_path_factory, source):
+def emu_lib(tmp_path_factory, source):
     import ctypes
     import shutil
     import subprocess
@@ -386,45 +423,25 @@ def emu(tmp_path_factory, source):
     if res.returncode != 0 and "_Float16" in res.stderr:
         pytest.skip("this g++ has no _Float16")
     assert res.returncode == 0, res.stderr[-4000:]
-    return ctypes.CDLL(str(lib))
+    return _EmuLibrary(ctypes.CDLL(str(lib)))
 
 
-def _p(t: torch.Tensor):
-    import ctypes
-
-    assert t.is_contiguous()
-    return ctypes.c_void_p(t.data_ptr())
-
-
-def _L(x: int):
-    import ctypes
-
-    return ctypes.c_long(x)
+@pytest.fixture
+def emu(emu_lib, monkeypatch):
+    """dia_fast.ops.metal running its real wrappers and launches on the emulated shaders."""
+    monkeypatch.setattr(metal, "_library", lambda: emu_lib)
+    monkeypatch.setattr(metal, "ATTN_GROUP", EMU_ATTN_GROUP)
+    monkeypatch.setattr(metal, "SAMPLE_GROUP", EMU_SAMPLE_GROUP)
+    return metal
 
 
-def _F(x: float):
-    import ctypes
-
-    return ctypes.c_float(x)
-
-
-@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 37, 9), (3, 5, 4), (1, 20, 9)])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 37, 9), (3, 5, 4), (1, 20, 9), (2, 0, 9)])
 def test_emulated_delay_kernels(emu, shape):
-    B, T, C = shape
     codes = torch.randint(-2, 1030, shape)
-    pattern = DIA_DELAYS if C == 9 else [int(x) for x in torch.randint(0, 6, (C,))]
-    d = torch.tensor(pattern)
-    out = torch.empty_like(codes)
-    n = B * T * C
-    emu.emu_apply_delay(_p(codes), _p(out), _p(d), _L(n), _L(T), _L(C), _L(1026), _L(1025))
-    assert torch.equal(out, reference.apply_delay(codes, pattern, 1026, 1025))
-    emu.emu_revert_delay(_p(codes), _p(out), _p(d), _L(n), _L(T), _L(C))
-    assert torch.equal(out, reference.revert_delay(codes, pattern))
-    want = reference.undelay_codes(codes, pattern, 1024)
-    t_out = want.shape[1]
-    got = torch.empty_like(want)
-    emu.emu_undelay_codes(_p(codes), _p(got), _p(d), _L(B * t_out * C), _L(T), _L(C), _L(t_out), _L(1024))
-    assert torch.equal(got, want)
+    pattern = DIA_DELAYS if shape[2] == 9 else [int(x) for x in torch.randint(0, 6, (shape[2],))]
+    assert torch.equal(emu.apply_delay(codes, pattern, 1026, 1025), reference.apply_delay(codes, pattern, 1026, 1025))
+    assert torch.equal(emu.revert_delay(codes, pattern), reference.revert_delay(codes, pattern))
+    assert torch.equal(emu.undelay_codes(codes, pattern, 1024), reference.undelay_codes(codes, pattern, 1024))
 
 
 @pytest.mark.parametrize("B,Hq,Hkv,L,D", [(1, 2, 2, 1, 16), (2, 4, 2, 19, 16), (1, 2, 1, 37, 32), (2, 2, 2, 8, 8)])
@@ -437,48 +454,40 @@ def test_emulated_decode_attention(emu, B, Hq, Hkv, L, D):
     key_mask[:, 0] = True
     if B > 1:
         key_mask[1] = False  # batch row 1 sees no key at all: zeros
-    mask = metal._attend_mask(B, L, kv_len, key_mask, torch.device("cpu"))
-    out = torch.empty_like(q)
-    rc = emu.emu_decode_attention(_p(q), _p(k), _p(v), _p(mask), _p(out), _L(B), _L(Hq), _L(Hkv), _L(L), _L(D),
-                                  _F(D**-0.5))  # fmt: skip
-    assert rc == 0, "a barrier timed out (divergent barrier in the shader)"
+    out = emu.decode_attention(q, k, v, scale=D**-0.5, kv_len=kv_len, key_mask=key_mask)
     want = reference.decode_attention(q.float(), k.float(), v.float(), scale=D**-0.5, kv_len=kv_len, key_mask=key_mask)
+    assert out.dtype == torch.float16 and out.shape == q.shape
     torch.testing.assert_close(out.float(), want, atol=4e-3, rtol=4e-3)
-
-
-def _emu_sample(emu, cond, uncond, uniforms, *, top_k, eos, greedy, cfg=3.0, temp=1.2, top_p=0.95):
-    B, C, V = cond.shape
-    out = torch.empty(B, C, dtype=torch.long)
-    rc = emu.emu_cfg_sample(_p(cond), _p(uncond), _p(uniforms), _p(out), _L(B * C), _L(C), _L(V),
-                            _L(0 if top_k is None else top_k), _L(eos), _L(int(greedy)), _F(cfg), _F(temp),
-                            _F(top_p))  # fmt: skip
-    assert rc == 0, "a barrier timed out (divergent barrier in the shader)"
-    return out
 
 
 @pytest.mark.parametrize("V,top_k", [(1028, 45), (1028, None), (40, 4), (12, 1)])
 def test_emulated_cfg_sample(emu, V, top_k):
-    from dia_fast import _ext
+    from dia_fast.ops import cpp
 
     B, C, eos = 2, 9, V - 4
     cond = torch.randn(B, C, V) * 3
     uncond = torch.randn(B, C, V) * 3
     cond[0, 0, eos] = 60.0  # EOS is channel 0's argmax in batch row 0
-    if V == 40:
-        cond[1, 2, :20] = 1.5  # exact ties at the top-k threshold: lowest ids win
-        uncond[1, 2, :20] = 1.5
-    uniforms = torch.rand(B * C)
-    greedy = _emu_sample(emu, cond, uncond, uniforms, top_k=top_k, eos=eos, greedy=True)
-    assert torch.equal(greedy, reference.cfg_sample(cond, uncond, top_k=top_k, eos_id=eos, do_sample=False))
-    drawn = _emu_sample(emu, cond, uncond, uniforms, top_k=top_k, eos=eos, greedy=False)
+    if V == 40:  # batch row 1, channels 1-8: 20 exact ties above the rest; top-k keeps the 4 lowest ids
+        cond[1, 1:, :20] = uncond[1, 1:, :20] = 1.5
+        cond[1, 1:, 20:] = uncond[1, 1:, 20:] = -5.0
+    kw = {"top_k": top_k, "eos_id": eos}
+    greedy = emu.cfg_sample(cond, uncond, do_sample=False, **kw)
+    want = reference.cfg_sample(cond, uncond, do_sample=False, **kw)
+    if V == 40:  # torch.topk keeps an unspecified subset of tied values; the kernels keep the lowest ids
+        assert bool((greedy[1, 1:] == 0).all())
+        greedy, want = greedy[0], want[0]
+    assert torch.equal(greedy, want)
+    drawn = emu.cfg_sample(cond, uncond, generator=torch.Generator().manual_seed(5), **kw)
     probs = reference.top_p_filter(
         reference.filter_cfg_logits(cond, uncond, cfg_scale=3.0, top_k=top_k, eos_id=eos) / 1.2, 0.95
     ).softmax(-1)
     valid = ~probs.isnan().any(-1)  # rows whose filters leave nothing (top-k 1 above EOS) have no distribution
+    if V == 40:
+        valid[1, 1:] = False  # tied rows: checked below
     assert bool((probs.gather(-1, drawn[..., None])[..., 0] > 0)[valid].all())
     assert int(drawn[0, 0]) == eos
-    if _ext.loaded():  # same uniforms, same inverse-CDF walk as the C++ kernel
-        want = torch.empty(B, C, dtype=torch.long)
-        _ext.module().cfg_sample(cond.numpy(), uncond.numpy(), want.numpy(), 3.0, 1.2, 0.95,
-                                 0 if top_k is None else top_k, eos, uniforms.numpy())  # fmt: skip
-        assert torch.equal(drawn, want)
+    if V == 40:
+        assert bool((drawn[1, 1:] < 4).all())
+    if cpp._ext.loaded():  # same generator state -> same uniforms -> the same inverse-CDF draws as the C++ kernel
+        assert torch.equal(drawn, cpp.cfg_sample(cond, uncond, generator=torch.Generator().manual_seed(5), **kw))

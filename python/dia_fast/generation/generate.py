@@ -246,6 +246,7 @@ def generate_codes(
         max_delay=md,
         sampler=default_sampler(device),
     )
+    generator = None if sampling.greedy else generator  # greedy steps draw nothing: share one runner
     runner = engine.runner(spec, Lb, Tb, prefix.self_mask is not None or engine.is_static, generator, cuda_graphs)
     with runner, runner.bind(generator):
         bufs = runner.bufs

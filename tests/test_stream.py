@@ -178,3 +178,29 @@ def test_dia_tts_generate_stream(tts, one_shot):
     stream = tts.generate_stream(TEXT, chunk_frames=10, max_new_tokens=60, do_sample=False)
     _close_to(np.concatenate(list(stream)), one_shot)
     assert stream.stats.time_to_first_audio_s is not None
+
+
+def test_codec_error_stops_the_decoder(tts):
+    """An error in the caller's thread (here: the codec) is raised and stops the worker thread."""
+
+    class FailingCodec:
+        def __init__(self, codec):
+            self._codec = codec
+            self.calls = 0
+
+        def decode(self, codes):
+            self.calls += 1
+            if self.calls == 2:
+                raise RuntimeError("codec failed")
+            return self._codec.decode(codes)
+
+        def __getattr__(self, name):
+            return getattr(self._codec, name)
+
+    failing = DiaTTS(tts.model, FailingCodec(tts.codec))
+    stream = stream_generate(failing, TEXT, chunk_frames=4, max_new_tokens=800, **GREEDY)
+    next(stream)
+    with pytest.raises(RuntimeError, match="codec failed"):
+        next(stream)
+    assert not stream._thread.is_alive()
+    assert stream.stats.steps == 0  # the decode loop was stopped, not run to its end

@@ -244,15 +244,22 @@ class AudioStream(Iterator[np.ndarray]):
     def __next__(self) -> np.ndarray:
         if self._closed:
             raise StopIteration
-        while True:
-            chunk = self._try_emit()
-            if chunk is not None:
-                return chunk
-            if self._finished:
-                self.stats.total_s = time.perf_counter() - self._t0
-                self._join()
-                raise StopIteration
-            self._receive(self._queue.get())
+        try:
+            while True:
+                chunk = self._try_emit()
+                if chunk is not None:
+                    return chunk
+                if self._finished:
+                    self.stats.total_s = time.perf_counter() - self._t0
+                    self._closed = True
+                    self._join()
+                    raise StopIteration
+                self._receive(self._queue.get())
+        except StopIteration:
+            raise
+        except BaseException:
+            self.close()  # a codec error or Ctrl-C here must not leave the decoder running
+            raise
 
     def _receive(self, item: tuple[str, Any]) -> None:
         kind, payload = item

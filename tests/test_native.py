@@ -46,7 +46,10 @@ def build_inplace() -> str:
         if res.returncode != 0:
             return f"{' '.join(cmd[:2])} failed:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}"
     suffix = sysconfig.get_config_var("EXT_SUFFIX")
-    shutil.copy2(build / f"_C{suffix}", pkg / f"_C{suffix}")
+    # copy, then rename over: a new inode, so processes that have the old library mapped keep it intact
+    tmp = pkg / f"_C{suffix}.tmp"
+    shutil.copy2(build / f"_C{suffix}", tmp)
+    os.replace(tmp, pkg / f"_C{suffix}")
     return "" if _ext.reload() else _ext.why_not()
 
 

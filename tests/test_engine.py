@@ -438,3 +438,16 @@ def test_done_flag_reads_late_but_bounds_the_run_ahead():
     assert not events[n + 1].done
     flag.close()
     assert pool.stats()["buffers_in_use"] == 0
+
+
+def test_static_runner_is_not_reused_after_the_weights_move():
+    model = _model()
+    engine = DecodeEngine(model, static=True)
+    ids, mask = encode_batch(TEXTS[:1])
+    a = generate_codes(model, ids, mask, max_new_tokens=30, sampling=GREEDY, engine=engine)
+    generate_codes(model, ids, mask, max_new_tokens=30, sampling=GREEDY, engine=engine)
+    assert len(engine._entries) == 1
+    model.to(torch.float64).to(torch.float32)  # new parameter tensors (a captured graph would read freed memory)
+    b = generate_codes(model, ids, mask, max_new_tokens=30, sampling=GREEDY, engine=engine)
+    assert len(engine._entries) == 2
+    assert torch.equal(a.delayed, b.delayed)

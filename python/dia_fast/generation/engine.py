@@ -290,7 +290,7 @@ class DecodeEngine:
         if not self.is_static:
             bufs = allocate_buffers(self.model, spec, max_len, text_len, self_mask)
             return StepRunner(self.model, spec, bufs, generator)
-        key = (spec, max_len, text_len, self_mask, graph, generator is not None)
+        key = (spec, max_len, text_len, self_mask, graph, generator is not None, self._weights_key())
         with self._lock:
             run = self._entries.get(key)
             if run is not None:
@@ -308,6 +308,13 @@ class DecodeEngine:
         with self._lock:
             self._entries[key] = run
         return run
+
+    def _weights_key(self) -> tuple:
+        """Device, dtype and addresses of the decoder's tensors: a captured graph reads those addresses, so a
+        runner is reused only while they hold (``model.to(...)`` or replaced parameters make new runners)."""
+        dec = self.model.decoder
+        ptrs = tuple(t.data_ptr() for t in (*dec.parameters(), *dec.buffers()))
+        return (self.model.device, self.model.dtype, ptrs)
 
     def clear(self) -> None:
         """Drops every cached runner (frees their buffers and graphs)."""

@@ -12,6 +12,11 @@ against token for token):
 - ``max_new_tokens`` counts decoder positions after the prefix (as in transformers): EOS is forced
   at ``prefix + max_new_tokens - (max_delay + 1)`` at the latest, so an item yields at most
   ``max_new_tokens - max_delay - 1`` audio frames.
+
+Each decode step is :func:`dia_fast.generation.engine.decode_step`, one pure function over static
+buffers, run eagerly or replayed from a CUDA graph; the loop here only counts steps, calls
+``on_step`` and polls the completion flag every ``sync_every`` steps. Host<->device copies (text,
+prompt prefix, completion flag, output codes) go through :mod:`dia_fast.memory`'s pinned pool.
 """
 
 from __future__ import annotations

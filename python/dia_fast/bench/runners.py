@@ -199,7 +199,8 @@ def build_transformers(tts: DiaTTS) -> tuple[Any, Any]:
 
     from ..checkpoint import to_transformers
 
-    cfg = HFDiaConfig(**tts.config.to_dict())
+    with _quiet_transformers():  # deprecation notes about where transformers wants the special ids
+        cfg = HFDiaConfig(**tts.config.to_dict())
     with hf_init.no_init_weights(), torch.device(tts.device):
         model = DiaForConditionalGeneration._from_config(cfg, dtype=tts.dtype)
     state = to_transformers({k: v.detach() for k, v in tts.model.state_dict().items()})

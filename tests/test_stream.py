@@ -204,3 +204,19 @@ def test_codec_error_stops_the_decoder(tts):
         next(stream)
     assert not stream._thread.is_alive()
     assert stream.stats.steps == 0  # the decode loop was stopped, not run to its end
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cuda_graphs", [True, False])
+def test_stream_on_cuda_equals_one_shot(cuda_graphs):
+    """On CUDA (bf16 model, CUDA graphs captured in the worker thread, or eager) the stream joins to the
+    one-shot audio; cuDNN may pick other conv algorithms per window length, hence a looser tolerance."""
+    gpu_tts = DiaTTS.random("tiny", seed=0, device="cuda")
+    kw = dict(max_new_tokens=120, cuda_graphs=cuda_graphs, **GREEDY)
+    ids_ref = gpu_tts.generate(TEXT, max_new_tokens=120, **GREEDY)
+    ref = ids_ref.audio[0]
+    stream = stream_generate(gpu_tts, TEXT, chunk_frames=9, first_chunk_frames=4, **kw)
+    joined = np.concatenate(list(stream))
+    assert joined.shape == ref.shape
+    np.testing.assert_allclose(joined, ref, rtol=0, atol=5e-3 * float(np.abs(ref).max()))
+    assert stream.stats.time_to_first_audio_s is not None and not _stream_threads()

@@ -279,3 +279,19 @@ def test_cpp_backend_available_and_reported(ext):
     assert info["loaded"] and info["abi_version"] == _ext.ABI_VERSION
     assert info["version"] == dia_fast.__version__
     assert {"apply_delay", "cfg_sample", "float_to_pcm16"} <= set(info["kernels"])
+
+
+def test_greedy_generation_same_with_cpp_and_torch_backends():
+    from dia_fast import DiaTTS
+
+    tts = DiaTTS.random("tiny", seed=0)
+    kw = {"max_new_tokens": 40, "do_sample": False, "decode_audio": False, "progress": False}
+    assert ops.select_backend("cfg_sample", "cpu") == "cpp"
+    fast = tts.generate(["[S1] Hello there.", "[S2] Hi!"], **kw)
+    ops.set_backend("torch")
+    try:
+        ref = tts.generate(["[S1] Hello there.", "[S2] Hi!"], **kw)
+    finally:
+        ops.set_backend(None)
+    assert torch.equal(fast.delayed, ref.delayed)
+    assert all(torch.equal(a, b) for a, b in zip(fast.codes, ref.codes, strict=True))

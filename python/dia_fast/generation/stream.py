@@ -295,7 +295,9 @@ class AudioStream(Iterator[np.ndarray]):
         if rest.shape[0]:
             self._delayed.append(rest)
             self._positions += rest.shape[0]
-        self._total = max(int(result.eos_pos[0]) - P0, 0)
+        eos = int(result.eos_pos[0])
+        # no EOS (the loop cannot end so, but be safe): every frame whose codes are complete
+        self._total = max(eos - P0, 0) if eos >= 0 else max(self._positions - self._max_delay, 0)
 
     def _ready(self) -> int:
         """New frames whose codes are final."""

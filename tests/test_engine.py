@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dia_fast import ops
 from dia_fast.config import DiaConfig
@@ -451,3 +452,39 @@ def test_static_runner_is_not_reused_after_the_weights_move():
     b = generate_codes(model, ids, mask, max_new_tokens=30, sampling=GREEDY, engine=engine)
     assert len(engine._entries) == 2
     assert torch.equal(a.delayed, b.delayed)
+
+
+class _HostSyncDetector(TorchDispatchMode):
+    """Records the aten ops that read device data back to the host (a sync on CUDA) or have data-dependent
+    output shapes (which sync too, and cannot be captured in a graph)."""
+
+    SYNCING = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "item", "equal", "is_nonzero")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name.strip("_") in {s.strip("_") for s in self.SYNCING}:
+            self.found.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_decode_step_reads_nothing_back_to_the_host(model, sampling):
+    cfg = model.config
+    spec = StepSpec(2, sampling, cfg.data.channels, 1024, 1025, cfg.data.max_delay, "torch")
+    bufs = allocate_buffers(model, spec, 32, 8, self_mask=True)
+    bufs.pos.fill_(2)
+    with torch.inference_mode():
+        decode_step(model, spec, bufs, torch.Generator().manual_seed(0))  # warm (lazy init outside the check)
+        with _HostSyncDetector() as det:
+            for _ in range(3):
+                decode_step(model, spec, bufs, torch.Generator().manual_seed(0))
+        assert det.found == []
+        # positive control: what the old loop did every few steps, and a data-dependent shape
+        with _HostSyncDetector() as det:
+            bool(((bufs.eos_pos >= 0) & (bufs.pos - bufs.eos_pos >= 15)).all())
+            bufs.out.nonzero()
+        assert det.found == ["is_nonzero", "nonzero"]

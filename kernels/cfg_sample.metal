@@ -14,6 +14,10 @@ using namespace metal;
 #define DIA_SAMPLE_MAX_VOCAB 2048
 #endif
 
+// A filtered-out logit: -FLT_MAX rather than an infinity, since the library may be compiled with
+// fast math (which assumes none); every real logit compares greater.
+constant float kSampleMasked = -3.402823466e+38f;
+
 // Monotone float -> uint map (larger float, larger key); -0.0 and +0.0 share a key.
 static uint sample_key(float f) {
   const uint u = as_type<uint>(f == 0.0f ? 0.0f : f);
@@ -32,9 +36,9 @@ static uint sample_count(threadgroup uint* red, uint v, uint tid) {
   return r;
 }
 
-// Index of the largest value (lowest index among ties; 0 when every value is -inf).
+// Index of the largest value (lowest index among ties; 0 when every value is masked).
 static uint sample_argmax(threadgroup float* vals, threadgroup float* rv, threadgroup uint* ri, long V, uint tid) {
-  float best = -INFINITY;
+  float best = kSampleMasked;
   uint best_i = 0xFFFFFFFFu;
   for (long i = tid; i < V; i += DIA_SAMPLE_GROUP) {
     if (vals[i] > best) {  // strict: each thread walks ascending ids
@@ -125,13 +129,13 @@ kernel void dia_cfg_sample_f32(device const float* cond [[buffer(0)]],
         keep = rank < need;
       }
     }
-    vals[i] = keep ? cr[i] : -INFINITY;
+    vals[i] = keep ? cr[i] : kSampleMasked;
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
   if (channel == 0) {  // EOS is the only candidate when it is the argmax, else it is masked
     const bool eos_max = long(sample_argmax(vals, rv, ri, V, tid)) == eos_id;
     for (long i = tid; i < V; i += DIA_SAMPLE_GROUP) {
-      if (eos_max ? i != eos_id : i == eos_id) vals[i] = -INFINITY;
+      if (eos_max ? i != eos_id : i == eos_id) vals[i] = kSampleMasked;
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
   }
@@ -147,7 +151,7 @@ kernel void dia_cfg_sample_f32(device const float* cond [[buffer(0)]],
   if (tid == 0) {
     uint n = 0;
     for (long i = 0; i < V; ++i) {
-      if (vals[i] > -INFINITY) {
+      if (vals[i] > kSampleMasked) {
         keys[n] = uint(i);
         vals[n] = precise::exp(vals[i] / temperature - max_x);  // n <= i: in-place is safe
         ++n;

@@ -17,6 +17,10 @@ using namespace metal;
 #define DIA_ATTN_MAX_DIM 256
 #endif
 
+// Score of a masked key. A large finite value rather than an infinity: the library may be
+// compiled with fast math, which assumes none. exp(kAttnMasked - m) is exactly 0 for real scores.
+constant float kAttnMasked = -1.0e30f;
+
 static float attn_reduce_max(threadgroup float* red, float v, uint tid) {
   red[tid] = v;
   threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -76,15 +80,15 @@ kernel void dia_decode_attention_f16(device const half* q [[buffer(0)]],
   const long d_own = long(tid) % D;
   const bool active = s < S;
 
-  float m = -INFINITY;  // running max of the scores
+  float m = kAttnMasked;  // running max of the scores
   float l = 0.0f;       // running sum of exp(score - m)
   float acc = 0.0f;     // running sum of exp(score - m) * v[., d_own] over this thread's keys
   for (long start = 0; start < L; start += DIA_ATTN_CHUNK) {
-    const long n = min(long(DIA_ATTN_CHUNK), L - start);
-    float local_max = -INFINITY;
+    const long n = L - start < DIA_ATTN_CHUNK ? L - start : long(DIA_ATTN_CHUNK);
+    float local_max = kAttnMasked;
     for (long j = tid; j < n; j += DIA_ATTN_GROUP) {
       const long key = start + j;
-      float sc = -INFINITY;
+      float sc = kAttnMasked;
       if (mp[key] != 0) {
         float dot = 0.0f;
         for (long d = 0; d < D; ++d) dot += qs[d] * float(kp[key * D + d]);
@@ -94,8 +98,8 @@ kernel void dia_decode_attention_f16(device const half* q [[buffer(0)]],
       local_max = max(local_max, sc);
     }
     const float m_new = max(m, attn_reduce_max(red, local_max, tid));
-    if (m_new == -INFINITY) continue;  // uniform across the group: every key so far is masked
-    const float alpha = precise::exp(m - m_new);  // 0 while m is -inf
+    if (m_new <= kAttnMasked) continue;  // uniform across the group: every key so far is masked
+    const float alpha = precise::exp(m - m_new);  // 0 while m is kAttnMasked
     float local_sum = 0.0f;
     for (long j = tid; j < n; j += DIA_ATTN_GROUP) {
       const float p = precise::exp(scores[j] - m_new);

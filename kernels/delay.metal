@@ -36,7 +36,7 @@ kernel void dia_revert_delay(device const long* codes [[buffer(0)]],
   if (i >= n) return;
   const long c = i % C;
   const long t = (i / C) % T;
-  const long s = min(t + delays[c], T - 1);
+  const long s = t + delays[c] < T - 1 ? t + delays[c] : T - 1;
   out[i] = codes[i + (s - t) * C];
 }
 
@@ -56,7 +56,7 @@ kernel void dia_undelay_codes(device const long* codes [[buffer(0)]],
   const long c = i % C;
   const long t = (i / C) % T_out;
   const long b = i / (C * T_out);
-  const long s = min(t + delays[c], T - 1);
+  const long s = t + delays[c] < T - 1 ? t + delays[c] : T - 1;
   const long v = codes[(b * T + s) * C + c];
   out[i] = (v < 0 || v >= codebook_size) ? 0 : v;
 }

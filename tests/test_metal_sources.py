@@ -109,6 +109,10 @@ def test_sources_are_balanced_and_self_contained(source):
     code = _strip_comments(source)
     assert code.count("{") == code.count("}") and code.count("(") == code.count(")")
     assert set(re.findall(r"#include\s*<([^>]+)>", code)) == {"metal_stdlib"}
+    # torch.mps.compile_shader reads the source as ASCII
+    assert source.isascii()
+    # the library may be compiled with fast math (no infinities / NaNs): masks use finite sentinels
+    assert not re.search(r"\b(INFINITY|NAN|isinf|isnan)\b", code)
 
 
 class _FakeLibrary:
@@ -416,7 +420,8 @@ def emu_lib(tmp_path_factory, source):
     (d / "all.metal").write_text(body)
     (d / "emu.cpp").write_text(_LAUNCHERS)
     lib = d / "emu.so"
-    cmd = [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-Wno-attributes", f"-I{d}",
+    # -ffast-math: Metal may compile the library with fast math too
+    cmd = [cxx, "-std=c++20", "-O1", "-ffast-math", "-shared", "-fPIC", "-pthread", "-Wno-attributes", f"-I{d}",
            f"-DDIA_ATTN_GROUP={EMU_ATTN_GROUP}", f"-DDIA_ATTN_CHUNK={EMU_ATTN_CHUNK}",
            f"-DDIA_SAMPLE_GROUP={EMU_SAMPLE_GROUP}", str(d / "emu.cpp"), "-o", str(lib)]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True)

@@ -383,8 +383,8 @@ class DiaTTS:
             "steps": float(out.steps),
             "steps_per_s": out.steps / max(out.decode_seconds, 1e-9),
             "frames": float(total_frames),
-            "warmup_s": float(getattr(out, "warmup_seconds", 0.0)),
-            "cuda_graphs": float(bool(getattr(out, "cuda_graphs", False))),
+            "warmup_s": float(out.warmup_seconds),
+            "cuda_graphs": float(out.cuda_graphs),
         }
         return GenerationResult(frames, audio, self.sample_rate, out.delayed.cpu(), stats)
 

@@ -25,7 +25,15 @@ from ..devices import resolve_device, resolve_dtype
 from ..generation.sampling import SamplingConfig
 from ..info import _version_of
 from .report import add_speedups, document, table, write_json
-from .runners import RunResult, build_transformers, run_dia_fast, run_transformers, time_to_first_audio
+from .runners import (
+    Case,
+    DiaFastCase,
+    RunResult,
+    TransformersCase,
+    build_transformers,
+    free_engine_caches,
+    time_to_first_audio,
+)
 
 if TYPE_CHECKING:
     from ..api import DiaTTS
@@ -170,11 +178,23 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     channels, rate = tts.config.data.channels, tts.codec.frame_rate
     for batch in opts.batches:
         texts = [TEXTS[i % len(TEXTS)] for i in range(batch)]
-        common = dict(repeat=opts.repeat, log=log)
-        r = run_dia_fast(tts, texts, opts.steps, sampling, cuda_graphs=None, engine="dia_fast", **common)
+        free_engine_caches(tts.model)
+        cases: list[Case] = [DiaFastCase(tts, texts, opts.steps, sampling, cuda_graphs=None, engine="dia_fast")]
+        if "eager" in compare:
+            cases.append(DiaFastCase(tts, texts, opts.steps, sampling, cuda_graphs=False, engine="dia_fast-eager"))
+        if hf is not None:
+            cases.append(TransformersCase(*hf, texts, opts.steps, sampling, channels=channels, frame_rate=rate))
+        for case in cases:
+            log(f"{case.engine} batch {batch}: warm-up")
+            case.warm_up()
+        for r in range(opts.repeat):  # interleaved, so that load changes hit every engine alike
+            log(f"batch {batch}: timed run {r + 1}/{opts.repeat} of {', '.join(c.engine for c in cases)}")
+            for case in cases:
+                case.run()
+        rows = [case.result() for case in cases]
         if batch == 1:
             log("dia_fast batch 1: streaming, time to first audio")
-            r.time_to_first_audio_s = time_to_first_audio(
+            rows[0].time_to_first_audio_s = time_to_first_audio(
                 tts,
                 texts[0],
                 opts.steps,
@@ -182,15 +202,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
                 chunk_frames=opts.chunk_frames,
                 first_chunk_frames=opts.first_chunk_frames,
             )
-        results.append(r)
-        if "eager" in compare:
-            results.append(
-                run_dia_fast(tts, texts, opts.steps, sampling, cuda_graphs=False, engine="dia_fast-eager", **common)
-            )
-        if hf is not None:
-            results.append(
-                run_transformers(*hf, texts, opts.steps, sampling, channels=channels, frame_rate=rate, **common)
-            )
+        results.extend(rows)
     add_speedups(results)
 
     meta = {
@@ -208,6 +220,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         "compare": compare,
         "sampling": asdict(sampling),
         "repeat": opts.repeat,
+        "timing": "one warm-up call per engine, then the engines' timed calls interleaved; the fastest decode kept",
         "streaming": {"chunk_frames": opts.chunk_frames, "first_chunk_frames": opts.first_chunk_frames, "batch": 1},
         "memory": (
             "peak_memory_bytes = the model's weights + the peak above what was allocated before its warm-up "

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -19,8 +19,6 @@ from .measure import PeakMemory, now, weight_bytes
 
 if TYPE_CHECKING:
     from ..api import DiaTTS
-
-Log = Callable[[str], None]
 
 
 @dataclass
@@ -79,9 +77,9 @@ def _result(
     )
 
 
-def _free_engine_caches(model: torch.nn.Module) -> None:
-    """Drop the static decode buffers / graphs cached for earlier batch sizes, so that each
-    configuration's peak memory is its own."""
+def free_engine_caches(model: torch.nn.Module) -> None:
+    """Drop the static decode buffers / graphs cached for earlier batch sizes, so that each batch
+    size's peak memory is its own."""
     try:
         from ..generation.engine import engine_for
     except ImportError:
@@ -94,65 +92,103 @@ def _free_engine_caches(model: torch.nn.Module) -> None:
         torch.cuda.empty_cache()
 
 
-def run_dia_fast(
-    tts: DiaTTS,
-    texts: list[str],
-    steps: int,
-    sampling: SamplingConfig,
-    *,
-    repeat: int,
-    cuda_graphs: bool | None,
-    engine: str,
-    log: Log,
-) -> RunResult:
-    """Warm-up call (includes CUDA-graph capture where used), then ``repeat`` timed calls; the fastest
-    decode is kept. Peak memory covers warm-up and timed calls."""
-    device = tts.device
-    ids, mask = encode_batch(texts, tts.config.data.text_length)
-    kwargs: dict[str, Any] = dict(
-        max_new_tokens=steps, sampling=sampling, progress=False, frame_rate=tts.codec.frame_rate
-    )
-    if "cuda_graphs" in inspect.signature(generate_codes).parameters:
-        kwargs["cuda_graphs"] = cuda_graphs
+@dataclass
+class _Timing:
+    prefill: float
+    decode: float
+    total: float
+    steps: int
 
-    def call() -> tuple[Any, float]:
+
+class Case:
+    """One engine at one batch size: :meth:`warm_up` once (timed, with peak memory), then :meth:`run`
+    any number of times (the bench interleaves the engines' runs, so that load changes on a shared
+    machine hit them alike); :meth:`result` keeps the run with the fastest decode."""
+
+    engine: str
+    batch: int
+
+    def __init__(self, channels: int, frame_rate: float, weights: int) -> None:
+        self._channels, self._rate, self._weights = channels, frame_rate, weights
+        self._runs: list[_Timing] = []
+        self._warm = 0.0
+        self._mem: PeakMemory | None = None
+        self.notes: list[str] = []
+
+    def _call(self) -> _Timing:
+        raise NotImplementedError
+
+    def _device(self) -> torch.device:
+        raise NotImplementedError
+
+    def warm_up(self) -> None:
+        with PeakMemory(self._device()) as mem:
+            self._warm = self._call().total
+        self._mem = mem
+
+    def run(self) -> None:
+        self._runs.append(self._call())
+
+    def result(self) -> RunResult:
+        if not self._runs or self._mem is None:
+            raise RuntimeError(f"{self.engine}: warm_up() and run() first")
+        best = min(self._runs, key=lambda t: t.decode / max(t.steps, 1))
+        res = _result(
+            self.engine,
+            self.batch,
+            best.steps,
+            best.prefill,
+            best.decode,
+            best.total,
+            self._warm,
+            self._mem,
+            self._weights,
+            self._channels,
+            self._rate,
+        )
+        res.notes.extend(self.notes)
+        return res
+
+
+class DiaFastCase(Case):
+    """dia_fast's ``generate_codes`` (``cuda_graphs=None``: graphs where available; False: eager steps)."""
+
+    def __init__(
+        self,
+        tts: DiaTTS,
+        texts: list[str],
+        steps: int,
+        sampling: SamplingConfig,
+        *,
+        cuda_graphs: bool | None,
+        engine: str,
+    ) -> None:
+        super().__init__(tts.config.data.channels, tts.codec.frame_rate, weight_bytes(tts.model))
+        self.engine, self.batch, self._tts = engine, len(texts), tts
+        self._ids, self._mask = encode_batch(texts, tts.config.data.text_length)
+        self._kwargs: dict[str, Any] = dict(
+            max_new_tokens=steps, sampling=sampling, progress=False, frame_rate=tts.codec.frame_rate
+        )
+        if "cuda_graphs" in inspect.signature(generate_codes).parameters:
+            self._kwargs["cuda_graphs"] = cuda_graphs
+
+    def _device(self) -> torch.device:
+        return self._tts.device
+
+    def _call(self) -> _Timing:
+        device = self._tts.device
         gen = torch.Generator(device=device).manual_seed(0)
         t = now(device)
-        out = generate_codes(tts.model, ids, mask, generator=gen, **kwargs)
-        return out, now(device) - t
-
-    _free_engine_caches(tts.model)
-    with PeakMemory(device) as mem:
-        log(f"{engine} batch {len(texts)}: warm-up")
-        out, warm = call()
-        best = None
-        for r in range(repeat):
-            log(f"{engine} batch {len(texts)}: run {r + 1}/{repeat}")
-            out, total = call()
-            if best is None or out.decode_seconds < best[0].decode_seconds:
-                best = (out, total)
-    assert best is not None
-    out, total = best
-    res = _result(
-        engine,
-        len(texts),
-        out.steps,
-        out.prefill_seconds,
-        out.decode_seconds,
-        total,
-        warm,
-        mem,
-        weight_bytes(tts.model),
-        tts.config.data.channels,
-        tts.codec.frame_rate,
-    )
-    graphs = getattr(out, "cuda_graphs", None)
-    if graphs is not None:
-        res.notes.append(f"cuda_graphs={bool(graphs)}")
-    capture = getattr(out, "warmup_seconds", 0.0)
-    if capture:
-        res.notes.append(f"graph capture in the warm-up call: {capture:.3f} s")
-    return res
+        out = generate_codes(self._tts.model, self._ids, self._mask, generator=gen, **self._kwargs)
+        total = now(device) - t
+        if not self._runs and not self.notes:  # the warm-up call
+            graphs = getattr(out, "cuda_graphs", None)
+            if graphs is not None:
+                self.notes.append(f"cuda_graphs={bool(graphs)}")
+            capture = getattr(out, "warmup_seconds", 0.0)
+            if capture:
+                self.notes.append(f"graph capture in the warm-up call: {capture:.3f} s")
+        return _Timing(out.prefill_seconds, out.decode_seconds, total, out.steps)
 
 
 def time_to_first_audio(
@@ -228,67 +264,49 @@ def _quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(level)
 
 
-def run_transformers(
-    model: Any,
-    processor: Any,
-    texts: list[str],
-    steps: int,
-    sampling: SamplingConfig,
-    *,
-    repeat: int,
-    channels: int,
-    frame_rate: float,
-    log: Log,
-) -> RunResult:
-    """``generate(**processor(text), max_new_tokens=steps, guidance_scale=...)`` timed from outside; a
-    forward hook on the decoder marks the end of prefill (encoder + first decoder forward)."""
-    device = next(model.parameters()).device
-    with warnings.catch_warnings():  # the processor warns that max_length is unused with padding=True
-        warnings.simplefilter("ignore")
-        inputs = {k: v.to(device) for k, v in processor(text=texts, padding=True).items()}
-    gen_kwargs: dict[str, Any] = dict(
-        max_new_tokens=steps, guidance_scale=sampling.cfg_scale, top_k=sampling.cfg_filter_top_k
-    )
-    if sampling.greedy:
-        gen_kwargs["do_sample"] = False
-    else:
-        gen_kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
-    marks: list[float] = []
-    hook = model.model.decoder.register_forward_hook(lambda *_: marks.append(now(device)))
+class TransformersCase(Case):
+    """``generate(**processor(text), max_new_tokens=steps, guidance_scale=..., top_k=...)`` timed from
+    outside; a forward hook on the decoder marks the end of prefill (encoder + first decoder forward)."""
 
-    def call() -> tuple[float, float, int]:
-        marks.clear()
-        torch.manual_seed(0)
-        t = now(device)
-        with _quiet_transformers():
-            model.generate(**inputs, **gen_kwargs)
-        end = now(device)
-        return marks[0] - t, end - t, len(marks)
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        texts: list[str],
+        steps: int,
+        sampling: SamplingConfig,
+        *,
+        channels: int,
+        frame_rate: float,
+    ) -> None:
+        super().__init__(channels, frame_rate, weight_bytes(model))
+        self.engine, self.batch, self._model = "transformers", len(texts), model
+        self._dev = next(model.parameters()).device
+        with warnings.catch_warnings():  # the processor warns that max_length is unused with padding=True
+            warnings.simplefilter("ignore")
+            self._inputs = {k: v.to(self._dev) for k, v in processor(text=texts, padding=True).items()}
+        self._kwargs: dict[str, Any] = dict(
+            max_new_tokens=steps, guidance_scale=sampling.cfg_scale, top_k=sampling.cfg_filter_top_k
+        )
+        if sampling.greedy:
+            self._kwargs["do_sample"] = False
+        else:
+            self._kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
 
-    try:
-        with PeakMemory(device) as mem:
-            log(f"transformers batch {len(texts)}: warm-up")
-            _, warm, _ = call()
-            best = None
-            for r in range(repeat):
-                log(f"transformers batch {len(texts)}: run {r + 1}/{repeat}")
-                prefill, total, n = call()
-                if best is None or total - prefill < best[1] - best[0]:
-                    best = (prefill, total, n)
-    finally:
-        hook.remove()
-    assert best is not None
-    prefill, total, n = best
-    return _result(
-        "transformers",
-        len(texts),
-        n,
-        prefill,
-        total - prefill,
-        total,
-        warm,
-        mem,
-        weight_bytes(model),
-        channels,
-        frame_rate,
-    )
+    def _device(self) -> torch.device:
+        return self._dev
+
+    def _call(self) -> _Timing:
+        device = self._dev
+        marks: list[float] = []
+        hook = self._model.model.decoder.register_forward_hook(lambda *_: marks.append(now(device)))
+        try:
+            torch.manual_seed(0)
+            t = now(device)
+            with _quiet_transformers():
+                self._model.generate(**self._inputs, **self._kwargs)
+            total = now(device) - t
+        finally:
+            hook.remove()
+        prefill = marks[0] - t
+        return _Timing(prefill, total - prefill, total, len(marks))

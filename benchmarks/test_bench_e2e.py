@@ -13,22 +13,17 @@ the same numbers as one table.
 
 from __future__ import annotations
 
-import time
-import warnings
 from typing import Any
 
 import pytest
-import torch
 
 pytest.importorskip("pytest_benchmark")
 
 from dia_fast.api import DiaTTS  # noqa: E402
 from dia_fast.bench import TEXTS  # noqa: E402
-from dia_fast.bench.measure import now, sync  # noqa: E402
-from dia_fast.generation.generate import generate_codes  # noqa: E402
+from dia_fast.bench.runners import Case, DiaFastCase, TransformersCase, build_transformers  # noqa: E402
 from dia_fast.generation.sampling import SamplingConfig  # noqa: E402
 from dia_fast.generation.stream import stream_generate  # noqa: E402
-from dia_fast.text import encode_batch  # noqa: E402
 
 GREEDY = SamplingConfig(do_sample=False)
 TINY_STEPS, FULL_STEPS = 64, 256
@@ -51,81 +46,44 @@ def _texts(batch: int) -> list[str]:
     return [TEXTS[i % len(TEXTS)] for i in range(batch)]
 
 
-def _info(benchmark: Any, steps: int, batch: int, frame_rate: float, decode_s: float, prefill_s: float) -> None:
-    rate = steps / decode_s
+def _bench(benchmark: Any, case: Case, rounds: int, steps: int, width: int) -> None:
+    """Warm-up (timed on its own), then ``rounds`` timed calls; the bench's numbers go to extra_info."""
+    case.warm_up()
+    benchmark.group = f"e2e width {width} batch {case.batch}"
+    benchmark.pedantic(case.run, rounds=rounds, warmup_rounds=0)
+    res = case.result()
     benchmark.extra_info.update(
-        steps=steps,
-        batch=batch,
-        decode_steps_per_s=round(rate, 2),
-        audio_tokens_per_s=round(rate * 9 * batch, 1),
-        realtime_factor=round(rate / frame_rate, 3),
-        prefill_ms=round(prefill_s * 1000, 3),
+        steps=res.steps,
+        batch=res.batch,
+        decode_steps_per_s=round(res.decode_steps_per_s, 2),
+        audio_tokens_per_s=round(res.audio_tokens_per_s, 1),
+        realtime_factor=round(res.realtime_factor, 3),
+        prefill_ms=round(res.prefill_s * 1000, 3),
+        warmup_s=round(res.warmup_s, 4),
+        peak_memory_mib=round(res.peak_memory_bytes / 2**20, 1),
+        notes=res.notes,
     )
+    assert res.steps == steps and res.decode_steps_per_s > 0
 
 
 def _dia_fast(benchmark: Any, tts: DiaTTS, batch: int, steps: int, rounds: int, cuda_graphs: bool | None) -> None:
-    ids, mask = encode_batch(_texts(batch), tts.config.data.text_length)
-    outs = []
-
-    def run() -> None:
-        gen = torch.Generator(device=tts.device).manual_seed(0)
-        outs.append(
-            generate_codes(
-                tts.model,
-                ids,
-                mask,
-                max_new_tokens=steps,
-                sampling=GREEDY,
-                generator=gen,
-                progress=False,
-                cuda_graphs=cuda_graphs,
-            )
-        )
-        sync(tts.device)
-
-    t = time.perf_counter()
-    run()  # warm-up (CUDA-graph capture where used), timed on its own
-    benchmark.extra_info["warmup_s"] = round(time.perf_counter() - t, 4)
-    benchmark.group = f"e2e {tts.config.model.decoder.hidden_size}d batch {batch}"
-    benchmark.pedantic(run, rounds=rounds, warmup_rounds=0)
-    timed = outs[1:]
-    decode = sorted(o.decode_seconds for o in timed)[len(timed) // 2]
-    prefill = sorted(o.prefill_seconds for o in timed)[len(timed) // 2]
-    _info(benchmark, timed[0].steps, batch, tts.codec.frame_rate, decode, prefill)
-    benchmark.extra_info["cuda_graphs"] = bool(getattr(timed[0], "cuda_graphs", False))
-    assert all(torch.equal(o.delayed, timed[0].delayed) for o in timed)  # greedy: every round the same codes
+    engine = "dia_fast" if cuda_graphs is None else "dia_fast-eager"
+    case = DiaFastCase(tts, _texts(batch), steps, GREEDY, cuda_graphs=cuda_graphs, engine=engine)
+    _bench(benchmark, case, rounds, steps, tts.config.model.decoder.hidden_size)
 
 
 def _transformers(benchmark: Any, tts: DiaTTS, batch: int, steps: int, rounds: int) -> None:
-    from dia_fast.bench.runners import _quiet_transformers, build_transformers
-
     model, processor = build_transformers(tts)
-    with warnings.catch_warnings():  # "max_length is ignored when padding=True"
-        warnings.simplefilter("ignore")
-        inputs = {k: v.to(tts.device) for k, v in processor(text=_texts(batch), padding=True).items()}
-    marks: list[float] = []
-    hook = model.model.decoder.register_forward_hook(lambda *_: marks.append(now(tts.device)))
-    spans: list[tuple[float, float, int]] = []
-
-    def run() -> None:
-        marks.clear()
-        t = now(tts.device)
-        with _quiet_transformers():
-            model.generate(**inputs, max_new_tokens=steps, do_sample=False, guidance_scale=3.0, top_k=45)
-        spans.append((marks[0] - t, now(tts.device) - t, len(marks)))
-
-    try:
-        t = time.perf_counter()
-        run()
-        benchmark.extra_info["warmup_s"] = round(time.perf_counter() - t, 4)
-        benchmark.group = f"e2e {tts.config.model.decoder.hidden_size}d batch {batch}"
-        benchmark.pedantic(run, rounds=rounds, warmup_rounds=0)
-    finally:
-        hook.remove()
-    timed = sorted(spans[1:], key=lambda s: s[1] - s[0])
-    prefill, total, n = timed[len(timed) // 2]
-    _info(benchmark, n, batch, tts.codec.frame_rate, total - prefill, prefill)
-    assert n == steps
+    case = TransformersCase(
+        model,
+        processor,
+        _texts(batch),
+        steps,
+        GREEDY,
+        channels=tts.config.data.channels,
+        frame_rate=tts.codec.frame_rate,
+    )
+    _bench(benchmark, case, rounds, steps, tts.config.model.decoder.hidden_size)
 
 
 def _ttfa(benchmark: Any, tts: DiaTTS, steps: int, rounds: int) -> None:

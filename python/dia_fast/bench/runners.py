@@ -4,7 +4,6 @@ first audio, and transformers' ``DiaForConditionalGeneration.generate`` on the s
 from __future__ import annotations
 
 import contextlib
-import inspect
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -12,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..generation.engine import engine_for
 from ..generation.generate import generate_codes
 from ..generation.sampling import SamplingConfig
 from ..text import encode_batch
@@ -19,6 +19,7 @@ from .measure import PeakMemory, now, weight_bytes
 
 if TYPE_CHECKING:
     from ..api import DiaTTS
+    from ..model import DiaModel
 
 
 @dataclass
@@ -47,47 +48,10 @@ class RunResult:
         return asdict(self)
 
 
-def _result(
-    engine: str,
-    batch: int,
-    steps: int,
-    prefill: float,
-    decode: float,
-    total: float,
-    warmup: float,
-    mem: PeakMemory,
-    weights: int,
-    channels: int,
-    frame_rate: float,
-) -> RunResult:
-    rate = steps / max(decode, 1e-12)
-    return RunResult(
-        engine=engine,
-        batch=batch,
-        steps=steps,
-        decode_steps_per_s=rate,
-        audio_tokens_per_s=rate * channels * batch,
-        realtime_factor=rate / frame_rate,
-        prefill_s=prefill,
-        decode_s=decode,
-        total_s=total,
-        warmup_s=warmup,
-        peak_memory_bytes=mem.peak_bytes + weights,
-        memory_kind=mem.kind,
-    )
-
-
-def free_engine_caches(model: torch.nn.Module) -> None:
+def free_engine_caches(model: DiaModel) -> None:
     """Drop the static decode buffers / graphs cached for earlier batch sizes, so that each batch
     size's peak memory is its own."""
-    try:
-        from ..generation.engine import engine_for
-    except ImportError:
-        return
-    try:
-        engine_for(model).clear()  # type: ignore[arg-type]
-    except (AttributeError, TypeError):
-        pass
+    engine_for(model).clear()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -105,10 +69,10 @@ class Case:
     any number of times (the bench interleaves the engines' runs, so that load changes on a shared
     machine hit them alike); :meth:`result` keeps the run with the fastest decode."""
 
-    engine: str
-    batch: int
-
-    def __init__(self, channels: int, frame_rate: float, weights: int) -> None:
+    def __init__(
+        self, engine: str, batch: int, device: torch.device, channels: int, frame_rate: float, weights: int
+    ) -> None:
+        self.engine, self.batch, self.device = engine, batch, device
         self._channels, self._rate, self._weights = channels, frame_rate, weights
         self._runs: list[_Timing] = []
         self._warm = 0.0
@@ -118,11 +82,8 @@ class Case:
     def _call(self) -> _Timing:
         raise NotImplementedError
 
-    def _device(self) -> torch.device:
-        raise NotImplementedError
-
     def warm_up(self) -> None:
-        with PeakMemory(self._device()) as mem:
+        with PeakMemory(self.device) as mem:
             self._warm = self._call().total
         self._mem = mem
 
@@ -133,18 +94,20 @@ class Case:
         if not self._runs or self._mem is None:
             raise RuntimeError(f"{self.engine}: warm_up() and run() first")
         best = min(self._runs, key=lambda t: t.decode / max(t.steps, 1))
-        res = _result(
-            self.engine,
-            self.batch,
-            best.steps,
-            best.prefill,
-            best.decode,
-            best.total,
-            self._warm,
-            self._mem,
-            self._weights,
-            self._channels,
-            self._rate,
+        rate = best.steps / max(best.decode, 1e-12)
+        res = RunResult(
+            engine=self.engine,
+            batch=self.batch,
+            steps=best.steps,
+            decode_steps_per_s=rate,
+            audio_tokens_per_s=rate * self._channels * self.batch,
+            realtime_factor=rate / self._rate,
+            prefill_s=best.prefill,
+            decode_s=best.decode,
+            total_s=best.total,
+            warmup_s=self._warm,
+            peak_memory_bytes=self._mem.peak_bytes + self._weights,
+            memory_kind=self._mem.kind,
         )
         res.notes.extend(self.notes)
         return res
@@ -163,32 +126,30 @@ class DiaFastCase(Case):
         cuda_graphs: bool | None,
         engine: str,
     ) -> None:
-        super().__init__(tts.config.data.channels, tts.codec.frame_rate, weight_bytes(tts.model))
-        self.engine, self.batch, self._tts = engine, len(texts), tts
-        self._ids, self._mask = encode_batch(texts, tts.config.data.text_length)
+        data = tts.config.data
+        super().__init__(engine, len(texts), tts.device, data.channels, tts.codec.frame_rate, weight_bytes(tts.model))
+        self._model = tts.model
+        self._ids, self._mask = encode_batch(texts, data.text_length)
         self._kwargs: dict[str, Any] = dict(
-            max_new_tokens=steps, sampling=sampling, progress=False, frame_rate=tts.codec.frame_rate
+            max_new_tokens=steps,
+            sampling=sampling,
+            progress=False,
+            frame_rate=tts.codec.frame_rate,
+            cuda_graphs=cuda_graphs,
         )
-        if "cuda_graphs" in inspect.signature(generate_codes).parameters:
-            self._kwargs["cuda_graphs"] = cuda_graphs
-
-    def _device(self) -> torch.device:
-        return self._tts.device
+        self._last: Any = None
 
     def _call(self) -> _Timing:
-        device = self._tts.device
-        gen = torch.Generator(device=device).manual_seed(0)
-        t = now(device)
-        out = generate_codes(self._tts.model, self._ids, self._mask, generator=gen, **self._kwargs)
-        total = now(device) - t
-        if not self._runs and not self.notes:  # the warm-up call
-            graphs = getattr(out, "cuda_graphs", None)
-            if graphs is not None:
-                self.notes.append(f"cuda_graphs={bool(graphs)}")
-            capture = getattr(out, "warmup_seconds", 0.0)
-            if capture:
-                self.notes.append(f"graph capture in the warm-up call: {capture:.3f} s")
-        return _Timing(out.prefill_seconds, out.decode_seconds, total, out.steps)
+        gen = torch.Generator(device=self.device).manual_seed(0)
+        t = now(self.device)
+        out = self._last = generate_codes(self._model, self._ids, self._mask, generator=gen, **self._kwargs)
+        return _Timing(out.prefill_seconds, out.decode_seconds, now(self.device) - t, out.steps)
+
+    def warm_up(self) -> None:
+        super().warm_up()
+        self.notes.append(f"cuda_graphs={bool(self._last.cuda_graphs)}")
+        if self._last.warmup_seconds:
+            self.notes.append(f"graph capture in the warm-up call: {self._last.warmup_seconds:.3f} s")
 
 
 def time_to_first_audio(
@@ -279,12 +240,12 @@ class TransformersCase(Case):
         channels: int,
         frame_rate: float,
     ) -> None:
-        super().__init__(channels, frame_rate, weight_bytes(model))
-        self.engine, self.batch, self._model = "transformers", len(texts), model
-        self._dev = next(model.parameters()).device
+        device = next(model.parameters()).device
+        super().__init__("transformers", len(texts), device, channels, frame_rate, weight_bytes(model))
+        self._model = model
         with warnings.catch_warnings():  # the processor warns that max_length is unused with padding=True
             warnings.simplefilter("ignore")
-            self._inputs = {k: v.to(self._dev) for k, v in processor(text=texts, padding=True).items()}
+            self._inputs = {k: v.to(device) for k, v in processor(text=texts, padding=True).items()}
         self._kwargs: dict[str, Any] = dict(
             max_new_tokens=steps, guidance_scale=sampling.cfg_scale, top_k=sampling.cfg_filter_top_k
         )
@@ -293,11 +254,8 @@ class TransformersCase(Case):
         else:
             self._kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
 
-    def _device(self) -> torch.device:
-        return self._dev
-
     def _call(self) -> _Timing:
-        device = self._dev
+        device = self.device
         marks: list[float] = []
         hook = self._model.model.decoder.register_forward_hook(lambda *_: marks.append(now(device)))
         try:

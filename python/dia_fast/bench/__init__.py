@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +22,7 @@ import torch
 
 from .. import ops
 from .._version import __version__
+from ..codec import AudioCodec, load_codec
 from ..config import DiaConfig
 from ..devices import resolve_device, resolve_dtype
 from ..generation.sampling import SamplingConfig
@@ -68,10 +71,9 @@ class BenchOptions:
     first_chunk_frames: int = 16
     seed: int = 0
     quiet: bool = False
-    notes: list[str] = field(default_factory=list)
 
 
-def _log(opts: BenchOptions, t0: float) -> Any:
+def _log(opts: BenchOptions, t0: float) -> Callable[[str], None]:
     def log(msg: str) -> None:
         if not opts.quiet:
             print(f"[bench {time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
@@ -79,22 +81,16 @@ def _log(opts: BenchOptions, t0: float) -> Any:
     return log
 
 
-def _codec(opts: BenchOptions, preset_name: str | None, device: torch.device) -> Any:
-    """``auto``: Dia's full-size DAC architecture (random weights) for ``dia-1.6b``, the tiny DAC for
-    ``tiny``; ``tiny`` / ``44khz``: that random DAC; anything else: a codec checkpoint path."""
-    from ..codec.dac import DacCodec
-
-    kind = opts.codec
-    if kind == "auto":
-        kind = "tiny" if preset_name == "tiny" else "44khz"
+def _codec(kind: str, seed: int, device: torch.device) -> tuple[AudioCodec, str]:
+    """``tiny`` / ``44khz``: a random DAC of that size; anything else: a codec checkpoint path."""
     if kind in ("tiny", "44khz"):
-        return DacCodec.random(kind, seed=opts.seed).to(device), f"random DAC ({kind})"
-    from ..codec import load_codec
+        from ..codec.dac import DacCodec
 
+        return DacCodec.random(kind, seed=seed).to(device), f"random DAC ({kind})"
     return load_codec(kind, device=device), f"checkpoint {kind}"
 
 
-def build_tts(opts: BenchOptions, log: Any) -> tuple[DiaTTS, dict[str, Any]]:
+def build_tts(opts: BenchOptions, log: Callable[[str], None]) -> tuple[DiaTTS, dict[str, Any]]:
     """The dia_fast model: a preset with seeded random weights (optionally fewer layers), or a checkpoint."""
     from ..api import DiaTTS
 
@@ -105,7 +101,9 @@ def build_tts(opts: BenchOptions, log: Any) -> tuple[DiaTTS, dict[str, Any]]:
         cfg = DiaConfig.preset(key)
         if opts.layers is not None:
             cfg = cfg.with_layers(opts.layers, opts.layers)
-        codec, codec_desc = _codec(opts, "tiny" if key == "tiny" else "dia-1.6b", device)
+        # auto: the preset's own codec size, so that time to first audio pays the real decoder's cost
+        kind = ("tiny" if key == "tiny" else "44khz") if opts.codec == "auto" else opts.codec
+        codec, codec_desc = _codec(kind, opts.seed, device)
         log(f"building {opts.model} with random weights (seed {opts.seed}) on {device} in {dtype}")
         tts = DiaTTS.random(cfg, seed=opts.seed, device=device, dtype=dtype, codec=codec)
         source = f"preset {opts.model}, random weights (seed {opts.seed})"
@@ -115,7 +113,7 @@ def build_tts(opts: BenchOptions, log: Any) -> tuple[DiaTTS, dict[str, Any]]:
         codec = None
         codec_desc = "from the checkpoint directory (or a random demo DAC)"
         if opts.codec != "auto":
-            codec, codec_desc = _codec(opts, None, device)
+            codec, codec_desc = _codec(opts.codec, opts.seed, device)
         log(f"loading checkpoint {opts.model} on {device} in {dtype}")
         tts = DiaTTS.from_pretrained(opts.model, device=device, dtype=dtype, codec=codec)
         source = f"checkpoint {Path(opts.model).expanduser()}"
@@ -138,11 +136,8 @@ def _device_name(device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
     if device.type == "mps":
         return "Apple GPU (mps)"
-    import os
-
-    return (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}"
-    )
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}"
 
 
 def run_bench(opts: BenchOptions) -> dict[str, Any]:
@@ -160,7 +155,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     if opts.steps < md + 2:
         raise ValueError(f"--steps must be at least {md + 2} (the delay pattern needs {md + 1} steps to finish)")
     sampling = SamplingConfig(do_sample=opts.do_sample)
-    notes = list(opts.notes)
+    notes: list[str] = []
     compare = list(opts.compare)
     if "transformers" in compare and importlib.util.find_spec("transformers") is None:
         notes.append("transformers is not installed: no transformers baseline")

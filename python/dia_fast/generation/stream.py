@@ -15,7 +15,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -114,7 +114,7 @@ class _Cancelled(Exception):
     """Raised inside ``on_step`` to stop the worker after :meth:`AudioStream.close`."""
 
 
-_START, _CODES, _DONE, _ERROR = "start", "codes", "done", "error"
+_CODES, _DONE, _ERROR = "codes", "done", "error"
 
 
 def _worker(
@@ -134,31 +134,23 @@ def _worker(
         kw = dict(kw)
         prompt = kw.pop("prompt", None)
         seed = kw.pop("seed", None)
-        sampling = SamplingConfig(
-            cfg_scale=kw.pop("cfg_scale", 3.0),
-            temperature=kw.pop("temperature", 1.2),
-            top_p=kw.pop("top_p", 0.95),
-            cfg_filter_top_k=kw.pop("cfg_filter_top_k", 45),
-            do_sample=kw.pop("do_sample", True),
-        )
+        sampling = SamplingConfig(**{f.name: kw.pop(f.name) for f in fields(SamplingConfig) if f.name in kw})
         generator = None if seed is None else torch.Generator(device=device).manual_seed(int(seed))
         ids, mask = encode_batch([text], tts.config.data.text_length)
         md = tts.config.data.max_delay
-        prefix: list[int] = []  # the prefix length, learnt from the first step
-        sent = [0]  # first delayed position not yet sent
-        need = [first_need]  # new frames the consumer needs for its next chunk
+        first = sent = -1  # first generated position (the prefix length), first position not yet sent
+        need = first_need  # new frames the consumer needs for its next chunk
 
         def on_step(out: torch.Tensor, p: int) -> None:
+            nonlocal first, sent, need
             if cancel.is_set():
                 raise _Cancelled
-            if not prefix:
-                prefix.append(p)
-                sent[0] = p
-                out_queue.put((_START, p))
-            if p - md - prefix[0] + 1 >= need[0]:  # new frames that are final after this step
-                out_queue.put((_CODES, out[0, sent[0] : p + 1].clone()))
-                sent[0] = p + 1
-                need[0] += chunk
+            if first < 0:
+                first = sent = p
+            if p - md - first + 1 >= need:  # new frames that are final after this step
+                out_queue.put((_CODES, out[0, sent : p + 1].clone()))
+                sent = p + 1
+                need += chunk
 
         result = generate_codes(
             tts.model,
@@ -223,7 +215,6 @@ class AudioStream(Iterator[np.ndarray]):
         self._cancel = threading.Event()
         self._delayed: list[torch.Tensor] = []  # delayed positions [prefix, ...) of item 0, in arrival order
         self._positions = 0  # delayed positions received
-        self._prefix: int | None = None
         self._total: int | None = None  # number of new frames, once known (EOS seen or generation done)
         self._emitted = 0  # frames whose audio has been returned
         self._closed = False
@@ -270,9 +261,6 @@ class AudioStream(Iterator[np.ndarray]):
             raise payload
         if kind == _DONE:
             self._finish(payload)
-            return
-        if kind == _START:
-            self._prefix = payload
             return
         codes = payload
         self._delayed.append(codes)

@@ -324,3 +324,21 @@ def test_audio_normalized_and_saved(tmp_path):
     back, sr = sf.read(loud.save(tmp_path / "a.wav", subtype="FLOAT"), dtype="float32")
     assert sr == rate
     np.testing.assert_array_equal(back, loud.samples)
+
+
+def test_conversation_stream_joins_to_generate():
+    """A two-chunk conversation streamed (greedy) equals generate()'s crossfaded samples."""
+    from dia_fast import DiaTTS
+    from dia_fast.voice import Conversation, Speaker, VoicePool
+
+    pool = VoicePool(DiaTTS.random("tiny", seed=0))
+    text = "[S1] The first sentence of the talk. [S2] And a second one that answers it."
+    conv = Conversation(text, [Speaker.S1, Speaker.S2], pool, max_new_tokens=64, do_sample=False,
+                        chars_per_second=80.0, max_chunk_seconds=0.5)  # fmt: skip
+    assert len(conv.chunks) == 2
+    whole = conv.generate_sync().samples
+    pieces = list(conv.stream(chunk_frames=8))
+    assert len(pieces) > 2
+    joined = np.concatenate(pieces)
+    assert joined.shape == whole.shape
+    np.testing.assert_allclose(joined, whole, rtol=0, atol=1e-5 * max(1.0, float(np.abs(whole).max())))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -183,6 +183,49 @@ class Conversation:
         rate = self.pool.sample_rate
         samples = crossfade_join([r.audio for r in results], rate, self.crossfade_ms)
         return Audio(samples, rate, tuple(r.codes for r in results))
+
+    def stream(self, *, chunk_frames: int = 43, first_chunk_frames: int | None = None) -> Iterator[np.ndarray]:
+        """Speak the conversation as a stream of float32 PCM chunks (at ``pool.sample_rate``).
+
+        The text chunks are generated one after the other with :meth:`DiaTTS.generate_stream`
+        (``chunk_frames`` codec frames per audio chunk); the last ``crossfade_ms`` of each text
+        chunk is held back and crossfaded with the start of the next, as :meth:`generate` joins
+        them. With greedy decoding the joined stream equals :meth:`generate`'s samples (when every
+        text chunk is longer than twice the crossfade). Not batched with other requests.
+        """
+        tts = self.pool.tts
+        fade_n = int(round(self.crossfade_ms * tts.sample_rate / 1000.0))
+        tail = np.zeros(0, np.float32)  # held-back end of the previous text chunk
+        for k, text in enumerate(self.chunks):
+            keep = 0 if k == len(self.chunks) - 1 else fade_n
+            pending = np.zeros(0, np.float32)
+            stream = tts.generate_stream(
+                text,
+                chunk_frames=chunk_frames,
+                first_chunk_frames=first_chunk_frames,
+                audio_prompt=self.prompt,
+                audio_prompt_text=self.prompt_text,
+                **self.options.kwargs(),
+            )
+            with stream:
+                for piece in stream:
+                    pending = np.concatenate([pending, piece])
+                    if tail.size:
+                        if pending.size < tail.size:
+                            continue
+                        n = tail.size
+                        yield crossfade_join([tail, pending[:n]], tts.sample_rate, self.crossfade_ms)
+                        tail, pending = tail[:0], pending[n:]
+                    if pending.size > keep:
+                        yield pending[: pending.size - keep]
+                        pending = pending[pending.size - keep :]
+            if tail.size:  # this text chunk was shorter than the crossfade: mix what there is
+                n = min(tail.size, pending.size)
+                mixed = crossfade_join([tail[tail.size - n :], pending[:n]], tts.sample_rate, self.crossfade_ms)
+                pending = np.concatenate([tail[: tail.size - n], mixed, pending[n:]])
+            tail = pending if keep else np.zeros(0, np.float32)
+            if not keep and pending.size:
+                yield pending
 
     def generate_sync(self) -> Audio:
         """Blocking :meth:`generate` (not from inside a running event loop: ``await generate()`` there)."""

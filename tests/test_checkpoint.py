@@ -6,11 +6,12 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
+
 from dia_fast import DiaTTS
 from dia_fast.checkpoint import CheckpointError
 from dia_fast.config import DiaConfig
 from dia_fast.text import encode_batch
-from safetensors.torch import save_file
 
 from .hf_reference import HFDacAdapter, hf_dia, hf_processor
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+
 from dia_fast.cli import demo_max_new_tokens, main
 
 FAST = ["--max-new-tokens", "40", "--no-progress", "--seed", "0"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from dia_fast import DiaTTS
 from dia_fast import checkpoint as ck
 from dia_fast.config import DiaConfig

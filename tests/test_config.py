@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from dia_fast.config import ConfigError, DataConfig, DiaConfig
 
 from .test_checkpoint import _official_config

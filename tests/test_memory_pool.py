@@ -6,6 +6,7 @@ import threading
 
 import pytest
 import torch
+
 from dia_fast.memory import (
     PinnedPool,
     PooledBuffer,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from dia_fast.text import decode_ids, encode_batch, encode_text
 
 from .hf_reference import hf_processor

@@ -43,8 +43,8 @@ def find_weights(directory: Path) -> list[Path]:
     for name in WEIGHT_FILES:
         if (directory / name).exists():
             return [directory / name]
-    found = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("*.pth")) or sorted(
-        directory.glob("*.bin")
+    found = (
+        sorted(directory.glob("*.safetensors")) or sorted(directory.glob("*.pth")) or sorted(directory.glob("*.bin"))
     )
     if len(found) == 1:
         return found

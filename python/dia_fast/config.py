@@ -110,9 +110,7 @@ class DiaConfig:
             )
         specials = (data.audio_eos_value, data.audio_pad_value, data.audio_bos_value)
         if max(specials) >= dec.vocab_size:
-            raise ConfigError(
-                f"decoder vocab_size {dec.vocab_size} is too small for EOS/PAD/BOS {specials}"
-            )
+            raise ConfigError(f"decoder vocab_size {dec.vocab_size} is too small for EOS/PAD/BOS {specials}")
         if len(set(specials)) != 3:
             raise ConfigError(f"EOS/PAD/BOS values must differ, got {specials}")
         if enc.vocab_size < 3:

@@ -17,9 +17,7 @@ DelayPattern = Sequence[int] | torch.Tensor
 def _delays(delay_pattern: DelayPattern, n_channels: int, device: torch.device) -> torch.Tensor:
     delays = torch.as_tensor(delay_pattern, dtype=torch.long, device=device)
     if delays.ndim != 1 or delays.numel() != n_channels:
-        raise ValueError(
-            f"delay_pattern has {delays.numel()} entries but the codes have {n_channels} channels"
-        )
+        raise ValueError(f"delay_pattern has {delays.numel()} entries but the codes have {n_channels} channels")
     if bool((delays < 0).any()):
         raise ValueError(f"delay_pattern must be non-negative, got {delays.tolist()}")
     return delays

@@ -152,3 +152,18 @@ def test_long_text_is_spoken_in_chunks(tmp_path, capsys):
     # each chunk: 24 frames of 512 samples, joined with 40 ms crossfades
     fade = round(0.040 * 44100)
     assert sf.info(out).frames == n * 24 * 512 - (n - 1) * fade
+
+
+def test_checkpoint_written_by_transformers_save_pretrained(tmp_path, capsys, monkeypatch):
+    from dia_fast.config import DiaConfig
+
+    from .hf_reference import hf_dia
+
+    hf_dia(DiaConfig.preset("tiny"), seed=4).save_pretrained(tmp_path / "hf")
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = _run(
+        capsys, "[S1] Hello.", "--checkpoint", str(tmp_path / "hf"), "--max-tokens", "40", "--no-progress"
+    )
+    assert rc == 0, err
+    assert "demonstration" in err  # no codec in that directory: the random demo DAC, said out loud
+    assert sf.info(tmp_path / "out.wav").samplerate == 44100  # the default output name

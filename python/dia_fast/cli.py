@@ -29,20 +29,36 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("text", nargs="?", help="text to speak, with [S1]/[S2] speaker tags; '-' reads stdin")
     p.add_argument("--text-file", type=Path, help="read the text from this UTF-8 file")
-    p.add_argument("-o", "--out", type=Path, default=Path("output.wav"), help="output WAV (default: output.wav)")
+    p.add_argument("-o", "--out", type=Path, default=Path("out.wav"), help="output WAV (default: out.wav)")
     g = p.add_argument_group("model")
-    g.add_argument("--model", help="checkpoint directory/file (official or transformers layout) or hub id")
+    g.add_argument(
+        "--model",
+        "--checkpoint",
+        dest="model",
+        help="checkpoint directory/file (official or transformers layout) or hub id",
+    )
     g.add_argument(
         "--demo-preset",
         default="tiny",
         choices=("tiny", "dia-1.6b"),
         help="shapes of the random demo model used without --model (default: tiny)",
     )
-    g.add_argument("--codec", help="'dac', 'encodec' or a codec checkpoint path (default: the model's DAC)")
+    g.add_argument(
+        "--codec",
+        "--codec-checkpoint",
+        dest="codec",
+        help="'dac', 'encodec' or a codec checkpoint path (default: the model's DAC)",
+    )
     g.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best available)")
     g.add_argument("--dtype", help="float32, bfloat16, float16 (default: bf16 on CUDA, fp16 on MPS, fp32 on CPU)")
     g = p.add_argument_group("generation")
-    g.add_argument("--max-new-tokens", type=int, help="decoder steps (~86 per second of audio); default: see README")
+    g.add_argument(
+        "--max-new-tokens",
+        "--max-tokens",
+        dest="max_new_tokens",
+        type=int,
+        help="decoder steps (~86 per second of audio); default: see README",
+    )
     g.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance scale (default 3.0)")
     g.add_argument("--temperature", type=float, default=1.2, help="sampling temperature (default 1.2)")
     g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (default 0.95)")
@@ -114,7 +130,14 @@ def _load_tts(args: argparse.Namespace):
     from .api import DiaTTS
 
     if args.model:
-        return DiaTTS.from_pretrained(args.model, device=args.device, dtype=args.dtype, codec=args.codec)
+        import warnings
+
+        with warnings.catch_warnings(record=True) as caught:  # shown as one clean line each
+            warnings.simplefilter("always")
+            tts = DiaTTS.from_pretrained(args.model, device=args.device, dtype=args.dtype, codec=args.codec)
+        for w in caught:
+            _log(args, f"dia_fast: warning: {w.message}")
+        return tts
     _log(
         args,
         f"dia_fast: no --model given, using a random-weight '{args.demo_preset}' demo model: "

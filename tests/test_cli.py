@@ -167,3 +167,15 @@ def test_checkpoint_written_by_transformers_save_pretrained(tmp_path, capsys, mo
     assert rc == 0, err
     assert "demonstration" in err  # no codec in that directory: the random demo DAC, said out loud
     assert sf.info(tmp_path / "out.wav").samplerate == 44100  # the default output name
+
+
+def test_encodec_codec_with_a_voice_prompt(tmp_path, capsys):
+    voice = _voice_file(tmp_path / "voice.wav")  # 48 kHz stereo: resampled to 24 kHz mono for EnCodec
+    out = tmp_path / "e.wav"
+    rc, _, err = _run(
+        capsys, "[S1] With EnCodec.", "--codec", "encodec", "--prompt-wav", str(voice),
+        "--prompt-text", "[S1] The prompt.", "--out", str(out), "--no-loudness", *FAST,
+    )  # fmt: skip
+    assert rc == 0, err
+    info = sf.info(out)
+    assert info.samplerate == 24000 and info.frames == 24 * 320

@@ -127,23 +127,25 @@ def _log(args: argparse.Namespace, msg: str) -> None:
 
 
 def _load_tts(args: argparse.Namespace):
+    import warnings
+
     from .api import DiaTTS
 
-    if args.model:
-        import warnings
-
-        with warnings.catch_warnings(record=True) as caught:  # shown as one clean line each
-            warnings.simplefilter("always")
+    if not args.model:
+        _log(
+            args,
+            f"dia_fast: no --model given, using a random-weight '{args.demo_preset}' demo model: "
+            "the audio shows the pipeline works but is not speech",
+        )
+    with warnings.catch_warnings(record=True) as caught:  # each shown as one clean line
+        warnings.simplefilter("always")
+        if args.model:
             tts = DiaTTS.from_pretrained(args.model, device=args.device, dtype=args.dtype, codec=args.codec)
-        for w in caught:
-            _log(args, f"dia_fast: warning: {w.message}")
-        return tts
-    _log(
-        args,
-        f"dia_fast: no --model given, using a random-weight '{args.demo_preset}' demo model: "
-        "the audio shows the pipeline works but is not speech",
-    )
-    return DiaTTS.random(args.demo_preset, seed=0, device=args.device, dtype=args.dtype, codec=args.codec)
+        else:
+            tts = DiaTTS.random(args.demo_preset, seed=0, device=args.device, dtype=args.dtype, codec=args.codec)
+    for w in caught:
+        _log(args, f"dia_fast: warning: {w.message}")
+    return tts
 
 
 def demo_max_new_tokens(text: str, frame_rate: float, max_delay: int, budget: int) -> int:

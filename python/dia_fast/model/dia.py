@@ -99,9 +99,11 @@ class DecoderLayer(nn.Module):
         state: DecoderState,
         layer: int,
         pos: torch.Tensor | None,
+        kv_len: torch.Tensor | None,
         cross_rope: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> torch.Tensor:
-        """Prefill from position 0 when ``pos`` is None, else one step at ``pos`` (1-element tensor)."""
+        """Prefill from position 0 when ``pos`` is None, else one step at ``pos`` (1-element tensor)
+        attending the ``kv_len`` (= ``pos + 1``, computed once per step by the decoder) cached keys."""
         sa = self.self_attention
         q, k, v = sa.qkv_rope(self.pre_sa_norm(x), cos, sin)
         k_cache, v_cache = state.self_k[layer], state.self_v[layer]
@@ -114,7 +116,7 @@ class DecoderLayer(nn.Module):
         else:
             k_cache.index_copy_(2, pos, k)
             v_cache.index_copy_(2, pos, v)
-            a = ops.decode_attention(q, k_cache, v_cache, scale=sa.scale, kv_len=pos + 1, key_mask=state.self_mask)
+            a = ops.decode_attention(q, k_cache, v_cache, scale=sa.scale, kv_len=kv_len, key_mask=state.self_mask)
         x = x + sa.output(a)
 
         ca = self.cross_attention
@@ -166,9 +168,175 @@ class Decoder(nn.Module):
         positions = torch.arange(T, device=codes.device) if pos is None else pos
         cos, sin = self.rotary.cos_sin(positions)
         cross_rope = None if self.cross_rotary is None else self.cross_rotary.cos_sin(positions)
+        kv_len = None if pos is None else pos + 1  # one op per step, not one per layer
         x = self.embeddings(codes)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, state, i, pos, cross_rope)
+            x = layer(x, cos, sin, state, i, pos, kv_len, cross_rope)
+        logits = self.logits_dense(self.norm(x))
+        return logits.view(R, T, self.channels, self.vocab).float()
+
+
+class DiaModel(nn.Module):
+    """Encoder + decoder with the state-dict naming of transformers' Dia (minus the ``model.`` prefix)."""
+
+    def __init__(self, config: DiaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.logits_dense.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.logits_dense.weight.dtype
+
+    def encode(self, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        return self.encoder(text_ids, text_mask)
+
+    def new_state(
+        self,
+        encoder_out: torch.Tensor,
+        text_mask: torch.Tensor,
+        max_len: int,
+        self_mask: torch.Tensor | None = None,
+    ) -> DecoderState:
+        """Allocate the decoder caches for ``encoder_out.shape[0]`` rows and ``max_len`` positions,
+        and compute the cross-attention K/V of every layer once."""
+        dec = self.config.model.decoder
+        R, Tenc, _ = encoder_out.shape
+        n = dec.n_layer
+        kw = dict(device=encoder_out.device, dtype=self.dtype)
+        self_k = torch.zeros(n, R, dec.n_kv_head, max_len, dec.head_dim, **kw)
+        self_v = torch.zeros_like(self_k)
+        cross_k = torch.empty(n, R, dec.cross_n_kv_head, Tenc, dec.cross_head_dim, **kw)
+    def forward(self, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """text_ids [R, T] (0 = pad), text_mask [R, T] bool -> hidden states [R, T, D]."""
+        x = self.embedding(text_ids)
+        cos, sin = self.rotary.cos_sin(torch.arange(text_ids.shape[1], device=text_ids.device))
+        for layer in self.layers:
+            x = layer(x, cos, sin, text_mask)
+        return self.norm(x)
+
+
+@dataclass
+class DecoderState:
+    """Everything a decode step reads and writes, preallocated (static shapes, fixed addresses).
+
+    self_k/self_v: [n_layer, R, Hkv, L, D] self-attention caches (R = rows = 2 x batch with CFG);
+    cross_k/cross_v: [n_layer, R, Hc, Tenc, D] computed once from the encoder output;
+    cross_mask: [R, Tenc] text padding mask; self_mask: [R, L] or None (left-padded prompts).
+    """
+
+    self_k: torch.Tensor
+    self_v: torch.Tensor
+    cross_k: torch.Tensor
+    cross_v: torch.Tensor
+    cross_mask: torch.Tensor
+    self_mask: torch.Tensor | None = None
+
+    @property
+    def max_len(self) -> int:
+        return self.self_k.shape[3]
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: DiaConfig) -> None:
+        super().__init__()
+        dec, enc, eps = config.model.decoder, config.model.encoder, config.model.norm_eps
+        D = dec.hidden_size
+        self.pre_sa_norm = RMSNorm(D, eps)
+        self.self_attention = Attention(D, D, D, dec.n_head, dec.n_kv_head, dec.head_dim)
+        self.pre_ca_norm = RMSNorm(D, eps)
+        self.cross_attention = Attention(
+            D, enc.hidden_size, D, dec.cross_n_head, dec.cross_n_kv_head, dec.cross_head_dim
+        )
+        self.pre_mlp_norm = RMSNorm(D, eps)
+        self.mlp = GatedMLP(D, dec.intermediate_size)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        state: DecoderState,
+        layer: int,
+        pos: torch.Tensor | None,
+        kv_len: torch.Tensor | None,
+        cross_rope: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """Prefill from position 0 when ``pos`` is None, else one step at ``pos`` (1-element tensor)
+        attending the ``kv_len`` (= ``pos + 1``, computed once per step by the decoder) cached keys."""
+        sa = self.self_attention
+        q, k, v = sa.qkv_rope(self.pre_sa_norm(x), cos, sin)
+        k_cache, v_cache = state.self_k[layer], state.self_v[layer]
+        if pos is None:
+            T = x.shape[1]
+            k_cache[:, :, :T].copy_(k)
+            v_cache[:, :, :T].copy_(v)
+            mask = None if state.self_mask is None else state.self_mask[:, :T]
+            a = ops.attention(q, k, v, scale=sa.scale, causal=True, key_mask=mask)
+        else:
+            k_cache.index_copy_(2, pos, k)
+            v_cache.index_copy_(2, pos, v)
+            a = ops.decode_attention(q, k_cache, v_cache, scale=sa.scale, kv_len=kv_len, key_mask=state.self_mask)
+        x = x + sa.output(a)
+
+        ca = self.cross_attention
+        q = ca.project_q(self.pre_ca_norm(x))
+        if cross_rope is not None:  # old (v0.1) checkpoints only
+            q = RotaryEmbedding.apply(q, *cross_rope)
+        ck, cv = state.cross_k[layer], state.cross_v[layer]
+        if pos is None:
+            a = ops.attention(q, ck, cv, scale=ca.scale, causal=False, key_mask=state.cross_mask)
+        else:
+            a = ops.decode_attention(q, ck, cv, scale=ca.scale, key_mask=state.cross_mask)
+        x = x + ca.output(a)
+        return x + self.mlp(self.pre_mlp_norm(x))
+
+
+class MultiChannelEmbedding(nn.Module):
+    """One table of ``channels * vocab`` rows; channel c's code v reads row ``c * vocab + v``."""
+
+    def __init__(self, channels: int, vocab: int, dim: int) -> None:
+        super().__init__()
+        self.vocab = vocab
+        self.embed = nn.Embedding(channels * vocab, dim)
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        return ops.embed_codes(codes, self.embed.weight, self.vocab)
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: DiaConfig) -> None:
+        super().__init__()
+        dec = config.model.decoder
+        self.channels, self.vocab = config.data.channels, dec.vocab_size
+        self.embeddings = MultiChannelEmbedding(self.channels, dec.vocab_size, dec.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(dec.n_layer))
+        self.norm = RMSNorm(dec.hidden_size, config.model.norm_eps)
+        self.logits_dense = nn.Linear(dec.hidden_size, self.channels * dec.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(dec.head_dim, config.model.rope_theta)
+        self.cross_rotary = (
+            RotaryEmbedding(dec.cross_head_dim, config.model.rope_theta) if config.model.cross_attention_rope else None
+        )
+
+    def forward(self, codes: torch.Tensor, state: DecoderState, pos: torch.Tensor | None = None) -> torch.Tensor:
+        """Delayed codes [R, T, C] -> fp32 logits [R, T, C, V].
+
+        ``pos`` None: prefill positions [0, T) (fills the caches). Otherwise T == 1 and ``pos`` is
+        a 1-element int64 tensor (on the device) with the position of this step.
+        """
+        R, T, _ = codes.shape
+        positions = torch.arange(T, device=codes.device) if pos is None else pos
+        cos, sin = self.rotary.cos_sin(positions)
+        cross_rope = None if self.cross_rotary is None else self.cross_rotary.cos_sin(positions)
+        kv_len = None if pos is None else pos + 1  # one op per step, not one per layer
+        x = self.embeddings(codes)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, state, i, pos, kv_len, cross_rope)
         logits = self.logits_dense(self.norm(x))
         return logits.view(R, T, self.channels, self.vocab).float()
 
@@ -210,6 +378,14 @@ class DiaModel(nn.Module):
         self_v = torch.zeros_like(self_k)
         cross_k = torch.empty(n, R, dec.cross_n_kv_head, Tenc, dec.cross_head_dim, **kw)
         cross_v = torch.empty_like(cross_k)
+        self.write_cross_kv(encoder_out, cross_k, cross_v)
+        return DecoderState(self_k, self_v, cross_k, cross_v, text_mask.bool(), self_mask)
+
+    def write_cross_kv(self, encoder_out: torch.Tensor, cross_k: torch.Tensor, cross_v: torch.Tensor) -> None:
+        """Write the cross-attention K/V of every decoder layer for ``encoder_out`` [R, Tenc, D]
+        into ``cross_k`` / ``cross_v`` [n_layer, R, Hc, Tenc, Dc] (views of larger, preallocated
+        caches work: nothing else is allocated beyond one layer's projections)."""
+        Tenc = encoder_out.shape[1]
         enc_rope = None
         if self.decoder.cross_rotary is not None:
             enc_rope = self.decoder.cross_rotary.cos_sin(torch.arange(Tenc, device=encoder_out.device))
@@ -219,7 +395,6 @@ class DiaModel(nn.Module):
                 k = RotaryEmbedding.apply(k, *enc_rope)
             cross_k[i].copy_(k)
             cross_v[i].copy_(v)
-        return DecoderState(self_k, self_v, cross_k, cross_v, text_mask.bool(), self_mask)
 
     def forward(self, text_ids: torch.Tensor, text_mask: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits [B, T, C, V] for delayed decoder codes [B, T, C] (no CFG)."""

@@ -279,7 +279,8 @@ class AudioStream(Iterator[np.ndarray]):
         self.stats.decode_s = result.decode_seconds
         self.stats.steps = result.steps
         P0 = result.prefix_length
-        rest = result.delayed[0, P0 + self._positions :]
+        # the worker sent device tensors; the result is on the CPU
+        rest = result.delayed[0, P0 + self._positions :].to(self._device)
         if rest.shape[0]:
             self._delayed.append(rest)
             self._positions += rest.shape[0]

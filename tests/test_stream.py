@@ -111,6 +111,8 @@ def test_errors_propagate(tts):
     assert not _stream_threads()
     with pytest.raises(TypeError):
         stream_generate(tts, [TEXT, TEXT])
+    with pytest.raises(ValueError, match="first_chunk_frames"):
+        stream_generate(tts, TEXT, first_chunk_frames=-3, **GREEDY)
 
 
 def test_natural_eos_mid_stream():

@@ -193,6 +193,8 @@ class AudioStream(Iterator[np.ndarray]):
     ) -> None:
         if chunk_frames < 1:
             raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
+        if first_chunk_frames is not None and first_chunk_frames < 1:
+            raise ValueError(f"first_chunk_frames must be >= 1 (or None), got {first_chunk_frames}")
         if left_context_frames < 0 or lookahead_frames < 0:
             raise ValueError("left_context_frames and lookahead_frames must be >= 0")
         self._t0 = time.perf_counter() if start_time is None else start_time
@@ -207,7 +209,7 @@ class AudioStream(Iterator[np.ndarray]):
         self._codebook_size = tts.config.codebook_size
         self._hop = tts.codec.hop_length
         self._chunk = chunk_frames
-        self._first = first_chunk_frames or chunk_frames
+        self._first = chunk_frames if first_chunk_frames is None else first_chunk_frames
         self._left = left_context_frames
         self._ahead = lookahead_frames
 

@@ -306,9 +306,7 @@ def _load(
     """Fills a runner's buffers for a new call (every buffer a step reads is rewritten here)."""
     state, dev = bufs.state, model.device
     T = enc_out.shape[1]
-    cross = model.new_state(enc_out, enc_mask, 1)  # cross K/V of every layer; tiny self caches
-    state.cross_k[..., :T, :].copy_(cross.cross_k)
-    state.cross_v[..., :T, :].copy_(cross.cross_v)
+    model.write_cross_kv(enc_out, state.cross_k[..., :T, :], state.cross_v[..., :T, :])
     state.cross_k[..., T:, :].zero_()
     state.cross_v[..., T:, :].zero_()
     state.cross_mask.zero_()

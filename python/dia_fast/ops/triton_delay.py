@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import _check_codes
+
 __all__ = ["apply_delay", "embed_codes", "embed_delayed_codes", "revert_delay", "undelay_codes"]
 
 # Elements per tile of the delay kernels; None = the per-device default (tests set it to get many tiles).
@@ -49,11 +51,6 @@ def _pattern(
 
 def _interpreted(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _check_codes(codes: torch.Tensor) -> None:
-    if codes.ndim != 3:
-        raise ValueError(f"codes must be [B, T, C], got shape {tuple(codes.shape)}")
 
 
 @triton.jit

@@ -240,13 +240,13 @@ def undelay_codes(
 def _attend_mask(
     B: int, L: int, kv_len: torch.Tensor | int | None, key_mask: torch.Tensor | None, device: torch.device
 ) -> torch.Tensor:
-    mask = torch.ones(B, L, dtype=torch.bool, device=device)
-    if kv_len is not None:
-        lens = torch.as_tensor(kv_len, device=device).reshape(-1, 1)
-        mask &= torch.arange(L, device=device)[None, :] < lens
+    """The reference's decode key mask as the kernel's contiguous uchar [B, L] buffer."""
     if key_mask is not None:
-        mask &= key_mask.to(device=device, dtype=torch.bool)
-    return mask.to(torch.uint8).contiguous()
+        key_mask = key_mask.to(device=device)
+    mask = reference.decode_key_mask(B, L, kv_len, key_mask, device)
+    if mask is None:
+        return torch.ones(B, L, dtype=torch.uint8, device=device)
+    return mask.expand(B, L).to(torch.uint8).contiguous()
 
 
 def decode_attention(

@@ -166,14 +166,23 @@ def decode_attention(
     Returns [B, Hq, 1, D].
     """
     B, _, L, _ = k_cache.shape
+    mask = decode_key_mask(B, L, kv_len, key_mask, q.device)
+    return attention(q, k_cache, v_cache, scale=scale, causal=False, key_mask=mask)
+
+
+def decode_key_mask(
+    B: int, L: int, kv_len: torch.Tensor | int | None, key_mask: torch.Tensor | None, device: torch.device
+) -> torch.Tensor | None:
+    """The keys a :func:`decode_attention` step attends: ``[0, kv_len)`` and ``key_mask``, as a
+    bool mask broadcastable to [B, L] ([B, L] when ``kv_len`` is given); None when both are None."""
     mask = None
     if kv_len is not None:
-        lens = torch.as_tensor(kv_len, device=q.device).reshape(-1, 1)
-        mask = torch.arange(L, device=q.device)[None, :] < lens  # [B or 1, L]
+        lens = torch.as_tensor(kv_len, device=device).reshape(-1, 1)
+        mask = torch.arange(L, device=device)[None, :] < lens  # [B or 1, L]
         mask = mask.expand(B, L)
     if key_mask is not None:
         mask = key_mask.bool() if mask is None else (mask & key_mask.bool())
-    return attention(q, k_cache, v_cache, scale=scale, causal=False, key_mask=mask)
+    return mask
 
 
 def filter_cfg_logits(

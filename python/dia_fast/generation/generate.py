@@ -95,16 +95,14 @@ class DecodeOutput:
         return out
 
 
-def _progress_bar(total: int, enabled: bool | None, frame_rate: float, batch: int):
+def _progress_bar(total: int, enabled: bool | None):
     if enabled is None:
         enabled = sys.stderr.isatty()
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, unit="step", desc="generating", leave=False, dynamic_ncols=True)
-    bar.frame_rate, bar.batch = frame_rate, batch  # type: ignore[attr-defined]
-    return bar
+    return tqdm(total=total, unit="step", desc="generating", leave=False, dynamic_ncols=True)
 
 
 def _pad_batch(
@@ -265,7 +263,7 @@ def generate_codes(
 
         out_view = out[:B, :L]
         flag = _DoneFlag(bufs.done, host_pool)
-        bar = _progress_bar(max_new_tokens, progress, frame_rate, B)
+        bar = _progress_bar(max_new_tokens, progress)
         t1 = time.perf_counter()
         steps = 0
         try:

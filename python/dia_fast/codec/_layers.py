@@ -1,9 +1,11 @@
-"""Small building blocks for the DAC codec: the snake activation and weight-norm folding."""
+"""Small building blocks for the codecs: the snake activation (DAC) and weight-norm folding (DAC, EnCodec)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from ..checkpoint import CheckpointError
 
 
 def snake(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
@@ -35,13 +37,40 @@ def _norm_except_dim0(t: torch.Tensor) -> torch.Tensor:
 
 
 def fold_weight_norm(g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The plain weight ``g * v / ||v||`` of a weight-normalised layer (norm over every dim but 0,
-    as ``torch.nn.utils.weight_norm`` with its default ``dim=0``, for Conv1d and ConvTranspose1d
-    alike). Computed in float32 and returned in ``v``'s dtype."""
-    v32 = v.float()
-    return (v32 * (g.float() / _norm_except_dim0(v32))).to(v.dtype)
+    """The plain float32 weight ``g * v / ||v||`` of a weight-normalised layer (norm over every dim but 0,
+    as ``torch.nn.utils.weight_norm`` with its default ``dim=0``, for Conv1d and ConvTranspose1d alike).
+
+    Computed in float32 with ``torch._weight_norm``, the op torch's weight norm (and so transformers'
+    ``DacModel`` / ``EncodecModel``) runs: the folded weight is the one the reference computes.
+    """
+    return torch._weight_norm(v.float(), g.float(), 0)
 
 
 def unfold_weight_norm(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(g, v)`` with ``fold_weight_norm(g, v) == w`` (``v = w``, ``g = ||w||`` over every dim but 0)."""
     return _norm_except_dim0(w.float()).to(w.dtype), w.clone()
+
+
+# (gain, direction) suffixes: torch.nn.utils.weight_norm, and the parametrization API.
+_WEIGHT_NORM_PAIRS = {
+    ".weight_g": ".weight_v",
+    ".parametrizations.weight.original0": ".parametrizations.weight.original1",
+}
+
+
+def fold_weight_norms(state: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+    """``state`` with every weight-norm pair (``weight_g``/``weight_v``, or
+    ``parametrizations.weight.original0/1``) replaced by the plain ``weight``. An unpaired key raises
+    :class:`~dia_fast.checkpoint.CheckpointError` (``what`` names the checkpoint)."""
+    out = dict(state)
+    for key in state:
+        for g_suffix, v_suffix in _WEIGHT_NORM_PAIRS.items():
+            if key.endswith(g_suffix):
+                prefix = key[: -len(g_suffix)]
+                if prefix + v_suffix not in state:
+                    raise CheckpointError(f"{what}: {key} has no matching {prefix + v_suffix}")
+                out[prefix + ".weight"] = fold_weight_norm(out.pop(key), out.pop(prefix + v_suffix))
+    for key in out:
+        if key.endswith(tuple(_WEIGHT_NORM_PAIRS.values())):
+            raise CheckpointError(f"{what}: {key} has no matching weight-norm gain")
+    return out

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import CheckpointError
-from ._layers import Snake, fold_weight_norm
+from ._layers import Snake, fold_weight_norms
 
 __all__ = ["DacCodec", "DacCodecConfig", "QuantizerOutput"]
 
@@ -297,24 +297,6 @@ def _nearest_code(latents: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor
 # Checkpoint reading
 
 
-def _fold_weight_norms(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Replace every weight-norm pair (``weight_g``/``weight_v`` of ``torch.nn.utils.weight_norm``, or
-    ``parametrizations.weight.original0/1`` of the parametrization API) by the plain ``weight``."""
-    pairs = {".weight_g": ".weight_v", ".parametrizations.weight.original0": ".parametrizations.weight.original1"}
-    out = dict(state)
-    for key in list(state):
-        for g_suffix, v_suffix in pairs.items():
-            if key.endswith(g_suffix):
-                prefix = key[: -len(g_suffix)]
-                if prefix + v_suffix not in state:
-                    raise CheckpointError(f"DAC checkpoint: {key} has no matching {prefix + v_suffix}")
-                out[prefix + ".weight"] = fold_weight_norm(out.pop(key), out.pop(prefix + v_suffix))
-    for key in out:
-        if key.endswith((".weight_v", ".parametrizations.weight.original1")):
-            raise CheckpointError(f"DAC checkpoint: {key} has no matching weight-norm gain")
-    return out
-
-
 def _descript_prefixes(cfg: DacCodecConfig) -> dict[str, str]:
     """Module prefix in descript's ``DAC`` (nested ``nn.Sequential``s) -> the prefix here."""
     m: dict[str, str] = {}
@@ -403,7 +385,7 @@ def _read_checkpoint(path: Path) -> tuple[DacCodecConfig, dict[str, torch.Tensor
     if path.is_dir():
         if (path / "config.json").exists():
             cfg = DacCodecConfig.from_hf_dict(json.loads((path / "config.json").read_text()))
-            return cfg, _fold_weight_norms(_read_hf_weights(path))
+            return cfg, fold_weight_norms(_read_hf_weights(path), "DAC checkpoint")
         pths = sorted(path.glob("*.pth"))
         preferred = [p for p in pths if p.name == "weights.pth"]
         if len(preferred) == 1 or len(pths) == 1:
@@ -423,12 +405,12 @@ def _read_checkpoint(path: Path) -> tuple[DacCodecConfig, dict[str, torch.Tensor
         if not isinstance(kwargs, dict):
             raise ValueError(f"{path}: descript checkpoint without metadata['kwargs'] (the DAC(...) arguments)")
         cfg = DacCodecConfig.from_descript_kwargs(kwargs)
-        return cfg, _rename_descript(_fold_weight_norms(obj["state_dict"]), cfg)
+        return cfg, _rename_descript(fold_weight_norms(obj["state_dict"], "DAC checkpoint"), cfg)
     if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
         if not (path.parent / "config.json").exists():
             raise FileNotFoundError(f"{path}: a plain DAC state dict needs a config.json next to it")
         cfg = DacCodecConfig.from_hf_dict(json.loads((path.parent / "config.json").read_text()))
-        return cfg, _fold_weight_norms(obj)
+        return cfg, fold_weight_norms(obj, "DAC checkpoint")
     raise ValueError(f"{path}: not a DAC checkpoint (expected descript's weights.pth or a state dict)")
 
 

@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..checkpoint import CheckpointError, check_state_dict, read_tensors, resolve_path
+from ._layers import fold_weight_norms, unfold_weight_norm
 
 __all__ = ["EncodecCodec", "EncodecCodecConfig"]
 
@@ -513,23 +514,6 @@ def _find_weights(directory: Path) -> Path:
     raise CheckpointError(f"{directory}: several weight files, pass one: {[p.name for p in found]}")
 
 
-def _fold_weight_norm(state: Tensors, g_suffix: str, v_suffix: str) -> Tensors:
-    out: Tensors = {}
-    for key, value in state.items():
-        if key.endswith(g_suffix):
-            base = key[: -len(g_suffix)]
-            if base + v_suffix not in state:
-                raise CheckpointError(f"weight-norm key {key} has no matching {base + v_suffix}")
-            # Same op torch's weight_norm parametrization uses: g * v / ||v|| (norm over all dims but 0).
-            out[base + "weight"] = torch._weight_norm(state[base + v_suffix], value, 0)
-        elif key.endswith(v_suffix):
-            if key[: -len(v_suffix)] + g_suffix not in state:
-                raise CheckpointError(f"weight-norm key {key} has no matching {key[: -len(v_suffix)] + g_suffix}")
-        else:
-            out[key] = value
-    return out
-
-
 def to_internal(state: Tensors) -> Tensors:
     """Either checkpoint layout -> this module's state dict (weight norm folded, training buffers dropped)."""
     if any(k.startswith(("encoder.model.", "quantizer.vq.")) for k in state):
@@ -539,8 +523,7 @@ def to_internal(state: Tensors) -> Tensors:
                 key = pattern.sub(repl, key)
             renamed[key] = value
         state = renamed
-    state = _fold_weight_norm(state, "parametrizations.weight.original0", "parametrizations.weight.original1")
-    state = _fold_weight_norm(state, "weight_g", "weight_v")
+    state = fold_weight_norms(state, "EnCodec checkpoint")
     out: Tensors = {}
     for key, value in state.items():
         m = re.match(r"^quantizer\.layers\.(\d+)\.codebook\.(\w+)$", key)
@@ -557,9 +540,9 @@ def to_transformers(state: Tensors) -> Tensors:
         value = value.detach().float().cpu().contiguous()
         if key.endswith("conv.weight"):
             base = key[: -len("weight")]
-            g = value.flatten(1).norm(dim=1).view(-1, *([1] * (value.dim() - 1)))
-            out[base + "parametrizations.weight.original0"] = g.contiguous()
-            out[base + "parametrizations.weight.original1"] = value
+            g, v = unfold_weight_norm(value)
+            out[base + "parametrizations.weight.original0"] = g
+            out[base + "parametrizations.weight.original1"] = v
         elif m := re.match(r"^quantizer\.layers\.(\d+)\.embed$", key):
             prefix = f"quantizer.layers.{m.group(1)}.codebook."
             out[prefix + "embed"] = value

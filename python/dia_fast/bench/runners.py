@@ -164,12 +164,8 @@ def time_to_first_audio(
         chunk_frames=chunk_frames,
         first_chunk_frames=first_chunk_frames,
         max_new_tokens=steps,
-        cfg_scale=sampling.cfg_scale,
-        temperature=sampling.temperature,
-        top_p=sampling.top_p,
-        cfg_filter_top_k=sampling.cfg_filter_top_k,
-        do_sample=sampling.do_sample,
         seed=0,
+        **asdict(sampling),  # the stream takes SamplingConfig's fields as keywords
     )
     with stream:
         for _ in stream:

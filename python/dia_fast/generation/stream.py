@@ -134,6 +134,7 @@ def _worker(
         kw = dict(kw)
         prompt = kw.pop("prompt", None)
         seed = kw.pop("seed", None)
+        progress = kw.pop("progress", False)
         sampling = SamplingConfig(**{f.name: kw.pop(f.name) for f in fields(SamplingConfig) if f.name in kw})
         generator = None if seed is None else torch.Generator(device=device).manual_seed(int(seed))
         ids, mask = encode_batch([text], tts.config.data.text_length)
@@ -159,7 +160,7 @@ def _worker(
             prompts=None if prompt is None else [prompt],
             sampling=sampling,
             generator=generator,
-            progress=kw.pop("progress", False),
+            progress=progress,
             frame_rate=tts.codec.frame_rate,
             on_step=on_step,
             **kw,

@@ -271,7 +271,8 @@ def test_strict_keys(hf_tiny, tmp_path: Path) -> None:
         DacCodec.from_pretrained(_write_hf_dir(tmp_path / "extra", directory, extra))
 
     bad = {**state, "quantizer.quantizers.3.codebook.weight": torch.zeros(512, 8)}
-    with pytest.raises(CheckpointError, match=r"mis-shaped: quantizer\.quantizers\.3\.codebook\.weight.*\(512, 8\)"):
+    expected = r"mis-shaped keys: quantizer\.quantizers\.3\.codebook\.weight.*\(512, 8\)"
+    with pytest.raises(CheckpointError, match=expected):
         DacCodec.from_pretrained(_write_hf_dir(tmp_path / "bad", directory, bad))
 
     with pytest.raises(FileNotFoundError):
@@ -292,7 +293,7 @@ def test_descript_strict_keys(hf_tiny, tmp_path: Path) -> None:
         DacCodec.from_pretrained(tmp_path / "broken.pth")
     ckpt["state_dict"]["decoder.model.6.weight_v"] = ckpt["state_dict"]["decoder.model.6.weight_g"].expand(1, 4, 7)
     torch.save(ckpt, tmp_path / "broken.pth")
-    expected = r"unexpected keys: decoder\.model\.9\.weight.*mis-shaped: decoder\.conv2"
+    expected = r"unexpected keys: decoder\.model\.9\.weight.*mis-shaped keys: decoder\.conv2"
     with pytest.raises(CheckpointError, match=expected):
         DacCodec.from_pretrained(tmp_path / "broken.pth")
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import CheckpointError
+from ..checkpoint import check_state_dict, find_weights, read_all
 from ._layers import Snake, fold_weight_norms
 
 __all__ = ["DacCodec", "DacCodecConfig", "QuantizerOutput"]
@@ -363,29 +363,12 @@ def _load_torch(path: Path) -> Any:
         raise ValueError(f"cannot read {path} as a torch checkpoint with weights_only=True: {exc}") from exc
 
 
-def _read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    single = directory / "model.safetensors"
-    if single.exists():
-        return load_file(str(single))
-    index = directory / "model.safetensors.index.json"
-    if index.exists():
-        state: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-            state.update(load_file(str(directory / shard)))
-        return state
-    if (directory / "pytorch_model.bin").exists():
-        return _load_torch(directory / "pytorch_model.bin")
-    raise FileNotFoundError(f"no model.safetensors (or pytorch_model.bin) next to {directory / 'config.json'}")
-
-
 def _read_checkpoint(path: Path) -> tuple[DacCodecConfig, dict[str, torch.Tensor]]:
     """(config, state dict in our names with weight norm folded) for any supported layout."""
     if path.is_dir():
         if (path / "config.json").exists():
             cfg = DacCodecConfig.from_hf_dict(json.loads((path / "config.json").read_text()))
-            return cfg, fold_weight_norms(_read_hf_weights(path), "DAC checkpoint")
+            return cfg, fold_weight_norms(read_all(find_weights(path)), "DAC checkpoint")
         pths = sorted(path.glob("*.pth"))
         preferred = [p for p in pths if p.name == "weights.pth"]
         if len(preferred) == 1 or len(pths) == 1:
@@ -412,30 +395,6 @@ def _read_checkpoint(path: Path) -> tuple[DacCodecConfig, dict[str, torch.Tensor
         cfg = DacCodecConfig.from_hf_dict(json.loads((path.parent / "config.json").read_text()))
         return cfg, fold_weight_norms(obj, "DAC checkpoint")
     raise ValueError(f"{path}: not a DAC checkpoint (expected descript's weights.pth or a state dict)")
-
-
-def _check_keys(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    misshaped = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(state) & set(expected))
-        if state[k].shape != expected[k].shape
-    ]
-
-    def show(items: list[str]) -> str:
-        return ", ".join(items[:12]) + (f", ... ({len(items)} in all)" if len(items) > 12 else "")
-
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {show(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {show(unexpected)}")
-    if misshaped:
-        problems.append(f"mis-shaped: {show(misshaped)}")
-    if problems:
-        raise CheckpointError(f"DAC checkpoint {source} does not match its config: " + "; ".join(problems))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -658,7 +617,7 @@ class DacCodec(nn.Module):
         cfg, state = _read_checkpoint(path)
         with torch.device("meta"):  # no point initialising weights that are about to be replaced
             model = cls(cfg)
-        _check_keys(model, state, path)
+        check_state_dict({k: v.shape for k, v in model.state_dict().items()}, state, f"DAC checkpoint {path}")
         state = {k: v.float().contiguous() for k, v in state.items()}
         model.load_state_dict(state, strict=True, assign=True)
         return model.to(device=device, dtype=dtype).eval()

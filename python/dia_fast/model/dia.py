@@ -158,11 +158,15 @@ class Decoder(nn.Module):
             RotaryEmbedding(dec.cross_head_dim, config.model.rope_theta) if config.model.cross_attention_rope else None
         )
 
-    def forward(self, codes: torch.Tensor, state: DecoderState, pos: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, codes: torch.Tensor, state: DecoderState, pos: torch.Tensor | None = None, *, last_only: bool = False
+    ) -> torch.Tensor:
         """Delayed codes [R, T, C] -> fp32 logits [R, T, C, V].
 
         ``pos`` None: prefill positions [0, T) (fills the caches). Otherwise T == 1 and ``pos`` is
-        a 1-element int64 tensor (on the device) with the position of this step.
+        a 1-element int64 tensor (on the device) with the position of this step. ``last_only``:
+        only the last position's logits, [R, 1, C, V] (a prefill that needs just the next step's
+        logits skips the output projection of the others).
         """
         R, T, _ = codes.shape
         positions = torch.arange(T, device=codes.device) if pos is None else pos
@@ -172,8 +176,10 @@ class Decoder(nn.Module):
         x = self.embeddings(codes)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, state, i, pos, kv_len, cross_rope)
+        if last_only:
+            x = x[:, -1:]
         logits = self.logits_dense(self.norm(x))
-        return logits.view(R, T, self.channels, self.vocab).float()
+        return logits.view(R, x.shape[1], self.channels, self.vocab).float()
 
 
 class DiaModel(nn.Module):

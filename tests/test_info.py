@@ -19,12 +19,18 @@ from dia_fast import _ext, ops
 PKG = Path(dia_fast.__file__).resolve().parent
 
 # Runs in a subprocess: import, report, and run a delay op on the CPU through the dispatcher.
+# An editable install (scikit-build-core) puts a finder in front of sys.meta_path that maps
+# `dia_fast` to the source tree and its built _C whatever PYTHONPATH says: drop it, so that the
+# package copy on PYTHONPATH is the one imported.
 _PROBE = """
+import sys
+sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != "ScikitBuildRedirectingFinder"]
 import json, torch, dia_fast
 from dia_fast import ops
 i = dia_fast.info()
 codes = torch.arange(12).reshape(1, 4, 3)
 ok = torch.equal(ops.apply_delay(codes, [0, 1, 2], 9, 8), ops.reference.apply_delay(codes, [0, 1, 2], 9, 8))
+assert dia_fast.__file__.startswith(sys.argv[1]), (dia_fast.__file__, sys.argv[1])
 print(json.dumps({"extension": i["extension"], "cpu": {op: d["cpu"] for op, d in i["backends"].items()}, "ok": ok}))
 """
 
@@ -32,7 +38,9 @@ print(json.dumps({"extension": i["extension"], "cpu": {op: d["cpu"] for op, d in
 def _probe(pythonpath: Path, **env: str) -> dict:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("DIA_FAST_") and k != "TRITON_INTERPRET"}
     clean.update(PYTHONPATH=str(pythonpath), OMP_NUM_THREADS="1", **env)
-    res = subprocess.run([sys.executable, "-c", _PROBE], env=clean, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-c", _PROBE, str(pythonpath)], env=clean, capture_output=True, text=True, timeout=120
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
 

@@ -103,6 +103,20 @@ def test_voice_cloning_and_saved_speaker_give_the_same_audio(tmp_path, capsys):
     assert np.array_equal(sf.read(a)[0], sf.read(b)[0])
 
 
+def test_untagged_transcript_is_spoken_alike_with_or_without_a_saved_speaker(tmp_path, capsys):
+    voice = _voice_file(tmp_path / "voice.wav")
+    common = ["[S1] New words.", "--prompt-wav", str(voice), "--prompt-text", "The prompt.", "--greedy"]
+    common += ["--no-loudness", *FAST]
+    plain, saved, reused = tmp_path / "plain.wav", tmp_path / "saved.wav", tmp_path / "reused.wav"
+    spk = tmp_path / "voice.safetensors"
+    assert _run(capsys, *common, "--out", str(plain))[0] == 0
+    assert _run(capsys, *common, "--save-speaker", str(spk), "--out", str(saved))[0] == 0
+    rc, _, err = _run(capsys, "[S1] New words.", "--speaker-file", str(spk), "--out", str(reused), *common[5:])
+    assert rc == 0, err
+    audio = sf.read(plain)[0]
+    assert np.array_equal(audio, sf.read(saved)[0]) and np.array_equal(audio, sf.read(reused)[0])
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -110,6 +124,8 @@ def test_voice_cloning_and_saved_speaker_give_the_same_audio(tmp_path, capsys):
         ([], "no text given"),
         (["[S1] hi", "--prompt-wav", "missing.wav"], "prompt audio not found"),
         (["[S1] hi", "--prompt-text", "[S1] x"], "--prompt-text needs --prompt-wav"),
+        (["[S1] hi", "--speaker-file", "s.safetensors", "--prompt-text", "[S1] x"], "--prompt-text needs --prompt-wav"),
+        (["[S1] hi", "--prompt-wav", "v.wav", "--prompt-text", " ", "--save-speaker", "s"], "--save-speaker needs"),
         (["[S1] hi", "--loudness", "5"], "--loudness must be between"),
         (["[S1] hi", "--model", "no/such/dir/anywhere"], "checkpoint not found"),
         (["[S1] hi", "--max-new-tokens", "5"], "max_new_tokens=5 is too small"),

@@ -100,11 +100,13 @@ def _read_text(args: argparse.Namespace) -> str:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    if args.prompt_text and not (args.prompt_wav or args.speaker_file):
-        raise UsageError("--prompt-text needs --prompt-wav (the audio it transcribes)")
+    if args.prompt_text and not args.prompt_wav:
+        raise UsageError(
+            "--prompt-text needs --prompt-wav (the audio it transcribes; a --speaker-file holds its own transcript)"
+        )
     if args.prompt_wav and args.speaker_file:
         raise UsageError("use either --prompt-wav or --speaker-file, not both")
-    if args.save_speaker and not (args.prompt_wav and args.prompt_text):
+    if args.save_speaker and not (args.prompt_wav and (args.prompt_text or "").strip()):
         raise UsageError("--save-speaker needs --prompt-wav and --prompt-text (the voice to save and its transcript)")
     if args.prompt_wav is not None and not args.prompt_wav.is_file():
         raise UsageError(f"prompt audio not found: {args.prompt_wav}")
@@ -156,22 +158,23 @@ def demo_max_new_tokens(text: str, frame_rate: float, max_delay: int, budget: in
 
 
 def _voice(args: argparse.Namespace, tts) -> tuple[Any, str | None]:
-    """(audio prompt codes or None, transcript or None) from --prompt-wav / --speaker-file."""
+    """(audio prompt codes or None, transcript or None) from --prompt-wav / --speaker-file. A transcript
+    is tagged as a saved speaker's is (``[S1]`` when it has no tag), so saving the voice with
+    --save-speaker and reusing it with --speaker-file speaks like --prompt-wav did."""
+    from .voice import CustomSpeaker
+
     if args.speaker_file is not None:
-        from .voice import CustomSpeaker
-
         speaker = CustomSpeaker.load(args.speaker_file, pool=tts)
-        return speaker.codes, speaker.tagged_transcript(0)
-    if args.prompt_wav is None:
+    elif args.prompt_wav is None:
         return None, None
-    if args.save_speaker is not None:
-        from .voice import CustomSpeaker
-
+    elif not (args.prompt_text or "").strip():  # run() warns: cloning without the transcript
+        return tts.encode_prompt(args.prompt_wav), None
+    else:
         speaker = CustomSpeaker.from_audio(args.prompt_wav, args.prompt_text, tts)
-        speaker.save(args.save_speaker)
-        _log(args, f"dia_fast: saved the voice to {args.save_speaker}")
-        return speaker.codes, speaker.tagged_transcript(0)
-    return tts.encode_prompt(args.prompt_wav), args.prompt_text
+        if args.save_speaker is not None:
+            speaker.save(args.save_speaker)
+            _log(args, f"dia_fast: saved the voice to {args.save_speaker}")
+    return speaker.codes, speaker.tagged_transcript(0)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -91,10 +91,6 @@ class StepBuffers:
     delays: torch.Tensor  # [C] int64
     forced_eos_pos: torch.Tensor  # [] int64: EOS is forced here at the latest
 
-    @property
-    def max_len(self) -> int:
-        return self.out.shape[1]
-
 
 def allocate_buffers(model: DiaModel, spec: StepSpec, max_len: int, text_len: int, self_mask: bool) -> StepBuffers:
     """Fresh buffers for ``spec`` with ``max_len`` decoder and ``text_len`` encoder positions (zeroed)."""

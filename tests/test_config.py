@@ -62,6 +62,7 @@ def test_current_official_config_is_the_transformers_layout():
         (lambda r: r.update(delay_pattern=[0, 8, 9]), "delay_pattern has 3 entries"),
         (lambda r: r["decoder_config"].update(num_key_value_heads=3), "multiple of n_kv_head"),
         (lambda r: r["decoder_config"].update(head_dim=127), "even"),
+        (lambda r: r["decoder_config"].update(cross_num_key_value_heads=0), "cross_n_kv_head must be positive"),
         (lambda r: r["decoder_config"].update(vocab_size=1000), "too small for EOS/PAD/BOS"),
         (lambda r: r["encoder_config"].update(hidden_act="gelu"), "gelu"),
         (lambda r: r.pop("encoder_config"), "unrecognised config format"),

@@ -93,8 +93,12 @@ class DiaConfig:
             )
         if any(d < 0 for d in data.delay_pattern):
             raise ConfigError(f"delay_pattern must be non-negative, got {list(data.delay_pattern)}")
-        for name, sub in (("encoder", enc), ("decoder", dec)):
-            for f in ("n_layer", "hidden_size", "intermediate_size", "n_head", "n_kv_head", "head_dim"):
+        if data.channels < 1:
+            raise ConfigError(f"data.channels must be positive, got {data.channels}")
+        sizes = ("n_layer", "hidden_size", "intermediate_size", "n_head", "n_kv_head", "head_dim")
+        cross_sizes = ("cross_n_head", "cross_n_kv_head", "cross_head_dim")
+        for name, sub, fields in (("encoder", enc, sizes), ("decoder", dec, sizes + cross_sizes)):
+            for f in fields:
                 if getattr(sub, f) <= 0:
                     raise ConfigError(f"model.{name}.{f} must be positive, got {getattr(sub, f)}")
             if sub.n_head % sub.n_kv_head:
@@ -103,6 +107,8 @@ class DiaConfig:
                 )
             if sub.head_dim % 2:
                 raise ConfigError(f"model.{name}.head_dim must be even for RoPE, got {sub.head_dim}")
+        if self.model.cross_attention_rope and dec.cross_head_dim % 2:
+            raise ConfigError(f"model.decoder.cross_head_dim must be even for RoPE, got {dec.cross_head_dim}")
         if dec.cross_n_head % dec.cross_n_kv_head:
             raise ConfigError(
                 f"model.decoder: cross_n_head ({dec.cross_n_head}) must be a multiple of "

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .audio import crossfade_join
+from .text import SPEAKER_TAG_RE as _TAG_RE
+from .text import text_tokens
 
 if TYPE_CHECKING:
     import torch
@@ -45,16 +47,10 @@ __all__ = [
 DEFAULT_CHARS_PER_SECOND = 12.0
 DEFAULT_MAX_CHUNK_SECONDS = 20.0
 
-_TAG_RE = re.compile(r"\[S[12]\]")
 # A sentence ends at . ! ? … (or their CJK forms), optionally followed by closing quotes/brackets,
 # then whitespace, or at a line break; the whitespace stays with the sentence before it.
 _SENTENCE_END_RE = re.compile(r"[.!?…。！？]+[\"'”’)\]]*\s+|[^\S\n]*\n\s*")
 _WORD_RE = re.compile(r"\S+\s*|\s+")
-
-
-def text_tokens(text: str) -> int:
-    """Dia text tokens in ``text``: UTF-8 bytes, each ``[S1]`` / ``[S2]`` tag counting as one."""
-    return len(text.encode("utf-8")) - 3 * len(_TAG_RE.findall(text))
 
 
 def spoken_chars(text: str) -> int:

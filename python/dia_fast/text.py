@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
 
 SPEAKER_TOKENS = {b"[S1]": 1, b"[S2]": 2}
+SPEAKER_TAG_RE = re.compile(r"\[S[12]\]")  # the tags of SPEAKER_TOKENS in a str
 PAD_ID = 0
+
+
+def _tokens(text: str) -> bytes:
+    raw = text.encode("utf-8")
+    for tag, tok in SPEAKER_TOKENS.items():
+        raw = raw.replace(tag, bytes([tok]))
+    return raw
+
+
+def text_tokens(text: str) -> int:
+    """Dia text tokens in ``text``: UTF-8 bytes, each ``[S1]`` / ``[S2]`` tag counting as one."""
+    return len(_tokens(text))
 
 
 def encode_text(text: str, max_length: int = 1024) -> list[int]:
@@ -16,10 +30,7 @@ def encode_text(text: str, max_length: int = 1024) -> list[int]:
         raise TypeError(f"text must be a str, got {type(text).__name__}")
     if not text.strip():
         raise ValueError("text is empty: give at least one character to speak")
-    raw = text.encode("utf-8")
-    for tag, tok in SPEAKER_TOKENS.items():
-        raw = raw.replace(tag, bytes([tok]))
-    ids = list(raw)
+    ids = list(_tokens(text))
     if len(ids) > max_length:
         raise ValueError(
             f"text is {len(ids)} bytes after tokenization but the model accepts at most {max_length}; "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 
 from ..audio import crossfade_join, normalize_loudness, write_wav
 from ..longform import DEFAULT_CHARS_PER_SECOND, DEFAULT_MAX_CHUNK_SECONDS, chunk_budget, split_text
+from ..text import SPEAKER_TAG_RE as _TAG_RE
 from .pool import GenerationOptions, VoicePool
 from .speaker import CustomSpeaker, Speaker
 
@@ -21,7 +21,6 @@ __all__ = ["Audio", "Conversation", "SpeakerLike", "Turn"]
 
 SpeakerLike = Speaker | CustomSpeaker
 Turn = tuple[Speaker | CustomSpeaker | str | int, str]
-_TAG_RE = re.compile(r"\[S[12]\]")
 
 
 @dataclass(frozen=True)

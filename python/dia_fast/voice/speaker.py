@@ -8,7 +8,6 @@ the transcript, codec description and dia_fast version as metadata) and checked 
 from __future__ import annotations
 
 import os
-import re
 import secrets
 from dataclasses import dataclass
 from enum import Enum
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .._version import __version__
+from ..text import SPEAKER_TAG_RE as _TAG_RE
 
 if TYPE_CHECKING:
     from ..api import DiaTTS
@@ -27,7 +27,6 @@ __all__ = ["CustomSpeaker", "Speaker", "SpeakerFileError", "codec_description"]
 
 FORMAT = "dia_fast.speaker"
 FORMAT_VERSION = "1"
-_TAG_RE = re.compile(r"\[S[12]\]")
 
 
 class SpeakerFileError(ValueError):

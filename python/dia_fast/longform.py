@@ -236,9 +236,8 @@ def generate_long(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    for key in ("text", "progress", "decode_audio"):
-        if key in generate_kwargs:
-            raise TypeError(f"generate_long() got an unexpected keyword argument {key!r}")
+    if "decode_audio" in generate_kwargs:  # (text and progress are parameters of their own)
+        raise TypeError("generate_long() got an unexpected keyword argument 'decode_audio'")
     prompt_codes: torch.Tensor | None = None
     if audio_prompt is not None:
         prompt_codes = tts.encode_prompt(audio_prompt)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import secrets
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -170,20 +172,26 @@ def write_wav(path: PathLike, samples: np.ndarray | Any, sample_rate: int, *, su
     data = float_to_pcm16(arr) if subtype == "PCM_16" else arr.astype(np.float32, copy=False)
 
     dest = Path(os.fspath(path))
-    # O_EXCL on a random name: no clash with a concurrent writer; mode 0o666 lets the umask apply
-    # as for any new file (mkstemp would force 0o600).
-    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
+    with atomic_output(dest) as tmp:
+        # O_EXCL on the fresh name: no clash with a concurrent writer; mode 0o666 lets the umask apply
+        # as for any new file (mkstemp would force 0o600).
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
         with os.fdopen(fd, "wb") as fh:
             sf.write(fh, data, rate, subtype=subtype, format="WAV")
             fh.flush()
             os.fsync(fh.fileno())
+    return dest
+
+
+@contextmanager
+def atomic_output(path: PathLike) -> Iterator[Path]:
+    """A fresh temporary path beside ``path`` to write to: renamed over ``path`` (``os.replace``) when
+    the block succeeds, removed when it fails, so ``path`` is never left partial or truncated."""
+    dest = Path(os.fspath(path))
+    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        yield tmp
         os.replace(tmp, dest)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        tmp.unlink(missing_ok=True)
         raise
-    return dest

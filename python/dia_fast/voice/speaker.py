@@ -8,7 +8,6 @@ the transcript, codec description and dia_fast version as metadata) and checked 
 from __future__ import annotations
 
 import os
-import secrets
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .._version import __version__
+from ..audio.io import atomic_output
 from ..text import SPEAKER_TAG_RE as _TAG_RE
 
 if TYPE_CHECKING:
@@ -162,13 +162,8 @@ class CustomSpeaker:
             "name": self.name,
             **self.codec,
         }
-        tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(6)}.tmp")
-        try:
+        with atomic_output(dest) as tmp:
             save_file({"codes": self.codes.detach().cpu().contiguous()}, str(tmp), metadata=metadata)
-            os.replace(tmp, dest)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         return dest
 
     @classmethod

@@ -137,16 +137,18 @@ def attention(
         qi = torch.arange(Tq, device=q.device)[:, None] + (Tk - Tq)
         cm = torch.arange(Tk, device=q.device)[None, :] <= qi
         mask = cm[None, None] if mask is None else (mask & cm[None, None])
-    groups = Hq // k.shape[1]
-    if groups > 1:
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    # GQA without repeating K/V (a copy of the whole cache per call): the ``groups`` query heads
+    # of KV head j (heads j * groups ... (j + 1) * groups - 1) are stacked into one query matrix.
+    Hkv = k.shape[1]
+    groups = Hq // Hkv
+    qg = q.float().reshape(B, Hkv, groups * Tq, D)
+    scores = torch.matmul(qg, k.float().transpose(-1, -2)).reshape(B, Hq, Tq, Tk) * scale
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     probs = torch.nan_to_num(probs, nan=0.0)  # fully masked rows -> zeros
-    return torch.matmul(probs, v.float()).to(q.dtype)
+    out = torch.matmul(probs.reshape(B, Hkv, groups * Tq, Tk), v.float())
+    return out.reshape(B, Hq, Tq, D).to(q.dtype)
 
 
 def decode_attention(

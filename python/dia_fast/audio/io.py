@@ -35,8 +35,8 @@ def _mixdown(data: np.ndarray, mono: bool) -> np.ndarray:
     """[N, channels] float32 -> [N] (mean of channels) when ``mono``, else unchanged."""
     if not mono:
         return data
-    if data.shape[1] == 1:
-        return data[:, 0]
+    if data.shape[1] <= 1:  # (no channels: an empty [0] the callers reject)
+        return data.reshape(-1)
     return data.mean(axis=1, dtype=np.float64).astype(np.float32)
 
 
@@ -133,10 +133,8 @@ def load_prompt_audio(
         raise ValueError("sample_rate is required when the prompt is an array")
     rate = check_rate(sample_rate, "sample_rate")
     arr = _to_float(_array_to_numpy(path_or_array))
-    if arr.ndim == 2:
-        # channel axis = the shorter one; mean over it in float64, then back to float32
-        axis = 0 if arr.shape[0] <= arr.shape[1] else 1
-        arr = arr.mean(axis=axis, dtype=np.float64).astype(np.float32) if arr.shape[axis] > 1 else arr.reshape(-1)
+    if arr.ndim == 2:  # channel axis = the shorter one
+        arr = _mixdown(arr.T if arr.shape[0] <= arr.shape[1] else arr, mono=True)
     elif arr.ndim != 1:
         raise ValueError(f"prompt audio must be [N], [channels, N] or [N, channels]; got shape {arr.shape}")
     if arr.size == 0:

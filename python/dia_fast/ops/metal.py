@@ -260,9 +260,10 @@ def decode_attention(
 ) -> torch.Tensor:
     """:func:`dia_fast.ops.reference.decode_attention` as a Metal kernel (f16, head dim <= 256)."""
     B, Hq, Tq, D = q.shape
-    _, Hkv, L, _ = k_cache.shape
+    Bk, Hkv, L, Dk = k_cache.shape
     ok = (
         Tq == 1
+        and (Bk, Dk) == (B, D)  # the kernel indexes the caches with q's batch and head dim
         and q.dtype == k_cache.dtype == v_cache.dtype == torch.float16
         and D <= ATTN_MAX_DIM
         and Hq % Hkv == 0

@@ -138,6 +138,9 @@ def test_pool_construction_and_sync_generate(tts):
         VoicePool(tts, max_batch=0)
     with pytest.raises(ValueError, match="already loaded"):
         VoicePool(tts, dtype="float16")
+    assert VoicePool(tts, device="cpu:0").tts is tts  # a device named with its index is the same device
+    with pytest.raises(ValueError, match="not on the requested device"):
+        VoicePool(tts, device="meta")
     with pytest.raises(TypeError):
         VoicePool(42)  # type: ignore[arg-type]
     with pytest.raises(TypeError):

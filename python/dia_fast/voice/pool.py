@@ -108,7 +108,7 @@ class VoicePool:
         from ..api import DiaTTS
 
         if isinstance(model, DiaTTS):
-            if device is not None and torch.device(device) != model.device:
+            if device is not None and not _same_device(torch.device(device), model.device):
                 raise ValueError(f"the model is on {model.device}, not on the requested device {device}")
             if dtype is not None:
                 raise ValueError("dtype applies when the pool loads the model; this DiaTTS is already loaded")
@@ -284,6 +284,13 @@ class VoicePool:
 
     def __repr__(self) -> str:
         return f"VoicePool({self.tts!r}, max_batch={self.max_batch})"
+
+
+def _same_device(requested: torch.device, actual: torch.device) -> bool:
+    """``"cuda"`` (no index) matches the model's ``cuda:0``; an explicit index must match."""
+    if requested.type != actual.type:
+        return False
+    return requested.index is None or actual.index is None or requested.index == actual.index
 
 
 def _gone(req: _Request) -> bool:

@@ -58,6 +58,7 @@ def test_chunks_fit_and_cover_every_byte_once(seed, max_bytes, max_chars):
     assert "".join(bare(c) for c in chunks) == bare(text)
 
     for s in spans:
+        assert not re.search(r"\[S[12]\]\s*$", s.text)  # no chunk ends in a tag with no words after it
         assert text_tokens(s.text) <= max_bytes
         assert max_chars is None or spoken_chars(s.text) <= max_chars
         # each chunk speaks as the speaker active where it starts in the source text
@@ -71,6 +72,13 @@ def test_chunks_fit_and_cover_every_byte_once(seed, max_bytes, max_chars):
                 or text[s.start - 4 : s.start] in ("[S1]", "[S2]")
                 or TAG.match(text, s.start)
             )
+
+
+def test_a_turn_split_between_words_keeps_its_tag_with_its_first_word():
+    # the [S2] sentence does not fit a chunk: before, its tag alone could end the previous chunk
+    text = "[S1] Aaaa bbbb ccc. [S2] " + " ".join(f"word{i}" for i in range(30)) + "."
+    chunks = split_text(text, 1024, 14)
+    assert chunks[:3] == ["[S1] Aaaa bbbb ccc. ", "[S2] word0 word1 ", "[S2] word2 word3 "]
 
 
 def test_split_prefers_sentence_and_turn_boundaries():

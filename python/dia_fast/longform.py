@@ -116,16 +116,19 @@ def split_text_spans(
         if fits(prefix_for(speaker, starts_turn), start, end):
             pieces.append((start, end, prefix_for(speaker, starts_turn)))
             continue
-        for k, m in enumerate(_WORD_RE.finditer(text, start, end)):
+        words = [(m.start(), m.end()) for m in _WORD_RE.finditer(text, start, end)]
+        if starts_turn and len(words) > 1 and _TAG_RE.fullmatch(text[words[0][0] : words[0][1]].strip()):
+            words[:2] = [(words[0][0], words[1][1])]  # the turn's tag stays with its first word
+        for k, (lo, hi) in enumerate(words):
             prefix = prefix_for(speaker, starts_turn and k == 0)
-            if not fits(prefix, m.start(), m.end()):
-                word = text[m.start() : m.end()].strip()
+            if not fits(prefix, lo, hi):
+                word = text[lo:hi].strip()
                 raise ValueError(
-                    f"the word {word[:40]!r}{'...' if len(word) > 40 else ''} at character {m.start()} does not "
+                    f"the word {word[:40]!r}{'...' if len(word) > 40 else ''} at character {lo} does not "
                     f"fit in one chunk (at most {max_bytes} text bytes"
                     f"{'' if max_chars is None else f' and {max_chars} spoken characters'}); break it up"
                 )
-            pieces.append((m.start(), m.end(), prefix))
+            pieces.append((lo, hi, prefix))
 
     chunks: list[TextChunk] = []
     cur_start, cur_end, cur_prefix = pieces[0]

@@ -212,6 +212,10 @@ def test_encodec_package_layout(hf_model: EncodecModel, tmp_path: Path) -> None:
     _assert_same_as_hf(EncodecCodec.from_pretrained(path, config), hf_model, wav)
     _assert_same_as_hf(EncodecCodec.from_pretrained(tmp_path, config), hf_model, wav)  # directory holding the .th
     assert codec_kind(path) == "encodec"
+    plain = tmp_path / "codec"  # no "encodec" in the names: the package's .th extension tells
+    plain.mkdir()
+    torch.save(state, plain / "weights.th")
+    assert codec_kind(plain) == codec_kind(plain / "weights.th") == "encodec"
 
 
 def test_legacy_weight_g_v_keys(hf_model: EncodecModel, hf_dir: Path, tmp_path: Path) -> None:

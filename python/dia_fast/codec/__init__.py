@@ -28,8 +28,10 @@ def codec_kind(path: Path) -> str:
             model_type = ""
         if model_type in ("dac", "encodec"):
             return model_type
-    name = path.name.lower()
-    return "encodec" if "encodec" in name else "dac"
+    # the encodec package saves .th files (descript's DAC: weights.pth)
+    if path.suffix == ".th" or (path.is_dir() and any(path.glob("*.th"))):
+        return "encodec"
+    return "encodec" if "encodec" in path.name.lower() else "dac"
 
 
 def random_codec(kind: str, seed: int = 0) -> AudioCodec:

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..checkpoint import check_state_dict, find_weights, read_all
 from ._layers import Snake, fold_weight_norms
+from .base import as_mono_batch, check_codes
 
 __all__ = ["DacCodec", "DacCodecConfig", "QuantizerOutput"]
 
@@ -457,20 +458,7 @@ class DacCodec(nn.Module):
     def _prepare_wav(self, wav: torch.Tensor) -> torch.Tensor:
         """[N] / [B, N] / [B, 1, N] float PCM -> [B, 1, N'] in the model dtype, right-padded with zeros
         to a multiple of the hop length (as descript's ``preprocess``)."""
-        if not isinstance(wav, torch.Tensor):
-            raise TypeError(f"wav must be a torch.Tensor, got {type(wav).__name__}")
-        if not wav.is_floating_point():
-            raise ValueError(f"wav must be floating point PCM, got {wav.dtype}")
-        if wav.dim() == 1:
-            wav = wav[None, None]
-        elif wav.dim() == 2:
-            wav = wav[:, None]
-        elif wav.dim() != 3 or wav.shape[1] != 1:
-            raise ValueError(f"wav must be [N], [B, N] or [B, 1, N] mono PCM, got shape {tuple(wav.shape)}")
-        if wav.numel() == 0:
-            raise ValueError(f"wav is empty (shape {tuple(wav.shape)})")
-        if not bool(torch.isfinite(wav).all()):
-            raise ValueError("wav contains NaN or infinite samples")
+        wav = as_mono_batch(wav)
         pad = -wav.shape[-1] % self.hop_length
         wav = wav.to(device=self.device, dtype=self.dtype)
         return F.pad(wav, (0, pad)) if pad else wav
@@ -493,29 +481,10 @@ class DacCodec(nn.Module):
 
     # --- decode ------------------------------------------------------------------------------
 
-    def _check_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        if not isinstance(codes, torch.Tensor):
-            raise TypeError(f"codes must be a torch.Tensor, got {type(codes).__name__}")
-        if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
-            raise ValueError(f"codes must be an integer tensor, got {codes.dtype}")
-        if codes.dim() == 2:
-            codes = codes[None]
-        if codes.dim() != 3:
-            raise ValueError(f"codes must be [B, T, n_codebooks] (or [T, n_codebooks]), got {tuple(codes.shape)}")
-        if codes.shape[-1] != self.n_codebooks:
-            raise ValueError(
-                f"codes have {codes.shape[-1]} codebooks (last dim of shape {tuple(codes.shape)}); "
-                f"this DAC has {self.n_codebooks}"
-            )
-        if codes.numel() and bool(((codes < 0) | (codes >= self.codebook_size)).any()):
-            lo, hi = int(codes.min()), int(codes.max())
-            raise ValueError(f"codes must be in [0, {self.codebook_size - 1}], got values in [{lo}, {hi}]")
-        return codes.to(device=self.device, dtype=torch.long)
-
     @torch.no_grad()
     def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes [B, T, n_codebooks] -> the quantized latent [B, hidden_size, T] in the model dtype."""
-        return self.quantizer.dequantize(self._check_codes(codes))
+        return self.quantizer.dequantize(check_codes(codes, self, self.device))
 
     @torch.no_grad()
     def decode_latent(self, latent: torch.Tensor) -> torch.Tensor:
@@ -546,7 +515,7 @@ class DacCodec(nn.Module):
         stages hold [B, 96, samples] activations) and matches whole decoding up to rounding.
         ``chunk_frames=None`` decodes in one go.
         """
-        codes = self._check_codes(codes)
+        codes = check_codes(codes, self, self.device)
         b, t = codes.shape[:2]
         if t == 0:
             return torch.zeros(b, 0, device=self.device)

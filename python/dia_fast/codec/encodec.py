@@ -32,6 +32,7 @@ from torch.nn import functional as F
 
 from ..checkpoint import CheckpointError, check_state_dict, read_tensors, resolve_path
 from ._layers import fold_weight_norms, unfold_weight_norm
+from .base import as_mono_batch, check_codes
 
 __all__ = ["EncodecCodec", "EncodecCodecConfig"]
 
@@ -384,23 +385,7 @@ class EncodecCodec(nn.Module):
     @torch.no_grad()
     def encode(self, wav: torch.Tensor) -> torch.Tensor:
         """Float PCM at ``sample_rate``, [N] / [B, N] / [B, 1, N] -> int64 codes [B, ceil(N / hop), n_codebooks]."""
-        if not isinstance(wav, torch.Tensor):
-            raise ValueError(f"wav must be a torch.Tensor, got {type(wav).__name__}")
-        if not wav.is_floating_point():
-            raise ValueError(f"wav must be floating point PCM, got {wav.dtype}")
-        if wav.dim() == 1:
-            wav = wav[None, None]
-        elif wav.dim() == 2:
-            wav = wav[:, None]
-        elif wav.dim() == 3:
-            if wav.shape[1] != 1:
-                raise ValueError(f"EnCodec expects mono audio [B, 1, N]; got {wav.shape[1]} channels")
-        else:
-            raise ValueError(f"wav must be [N], [B, N] or [B, 1, N]; got shape {tuple(wav.shape)}")
-        if wav.numel() == 0:
-            raise ValueError(f"wav is empty (shape {tuple(wav.shape)})")
-        if not torch.isfinite(wav).all():
-            raise ValueError("wav contains NaN or infinite samples")
+        wav = as_mono_batch(wav)
         ref = self._param()
         latents = self.encoder(wav.to(device=ref.device, dtype=ref.dtype))
         return self.quantizer.encode(latents, self.n_codebooks)
@@ -408,22 +393,9 @@ class EncodecCodec(nn.Module):
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Int codes [B, T, n_codebooks] (or [T, n_codebooks]) -> float32 PCM [B, T * hop_length]."""
-        if not isinstance(codes, torch.Tensor):
-            raise ValueError(f"codes must be a torch.Tensor, got {type(codes).__name__}")
-        if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
-            raise ValueError(f"codes must be an integer tensor, got {codes.dtype}")
-        if codes.dim() == 2:
-            codes = codes[None]
-        if codes.dim() != 3 or codes.shape[-1] != self.n_codebooks:
-            raise ValueError(
-                f"codes must be [B, T, {self.n_codebooks}] or [T, {self.n_codebooks}]; got {tuple(codes.shape)}"
-            )
+        codes = check_codes(codes, self, self._param().device)
         if codes.numel() == 0:
             raise ValueError(f"codes are empty (shape {tuple(codes.shape)})")
-        lo, hi = int(codes.min()), int(codes.max())
-        if lo < 0 or hi >= self.codebook_size:
-            raise ValueError(f"codes must be in [0, {self.codebook_size}); got values in [{lo}, {hi}]")
-        codes = codes.to(device=self._param().device, dtype=torch.long)
         audio = self.decoder(self.quantizer.decode(codes))
         return audio[:, 0].float()
 

@@ -11,6 +11,9 @@ import argparse
 import json
 import sys
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -129,8 +132,6 @@ def _log(args: argparse.Namespace, msg: str) -> None:
 
 
 def _load_tts(args: argparse.Namespace):
-    import warnings
-
     from .api import DiaTTS
 
     if not args.model:
@@ -261,18 +262,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
-class _quiet_transcript_warning:
+@contextmanager
+def _quiet_transcript_warning() -> Iterator[None]:
     """The CLI already printed its own warning about a missing transcript."""
-
-    def __enter__(self) -> None:
-        import warnings
-
-        self._ctx = warnings.catch_warnings()
-        self._ctx.__enter__()
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="an audio prompt was given without its transcript")
-
-    def __exit__(self, *exc: object) -> None:
-        self._ctx.__exit__(*exc)
+        yield
 
 
 def main(argv: list[str] | None = None) -> int:

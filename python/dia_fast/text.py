@@ -55,10 +55,9 @@ def encode_batch(
     longest = max(len(e) for e in encoded)
     T = min(max_length, -(-longest // pad_to_multiple) * pad_to_multiple)
     ids = torch.full((len(encoded), T), PAD_ID, dtype=torch.long)
-    for i, e in enumerate(encoded):
-        ids[i, : len(e)] = torch.tensor(e, dtype=torch.long)
     mask = torch.zeros_like(ids, dtype=torch.bool)
     for i, e in enumerate(encoded):
+        ids[i, : len(e)] = torch.tensor(e, dtype=torch.long)
         mask[i, : len(e)] = True
     return ids.to(device), mask.to(device)
 

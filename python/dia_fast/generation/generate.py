@@ -256,7 +256,7 @@ def generate_codes(
         _load(model, bufs, enc_out, enc_mask, prefix, L, B, host_pool)
         # Prefill: the decoder over the prefix fills the caches and the logits of position P0.
         out = bufs.out
-        bufs.logits.copy_(model.decoder(out[:, :P0].repeat(rows, 1, 1), bufs.state)[:, -1])
+        bufs.logits.copy_(model.decoder(out[:, :P0].repeat(rows, 1, 1), bufs.state, last_only=True)[:, -1])
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # honest prefill timing (once per call)
         prefill_s = time.perf_counter() - t0 - runner.warmup_seconds

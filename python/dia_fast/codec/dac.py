@@ -260,9 +260,10 @@ class _ResidualQuantizer(nn.Module):
         quantized = torch.zeros_like(residual)
         codes, latents = [], []
         for q in self.quantizers:
+            codebook = q.codebook.weight.float()
             z_e = _conv1x1_f32(residual, q.in_proj)  # [B, D, T]
-            idx = _nearest_code(z_e, q.codebook.weight.float())  # [B, T]
-            z_q = F.embedding(idx, q.codebook.weight.float()).transpose(1, 2)
+            idx = _nearest_code(z_e, codebook)  # [B, T]
+            z_q = F.embedding(idx, codebook).transpose(1, 2)
             # The reference writes the straight-through estimator as z_e + (z_q - z_e); the value is z_q
             # up to rounding, and keeping that rounding keeps later codebooks' residuals identical.
             z_q = z_e + (z_q - z_e)

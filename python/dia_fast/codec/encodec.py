@@ -443,11 +443,12 @@ class EncodecCodec(nn.Module):
                     config = EncodecCodecConfig.from_dict(cfg)
         if bandwidth is not None:
             config = replace(config, bandwidth=bandwidth)
-        codec = cls(config)
+        with torch.device("meta"):  # no point initialising weights that are about to be replaced
+            codec = cls(config)
         state = to_internal(read_tensors(weights))
         expected = {k: v.shape for k, v in codec.state_dict().items()}
         check_state_dict(expected, state, str(weights))
-        codec.load_state_dict(state)
+        codec.load_state_dict({k: v.float().contiguous() for k, v in state.items()}, assign=True)
         return codec.eval()
 
     def save_pretrained(self, directory: str | Path) -> Path:

@@ -119,14 +119,9 @@ class Conversation:
         self.prompt: torch.Tensor | None = None
         self.prompt_text: str | None = None
         if custom:
-            self.prompt = torch.cat([s.codes for _, s in custom], dim=0)
+            # the speakers' prompts one after the other, checked (length included) as the model checks a prompt
+            self.prompt = pool.tts.encode_prompt(torch.cat([s.codes for _, s in custom], dim=0))
             self.prompt_text = " ".join(s.tagged_transcript(i) for i, s in custom)
-            tts = pool.tts
-            if self.prompt.shape[0] > tts.max_prompt_frames():
-                raise ValueError(
-                    f"the speakers' prompts are {self.prompt.shape[0]} codec frames together; the model allows "
-                    f"{tts.max_prompt_frames()}: use shorter prompts"
-                )
         max_bytes, max_chars = chunk_budget(
             pool.tts,
             prompt_text=self.prompt_text,

@@ -119,6 +119,7 @@ def test_errors_reach_only_their_caller(tts, monkeypatch):
         )
 
     good1, bad, too_long, good2 = asyncio.run(main())
+    assert not pool._loops  # the finished loop's scheduler let go of it
     pool.close()
     assert isinstance(bad, RuntimeError) and "boom" in str(bad)
     assert isinstance(too_long, ValueError) and "bytes" in str(too_long)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -126,7 +125,9 @@ class VoicePool:
         self.stats = {"requests": 0, "batches": 0, "largest_batch": 0}
         self._model_lock = threading.Lock()  # one generate call on the model at a time
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dia-voicepool")
-        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = weakref.WeakKeyDictionary()
+        # one scheduler per running event loop; a scheduler removes its entry when it stops (a weak-keyed
+        # dict would not: the state's task holds its loop, so every finished asyncio.run() stayed here)
+        self._loops: dict[asyncio.AbstractEventLoop, _LoopState] = {}
         self._closed = False
 
     # ------------------------------------------------------------------------------ properties
@@ -224,6 +225,8 @@ class VoicePool:
                     await self._run_group(loop, group)
                 pending = []
         finally:  # cancelled (pool closed, loop shutting down): nobody may wait forever
+            if (state := self._loops.get(loop)) is not None and state.queue is queue:
+                del self._loops[loop]
             while not queue.empty():
                 pending.append(queue.get_nowait())
             for req in pending:

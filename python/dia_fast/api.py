@@ -18,7 +18,7 @@ from .devices import resolve_device, resolve_dtype
 from .generation.generate import DecodeOutput, generate_codes
 from .generation.sampling import SamplingConfig
 from .model import DiaModel, RMSNorm, RotaryEmbedding
-from .text import encode_batch
+from .text import encode_batch, prompted_text
 
 # An audio prompt: a file path, float samples (numpy / torch) or codec codes [T, C] (an integer tensor).
 PromptLike = str | Path | np.ndarray | torch.Tensor | None
@@ -341,7 +341,7 @@ class DiaTTS:
                 )
                 out_texts.append(text)
             else:
-                out_texts.append(f"{transcript.strip()} {text.strip()}")
+                out_texts.append(prompted_text(text, transcript))
         return prompts, out_texts
 
     def generate_stream(

@@ -286,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ValueError, FileNotFoundError, ConfigError, CheckpointError) as exc:
         print(f"dia_fast: error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:  # e.g. the model produced no audio: not a usage error, still one line
+        print(f"dia_fast: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("dia_fast: interrupted", file=sys.stderr)
         return 130

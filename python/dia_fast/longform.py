@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import re
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .audio import crossfade_join
+from .progress import progress_bar
 from .text import SPEAKER_TAG_RE as _TAG_RE
 from .text import text_tokens
 
@@ -197,16 +197,6 @@ def chunk_budget(
     return max_bytes, max_chars
 
 
-def _progress_bar(total: int, progress: bool | None) -> Any:
-    """A tqdm bar over chunks, or None (``progress=None``: only when stderr is a terminal)."""
-    enabled = progress if progress is not None else sys.stderr.isatty()
-    if not enabled or total <= 1:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="long-form", unit="chunk")
-
-
 def generate_long(
     tts: DiaTTS,
     text: str,
@@ -259,7 +249,7 @@ def generate_long(
     chunks = [c.strip() for c in chunks if c.strip()]
     if not chunks:
         raise ValueError("text is empty: give at least one character to speak")
-    bar = _progress_bar(len(chunks), progress)
+    bar = progress_bar(len(chunks), progress if len(chunks) > 1 else False, desc="long-form", unit="chunk")
     pieces: list[np.ndarray] = []
     try:
         for lo in range(0, len(chunks), batch_size):

@@ -71,3 +71,8 @@ def decode_ids(ids: Sequence[int]) -> str:
             continue
         out += names.get(int(i), bytes([int(i)]))
     return out.decode("utf-8", errors="replace")
+
+
+def prompted_text(text: str, transcript: str | None) -> str:
+    """The text the model reads with a voice prompt: the prompt's transcript, a space, the new text."""
+    return text if not transcript or not transcript.strip() else f"{transcript.strip()} {text.strip()}"

@@ -21,7 +21,6 @@ prompt prefix, completion flag, output codes) go through :mod:`dia_fast.memory`'
 
 from __future__ import annotations
 
-import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -33,6 +32,7 @@ from .. import ops
 from ..config import DiaConfig
 from ..memory import PinnedPool, PooledBuffer, default_pool
 from ..model import DiaModel
+from ..progress import progress_bar
 from .engine import NOT_FORCED, DecodeEngine, StepBuffers, StepSpec, default_sampler, engine_for
 from .sampling import SamplingConfig
 
@@ -93,16 +93,6 @@ class DecodeOutput:
             codes = ops.undelay_codes(seg, config.data.delay_pattern, config.codebook_size)[0, :n]
             out.append(codes.cpu())
         return out
-
-
-def _progress_bar(total: int, enabled: bool | None):
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="step", desc="generating", leave=False, dynamic_ncols=True)
 
 
 def _pad_batch(
@@ -263,7 +253,7 @@ def generate_codes(
 
         out_view = out[:B, :L]
         flag = _DoneFlag(bufs.done, host_pool)
-        bar = _progress_bar(max_new_tokens, progress)
+        bar = progress_bar(max_new_tokens, progress, desc="generating", unit="step", leave=False)
         t1 = time.perf_counter()
         steps = 0
         try:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..text import encode_text
+from ..text import encode_text, prompted_text
 
 if TYPE_CHECKING:
     from ..api import DiaTTS
@@ -148,8 +148,7 @@ class VoicePool:
         """Fail in the caller, before batching, on what would fail the whole batch."""
         if self._closed:
             raise RuntimeError("this VoicePool is closed")
-        full = text if not prompt_text else f"{prompt_text.strip()} {text.strip()}"
-        encode_text(full, self.tts.config.data.text_length)
+        encode_text(prompted_text(text, prompt_text), self.tts.config.data.text_length)
 
     def _prompt_codes(self, audio_prompt: Any) -> torch.Tensor | None:
         return None if audio_prompt is None else self.tts.encode_prompt(audio_prompt)

@@ -3,6 +3,8 @@ precision of the buffers, and (GPU) CUDA graphs against eager steps."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -488,3 +490,153 @@ def test_decode_step_reads_nothing_back_to_the_host(model, sampling):
             bool(((bufs.eos_pos >= 0) & (bufs.pos - bufs.eos_pos >= 15)).all())
             bufs.out.nonzero()
         assert det.found == ["is_nonzero", "nonzero"]
+
+
+# ---------------------------------------------------------------------------------------------- capture (faked CUDA)
+
+
+class _FakeCuda:
+    """Stand-ins for the torch.cuda calls of StepRunner._capture, logging what the capture does with them. The fake
+    graph context runs the captured step eagerly (a real capture queues nothing); replay() runs it again."""
+
+    def __init__(self, monkeypatch) -> None:
+        from dia_fast.generation import engine
+
+        self.log: list[tuple] = []
+        self.graphs: list[object] = []
+        fake = self
+
+        class Stream:
+            def __init__(self, device=None, name="side") -> None:
+                self.device, self.name = device, name
+
+            def wait_stream(self, other) -> None:
+                fake.log.append(("wait_stream", self.name, other.name))
+
+        class Graph:
+            def __init__(self) -> None:
+                self.registered: list[torch.Generator] = []
+                self.fn = None
+                fake.graphs.append(self)
+
+            def register_generator_state(self, gen) -> None:
+                self.registered.append(gen)
+
+            def replay(self) -> None:
+                self.fn()
+
+        @contextmanager
+        def device(dev):
+            fake.log.append(("device", dev))
+            yield
+
+        @contextmanager
+        def stream(s):
+            fake.log.append(("stream", s.name))
+            yield
+
+        @contextmanager
+        def graph(g, stream=None, capture_error_mode="global"):
+            fake.log.append(("graph", stream.name, capture_error_mode, engine._CAPTURE_LOCK.locked()))
+            yield
+
+        self.rng = torch.Generator().manual_seed(123)  # the "default CUDA generator"
+        for name, value in {
+            "Stream": Stream,
+            "CUDAGraph": Graph,
+            "device": device,
+            "stream": stream,
+            "graph": graph,
+            "current_stream": lambda dev=None: Stream(dev, "current"),
+            "synchronize": lambda dev=None: fake.log.append(("synchronize", dev)),
+            "get_rng_state": lambda dev=None: fake.rng.get_state(),
+            "set_rng_state": lambda state, dev=None: fake.log.append(("set_rng_state", dev)),
+        }.items():
+            monkeypatch.setattr(torch.cuda, name, value)
+        monkeypatch.setattr(engine, "current_device", device)
+
+
+def test_capture_is_lazy_and_on_the_models_device(model, monkeypatch):
+    """StepRunner's CUDA-graph capture with faked torch.cuda calls: nothing happens before the first prepare();
+    then warm-up on a side stream, capture on that stream in thread_local mode under the process-wide capture
+    lock with the model's device current, the runner's own generator registered, and its state put back."""
+    from dia_fast.generation.engine import StepRunner
+
+    fake = _FakeCuda(monkeypatch)
+    cfg = model.config
+    spec = StepSpec(2, SAMPLED, cfg.data.channels, 1024, 1025, cfg.data.max_delay, "torch")
+    bufs = allocate_buffers(model, spec, 32, 8, self_mask=True)
+    bufs.pos.fill_(3)
+    own = torch.Generator().manual_seed(5)
+    runner = StepRunner(model, spec, bufs, own, graph=True, warmup_steps=2)
+    assert not fake.graphs and not fake.log and not runner.graphed  # nothing at construction
+    before = own.get_state()
+    with torch.inference_mode(), runner:
+        assert runner.prepare() > 0 and runner.graphed
+        (g,) = fake.graphs
+        assert g.registered == [own] and torch.equal(own.get_state(), before)
+        assert fake.log == [
+            ("device", model.device),
+            ("wait_stream", "side", "current"),
+            ("stream", "side"),
+            ("wait_stream", "current", "side"),
+            ("graph", "side", "thread_local", True),
+            ("synchronize", model.device),
+        ]
+        # warm-up steps restart at the same position; the (fake) capture ran one more step from it
+        assert int(bufs.pos) == 4
+        assert runner.prepare() == 0.0 and len(fake.graphs) == 1  # captured once
+        g.fn = runner._eager
+        runner.step()  # replays the graph
+        assert int(bufs.pos) == 5
+    # without a generator of its own, the runner puts the default generator's state back
+    fake.log.clear()
+    runner = StepRunner(model, spec, bufs, None, graph=True)
+    with torch.inference_mode(), runner:
+        runner.prepare()
+    assert fake.graphs[-1].registered == [] and ("set_rng_state", model.device) in fake.log
+
+
+class _ReplayEager:
+    def __init__(self, fn) -> None:
+        self.replay = fn
+
+
+def test_concurrent_calls_share_one_capture_and_one_reports_it(model, monkeypatch):
+    """Two calls of one bucket at once: one runner, one capture, and its time in the result of the call that made
+    it (the other reports 0); both give the eager codes."""
+    import threading
+    import time
+
+    from dia_fast.generation.engine import StepRunner
+
+    captures: list[StepRunner] = []
+
+    def fake_capture(self, warmup_steps: int) -> None:
+        captures.append(self)
+        time.sleep(0.05)  # the other call arrives while this one captures
+        self.graph = _ReplayEager(self._eager)
+
+    monkeypatch.setattr(StepRunner, "_capture", fake_capture)
+    monkeypatch.setattr(DecodeEngine, "graphs_enabled", lambda self, cuda_graphs=None: self.is_static)
+    ids, mask = encode_batch(TEXTS[:2])
+    kw = dict(max_new_tokens=30, sampling=GREEDY)
+    eager = generate_codes(model, ids, mask, engine=DecodeEngine(model, static=False), **kw)
+    engine = DecodeEngine(model, static=True)
+    barrier = threading.Barrier(2)
+    results: list = []
+
+    def call() -> None:
+        barrier.wait()
+        results.append(generate_codes(model, ids, mask, engine=engine, **kw))
+
+    threads = [threading.Thread(target=call) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 2 and len(captures) == 1 and len(engine._entries) == 1
+    assert sorted(r.warmup_seconds > 0 for r in results) == [False, True]
+    assert all(r.cuda_graphs and torch.equal(r.delayed, eager.delayed) for r in results)
+    again = generate_codes(model, ids, mask, engine=engine, **kw)
+    assert again.cuda_graphs and again.warmup_seconds == 0.0 and len(captures) == 1

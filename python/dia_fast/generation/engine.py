@@ -20,7 +20,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +38,7 @@ __all__ = [
     "allocate_buffers",
     "bucket_batch",
     "bucket_length",
+    "current_device",
     "decode_step",
     "engine_for",
 ]
@@ -45,6 +46,14 @@ __all__ = [
 NOT_FORCED = -1
 LENGTH_BUCKET = 256  # decoder positions
 TEXT_BUCKET = 128  # encoder positions
+_CAPTURE_LOCK = threading.Lock()  # torch.cuda.graph: one capture underway at a time in the process
+
+
+def current_device(device: torch.device) -> AbstractContextManager[object]:
+    """Makes a CUDA ``device`` the current one for the block; a no-op for other devices. Triton launches its
+    kernels on the current device (not on their tensors'), and a graph capture registers the current device's
+    default generator: work on a model that is not on the current device needs this around it."""
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
 
 
 def bucket_batch(batch: int) -> int:
@@ -146,9 +155,9 @@ class StepRunner:
     ``generator``: the generator the steps draw from (``None``: the device's default one). A static runner
     owns its generator (a graph is tied to the generator registered at capture): :meth:`bind` lends it the
     state of the caller's generator for one call and hands the advanced state back, so a seed gives the same
-    codes on a fresh or a reused runner. ``warmup_seconds``: time spent warming up and capturing for this
-    runner (0 when it was reused). Hold it with ``with runner:`` while generating: a static runner is shared
-    by the calls of a bucket.
+    codes on a fresh or a reused runner. ``graph=True``: the first :meth:`prepare` warms up and captures the
+    graph. Hold it with ``with runner:`` while generating (prepare included): a static runner is shared by the
+    calls of a bucket.
     """
 
     def __init__(
@@ -162,10 +171,8 @@ class StepRunner:
     ) -> None:
         self.model, self.spec, self.bufs, self.generator = model, spec, bufs, generator
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.warmup_seconds = 0.0
+        self.wants_graph, self.warmup_steps = graph, warmup_steps
         self._lock = threading.Lock()
-        if graph:
-            self._capture(warmup_steps)
 
     @property
     def graphed(self) -> bool:
@@ -187,6 +194,15 @@ class StepRunner:
     def _eager(self) -> None:
         decode_step(self.model, self.spec, self.bufs, self.generator)
 
+    def prepare(self) -> float:
+        """Warms up and captures the graph if this runner is to replay one and has none yet (call it holding the
+        runner, inside :meth:`bind`); returns the seconds it took (0 when there was nothing to do)."""
+        if not self.wants_graph or self.graph is not None:
+            return 0.0
+        t0 = time.perf_counter()
+        self._capture(self.warmup_steps)
+        return time.perf_counter() - t0
+
     def step(self) -> None:
         """Queue one decode step (returns at once on CUDA)."""
         if self.graph is not None:
@@ -195,33 +211,39 @@ class StepRunner:
             self._eager()
 
     def _capture(self, warmup_steps: int) -> None:
-        t0 = time.perf_counter()
         dev = self.model.device
         gen = self.generator
-        # Warm-up and capture draw random numbers: put the generator back afterwards so a seed gives the
-        # same codes whether or not this call captured.
+        # Warm-up and capture draw random numbers: put the generator back afterwards so a seed gives the same
+        # codes whether or not this call captured.
         rng = gen.get_state() if gen is not None else torch.cuda.get_rng_state(dev)
         pos0 = self.bufs.pos.clone()
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):  # warm-up off the capture (Triton compiles, allocator settles)
-            for _ in range(warmup_steps):
-                self.bufs.pos.copy_(pos0)
+        # One capture at a time in the process (torch's rule; runners of other buckets capture in other threads),
+        # with the model's device current: the capture registers the current device's default generator, and
+        # register_generator_state allocates the generator's graph-side seed/offset on the current device.
+        with _CAPTURE_LOCK, current_device(dev):
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):  # warm-up off the capture (Triton compiles, allocator settles)
+                for _ in range(warmup_steps):
+                    self.bufs.pos.copy_(pos0)
+                    self._eager()
+            torch.cuda.current_stream(dev).wait_stream(side)
+            self.bufs.pos.copy_(pos0)
+            graph = torch.cuda.CUDAGraph()
+            if gen is not None:  # the default generator is registered by the capture itself
+                graph.register_generator_state(gen)
+            # The capture stream is `side` (torch's shared default capture stream lives on whichever device first
+            # made it). "thread_local": other threads may keep using the GPU (allocating, querying the pool's
+            # events, decoding audio) while this one captures; under "global" their calls would fail and void
+            # the capture.
+            with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
                 self._eager()
-        torch.cuda.current_stream(dev).wait_stream(side)
-        self.bufs.pos.copy_(pos0)
-        graph = torch.cuda.CUDAGraph()
-        if gen is not None:  # the default generator is registered by the capture itself
-            graph.register_generator_state(gen)
-        with torch.cuda.graph(graph):
-            self._eager()
-        torch.cuda.synchronize(dev)
+            torch.cuda.synchronize(dev)
         if gen is not None:
             gen.set_state(rng)
         else:
             torch.cuda.set_rng_state(rng, dev)
         self.graph = graph
-        self.warmup_seconds = time.perf_counter() - t0
 
     def __enter__(self) -> StepRunner:
         self._lock.acquire()
@@ -280,29 +302,30 @@ class DecodeEngine:
         """A runner for buffers of exactly these shapes (pass the result of :meth:`shapes`).
 
         Static runners are cached; they own a generator when ``generator`` is given: use
-        ``with runner, runner.bind(generator):`` around the steps.
+        ``with runner, runner.bind(generator):`` around :meth:`StepRunner.prepare` and the steps.
         """
         graph = self.graphs_enabled(cuda_graphs)
         if not self.is_static:
             bufs = allocate_buffers(self.model, spec, max_len, text_len, self_mask)
             return StepRunner(self.model, spec, bufs, generator)
         key = (spec, max_len, text_len, self_mask, graph, generator is not None, self._weights_key())
+        # Made under the lock (allocation is quick; the capture waits for the runner's first prepare()), so calls
+        # of one bucket that arrive together share one runner instead of each building and capturing its own.
         with self._lock:
             run = self._entries.get(key)
             if run is not None:
                 self._entries.move_to_end(key)
-                run.warmup_seconds = 0.0
                 return run
             while len(self._entries) >= self.max_entries:
                 self._entries.popitem(last=False)
-        own = None
-        if generator is not None:
-            own = torch.Generator(device=generator.device)
-            own.set_state(generator.get_state())  # warm-up draws must be valid for this device
-        bufs = allocate_buffers(self.model, spec, max_len, text_len, self_mask)
-        run = StepRunner(self.model, spec, bufs, own, graph=graph, warmup_steps=self.warmup_steps)
-        with self._lock:
-            self._entries[key] = run
+            own = None
+            if generator is not None:
+                own = torch.Generator(device=generator.device)
+                own.set_state(generator.get_state())  # warm-up draws must be valid for this device
+            bufs = allocate_buffers(self.model, spec, max_len, text_len, self_mask)
+            run = self._entries[key] = StepRunner(
+                self.model, spec, bufs, own, graph=graph, warmup_steps=self.warmup_steps
+            )
         return run
 
     def _weights_key(self) -> tuple:

@@ -21,6 +21,7 @@ prompt prefix, completion flag, output codes) go through :mod:`dia_fast.memory`'
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -33,7 +34,7 @@ from ..config import DiaConfig
 from ..memory import PinnedPool, PooledBuffer, default_pool
 from ..model import DiaModel
 from ..progress import progress_bar
-from .engine import NOT_FORCED, DecodeEngine, StepBuffers, StepSpec, default_sampler, engine_for
+from .engine import NOT_FORCED, DecodeEngine, StepBuffers, StepSpec, current_device, default_sampler, engine_for
 from .sampling import SamplingConfig
 
 
@@ -161,6 +162,19 @@ class _DoneFlag:
             self.pending.popleft().release()  # the pool keeps the blocks until their copies complete
 
 
+def _on_model_device(fn: Callable[..., DecodeOutput]) -> Callable[..., DecodeOutput]:
+    """Runs ``fn(model, ...)`` with the model's device current (a model on cuda:1 called from a thread whose
+    current device is cuda:0 would otherwise get its Triton kernels launched on cuda:0)."""
+
+    @functools.wraps(fn)
+    def run(model: DiaModel, *args: object, **kwargs: object) -> DecodeOutput:
+        with current_device(model.device):
+            return fn(model, *args, **kwargs)
+
+    return run
+
+
+@_on_model_device
 @torch.inference_mode()
 def generate_codes(
     model: DiaModel,
@@ -242,6 +256,7 @@ def generate_codes(
     generator = None if sampling.greedy else generator  # greedy steps draw nothing: share one runner
     runner = engine.runner(spec, Lb, Tb, prefix.self_mask is not None or engine.is_static, generator, cuda_graphs)
     with runner, runner.bind(generator):
+        warmup_s = runner.prepare()  # CUDA-graph warm-up + capture, the first time this runner is used
         bufs = runner.bufs
         _load(model, bufs, enc_out, enc_mask, prefix, L, B, host_pool)
         # Prefill: the decoder over the prefix fills the caches and the logits of position P0.
@@ -249,7 +264,7 @@ def generate_codes(
         bufs.logits.copy_(model.decoder(out[:, :P0].repeat(rows, 1, 1), bufs.state, last_only=True)[:, -1])
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # honest prefill timing (once per call)
-        prefill_s = time.perf_counter() - t0 - runner.warmup_seconds
+        prefill_s = time.perf_counter() - t0 - warmup_s
 
         out_view = out[:B, :L]
         flag = _DoneFlag(bufs.done, host_pool)
@@ -278,7 +293,7 @@ def generate_codes(
         # Items that stopped are complete up to eos + max_delay; crop to the longest.
         end = int(torch.clamp(eos_pos + md + 1, max=L).max()) if bool((eos_pos >= 0).all()) else L
         delayed = _to_host(host_pool, out[:B, :end])
-    return DecodeOutput(delayed, eos_pos, P0, steps, prefill_s, decode_s, runner.warmup_seconds, runner.graphed, Bb)
+    return DecodeOutput(delayed, eos_pos, P0, steps, prefill_s, decode_s, warmup_s, runner.graphed, Bb)
 
 
 def _load(

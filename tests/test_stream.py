@@ -222,3 +222,35 @@ def test_stream_on_cuda_equals_one_shot(cuda_graphs):
     assert joined.shape == ref.shape
     np.testing.assert_allclose(joined, ref, rtol=0, atol=5e-3 * float(np.abs(ref).max()))
     assert stream.stats.time_to_first_audio_s is not None and not _stream_threads()
+
+
+def test_consumer_decodes_with_the_models_device_current(tts, one_shot, monkeypatch):
+    """The caller's thread runs the codec (and undelay_codes, a Triton kernel on CUDA) with the model's device made
+    current: Triton launches on the current device, which need not be the model's in the caller's thread."""
+    from contextlib import contextmanager
+
+    import dia_fast.generation.stream as stream_mod
+
+    inside: list[bool] = []
+    entered: list[torch.device] = []
+
+    @contextmanager
+    def current_device(device):
+        entered.append(device)
+        inside.append(True)
+        try:
+            yield
+        finally:
+            inside.pop()
+
+    decode = tts.codec.decode
+
+    def checked_decode(codes):
+        assert inside, "codec.decode outside the device guard"
+        return decode(codes)
+
+    monkeypatch.setattr(stream_mod, "current_device", current_device)
+    monkeypatch.setattr(tts.codec, "decode", checked_decode)
+    chunks = list(stream_generate(tts, TEXT, chunk_frames=7, max_new_tokens=60, **GREEDY))
+    _close_to(np.concatenate(chunks), one_shot)
+    assert len(entered) == len(chunks) and set(entered) == {tts.device}

@@ -24,6 +24,7 @@ import torch
 from .. import ops
 from ..codec.base import AudioCodec
 from ..text import encode_batch
+from .engine import current_device
 from .generate import DecodeOutput, generate_codes
 from .sampling import SamplingConfig
 
@@ -128,9 +129,7 @@ def _worker(
 ) -> None:
     """Run the decode loop; send final delayed positions whenever the consumer can use them."""
     try:
-        device = tts.device
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
+        device = tts.device  # generate_codes makes it the current device itself
         kw = dict(kw)
         prompt = kw.pop("prompt", None)
         seed = kw.pop("seed", None)
@@ -266,6 +265,12 @@ class AudioStream(Iterator[np.ndarray]):
             self._finish(payload)
             return
         codes = payload
+        if codes.is_cuda:
+            # Made on the worker thread's (default) stream; this thread may be on another one: wait for the copy,
+            # and keep the allocator from handing its memory to the worker while this stream still reads it.
+            here = torch.cuda.current_stream(codes.device)
+            here.wait_stream(torch.cuda.default_stream(codes.device))
+            codes.record_stream(here)
         self._delayed.append(codes)
         self._positions += codes.shape[0]
         if self._total is None:
@@ -317,8 +322,9 @@ class AudioStream(Iterator[np.ndarray]):
         delayed = torch.cat(self._delayed) if len(self._delayed) > 1 else self._delayed[0]
         self._delayed = [delayed]
         window = delayed[start : stop + self._max_delay][None]
-        codes = ops.undelay_codes(window, self._delays, self._codebook_size)[0, : stop - start]
-        with torch.inference_mode():
+        # the caller's thread: its current device need not be the model's (undelay_codes may be a Triton kernel)
+        with current_device(self._device), torch.inference_mode():
+            codes = ops.undelay_codes(window, self._delays, self._codebook_size)[0, : stop - start]
             wav = self._codec.decode(codes[None].to(self._device))[0]
         a = (emit_from - start) * self._hop
         pcm = wav[a : a + (emit_to - emit_from) * self._hop].float().cpu().numpy()

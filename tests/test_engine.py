@@ -553,7 +553,7 @@ class _FakeCuda:
             "set_rng_state": lambda state, dev=None: fake.log.append(("set_rng_state", dev)),
         }.items():
             monkeypatch.setattr(torch.cuda, name, value)
-        monkeypatch.setattr(engine, "current_device", device)
+        monkeypatch.setattr(engine, "using_device", device)
 
 
 def test_capture_is_lazy_and_on_the_models_device(model, monkeypatch):

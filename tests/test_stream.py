@@ -235,7 +235,7 @@ def test_consumer_decodes_with_the_models_device_current(tts, one_shot, monkeypa
     entered: list[torch.device] = []
 
     @contextmanager
-    def current_device(device):
+    def using_device(device):
         entered.append(device)
         inside.append(True)
         try:
@@ -249,7 +249,7 @@ def test_consumer_decodes_with_the_models_device_current(tts, one_shot, monkeypa
         assert inside, "codec.decode outside the device guard"
         return decode(codes)
 
-    monkeypatch.setattr(stream_mod, "current_device", current_device)
+    monkeypatch.setattr(stream_mod, "using_device", using_device)
     monkeypatch.setattr(tts.codec, "decode", checked_decode)
     chunks = list(stream_generate(tts, TEXT, chunk_frames=7, max_new_tokens=60, **GREEDY))
     _close_to(np.concatenate(chunks), one_shot)

@@ -38,9 +38,9 @@ __all__ = [
     "allocate_buffers",
     "bucket_batch",
     "bucket_length",
-    "current_device",
     "decode_step",
     "engine_for",
+    "using_device",
 ]
 
 NOT_FORCED = -1
@@ -49,7 +49,7 @@ TEXT_BUCKET = 128  # encoder positions
 _CAPTURE_LOCK = threading.Lock()  # torch.cuda.graph: one capture underway at a time in the process
 
 
-def current_device(device: torch.device) -> AbstractContextManager[object]:
+def using_device(device: torch.device) -> AbstractContextManager[object]:
     """Makes a CUDA ``device`` the current one for the block; a no-op for other devices. Triton launches its
     kernels on the current device (not on their tensors'), and a graph capture registers the current device's
     default generator: work on a model that is not on the current device needs this around it."""
@@ -220,7 +220,7 @@ class StepRunner:
         # One capture at a time in the process (torch's rule; runners of other buckets capture in other threads),
         # with the model's device current: the capture registers the current device's default generator, and
         # register_generator_state allocates the generator's graph-side seed/offset on the current device.
-        with _CAPTURE_LOCK, current_device(dev):
+        with _CAPTURE_LOCK, using_device(dev):
             side = torch.cuda.Stream(dev)
             side.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(side):  # warm-up off the capture (Triton compiles, allocator settles)

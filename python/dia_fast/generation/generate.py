@@ -34,7 +34,7 @@ from ..config import DiaConfig
 from ..memory import PinnedPool, PooledBuffer, default_pool
 from ..model import DiaModel
 from ..progress import progress_bar
-from .engine import NOT_FORCED, DecodeEngine, StepBuffers, StepSpec, current_device, default_sampler, engine_for
+from .engine import NOT_FORCED, DecodeEngine, StepBuffers, StepSpec, default_sampler, engine_for, using_device
 from .sampling import SamplingConfig
 
 
@@ -168,7 +168,7 @@ def _on_model_device(fn: Callable[..., DecodeOutput]) -> Callable[..., DecodeOut
 
     @functools.wraps(fn)
     def run(model: DiaModel, *args: object, **kwargs: object) -> DecodeOutput:
-        with current_device(model.device):
+        with using_device(model.device):
             return fn(model, *args, **kwargs)
 
     return run

@@ -24,7 +24,7 @@ import torch
 from .. import ops
 from ..codec.base import AudioCodec
 from ..text import encode_batch
-from .engine import current_device
+from .engine import using_device
 from .generate import DecodeOutput, generate_codes
 from .sampling import SamplingConfig
 
@@ -323,7 +323,7 @@ class AudioStream(Iterator[np.ndarray]):
         self._delayed = [delayed]
         window = delayed[start : stop + self._max_delay][None]
         # the caller's thread: its current device need not be the model's (undelay_codes may be a Triton kernel)
-        with current_device(self._device), torch.inference_mode():
+        with using_device(self._device), torch.inference_mode():
             codes = ops.undelay_codes(window, self._delays, self._codebook_size)[0, : stop - start]
             wav = self._codec.decode(codes[None].to(self._device))[0]
         a = (emit_from - start) * self._hop

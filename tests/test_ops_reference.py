@@ -128,3 +128,30 @@ def test_delayed_view_declines() -> None:
         ref.delayed_view(buf, [0, 1])
     with pytest.raises(ValueError, match="P \\+ T"):
         ref.delayed_view(buf[0], list(range(9)))
+
+
+def test_triton_ops_launch_on_the_tensors_cuda_device(monkeypatch):
+    """Triton launches on the current CUDA device: the dispatcher makes the tensors' device current."""
+    import contextlib
+
+    from dia_fast.ops._dispatch import on_tensors_device
+
+    entered: list[object] = []
+
+    @contextlib.contextmanager
+    def fake_device(device):
+        entered.append(device)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", fake_device)
+
+    class Fake:  # stands in for a CUDA tensor
+        def __init__(self, device: str) -> None:
+            self.device = torch.device(device)
+
+    seen = []
+    fn = on_tensors_device(lambda x, y=0: seen.append((x.device, y)) or "ok")
+    assert fn(Fake("cuda:1"), y=2) == "ok" and entered == [torch.device("cuda:1")]
+    assert fn(Fake("cuda:0")) == "ok" and fn(Fake("cpu")) == "ok" and len(entered) == 1
+    assert [d.type for d, _ in seen] == ["cuda", "cuda", "cpu"]

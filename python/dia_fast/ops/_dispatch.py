@@ -16,6 +16,7 @@ runs; an explicit ``backend=`` argument that cannot run raises instead.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from collections.abc import Callable
@@ -111,6 +112,25 @@ def select_backend(op: str, device: torch.device | str | None) -> str:
     return "torch"
 
 
+def on_tensors_device(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` run with the CUDA device of its first argument made current.
+
+    Triton launches on the *current* device, not on the tensors' device: without this, an op on a
+    model that lives on ``cuda:1`` would launch on ``cuda:0``. Costs one comparison otherwise.
+    """
+
+    @functools.wraps(fn)
+    def guarded(first: Any, *args: Any, **kwargs: Any) -> Any:
+        device = getattr(first, "device", None)
+        if device is not None and device.type == "cuda" and device.index is not None:
+            if device.index != torch.cuda.current_device():
+                with torch.cuda.device(device):
+                    return fn(first, *args, **kwargs)
+        return fn(first, *args, **kwargs)
+
+    return guarded
+
+
 def _resolve(op: str, backend: str) -> Callable[..., Any]:
     key = (op, backend)
     fn = _RESOLVED.get(key)
@@ -121,6 +141,8 @@ def _resolve(op: str, backend: str) -> Callable[..., Any]:
             fn = getattr(importlib.import_module(module), name)
         else:
             fn = impl
+        if backend == "triton":
+            fn = on_tensors_device(fn)
         _RESOLVED[key] = fn
     return fn
 

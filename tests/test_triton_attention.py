@@ -1,6 +1,6 @@
 """Triton prefill attention and split-KV decode attention against the PyTorch references.
 
-On a CPU-only machine the kernels run in the Triton interpreter (tests/conftest.py sets
+On a CPU-only machine the kernels run in the Triton interpreter (conftest.py sets
 TRITON_INTERPRET=1, and the launchers pick small blocks there); on a CUDA machine the same tests
 run on the GPU, plus the bf16 / full-size / CUDA-graph tests marked ``gpu``.
 """

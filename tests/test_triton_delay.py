@@ -1,6 +1,6 @@
 """Triton delay / revert / undelay and code-embedding kernels against the PyTorch references.
 
-On a CPU-only machine the kernels run in the Triton interpreter (tests/conftest.py sets
+On a CPU-only machine the kernels run in the Triton interpreter (conftest.py sets
 TRITON_INTERPRET=1); on a CUDA machine the same tests run on the GPU.
 """
 

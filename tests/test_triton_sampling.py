@@ -2,7 +2,7 @@
 
 Greedy mode must agree exactly; sampling mode is checked by chi-square tests of many seeded draws
 against the reference's probabilities (CFG, top-k, EOS rules, temperature, top-p, then softmax).
-On a CPU-only machine the kernel runs in the Triton interpreter (tests/conftest.py).
+On a CPU-only machine the kernel runs in the Triton interpreter (conftest.py).
 """
 
 from __future__ import annotations

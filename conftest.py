@@ -1,7 +1,7 @@
-"""Benchmark-wide settings, as in tests/conftest.py: offline hub, Triton interpreter on CPU-only
-machines (set before triton is imported), GPU/MPS markers that skip without the device.
+"""Settings for tests/ and benchmarks/: offline hub, the Triton interpreter on CPU-only machines
+(set before triton is imported), GPU/MPS-marked tests skipped without the device, a fixed seed.
 
-Run: ``PYTHONPATH=python python -m pytest benchmarks/ --benchmark-columns=mean,stddev,rounds``.
+Benchmarks: ``PYTHONPATH=python python -m pytest benchmarks/ --benchmark-columns=mean,stddev,rounds``.
 """
 
 from __future__ import annotations
@@ -15,18 +15,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 
 if not torch.cuda.is_available():
+    # Must be set before triton is imported anywhere: kernels then run in the interpreter.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    for line in (
-        "gpu: needs a CUDA device (skipped without one)",
-        "mps: needs an Apple GPU (skipped elsewhere)",
-        "slow: full-size shapes",
-    ):
-        config.addinivalue_line("markers", line)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

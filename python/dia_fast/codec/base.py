@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -29,6 +29,38 @@ class AudioCodec(Protocol):
     def encode(self, wav: torch.Tensor) -> torch.Tensor: ...
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor: ...
+
+
+class ConfigCodecProperties:
+    """The :class:`AudioCodec` properties of a codec whose ``config`` holds ``sampling_rate``,
+    ``hop_length``, ``n_codebooks`` and ``codebook_size`` (DAC and EnCodec)."""
+
+    config: Any
+
+    @property
+    def sample_rate(self) -> int:
+        """PCM sample rate in Hz."""
+        return self.config.sampling_rate
+
+    @property
+    def hop_length(self) -> int:
+        """PCM samples per code frame."""
+        return self.config.hop_length
+
+    @property
+    def n_codebooks(self) -> int:
+        """Codes per frame (residual codebooks)."""
+        return self.config.n_codebooks
+
+    @property
+    def codebook_size(self) -> int:
+        """Entries per codebook; codes are in ``[0, codebook_size)``."""
+        return self.config.codebook_size
+
+    @property
+    def frame_rate(self) -> float:
+        """Code frames per second (``sample_rate / hop_length``: 86.13 for DAC 44.1 kHz, 75 for EnCodec 24 kHz)."""
+        return self.sample_rate / self.hop_length
 
 
 def as_mono_batch(wav: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..checkpoint import check_state_dict, find_weights, read_all
 from ._layers import Snake, fold_weight_norms
-from .base import as_mono_batch, check_codes
+from .base import ConfigCodecProperties, as_mono_batch, check_codes
 
 __all__ = ["DacCodec", "DacCodecConfig", "QuantizerOutput"]
 
@@ -403,7 +403,7 @@ def _read_checkpoint(path: Path) -> tuple[DacCodecConfig, dict[str, torch.Tensor
 # The codec
 
 
-class DacCodec(nn.Module):
+class DacCodec(ConfigCodecProperties, nn.Module):
     """Descript Audio Codec: mono PCM at ``sample_rate`` <-> codes [B, T, n_codebooks].
 
     Implements :class:`dia_fast.codec.AudioCodec`. Use :meth:`from_pretrained` for real weights and
@@ -416,33 +416,6 @@ class DacCodec(nn.Module):
         self.encoder = _Encoder(self.config)
         self.quantizer = _ResidualQuantizer(self.config)
         self.decoder = _Decoder(self.config)
-
-    # --- protocol properties ---------------------------------------------------------------
-
-    @property
-    def sample_rate(self) -> int:
-        """PCM sample rate in Hz."""
-        return self.config.sampling_rate
-
-    @property
-    def hop_length(self) -> int:
-        """PCM samples per code frame."""
-        return self.config.hop_length
-
-    @property
-    def n_codebooks(self) -> int:
-        """Codes per frame (residual codebooks)."""
-        return self.config.n_codebooks
-
-    @property
-    def codebook_size(self) -> int:
-        """Entries per codebook; codes are in ``[0, codebook_size)``."""
-        return self.config.codebook_size
-
-    @property
-    def frame_rate(self) -> float:
-        """Code frames per second (``sample_rate / hop_length``; 86.13 for 44.1 kHz)."""
-        return self.sample_rate / self.hop_length
 
     @property
     def dtype(self) -> torch.dtype:

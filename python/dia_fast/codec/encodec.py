@@ -32,7 +32,7 @@ from torch.nn import functional as F
 
 from ..checkpoint import CheckpointError, check_state_dict, read_tensors, resolve_path
 from ._layers import fold_weight_norms, unfold_weight_norm
-from .base import as_mono_batch, check_codes
+from .base import ConfigCodecProperties, as_mono_batch, check_codes
 
 __all__ = ["EncodecCodec", "EncodecCodecConfig"]
 
@@ -342,7 +342,7 @@ class _ResidualVQ(nn.Module):
 # ---------------------------------------------------------------------------------------------- codec
 
 
-class EncodecCodec(nn.Module):
+class EncodecCodec(ConfigCodecProperties, nn.Module):
     """EnCodec 24 kHz as an :class:`~dia_fast.codec.base.AudioCodec` with ``config.n_codebooks`` (9) codebooks.
 
     ``encode`` maps float PCM at 24 kHz ([N], [B, N] or [B, 1, N]) to int64 codes [B, T, 9] with
@@ -355,28 +355,6 @@ class EncodecCodec(nn.Module):
         self.encoder = _Encoder(self.config)
         self.decoder = _Decoder(self.config)
         self.quantizer = _ResidualVQ(self.config)
-
-    # -- AudioCodec properties
-    @property
-    def sample_rate(self) -> int:
-        return self.config.sampling_rate
-
-    @property
-    def hop_length(self) -> int:
-        return self.config.hop_length
-
-    @property
-    def n_codebooks(self) -> int:
-        return self.config.n_codebooks
-
-    @property
-    def codebook_size(self) -> int:
-        return self.config.codebook_size
-
-    @property
-    def frame_rate(self) -> float:
-        """Code frames per second (75.0 for 24 kHz)."""
-        return self.sample_rate / self.hop_length
 
     def _param(self) -> torch.Tensor:
         return self.quantizer.layers[0].embed

@@ -12,18 +12,14 @@ case runs (its time is meaningless).
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
-
 pytest.importorskip("triton")
 pytest.importorskip("pytest_benchmark")
+
+from _cuda_timing import graphed  # noqa: E402
 
 from dia_fast.ops import reference as ref  # noqa: E402
 from dia_fast.ops import triton_attention as ta  # noqa: E402
@@ -32,27 +28,6 @@ CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 N_CALLS = 20
 IMPLS = ("triton", "sdpa", "reference")
-
-
-def _graphed(fn: Callable[[], object]) -> Callable[[], None]:
-    """A callable that runs ``fn`` N_CALLS times from a CUDA graph and waits for the GPU."""
-    fn()  # compile / autotune outside the capture
-    torch.cuda.synchronize()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()  # warm the caching allocator on the capture stream
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(N_CALLS):
-            fn()
-
-    def run() -> None:
-        graph.replay()
-        torch.cuda.synchronize()
-
-    return run
 
 
 def _report(benchmark, per_call: str, value: float, unit: str, n_calls: int = N_CALLS) -> None:
@@ -99,7 +74,7 @@ def test_bench_prefill(benchmark, name: str, dtype: torch.dtype, impl: str) -> N
             q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale, enable_gqa=Hq != Hkv
         )
     benchmark.group = f"prefill {name} {str(dtype)[6:]}"
-    benchmark.pedantic(_graphed(fn), rounds=20, warmup_rounds=2)
+    benchmark.pedantic(graphed(fn, N_CALLS), rounds=20, warmup_rounds=2)
     flops = 4.0 * B * Hq * Tq * Tk * D * (0.5 if causal else 1.0)
     _report(benchmark, "QK^T + PV flops (causal: half)", flops / 1e12, "TFLOP/s")
 
@@ -129,7 +104,7 @@ def test_bench_decode_self(benchmark, rows: int, context: int, impl: str) -> Non
         ks, vs = k[:, :, :context], v[:, :, :context]
         fn = lambda: F.scaled_dot_product_attention(q, ks, vs, scale=1.0, enable_gqa=True)  # noqa: E731
     benchmark.group = f"decode self rows={rows} context={context}"
-    benchmark.pedantic(_graphed(fn), rounds=30, warmup_rounds=2)
+    benchmark.pedantic(graphed(fn, N_CALLS), rounds=30, warmup_rounds=2)
     nbytes = 2 * rows * Hkv * context * D * k.element_size()
     _report(benchmark, "K/V bytes read", nbytes / 1e9, "GB/s")
 
@@ -155,7 +130,7 @@ def test_bench_decode_cross(benchmark, rows: int, impl: str) -> None:
         mask = key_mask[:, None, None, :]
         fn = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)  # noqa: E731
     benchmark.group = f"decode cross rows={rows}"
-    benchmark.pedantic(_graphed(fn), rounds=30, warmup_rounds=2)
+    benchmark.pedantic(graphed(fn, N_CALLS), rounds=30, warmup_rounds=2)
     nbytes = 2 * rows * Hkv * Tenc * D * k.element_size()
     _report(benchmark, "K/V bytes read", nbytes / 1e9, "GB/s")
 

@@ -13,17 +13,15 @@ measured in the same test. On CPU only a tiny interpreter smoke case runs (its t
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
-
 pytest.importorskip("triton")
 pytest.importorskip("pytest_benchmark")
+
+from _cuda_timing import eager, graphed  # noqa: E402
 
 from dia_fast.ops import reference as ref  # noqa: E402
 from dia_fast.ops import triton_delay as td  # noqa: E402
@@ -35,44 +33,9 @@ DIA_PATTERN = [0, 8, 9, 10, 11, 12, 13, 14, 15]
 BOS, PAD = 1026, 1025
 
 
-def _graph(fn: Callable[[], object]) -> Callable[[], None]:
-    """A callable that replays ``fn`` N_CALLS times from a CUDA graph and waits for the GPU."""
-    fn()  # compile outside the capture
-    torch.cuda.synchronize()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()  # warm the caching allocator on the capture stream
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(N_CALLS):
-            fn()
-
-    def run() -> None:
-        graph.replay()
-        torch.cuda.synchronize()
-
-    return run
-
-
-def _eager(fn: Callable[[], object]) -> Callable[[], None]:
-    """N_CALLS eager calls, then wait: for the reference ops, whose host syncs (pattern checks,
-    ``max(delay)``) cannot be captured in a CUDA graph."""
-
-    def run() -> None:
-        for _ in range(N_CALLS):
-            fn()
-        torch.cuda.synchronize()
-
-    fn()
-    torch.cuda.synchronize()
-    return run
-
-
 def _seconds_per_call(fn: Callable[[], object], reps: int = 20) -> float:
     """Median time per call of ``fn`` replayed from a CUDA graph (CUDA events)."""
-    run = _graph(fn)
+    run = graphed(fn, N_CALLS)
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -118,7 +81,7 @@ def test_bench_delay(benchmark, shape: str, dtype: torch.dtype, op: str, impl: s
         fn = lambda: mod.undelay_codes(codes, DIA_PATTERN, 1024)  # noqa: E731
     benchmark.group = f"{op} {shape} {str(dtype)[6:]}"
     benchmark.extra_info["mode"] = "eager" if impl == "reference" else "cuda-graph"
-    benchmark.pedantic((_eager if impl == "reference" else _graph)(fn), rounds=20, warmup_rounds=2)
+    benchmark.pedantic((eager if impl == "reference" else graphed)(fn, N_CALLS), rounds=20, warmup_rounds=2)
     if op == "apply_delay" or impl == "copy":
         nbytes = 2 * codes.numel() * codes.element_size()
     else:  # reads T frames, writes T - 15 int64 frames
@@ -138,7 +101,7 @@ def test_bench_embed(benchmark, rows: int, T: int, impl: str) -> None:
     mod = td if impl == "triton" else ref
     benchmark.group = f"embed_codes rows={rows} T={T}"
     benchmark.extra_info["mode"] = "cuda-graph"
-    benchmark.pedantic(_graph(lambda: mod.embed_codes(codes, table, V)), rounds=30, warmup_rounds=2)
+    benchmark.pedantic(graphed(lambda: mod.embed_codes(codes, table, V), N_CALLS), rounds=30, warmup_rounds=2)
     _report(benchmark, rows * T * (9 * D * 2 + D * 2 + 9 * 8))
 
 

@@ -19,17 +19,13 @@ B unconditional rows). Implementations:
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
-
 pytest.importorskip("triton")
 pytest.importorskip("pytest_benchmark")
+
+from _cuda_timing import eager, graphed  # noqa: E402
 
 from dia_fast.generation.sampling import SamplingConfig, exponential_cfg_sample  # noqa: E402
 from dia_fast.ops import reference as ref  # noqa: E402
@@ -39,37 +35,6 @@ CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 N_CALLS = 50
 C, V, EOS = 9, 1028, 1024
-
-
-def _graph(fn: Callable[[], object]) -> Callable[[], None]:
-    fn()  # compile outside the capture
-    torch.cuda.synchronize()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(N_CALLS):
-            fn()
-
-    def run() -> None:
-        graph.replay()
-        torch.cuda.synchronize()
-
-    return run
-
-
-def _eager(fn: Callable[[], object]) -> Callable[[], None]:
-    def run() -> None:
-        for _ in range(N_CALLS):
-            fn()
-        torch.cuda.synchronize()
-
-    fn()
-    torch.cuda.synchronize()
-    return run
 
 
 def _report(benchmark, nbytes: float, n_calls: int = N_CALLS) -> None:
@@ -96,11 +61,11 @@ def test_bench_cfg_sample(benchmark, batch: int, greedy: bool, impl: str) -> Non
         do_sample=not greedy,
     )
     if impl == "triton":
-        run = _graph(lambda: ts.cfg_sample(cond, uncond, **kw))
+        run = graphed(lambda: ts.cfg_sample(cond, uncond, **kw), N_CALLS)
     elif impl == "torch":
-        run = _graph(lambda: exponential_cfg_sample(cond, uncond, sampling, EOS))
+        run = graphed(lambda: exponential_cfg_sample(cond, uncond, sampling, EOS), N_CALLS)
     else:
-        run = _eager(lambda: ref.cfg_sample(cond, uncond, **kw))
+        run = eager(lambda: ref.cfg_sample(cond, uncond, **kw), N_CALLS)
     benchmark.group = f"cfg_sample batch={batch} {'greedy' if greedy else 'sample'}"
     benchmark.extra_info["mode"] = "eager" if impl == "reference" else "cuda-graph"
     benchmark.pedantic(run, rounds=20, warmup_rounds=2)

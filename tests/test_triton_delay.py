@@ -225,4 +225,4 @@ def test_delay_kernels_lower_for_cuda() -> None:
             cases.append((td.__name__, kernel, types | dict(src="*i32", dst="*i32", codes="*i64"), consts))
             plain = {k: v for k, v in types.items() if k not in ones}
             cases.append((td.__name__, kernel, plain, consts | {k: 1 for k in ones if k in types}))
-    lower_for_cuda(cases)
+    assert lower_for_cuda(cases) == len(cases)

@@ -68,4 +68,4 @@ def test_attention_kernels_lower_for_cuda() -> None:
         cases.append(_decode_case(dtype, 2, has_mask=True, direct=False, group=1, ones=True))  # cross-attention
     for block_s in (2, 16, 64):
         cases.append(_reduce_case(128, block_s))
-    lower_for_cuda(cases)
+    assert lower_for_cuda(cases) == len(cases)

@@ -322,6 +322,7 @@ from triton.compiler import ASTSource, make_backend
 target = GPUTarget("cuda", 90, 32)
 backend = make_backend(target)
 options = backend.parse_options({"num_warps": 8})
+n = 0
 for module, kernel, types, constexprs in json.load(sys.stdin):
     fn = getattr(importlib.import_module(module), kernel)
     signature = {name: types.get(name, "constexpr") for name in fn.arg_names}
@@ -331,15 +332,17 @@ for module, kernel, types, constexprs in json.load(sys.stdin):
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
     ttir = src.make_ir(target, options, backend.get_codegen_implementation(options), backend.get_module_map(), context)
     assert "tt.func" in str(ttir)
-print("lowered", flush=True)
+    n += 1
+print("lowered", n, flush=True)
 """
 
 
-def lower_for_cuda(cases: list[tuple[str, str, dict[str, str], dict[str, object]]]) -> None:
+def lower_for_cuda(cases: list[tuple[str, str, dict[str, str], dict[str, object]]]) -> int:
     """Run the GPU compiler's front end (Python AST -> Triton IR, for an sm_90 target) on each
     ``(module, kernel, arg types, constexprs)``, in a subprocess without the interpreter: the
     interpreter runs kernels as Python and misses errors only the compiler reports (constexpr
-    misuse, runtime ints that Triton turns into constants when they equal 1, type errors)."""
+    misuse, runtime ints that Triton turns into constants when they equal 1, type errors). Returns how
+    many cases lowered."""
     import json
     import os
     import subprocess
@@ -353,6 +356,7 @@ def lower_for_cuda(cases: list[tuple[str, str, dict[str, str], dict[str, object]
         [sys.executable, "-c", _LOWER_SCRIPT], input=json.dumps(cases), env=env, capture_output=True, text=True
     )
     assert proc.returncode == 0 and "lowered" in proc.stdout, proc.stderr[-4000:]
+    return int(proc.stdout.split("lowered")[-1])
 
 
 def test_sampling_kernel_lowers_for_cuda() -> None:
@@ -368,4 +372,4 @@ def test_sampling_kernel_lowers_for_cuda() -> None:
         modes = dict(GREEDY=greedy, HAS_TOPK=True, HAS_TOPP=not greedy, STEP_FROM_PTR=step_ptr)
         cases += [(ts.__name__, "_cfg_sample_kernel", types, {**modes, **sizes}) for sizes in (dia, small)]
         cases.append((ts.__name__, "_cfg_sample_kernel", plain, {**modes, **dia, **ones}))
-    lower_for_cuda(cases)
+    assert lower_for_cuda(cases) == len(cases)

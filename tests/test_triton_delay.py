@@ -207,7 +207,7 @@ def test_delay_ops_large_gpu() -> None:
 
 def test_delay_kernels_lower_for_cuda() -> None:
     """The GPU compiler's front end accepts the kernels (see test_triton_sampling.lower_for_cuda)."""
-    from .test_triton_sampling import lower_for_cuda
+    from .triton_lowering import lower_for_cuda
 
     names = ("T_in", "T_out", "C", "s_b", "s_t", "s_c", "bos_value", "pad_value", "codebook_size")
     delay = dict(src="*i64", dst="*i64", delays="*i32", **{n: "i32" for n in names})

@@ -11,7 +11,7 @@ import pytest
 
 from dia_fast.ops import triton_attention as ta
 
-from .test_triton_sampling import lower_for_cuda
+from .triton_lowering import lower_for_cuda
 
 STRIDES_PREFILL = [f"s{t}{a}" for t in ("q", "k", "v", "o") for a in ("b", "h", "m" if t in "qo" else "n", "d")]
 

@@ -269,8 +269,6 @@ class DiaTTS:
             if isinstance(audio, (str, Path)):
                 if sample_rate is not None:
                     raise ValueError("sample_rate is only for arrays: an audio file is read at its own rate")
-                if not Path(audio).is_file():
-                    raise FileNotFoundError(f"audio prompt not found: {audio}")
                 samples = load_prompt_audio(str(audio), target_rate=self.codec.sample_rate)
             else:
                 rate = self.codec.sample_rate if sample_rate is None else sample_rate

@@ -410,7 +410,10 @@ def test_threads_never_share_a_buffer() -> None:
     s = pool.stats()
     assert s["hits"] + s["misses"] == n_threads * n_iter
     assert s["buffers_in_use"] == 0 and s["bytes_in_use"] == 0
-    assert s["allocations"] == s["buffers"] <= 4 * n_threads  # reuse happened: few blocks for 1200 acquires
+    # reuse happened: few blocks for 1200 acquires. A free block serves only its own size bucket (5 of them here:
+    # 256 B .. 4 KiB), so at worst every thread ends up owning one block per bucket (the former bound, 4 per
+    # thread, failed about one run in three on a busy 2-core machine)
+    assert s["allocations"] == s["buffers"] <= 5 * n_threads
 
 
 # ---------------------------------------------------------------------------------------------- GPU

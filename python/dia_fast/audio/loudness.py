@@ -88,14 +88,21 @@ def _check_targets(target_lufs: float, peak_ceiling_db: float) -> None:
 
 def _gain(arr: np.ndarray, rate: int, target_lufs: float, peak_ceiling_db: float) -> LoudnessGain:
     measured = _measure(arr, rate)
-    if measured < ABSOLUTE_GATE_LUFS:  # silence, or -inf
-        return LoudnessGain(1.0, measured, False, REASON_SILENT)
-    if arr.shape[0] < int(math.ceil(_BLOCK_S * rate)):
-        # the looped measurement is fine for reporting, but a gain from a clip this short would be a guess
-        return LoudnessGain(1.0, measured, False, REASON_TOO_SHORT)
-    gain = 10.0 ** ((target_lufs - measured) / 20.0)
-    peak = float(np.max(np.abs(arr)))
+    peak = float(np.max(np.abs(arr))) if arr.size else 0.0
     ceiling = 10.0 ** (peak_ceiling_db / 20.0)
+    reason = ""
+    if measured < ABSOLUTE_GATE_LUFS:  # silence, or -inf
+        reason = REASON_SILENT
+    elif arr.shape[0] < int(math.ceil(_BLOCK_S * rate)):
+        # the looped measurement is fine for reporting, but a gain from a clip this short would be a guess
+        reason = REASON_TOO_SHORT
+    if reason:  # the level is kept, but the peak ceiling holds for every output
+        return (
+            LoudnessGain(ceiling / peak, measured, True, reason)
+            if peak > ceiling
+            else LoudnessGain(1.0, measured, False, reason)
+        )
+    gain = 10.0 ** ((target_lufs - measured) / 20.0)
     if peak * gain > ceiling:
         return LoudnessGain(ceiling / peak, measured, True)
     return LoudnessGain(gain, measured, False)
@@ -107,7 +114,8 @@ def loudness_gain(
     """The gain that :func:`normalize_loudness` would apply to ``x`` (e.g. to reuse on later chunks).
 
     ``gain`` is 1.0 with a non-empty ``reason`` when the audio is left unchanged (silent, or
-    shorter than the 400 ms gating block).
+    shorter than the 400 ms gating block); then, if the peak is above the ceiling, ``gain`` lowers it to
+    the ceiling (``peak_limited``).
     """
     _check_targets(target_lufs, peak_ceiling_db)
     return _gain(_as_audio(x, "loudness_gain"), check_rate(rate, "rate"), target_lufs, peak_ceiling_db)
@@ -123,16 +131,18 @@ def normalize_loudness(
     [-60, 0]) so that the peak sits at the ceiling; the output is then quieter than the target
     (logged at DEBUG level; :func:`loudness_gain` returns it as ``peak_limited``). The result
     never clips. Silent audio (all zeros, or below the -70 LUFS absolute gate) and audio shorter
-    than the 400 ms gating block are returned unchanged (gain 0 dB; :func:`loudness_gain` gives
-    the reason). Returns float32 of the input's shape; never warns.
+    than the 400 ms gating block keep their level (gain 0 dB; :func:`loudness_gain` gives the
+    reason), except that a peak above the ceiling is still lowered to it. Returns float32 of the
+    input's shape; never warns.
     """
     _check_targets(target_lufs, peak_ceiling_db)
     arr = _as_audio(x, "normalize_loudness")
     g = _gain(arr, check_rate(rate, "rate"), target_lufs, peak_ceiling_db)
     if g.reason:
-        log.debug("normalize_loudness: audio returned unchanged (%s)", g.reason)
-        return arr.astype(np.float32, copy=True)
-    if g.peak_limited:
+        log.debug("normalize_loudness: level kept (%s)%s", g.reason, "; peak-limited" if g.peak_limited else "")
+        if not g.peak_limited:
+            return arr.astype(np.float32, copy=True)
+    elif g.peak_limited:
         log.debug(
             "normalize_loudness: peak-limited to %.1f dBFS; loudness %.2f LUFS instead of %.2f",
             peak_ceiling_db,

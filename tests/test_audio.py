@@ -254,6 +254,17 @@ def test_short_audio_unchanged_no_nan_no_warnings():
     assert lufs == pytest.approx(_reference_lufs(_sine(300.0, CODEC_RATE, 2.0, amp=0.2), CODEC_RATE), abs=0.1)
 
 
+def test_short_audio_keeps_its_level_but_not_a_peak_above_the_ceiling():
+    """Below one gating block the level is kept, but the peak ceiling still holds."""
+    ceiling = 10 ** (-1 / 20)
+    loud = _sine(300.0, CODEC_RATE, 0.2, amp=0.99)  # 200 ms peaking at -0.09 dBFS
+    y = normalize_loudness(loud, CODEC_RATE)
+    g = loudness_gain(loud, CODEC_RATE)
+    assert g.peak_limited and "400 ms" in g.reason and g.gain == pytest.approx(ceiling / np.abs(loud).max())
+    assert np.abs(y).max() <= ceiling + 1e-7
+    np.testing.assert_allclose(y, loud * g.gain, rtol=1e-6)  # one gain: the shape is kept
+
+
 def test_loudness_rejects_bad_input():
     x = _speech_like(1.0, 16_000, seed=3)
     with pytest.raises(ValueError, match="target_lufs"):

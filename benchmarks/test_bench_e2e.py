@@ -1,6 +1,6 @@
 """End-to-end generation benchmarks: dia_fast (CUDA graphs and eager), transformers' Dia on the same
-weights, and streaming time to first audio. The tiny model runs on CPU everywhere; Dia-1.6B shapes
-(random weights, bf16) only with a CUDA GPU.
+weights (eager, and compiled on CUDA), and streaming time to first audio. The tiny model runs on CPU
+everywhere; Dia-1.6B shapes (random weights, bf16) only with a CUDA GPU.
 
 Run::
 
@@ -72,7 +72,7 @@ def _dia_fast(benchmark: Any, tts: DiaTTS, batch: int, steps: int, rounds: int, 
     _bench(benchmark, case, rounds, steps, tts.config.model.decoder.hidden_size)
 
 
-def _transformers(benchmark: Any, tts: DiaTTS, batch: int, steps: int, rounds: int) -> None:
+def _transformers(benchmark: Any, tts: DiaTTS, batch: int, steps: int, rounds: int, compiled: bool = False) -> None:
     model, processor = build_transformers(tts)
     case = TransformersCase(
         model,
@@ -82,6 +82,7 @@ def _transformers(benchmark: Any, tts: DiaTTS, batch: int, steps: int, rounds: i
         GREEDY,
         channels=tts.config.data.channels,
         frame_rate=tts.codec.frame_rate,
+        compiled=compiled,  # transformers-compile: static cache + torch.compile, the warm-up call compiles
     )
     _bench(benchmark, case, rounds, steps, tts.config.model.decoder.hidden_size)
 
@@ -141,6 +142,12 @@ def test_e2e_full_cuda_dia_fast_eager(benchmark, full):
 @pytest.mark.parametrize("batch", [1, 8])
 def test_e2e_full_cuda_transformers(benchmark, full, batch):
     _transformers(benchmark, full, batch, FULL_STEPS, rounds=3)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_e2e_full_cuda_transformers_compile(benchmark, full):
+    _transformers(benchmark, full, 1, FULL_STEPS, rounds=3, compiled=True)
 
 
 @pytest.mark.gpu

@@ -7,12 +7,12 @@ Run on a CUDA machine::
 One call picks the next codes of a decode step from the ``[2B, 9, 1028]`` logits (B conditional rows,
 B unconditional rows). Implementations:
 
-- ``triton``: :func:`dia_fast.ops.triton_sampling.cfg_sample` (the seed drawn on the device from
-  the generator: two launches), replayed from a CUDA graph of ``N_CALLS`` calls;
-- ``torch``: :func:`dia_fast.generation.sampling.exponential_cfg_sample`, the graph-safe PyTorch
-  sampler the torch backend decodes with, from a CUDA graph too;
-- ``reference``: :func:`dia_fast.ops.reference.cfg_sample` (``multinomial`` syncs with the host),
-  ``N_CALLS`` eager calls.
+- ``triton``: :func:`dia_fast.ops.triton_sampling.cfg_sample` as a decode step calls it (per-row settings,
+  seeds and the step offset as device tensors: one launch), replayed from a CUDA graph of ``N_CALLS`` calls;
+- ``torch``: :func:`dia_fast.ops.reference.cfg_sample` with the same device tensors (the seeded Philox draw:
+  graph-safe, what the torch backend decodes with), from a CUDA graph too;
+- ``reference``: :func:`dia_fast.ops.reference.cfg_sample` with numbers and a generator (``multinomial``
+  syncs with the host), ``N_CALLS`` eager calls.
 
 ``extra_info``: time per call and GB/s of logits read. On CPU only a tiny interpreter smoke case runs.
 """
@@ -27,7 +27,7 @@ pytest.importorskip("pytest_benchmark")
 
 from _cuda_timing import eager, graphed  # noqa: E402
 
-from dia_fast.generation.sampling import SamplingConfig, exponential_cfg_sample  # noqa: E402
+from dia_fast.generation.sampling import SamplingConfig  # noqa: E402
 from dia_fast.ops import reference as ref  # noqa: E402
 from dia_fast.ops import triton_sampling as ts  # noqa: E402
 
@@ -60,10 +60,20 @@ def test_bench_cfg_sample(benchmark, batch: int, greedy: bool, impl: str) -> Non
         eos_id=EOS,
         do_sample=not greedy,
     )
+    # what a decode step passes: per-row settings, seeds and the position, all on the device
+    rows = dict(
+        cfg_scale=torch.full((batch,), sampling.cfg_scale, device="cuda"),
+        temperature=torch.full((batch,), 0.0 if greedy else sampling.temperature, device="cuda"),
+        top_p=torch.full((batch,), sampling.top_p, device="cuda"),
+        top_k=torch.full((batch,), sampling.cfg_filter_top_k, dtype=torch.int32, device="cuda"),
+        seed=torch.arange(batch, device="cuda"),
+        offset=torch.zeros(1, dtype=torch.long, device="cuda"),
+        eos_id=EOS,
+    )
     if impl == "triton":
-        run = graphed(lambda: ts.cfg_sample(cond, uncond, **kw), N_CALLS)
+        run = graphed(lambda: ts.cfg_sample(cond, uncond, **rows), N_CALLS)
     elif impl == "torch":
-        run = graphed(lambda: exponential_cfg_sample(cond, uncond, sampling, EOS), N_CALLS)
+        run = graphed(lambda: ref.cfg_sample(cond, uncond, **rows), N_CALLS)
     else:
         run = eager(lambda: ref.cfg_sample(cond, uncond, **kw), N_CALLS)
     benchmark.group = f"cfg_sample batch={batch} {'greedy' if greedy else 'sample'}"

@@ -3,6 +3,7 @@ its transformers baseline holds the same weights as dia_fast."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -12,9 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import dia_fast.bench as bench
 from dia_fast.api import DiaTTS
-from dia_fast.bench import main, parse_args
-from dia_fast.bench.runners import build_transformers
+from dia_fast.bench import BenchOptions, default_compare, main, parse_args, run_bench
+from dia_fast.bench.report import table
+from dia_fast.bench.runners import RunResult, TransformersCase, build_transformers
 from dia_fast.generation.generate import generate_codes
 from dia_fast.generation.sampling import SamplingConfig
 from dia_fast.text import encode_batch
@@ -79,6 +82,8 @@ def test_bench_tiny_cpu_writes_json(tmp_path):
     assert meta["torch"] == torch.__version__
     assert set(meta["ops_backends"]) == set(meta["ops_backends_used"]) and meta["ops_backends"]
     assert meta["wall_s"] < 60
+    assert meta["compare"] == ["transformers", "eager"]  # CPU default: no transformers-compile unless asked
+    assert any("transformers-compile" in n for n in meta["notes"])
     engines = {(r["engine"], r["batch"]) for r in results}
     assert engines == {(e, b) for e in ("dia_fast", "dia_fast-eager", "transformers") for b in (1, 2)}
     rate = meta["codec_frame_rate"]
@@ -102,8 +107,6 @@ def test_bench_tiny_cpu_writes_json(tmp_path):
 
 def test_bench_rejects_bad_options(capsys):
     with pytest.raises(SystemExit):
-        parse_args(["--compare", "onnx"])
-    with pytest.raises(SystemExit):
         parse_args(["--repeat", "0"])
     opts = parse_args(["--batch", "1,8", "--compare", "none", "--layers", "2"])
     assert opts.batches == (1, 8) and opts.compare == () and opts.layers == 2
@@ -123,3 +126,108 @@ def test_transformers_baseline_has_the_same_weights():
     ids, mask = encode_batch(texts)
     out = generate_codes(tts.model, ids, mask, max_new_tokens=40, sampling=SamplingConfig(do_sample=False))
     assert torch.equal(out.delayed, ref)
+
+
+def test_default_compare_lists():
+    assert default_compare("cuda") == ("transformers", "transformers-compile", "eager")
+    assert default_compare(torch.device("cuda", 0)) == ("transformers", "transformers-compile", "eager")
+    assert default_compare("cpu") == ("transformers", "eager")
+    assert default_compare("mps") == ("transformers", "eager")
+    assert parse_args([]).compare is None  # resolved per device by run_bench
+    assert parse_args(["--compare", "transformers-compile"]).compare == ("transformers-compile",)
+    assert parse_args(["--compare", " Transformers , transformers-compile,eager "]).compare == (
+        "transformers",
+        "transformers-compile",
+        "eager",
+    )
+
+
+def test_unknown_compare_name_is_a_one_line_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--compare", "transformers,onnx"])
+    assert exc.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(err) == 1
+    assert "'onnx'" in err[0] and "'transformers'" not in err[0]  # names only the bad entry
+    for name in ("transformers", "transformers-compile", "eager", "none"):
+        assert name in err[0]
+    with pytest.raises(ValueError, match=r"'torch-compile'.*transformers, transformers-compile, eager"):
+        run_bench(BenchOptions(compare=("torch-compile",), quiet=True))
+
+
+@pytest.mark.filterwarnings("ignore:`max_length` is ignored")
+def test_transformers_compile_runner_uses_the_compiled_forward():
+    """transformers-compile through transformers' own path (static cache + ``compile_config``), with
+    Dynamo's ``aot_eager`` backend instead of inductor, whose cold C++ compile takes 30-45 s on a 2-core
+    CPU: covers Dynamo tracing and AOTAutograd of the decode step with the static cache (everything but
+    inductor's code generation), that every decode step runs the compiled call, no recompiles after the
+    warm-up call, the same codes as eager transformers, and the timing fields."""
+    torch.compiler.reset()
+    tts = DiaTTS.random("tiny", seed=0)
+    hf, processor = build_transformers(tts)
+    texts, steps = ["[S1] Same weights, same codes. [S2] Yes!"], 24
+    data = tts.config.data
+    case = TransformersCase(
+        hf,
+        processor,
+        texts,
+        steps,
+        SamplingConfig(do_sample=False),
+        channels=data.channels,
+        frame_rate=tts.codec.frame_rate,
+        compiled=True,
+        compile_backend="aot_eager",
+    )
+    assert case.engine == "transformers-compile"
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    case.warm_up()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # the warm-up compiled
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+    compiled_call, calls = hf._compiled_call, []  # the torch.compile'd forward that generate() reuses
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return compiled_call(*args, **kwargs)
+
+    hf._compiled_call = counted
+    case.run()
+    case.run()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # no recompile in timed calls
+    assert len(calls) == 2 * (steps - 1)  # every decode step (prefill is eager) of both timed calls
+
+    res = case.result()
+    assert res.engine == "transformers-compile" and res.batch == 1 and res.steps == steps
+    assert res.decode_steps_per_s == pytest.approx(steps / res.decode_s)
+    assert 0 < res.prefill_s < res.total_s and res.warmup_s > 0
+
+    eager = hf.generate(
+        **processor(text=texts, padding=True), max_new_tokens=steps, do_sample=False, guidance_scale=3.0, top_k=45
+    )
+    assert torch.equal(case.last_output, eager)  # (and eager transformers == dia_fast: the test above)
+
+
+@pytest.mark.filterwarnings("ignore:`max_length` is ignored")
+def test_bench_reports_speedups_vs_transformers_compile(monkeypatch):
+    """run_bench with ``--compare transformers,transformers-compile`` on CPU (asked for explicitly):
+    both rows, dia_fast's speed-up over each, the table column. The compile engine runs on the
+    ``aot_eager`` backend here (see the test above for why)."""
+    torch.compiler.reset()
+    monkeypatch.setattr(bench, "TransformersCase", functools.partial(TransformersCase, compile_backend="aot_eager"))
+    opts = BenchOptions(
+        model="tiny", device="cpu", steps=24, compare=("transformers", "transformers-compile"), repeat=1, quiet=True
+    )
+    doc = run_bench(opts)
+    rows = {r["engine"]: r for r in doc["results"]}
+    assert set(rows) == {"dia_fast", "transformers", "transformers-compile"}
+    assert doc["meta"]["compare"] == ["transformers", "transformers-compile"]
+    fast, base = rows["dia_fast"], rows["transformers-compile"]
+    assert set(fast["speedup"]) == {"transformers", "transformers-compile"}
+    assert fast["speedup"]["transformers-compile"] == pytest.approx(
+        fast["decode_steps_per_s"] / base["decode_steps_per_s"]
+    )
+    assert fast["speedup_end_to_end"]["transformers-compile"] == pytest.approx(base["total_s"] / fast["total_s"])
+    assert base["steps"] == 24 and base["warmup_s"] > 0
+    assert any("0 Dynamo compile(s)" in n for n in base["notes"])  # no recompile in the timed call
+    assert not any("transformers-compile" in n for n in doc["meta"]["notes"])  # asked for: no "skipped" note
+    assert "vs transformers-compile" in table([RunResult(**r) for r in doc["results"]])

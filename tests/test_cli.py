@@ -41,18 +41,24 @@ def test_loudness_sample_rate_and_float_output(tmp_path, capsys):
     from dia_fast.audio import integrated_loudness
 
     out = tmp_path / "x.wav"
-    longer = ["--max-new-tokens", "80", "--no-progress", "--seed", "0"]  # > 400 ms: the loudness gate applies
+    # seed 1: the random demo model speaks for 0.74 s (> 400 ms: the loudness gate applies)
+    longer = ["--max-new-tokens", "80", "--no-progress", "--seed", "1"]
     rc, _, err = _run(capsys, "[S1] Loud enough.", "--out", str(out), "--loudness", "-20", "--float", *longer)
     assert rc == 0, err
     data, rate = sf.read(out, dtype="float32")
+    assert data.shape[0] >= 0.4 * rate, "the premise: audio longer than the 400 ms gating block"
     assert sf.info(out).subtype == "FLOAT"
     assert np.abs(data).max() <= 10 ** (-1 / 20) + 1e-6  # the peak ceiling holds
     level = integrated_loudness(data, rate)
     assert level <= -20 + 0.5  # at the target, or below it when the peak ceiling limited the gain
+    native = tmp_path / "native.wav"
+    rc, _, err = _run(capsys, "[S1] Resampled.", "--out", str(native), "--no-loudness", *FAST)
+    assert rc == 0, err
     rc, _, err = _run(capsys, "[S1] Resampled.", "--out", str(out), "--sample-rate", "16000", "--no-loudness", *FAST)
     assert rc == 0, err
     data, rate = sf.read(out)
-    assert rate == 16000 and abs(data.shape[0] - 24 * 512 * 16000 / 44100) <= 2
+    n_native = sf.info(native).frames  # the same seed: the same audio at 44.1 kHz
+    assert n_native > 0 and rate == 16000 and abs(data.shape[0] - n_native * 16000 / 44100) <= 2
 
 
 def test_default_length_of_the_demo_follows_the_text(tmp_path, capsys):

@@ -369,7 +369,8 @@ def test_cuda(codec: DacCodec, dtype: torch.dtype) -> None:
     ref = codec.decode(codes)
     out = gpu.decode(codes.cuda())
     assert out.device.type == "cuda" and out.dtype == torch.float32
-    rel = {torch.float32: 1e-4, torch.bfloat16: 0.05}[dtype]
+    # fp32 on CUDA: cuDNN convolutions use TF32 by default (torch.backends.cudnn.allow_tf32), ~1e-3 relative
+    rel = {torch.float32: 3e-3, torch.bfloat16: 0.05}[dtype]
     assert (out.cpu() - ref).abs().mean() < rel * ref.abs().mean()
     torch.testing.assert_close(gpu.decode(codes.cuda(), chunk_frames=16), out, atol=0.05, rtol=0.05)
     wav = 0.3 * torch.randn(2, 4000, generator=torch.Generator().manual_seed(13))

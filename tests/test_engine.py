@@ -16,12 +16,11 @@ from dia_fast.generation.engine import (
     StepSpec,
     allocate_buffers,
     bucket_batch,
-    bucket_length,
     decode_step,
     engine_for,
 )
 from dia_fast.generation.generate import build_prefix, generate_codes
-from dia_fast.generation.sampling import SamplingConfig, exponential_cfg_sample
+from dia_fast.generation.sampling import SamplingConfig
 from dia_fast.memory import PinnedPool
 from dia_fast.model import DiaModel
 from dia_fast.ops import reference
@@ -51,7 +50,7 @@ def model() -> DiaModel:
 
 @pytest.fixture
 def torch_sampler():
-    """Sample with the PyTorch backend, whose draws the multinomial reference reproduces exactly."""
+    """Sample with the PyTorch backend (the reference itself)."""
     ops.set_backend("torch", "cfg_sample")
     yield
     ops.set_backend(None, "cfg_sample")
@@ -74,8 +73,9 @@ def _prompts(config: DiaConfig) -> list[torch.Tensor | None]:
 
 @torch.inference_mode()
 def _reference_loop(model, texts, prompts, max_new_tokens, sampling, generator=None):
-    """Plain generation loop: full caches, one decoder call per step, multinomial sampling, and Dia's EOS
-    countdown written out item by item. Returns the whole delayed sequences [B, L, C] and EOS positions."""
+    """Plain generation loop: full caches, one decoder call per step, the reference's seeded draws (one Philox
+    key per item from ``generator``, the position as the counter), and Dia's EOS countdown written out item by
+    item. Returns the whole delayed sequences [B, L, C] and EOS positions."""
     cfg = model.config
     data = cfg.data
     ids, mask = encode_batch(texts)
@@ -95,6 +95,7 @@ def _reference_loop(model, texts, prompts, max_new_tokens, sampling, generator=N
     seq = torch.full((B, L, C), data.audio_pad_value, dtype=torch.long)
     seq[:, :P0] = prefix.forced[:, :P0]
     logits = model.decoder(seq[:, :P0].repeat(rows, 1, 1), state)[:, -1]
+    seeds = torch.randint(0, 2**62, (B,), generator=generator)
     eos = [-1] * B
     for p in range(P0, L):
         cond, uncond = (logits[:B], logits[B:]) if rows == 2 else (logits, logits)
@@ -107,7 +108,8 @@ def _reference_loop(model, texts, prompts, max_new_tokens, sampling, generator=N
             top_k=sampling.cfg_filter_top_k,
             eos_id=data.audio_eos_value,
             do_sample=not sampling.greedy,
-            generator=generator,
+            seed=seeds,
+            offset=p,
         )
         for b in range(B):
             if eos[b] < 0 and (int(codes[b, 0]) == data.audio_eos_value or p >= L - md - 1):
@@ -170,32 +172,32 @@ def test_sampling_without_cfg_equals_reference(model, torch_sampler):
     _check_against_reference(out, ref, ref_eos)
 
 
-def test_exponential_sample_equals_multinomial_draw():
-    g = torch.Generator().manual_seed(0)
-    cond, uncond = torch.randn(3, 9, 1028, generator=g), torch.randn(3, 9, 1028, generator=g)
-    cfg = SamplingConfig(temperature=0.9, top_p=0.7, cfg_filter_top_k=50)
-    a = exponential_cfg_sample(cond, uncond, cfg, 1024, torch.Generator().manual_seed(4))
-    b = reference.cfg_sample(
-        cond, uncond, cfg_scale=3.0, temperature=0.9, top_p=0.7, top_k=50, eos_id=1024,
-        generator=torch.Generator().manual_seed(4),
-    )  # fmt: skip
-    assert torch.equal(a, b)
+def _spec(model, batch: int, use_cfg: bool = True, sampler: str = "torch") -> StepSpec:
+    cfg = model.config
+    return StepSpec(batch, use_cfg, cfg.data.channels, 1024, 1025, cfg.data.max_delay, sampler)
+
+
+def _set_sampling(bufs, sampling: SamplingConfig, seed: int = 0) -> None:
+    bufs.set_sampling(sampling)
+    bufs.seeds.copy_(torch.arange(seed, seed + bufs.seeds.numel()))
 
 
 def test_decode_step_is_pure_over_its_buffers(model):
     """Two identical buffer sets stepped side by side stay identical, and a step touches nothing else."""
-    cfg = model.config
-    spec = StepSpec(2, GREEDY, cfg.data.channels, 1024, 1025, cfg.data.max_delay, "torch")
+    spec = _spec(model, 2)
     a = allocate_buffers(model, spec, 32, 8, self_mask=True)
     g = torch.Generator().manual_seed(0)
     for t in (a.state.cross_k, a.state.cross_v, a.logits):
         t.copy_(torch.randn(t.shape, generator=g))
     a.pos.fill_(3)
+    _set_sampling(a, SAMPLED)
     b = allocate_buffers(model, spec, 32, 8, self_mask=True)
-    for name in ("logits", "pos", "out", "forced", "eos_pos", "real", "done", "delays", "forced_eos_pos"):
-        getattr(b, name).copy_(getattr(a, name))
-    for name in ("self_k", "self_v", "cross_k", "cross_v", "cross_mask", "self_mask"):
-        getattr(b.state, name).copy_(getattr(a.state, name))
+    for name, t in vars(a).items():
+        if isinstance(t, torch.Tensor):
+            getattr(b, name).copy_(t)
+    for name, t in vars(a.state).items():
+        if isinstance(t, torch.Tensor):
+            getattr(b.state, name).copy_(t)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.inference_mode():
         for _ in range(5):
@@ -260,8 +262,6 @@ def test_pool_on_off_gives_identical_codes(model):
 
 def test_buckets():
     assert [bucket_batch(b) for b in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 16]
-    assert bucket_length(1, 256, 3072) == 256 and bucket_length(257, 256, 3072) == 512
-    assert bucket_length(3000, 256, 3072) == 3072 and bucket_length(70, 128) == 128
 
 
 def test_static_engine_equals_eager_and_reuses_its_buffers(model):
@@ -272,7 +272,8 @@ def test_static_engine_equals_eager_and_reuses_its_buffers(model):
     kw = dict(prompts=prompts, max_new_tokens=50, sampling=GREEDY)
     eager = generate_codes(model, ids, mask, engine=DecodeEngine(model, static=False), **kw)
     engine = DecodeEngine(model, static=True)
-    assert engine.shapes(3, 57, 40) == (4, 256, 128)
+    data = model.config.data
+    assert engine.shapes(3, 57, 40) == (4, data.audio_length, data.text_length)  # the model's limits
     first = generate_codes(model, ids, mask, engine=engine, **kw)
     assert first.batch_bucket == 4 and not first.cuda_graphs
     assert torch.equal(first.delayed, eager.delayed) and torch.equal(first.eos_pos, eager.eos_pos)
@@ -297,16 +298,39 @@ def test_engine_for_is_shared_and_cpu_defaults_to_eager(model):
 # ---------------------------------------------------------------------------------------------- precision
 
 
-def test_bf16_model_keeps_fp32_logits():
+def test_bf16_model_writes_logits_in_its_dtype():
+    """The output GEMM writes the logits buffer itself (no cast, no copy); the sampler reads them in fp32."""
     model = _model(eos_token=None).to(torch.bfloat16)
-    cfg = model.config
-    spec = StepSpec(1, GREEDY, cfg.data.channels, 1024, 1025, cfg.data.max_delay, "torch")
-    bufs = allocate_buffers(model, spec, 16, 8, self_mask=False)
-    assert bufs.logits.dtype == torch.float32 and bufs.state.self_k.dtype == torch.bfloat16
+    bufs = allocate_buffers(model, _spec(model, 1), 16, 8, self_mask=False)
+    assert bufs.logits.dtype == torch.bfloat16 and bufs.state.self_k.dtype == torch.bfloat16
     ids, mask = encode_batch(TEXTS[:1])
     out = generate_codes(model, ids, mask, max_new_tokens=24, sampling=GREEDY)
     assert out.delayed.shape == (1, 25, 9)
     assert bool(((out.delayed >= 0) & (out.delayed <= 1026)).all())
+
+
+def test_new_settings_and_longer_texts_reuse_one_runner(model):
+    """Sampling settings and lengths are buffer contents, not part of a runner's key: one static runner (one
+    CUDA graph on a GPU) serves greedy and sampled calls, any temperature / top-p / top-k / CFG scale, and texts
+    and prompts of any length; each call still equals its eager run."""
+    engine = DecodeEngine(model, static=True)
+    eager = DecodeEngine(model, static=False)
+    calls = [
+        (TEXTS[:2], GREEDY, None),
+        (TEXTS[1:3], SAMPLED, None),
+        (TEXTS[:2], SamplingConfig(cfg_scale=1.5, temperature=0.7, top_p=0.6, cfg_filter_top_k=None), None),
+        ([TEXTS[1] * 3, TEXTS[2]], SamplingConfig(cfg_scale=3.0, temperature=1.8, top_p=1.0, cfg_filter_top_k=5), 7),
+    ]
+    for texts, sampling, prompt_frames in calls:
+        ids, mask = encode_batch(texts)
+        prompts = None
+        if prompt_frames:
+            prompts = [torch.randint(0, 1024, (prompt_frames, 9), generator=torch.Generator().manual_seed(1)), None]
+        kw = dict(prompts=prompts, max_new_tokens=40, sampling=sampling)
+        a = generate_codes(model, ids, mask, engine=engine, generator=torch.Generator().manual_seed(4), **kw)
+        b = generate_codes(model, ids, mask, engine=eager, generator=torch.Generator().manual_seed(4), **kw)
+        assert torch.equal(a.delayed, b.delayed) and torch.equal(a.eos_pos, b.eos_pos)
+    assert len(engine._entries) == 1
 
 
 # ---------------------------------------------------------------------------------------------- GPU
@@ -350,6 +374,12 @@ def test_gpu_graph_sampling_is_reproducible_with_a_seed():
     ]
     assert runs[0].warmup_seconds > 0 and runs[1].warmup_seconds == 0.0  # captured, then replayed
     assert torch.equal(runs[0].delayed, runs[1].delayed)
+    # sampled graph replays draw exactly what eager steps on the same buffers draw
+    eager_engine = DecodeEngine(model, static=True, cuda_graphs=False)
+    eager = generate_codes(
+        model, ids, mask, max_new_tokens=60, sampling=SAMPLED, generator=g.manual_seed(9), engine=eager_engine
+    )
+    assert not eager.cuda_graphs and torch.equal(runs[0].delayed, eager.delayed)
     default = generate_codes(model, ids, mask, max_new_tokens=60, sampling=SAMPLED, engine=engine)
     assert default.cuda_graphs  # the default CUDA generator works under graphs too
 
@@ -357,11 +387,11 @@ def test_gpu_graph_sampling_is_reproducible_with_a_seed():
 @pytest.mark.gpu
 def test_gpu_decode_step_never_syncs():
     model = _model(device="cuda").to(torch.bfloat16)
-    cfg = model.config
     samplers = {"torch", ops.select_backend("cfg_sample", model.device)}
     for sampling, sampler in [(s, b) for s in (GREEDY, SAMPLED) for b in sorted(samplers)]:
-        spec = StepSpec(2, sampling, cfg.data.channels, 1024, 1025, cfg.data.max_delay, sampler)
+        spec = _spec(model, 2, sampler=sampler)
         bufs = allocate_buffers(model, spec, 64, 16, self_mask=True)
+        _set_sampling(bufs, sampling)
         with torch.inference_mode():
             decode_step(model, spec, bufs)  # first call: lazy inits may sync
             torch.cuda.synchronize()
@@ -371,12 +401,12 @@ def test_gpu_decode_step_never_syncs():
                     decode_step(model, spec, bufs)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        assert bufs.logits.dtype == torch.float32 and int(bufs.pos) == 4
+        assert bufs.logits.dtype == torch.bfloat16 and int(bufs.pos) == 4
 
 
 def test_static_engine_sampling_follows_the_callers_generator(model):
-    """A cached runner draws from its own generator, loaded from the caller's: same codes as eager for a seed,
-    on a fresh and on a reused runner, and the caller's generator advances exactly as in eager mode."""
+    """The rows' Philox keys come from the caller's generator: same codes as eager for a seed, on a fresh and
+    on a reused runner, and the caller's generator advances exactly as in eager mode."""
     ids, mask = encode_batch(TEXTS[:2])
     kw = dict(max_new_tokens=40, sampling=SAMPLED)
     g_eager = torch.Generator().manual_seed(21)
@@ -474,16 +504,18 @@ class _HostSyncDetector(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("sampling", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
-def test_decode_step_reads_nothing_back_to_the_host(model, sampling):
-    cfg = model.config
-    spec = StepSpec(2, sampling, cfg.data.channels, 1024, 1025, cfg.data.max_delay, "torch")
+def test_decode_step_reads_nothing_back_to_the_host(model, sampling, monkeypatch):
+    # as on CUDA: the CPU-only shortcut of the reference decode attention (it reads kv_len) off
+    monkeypatch.setattr(reference, "SKIP_PAST_LENGTH_ON_CPU", False)
+    spec = _spec(model, 2)
     bufs = allocate_buffers(model, spec, 32, 8, self_mask=True)
+    _set_sampling(bufs, sampling)
     bufs.pos.fill_(2)
     with torch.inference_mode():
-        decode_step(model, spec, bufs, torch.Generator().manual_seed(0))  # warm (lazy init outside the check)
+        decode_step(model, spec, bufs)  # warm (lazy init outside the check)
         with _HostSyncDetector() as det:
             for _ in range(3):
-                decode_step(model, spec, bufs, torch.Generator().manual_seed(0))
+                decode_step(model, spec, bufs)
         assert det.found == []
         # positive control: what the old loop did every few steps, and a data-dependent shape
         with _HostSyncDetector() as det:
@@ -515,12 +547,8 @@ class _FakeCuda:
 
         class Graph:
             def __init__(self) -> None:
-                self.registered: list[torch.Generator] = []
                 self.fn = None
                 fake.graphs.append(self)
-
-            def register_generator_state(self, gen) -> None:
-                self.registered.append(gen)
 
             def replay(self) -> None:
                 self.fn()
@@ -540,7 +568,6 @@ class _FakeCuda:
             fake.log.append(("graph", stream.name, capture_error_mode, engine._CAPTURE_LOCK.locked()))
             yield
 
-        self.rng = torch.Generator().manual_seed(123)  # the "default CUDA generator"
         for name, value in {
             "Stream": Stream,
             "CUDAGraph": Graph,
@@ -549,8 +576,6 @@ class _FakeCuda:
             "graph": graph,
             "current_stream": lambda dev=None: Stream(dev, "current"),
             "synchronize": lambda dev=None: fake.log.append(("synchronize", dev)),
-            "get_rng_state": lambda dev=None: fake.rng.get_state(),
-            "set_rng_state": lambda state, dev=None: fake.log.append(("set_rng_state", dev)),
         }.items():
             monkeypatch.setattr(torch.cuda, name, value)
         monkeypatch.setattr(engine, "using_device", device)
@@ -559,22 +584,21 @@ class _FakeCuda:
 def test_capture_is_lazy_and_on_the_models_device(model, monkeypatch):
     """StepRunner's CUDA-graph capture with faked torch.cuda calls: nothing happens before the first prepare();
     then warm-up on a side stream, capture on that stream in thread_local mode under the process-wide capture
-    lock with the model's device current, the runner's own generator registered, and its state put back."""
+    lock with the model's device current. The step draws no torch random numbers: no generator to register."""
     from dia_fast.generation.engine import StepRunner
 
     fake = _FakeCuda(monkeypatch)
-    cfg = model.config
-    spec = StepSpec(2, SAMPLED, cfg.data.channels, 1024, 1025, cfg.data.max_delay, "torch")
+    spec = _spec(model, 2)
     bufs = allocate_buffers(model, spec, 32, 8, self_mask=True)
+    _set_sampling(bufs, SAMPLED)
     bufs.pos.fill_(3)
-    own = torch.Generator().manual_seed(5)
-    runner = StepRunner(model, spec, bufs, own, graph=True, warmup_steps=2)
+    runner = StepRunner(model, spec, bufs, graph=True, warmup_steps=2)
     assert not fake.graphs and not fake.log and not runner.graphed  # nothing at construction
-    before = own.get_state()
+    rng = torch.get_rng_state()
     with torch.inference_mode(), runner:
         assert runner.prepare() > 0 and runner.graphed
         (g,) = fake.graphs
-        assert g.registered == [own] and torch.equal(own.get_state(), before)
+        assert torch.equal(torch.get_rng_state(), rng)  # nothing drawn from torch's generators
         assert fake.log == [
             ("device", model.device),
             ("wait_stream", "side", "current"),
@@ -589,12 +613,6 @@ def test_capture_is_lazy_and_on_the_models_device(model, monkeypatch):
         g.fn = runner._eager
         runner.step()  # replays the graph
         assert int(bufs.pos) == 5
-    # without a generator of its own, the runner puts the default generator's state back
-    fake.log.clear()
-    runner = StepRunner(model, spec, bufs, None, graph=True)
-    with torch.inference_mode(), runner:
-        runner.prepare()
-    assert fake.graphs[-1].registered == [] and ("set_rng_state", model.device) in fake.log
 
 
 class _ReplayEager:

@@ -131,3 +131,21 @@ def test_greedy_generation_with_natural_eos_matches_transformers(processor):
         )
         assert frames.shape[0] == end - 1
         assert torch.equal(frames, reverted[1:end])
+
+
+def test_greedy_without_cfg_filter_matches_transformers(tiny_pair, processor):
+    """``cfg_filter_top_k=None``: no top-k filter, the *guided* logits cond + s * (cond - uncond) are decoded, as
+    transformers' guidance processor returns them without a top-k (dia_fast used to decode the conditional logits
+    then, i.e. dropped CFG). The CFG scale must change the codes."""
+    hf, ours = tiny_pair
+    inp = processor(text=TEXTS, padding=True)
+    hf.generation_config.top_k = None  # else generate() falls back to the generation config's top-k
+    ids, mask = encode_batch(TEXTS)
+    outs = []
+    for scale in (3.0, 1.5):
+        ref = hf.generate(**inp, max_new_tokens=40, do_sample=False, guidance_scale=scale, top_k=None)
+        sampling = SamplingConfig(do_sample=False, cfg_scale=scale, cfg_filter_top_k=None)
+        out = generate_codes(ours, ids, mask, max_new_tokens=40, sampling=sampling, progress=False)
+        assert torch.equal(out.delayed, ref), scale
+        outs.append(out.delayed)
+    assert not torch.equal(outs[0], outs[1])

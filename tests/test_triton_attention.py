@@ -263,14 +263,16 @@ def test_decode_reads_kv_len_from_the_tensor_each_call() -> None:
 
 
 def test_decode_num_splits_depends_on_shapes_only() -> None:
-    # batch 1 (x2 rows for CFG), 4 KV heads, full Dia cache, on an H100 (132 SMs): about two waves
-    for rows in (1, 2, 8):
-        n = ta.decode_num_splits(rows, 4, 3072 + 100, 64, 132)
-        assert rows * 4 * n >= 132  # at least one program per SM
-        assert n <= 50  # at most one split per block of 64 keys
+    # Dia's self-attention cache (3072 positions, 4 KV heads) on an H100 (132 SMs): about two waves of programs,
+    # at most one split per 128 keys (the fewest a split works on)
+    assert ta.decode_num_splits(1, 4, 3072, 64, 132) == 24  # 96 programs: every key block has its split
+    assert ta.decode_num_splits(2, 4, 3072, 64, 132) == 24  # batch 1 with CFG: 192 programs
+    assert ta.decode_num_splits(16, 4, 3072, 64, 132) == 5  # batch 8 with CFG: 320 programs
+    assert ta.decode_num_splits(2, 16, 1024, 64, 132) == 8  # cross-attention over Dia's 1024 text positions
+    assert ta.decode_num_splits(2, 16, 128, 64, 132) == 1  # short keys: never split
     assert ta.decode_num_splits(1, 4, 10, 64, 132) == 1
     assert ta.decode_num_splits(2, 4, 1000, 64, 132, num_splits=1) == 1
-    assert ta.decode_num_splits(2, 4, 1000, 64, 132, num_splits=5000) == 16
+    assert ta.decode_num_splits(2, 4, 1000, 64, 132, num_splits=5000) == 7
     assert ta.decode_num_splits(2, 4, 100_000, 64, 132, num_splits=5000) == 128
 
 

@@ -203,26 +203,3 @@ def test_delay_ops_large_gpu() -> None:
     codes = torch.randint(-1, 1027, (8, 3072, 9), generator=gen).cuda()
     _check_all(codes, DIA_PATTERN)
     _check_all(codes.int(), DIA_PATTERN)
-
-
-def test_delay_kernels_lower_for_cuda() -> None:
-    """The GPU compiler's front end accepts the kernels (see test_triton_sampling.lower_for_cuda)."""
-    from .triton_lowering import lower_for_cuda
-
-    names = ("T_in", "T_out", "C", "s_b", "s_t", "s_c", "bos_value", "pad_value", "codebook_size")
-    delay = dict(src="*i64", dst="*i64", delays="*i32", **{n: "i32" for n in names})
-    names = ("T", "C", "D", "vocab_size", "s_b", "s_t", "s_c", "s_row", "s_col", "bos_value", "pad_value")
-    embed = dict(codes="*i32", table="*bf16", out="*bf16", delays="*i32", **{n: "i32" for n in names})
-    ones = ("T_in", "T_out", "T", "C", "s_c", "s_t", "s_col", "bos_value", "codebook_size")  # ints equal to 1
-    cases = []
-    for types, kernel, variants, blocks in (
-        (delay, "_delay_kernel", [dict(REVERT=r, CLEAN=c) for r, c in ((0, 0), (1, 0), (1, 1))], dict(BLOCK_T=64)),
-        (embed, "_embed_kernel", [dict(DELAY=0), dict(DELAY=1)], dict(BLOCK_D=256)),
-    ):
-        for variant in variants:
-            consts = {k: bool(v) for k, v in variant.items()} | blocks | dict(BLOCK_C=16)
-            cases.append((td.__name__, kernel, types, consts))
-            cases.append((td.__name__, kernel, types | dict(src="*i32", dst="*i32", codes="*i64"), consts))
-            plain = {k: v for k, v in types.items() if k not in ones}
-            cases.append((td.__name__, kernel, plain, consts | {k: 1 for k in ones if k in types}))
-    assert lower_for_cuda(cases) == len(cases)

@@ -17,7 +17,7 @@ from .config import DiaConfig
 from .devices import resolve_device, resolve_dtype
 from .generation.generate import DecodeOutput, generate_codes
 from .generation.sampling import SamplingConfig
-from .model import DiaModel, RMSNorm, RotaryEmbedding
+from .model import DiaModel, RMSNorm
 from .text import encode_batch, prompted_text
 
 # An audio prompt: a file path, float samples (numpy / torch) or codec codes [T, C] (an integer tensor).
@@ -45,13 +45,12 @@ class GenerationResult:
 
 
 def _finish_model(model: DiaModel, device: torch.device, dtype: torch.dtype) -> DiaModel:
-    """Move/cast once at load: weights in ``dtype``, norm weights and RoPE frequencies in fp32."""
+    """Move/cast once at load: weights in ``dtype``, norm weights in fp32 (the RoPE tables stay fp32 by
+    themselves)."""
     model.to(device=device, dtype=dtype)
     for m in model.modules():
         if isinstance(m, RMSNorm):
             m.float()
-        elif isinstance(m, RotaryEmbedding):
-            m.reset()
     return model.eval().requires_grad_(False)
 
 
@@ -60,7 +59,7 @@ def init_random_weights(model: DiaModel, seed: int, std: float = 0.02) -> None:
     embeddings, norms near 1."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
+        for name, p in sorted(model.published_parameters(), key=lambda item: item[0]):
             if name.endswith("norm.weight"):
                 values = 1.0 + 0.1 * torch.randn(p.shape, generator=gen)
             else:

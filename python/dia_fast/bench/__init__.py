@@ -41,7 +41,7 @@ from .runners import (
 if TYPE_CHECKING:
     from ..api import DiaTTS
 
-__all__ = ["BenchOptions", "main", "parse_args", "run_bench"]
+__all__ = ["COMPARES", "BenchOptions", "default_compare", "main", "parse_args", "run_bench"]
 
 TEXTS = [
     "[S1] Dia is an open weights text to dialogue model. [S2] You get full control over scripts and voices.",
@@ -49,7 +49,25 @@ TEXTS = [
     "[S1] The quick brown fox jumps over the lazy dog. [S2] And then it runs away!",
     "[S1] How fast can this go? [S2] Let us measure it, on the same weights, in the same process.",
 ]
-COMPARES = ("transformers", "eager")
+COMPARES = ("transformers", "transformers-compile", "eager")
+# transformers-compile spends minutes compiling off CUDA (and its CUDA graphs are CUDA-only): asked for there
+_NO_DEFAULT_COMPILE = ("cpu", "mps")
+
+
+def default_compare(device: torch.device | str) -> tuple[str, ...]:
+    """The baselines run when ``--compare`` is not given: all of them on CUDA; on CPU and MPS all but
+    ``transformers-compile``."""
+    kind = torch.device(device).type
+    return tuple(c for c in COMPARES if not (c == "transformers-compile" and kind in _NO_DEFAULT_COMPILE))
+
+
+def _check_compare(names: tuple[str, ...]) -> None:
+    bad = [n for n in names if n not in COMPARES]
+    if bad:
+        raise ValueError(
+            f"unknown --compare name(s) {', '.join(map(repr, bad))}; valid: {', '.join(COMPARES)} "
+            "(comma-separated), or none"
+        )
 
 
 @dataclass
@@ -61,7 +79,7 @@ class BenchOptions:
     dtype: str | None = None
     batches: tuple[int, ...] = (1,)
     steps: int = 256
-    compare: tuple[str, ...] = COMPARES
+    compare: tuple[str, ...] | None = None  # None: default_compare(device)
     json_path: str | None = None
     layers: int | None = None
     codec: str = "auto"
@@ -71,6 +89,7 @@ class BenchOptions:
     first_chunk_frames: int = 16
     seed: int = 0
     quiet: bool = False
+    count_launches: bool = False
 
 
 def _log(opts: BenchOptions, t0: float) -> Callable[[str], None]:
@@ -144,9 +163,8 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     """Run the bench and return its JSON document (also printed as a table and written to ``json_path``)."""
     t0 = time.perf_counter()
     log = _log(opts, t0)
-    for c in opts.compare:
-        if c not in COMPARES:
-            raise ValueError(f"unknown --compare entry {c!r}; expected some of {', '.join(COMPARES)}")
+    if opts.compare is not None:
+        _check_compare(opts.compare)
     if not opts.batches or min(opts.batches) < 1:
         raise ValueError(f"batch sizes must be >= 1, got {opts.batches}")
     tts, model_info = build_tts(opts, log)
@@ -156,12 +174,14 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         raise ValueError(f"--steps must be at least {md + 2} (the delay pattern needs {md + 1} steps to finish)")
     sampling = SamplingConfig(do_sample=opts.do_sample)
     notes: list[str] = []
-    compare = list(opts.compare)
-    if "transformers" in compare and importlib.util.find_spec("transformers") is None:
-        notes.append("transformers is not installed: no transformers baseline")
-        compare.remove("transformers")
+    compare = list(default_compare(device) if opts.compare is None else opts.compare)
+    if opts.compare is None and device.type in _NO_DEFAULT_COMPILE:
+        notes.append(f"transformers-compile is not run by default on {device.type}: ask with --compare")
+    if any(c.startswith("transformers") for c in compare) and importlib.util.find_spec("transformers") is None:
+        notes.append("transformers is not installed: no transformers baselines")
+        compare = [c for c in compare if not c.startswith("transformers")]
     hf = None
-    if "transformers" in compare:
+    if any(c.startswith("transformers") for c in compare):
         log("building transformers' DiaForConditionalGeneration with the same weights")
         hf = build_transformers(tts)
     if "eager" in compare and device.type != "cuda":
@@ -177,15 +197,26 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         cases: list[Case] = [DiaFastCase(tts, texts, opts.steps, sampling, cuda_graphs=None, engine="dia_fast")]
         if "eager" in compare:
             cases.append(DiaFastCase(tts, texts, opts.steps, sampling, cuda_graphs=False, engine="dia_fast-eager"))
-        if hf is not None:
-            cases.append(TransformersCase(*hf, texts, opts.steps, sampling, channels=channels, frame_rate=rate))
-        for case in cases:
-            log(f"{case.engine} batch {batch}: warm-up")
-            case.warm_up()
-        for r in range(opts.repeat):  # interleaved, so that load changes hit every engine alike
-            log(f"batch {batch}: timed run {r + 1}/{opts.repeat} of {', '.join(c.engine for c in cases)}")
-            for case in cases:
-                case.run()
+        for name in ("transformers", "transformers-compile"):
+            if hf is not None and name in compare:
+                compiled = name == "transformers-compile"
+                cases.append(
+                    TransformersCase(
+                        *hf, texts, opts.steps, sampling, channels=channels, frame_rate=rate, compiled=compiled
+                    )
+                )
+        # transformers-compile last: its warm-up records CUDA graphs of its own (torch.compile's cudagraph trees),
+        # and on an H200 a dia_fast graph captured before them and replayed after them faulted once (RESULTS.md)
+        groups = [[c for c in cases if c.engine != "transformers-compile"]]
+        groups += [[c for c in cases if c.engine == "transformers-compile"]]
+        for group in (g for g in groups if g):
+            for case in group:
+                log(f"{case.engine} batch {batch}: warm-up")
+                case.warm_up()
+            for r in range(opts.repeat):  # interleaved, so that load changes hit every engine alike
+                log(f"batch {batch}: timed run {r + 1}/{opts.repeat} of {', '.join(c.engine for c in group)}")
+                for case in group:
+                    case.run()
         rows = [case.result() for case in cases]
         if batch == 1:
             log("dia_fast batch 1: streaming, time to first audio")
@@ -198,7 +229,20 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
                 first_chunk_frames=opts.first_chunk_frames,
             )
         results.extend(rows)
+        add_speedups(results)
+        if not opts.quiet:
+            print(table(rows), flush=True)
+        if opts.json_path:  # what is measured so far survives a later failure or time limit
+            write_json(opts.json_path, document({"partial": True, "model": opts.model, "device": str(device)}, results))
     add_speedups(results)
+    launches: dict[str, Any] = {}
+    if opts.count_launches:
+        from .launches import count_decode_launches
+
+        for batch in opts.batches:
+            log(f"counting the launches of an eager decode step, batch {batch}")
+            free_engine_caches(tts.model)
+            launches[str(batch)] = count_decode_launches(tts.model, batch=batch, sampling=sampling).as_dict()
 
     meta = {
         "dia_fast": __version__,
@@ -235,6 +279,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         "ops_backends": ops.table(),
         "ops_backends_used": {op: devs.get(device.type) for op, devs in ops.table().items()},
         "notes": notes,
+        **_launch_fields(launches),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "wall_s": time.perf_counter() - t0,
     }
@@ -242,12 +287,33 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     if not opts.quiet:
         print(f"dia_fast {__version__} bench: {opts.model} on {meta['device_name']} ({meta['dtype']})")
         print(table(results))
+        for batch, c in launches.items():
+            kernels = c["cuda_kernels_per_step"]
+            print(
+                f"launches per decode step, batch {batch}: {c['launches_per_step']:.0f} = "
+                f"{c['decoder_layers']} layers x {c['launches_per_layer']:.0f} + {c['launches_outside_layers']:.0f} "
+                f"outside (aten ops + Triton launches)"
+                + (f"; {kernels:.0f} GPU kernels per step (profiler)" if kernels is not None else "")
+            )
         for n in notes:
             print(f"note: {n}")
     if opts.json_path:
         path = write_json(opts.json_path, doc)
         log(f"wrote {path}")
     return doc
+
+
+def _launch_fields(launches: dict[str, Any]) -> dict[str, Any]:
+    """The JSON's launch fields: per batch size, and the first batch's at the top level."""
+    if not launches:
+        return {}
+    first = next(iter(launches.values()))
+    return {
+        "launches_per_step": first["launches_per_step"],
+        "launches_per_layer": first["launches_per_layer"],
+        "launches_outside_layers": first["launches_outside_layers"],
+        "launches": launches,
+    }
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -261,9 +327,10 @@ def _names(text: str) -> tuple[str, ...]:
     names = tuple(x.strip().lower() for x in text.split(",") if x.strip())
     if names == ("none",):
         return ()
-    bad = [n for n in names if n not in COMPARES]
-    if bad:
-        raise argparse.ArgumentTypeError(f"unknown --compare entries {bad}; expected {', '.join(COMPARES)} or none")
+    try:
+        _check_compare(names)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return names
 
 
@@ -272,6 +339,8 @@ def parse_args(argv: list[str] | None = None) -> BenchOptions:
     p = argparse.ArgumentParser(
         prog="python -m dia_fast.bench",
         description="Benchmark dia_fast against transformers' Dia on identical weights (same process).",
+        epilog="--compile-report [--arch sm_90] [--json F] [--quiet]: registers, spills and shared memory of every "
+        "Triton kernel, compiled for a GPU architecture without a GPU (see dia_fast.bench.compile_report).",
     )
     p.add_argument("--model", default="tiny", help="tiny | dia-1.6b (random weights) | PATH to a checkpoint")
     p.add_argument("--device", default=None, help="auto (default) | cpu | cuda | cuda:N | mps")
@@ -283,8 +352,12 @@ def parse_args(argv: list[str] | None = None) -> BenchOptions:
     p.add_argument(
         "--compare",
         type=_names,
-        default=COMPARES,
-        help="baselines: transformers,eager (default both; 'none' for dia_fast alone)",
+        default=None,
+        help=(
+            "baselines, comma-separated: transformers, transformers-compile (transformers' static cache + "
+            "torch.compile), eager; default all on CUDA, all but transformers-compile on CPU/MPS; 'none' for "
+            "dia_fast alone"
+        ),
     )
     p.add_argument("--json", dest="json_path", default=None, help="write the results as JSON to this file")
     p.add_argument("--layers", type=int, default=None, help="N encoder and N decoder layers (quick runs of a preset)")
@@ -295,6 +368,12 @@ def parse_args(argv: list[str] | None = None) -> BenchOptions:
     p.add_argument("--first-chunk-frames", type=int, default=16, help="first streaming chunk in codec frames")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--quiet", action="store_true", help="no progress and no table (use with --json)")
+    p.add_argument(
+        "--count-launches",
+        action="store_true",
+        help="count the launches of one decode step (non-view aten ops + Triton kernels; on CUDA also the GPU "
+        "kernels the profiler sees): launches_per_step / launches_per_layer in the JSON",
+    )
     a = p.parse_args(argv)
     if a.repeat < 1:
         p.error("--repeat must be >= 1")
@@ -316,11 +395,17 @@ def parse_args(argv: list[str] | None = None) -> BenchOptions:
         first_chunk_frames=a.first_chunk_frames,
         seed=a.seed,
         quiet=a.quiet,
+        count_launches=a.count_launches,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m dia_fast.bench``."""
+    args = sys.argv[1:] if argv is None else argv
+    if "--compile-report" in args:  # a report of its own: dia_fast.bench.compile_report
+        from .compile_report import main as compile_report_main
+
+        return compile_report_main(args)
     opts = parse_args(argv)
     try:
         run_bench(opts)

@@ -8,7 +8,7 @@ from typing import Any
 
 from .runners import RunResult
 
-BASELINES = ("transformers", "dia_fast-eager")
+BASELINES = ("transformers", "transformers-compile", "dia_fast-eager")
 
 
 def add_speedups(results: list[RunResult]) -> None:

@@ -1,9 +1,11 @@
 """The measured runs: dia_fast's decode loop (with and without CUDA graphs), its streaming time to
-first audio, and transformers' ``DiaForConditionalGeneration.generate`` on the same weights."""
+first audio, and transformers' ``DiaForConditionalGeneration.generate`` on the same weights, eager or
+with transformers' own static cache + ``torch.compile`` path."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -221,9 +223,74 @@ def _quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(level)
 
 
+class _CompileEvents:
+    """Counts torch.compile events while the ``with`` block runs: Dynamo compiles (first compiles and
+    recompiles) and CUDA-graph recordings (``mode="reduce-overhead"`` on CUDA). Both stay ``None`` where
+    this torch has no ``torch._dynamo.callback_handler`` with trigger types."""
+
+    def __init__(self) -> None:
+        self.dynamo: int | None = None
+        self.cudagraph_records: int | None = None
+        self._handler: Any = None
+
+    def _on_start(self, args: Any) -> None:
+        trigger = getattr(args, "callback_trigger", None)
+        if trigger == self._trigger.DYNAMO:
+            self.dynamo = (self.dynamo or 0) + 1
+        elif trigger == self._trigger.CUDAGRAPH_RECORDING:
+            self.cudagraph_records = (self.cudagraph_records or 0) + 1
+
+    def __enter__(self) -> _CompileEvents:
+        try:
+            from torch._dynamo import callback_handler
+            from torch._dynamo.callback import CallbackTrigger
+        except ImportError:
+            return self
+        self._handler, self._trigger = callback_handler, CallbackTrigger
+        self.dynamo = self.cudagraph_records = 0
+        callback_handler.register_start_callback(self._on_start)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handler is not None:
+            self._handler.remove_start_callback(self._on_start)
+
+
+@functools.cache
+def _step_marker_type() -> type:
+    """A transformers ``StoppingCriteria`` that never stops. ``generate`` calls it once per generated
+    token, outside the (possibly compiled) forward: it counts the steps, and its first call, after the
+    prefill forward and the first token's logits processing, records the end of prefill (one sync)."""
+    from transformers import StoppingCriteria
+
+    class StepMarker(StoppingCriteria):
+        def __init__(self, device: torch.device) -> None:
+            self.device, self.steps, self.prefill_end = device, 0, 0.0
+
+        def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+            if self.steps == 0:
+                self.prefill_end = now(self.device)
+            self.steps += 1
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return StepMarker
+
+
 class TransformersCase(Case):
     """``generate(**processor(text), max_new_tokens=steps, guidance_scale=..., top_k=...)`` timed from
-    outside; a forward hook on the decoder marks the end of prefill (encoder + first decoder forward)."""
+    outside; a never-stopping stopping criterion counts the steps and marks the end of prefill (the
+    encoder and the first decoder forward, eager in both modes).
+
+    ``compiled=True`` is transformers' own compiled decoding (engine ``transformers-compile``):
+    ``cache_implementation="static"`` and a ``CompileConfig`` with transformers' defaults (inductor,
+    ``mode="reduce-overhead"`` = CUDA graphs on CUDA, ``fullgraph=False``, ``dynamic=None``), with which
+    ``generate`` runs every decode step through ``torch.compile(model.__call__)``. transformers compiles
+    on its own only on CUDA/XPU/TPU/Neuron; elsewhere the config's ``_compile_all_devices`` flag
+    (transformers' switch for that, used by its tests) asks for it. ``compile_backend``: another Dynamo
+    backend (the tests use ``"aot_eager"``: the same path without inductor's slow CPU compile). The
+    warm-up call pays the compile; the notes count compiles and CUDA-graph recordings in the warm-up and
+    in the timed calls. ``last_output``: the codes ``generate`` returned last.
+    """
 
     def __init__(
         self,
@@ -235,9 +302,12 @@ class TransformersCase(Case):
         *,
         channels: int,
         frame_rate: float,
+        compiled: bool = False,
+        compile_backend: str = "inductor",
     ) -> None:
         device = next(model.parameters()).device
-        super().__init__("transformers", len(texts), device, channels, frame_rate, weight_bytes(model))
+        engine = "transformers-compile" if compiled else "transformers"
+        super().__init__(engine, len(texts), device, channels, frame_rate, weight_bytes(model))
         self._model = model
         with warnings.catch_warnings():  # the processor warns that max_length is unused with padding=True
             warnings.simplefilter("ignore")
@@ -249,18 +319,60 @@ class TransformersCase(Case):
             self._kwargs["do_sample"] = False
         else:
             self._kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
+        self._compiled = compiled
+        if compiled:
+            from transformers import CompileConfig
+
+            config = CompileConfig(backend=compile_backend)  # one instance: generate keeps its compiled call
+            if device.type not in ("cuda", "xpu"):
+                config._compile_all_devices = True
+            self._kwargs.update(cache_implementation="static", compile_config=config)
+        self._timed_events: list[_CompileEvents] = []
+        self.last_output: torch.Tensor | None = None
 
     def _call(self) -> _Timing:
+        from transformers import StoppingCriteriaList
+
         device = self.device
-        marks: list[float] = []
-        hook = self._model.model.decoder.register_forward_hook(lambda *_: marks.append(now(device)))
-        try:
-            torch.manual_seed(0)
-            t = now(device)
-            with _quiet_transformers():
-                self._model.generate(**self._inputs, **self._kwargs)
-            total = now(device) - t
-        finally:
-            hook.remove()
-        prefill = marks[0] - t
-        return _Timing(prefill, total - prefill, total, len(marks))
+        marker = _step_marker_type()(device)
+        torch.manual_seed(0)
+        t = now(device)
+        with _quiet_transformers():
+            self.last_output = self._model.generate(
+                **self._inputs, **self._kwargs, stopping_criteria=StoppingCriteriaList([marker])
+            )
+        total = now(device) - t
+        prefill = marker.prefill_end - t
+        return _Timing(prefill, total - prefill, total, marker.steps)
+
+    def _events_text(self, events: _CompileEvents) -> str:
+        text = f"{events.dynamo} Dynamo compile(s)"
+        return text + (f", {events.cudagraph_records} CUDA-graph recording(s)" if self.device.type == "cuda" else "")
+
+    def warm_up(self) -> None:
+        compiled_before = hasattr(self._model, "_compiled_call")  # an earlier batch size compiled already
+        with _CompileEvents() as events:
+            super().warm_up()
+        if not self._compiled:
+            return
+        if not hasattr(self._model, "_compiled_call") or (not compiled_before and events.dynamo == 0):
+            raise RuntimeError(
+                "transformers-compile: generate() did not compile the decoder forward (its static-cache "
+                "compile criteria were not met)"
+            )
+        if events.dynamo is not None:
+            self.notes.append(f"warm-up call (not timed): {self._events_text(events)}")
+
+    def run(self) -> None:
+        with _CompileEvents() as events:
+            super().run()
+        self._timed_events.append(events)
+
+    def result(self) -> RunResult:
+        res = super().result()
+        if self._compiled and self._timed_events and self._timed_events[0].dynamo is not None:
+            total = _CompileEvents()
+            total.dynamo = sum(e.dynamo or 0 for e in self._timed_events)
+            total.cudagraph_records = sum(e.cudagraph_records or 0 for e in self._timed_events)
+            res.notes.append(f"{len(self._timed_events)} timed call(s): {self._events_text(total)}")
+        return res

@@ -32,7 +32,7 @@ import torch
 from .. import ops
 from ..config import DiaConfig
 from ..memory import PinnedPool, PooledBuffer, default_pool
-from ..model import DiaModel
+from ..model import DiaModel, text_lengths
 from ..progress import progress_bar
 from .engine import NOT_FORCED, DecodeEngine, StepBuffers, StepSpec, default_sampler, engine_for, using_device
 from .sampling import SamplingConfig
@@ -246,22 +246,25 @@ def generate_codes(
     enc_out = model.encode(enc_ids, enc_mask)
     spec = StepSpec(
         batch=Bb,
-        sampling=sampling,
+        use_cfg=sampling.use_cfg,
         channels=data.channels,
         eos_value=data.audio_eos_value,
         pad_value=data.audio_pad_value,
         max_delay=md,
         sampler=default_sampler(device),
     )
-    generator = None if sampling.greedy else generator  # greedy steps draw nothing: share one runner
-    runner = engine.runner(spec, Lb, Tb, prefix.self_mask is not None or engine.is_static, generator, cuda_graphs)
-    with runner, runner.bind(generator):
+    # One Philox key per row, drawn from the caller's generator (the steps themselves draw no torch numbers).
+    seeds = torch.zeros(Bb, dtype=torch.long)
+    if not sampling.greedy:
+        seeds = torch.randint(0, 2**62, (Bb,), generator=generator, device=generator.device if generator else "cpu")
+    runner = engine.runner(spec, Lb, Tb, prefix.self_mask is not None or engine.is_static, cuda_graphs)
+    with runner:
         warmup_s = runner.prepare()  # CUDA-graph warm-up + capture, the first time this runner is used
         bufs = runner.bufs
-        _load(model, bufs, enc_out, enc_mask, prefix, L, B, host_pool)
+        _load(model, bufs, enc_out, enc_mask, prefix, L, B, host_pool, sampling, seeds)
         # Prefill: the decoder over the prefix fills the caches and the logits of position P0.
         out = bufs.out
-        bufs.logits.copy_(model.decoder(out[:, :P0].repeat(rows, 1, 1), bufs.state, last_only=True)[:, -1])
+        model.decoder(out[:, :P0].repeat(rows, 1, 1), bufs.state, logits_out=bufs.logits)
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # honest prefill timing (once per call)
         prefill_s = time.perf_counter() - t0 - warmup_s
@@ -305,15 +308,17 @@ def _load(
     L: int,
     B: int,
     host_pool: PinnedPool | None,
+    sampling: SamplingConfig,
+    seeds: torch.Tensor,
 ) -> None:
-    """Fills a runner's buffers for a new call (every buffer a step reads is rewritten here)."""
+    """Fills a runner's buffers for a new call (every buffer a step reads is rewritten here). Text positions
+    past this call's text are masked and never read: their stale K/V need no clearing."""
     state, dev = bufs.state, model.device
     T = enc_out.shape[1]
     model.write_cross_kv(enc_out, state.cross_k[..., :T, :], state.cross_v[..., :T, :])
-    state.cross_k[..., T:, :].zero_()
-    state.cross_v[..., T:, :].zero_()
     state.cross_mask.zero_()
     state.cross_mask[:, :T].copy_(enc_mask)
+    state.cross_len.copy_(text_lengths(state.cross_mask))
     P0 = prefix.length
     if state.self_mask is not None:
         state.self_mask.fill_(True)
@@ -330,3 +335,5 @@ def _load(
     bufs.done.zero_()
     bufs.forced_eos_pos.fill_(L - model.config.data.max_delay - 1)
     bufs.pos.fill_(P0)
+    bufs.set_sampling(sampling)
+    bufs.seeds.copy_(seeds)

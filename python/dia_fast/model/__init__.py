@@ -1,6 +1,18 @@
 """The Dia transformer as plain ``nn.Module``s."""
 
-from .dia import Decoder, DecoderState, DiaModel, Encoder
-from .layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding
+from .dia import Decoder, DecoderState, DiaModel, Encoder, semaphores_for, text_lengths
+from .layers import CrossAttention, GatedMLP, RMSNorm, RotaryEmbedding, SelfAttention
 
-__all__ = ["Attention", "Decoder", "DecoderState", "DiaModel", "Encoder", "GatedMLP", "RMSNorm", "RotaryEmbedding"]
+__all__ = [
+    "CrossAttention",
+    "Decoder",
+    "DecoderState",
+    "DiaModel",
+    "Encoder",
+    "GatedMLP",
+    "RMSNorm",
+    "RotaryEmbedding",
+    "SelfAttention",
+    "semaphores_for",
+    "text_lengths",
+]

@@ -5,11 +5,13 @@ MLP] -> RMSNorm. Decoder: sum of the 9 channel embeddings of the delayed audio c
 ``n_layer`` x [self-attention (RoPE, causal, GQA) -> cross-attention over the encoder output
 (no RoPE) -> gated MLP], each pre-norm with a residual -> RMSNorm -> logits [B, T, 9, 1028].
 Attention scale is 1.0 everywhere. Generation state (static KV caches, cross K/V computed once)
-lives in :class:`DecoderState`.
+lives in :class:`DecoderState`. Each residual add is fused into the norm after it
+(:meth:`RMSNorm.add`): a layer hands the next one the residual stream and its pending output.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +19,7 @@ from torch import nn
 
 from .. import ops
 from ..config import DiaConfig
-from .layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding
+from .layers import CrossAttention, GatedMLP, RMSNorm, RotaryEmbedding, SelfAttention
 
 
 class EncoderLayer(nn.Module):
@@ -25,17 +27,22 @@ class EncoderLayer(nn.Module):
         super().__init__()
         enc, eps = config.model.encoder, config.model.norm_eps
         self.pre_sa_norm = RMSNorm(enc.hidden_size, eps)
-        self.self_attention = Attention(
-            enc.hidden_size, enc.hidden_size, enc.hidden_size, enc.n_head, enc.n_kv_head, enc.head_dim
-        )
+        self.self_attention = SelfAttention(enc.hidden_size, enc.hidden_size, enc.n_head, enc.n_kv_head, enc.head_dim)
         self.post_sa_norm = RMSNorm(enc.hidden_size, eps)  # really the pre-MLP norm
         self.mlp = GatedMLP(enc.hidden_size, enc.intermediate_size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, h: torch.Tensor, delta: torch.Tensor | None, rope: RotaryEmbedding, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Residual stream ``h`` plus the previous layer's pending output ``delta`` -> (new ``h``, this
+        layer's pending output): each residual add is fused into the norm that follows it."""
+        x, h = self.pre_sa_norm.add(h, delta)
         sa = self.self_attention
-        q, k, v = sa.qkv_rope(self.pre_sa_norm(x), cos, sin)
-        x = x + sa.output(ops.attention(q, k, v, scale=sa.scale, causal=False, key_mask=mask))
-        return x + self.mlp(self.post_sa_norm(x))
+        k = x.new_empty(x.shape[0], sa.n_kv_head, x.shape[1], sa.head_dim)
+        v = torch.empty_like(k)
+        q = sa.project(x, None, rope, k, v)
+        x, h = self.post_sa_norm.add(h, sa.output(ops.attention(q, k, v, scale=sa.scale, causal=False, key_mask=mask)))
+        return h, self.mlp(x)
 
 
 class Encoder(nn.Module):
@@ -45,15 +52,16 @@ class Encoder(nn.Module):
         self.embedding = nn.Embedding(enc.vocab_size, enc.hidden_size)
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(enc.n_layer))
         self.norm = RMSNorm(enc.hidden_size, config.model.norm_eps)
-        self.rotary = RotaryEmbedding(enc.head_dim, config.model.rope_theta)
+        self.rotary = RotaryEmbedding(enc.head_dim, config.model.rope_theta, config.data.text_length)
 
     def forward(self, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-        """text_ids [R, T] (0 = pad), text_mask [R, T] bool -> hidden states [R, T, D]."""
-        x = self.embedding(text_ids)
-        cos, sin = self.rotary.cos_sin(torch.arange(text_ids.shape[1], device=text_ids.device))
+        """text_ids [R, T] (0 = pad, T <= text_length), text_mask [R, T] bool -> hidden states [R, T, D]."""
+        if text_ids.shape[1] > self.rotary.max_positions:
+            raise ValueError(f"{text_ids.shape[1]} text positions exceed the model's {self.rotary.max_positions}")
+        h, delta = self.embedding(text_ids), None
         for layer in self.layers:
-            x = layer(x, cos, sin, text_mask)
-        return self.norm(x)
+            h, delta = layer(h, delta, self.rotary, text_mask)
+        return self.norm.add(h, delta)[0]
 
 
 @dataclass
@@ -62,7 +70,9 @@ class DecoderState:
 
     self_k/self_v: [n_layer, R, Hkv, L, D] self-attention caches (R = rows = 2 x batch with CFG);
     cross_k/cross_v: [n_layer, R, Hc, Tenc, D] computed once from the encoder output;
-    cross_mask: [R, Tenc] text padding mask; self_mask: [R, L] or None (left-padded prompts).
+    cross_mask: [R, Tenc] text padding mask; self_mask: [R, L] or None (left-padded prompts);
+    cross_len: [R] text positions each row attends (the last real one + 1; None: all Tenc);
+    semaphores: int32 zeros for the split-KV decode attention (None: made per call).
     """
 
     self_k: torch.Tensor
@@ -71,10 +81,24 @@ class DecoderState:
     cross_v: torch.Tensor
     cross_mask: torch.Tensor
     self_mask: torch.Tensor | None = None
+    cross_len: torch.Tensor | None = None
+    semaphores: torch.Tensor | None = None
 
     @property
     def max_len(self) -> int:
         return self.self_k.shape[3]
+
+
+def text_lengths(mask: torch.Tensor) -> torch.Tensor:
+    """[R, T] bool -> [R] int64: the last True position + 1 (0 for an all-False row)."""
+    pos = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+    return (mask.long() * pos).amax(dim=1)
+
+
+def semaphores_for(config: DiaConfig, rows: int, device: torch.device) -> torch.Tensor:
+    """The int32 zeros the decode attention of ``rows`` rows needs (self- and cross-attention share them)."""
+    dec = config.model.decoder
+    return torch.zeros(rows * max(dec.n_kv_head, dec.cross_n_kv_head), dtype=torch.int32, device=device)
 
 
 class DecoderLayer(nn.Module):
@@ -83,9 +107,9 @@ class DecoderLayer(nn.Module):
         dec, enc, eps = config.model.decoder, config.model.encoder, config.model.norm_eps
         D = dec.hidden_size
         self.pre_sa_norm = RMSNorm(D, eps)
-        self.self_attention = Attention(D, D, D, dec.n_head, dec.n_kv_head, dec.head_dim)
+        self.self_attention = SelfAttention(D, D, dec.n_head, dec.n_kv_head, dec.head_dim)
         self.pre_ca_norm = RMSNorm(D, eps)
-        self.cross_attention = Attention(
+        self.cross_attention = CrossAttention(
             D, enc.hidden_size, D, dec.cross_n_head, dec.cross_n_kv_head, dec.cross_head_dim
         )
         self.pre_mlp_norm = RMSNorm(D, eps)
@@ -93,43 +117,61 @@ class DecoderLayer(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        h: torch.Tensor,
+        delta: torch.Tensor | None,
         state: DecoderState,
         layer: int,
         pos: torch.Tensor | None,
         kv_len: torch.Tensor | None,
+        rope: RotaryEmbedding,
         cross_rope: tuple[torch.Tensor, torch.Tensor] | None,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prefill from position 0 when ``pos`` is None, else one step at ``pos`` (1-element tensor)
-        attending the ``kv_len`` (= ``pos + 1``, computed once per step by the decoder) cached keys."""
+        attending the ``kv_len`` (= ``pos + 1``, computed once per step by the decoder) cached keys.
+
+        Takes the residual stream ``h`` and the previous layer's pending output ``delta``, returns the new
+        ``h`` and this layer's pending output: a decode step is add+norm, qkv GEMM, RoPE + cache write,
+        attention, o GEMM, add+norm, q GEMM, cross-attention, o GEMM, add+norm, gate/up GEMM, SwiGLU,
+        down GEMM (13 launches)."""
         sa = self.self_attention
-        q, k, v = sa.qkv_rope(self.pre_sa_norm(x), cos, sin)
+        x, h = self.pre_sa_norm.add(h, delta)
         k_cache, v_cache = state.self_k[layer], state.self_v[layer]
+        q = sa.project(x, pos, rope, k_cache, v_cache)
         if pos is None:
             T = x.shape[1]
-            k_cache[:, :, :T].copy_(k)
-            v_cache[:, :, :T].copy_(v)
             mask = None if state.self_mask is None else state.self_mask[:, :T]
-            a = ops.attention(q, k, v, scale=sa.scale, causal=True, key_mask=mask)
+            a = ops.attention(q, k_cache[:, :, :T], v_cache[:, :, :T], scale=sa.scale, causal=True, key_mask=mask)
         else:
-            k_cache.index_copy_(2, pos, k)
-            v_cache.index_copy_(2, pos, v)
-            a = ops.decode_attention(q, k_cache, v_cache, scale=sa.scale, kv_len=kv_len, key_mask=state.self_mask)
-        x = x + sa.output(a)
+            a = ops.decode_attention(
+                q,
+                k_cache,
+                v_cache,
+                scale=sa.scale,
+                kv_len=kv_len,
+                key_mask=state.self_mask,
+                semaphores=state.semaphores,
+            )
+        x, h = self.pre_ca_norm.add(h, sa.output(a))
 
         ca = self.cross_attention
-        q = ca.project_q(self.pre_ca_norm(x))
+        q = ca.project_q(x)
         if cross_rope is not None:  # old (v0.1) checkpoints only
             q = RotaryEmbedding.apply(q, *cross_rope)
         ck, cv = state.cross_k[layer], state.cross_v[layer]
         if pos is None:
             a = ops.attention(q, ck, cv, scale=ca.scale, causal=False, key_mask=state.cross_mask)
         else:
-            a = ops.decode_attention(q, ck, cv, scale=ca.scale, key_mask=state.cross_mask)
-        x = x + ca.output(a)
-        return x + self.mlp(self.pre_mlp_norm(x))
+            a = ops.decode_attention(
+                q,
+                ck,
+                cv,
+                scale=ca.scale,
+                kv_len=state.cross_len,
+                key_mask=state.cross_mask,
+                semaphores=state.semaphores,
+            )
+        x, h = self.pre_mlp_norm.add(h, ca.output(a))
+        return h, self.mlp(x)
 
 
 class MultiChannelEmbedding(nn.Module):
@@ -153,32 +195,50 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(dec.n_layer))
         self.norm = RMSNorm(dec.hidden_size, config.model.norm_eps)
         self.logits_dense = nn.Linear(dec.hidden_size, self.channels * dec.vocab_size, bias=False)
-        self.rotary = RotaryEmbedding(dec.head_dim, config.model.rope_theta)
+        self.rotary = RotaryEmbedding(dec.head_dim, config.model.rope_theta, config.data.audio_length)
         self.cross_rotary = (
-            RotaryEmbedding(dec.cross_head_dim, config.model.rope_theta) if config.model.cross_attention_rope else None
+            RotaryEmbedding(
+                dec.cross_head_dim, config.model.rope_theta, max(config.data.audio_length, config.data.text_length)
+            )
+            if config.model.cross_attention_rope
+            else None
         )
 
     def forward(
-        self, codes: torch.Tensor, state: DecoderState, pos: torch.Tensor | None = None, *, last_only: bool = False
+        self,
+        codes: torch.Tensor,
+        state: DecoderState,
+        pos: torch.Tensor | None = None,
+        *,
+        last_only: bool = False,
+        logits_out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Delayed codes [R, T, C] -> fp32 logits [R, T, C, V].
 
         ``pos`` None: prefill positions [0, T) (fills the caches). Otherwise T == 1 and ``pos`` is
         a 1-element int64 tensor (on the device) with the position of this step. ``last_only``:
         only the last position's logits, [R, 1, C, V] (a prefill that needs just the next step's
-        logits skips the output projection of the others).
+        logits skips the output projection of the others). ``logits_out`` [R, C, V] in the model's dtype:
+        the last position's logits are written there by the output GEMM itself (no cast, no copy) and it is
+        returned instead.
         """
         R, T, _ = codes.shape
-        positions = torch.arange(T, device=codes.device) if pos is None else pos
-        cos, sin = self.rotary.cos_sin(positions)
-        cross_rope = None if self.cross_rotary is None else self.cross_rotary.cos_sin(positions)
+        if pos is None and T > self.rotary.max_positions:
+            raise ValueError(f"{T} decoder positions exceed the model's {self.rotary.max_positions}")
         kv_len = None if pos is None else pos + 1  # one op per step, not one per layer
-        x = self.embeddings(codes)
+        cross_rope = None
+        if self.cross_rotary is not None:
+            cross_rope = self.cross_rotary.cos_sin(torch.arange(T, device=codes.device) if pos is None else pos)
+        h, delta = self.embeddings(codes), None
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, state, i, pos, kv_len, cross_rope)
-        if last_only:
-            x = x[:, -1:]
-        logits = self.logits_dense(self.norm(x))
+            h, delta = layer(h, delta, state, i, pos, kv_len, self.rotary, cross_rope)
+        if last_only or logits_out is not None:
+            h, delta = h[:, -1:], delta[:, -1:]
+        x = self.norm.add(h, delta)[0]
+        if logits_out is not None:
+            torch.matmul(x.reshape(R, -1), self.logits_dense.weight.t(), out=logits_out.view(R, -1))
+            return logits_out
+        logits = self.logits_dense(x)
         return logits.view(R, x.shape[1], self.channels, self.vocab).float()
 
 
@@ -194,6 +254,17 @@ class DiaModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.decoder.logits_dense.weight.device
+
+    def published_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(state-dict name, tensor) of every weight under its published name: the ``q_proj``, ``k_proj`` and
+        ``v_proj`` of a self-attention are views into its fused ``qkv_proj`` (writing them writes the model)."""
+        for name, param in self.named_parameters():
+            if name.endswith(".qkv_proj.weight"):
+                attn = self.get_submodule(name[: -len(".qkv_proj.weight")])
+                for proj, part in zip(("q_proj", "k_proj", "v_proj"), param.split(attn.split_sizes), strict=True):
+                    yield name.replace("qkv_proj", proj), part
+            else:
+                yield name, param
 
     @property
     def dtype(self) -> torch.dtype:
@@ -220,7 +291,9 @@ class DiaModel(nn.Module):
         cross_k = torch.empty(n, R, dec.cross_n_kv_head, Tenc, dec.cross_head_dim, **kw)
         cross_v = torch.empty_like(cross_k)
         self.write_cross_kv(encoder_out, cross_k, cross_v)
-        return DecoderState(self_k, self_v, cross_k, cross_v, text_mask.bool(), self_mask)
+        mask = text_mask.bool()
+        sems = semaphores_for(self.config, R, encoder_out.device)
+        return DecoderState(self_k, self_v, cross_k, cross_v, mask, self_mask, text_lengths(mask), sems)
 
     def write_cross_kv(self, encoder_out: torch.Tensor, cross_k: torch.Tensor, cross_v: torch.Tensor) -> None:
         """Write the cross-attention K/V of every decoder layer for ``encoder_out`` [R, Tenc, D]

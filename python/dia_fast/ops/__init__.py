@@ -25,10 +25,12 @@ from ._dispatch import (
     set_backend,
     table,
 )
-from .reference import delayed_view, filter_cfg_logits, top_p_filter
+from .reference import NOT_FORCED, delayed_view, filter_cfg_logits, seed_from_int, top_p_filter
 
 __all__ = [
     "BACKENDS",
+    "NOT_FORCED",
+    "add_rmsnorm",
     "apply_delay",
     "attention",
     "backend_available",
@@ -39,8 +41,12 @@ __all__ = [
     "filter_cfg_logits",
     "register",
     "revert_delay",
+    "rope_kv_write",
+    "seed_from_int",
     "select_backend",
     "set_backend",
+    "step_update",
+    "swiglu",
     "table",
     "top_p_filter",
     "undelay_codes",
@@ -84,7 +90,19 @@ register_availability("metal", _metal_available)
 
 # --- the table ------------------------------------------------------------------------------
 
-_OPS = ("apply_delay", "revert_delay", "undelay_codes", "embed_codes", "attention", "decode_attention", "cfg_sample")
+_OPS = (
+    "apply_delay",
+    "revert_delay",
+    "undelay_codes",
+    "embed_codes",
+    "attention",
+    "decode_attention",
+    "cfg_sample",
+    "add_rmsnorm",
+    "rope_kv_write",
+    "swiglu",
+    "step_update",
+)
 for _op in _OPS:
     register(_op, "torch", getattr(reference, _op))
 
@@ -93,6 +111,9 @@ for _op in ("apply_delay", "revert_delay", "undelay_codes", "embed_codes"):
 register("attention", "triton", "dia_fast.ops.triton_attention:attention")
 register("decode_attention", "triton", "dia_fast.ops.triton_attention:decode_attention")
 register("cfg_sample", "triton", "dia_fast.ops.triton_sampling:cfg_sample")
+for _op in ("add_rmsnorm", "rope_kv_write", "swiglu"):
+    register(_op, "triton", f"dia_fast.ops.triton_fused:{_op}")
+register("step_update", "triton", "dia_fast.ops.triton_step:step_update")
 # C++ CPU kernels: registered where they measured faster than the reference (benchmarks/RESULTS.md)
 for _op in ("apply_delay", "revert_delay", "undelay_codes", "cfg_sample"):
     register(_op, "cpp", f"dia_fast.ops.cpp:{_op}")
@@ -169,11 +190,16 @@ def decode_attention(
     scale: float = 1.0,
     kv_len: torch.Tensor | int | None = None,
     key_mask: torch.Tensor | None = None,
+    semaphores: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """One decode step: q [B, Hq, 1, D] against caches [B, Hkv, L, D], keys ``< kv_len``."""
+    """One decode step: q [B, Hq, 1, D] against caches [B, Hkv, L, D], keys ``< kv_len`` (and ``key_mask``).
+
+    ``semaphores``: an int32 tensor of at least ``B * Hkv`` zeros that split-KV kernels use to combine
+    their partials in the same launch (left at zero; one per decode state, see
+    :func:`dia_fast.ops.triton_attention.decode_attention`); None: the kernel makes its own per call."""
     return get_impl("decode_attention", q.device, backend)(
-        q, k_cache, v_cache, scale=scale, kv_len=kv_len, key_mask=key_mask
+        q, k_cache, v_cache, scale=scale, kv_len=kv_len, key_mask=key_mask, semaphores=semaphores
     )
 
 
@@ -181,19 +207,26 @@ def cfg_sample(
     cond: torch.Tensor,
     uncond: torch.Tensor,
     *,
-    cfg_scale: float = 3.0,
-    temperature: float = 1.2,
-    top_p: float = 0.95,
-    top_k: int | None = 45,
+    cfg_scale: float | torch.Tensor = 3.0,
+    temperature: float | torch.Tensor = 1.2,
+    top_p: float | torch.Tensor = 0.95,
+    top_k: int | None | torch.Tensor = 45,
     eos_id: int = 1024,
     do_sample: bool = True,
     generator: torch.Generator | None = None,
+    seed: torch.Tensor | None = None,
+    offset: int | torch.Tensor = 0,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """Next codes [B, C] from conditional / unconditional logits [B, C, V] (CFG + filters + draw)."""
-    return get_impl("cfg_sample", cond.device, backend)(
-        cond,
-        uncond,
+    """Next codes [B, C] from conditional / unconditional logits [B, C, V] (CFG + filters + draw).
+
+    Settings are numbers or per-row [B] tensors; ``top_k`` None (or 0): no CFG filter, the guided logits
+    are sampled. ``seed`` ([B] int64 Philox keys) + ``offset``: the seeded draw of
+    :func:`dia_fast.ops.reference.cfg_sample`, identical across the backends that implement it (torch,
+    Triton; the C++ and Metal backends hand seeded draws to the reference); otherwise each backend's own
+    draw from ``generator``. See :func:`dia_fast.ops.reference.cfg_sample`.
+    """
+    kw: dict[str, object] = dict(
         cfg_scale=cfg_scale,
         temperature=temperature,
         top_p=top_p,
@@ -201,4 +234,77 @@ def cfg_sample(
         eos_id=eos_id,
         do_sample=do_sample,
         generator=generator,
+    )
+    if seed is not None:
+        kw.update(seed=seed, offset=offset)
+    return get_impl("cfg_sample", cond.device, backend)(cond, uncond, **kw)
+
+
+def add_rmsnorm(
+    residual: torch.Tensor,
+    delta: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    *,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rmsnorm(residual + delta) * weight, residual + delta)``; ``delta`` None: just the norm (and the
+    residual itself). See :func:`dia_fast.ops.reference.add_rmsnorm`."""
+    return get_impl("add_rmsnorm", residual.device, backend)(residual, delta, weight, eps)
+
+
+def rope_kv_write(
+    qkv: torch.Tensor,
+    start: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    n_head: int,
+    n_kv_head: int,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """RoPE on the q and k of a fused projection ``qkv`` [R, T, (Hq + 2 Hkv) D] at positions ``start + t``,
+    k/v written into the caches [R, Hkv, L, D]; returns q [R, Hq, T, D]. See
+    :func:`dia_fast.ops.reference.rope_kv_write`."""
+    return get_impl("rope_kv_write", qkv.device, backend)(qkv, start, cos, sin, k_cache, v_cache, n_head, n_kv_head)
+
+
+def swiglu(gate_up: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """``silu(gate) * up`` of ``[gate | up]`` [..., 2H] -> [..., H]."""
+    return get_impl("swiglu", gate_up.device, backend)(gate_up)
+
+
+def step_update(
+    codes: torch.Tensor,
+    pos: torch.Tensor,
+    eos_pos: torch.Tensor,
+    delays: torch.Tensor,
+    forced_eos_pos: torch.Tensor,
+    forced: torch.Tensor,
+    out: torch.Tensor,
+    real: torch.Tensor,
+    done: torch.Tensor,
+    tokens: torch.Tensor,
+    *,
+    eos_value: int,
+    pad_value: int,
+    backend: str | None = None,
+) -> None:
+    """A decode step's bookkeeping after the draw (EOS countdown, forced prefix, output and next input,
+    completion flag), in place. See :func:`dia_fast.ops.reference.step_update`."""
+    get_impl("step_update", codes.device, backend)(
+        codes,
+        pos,
+        eos_pos,
+        delays,
+        forced_eos_pos,
+        forced,
+        out,
+        real,
+        done,
+        tokens,
+        eos_value=eos_value,
+        pad_value=pad_value,
     )

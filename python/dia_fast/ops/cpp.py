@@ -88,13 +88,15 @@ def cfg_sample(
     cond: torch.Tensor,
     uncond: torch.Tensor,
     *,
-    cfg_scale: float = 3.0,
-    temperature: float = 1.2,
-    top_p: float = 0.95,
-    top_k: int | None = 45,
+    cfg_scale: reference.Param = 3.0,
+    temperature: reference.Param = 1.2,
+    top_p: reference.Param = 0.95,
+    top_k: int | None | torch.Tensor = 45,
     eos_id: int = 1024,
     do_sample: bool = True,
     generator: torch.Generator | None = None,
+    seed: torch.Tensor | None = None,
+    offset: int | torch.Tensor = 0,
 ) -> torch.Tensor:
     """:func:`dia_fast.ops.reference.cfg_sample` in C++ for CPU logits [B, C, V].
 
@@ -102,9 +104,13 @@ def cfg_sample(
     codes. Sampling draws one uniform per row from ``generator`` (``torch.rand``) and inverts the
     CDF of the filtered distribution in ascending id order: the distribution is the reference's
     and a seeded generator makes it reproducible, but the codes are not those that
-    ``torch.multinomial`` would draw from the same generator state.
+    ``torch.multinomial`` would draw from the same generator state. Settings that differ per row and
+    seeded draws (``seed``) run the reference.
     """
-    if cond.device.type != "cpu" or cond.ndim != 3 or cond.shape != uncond.shape:
+    on_cpu = cond.device.type == "cpu" and cond.ndim == 3 and cond.shape == uncond.shape
+    hp = reference.host_params(cfg_scale, temperature, top_p, top_k) if on_cpu else None
+    sampled = do_sample and (hp is None or hp.temperature != 0)
+    if hp is None or (sampled and seed is not None):
         return reference.cfg_sample(
             cond,
             uncond,
@@ -115,17 +121,19 @@ def cfg_sample(
             eos_id=eos_id,
             do_sample=do_sample,
             generator=generator,
+            seed=seed,
+            offset=offset,
         )
     B, C, V = cond.shape
     if not 0 <= eos_id < V:
         raise ValueError(f"eos_id {eos_id} is outside the vocabulary [0, {V})")
+    if hp.top_k <= 0:  # no CFG filter: the guided logits are sampled (the kernel then reads cond only)
+        cond = uncond = reference.guided_logits(cond, uncond, hp.cfg_scale)
     c, u = _logits_view(cond), _logits_view(uncond)
     out = torch.empty((B, C), dtype=torch.long)
     uniforms = None
-    if do_sample and temperature != 0:
+    if sampled:
         uniforms = _np(torch.rand(B * C, generator=generator, dtype=torch.float32))
-    k = 0 if top_k is None else int(top_k)
-    _lib().cfg_sample(
-        _np(c), _np(u), _np(out), float(cfg_scale), float(temperature), float(top_p), k, int(eos_id), uniforms
-    )
+    k = max(hp.top_k, 0)
+    _lib().cfg_sample(_np(c), _np(u), _np(out), hp.cfg_scale, hp.temperature, hp.top_p, k, int(eos_id), uniforms)
     return out

@@ -257,8 +257,10 @@ def decode_attention(
     scale: float = 1.0,
     kv_len: torch.Tensor | int | None = None,
     key_mask: torch.Tensor | None = None,
+    semaphores: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """:func:`dia_fast.ops.reference.decode_attention` as a Metal kernel (f16, head dim <= 256)."""
+    """:func:`dia_fast.ops.reference.decode_attention` as a Metal kernel (f16, head dim <= 256; one launch,
+    no split, so ``semaphores`` is unused)."""
     B, Hq, Tq, D = q.shape
     Bk, Hkv, L, Dk = k_cache.shape
     ok = (
@@ -282,28 +284,35 @@ def cfg_sample(
     cond: torch.Tensor,
     uncond: torch.Tensor,
     *,
-    cfg_scale: float = 3.0,
-    temperature: float = 1.2,
-    top_p: float = 0.95,
-    top_k: int | None = 45,
+    cfg_scale: reference.Param = 3.0,
+    temperature: reference.Param = 1.2,
+    top_p: reference.Param = 0.95,
+    top_k: int | None | torch.Tensor = 45,
     eos_id: int = 1024,
     do_sample: bool = True,
     generator: torch.Generator | None = None,
+    seed: torch.Tensor | None = None,
+    offset: int | torch.Tensor = 0,
 ) -> torch.Tensor:
     """:func:`dia_fast.ops.reference.cfg_sample` as a Metal kernel (logits upcast to float32).
 
     Greedy mode picks the reference's codes (up to float rounding of the guided logits). Sampling
     inverts the CDF of the filtered distribution with one ``torch.rand`` uniform per row drawn
     from ``generator`` on the device: same distribution, reproducible, not ``torch.multinomial``'s
-    draws.
+    draws. Settings that differ per row and seeded draws (``seed``) run the reference.
     """
     B, C, V = cond.shape
-    if V > SAMPLE_MAX_VOCAB or cond.shape != uncond.shape:
+    shape_ok = V <= SAMPLE_MAX_VOCAB and cond.shape == uncond.shape
+    hp = reference.host_params(cfg_scale, temperature, top_p, top_k) if shape_ok else None
+    greedy = (not do_sample) or (hp is not None and hp.temperature == 0)
+    if hp is None or (not greedy and seed is not None):
         return reference.cfg_sample(cond, uncond, cfg_scale=cfg_scale, temperature=temperature, top_p=top_p,
-                                    top_k=top_k, eos_id=eos_id, do_sample=do_sample, generator=generator)  # fmt: skip
+                                    top_k=top_k, eos_id=eos_id, do_sample=do_sample, generator=generator,
+                                    seed=seed, offset=offset)  # fmt: skip
     if not 0 <= eos_id < V:
         raise ValueError(f"eos_id {eos_id} is outside the vocabulary [0, {V})")
-    greedy = (not do_sample) or temperature == 0
+    if hp.top_k <= 0:  # no CFG filter: the guided logits are sampled (the kernel then reads cond only)
+        cond = uncond = reference.guided_logits(cond, uncond, hp.cfg_scale)
     c = cond.float().contiguous()
     u = uncond.float().contiguous()
     uniforms = (
@@ -312,7 +321,6 @@ def cfg_sample(
         else torch.rand(B * C, generator=generator, device=cond.device, dtype=torch.float32)
     )
     out = torch.empty((B, C), dtype=torch.int64, device=cond.device)
-    k = 0 if top_k is None else int(top_k)
-    _launch("dia_cfg_sample_f32", c, u, uniforms, out, C, V, k, int(eos_id), int(greedy), float(cfg_scale),
-            float(temperature), float(top_p), threads=B * C * SAMPLE_GROUP, group_size=SAMPLE_GROUP)  # fmt: skip
+    _launch("dia_cfg_sample_f32", c, u, uniforms, out, C, V, max(hp.top_k, 0), int(eos_id), int(greedy),
+            hp.cfg_scale, hp.temperature, hp.top_p, threads=B * C * SAMPLE_GROUP, group_size=SAMPLE_GROUP)  # fmt: skip
     return out

@@ -7,6 +7,7 @@ functions here, and they are the fallback wherever no faster backend is availabl
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -151,6 +152,10 @@ def attention(
     return out.reshape(B, Hq, Tq, D).to(q.dtype)
 
 
+# decode_attention on CPU tensors reads kv_len to skip the keys past it (free there; a sync elsewhere).
+SKIP_PAST_LENGTH_ON_CPU = True
+
+
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -159,15 +164,22 @@ def decode_attention(
     scale: float = 1.0,
     kv_len: torch.Tensor | int | None = None,
     key_mask: torch.Tensor | None = None,
+    semaphores: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query step against a (static) KV cache.
 
     q: [B, Hq, 1, D]; k_cache, v_cache: [B, Hkv, L, D]. Keys ``[0, kv_len)`` are attended
     (``kv_len``: int, 0-d or [B] integer tensor, possibly on the device; None = all L), further
     restricted by ``key_mask`` [B, L] (True = attend), used for cross-attention over padded text.
-    Returns [B, Hq, 1, D].
+    ``semaphores``: scratch of the split-KV kernels (unused here). Returns [B, Hq, 1, D].
     """
     B, _, L, _ = k_cache.shape
+    if kv_len is not None and q.device.type == "cpu" and SKIP_PAST_LENGTH_ON_CPU and L > 512:
+        # Keys past every row's length are masked anyway; on the CPU reading the length costs little, so a long
+        # cache (e.g. sized for the model's limit) is cut to it. Elsewhere that read would sync: mask instead.
+        n = min(L, max(int(torch.as_tensor(kv_len).max()), 0))
+        k_cache, v_cache, L = k_cache[:, :, :n], v_cache[:, :, :n], n
+        key_mask = None if key_mask is None else key_mask[:, :n]
     mask = decode_key_mask(B, L, kv_len, key_mask, q.device)
     return attention(q, k_cache, v_cache, scale=scale, causal=False, key_mask=mask)
 
@@ -187,29 +199,90 @@ def decode_key_mask(
     return mask
 
 
+# --- sampling ------------------------------------------------------------------------------
+
+Param = float | int | torch.Tensor | None
+
+
+def row_param(value: Param, B: int, dtype: torch.dtype, device: torch.device, name: str) -> torch.Tensor:
+    """A per-row sampling parameter as a [B] tensor: a number is broadcast, a [B] (or 1-element)
+    tensor is used as is (moved to ``device``)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() not in (1, B) or value.ndim > 1:
+            raise ValueError(f"{name} must be a number or a [B={B}] tensor, got shape {tuple(value.shape)}")
+        return value.to(device=device, dtype=dtype).reshape(-1).expand(B)
+    return torch.full((B,), value, dtype=dtype, device=device)
+
+
+class HostParams(NamedTuple):
+    """Sampling settings shared by every row, as numbers (``top_k`` 0 = no CFG filter)."""
+
+    cfg_scale: float
+    temperature: float
+    top_p: float
+    top_k: int
+
+
+def host_params(
+    cfg_scale: Param, temperature: Param, top_p: Param, top_k: int | None | torch.Tensor
+) -> HostParams | None:
+    """The settings as numbers when every row shares them, else None. Tensors are read on the host (meant
+    for the CPU / MPS backends, whose kernels take one setting per call)."""
+    values = []
+    for v in (cfg_scale, temperature, top_p, top_k_arg(top_k)):
+        if isinstance(v, torch.Tensor):
+            flat = v.reshape(-1).tolist()
+            if not flat or any(x != flat[0] for x in flat):
+                return None
+            v = flat[0]
+        values.append(v)
+    return HostParams(float(values[0]), float(values[1]), float(values[2]), int(values[3]))
+
+
+def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+    """``cond + cfg_scale * (cond - uncond)`` in fp32 (what is sampled without a CFG filter)."""
+    cond = cond.float()
+    return cond + cfg_scale * (cond - uncond.float())
+
+
+def top_k_arg(top_k: int | None | torch.Tensor) -> int | torch.Tensor:
+    """``cfg_filter_top_k`` as the kernels take it: None (no filter, sample the guided logits) -> 0."""
+    return 0 if top_k is None else top_k
+
+
+def stable_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Rank of every element along the last dim in a stable descending sort (0 = largest; among equal
+    values the lower index ranks first; -0.0 == +0.0)."""
+    order = torch.sort(x + 0.0, dim=-1, descending=True, stable=True).indices  # + 0.0: -0.0 -> +0.0
+    ranks = torch.empty_like(order)
+    return ranks.scatter_(-1, order, torch.arange(x.shape[-1], device=x.device).expand_as(order))
+
+
 def filter_cfg_logits(
     cond: torch.Tensor,
     uncond: torch.Tensor,
     *,
-    cfg_scale: float,
-    top_k: int | None,
+    cfg_scale: Param,
+    top_k: int | None | torch.Tensor,
     eos_id: int,
 ) -> torch.Tensor:
     """CFG + top-k filter + Dia's special-token rules, in fp32. [B, C, V] -> [B, C, V].
 
-    guided = cond + cfg_scale * (cond - uncond); keep the COND logits at the top-k ids of
-    ``guided`` (-inf elsewhere); ids above ``eos_id`` are never sampled; only channel 0 may
+    guided = cond + cfg_scale * (cond - uncond). With a top-k (``top_k`` >= 1): keep the COND logits
+    at the top-k ids of ``guided`` (-inf elsewhere; ties go to the lower id; ``top_k >= V`` keeps every
+    cond logit). Without (``top_k`` None or 0): the guided logits themselves, as transformers'
+    guidance does without a filter. Then ids above ``eos_id`` are never sampled; only channel 0 may
     emit ``eos_id`` and, when EOS is its argmax, it is the only candidate (else it is masked).
+    ``cfg_scale`` and ``top_k`` may be per-row [B] tensors.
     """
     cond = cond.float()
     uncond = uncond.float()
-    guided = cond + cfg_scale * (cond - uncond)
-    logits = cond
-    V = cond.shape[-1]
-    if top_k is not None and 0 < top_k < V:
-        idx = guided.topk(top_k, dim=-1).indices
-        keep = torch.zeros_like(cond, dtype=torch.bool).scatter_(-1, idx, True)
-        logits = cond.masked_fill(~keep, float("-inf"))
+    B, C, V = cond.shape
+    scale = row_param(cfg_scale, B, torch.float32, cond.device, "cfg_scale")[:, None, None]
+    k = row_param(top_k_arg(top_k), B, torch.long, cond.device, "top_k")[:, None, None]
+    guided = cond + scale * (cond - uncond)
+    keep = stable_ranks(guided) < k
+    logits = torch.where(k > 0, torch.where(keep, cond, float("-inf")), guided)
     neg_inf = float("-inf")
     logits = logits.clone()
     logits[:, :, eos_id + 1 :] = neg_inf
@@ -223,41 +296,247 @@ def filter_cfg_logits(
     return logits
 
 
-def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+def top_p_filter(logits: torch.Tensor, top_p: Param) -> torch.Tensor:
     """Nucleus filter on the last dim: keep the smallest set of highest-probability ids whose
-    mass reaches ``top_p`` (always at least the top id)."""
-    if top_p >= 1.0:
+    mass reaches ``top_p`` (always at least the top id; ties ranked by the lower id first).
+    ``top_p`` may be a per-row [B] tensor for [B, C, V] logits."""
+    if not isinstance(top_p, torch.Tensor) and top_p >= 1.0:
         return logits
-    sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
-    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    remove = cum > top_p
-    remove[..., 1:] = remove[..., :-1].clone()  # shift right: keep the id that crosses top_p
+    p = top_p
+    if isinstance(top_p, torch.Tensor):
+        p = row_param(top_p, logits.shape[0], torch.float32, logits.device, "top_p")
+        p = p.reshape(-1, *([1] * (logits.ndim - 1)))
+    order = torch.sort(logits + 0.0, dim=-1, descending=True, stable=True).indices
+    sorted_logits = logits.gather(-1, order)
+    probs = sorted_logits.softmax(dim=-1)
+    cum = probs.cumsum(dim=-1)
+    above = torch.cat([torch.zeros_like(cum[..., :1]), cum[..., :-1]], dim=-1)  # mass ranked strictly above
+    remove = (above > p) & (p < 1.0)
     remove[..., 0] = False
-    remove_orig = torch.zeros_like(remove).scatter_(-1, sorted_idx, remove)
+    remove_orig = torch.zeros_like(remove).scatter_(-1, order, remove)
     return logits.masked_fill(remove_orig, float("-inf"))
+
+
+# Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11): the counter-based
+# generator of the sampled draws. The Triton kernel computes the same function, so the two backends draw
+# the same codes for the same seeds.
+PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
+PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
+_U32 = 0xFFFFFFFF
+
+
+def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 32-bit words of ``a * b`` for a constant ``a < 2**32`` and int64 ``b`` in [0, 2**32),
+    without 64-bit overflow (16-bit limbs)."""
+    p_lo = a * (b & 0xFFFF)
+    mid = (p_lo >> 16) + a * (b >> 16)
+    return mid >> 16, ((mid & 0xFFFF) << 16) | (p_lo & 0xFFFF)
+
+
+def philox4x32(
+    key: torch.Tensor, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Philox4x32-10 of the counter (c0, c1, c2, c3) under a 64-bit key (low word first): four int64 tensors
+    holding 32-bit words. Inputs broadcast; each counter word must be in [0, 2**32)."""
+    k0, k1 = key & _U32, (key >> 32) & _U32
+    for i in range(10):
+        if i:
+            k0, k1 = (k0 + PHILOX_W0) & _U32, (k1 + PHILOX_W1) & _U32
+        hi0, lo0 = _mulhilo(PHILOX_M0, c0)
+        hi1, lo1 = _mulhilo(PHILOX_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return c0, c1, c2, c3
+
+
+def philox_uint32(
+    key: torch.Tensor, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor
+) -> torch.Tensor:
+    """The first word of :func:`philox4x32` (what the sampler's noise uses)."""
+    return philox4x32(key, c0, c1, c2, c3)[0]
+
+
+def gumbel_noise(seed: torch.Tensor, offset: torch.Tensor, C: int, V: int) -> torch.Tensor:
+    """Standard Gumbel noise [B, C, V] (fp32) of the seeded draws: element (b, c, v) comes from
+    Philox with key ``seed[b]`` and counter ``(v, c, offset[b] low word, offset[b] high word)``, its 24 high
+    bits made a uniform strictly inside (0, 1), then ``-log(-log(u))``."""
+    dev = seed.device
+    key = seed.reshape(-1, 1, 1).long()
+    off = offset.reshape(-1, 1, 1).long()
+    v = torch.arange(V, device=dev).reshape(1, 1, V)
+    c = torch.arange(C, device=dev).reshape(1, C, 1)
+    bits = philox_uint32(key, v, c, off & _U32, (off >> 32) & _U32)
+    u = ((bits >> 8).float() + 0.5) * (1.0 / 16777216.0)
+    return -torch.log(-torch.log(u))
+
+
+def seed_from_int(seed: int) -> int:
+    """Any Python int as a Philox key: reduced modulo 2**64, stored as a signed int64 (two's complement)."""
+    s = int(seed) % (1 << 64)
+    return s - (1 << 64) if s >= (1 << 63) else s
 
 
 def cfg_sample(
     cond: torch.Tensor,
     uncond: torch.Tensor,
     *,
-    cfg_scale: float = 3.0,
-    temperature: float = 1.2,
-    top_p: float = 0.95,
-    top_k: int | None = 45,
+    cfg_scale: Param = 3.0,
+    temperature: Param = 1.2,
+    top_p: Param = 0.95,
+    top_k: int | None | torch.Tensor = 45,
     eos_id: int = 1024,
     do_sample: bool = True,
     generator: torch.Generator | None = None,
+    seed: torch.Tensor | None = None,
+    offset: int | torch.Tensor = 0,
 ) -> torch.Tensor:
     """Pick the next code of every channel from conditional/unconditional logits [B, C, V].
 
-    Greedy (``do_sample=False`` or ``temperature == 0``): argmax of :func:`filter_cfg_logits`.
-    Sampling: temperature, then top-p, then a multinomial draw. Returns [B, C] int64.
+    :func:`filter_cfg_logits`, then per row: greedy (``do_sample=False`` or ``temperature == 0``): the
+    argmax; else temperature, :func:`top_p_filter` and a draw. ``cfg_scale``, ``temperature``, ``top_p``
+    and ``top_k`` are numbers or per-row [B] tensors. The draw: with ``seed`` (an int64 tensor [B] or [1],
+    one Philox key per row) the Gumbel-max draw ``argmax(logits / T + g)`` with the noise of
+    :func:`gumbel_noise` at counter offset ``offset`` (an int, or a [1] / [B] integer tensor such as the
+    decode position): reproducible, identical in every backend that implements it, and never syncing;
+    without ``seed``: ``torch.multinomial`` from ``generator``. Returns [B, C] int64.
     """
     logits = filter_cfg_logits(cond, uncond, cfg_scale=cfg_scale, top_k=top_k, eos_id=eos_id)
-    if not do_sample or temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = top_p_filter(logits / temperature, top_p)
-    probs = logits.softmax(dim=-1)
-    B, C, V = probs.shape
-    return torch.multinomial(probs.reshape(B * C, V), 1, generator=generator).reshape(B, C)
+    B, C, V = logits.shape
+    greedy_pick = logits.argmax(dim=-1)
+    temp = row_param(temperature, B, torch.float32, logits.device, "temperature")
+    if not do_sample:
+        return greedy_pick
+    if seed is None and not isinstance(temperature, torch.Tensor) and temperature == 0:
+        return greedy_pick
+    sampled = temp > 0
+    z = top_p_filter(logits / torch.where(sampled, temp, 1.0)[:, None, None], top_p)
+    if seed is not None:
+        seeds = row_param(seed, B, torch.long, logits.device, "seed")
+        offs = row_param(offset, B, torch.long, logits.device, "offset")
+        pick = (z + gumbel_noise(seeds, offs, C, V)).argmax(dim=-1)
+    else:
+        probs = z.softmax(dim=-1)
+        pick = torch.multinomial(probs.reshape(B * C, V), 1, generator=generator).reshape(B, C)
+    return torch.where(sampled[:, None], pick, greedy_pick)
+
+
+# --- the fused ops of a decode step -----------------------------------------------------------
+
+
+def add_rmsnorm(
+    residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add + RMSNorm: ``h = residual + delta`` (in their dtype; ``delta`` None: ``h = residual``),
+    ``normed = h * rsqrt(mean(h**2) + eps) * weight`` computed in fp32 and cast to h's dtype.
+    Returns ``(normed, h)``; shapes [..., D], weight [D]."""
+    h = residual if delta is None else residual + delta
+    hf = h.float()
+    normed = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    return normed.to(h.dtype), h
+
+
+def rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Half-split RoPE in fp32, cast back: x [..., D], cos/sin broadcastable to [..., D/2]."""
+    half = x.shape[-1] // 2
+    xf = x.float()
+    x1, x2 = xf[..., :half], xf[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+def rope_kv_write(
+    qkv: torch.Tensor,
+    start: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    n_head: int,
+    n_kv_head: int,
+) -> torch.Tensor:
+    """RoPE on q and k of a fused projection, and the write of k/v into a static cache.
+
+    ``qkv`` [R, T, (n_head + 2 n_kv_head) * D] (q heads, then k heads, then v heads); token ``t`` of row
+    ``r`` is at position ``start[r] + t`` (``start``: None = 0, or an integer tensor [1] or [R], e.g. the
+    decode position on the device). ``cos``/``sin``: fp32 tables [P, D/2] indexed by position. Writes the
+    rotated k and the v of every token at its position into ``k_cache``/``v_cache`` [R, n_kv_head, L, D]
+    (positions must be < L) and returns the rotated q [R, n_head, T, D] (contiguous, qkv's dtype).
+    """
+    R, T, W = qkv.shape
+    D = W // (n_head + 2 * n_kv_head)
+    q, k, v = qkv.split([n_head * D, n_kv_head * D, n_kv_head * D], dim=-1)
+    one_position = start is not None and T == 1 and start.numel() == 1  # a decode step: fewer ops
+    if one_position:
+        pos = start.to(qkv.device).reshape(1, 1).long()
+    else:
+        pos = torch.arange(T, device=qkv.device)[None, :]
+        if start is not None:
+            pos = pos + start.to(qkv.device).reshape(-1, 1).long()  # [1 or R, T]
+    c, s = cos[pos][:, None], sin[pos][:, None]  # [1 or R, 1, T, D/2]
+
+    def heads(x: torch.Tensor, n: int) -> torch.Tensor:
+        return x.reshape(R, T, n, D).transpose(1, 2)
+
+    q = rotate_half(heads(q, n_head), c, s).contiguous()
+    k = rotate_half(heads(k, n_kv_head), c, s)
+    v = heads(v, n_kv_head)
+    if start is None:
+        k_cache[:, :, :T].copy_(k)
+        v_cache[:, :, :T].copy_(v)
+    elif one_position:
+        k_cache.index_copy_(2, pos[0], k)
+        v_cache.index_copy_(2, pos[0], v)
+    else:
+        rows = torch.arange(R, device=qkv.device)[:, None]
+        where = (rows, slice(None), pos.expand(R, T))
+        k_cache[where] = k.transpose(1, 2).to(k_cache.dtype)
+        v_cache[where] = v.transpose(1, 2).to(v_cache.dtype)
+    return q
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for ``gate_up = [gate | up]`` [..., 2H] -> [..., H] (torch's rounding in the
+    input dtype)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+NOT_FORCED = -1
+
+
+def step_update(
+    codes: torch.Tensor,
+    pos: torch.Tensor,
+    eos_pos: torch.Tensor,
+    delays: torch.Tensor,
+    forced_eos_pos: torch.Tensor,
+    forced: torch.Tensor,
+    out: torch.Tensor,
+    real: torch.Tensor,
+    done: torch.Tensor,
+    tokens: torch.Tensor,
+    *,
+    eos_value: int,
+    pad_value: int,
+) -> None:
+    """The bookkeeping of a decode step after the draw, in place (no host sync).
+
+    ``codes`` [B, C]: the codes sampled for position ``p = pos[0]``. Dia's end-of-speech countdown: channel 0
+    emitting EOS, or ``p`` reaching ``forced_eos_pos`` ([] or [B]), starts it (``eos_pos`` [B] records
+    where; -1 while speaking); channel ``c`` is then forced to EOS exactly ``delays[c]`` steps later and to
+    PAD after that. A value of ``forced`` [B, L, C] at ``p`` other than -1 (the BOS / voice-prompt prefix)
+    wins over both. The codes go to ``out[:, p]`` [B, L, C] and to ``tokens`` [R, 1, C] (the next decoder
+    input: row ``r`` gets item ``r % B``). ``done`` [1] becomes True once every row with ``real`` [B] set
+    has written its last EOS (``max(delays)`` steps after channel 0's).
+    """
+    p = pos.reshape(-1)[0]
+    started = (codes[:, 0] == eos_value) | (p >= forced_eos_pos)
+    eos_pos.copy_(torch.where((eos_pos < 0) & started, p, eos_pos))
+    active = (eos_pos >= 0)[:, None]
+    since = (p - eos_pos)[:, None]
+    codes = torch.where(active & (since == delays[None, :]), torch.full_like(codes, eos_value), codes)
+    codes = torch.where(active & (since > delays[None, :]), torch.full_like(codes, pad_value), codes)
+    at_p = forced.index_select(1, pos.reshape(-1)[:1])[:, 0]
+    codes = torch.where(at_p != NOT_FORCED, at_p, codes)
+    out.index_copy_(1, pos.reshape(-1)[:1], codes[:, None])
+    finished = ((eos_pos >= 0) & (p - eos_pos >= delays.max())) | ~real
+    done.copy_(finished.all().reshape(1))
+    tokens.copy_(codes.repeat(tokens.shape[0] // codes.shape[0], 1)[:, None, :])

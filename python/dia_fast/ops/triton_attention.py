@@ -28,7 +28,7 @@ _LOG2E = 1.4426950408889634
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # SM count assumed where there is no CUDA device (the interpreter): enough to exercise splitting.
 _CPU_SM_COUNT = 4
-# Upper bound on KV splits (the reduction kernel loads all splits of a head at once).
+# Upper bound on KV splits (the last split combines the partials of all of them in a loop).
 _MAX_SPLITS = 128
 
 
@@ -130,41 +130,39 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
-def _decode_split_kernel(
-    Q, K, V, KM, KVLEN, Out, PO, PM, PL,
+def _decode_kernel(
+    Q, K, V, KM, KVLEN, Out, Part, Sem,
     sqb, sqh, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     skmb, skmn,
     skvl, kv_len_int,
     sob, soh, sod,
-    Hq, L, n_splits, qk_scale,
+    Hq, Hkv, L, n_splits, qk_scale,
     GROUP: tl.constexpr,
     BLOCK_G: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    MIN_CHUNK: tl.constexpr,
+    SPLIT: tl.constexpr,
+    BLOCK_S: tl.constexpr,
     KVLEN_MODE: tl.constexpr,
     HAS_MASK: tl.constexpr,
-    DIRECT: tl.constexpr,
     PREC: tl.constexpr,
 ):  # fmt: skip
-    """One program = one (batch row, KV head, split): all GROUP query heads of the KV head
-    against keys [split * chunk, (split + 1) * chunk) ∩ [0, kv_len). K/V are read once.
+    """One program = one (batch row, KV head, split): all GROUP query heads of the KV head against
+    keys [split * chunk, (split + 1) * chunk) ∩ [0, kv_len). K/V are read once.
 
-    ``chunk`` is computed here from the length read on the device: the valid keys are spread
-    evenly over the fixed number of splits (in whole blocks), whatever the current length."""
+    The valid keys (read on the device) are spread over the launched splits in whole blocks of at least
+    MIN_CHUNK keys, so a short key range runs on one split, which writes the output directly (no
+    splitting for short keys). With several working splits each stores its unnormalised partial
+    (acc, max, sum) and takes a ticket from its (row, KV head)'s semaphore; the last to arrive
+    combines the partials, writes the output and resets the semaphore to 0 (no second launch).
+    Splits past the working ones do nothing. SPLIT=False (one split launched) compiles the direct path alone."""
     b = tl.program_id(0).to(tl.int64)
     hk = tl.program_id(1)
     s = tl.program_id(2)
-
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = _dim_mask(HEAD_DIM, BLOCK_D)
-    g_ok = offs_g < GROUP
-    gd_ok = g_ok[:, None] & d_ok[None, :]
-    heads = (hk * GROUP + offs_g).to(tl.int64)
 
     # KVLEN_MODE: 0 = all L keys, 1 = host int, 2 = device tensor (read here: no host sync)
     if KVLEN_MODE == 2:
@@ -173,89 +171,119 @@ def _decode_split_kernel(
         n_valid = tl.minimum(kv_len_int, L)
     else:
         n_valid = L
-    chunk = tl.cdiv(tl.cdiv(n_valid, n_splits), BLOCK_N) * BLOCK_N
-    lo = s * chunk
-    hi = tl.minimum(lo + chunk, n_valid)
+    chunk = tl.maximum(tl.cdiv(tl.cdiv(n_valid, n_splits), BLOCK_N) * BLOCK_N, MIN_CHUNK)
+    n_work = tl.maximum(tl.cdiv(n_valid, chunk), 1)
 
-    q = tl.load(Q + b * sqb + heads[:, None] * sqh + offs_d[None, :] * sqd, mask=gd_ok, other=0.0)
-    k_base = K + b * skb + hk.to(tl.int64) * skh
-    v_base = V + b * svb + hk.to(tl.int64) * svh
+    if s < n_work:
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = _dim_mask(HEAD_DIM, BLOCK_D)
+        g_ok = offs_g < GROUP
+        gd_ok = g_ok[:, None] & d_ok[None, :]
+        heads = (hk * GROUP + offs_g).to(tl.int64)
+        lo = s * chunk
+        hi = tl.minimum(lo + chunk, n_valid)
 
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        q = tl.load(Q + b * sqb + heads[:, None] * sqh + offs_d[None, :] * sqd, mask=gd_ok, other=0.0)
+        k_base = K + b * skb + hk.to(tl.int64) * skh
+        v_base = V + b * svb + hk.to(tl.int64) * svh
 
-    # splits entirely past kv_len run no iteration and report (m=-inf, l=0, acc=0)
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols < hi
-        k = tl.load(
-            k_base + cols[None, :] * skn + offs_d[:, None] * skd, mask=col_ok[None, :] & d_ok[:, None], other=0.0
-        )
-        qk = tl.dot(q, k, input_precision=PREC) * qk_scale
-        valid = col_ok
-        if HAS_MASK:
-            km = tl.load(KM + b * skmb + cols * skmn, mask=col_ok, other=0)
-            valid = valid & (km != 0)
-        qk = tl.where(valid[None, :], qk, float("-inf"))
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        for start_n in range(lo, hi, BLOCK_N):
+            cols = start_n + offs_n
+            col_ok = cols < hi
+            k = tl.load(
+                k_base + cols[None, :] * skn + offs_d[:, None] * skd, mask=col_ok[None, :] & d_ok[:, None], other=0.0
+            )
+            qk = tl.dot(q, k, input_precision=PREC) * qk_scale
+            valid = col_ok
+            if HAS_MASK:
+                km = tl.load(KM + b * skmb + cols * skmn, mask=col_ok, other=0)
+                valid = valid & (km != 0)
+            qk = tl.where(valid[None, :], qk, float("-inf"))
 
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(qk - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            v_base + cols[:, None] * svn + offs_d[None, :] * svd, mask=col_ok[:, None] & d_ok[None, :], other=0.0
-        )
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(qk - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(
+                v_base + cols[:, None] * svn + offs_d[None, :] * svd, mask=col_ok[:, None] & d_ok[None, :], other=0.0
+            )
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+            m_i = m_new
 
-    if DIRECT:
-        # a single split: normalise and write the output, no reduction pass
-        denom = tl.where(l_i > 0.0, l_i, 1.0)
-        out = tl.where((l_i > 0.0)[:, None], acc / denom[:, None], 0.0)
-        tl.store(
-            Out + b * sob + heads[:, None] * soh + offs_d[None, :] * sod,
-            out.to(Out.dtype.element_ty),
-            mask=gd_ok,
-        )
-    else:
-        # partials laid out [B * Hq, n_splits, (HEAD_DIM)], fp32, unnormalised
-        row = (b * Hq + heads) * n_splits + s
-        tl.store(PM + row, m_i, mask=g_ok)
-        tl.store(PL + row, l_i, mask=g_ok)
-        tl.store(PO + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=gd_ok)
+        out_ptr = Out + b * sob + heads[:, None] * soh + offs_d[None, :] * sod
+        if SPLIT:
+            if n_work == 1:
+                _store_normalized(out_ptr, acc, l_i, gd_ok)
+            else:
+                head0 = b * Hq + hk * GROUP
+                _combine_splits(Part, Sem + b * Hkv + hk, Out + b * sob + (hk * GROUP).to(tl.int64) * soh, soh, sod,
+                                acc, m_i, l_i, (b * Hq + heads) * n_splits, head0 * n_splits, s, n_work, n_splits,
+                                g_ok, gd_ok, offs_d, d_ok, HEAD_DIM, GROUP, BLOCK_D, BLOCK_S)  # fmt: skip
+        else:
+            _store_normalized(out_ptr, acc, l_i, gd_ok)
 
 
 @triton.jit
-def _decode_reduce_kernel(
-    PO, PM, PL, Out,
-    sob, soh, sod,
-    Hq, n_splits,
+def _store_normalized(out_ptr, acc, l_i, mask):
+    """acc / l (rows that saw no key: zeros) -> the output's dtype."""
+    denom = tl.where(l_i > 0.0, l_i, 1.0)
+    out = tl.where((l_i > 0.0)[:, None], acc / denom[:, None], 0.0)
+    tl.store(out_ptr, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _combine_splits(
+    Part, sem, out_head0, soh, sod, acc, m_i, l_i, first_row, head0_row, s, n_work, n_splits, g_ok, gd_ok, offs_d, d_ok,
     HEAD_DIM: tl.constexpr,
+    GROUP: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):  # fmt: skip
-    """Combine the per-split (acc, max, sumexp) of one (batch row, query head)."""
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid // Hq
-    h = pid % Hq
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = _dim_mask(HEAD_DIM, BLOCK_D)
-    s_ok = offs_s < n_splits
-    row = pid * n_splits + offs_s
-
-    m = tl.load(PM + row, mask=s_ok, other=float("-inf"))
-    l = tl.load(PL + row, mask=s_ok, other=0.0)  # noqa: E741
-    m_max = tl.max(m, 0)
-    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
-    w = tl.exp2(m - m_safe)  # empty splits (m = -inf) weigh 0
-    denom = tl.sum(w * l, 0)
-    acc = tl.load(PO + row[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
-    num = tl.sum(acc * w[:, None], 0)
-    out = tl.where(denom > 0.0, num / tl.where(denom > 0.0, denom, 1.0), 0.0)
-    tl.store(Out + b * sob + h * soh + offs_d * sod, out.to(Out.dtype.element_ty), mask=d_ok)
+    """Store this split's partial and take a ticket; the last split of the (row, KV head) combines them all,
+    head by head, BLOCK_S splits per load (one load wave for up to BLOCK_S splits, not one per split)."""
+    # partials [B * Hq, n_splits, HEAD_DIM + 2] fp32: acc, then max, then sum
+    row = (first_row + s) * (HEAD_DIM + 2)
+    tl.store(Part + row[:, None] + offs_d[None, :], acc, mask=gd_ok)
+    tl.store(Part + row + HEAD_DIM, m_i, mask=g_ok)
+    tl.store(Part + row + HEAD_DIM + 1, l_i, mask=g_ok)
+    tl.debug_barrier()  # every thread's partial is written before the ticket (release) is taken
+    ticket = tl.atomic_add(sem, 1, sem="acq_rel", scope="gpu")
+    if ticket == n_work - 1:  # the last split of this (row, KV head): combine
+        offs_s = tl.arange(0, BLOCK_S)
+        for g in tl.static_range(GROUP):
+            base = (head0_row + g * n_splits) * (HEAD_DIM + 2)
+            m_tot = tl.full([1], float("-inf"), tl.float32)
+            l_tot = tl.zeros([1], tl.float32)
+            acc_tot = tl.zeros([BLOCK_D], tl.float32)
+            for c0 in range(0, n_work, BLOCK_S):
+                split = c0 + offs_s
+                s_ok = split < n_work
+                rows = base + split * (HEAD_DIM + 2)
+                # .cg: read the other programs' partials from L2, never from a stale L1 line
+                m_c = tl.load(Part + rows + HEAD_DIM, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
+                l_c = tl.load(Part + rows + HEAD_DIM + 1, mask=s_ok, other=0.0, cache_modifier=".cg")
+                a_c = tl.load(
+                    Part + rows[:, None] + offs_d[None, :],
+                    mask=s_ok[:, None] & d_ok[None, :],
+                    other=0.0,
+                    cache_modifier=".cg",
+                )
+                m_new = tl.maximum(m_tot, tl.max(m_c, axis=0))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                w_old = tl.exp2(m_tot - m_safe)
+                w_c = tl.exp2(m_c - m_safe)  # splits that saw no key: m = -inf, weight 0
+                l_tot = l_tot * w_old + tl.sum(l_c * w_c, axis=0)
+                acc_tot = acc_tot * w_old + tl.sum(a_c * w_c[:, None], axis=0)
+                m_tot = m_new
+            out = tl.where(l_tot > 0.0, acc_tot / tl.where(l_tot > 0.0, l_tot, 1.0), 0.0)
+            tl.store(out_head0 + g * soh + offs_d * sod, out.to(out_head0.dtype.element_ty), mask=d_ok)
+        tl.atomic_xchg(sem, 0)  # ready for the next launch
 
 
 # --- host side ------------------------------------------------------------------------------
@@ -363,15 +391,21 @@ def _device_sm_count(device: torch.device) -> int:
 def decode_num_splits(
     batch: int, kv_heads: int, cache_len: int, block_n: int, sm_count: int, num_splits: int | None = None
 ) -> int:
-    """Number of KV splits for split-KV decoding: enough that ``batch * kv_heads * n_splits``
-    programs fill about two waves of ``sm_count`` SMs, at most one per ``block_n`` keys of the
-    cache and at most 128. Depends on shapes only, never on ``kv_len``, so a decode step stays
-    CUDA-graph capturable; the kernel spreads the current ``kv_len`` keys evenly over the
-    splits. ``num_splits`` forces a count (clamped to the same bounds)."""
-    n_blocks = max(1, triton.cdiv(cache_len, block_n))
+    """Number of KV splits launched for split-KV decoding: enough that ``batch * kv_heads * n_splits``
+    programs fill about two waves of ``sm_count`` SMs, at most one per ``MIN_CHUNK`` keys of the cache
+    (so short caches, e.g. cross-attention over a short text, are never split) and at most 128. Depends on
+    shapes only, never on ``kv_len``, so a decode step stays CUDA-graph capturable; the kernel spreads the
+    current ``kv_len`` keys over the splits (blocks of ``block_n``, at least ``MIN_CHUNK`` keys each) and
+    the splits left without keys return at once. ``num_splits`` forces a count (same bounds)."""
+    n_chunks = max(1, cache_len // max(block_n, _min_chunk(sm_count)))
     if num_splits is None:
         num_splits = triton.cdiv(2 * sm_count, max(1, batch * kv_heads))
-    return max(1, min(num_splits, n_blocks, _MAX_SPLITS))
+    return max(1, min(num_splits, n_chunks, _MAX_SPLITS))
+
+
+def _min_chunk(sm_count: int) -> int:
+    """Fewest keys a split works on: 128 on a GPU; 32 in the interpreter, so tests exercise splitting."""
+    return 32 if sm_count == _CPU_SM_COUNT else 128
 
 
 def attention(
@@ -424,15 +458,20 @@ def decode_attention(
     kv_len: torch.Tensor | int | None = None,
     key_mask: torch.Tensor | None = None,
     num_splits: int | None = None,
+    semaphores: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One decode step against a static KV cache, split-KV flash decoding in Triton.
+    """One decode step against a static KV cache: split-KV flash decoding in one Triton launch.
 
     q [B, Hq, 1, D]; k_cache, v_cache [B, Hkv, L, D]. Keys ``[0, kv_len)`` are attended:
     ``kv_len`` None (all L), an int, or a 0-d / [B] integer tensor that is read inside the
     kernel (put it on q's device: nothing then syncs with the host and the call can be
     captured in a CUDA graph). ``key_mask`` [B, L] (True = attend) further restricts keys.
     The query heads sharing a KV head run in one program, so each K/V tile is read once.
-    ``num_splits`` overrides the automatic split count (see :func:`decode_num_splits`).
+    ``num_splits`` overrides the automatic split count (see :func:`decode_num_splits`). The splits'
+    partials are combined inside the kernel by the last split to finish, which a per-(row, KV head)
+    semaphore tells: ``semaphores`` is a contiguous int32 tensor of at least ``B * Hkv`` zeros that the
+    kernel leaves at zero (keep one per decode state and reuse it for every layer; calls that may run at
+    the same time on different streams need their own). Without it a zeroed one is made per call.
     Returns [B, Hq, 1, D] in q's dtype.
     """
     B, Hq, Tq, D, Hkv, L = _check_qkv(q, k_cache, v_cache)
@@ -462,35 +501,33 @@ def decode_attention(
     km, skmb, skmn = _mask_arg(key_mask, B, L, q)
     interp = _is_interpreter(q)
     block_n, warps, stages = _decode_config(D, q.dtype, interp)
-    n_splits = decode_num_splits(B, Hkv, L, block_n, _device_sm_count(q.device), num_splits)
+    sm_count = _device_sm_count(q.device)
+    n_splits = decode_num_splits(B, Hkv, L, block_n, sm_count, num_splits)
+    min_chunk = max(block_n, _min_chunk(sm_count))
     group = Hq // Hkv
-    direct = n_splits == 1
-    if direct:
-        po = pm = pl = out  # unused
+    if n_splits == 1:
+        part = sem = out  # never touched: one split writes the output itself
     else:
-        po = torch.empty((B * Hq, n_splits, D), dtype=torch.float32, device=q.device)
-        pm = torch.empty((B * Hq, n_splits), dtype=torch.float32, device=q.device)
-        pl = torch.empty((B * Hq, n_splits), dtype=torch.float32, device=q.device)
+        part = torch.empty((B * Hq * n_splits * (D + 2),), dtype=torch.float32, device=q.device)
+        if semaphores is None:
+            sem = torch.zeros((B * Hkv,), dtype=torch.int32, device=q.device)
+        elif semaphores.dtype != torch.int32 or semaphores.numel() < B * Hkv or not semaphores.is_contiguous():
+            raise ValueError(f"semaphores must be a contiguous int32 tensor of >= {B * Hkv} zeros")
+        else:
+            sem = semaphores
     sq = q.stride()
     so = out.stride()
-    _decode_split_kernel[(B, Hkv, n_splits)](
-        q, k_cache, v_cache, km, kvlen_t, out, po, pm, pl,
+    _decode_kernel[(B, Hkv, n_splits)](
+        q, k_cache, v_cache, km, kvlen_t, out, part, sem,
         sq[0], sq[1], sq[3],
         *k_cache.stride(), *v_cache.stride(),
         skmb, skmn,
         skvl, kv_len_int,
         so[0], so[1], so[3],
-        Hq, L, n_splits, float(scale) * _LOG2E,
+        Hq, Hkv, L, n_splits, float(scale) * _LOG2E,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_N=block_n,
-        KVLEN_MODE=mode, HAS_MASK=key_mask is not None, DIRECT=direct, PREC="ieee",
+        MIN_CHUNK=min_chunk, SPLIT=n_splits > 1, BLOCK_S=min(32, max(2, triton.next_power_of_2(n_splits))),
+        KVLEN_MODE=mode, HAS_MASK=key_mask is not None, PREC="ieee",
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
-    if not direct:
-        _decode_reduce_kernel[(B * Hq,)](
-            po, pm, pl, out,
-            so[0], so[1], so[3],
-            Hq, n_splits,
-            HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_S=max(2, triton.next_power_of_2(n_splits)),
-            num_warps=4 if D <= 128 else 8,
-        )  # fmt: skip
     return out

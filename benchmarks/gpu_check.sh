@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The prepared GPU check of dia_fast: about 7-8 minutes on one H100/H200 (at most ~10 with every limit hit),
+# no network needed.
+#
+#   bash benchmarks/gpu_check.sh [OUTDIR]        (default OUTDIR: gpu_check_out)
+#
+# Stages, most important first, each under its own time limit (a hang in one still leaves the others' logs):
+#   env       nvidia-smi, versions, dia_fast.info()
+#   quick     dia_fast alone at Dia-1.6B shapes, bf16, batch 1 and 8, 512 steps, with the decode-step launch
+#             count (aten/Triton and the profiler's GPU kernels): the numbers that matter, in about a minute
+#   pytest    pytest -m gpu: every CUDA test (bf16 kernels against their references, CUDA graphs == eager)
+#   bench     the same against transformers (eager) and dia_fast without CUDA graphs, on the same weights
+#   compile   against transformers + torch.compile (static cache, the public best), batch 1
+#   kernels   the kernel benchmarks (pytest-benchmark, CUDA-graph timings)
+# Everything lands in OUTDIR: <stage>.log, quick.json, bench.json, bench_compile.json, kernels.json and
+# summary.txt. The bench writes its JSON after every batch size, so a stage stopped by its limit keeps what
+# it measured. Limits (seconds) per stage: GPU_CHECK_<STAGE>_S, e.g. GPU_CHECK_PYTEST_S=200; GPU_CHECK_STEPS
+# (512) and GPU_CHECK_COMPARE_STEPS (256) set the steps; GPU_CHECK_SKIP a space-separated list of stages
+# to leave out.
+#
+# Offline machines: the packages dia_fast needs beyond torch/triton/numpy travel as wheels in .whl/ (see
+# docs/bench.md, "The GPU check"); they are installed to a private --target directory first.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUTDIR=${1:-gpu_check_out}
+mkdir -p "$OUTDIR"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+STEPS=${GPU_CHECK_STEPS:-512}
+COMPARE_STEPS=${GPU_CHECK_COMPARE_STEPS:-256}
+SKIP=" ${GPU_CHECK_SKIP:-} "
+summary="$OUTDIR/summary.txt"
+: >"$summary"
+note() { echo "$*" | tee -a "$summary"; }
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/dia_fast_site \
+    .whl/*.whl >"$OUTDIR/wheels.log" 2>&1 || { note "carried wheels failed to install (see wheels.log)"; exit 1; }
+  export PYTHONPATH="$PWD/python:/tmp/dia_fast_site${PYTHONPATH:+:$PYTHONPATH}"
+else
+  export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+stage() {  # stage NAME DEFAULT_SECONDS CMD...: CMD under a time limit, its output in OUTDIR/NAME.log
+  local name=$1 limit_var="GPU_CHECK_${1^^}_S" limit
+  limit=${!limit_var:-$2}
+  shift 2
+  if [[ "$SKIP" == *" $name "* ]]; then
+    note "stage $name: skipped"
+    return 0
+  fi
+  local t0=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" >"$OUTDIR/$name.log" 2>&1
+  local rc=$?
+  note "stage $name: exit $rc after $((SECONDS - t0)) s$([ $rc -eq 124 ] && echo " (time limit $limit s)")"
+}
+
+stage env 30 bash -c "nvidia-smi; $PY -c 'import sys, torch, triton; print(sys.version); print(\"torch\", torch.__version__, \"triton\", triton.__version__, torch.cuda.get_device_name())'; $PY -c 'import transformers; print(\"transformers\", transformers.__version__)'; $PY -c 'import json, dia_fast; print(json.dumps(dia_fast.info(), indent=1, default=str))'"
+grep -m1 -E "H100|H200|A100|L40|RTX" "$OUTDIR/env.log" | sed 's/^/device: /' >>"$summary"
+
+BENCH=($PY -m dia_fast.bench --model dia-1.6b --device cuda --dtype bfloat16)
+stage quick 100 "${BENCH[@]}" --batch 1,8 --steps "$STEPS" --compare none --count-launches --json "$OUTDIR/quick.json"
+grep -E "^(engine|dia_fast|launches)" "$OUTDIR/quick.log" | awk '!seen[$0]++' >>"$summary"
+
+stage pytest 130 $PY -m pytest -m gpu -q -p no:cacheprovider tests/ --no-header -rfE --timeout 90
+tail -n 4 "$OUTDIR/pytest.log" >>"$summary"
+
+stage bench 150 "${BENCH[@]}" --batch 1,8 --steps "$COMPARE_STEPS" --compare transformers,eager --json "$OUTDIR/bench.json"
+grep -E "^(engine|dia_fast|transformers)" "$OUTDIR/bench.log" | awk '!seen[$0]++' >>"$summary"
+
+stage compile 120 "${BENCH[@]}" --batch 1 --steps "$COMPARE_STEPS" --compare transformers-compile \
+  --json "$OUTDIR/bench_compile.json"
+grep -E "^(engine|dia_fast|transformers)" "$OUTDIR/compile.log" | awk '!seen[$0]++' >>"$summary"
+
+stage kernels 60 $PY -m pytest -q -p no:cacheprovider benchmarks/test_bench_attention.py \
+  benchmarks/test_bench_sampling.py --benchmark-columns=mean,min,rounds --benchmark-json "$OUTDIR/kernels.json"
+grep -E "^test_" "$OUTDIR/kernels.log" | grep -v reference | head -40 >>"$summary"
+cat "$summary"

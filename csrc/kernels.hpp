@@ -43,6 +43,44 @@ void cfg_sample(const float* cond, const float* uncond, int64_t B, int64_t C, in
                 int64_t cond_sc, int64_t uncond_sb, int64_t uncond_sc, const float* uniforms, int64_t* out,
                 const SampleParams& params);
 
+// Per-row settings of a seeded CFG sampling step (one entry per batch item b, shared by its C channels).
+struct RowSampleParams {
+  const float* cfg_scale = nullptr;    // [B]
+  const float* temperature = nullptr;  // [B]; 0: greedy
+  const float* top_p = nullptr;        // [B]; >= 1: no nucleus filter
+  const int64_t* top_k = nullptr;      // [B]; <= 0: no CFG filter (the guided logits are sampled); >= V: all kept
+  const uint64_t* seed = nullptr;      // [B] Philox keys
+  const int64_t* offset = nullptr;     // [B] Philox counter offsets (the decode position)
+  const uint8_t* allow_eos = nullptr;  // [B] or nullptr; 0: the row may not emit EOS
+  int64_t eos_id = 1024;
+};
+
+// The seeded CFG sampling step of dia_fast.ops.reference.cfg_sample (seed=...): per-row settings, the CFG
+// filter (or the guided logits without one), Dia's EOS rules, then argmax, or temperature, top-p and the
+// Gumbel-max draw argmax(z + g) with g from Philox4x32-10 keyed by seed[b] at counter
+// (id, channel, offset[b] low word, offset[b] high word), ties to the lowest id.
+void cfg_sample_rows(const float* cond, const float* uncond, int64_t B, int64_t C, int64_t V, int64_t cond_sb,
+                     int64_t cond_sc, int64_t uncond_sb, int64_t uncond_sc, int64_t* out, const RowSampleParams& p);
+
+// The first 32-bit word of Philox4x32-10 of counter (c0, c1, c2, c3) under key (k0, k1).
+inline uint32_t philox4x32_first(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
+  for (int i = 0; i < 10; ++i) {
+    if (i) {
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    const uint64_t p0 = uint64_t(0xD2511F53u) * c0;
+    const uint64_t p1 = uint64_t(0xCD9E8D57u) * c2;
+    const uint32_t n0 = uint32_t(p1 >> 32) ^ c1 ^ k0, n1 = uint32_t(p1);
+    const uint32_t n2 = uint32_t(p0 >> 32) ^ c3 ^ k1, n3 = uint32_t(p0);
+    c0 = n0;
+    c1 = n1;
+    c2 = n2;
+    c3 = n3;
+  }
+  return c0;
+}
+
 // dst[i] = clip(rint(src[i] * 32767 + dither_i), -32768, 32767); NaN -> 0. Rounding is half to
 // even (like np.rint). dither_i = (u(2i) + u(2i + 1)) with u(n) the n-th output of a SplitMix64
 // stream seeded with `seed`, mapped to [-0.5, 0.5): (z >> 40) * 2^-24 - 0.5 (TPDF, +-1 LSB).

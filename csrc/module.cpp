@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <string>
+#include <tuple>
 #include <utility>
 
 #include "kernels.hpp"
@@ -19,7 +20,7 @@ namespace py = pybind11;
 namespace {
 
 // Bump when a function's Python signature or semantics change: _ext.py refuses a stale build.
-constexpr int kAbiVersion = 2;
+constexpr int kAbiVersion = 3;
 
 #ifndef DIA_FAST_VERSION
 #define DIA_FAST_VERSION "unknown"
@@ -176,8 +177,10 @@ void check_logits(const py::array& a, const char* name, py::ssize_t B, py::ssize
   }
 }
 
-void py_cfg_sample(const py::array& cond, const py::array& uncond, py::array& out, double cfg_scale,
-                   double temperature, double top_p, int64_t top_k, int64_t eos_id, const py::object& uniforms) {
+// The logits and output of a sampling call: cond/uncond [B, C, V] float32 (last dim contiguous), out [B, C]
+// int64 not overlapping them, eos_id in [0, V). Returns (B, C, V).
+std::tuple<py::ssize_t, py::ssize_t, py::ssize_t> check_sample_io(const py::array& cond, const py::array& uncond,
+                                                                  py::array& out, int64_t eos_id) {
   require_ndim(cond, "cond", 3);
   const py::ssize_t B = cond.shape(0), C = cond.shape(1), V = cond.shape(2);
   check_logits(cond, "cond", B, C, V);
@@ -186,6 +189,12 @@ void py_cfg_sample(const py::array& cond, const py::array& uncond, py::array& ou
   if (!has_dtype<int64_t>(out)) throw py::type_error("out must be int64, got " + dtype_name(out));
   require_shape(out, "out", {B, C});
   require_output(out, "out", {&cond, &uncond});
+  return {B, C, V};
+}
+
+void py_cfg_sample(const py::array& cond, const py::array& uncond, py::array& out, double cfg_scale,
+                   double temperature, double top_p, int64_t top_k, int64_t eos_id, const py::object& uniforms) {
+  const auto [B, C, V] = check_sample_io(cond, uncond, out, eos_id);
   const float* u = nullptr;
   py::array u_arr;
   if (!uniforms.is_none()) {
@@ -207,6 +216,39 @@ void py_cfg_sample(const py::array& cond, const py::array& uncond, py::array& ou
   dia_fast::cfg_sample(static_cast<const float*>(cond.data()), static_cast<const float*>(uncond.data()), B, C, V,
                        cond.strides(0) / fs, cond.strides(1) / fs, uncond.strides(0) / fs, uncond.strides(1) / fs, u,
                        static_cast<int64_t*>(out.mutable_data()), p);
+}
+
+template <typename T>
+const T* row_array(const py::array& a, const char* name, py::ssize_t B) {
+  if (!has_dtype<T>(a)) throw py::type_error(std::string(name) + " has the wrong dtype: " + dtype_name(a));
+  require_shape(a, name, {B});
+  require_c_contiguous(a, name);
+  return static_cast<const T*>(a.data());
+}
+
+void py_cfg_sample_rows(const py::array& cond, const py::array& uncond, py::array& out, const py::array& cfg_scale,
+                        const py::array& temperature, const py::array& top_p, const py::array& top_k,
+                        const py::array& seeds, const py::array& offsets, const py::object& allow_eos,
+                        int64_t eos_id) {
+  const auto [B, C, V] = check_sample_io(cond, uncond, out, eos_id);
+  dia_fast::RowSampleParams p;
+  p.cfg_scale = row_array<float>(cfg_scale, "cfg_scale", B);
+  p.temperature = row_array<float>(temperature, "temperature", B);
+  p.top_p = row_array<float>(top_p, "top_p", B);
+  p.top_k = row_array<int64_t>(top_k, "top_k", B);
+  p.seed = reinterpret_cast<const uint64_t*>(row_array<int64_t>(seeds, "seeds", B));
+  p.offset = row_array<int64_t>(offsets, "offsets", B);
+  py::array allow_arr;
+  if (!allow_eos.is_none()) {
+    allow_arr = py::reinterpret_borrow<py::array>(allow_eos);
+    p.allow_eos = row_array<uint8_t>(allow_arr, "allow_eos", B);
+  }
+  p.eos_id = eos_id;
+  const auto fs = py::ssize_t(sizeof(float));
+  py::gil_scoped_release nogil;
+  dia_fast::cfg_sample_rows(static_cast<const float*>(cond.data()), static_cast<const float*>(uncond.data()), B, C, V,
+                            cond.strides(0) / fs, cond.strides(1) / fs, uncond.strides(0) / fs,
+                            uncond.strides(1) / fs, static_cast<int64_t*>(out.mutable_data()), p);
 }
 
 void py_float_to_pcm16(const py::array& src, py::array& dst, bool dither, const py::int_& seed) {
@@ -258,7 +300,9 @@ py::dict build_info() {
   d["pybind11"] = std::to_string(PYBIND11_VERSION_MAJOR) + "." + std::to_string(PYBIND11_VERSION_MINOR) + "." +
                   std::to_string(PYBIND11_VERSION_PATCH);
   py::list kernels;
-  for (const char* k : {"apply_delay", "revert_delay", "undelay_codes", "cfg_sample", "float_to_pcm16"}) kernels.append(k);
+  for (const char* k :
+       {"apply_delay", "revert_delay", "undelay_codes", "cfg_sample", "cfg_sample_rows", "float_to_pcm16"})
+    kernels.append(k);
   d["kernels"] = kernels;
   return d;
 }
@@ -285,6 +329,13 @@ PYBIND11_MODULE(_C, m) {
         "CFG + top-k + Dia's EOS rules on float32 [B,C,V] logits (last dim contiguous) into out int64 [B,C]. "
         "uniforms None: greedy; else float32 [B*C] in [0,1): temperature, top-p and an inverse-CDF draw in "
         "ascending token id order. top_k <= 0 or >= V: no top-k.");
+  m.def("cfg_sample_rows", &py_cfg_sample_rows, py::arg("cond"), py::arg("uncond"), py::arg("out").noconvert(),
+        py::arg("cfg_scale"), py::arg("temperature"), py::arg("top_p"), py::arg("top_k"), py::arg("seeds"),
+        py::arg("offsets"), py::arg("allow_eos"), py::arg("eos_id"),
+        "The seeded CFG sampling step of dia_fast.ops.reference.cfg_sample on float32 [B,C,V] logits (last dim "
+        "contiguous) into out int64 [B,C], with per-row [B] settings: cfg_scale, temperature (0: greedy), top_p "
+        "(float32), top_k (int64; <= 0: no CFG filter, the guided logits are sampled), seeds and offsets (int64: "
+        "Philox4x32-10 key and counter offset), allow_eos (uint8 or None).");
   m.def("float_to_pcm16", &py_float_to_pcm16, py::arg("src"), py::arg("dst").noconvert(), py::arg("dither"),
         py::arg("seed"),
         "dst = clip(rint(src * 32767 [+ TPDF dither]), -32768, 32767) with rint half to even and NaN -> 0. "

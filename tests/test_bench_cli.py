@@ -108,6 +108,9 @@ def test_bench_tiny_cpu_writes_json(tmp_path):
 def test_bench_rejects_bad_options(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--repeat", "0"])
+    for bad in (["--load", "--max-slots", "3"], ["--load", "--requests", "0"], ["--load", "--arrival-rate", "0"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
     opts = parse_args(["--batch", "1,8", "--compare", "none", "--layers", "2"])
     assert opts.batches == (1, 8) and opts.compare == () and opts.layers == 2
     assert main(["--model", "tiny", "--device", "cpu", "--steps", "5", "--compare", "none", "--quiet"]) == 2
@@ -231,3 +234,55 @@ def test_bench_reports_speedups_vs_transformers_compile(monkeypatch):
     assert any("0 Dynamo compile(s)" in n for n in base["notes"])  # no recompile in the timed call
     assert not any("transformers-compile" in n for n in doc["meta"]["notes"])  # asked for: no "skipped" note
     assert "vs transformers-compile" in table([RunResult(**r) for r in doc["results"]])
+
+
+def test_load_bench_cli_writes_json_for_every_mode(tmp_path):
+    """``--load``: every mode runs the same requests (same frames), and throughput, latency and time to first
+    audio are consistent with each other (TTFA <= latency; the speed-up is the ratio of throughputs)."""
+    out = tmp_path / "load.json"
+    proc = _run_cli(
+        "--load", "--model", "tiny", "--device", "cpu", "--requests", "3", "--max-slots", "2", "--steps", "40",
+        "--repeat", "1", "--json", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "continuous-stream" in proc.stdout and "sequential" in proc.stdout  # the table
+    doc = json.loads(out.read_text())
+    meta, results = doc["meta"], doc["results"]
+    assert meta["load"]["max_slots"] == 2 and len(meta["load"]["requests"]) == 3
+    assert len({r["seed"] for r in meta["load"]["requests"]}) == 3  # distinct seeds
+    assert meta["torch_threads"] >= 1
+    by_mode = {r["mode"]: r for r in results}
+    assert set(by_mode) == {"continuous-stream", "continuous", "static", "sequential"}
+    frames = {r["frames"] for r in results}
+    assert len(frames) == 1 and frames.pop() > 0
+    seq = by_mode["sequential"]["frames_per_s"]
+    for r in results:
+        assert r["frames_per_s"] > 0 and r["frames_per_s_runs"] == [r["frames_per_s"]]
+        assert r["speedup_vs_sequential"] == pytest.approx(r["frames_per_s"] / seq)
+        assert 0 < r["ttfa_p50_s"] <= r["latency_p50_s"] + 1e-9
+        assert r["latency_p50_s"] <= r["latency_p95_s"] + 1e-9
+    stream = by_mode["continuous-stream"]
+    assert stream["ttfa_p50_s"] < stream["latency_p50_s"]  # the first chunk comes before the end
+    assert stream["batched_steps"] > 0 and stream["decode_steps"] >= stream["batched_steps"]
+
+
+def test_run_load_with_poisson_arrivals_and_bad_input():
+    """Poisson arrivals are seeded and increasing; bad modes, counts and repeats are errors."""
+    from dia_fast.bench.load import load_requests, run_load
+
+    tts = DiaTTS.random("tiny", seed=0)
+    a = load_requests(tts, 5, arrival_rate=20.0, min_tokens=20, max_tokens=40, seed=3)
+    b = load_requests(tts, 5, arrival_rate=20.0, min_tokens=20, max_tokens=40, seed=3)
+    assert a == b
+    times = [r.arrival_s for r in a]
+    assert times == sorted(times) and times[0] > 0
+    assert all(20 <= r.max_new_tokens <= 40 for r in a)
+    doc = run_load(tts, requests=2, max_slots=2, arrival_rate=50.0, min_tokens=20, max_tokens=30,
+                   modes=("continuous", "sequential"))  # fmt: skip
+    assert [r["mode"] for r in doc["results"]] == ["continuous", "sequential"]
+    with pytest.raises(ValueError, match="unknown load modes"):
+        run_load(tts, modes=("batched",))
+    with pytest.raises(ValueError, match="requests"):
+        run_load(tts, requests=0)
+    with pytest.raises(ValueError, match="repeat"):
+        run_load(tts, requests=1, repeat=0)

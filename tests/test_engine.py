@@ -658,3 +658,21 @@ def test_concurrent_calls_share_one_capture_and_one_reports_it(model, monkeypatc
     assert all(r.cuda_graphs and torch.equal(r.delayed, eager.delayed) for r in results)
     again = generate_codes(model, ids, mask, engine=engine, **kw)
     assert again.cuda_graphs and again.warmup_seconds == 0.0 and len(captures) == 1
+
+
+def test_min_new_tokens_holds_eos_back(early_model):
+    """``min_new_tokens``: channel 0 may not emit EOS before that many positions; every item stops on its own
+    without it (early_model), and at or after it with it. Out of range is an error."""
+    ids, mask = encode_batch(TEXTS)
+    free = generate_codes(early_model, ids, mask, max_new_tokens=80, sampling=GREEDY)
+    held = generate_codes(early_model, ids, mask, max_new_tokens=80, min_new_tokens=30, sampling=GREEDY)
+    P0 = free.prefix_length
+    assert int((free.eos_pos - P0).max()) < 30 <= int((held.eos_pos - P0).min())
+    sampled = generate_codes(
+        early_model, ids, mask, max_new_tokens=80, min_new_tokens=30, sampling=SAMPLED,
+        generator=torch.Generator().manual_seed(1),
+    )  # fmt: skip
+    assert int((sampled.eos_pos - P0).min()) >= 30
+    for bad in (-1, 80 - 15):
+        with pytest.raises(ValueError, match="min_new_tokens"):
+            generate_codes(early_model, ids, mask, max_new_tokens=80, min_new_tokens=bad, sampling=GREEDY)

@@ -183,6 +183,8 @@ def _step_state(B: int, R: int, L: int, gen: torch.Generator, p: int, per_row_en
         real=torch.rand(B, generator=gen) < 0.8,
         done=torch.zeros(1, dtype=torch.bool),
         tokens=torch.zeros(R, 1, C, dtype=torch.long),
+        min_eos_pos=torch.randint(p - 2, p + 3, (B,), generator=gen),
+        allow_eos=torch.zeros(B, dtype=torch.bool),
     )
 
 
@@ -194,13 +196,45 @@ def test_step_update(B: int, cfg: bool) -> None:
         mine = {k: v.clone().to(DEVICE) for k, v in state.items()}
         tstep.step_update(**mine, eos_value=1024, pad_value=1025)
         ref.step_update(**state, eos_value=1024, pad_value=1025)
-        for k in ("eos_pos", "out", "done", "tokens"):
+        for k in ("eos_pos", "out", "done", "tokens", "allow_eos"):
             assert torch.equal(mine[k].cpu(), state[k]), (k, p)
     # every row finished (or not real): done
     state = _step_state(2, 4, 48, gen, 40, False)
     state["eos_pos"].fill_(10)
     tstep.step_update(**state, eos_value=1024, pad_value=1025)
     assert bool(state["done"])
+
+
+def test_slot_update() -> None:
+    """Continuous batching's per-slot bookkeeping: live, idle and finished slots, each at its own position."""
+    gen = torch.Generator().manual_seed(0)
+    C, L = 9, 48
+    for S in (1, 3, 8):
+        for _ in range(4):
+            codes = torch.randint(0, 1024, (S, C), generator=gen)
+            codes[::2, 0] = 1024
+            state = dict(
+                codes=codes,
+                pos=torch.randint(1, L, (S,), generator=gen),
+                eos_pos=torch.where(torch.rand(S, generator=gen) < 0.5, torch.randint(0, 30, (S,), generator=gen), -1),
+                delays=torch.tensor([0, 8, 9, 10, 11, 12, 13, 14, 15]),
+                forced_eos_pos=torch.randint(10, 40, (S,), generator=gen),
+                min_eos_pos=torch.randint(0, 40, (S,), generator=gen),
+                forced=torch.where(
+                    torch.rand(S, L, C, generator=gen) < 0.2, torch.randint(0, 1027, (S, L, C), generator=gen), -1
+                ),
+                out=torch.randint(0, 1027, (S, L, C), generator=gen),
+                active=torch.rand(S, generator=gen) < 0.8,
+                finished=torch.rand(S, generator=gen) < 0.2,
+                allow_eos=torch.zeros(S, dtype=torch.bool),
+                tokens=torch.zeros(2 * S, 1, C, dtype=torch.long),
+                row_pos=torch.zeros(2 * S, dtype=torch.long),
+            )
+            mine = {k: v.clone().to(DEVICE) for k, v in state.items()}
+            tstep.slot_update(**mine, eos_value=1024, pad_value=1025)
+            ref.slot_update(**state, eos_value=1024, pad_value=1025)
+            for k, v in state.items():
+                assert torch.equal(mine[k].cpu(), v), (S, k)
 
 
 # --- split-KV decode attention with the reduction inside the kernel ----------------------------

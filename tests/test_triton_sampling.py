@@ -195,6 +195,14 @@ def test_seed_and_offset_select_the_noise() -> None:
     assert torch.equal(d, ops.cfg_sample(cond, uncond, backend="triton", **kw))
 
 
+def test_uniforms_are_strictly_inside_zero_one() -> None:
+    """The noise's uniforms from the extreme bit patterns stay inside (0, 1) in fp32, so the Gumbel noise is finite
+    (24 bits rounded their top value to 1.0: +inf noise, and -inf logits + inf = NaN won the argmax)."""
+    u = ref.uniform_from_bits(torch.tensor([0, 1, 2**31, 2**32 - 2, 2**32 - 1]))
+    assert bool((u > 0).all()) and bool((u < 1).all())
+    assert bool(torch.isfinite(-torch.log(-torch.log(u))).all())
+
+
 def test_philox_known_answers() -> None:
     """The reference's Philox4x32-10 against the known-answer vectors of Random123 (Salmon et al.)."""
     pi = (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344)  # digits of pi, as Random123 uses them

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -56,7 +57,8 @@ def test_four_concurrent_conversations_are_one_batch_with_the_same_codes(tts, po
         return await asyncio.gather(*(c.generate() for c in convs))
 
     audios = asyncio.run(main())
-    assert pool.stats == {"requests": 4, "batches": 1, "largest_batch": 4}
+    stats = pool.stats
+    assert stats["requests"] == 4 and stats["largest_batch"] == 4 and stats["batched_steps"] > 0
     for text, audio in zip(texts, audios, strict=True):
         expected = _single(tts, text)
         assert len(audio.codes) == 1
@@ -66,7 +68,7 @@ def test_four_concurrent_conversations_are_one_batch_with_the_same_codes(tts, po
         assert audio.duration == pytest.approx(len(audio.samples) / tts.sample_rate)
 
 
-def test_different_settings_are_not_batched_together(tts, pool):
+def test_different_settings_share_decode_steps(tts, pool):
     async def main():
         return await asyncio.gather(
             pool.generate("[S1] One.", **GREEDY),
@@ -75,7 +77,7 @@ def test_different_settings_are_not_batched_together(tts, pool):
         )
 
     one, two, three = asyncio.run(main())
-    assert pool.stats["batches"] == 2 and pool.stats["largest_batch"] == 2
+    assert pool.stats["largest_batch"] == 3 and pool.stats["batched_steps"] > 0
     torch.testing.assert_close(one.codes, _single(tts, "[S1] One."), rtol=0, atol=0)
     torch.testing.assert_close(two.codes, _single(tts, "[S1] Two.", cfg_scale=2.0), rtol=0, atol=0)
     torch.testing.assert_close(three.codes, _single(tts, "[S1] Three."), rtol=0, atol=0)
@@ -92,21 +94,24 @@ def test_more_requests_than_max_batch_and_a_cancelled_caller(tts, pool):
 
     results = asyncio.run(main())
     assert isinstance(results[1], asyncio.CancelledError)
-    assert pool.stats["largest_batch"] == 4 and pool.stats["requests"] == 5
+    assert pool.stats["largest_batch"] == 4 and pool.stats["requests"] == 6  # the cancelled one was submitted
     for i in (0, 2, 3, 4, 5):
         torch.testing.assert_close(results[i].codes, _single(tts, texts[i]), rtol=0, atol=0)
 
 
 def test_errors_reach_only_their_caller(tts, monkeypatch):
-    real_generate = tts.generate
+    from dia_fast.serving import engine as engine_module
+    from dia_fast.text import decode_ids
 
-    def generate_failing_on_boom(text, **kw):
-        if any("boom" in t for t in ([text] if isinstance(text, str) else text)):
+    real_admit = engine_module.admit
+
+    def admit_failing_on_boom(model, slots, s, text_ids, *args, **kwargs):
+        if "boom" in decode_ids(text_ids[0].tolist()):
             raise RuntimeError("boom failed")
-        return real_generate(text, **kw)
+        return real_admit(model, slots, s, text_ids, *args, **kwargs)
 
+    monkeypatch.setattr(engine_module, "admit", admit_failing_on_boom)
     pool = VoicePool(tts, max_batch=4)
-    monkeypatch.setattr(tts, "generate", generate_failing_on_boom)
 
     async def main():
         too_long = "[S1] " + "x" * (tts.config.data.text_length + 10)
@@ -119,7 +124,6 @@ def test_errors_reach_only_their_caller(tts, monkeypatch):
         )
 
     good1, bad, too_long, good2 = asyncio.run(main())
-    assert not pool._loops  # the finished loop's scheduler let go of it
     pool.close()
     assert isinstance(bad, RuntimeError) and "boom" in str(bad)
     assert isinstance(too_long, ValueError) and "bytes" in str(too_long)
@@ -130,22 +134,23 @@ def test_errors_reach_only_their_caller(tts, monkeypatch):
 
 
 def test_pool_construction_and_sync_generate(tts):
-    assert default_max_batch("cpu") == 1 and default_max_batch("cuda") == 8 and default_max_batch("mps") == 4
+    assert default_max_batch("cpu") == 8 and default_max_batch("cuda") == 16 and default_max_batch("mps") == 4
     with VoicePool(tts) as pool:
-        assert pool.max_batch == 1 and pool.sample_rate == tts.sample_rate
+        assert pool.max_batch == 8 and pool.sample_rate == tts.sample_rate
         result = pool.generate_sync("[S1] Hello.", **GREEDY)
         torch.testing.assert_close(result.codes, _single(tts, "[S1] Hello."), rtol=0, atol=0)
     with pytest.raises(ValueError, match="max_batch"):
         VoicePool(tts, max_batch=0)
     with pytest.raises(ValueError, match="already loaded"):
         VoicePool(tts, dtype="float16")
-    assert VoicePool(tts, device="cpu:0").tts is tts  # a device named with its index is the same device
+    with VoicePool(tts, device="cpu:0") as same:  # a device named with its index is the same device
+        assert same.tts is tts
     with pytest.raises(ValueError, match="not on the requested device"):
         VoicePool(tts, device="meta")
     with pytest.raises(TypeError):
         VoicePool(42)  # type: ignore[arg-type]
-    with pytest.raises(TypeError):
-        VoicePool(tts).generate_sync("[S1] Hi.", temprature=1.0)  # misspelt option
+    with pytest.raises(TypeError), VoicePool(tts) as pool:
+        pool.generate_sync("[S1] Hi.", temprature=1.0)  # misspelt option
 
 
 # ------------------------------------------------------------------------------------------ speaker
@@ -266,10 +271,11 @@ def test_conversation_with_custom_voice_matches_prompted_generate(tts, pool, tmp
 
 def test_long_conversation_is_chunked_and_batched(tts, pool):
     text = "[S1] Hello there. How are you today? [S2] Fine, thanks. And you?"
-    conv = Conversation(text, None, pool, chars_per_second=100.0, crossfade_ms=20.0, **GREEDY)
+    # 52 spoken characters over a budget of 1 character per second of the model's ~35 s: split, 25 s per chunk
+    conv = Conversation(text, None, pool, chars_per_second=1.0, max_chunk_seconds=25.0, crossfade_ms=20.0, **GREEDY)
     assert conv.chunks == ["[S1] Hello there.", "[S1] How are you today?", "[S2] Fine, thanks. And you?"]
     audio = conv.generate_sync()
-    assert pool.stats == {"requests": 3, "batches": 1, "largest_batch": 3}
+    assert pool.stats["requests"] == 3 and pool.stats["largest_batch"] == 3
     singles = [_single(tts, c) for c in conv.chunks]
     for got, want in zip(audio.codes, singles, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
@@ -305,8 +311,11 @@ def test_conversation_bad_inputs(tts, pool):
     mismatched = CustomSpeaker(alice.codes, "Hi.", {**alice.codec, "sample_rate": "24000"})
     with pytest.raises(SpeakerFileError, match="another codec"):
         Conversation("Hi.", mismatched, pool)
-    with pytest.raises(ValueError, match="does not fit"):  # 40 steps of audio hold no 30-letter word
-        Conversation("[S1] " + "a" * 30, None, pool, **GREEDY)
+    with pytest.raises(ValueError, match="does not fit"):  # 10 characters per chunk hold no 30-letter word
+        Conversation("[S1] " + "a" * 30, None, pool, chars_per_second=0.5, **GREEDY)
+    # max_new_tokens limits each generation, as in DiaTTS.generate: it splits nothing (it once cut this into words)
+    text = "[S1] Wonderful weather today, isn't it?"
+    assert Conversation(text, None, pool, max_new_tokens=60).chunks == [text]
 
     async def inside_loop():
         Conversation("Hi.", None, pool, **GREEDY, **LONGFORM).generate_sync()
@@ -331,18 +340,31 @@ def test_audio_normalized_and_saved(tmp_path):
 
 
 def test_conversation_stream_joins_to_generate():
-    """A two-chunk conversation streamed (greedy) equals generate()'s crossfaded samples."""
+    """A two-chunk conversation streamed (sampled, seeded) equals generate()'s crossfaded samples; the stream
+    runs on the pool's engine (its two chunks decode side by side) and leaving it early cancels the rest."""
     from dia_fast import DiaTTS
     from dia_fast.voice import Conversation, Speaker, VoicePool
 
     pool = VoicePool(DiaTTS.random("tiny", seed=0))
     text = "[S1] The first sentence of the talk. [S2] And a second one that answers it."
-    conv = Conversation(text, [Speaker.S1, Speaker.S2], pool, max_new_tokens=64, do_sample=False,
-                        chars_per_second=80.0, max_chunk_seconds=0.5)  # fmt: skip
+    # 1 character per second: the ~35 s budget holds 35 of the 64 spoken characters, one sentence per chunk
+    conv = Conversation(text, [Speaker.S1, Speaker.S2], pool, max_new_tokens=64, seed=7,
+                        chars_per_second=1.0, max_chunk_seconds=None)  # fmt: skip
     assert len(conv.chunks) == 2
     whole = conv.generate_sync().samples
+    before = dict(pool.stats)
     pieces = list(conv.stream(chunk_frames=8))
     assert len(pieces) > 2
     joined = np.concatenate(pieces)
     assert joined.shape == whole.shape
     np.testing.assert_allclose(joined, whole, rtol=0, atol=1e-5 * max(1.0, float(np.abs(whole).max())))
+    assert pool.stats["requests"] == before["requests"] + 2
+    assert pool.stats["batched_steps"] > before["batched_steps"]
+    stream = conv.stream(chunk_frames=8)
+    next(stream)
+    stream.close()  # leaves early: the chunks still running are cancelled
+    deadline = time.monotonic() + 30
+    while pool.engine.busy_slots and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert pool.engine.busy_slots == 0 and pool.engine.queued == 0
+    pool.close()

@@ -190,6 +190,7 @@ class DiaTTS:
         text: str | Sequence[str],
         *,
         max_new_tokens: int | None = None,
+        min_new_tokens: int = 0,
         cfg_scale: float = 3.0,
         temperature: float = 1.2,
         top_p: float = 0.95,
@@ -204,7 +205,8 @@ class DiaTTS:
         """Speak ``text`` (one string or a batch). See :class:`GenerationResult`.
 
         ``max_new_tokens``: decoder steps (at most ``max_new_tokens - 16`` audio frames, ~86 per
-        second); default: the model's whole audio budget left after the prompt. ``seed`` makes
+        second); default: the model's whole audio budget left after the prompt. ``min_new_tokens``: no EOS
+        before that many steps (a lower bound on the length). ``seed`` makes
         sampling reproducible. ``progress``: a progress bar (default: when stderr is a terminal).
 
         Voice cloning: ``audio_prompt`` is an audio file path, a float array at the codec's sample
@@ -234,6 +236,7 @@ class DiaTTS:
             mask,
             prompts=prompts,
             max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
             sampling=sampling,
             generator=generator,
             progress=progress,

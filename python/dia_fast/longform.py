@@ -38,6 +38,7 @@ __all__ = [
     "TextChunk",
     "chunk_budget",
     "generate_long",
+    "pieces",
     "spoken_chars",
     "split_text",
     "split_text_spans",
@@ -195,6 +196,32 @@ def chunk_budget(
             f"{frames}); use a shorter prompt or a larger max_new_tokens"
         )
     return max_bytes, max_chars
+
+
+def pieces(
+    tts: DiaTTS,
+    text: str,
+    *,
+    prompt_text: str | None = None,
+    prompt_frames: int = 0,
+    chars_per_second: float = DEFAULT_CHARS_PER_SECOND,
+    max_chunk_seconds: float | None = DEFAULT_MAX_CHUNK_SECONDS,
+) -> list[str]:
+    """``text`` as the generations it takes: itself when it fits one, else :func:`split_text`'s chunks.
+
+    It fits when its tokens (after the prompt's transcript) are within ``text_length`` and its spoken characters
+    within ``chars_per_second`` times the model's whole audio budget after the prompt (~35 s without one). A
+    ``max_new_tokens`` is a limit per generation, not a reason to split. A text that does not fit is split with
+    :func:`chunk_budget`'s budgets (at most ``max_chunk_seconds`` of speech per chunk).
+    """
+    if not text.strip():
+        raise ValueError("text is empty: give at least one character to speak")
+    kw = dict(prompt_text=prompt_text, prompt_frames=prompt_frames, chars_per_second=chars_per_second)
+    max_bytes, whole_budget_chars = chunk_budget(tts, max_chunk_seconds=None, **kw)
+    if text_tokens(text.strip()) <= max_bytes and spoken_chars(text) <= whole_budget_chars:
+        return [text.strip()]
+    max_bytes, max_chars = chunk_budget(tts, max_chunk_seconds=max_chunk_seconds, **kw)
+    return [c.strip() for c in split_text(text, max_bytes, max_chars) if c.strip()]
 
 
 def generate_long(

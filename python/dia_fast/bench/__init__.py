@@ -90,6 +90,10 @@ class BenchOptions:
     seed: int = 0
     quiet: bool = False
     count_launches: bool = False
+    load: bool = False  # the load benchmark instead (dia_fast.bench.load)
+    requests: int = 16
+    arrival_rate: float | None = None
+    max_slots: int | None = None
 
 
 def _log(opts: BenchOptions, t0: float) -> Callable[[str], None]:
@@ -168,6 +172,8 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     if not opts.batches or min(opts.batches) < 1:
         raise ValueError(f"batch sizes must be >= 1, got {opts.batches}")
     tts, model_info = build_tts(opts, log)
+    if opts.load:
+        return _run_load(opts, tts, model_info, log, t0)
     device = tts.device
     md = tts.config.data.max_delay
     if opts.steps < md + 2:
@@ -303,6 +309,54 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     return doc
 
 
+def _run_load(
+    opts: BenchOptions, tts: DiaTTS, model_info: dict[str, Any], log: Callable[[str], None], t0: float
+) -> dict[str, Any]:
+    """``--load``: continuous batching vs static batches vs one at a time (:mod:`dia_fast.bench.load`)."""
+    from .load import load_table, run_load
+
+    rate = f"Poisson arrivals at {opts.arrival_rate}/s" if opts.arrival_rate else "all at once"
+    log(f"load: {opts.requests} requests ({rate}), distinct seeds, {opts.steps // 4}-{opts.steps} decode steps each")
+    sampling = {} if opts.do_sample else {"do_sample": False}
+    load = run_load(
+        tts,
+        requests=opts.requests,
+        max_slots=opts.max_slots,
+        arrival_rate=opts.arrival_rate,
+        min_tokens=max(opts.steps // 4, tts.config.data.max_delay + 2),
+        max_tokens=opts.steps,
+        sampling=sampling,
+        seed=opts.seed,
+        repeat=opts.repeat,
+    )
+    meta = {
+        "dia_fast": __version__,
+        "torch": torch.__version__,
+        "device": str(tts.device),
+        "device_name": _device_name(tts.device),
+        "dtype": str(tts.dtype).replace("torch.", ""),
+        **model_info,
+        "load": {k: v for k, v in load.items() if k != "results"},
+        "torch_threads": torch.get_num_threads(),
+        "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "sampling": sampling or {"do_sample": True},
+        "definitions": {
+            "frames_per_s": "codec frames of all requests / (last finish - first arrival)",
+            "latency": "finish - arrival per request (p50, p95)",
+            "ttfa": "continuous-stream: arrival to the first streamed PCM chunk; other modes: to the finish",
+        },
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "wall_s": time.perf_counter() - t0,
+    }
+    doc = {"meta": meta, "results": load["results"]}
+    if not opts.quiet:
+        print(f"dia_fast {__version__} load bench: {opts.model} on {meta['device_name']} ({meta['dtype']}), {rate}")
+        print(load_table(load["results"]))
+    if opts.json_path:
+        log(f"wrote {write_json(opts.json_path, doc)}")
+    return doc
+
+
 def _launch_fields(launches: dict[str, Any]) -> dict[str, Any]:
     """The JSON's launch fields: per batch size, and the first batch's at the top level."""
     if not launches:
@@ -374,11 +428,31 @@ def parse_args(argv: list[str] | None = None) -> BenchOptions:
         help="count the launches of one decode step (non-view aten ops + Triton kernels; on CUDA also the GPU "
         "kernels the profiler sees): launches_per_step / launches_per_layer in the JSON",
     )
+    p.add_argument(
+        "--load",
+        action="store_true",
+        help="load benchmark: --requests concurrent requests (steps/4..--steps decode steps, distinct seeds) "
+        "through continuous batching, static batches and one at a time",
+    )
+    p.add_argument("--requests", type=int, default=16, help="--load: number of requests (default 16)")
+    p.add_argument(
+        "--arrival-rate",
+        type=float,
+        default=None,
+        help="--load: Poisson arrivals, requests per second (default: all at once)",
+    )
+    p.add_argument("--max-slots", type=int, default=None, help="--load: continuous batch size (default: the device's)")
     a = p.parse_args(argv)
     if a.repeat < 1:
         p.error("--repeat must be >= 1")
     if a.layers is not None and a.layers < 1:
         p.error("--layers must be >= 1")
+    if a.requests < 1:
+        p.error("--requests must be >= 1")
+    if a.arrival_rate is not None and not a.arrival_rate > 0:
+        p.error("--arrival-rate must be > 0 requests per second")
+    if a.max_slots is not None and (a.max_slots < 1 or a.max_slots & (a.max_slots - 1)):
+        p.error("--max-slots must be a power of two >= 1")
     return BenchOptions(
         model=a.model,
         device=a.device,
@@ -396,6 +470,10 @@ def parse_args(argv: list[str] | None = None) -> BenchOptions:
         seed=a.seed,
         quiet=a.quiet,
         count_launches=a.count_launches,
+        load=a.load,
+        requests=a.requests,
+        arrival_rate=a.arrival_rate,
+        max_slots=a.max_slots,
     )
 
 

@@ -329,6 +329,21 @@ def _scenarios(rec: _Recorder | None, dtype: str, log: Callable[[str], None], de
                 engine=engine,
             )
         log(f"recorded {name!r} ({time.perf_counter() - t0:.1f} s)")
+    # continuous batching (dia_fast.serving.BatchEngine's step): a request admitted into slot 3 of 16, two steps
+    # over the 16-slot bucket (per-slot settings, seeds and positions)
+    from ..serving.slots import admit, allocate_slots, slot_step
+
+    if rec is not None:
+        rec.scenario = "continuous batching: slot step, 16 slots"
+    t0 = time.perf_counter()
+    slots = allocate_slots(model, 16, data.audio_length, data.text_length)
+    ids, mask = encode_batch(texts[:1], data.text_length)
+    with torch.inference_mode():
+        admit(model, slots, 3, ids, mask, prompt(24), 100, 10, sampled, 1234)
+        for _ in range(2):
+            slot_step(model, slots.view(16))
+    del slots
+    log(f"recorded the slot step ({time.perf_counter() - t0:.1f} s)")
     # public ops on a whole [1, 3072, 9] sequence on the device (the generation delays its prompts and undelays
     # its output on the host; streaming undelays its chunks on the device)
     if rec is not None:

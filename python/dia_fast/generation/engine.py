@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import ops
-from ..model import DecoderState, DiaModel, semaphores_for
+from ..model import DecoderState, DiaModel, allocate_state
 from ..ops.reference import NOT_FORCED
 from .sampling import SamplingConfig
 
@@ -98,6 +98,8 @@ class StepBuffers:
     done: torch.Tensor  # [1] bool: every real row has finished (EOS + max_delay written)
     delays: torch.Tensor  # [C] int64
     forced_eos_pos: torch.Tensor  # [B] int64: EOS is forced here at the latest
+    min_eos_pos: torch.Tensor  # [B] int64: no EOS before this position (min_new_tokens)
+    allow_eos: torch.Tensor  # [B] bool: the position sampled next may be EOS
     cfg_scale: torch.Tensor  # [B] fp32
     temperature: torch.Tensor  # [B] fp32, 0 = greedy
     top_p: torch.Tensor  # [B] fp32
@@ -123,20 +125,11 @@ def allocate_buffers(model: DiaModel, spec: StepSpec, max_len: int, text_len: in
     """Fresh buffers for ``spec`` with ``max_len`` decoder and ``text_len`` encoder positions (zeroed)."""
     cfg = model.config
     dec = cfg.model.decoder
-    n, R, dev = dec.n_layer, spec.rows, model.device
+    R, dev = spec.rows, model.device
     kw = dict(device=dev, dtype=model.dtype)
-    self_k = torch.zeros(n, R, dec.n_kv_head, max_len, dec.head_dim, **kw)
-    cross_k = torch.zeros(n, R, dec.cross_n_kv_head, text_len, dec.cross_head_dim, **kw)
-    state = DecoderState(
-        self_k,
-        torch.zeros_like(self_k),
-        cross_k,
-        torch.zeros_like(cross_k),
-        torch.ones(R, text_len, dtype=torch.bool, device=dev),
-        torch.ones(R, max_len, dtype=torch.bool, device=dev) if self_mask else None,
-        torch.full((R,), text_len, dtype=torch.long, device=dev),
-        semaphores_for(cfg, R, dev),
-    )
+    state = allocate_state(cfg, R, max_len, text_len, device=dev, dtype=model.dtype, self_mask=self_mask)
+    state.cross_mask.fill_(True)  # every text position until a prefill writes the real masks
+    state.cross_len.fill_(text_len)
     B, C = spec.batch, spec.channels
 
     def per_row(value: float | int, dtype: torch.dtype) -> torch.Tensor:
@@ -154,6 +147,8 @@ def allocate_buffers(model: DiaModel, spec: StepSpec, max_len: int, text_len: in
         done=torch.zeros(1, dtype=torch.bool, device=dev),
         delays=torch.tensor(cfg.data.delay_pattern, dtype=torch.long, device=dev),
         forced_eos_pos=per_row(max_len - spec.max_delay - 1, torch.long),
+        min_eos_pos=per_row(0, torch.long),
+        allow_eos=per_row(True, torch.bool),
         cfg_scale=per_row(0.0, torch.float32),
         temperature=per_row(0.0, torch.float32),
         top_p=per_row(1.0, torch.float32),
@@ -176,6 +171,7 @@ def decode_step(model: DiaModel, spec: StepSpec, bufs: StepBuffers) -> None:
         eos_id=spec.eos_value,
         seed=bufs.seeds,
         offset=bufs.pos,
+        allow_eos=bufs.allow_eos,
         backend=spec.sampler,
     )
     ops.step_update(
@@ -189,6 +185,8 @@ def decode_step(model: DiaModel, spec: StepSpec, bufs: StepBuffers) -> None:
         bufs.real,
         bufs.done,
         bufs.tokens,
+        bufs.min_eos_pos,
+        bufs.allow_eos,
         eos_value=spec.eos_value,
         pad_value=spec.pad_value,
     )

@@ -9,6 +9,7 @@ against token for token):
   left-padded with BOS and masked out of self-attention.
 - With CFG the batch has 2B rows: B conditional rows, then B unconditional rows whose text is all
   padding (same text mask).
+- ``min_new_tokens``: channel 0 may not emit EOS before that many positions after the prefix.
 - ``max_new_tokens`` counts decoder positions after the prefix (as in transformers): EOS is forced
   at ``prefix + max_new_tokens - (max_delay + 1)`` at the latest, so an item yields at most
   ``max_new_tokens - max_delay - 1`` audio frames.
@@ -183,6 +184,7 @@ def generate_codes(
     *,
     prompts: Sequence[torch.Tensor | None] | None = None,
     max_new_tokens: int | None = None,
+    min_new_tokens: int = 0,
     sampling: SamplingConfig | None = None,
     generator: torch.Generator | None = None,
     progress: bool | None = None,
@@ -232,6 +234,11 @@ def generate_codes(
             f"max_new_tokens={max_new_tokens} plus the {P0} prefix positions exceeds the model's audio length "
             f"{data.audio_length} (at most {budget} new tokens here)"
         )
+    if not isinstance(min_new_tokens, int) or not 0 <= min_new_tokens <= max_new_tokens - md - 1:
+        raise ValueError(
+            f"min_new_tokens must be an int in [0, max_new_tokens - {md + 1}] = [0, {max_new_tokens - md - 1}] "
+            f"(EOS is held back until then), got {min_new_tokens!r}"
+        )
     L = P0 + max_new_tokens
     Bb, Lb, Tb = engine.shapes(B, L, text_ids.shape[1])
     text_ids, text_mask, prompts = _pad_batch(text_ids.cpu(), text_mask.cpu(), prompts, Bb)
@@ -261,7 +268,7 @@ def generate_codes(
     with runner:
         warmup_s = runner.prepare()  # CUDA-graph warm-up + capture, the first time this runner is used
         bufs = runner.bufs
-        _load(model, bufs, enc_out, enc_mask, prefix, L, B, host_pool, sampling, seeds)
+        _load(model, bufs, enc_out, enc_mask, prefix, L, B, host_pool, sampling, seeds, min_new_tokens)
         # Prefill: the decoder over the prefix fills the caches and the logits of position P0.
         out = bufs.out
         model.decoder(out[:, :P0].repeat(rows, 1, 1), bufs.state, logits_out=bufs.logits)
@@ -310,6 +317,7 @@ def _load(
     host_pool: PinnedPool | None,
     sampling: SamplingConfig,
     seeds: torch.Tensor,
+    min_new_tokens: int,
 ) -> None:
     """Fills a runner's buffers for a new call (every buffer a step reads is rewritten here). Text positions
     past this call's text are masked and never read: their stale K/V need no clearing."""
@@ -335,5 +343,7 @@ def _load(
     bufs.done.zero_()
     bufs.forced_eos_pos.fill_(L - model.config.data.max_delay - 1)
     bufs.pos.fill_(P0)
+    bufs.min_eos_pos.fill_(P0 + min_new_tokens)
+    bufs.allow_eos.fill_(min_new_tokens <= 0)
     bufs.set_sampling(sampling)
     bufs.seeds.copy_(seeds)

@@ -31,7 +31,7 @@ from .sampling import SamplingConfig
 if TYPE_CHECKING:
     from ..api import DiaTTS
 
-__all__ = ["AudioStream", "StreamStats", "codec_context_frames", "stream_generate"]
+__all__ = ["AudioStream", "ChunkedDecoder", "StreamStats", "codec_context_frames", "stream_generate"]
 
 _CONTEXT_MARGIN = 2  # frames added to the measured receptive field (transposed-conv edge effects)
 _context_cache: weakref.WeakKeyDictionary[Any, tuple[int, int]] = weakref.WeakKeyDictionary()
@@ -171,6 +171,130 @@ def _worker(
         out_queue.put((_ERROR, exc))
 
 
+class ChunkedDecoder:
+    """Exact audio chunks from the delayed decoder positions of one item, pushed in order as they become final.
+
+    A new frame ``t`` is final once delayed position ``t + max_delay`` is; its audio is exact once the codec
+    also has ``lookahead_frames`` final frames after it (and ``left_context_frames`` before it). Chunks are
+    ``first_chunk_frames`` then ``chunk_frames`` frames; the last one ends where the item's EOS says.
+    :meth:`push` takes delayed positions (the first one is the first generated position), :meth:`end` says
+    that no more will come (with the number of new frames when it is known from elsewhere), and
+    :meth:`next_chunk` returns float32 PCM, or None when the next chunk is not ready yet. Timings and counts
+    go to ``stats``.
+    """
+
+    def __init__(
+        self,
+        tts: DiaTTS,
+        *,
+        chunk_frames: int,
+        first_chunk_frames: int | None,
+        left_context_frames: int,
+        lookahead_frames: int,
+        stats: StreamStats,
+        start_time: float,
+    ) -> None:
+        if chunk_frames < 1:
+            raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
+        if first_chunk_frames is not None and first_chunk_frames < 1:
+            raise ValueError(f"first_chunk_frames must be >= 1 (or None), got {first_chunk_frames}")
+        if left_context_frames < 0 or lookahead_frames < 0:
+            raise ValueError("left_context_frames and lookahead_frames must be >= 0")
+        self.stats = stats
+        self._t0 = start_time
+        self._codec = tts.codec
+        self._device = tts.device
+        data = tts.config.data
+        self._delays = data.delay_pattern
+        self._max_delay = data.max_delay
+        self._eos = data.audio_eos_value
+        self._codebook_size = tts.config.codebook_size
+        self._hop = tts.codec.hop_length
+        self.chunk = chunk_frames
+        self.first = chunk_frames if first_chunk_frames is None else first_chunk_frames
+        self._left = left_context_frames
+        self.lookahead = lookahead_frames
+        self._delayed: list[torch.Tensor] = []  # delayed positions received, in arrival order
+        self._positions = 0  # delayed positions received
+        self._total: int | None = None  # number of new frames, once known (EOS seen or generation done)
+        self._emitted = 0  # frames whose audio has been returned
+        self._ended = False
+
+    @property
+    def positions(self) -> int:
+        """Delayed positions received so far."""
+        return self._positions
+
+    @property
+    def done(self) -> bool:
+        """Every frame's audio has been returned (after :meth:`end`)."""
+        return self._ended and self._total is not None and self._emitted >= self._total
+
+    def push(self, codes: torch.Tensor) -> None:
+        """Delayed positions [n, C] that follow the ones pushed before."""
+        if codes.shape[0] == 0:
+            return
+        self._delayed.append(codes)
+        self._positions += codes.shape[0]
+        if self._total is None:
+            # channel 0 has no delay: its EOS marks the end of the audio
+            hits = (codes[:, 0] == self._eos).nonzero()
+            if hits.numel():
+                self._total = self._positions - codes.shape[0] + int(hits[0, 0])
+
+    def end(self, total_frames: int | None = None) -> None:
+        """No more positions will come; ``total_frames``: the item's number of new frames, if known."""
+        self._ended = True
+        if total_frames is not None:
+            self._total = total_frames
+        elif self._total is None:  # no EOS seen: every frame whose codes are complete
+            self._total = max(self._positions - self._max_delay, 0)
+
+    def _ready(self) -> int:
+        """New frames whose codes are final."""
+        n = max(self._positions - self._max_delay, 0)
+        return n if self._total is None else min(n, self._total)
+
+    def next_chunk(self) -> np.ndarray | None:
+        """The next chunk's PCM, or None when it is not ready (or everything was returned)."""
+        ready = self._ready()
+        if self._total is not None and (self._ended or self._positions >= self._total + self._max_delay):
+            end = self._total  # the last window ends where the one-shot decode ends
+            if end <= self._emitted:
+                return None
+            stop = end
+        else:
+            size = self.first if self._emitted == 0 else self.chunk
+            if ready - self.lookahead - self._emitted < size:
+                return None
+            end = self._emitted + size
+            stop = end + self.lookahead
+        start = max(self._emitted - self._left, 0)
+        return self._decode(start, self._emitted, end, stop)
+
+    def _decode(self, start: int, emit_from: int, emit_to: int, stop: int) -> np.ndarray:
+        t = time.perf_counter()
+        delayed = torch.cat(self._delayed) if len(self._delayed) > 1 else self._delayed[0]
+        self._delayed = [delayed]
+        window = delayed[start : stop + self._max_delay][None].to(self._device)
+        # the caller's thread: its current device need not be the model's (undelay_codes may be a Triton kernel)
+        with using_device(self._device), torch.inference_mode():
+            codes = ops.undelay_codes(window, self._delays, self._codebook_size)[0, : stop - start]
+            wav = self._codec.decode(codes[None].to(self._device))[0]
+        a = (emit_from - start) * self._hop
+        pcm = wav[a : a + (emit_to - emit_from) * self._hop].float().cpu().numpy()
+        self._emitted = emit_to
+        now = time.perf_counter()
+        st = self.stats
+        st.codec_s += now - t
+        st.chunks += 1
+        st.frames = emit_to
+        st.samples += int(pcm.shape[0])
+        if st.time_to_first_audio_s is None:
+            st.time_to_first_audio_s = now - self._t0
+        return pcm
+
+
 class AudioStream(Iterator[np.ndarray]):
     """Iterator of float32 PCM chunks (at ``sample_rate``) for one text; see :func:`stream_generate`.
 
@@ -191,40 +315,28 @@ class AudioStream(Iterator[np.ndarray]):
         generate_kwargs: dict[str, Any],
         start_time: float | None = None,
     ) -> None:
-        if chunk_frames < 1:
-            raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
-        if first_chunk_frames is not None and first_chunk_frames < 1:
-            raise ValueError(f"first_chunk_frames must be >= 1 (or None), got {first_chunk_frames}")
-        if left_context_frames < 0 or lookahead_frames < 0:
-            raise ValueError("left_context_frames and lookahead_frames must be >= 0")
         self._t0 = time.perf_counter() if start_time is None else start_time
         self.stats = StreamStats()
         self.sample_rate = tts.sample_rate
-        self._codec = tts.codec
+        self._chunks = ChunkedDecoder(
+            tts,
+            chunk_frames=chunk_frames,
+            first_chunk_frames=first_chunk_frames,
+            left_context_frames=left_context_frames,
+            lookahead_frames=lookahead_frames,
+            stats=self.stats,
+            start_time=self._t0,
+        )
         self._device = tts.device
-        data = tts.config.data
-        self._delays = data.delay_pattern
-        self._max_delay = data.max_delay
-        self._eos = data.audio_eos_value
-        self._codebook_size = tts.config.codebook_size
-        self._hop = tts.codec.hop_length
-        self._chunk = chunk_frames
-        self._first = chunk_frames if first_chunk_frames is None else first_chunk_frames
-        self._left = left_context_frames
-        self._ahead = lookahead_frames
-
         self._queue: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._cancel = threading.Event()
-        self._delayed: list[torch.Tensor] = []  # delayed positions [prefix, ...) of item 0, in arrival order
-        self._positions = 0  # delayed positions received
-        self._total: int | None = None  # number of new frames, once known (EOS seen or generation done)
-        self._emitted = 0  # frames whose audio has been returned
         self._closed = False
         self._finished = False
         # the worker holds no reference to the stream, so dropping the stream can stop it
+        first_need = self._chunks.first + self._chunks.lookahead
         self._thread = threading.Thread(
             target=_worker,
-            args=(self._queue, self._cancel, tts, text, generate_kwargs, self._first + self._ahead, self._chunk),
+            args=(self._queue, self._cancel, tts, text, generate_kwargs, first_need, chunk_frames),
             name="dia_fast-stream",
             daemon=True,
         )
@@ -239,7 +351,7 @@ class AudioStream(Iterator[np.ndarray]):
             raise StopIteration
         try:
             while True:
-                chunk = self._try_emit()
+                chunk = self._chunks.next_chunk()
                 if chunk is not None:
                     return chunk
                 if self._finished:
@@ -271,73 +383,23 @@ class AudioStream(Iterator[np.ndarray]):
             here = torch.cuda.current_stream(codes.device)
             here.wait_stream(torch.cuda.default_stream(codes.device))
             codes.record_stream(here)
-        self._delayed.append(codes)
-        self._positions += codes.shape[0]
-        if self._total is None:
-            # channel 0 has no delay: its EOS marks the end of the audio
-            hits = (codes[:, 0] == self._eos).nonzero()
-            if hits.numel():
-                self._total = self._positions - codes.shape[0] + int(hits[0, 0])
+        self._chunks.push(codes)
 
     def _finish(self, result: DecodeOutput | None) -> None:
         self._finished = True
         if result is None:
+            self._chunks.end()
             return
         self.stats.prefill_s = result.prefill_seconds
         self.stats.decode_s = result.decode_seconds
         self.stats.steps = result.steps
         P0 = result.prefix_length
         # the worker sent device tensors; the result is on the CPU
-        rest = result.delayed[0, P0 + self._positions :].to(self._device)
-        if rest.shape[0]:
-            self._delayed.append(rest)
-            self._positions += rest.shape[0]
+        rest = result.delayed[0, P0 + self._chunks.positions :].to(self._device)
+        self._chunks.push(rest)
         eos = int(result.eos_pos[0])
         # no EOS (the loop cannot end so, but be safe): every frame whose codes are complete
-        self._total = max(eos - P0, 0) if eos >= 0 else max(self._positions - self._max_delay, 0)
-
-    def _ready(self) -> int:
-        """New frames whose codes are final."""
-        n = max(self._positions - self._max_delay, 0)
-        return n if self._total is None else min(n, self._total)
-
-    def _try_emit(self) -> np.ndarray | None:
-        ready = self._ready()
-        if self._total is not None and (self._finished or self._positions >= self._total + self._max_delay):
-            end = self._total  # the last window ends where the one-shot decode ends
-            if end <= self._emitted:
-                return None
-            stop = end
-        else:
-            size = self._first if self._emitted == 0 else self._chunk
-            if ready - self._ahead - self._emitted < size:
-                return None
-            end = self._emitted + size
-            stop = end + self._ahead
-        start = max(self._emitted - self._left, 0)
-        return self._decode(start, self._emitted, end, stop)
-
-    def _decode(self, start: int, emit_from: int, emit_to: int, stop: int) -> np.ndarray:
-        t = time.perf_counter()
-        delayed = torch.cat(self._delayed) if len(self._delayed) > 1 else self._delayed[0]
-        self._delayed = [delayed]
-        window = delayed[start : stop + self._max_delay][None]
-        # the caller's thread: its current device need not be the model's (undelay_codes may be a Triton kernel)
-        with using_device(self._device), torch.inference_mode():
-            codes = ops.undelay_codes(window, self._delays, self._codebook_size)[0, : stop - start]
-            wav = self._codec.decode(codes[None].to(self._device))[0]
-        a = (emit_from - start) * self._hop
-        pcm = wav[a : a + (emit_to - emit_from) * self._hop].float().cpu().numpy()
-        self._emitted = emit_to
-        now = time.perf_counter()
-        st = self.stats
-        st.codec_s += now - t
-        st.chunks += 1
-        st.frames = emit_to
-        st.samples += int(pcm.shape[0])
-        if st.time_to_first_audio_s is None:
-            st.time_to_first_audio_s = now - self._t0
-        return pcm
+        self._chunks.end(max(eos - P0, 0) if eos >= 0 else None)
 
     # ------------------------------------------------------------------------------ lifecycle
     def _join(self) -> None:

@@ -1,6 +1,6 @@
 """The Dia transformer as plain ``nn.Module``s."""
 
-from .dia import Decoder, DecoderState, DiaModel, Encoder, semaphores_for, text_lengths
+from .dia import Decoder, DecoderState, DiaModel, Encoder, allocate_state, semaphores_for, text_lengths
 from .layers import CrossAttention, GatedMLP, RMSNorm, RotaryEmbedding, SelfAttention
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "RMSNorm",
     "RotaryEmbedding",
     "SelfAttention",
+    "allocate_state",
     "semaphores_for",
     "text_lengths",
 ]

@@ -88,11 +88,58 @@ class DecoderState:
     def max_len(self) -> int:
         return self.self_k.shape[3]
 
+    def select_rows(self, rows: slice) -> DecoderState:
+        """Views of ``rows`` of every per-row tensor (the semaphores are shared)."""
+
+        def cut(t: torch.Tensor | None, dim: int) -> torch.Tensor | None:
+            return None if t is None else t[(slice(None),) * dim + (rows,)]
+
+        return DecoderState(
+            cut(self.self_k, 1),
+            cut(self.self_v, 1),
+            cut(self.cross_k, 1),
+            cut(self.cross_v, 1),
+            cut(self.cross_mask, 0),
+            cut(self.self_mask, 0),
+            cut(self.cross_len, 0),
+            self.semaphores,
+        )
+
 
 def text_lengths(mask: torch.Tensor) -> torch.Tensor:
     """[R, T] bool -> [R] int64: the last True position + 1 (0 for an all-False row)."""
     pos = torch.arange(1, mask.shape[1] + 1, device=mask.device)
     return (mask.long() * pos).amax(dim=1)
+
+
+def allocate_state(
+    config: DiaConfig,
+    rows: int,
+    max_len: int,
+    text_len: int,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    self_mask: bool = False,
+) -> DecoderState:
+    """A zeroed :class:`DecoderState` of ``rows`` rows, ``max_len`` decoder and ``text_len`` text positions:
+    caches zero, no text attended (``cross_mask`` False, ``cross_len`` 0) until a prefill writes them,
+    ``self_mask`` (when asked for) all True."""
+    dec = config.model.decoder
+    self_k = torch.zeros(dec.n_layer, rows, dec.n_kv_head, max_len, dec.head_dim, device=device, dtype=dtype)
+    cross_k = torch.zeros(
+        dec.n_layer, rows, dec.cross_n_kv_head, text_len, dec.cross_head_dim, device=device, dtype=dtype
+    )
+    return DecoderState(
+        self_k,
+        torch.zeros_like(self_k),
+        cross_k,
+        torch.zeros_like(cross_k),
+        torch.zeros(rows, text_len, dtype=torch.bool, device=device),
+        torch.ones(rows, max_len, dtype=torch.bool, device=device) if self_mask else None,
+        torch.zeros(rows, dtype=torch.long, device=device),
+        semaphores_for(config, rows, device),
+    )
 
 
 def semaphores_for(config: DiaConfig, rows: int, device: torch.device) -> torch.Tensor:
@@ -216,7 +263,8 @@ class Decoder(nn.Module):
         """Delayed codes [R, T, C] -> fp32 logits [R, T, C, V].
 
         ``pos`` None: prefill positions [0, T) (fills the caches). Otherwise T == 1 and ``pos`` is
-        a 1-element int64 tensor (on the device) with the position of this step. ``last_only``:
+        an int64 tensor on the device with the position of this step: one element for every row, or one per
+        row ([R], continuous batching). ``last_only``:
         only the last position's logits, [R, 1, C, V] (a prefill that needs just the next step's
         logits skips the output projection of the others). ``logits_out`` [R, C, V] in the model's dtype:
         the last position's logits are written there by the output GEMM itself (no cast, no copy) and it is
@@ -227,8 +275,9 @@ class Decoder(nn.Module):
             raise ValueError(f"{T} decoder positions exceed the model's {self.rotary.max_positions}")
         kv_len = None if pos is None else pos + 1  # one op per step, not one per layer
         cross_rope = None
-        if self.cross_rotary is not None:
-            cross_rope = self.cross_rotary.cos_sin(torch.arange(T, device=codes.device) if pos is None else pos)
+        if self.cross_rotary is not None:  # per-row positions broadcast over heads: [R or 1, 1, 1, D/2]
+            at = torch.arange(T, device=codes.device) if pos is None else pos.reshape(-1, 1, 1)
+            cross_rope = self.cross_rotary.cos_sin(at)
         h, delta = self.embeddings(codes), None
         for i, layer in enumerate(self.layers):
             h, delta = layer(h, delta, state, i, pos, kv_len, self.rotary, cross_rope)

@@ -45,6 +45,7 @@ __all__ = [
     "seed_from_int",
     "select_backend",
     "set_backend",
+    "slot_update",
     "step_update",
     "swiglu",
     "table",
@@ -102,6 +103,7 @@ _OPS = (
     "rope_kv_write",
     "swiglu",
     "step_update",
+    "slot_update",
 )
 for _op in _OPS:
     register(_op, "torch", getattr(reference, _op))
@@ -113,7 +115,8 @@ register("decode_attention", "triton", "dia_fast.ops.triton_attention:decode_att
 register("cfg_sample", "triton", "dia_fast.ops.triton_sampling:cfg_sample")
 for _op in ("add_rmsnorm", "rope_kv_write", "swiglu"):
     register(_op, "triton", f"dia_fast.ops.triton_fused:{_op}")
-register("step_update", "triton", "dia_fast.ops.triton_step:step_update")
+for _op in ("step_update", "slot_update"):
+    register(_op, "triton", f"dia_fast.ops.triton_step:{_op}")
 # C++ CPU kernels: registered where they measured faster than the reference (benchmarks/RESULTS.md)
 for _op in ("apply_delay", "revert_delay", "undelay_codes", "cfg_sample"):
     register(_op, "cpp", f"dia_fast.ops.cpp:{_op}")
@@ -216,6 +219,7 @@ def cfg_sample(
     generator: torch.Generator | None = None,
     seed: torch.Tensor | None = None,
     offset: int | torch.Tensor = 0,
+    allow_eos: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Next codes [B, C] from conditional / unconditional logits [B, C, V] (CFG + filters + draw).
@@ -224,7 +228,8 @@ def cfg_sample(
     are sampled. ``seed`` ([B] int64 Philox keys) + ``offset``: the seeded draw of
     :func:`dia_fast.ops.reference.cfg_sample`, identical across the backends that implement it (torch,
     Triton; the C++ and Metal backends hand seeded draws to the reference); otherwise each backend's own
-    draw from ``generator``. See :func:`dia_fast.ops.reference.cfg_sample`.
+    draw from ``generator``. ``allow_eos`` [B] bool: rows that may not emit EOS yet. See
+    :func:`dia_fast.ops.reference.cfg_sample`.
     """
     kw: dict[str, object] = dict(
         cfg_scale=cfg_scale,
@@ -237,6 +242,8 @@ def cfg_sample(
     )
     if seed is not None:
         kw.update(seed=seed, offset=offset)
+    if allow_eos is not None:
+        kw["allow_eos"] = allow_eos
     return get_impl("cfg_sample", cond.device, backend)(cond, uncond, **kw)
 
 
@@ -287,13 +294,16 @@ def step_update(
     real: torch.Tensor,
     done: torch.Tensor,
     tokens: torch.Tensor,
+    min_eos_pos: torch.Tensor | None = None,
+    allow_eos: torch.Tensor | None = None,
     *,
     eos_value: int,
     pad_value: int,
     backend: str | None = None,
 ) -> None:
     """A decode step's bookkeeping after the draw (EOS countdown, forced prefix, output and next input,
-    completion flag), in place. See :func:`dia_fast.ops.reference.step_update`."""
+    completion flag, and whether the next position may end each item), in place. See
+    :func:`dia_fast.ops.reference.step_update`."""
     get_impl("step_update", codes.device, backend)(
         codes,
         pos,
@@ -305,6 +315,48 @@ def step_update(
         real,
         done,
         tokens,
+        min_eos_pos,
+        allow_eos,
+        eos_value=eos_value,
+        pad_value=pad_value,
+    )
+
+
+def slot_update(
+    codes: torch.Tensor,
+    pos: torch.Tensor,
+    eos_pos: torch.Tensor,
+    delays: torch.Tensor,
+    forced_eos_pos: torch.Tensor,
+    min_eos_pos: torch.Tensor,
+    forced: torch.Tensor,
+    out: torch.Tensor,
+    active: torch.Tensor,
+    finished: torch.Tensor,
+    allow_eos: torch.Tensor,
+    tokens: torch.Tensor,
+    row_pos: torch.Tensor,
+    *,
+    eos_value: int,
+    pad_value: int,
+    backend: str | None = None,
+) -> None:
+    """A continuous-batching step's per-slot bookkeeping (each slot its own position, lifecycle and EOS
+    countdown; rows interleaved), in place. See :func:`dia_fast.ops.reference.slot_update`."""
+    get_impl("slot_update", codes.device, backend)(
+        codes,
+        pos,
+        eos_pos,
+        delays,
+        forced_eos_pos,
+        min_eos_pos,
+        forced,
+        out,
+        active,
+        finished,
+        allow_eos,
+        tokens,
+        row_pos,
         eos_value=eos_value,
         pad_value=pad_value,
     )

@@ -97,20 +97,19 @@ def cfg_sample(
     generator: torch.Generator | None = None,
     seed: torch.Tensor | None = None,
     offset: int | torch.Tensor = 0,
+    allow_eos: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`dia_fast.ops.reference.cfg_sample` in C++ for CPU logits [B, C, V].
 
-    Greedy mode (``do_sample=False`` or ``temperature == 0``) returns exactly the reference's
-    codes. Sampling draws one uniform per row from ``generator`` (``torch.rand``) and inverts the
-    CDF of the filtered distribution in ascending id order: the distribution is the reference's
-    and a seeded generator makes it reproducible, but the codes are not those that
-    ``torch.multinomial`` would draw from the same generator state. Settings that differ per row and
-    seeded draws (``seed``) run the reference.
+    Greedy rows return exactly the reference's codes. Seeded draws (``seed``; what decode steps use), any
+    per-row settings and ``allow_eos``: the reference's seeded Gumbel-max draw with its Philox noise
+    (``cfg_sample_rows``; the nucleus is computed in double precision, so a row whose top-p boundary falls
+    within rounding of the reference's can keep one id more or less). Without ``seed``: one uniform per row
+    from ``generator`` (``torch.rand``) drives an inverse-CDF walk of the filtered distribution in ascending id
+    order: the reference's distribution, reproducible with a seeded generator, but not the draws
+    ``torch.multinomial`` would make.
     """
-    on_cpu = cond.device.type == "cpu" and cond.ndim == 3 and cond.shape == uncond.shape
-    hp = reference.host_params(cfg_scale, temperature, top_p, top_k) if on_cpu else None
-    sampled = do_sample and (hp is None or hp.temperature != 0)
-    if hp is None or (sampled and seed is not None):
+    if cond.device.type != "cpu" or cond.ndim != 3 or cond.shape != uncond.shape:
         return reference.cfg_sample(
             cond,
             uncond,
@@ -123,17 +122,62 @@ def cfg_sample(
             generator=generator,
             seed=seed,
             offset=offset,
+            allow_eos=allow_eos,
         )
     B, C, V = cond.shape
     if not 0 <= eos_id < V:
         raise ValueError(f"eos_id {eos_id} is outside the vocabulary [0, {V})")
+    out = torch.empty((B, C), dtype=torch.long)
+    hp = reference.host_params(cfg_scale, temperature, top_p, top_k)
+    greedy = not do_sample or (hp is not None and hp.temperature == 0)
+    if seed is not None or greedy or hp is None or allow_eos is not None:
+        if seed is None:  # keys for the sampled rows (a greedy call draws nothing from the generator)
+            seed = torch.zeros(B, dtype=torch.long) if greedy else torch.randint(0, 2**62, (B,), generator=generator)
+        return _sample_rows(cond, uncond, out, cfg_scale, 0.0 if not do_sample else temperature, top_p, top_k,
+                            seed, offset, allow_eos, eos_id)  # fmt: skip
     if hp.top_k <= 0:  # no CFG filter: the guided logits are sampled (the kernel then reads cond only)
         cond = uncond = reference.guided_logits(cond, uncond, hp.cfg_scale)
     c, u = _logits_view(cond), _logits_view(uncond)
-    out = torch.empty((B, C), dtype=torch.long)
-    uniforms = None
-    if sampled:
-        uniforms = _np(torch.rand(B * C, generator=generator, dtype=torch.float32))
+    uniforms = _np(torch.rand(B * C, generator=generator, dtype=torch.float32))
     k = max(hp.top_k, 0)
     _lib().cfg_sample(_np(c), _np(u), _np(out), hp.cfg_scale, hp.temperature, hp.top_p, k, int(eos_id), uniforms)
+    return out
+
+
+def _row_np(value: reference.Param, B: int, dtype: torch.dtype, name: str) -> np.ndarray:
+    """A per-row setting as a contiguous [B] numpy array (a view of a CPU tensor where it can be)."""
+    return _np(reference.row_param(value, B, dtype, torch.device("cpu"), name).contiguous())
+
+
+def _sample_rows(
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    out: torch.Tensor,
+    cfg_scale: reference.Param,
+    temperature: reference.Param,
+    top_p: reference.Param,
+    top_k: int | None | torch.Tensor,
+    seed: torch.Tensor | None,
+    offset: int | torch.Tensor,
+    allow_eos: torch.Tensor | None,
+    eos_id: int,
+) -> torch.Tensor:
+    """The per-row, seeded kernel."""
+    B = cond.shape[0]
+    allow = None
+    if allow_eos is not None:
+        allow = _row_np(allow_eos.to(torch.bool), B, torch.uint8, "allow_eos")
+    _lib().cfg_sample_rows(
+        _np(_logits_view(cond)),
+        _np(_logits_view(uncond)),
+        _np(out),
+        _row_np(cfg_scale, B, torch.float32, "cfg_scale"),
+        _row_np(temperature, B, torch.float32, "temperature"),
+        _row_np(top_p, B, torch.float32, "top_p"),
+        _row_np(reference.top_k_arg(top_k), B, torch.int64, "top_k"),
+        _row_np(seed, B, torch.int64, "seed"),
+        _row_np(offset, B, torch.int64, "offset"),
+        allow,
+        int(eos_id),
+    )
     return out

@@ -293,22 +293,25 @@ def cfg_sample(
     generator: torch.Generator | None = None,
     seed: torch.Tensor | None = None,
     offset: int | torch.Tensor = 0,
+    allow_eos: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`dia_fast.ops.reference.cfg_sample` as a Metal kernel (logits upcast to float32).
 
     Greedy mode picks the reference's codes (up to float rounding of the guided logits). Sampling
     inverts the CDF of the filtered distribution with one ``torch.rand`` uniform per row drawn
     from ``generator`` on the device: same distribution, reproducible, not ``torch.multinomial``'s
-    draws. Settings that differ per row and seeded draws (``seed``) run the reference.
+    draws. Settings that differ per row, seeded draws (``seed``) and an ``allow_eos`` that holds a False run
+    the reference.
     """
     B, C, V = cond.shape
     shape_ok = V <= SAMPLE_MAX_VOCAB and cond.shape == uncond.shape
     hp = reference.host_params(cfg_scale, temperature, top_p, top_k) if shape_ok else None
     greedy = (not do_sample) or (hp is not None and hp.temperature == 0)
-    if hp is None or (not greedy and seed is not None):
+    blocked_eos = allow_eos is not None and not bool(allow_eos.all())
+    if hp is None or (not greedy and seed is not None) or blocked_eos:
         return reference.cfg_sample(cond, uncond, cfg_scale=cfg_scale, temperature=temperature, top_p=top_p,
                                     top_k=top_k, eos_id=eos_id, do_sample=do_sample, generator=generator,
-                                    seed=seed, offset=offset)  # fmt: skip
+                                    seed=seed, offset=offset, allow_eos=allow_eos)  # fmt: skip
     if not 0 <= eos_id < V:
         raise ValueError(f"eos_id {eos_id} is outside the vocabulary [0, {V})")
     if hp.top_k <= 0:  # no CFG filter: the guided logits are sampled (the kernel then reads cond only)

@@ -265,6 +265,7 @@ def filter_cfg_logits(
     cfg_scale: Param,
     top_k: int | None | torch.Tensor,
     eos_id: int,
+    allow_eos: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """CFG + top-k filter + Dia's special-token rules, in fp32. [B, C, V] -> [B, C, V].
 
@@ -273,7 +274,8 @@ def filter_cfg_logits(
     cond logit). Without (``top_k`` None or 0): the guided logits themselves, as transformers'
     guidance does without a filter. Then ids above ``eos_id`` are never sampled; only channel 0 may
     emit ``eos_id`` and, when EOS is its argmax, it is the only candidate (else it is masked).
-    ``cfg_scale`` and ``top_k`` may be per-row [B] tensors.
+    ``cfg_scale`` and ``top_k`` may be per-row [B] tensors. ``allow_eos`` [B] bool: rows where it is False
+    may not emit EOS at all (``min_new_tokens``): it is masked before the EOS rule.
     """
     cond = cond.float()
     uncond = uncond.float()
@@ -287,6 +289,9 @@ def filter_cfg_logits(
     logits = logits.clone()
     logits[:, :, eos_id + 1 :] = neg_inf
     logits[:, 1:, eos_id:] = neg_inf
+    if allow_eos is not None:
+        ok = allow_eos.to(device=logits.device, dtype=torch.bool).reshape(-1).expand(B)
+        logits[:, 0, eos_id] = torch.where(ok, logits[:, 0, eos_id], neg_inf)
     ch0 = logits[:, 0]
     eos_is_max = ch0.argmax(dim=-1) == eos_id  # [B]
     below_eos = torch.arange(V, device=logits.device) < eos_id
@@ -357,16 +362,20 @@ def philox_uint32(
 
 def gumbel_noise(seed: torch.Tensor, offset: torch.Tensor, C: int, V: int) -> torch.Tensor:
     """Standard Gumbel noise [B, C, V] (fp32) of the seeded draws: element (b, c, v) comes from
-    Philox with key ``seed[b]`` and counter ``(v, c, offset[b] low word, offset[b] high word)``, its 24 high
-    bits made a uniform strictly inside (0, 1), then ``-log(-log(u))``."""
+    Philox with key ``seed[b]`` and counter ``(v, c, offset[b] low word, offset[b] high word)``, made a uniform
+    strictly inside (0, 1) (:func:`uniform_from_bits`), then ``-log(-log(u))``."""
     dev = seed.device
     key = seed.reshape(-1, 1, 1).long()
     off = offset.reshape(-1, 1, 1).long()
     v = torch.arange(V, device=dev).reshape(1, 1, V)
     c = torch.arange(C, device=dev).reshape(1, C, 1)
-    bits = philox_uint32(key, v, c, off & _U32, (off >> 32) & _U32)
-    u = ((bits >> 8).float() + 0.5) * (1.0 / 16777216.0)
-    return -torch.log(-torch.log(u))
+    return -torch.log(-torch.log(uniform_from_bits(philox_uint32(key, v, c, off & _U32, (off >> 32) & _U32))))
+
+
+def uniform_from_bits(bits: torch.Tensor) -> torch.Tensor:
+    """32 random bits (int64 in [0, 2**32)) -> fp32 uniforms strictly inside (0, 1): the high 23 bits + 1/2, over
+    2**23. (24 bits would round their top value to exactly 1.0 in fp32, whose Gumbel noise is +inf.)"""
+    return ((bits >> 9).float() + 0.5) * (1.0 / 8388608.0)
 
 
 def seed_from_int(seed: int) -> int:
@@ -388,6 +397,7 @@ def cfg_sample(
     generator: torch.Generator | None = None,
     seed: torch.Tensor | None = None,
     offset: int | torch.Tensor = 0,
+    allow_eos: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pick the next code of every channel from conditional/unconditional logits [B, C, V].
 
@@ -397,9 +407,10 @@ def cfg_sample(
     one Philox key per row) the Gumbel-max draw ``argmax(logits / T + g)`` with the noise of
     :func:`gumbel_noise` at counter offset ``offset`` (an int, or a [1] / [B] integer tensor such as the
     decode position): reproducible, identical in every backend that implements it, and never syncing;
-    without ``seed``: ``torch.multinomial`` from ``generator``. Returns [B, C] int64.
+    without ``seed``: ``torch.multinomial`` from ``generator``. ``allow_eos`` [B] bool: rows that may not
+    emit EOS yet (see :func:`filter_cfg_logits`). Returns [B, C] int64.
     """
-    logits = filter_cfg_logits(cond, uncond, cfg_scale=cfg_scale, top_k=top_k, eos_id=eos_id)
+    logits = filter_cfg_logits(cond, uncond, cfg_scale=cfg_scale, top_k=top_k, eos_id=eos_id, allow_eos=allow_eos)
     B, C, V = logits.shape
     greedy_pick = logits.argmax(dim=-1)
     temp = row_param(temperature, B, torch.float32, logits.device, "temperature")
@@ -513,6 +524,8 @@ def step_update(
     real: torch.Tensor,
     done: torch.Tensor,
     tokens: torch.Tensor,
+    min_eos_pos: torch.Tensor | None = None,
+    allow_eos: torch.Tensor | None = None,
     *,
     eos_value: int,
     pad_value: int,
@@ -525,7 +538,8 @@ def step_update(
     PAD after that. A value of ``forced`` [B, L, C] at ``p`` other than -1 (the BOS / voice-prompt prefix)
     wins over both. The codes go to ``out[:, p]`` [B, L, C] and to ``tokens`` [R, 1, C] (the next decoder
     input: row ``r`` gets item ``r % B``). ``done`` [1] becomes True once every row with ``real`` [B] set
-    has written its last EOS (``max(delays)`` steps after channel 0's).
+    has written its last EOS (``max(delays)`` steps after channel 0's). With ``min_eos_pos`` [B], ``allow_eos``
+    [B] is set to whether the next position reaches it (``min_new_tokens``: the sampler masks EOS before).
     """
     p = pos.reshape(-1)[0]
     started = (codes[:, 0] == eos_value) | (p >= forced_eos_pos)
@@ -540,3 +554,56 @@ def step_update(
     finished = ((eos_pos >= 0) & (p - eos_pos >= delays.max())) | ~real
     done.copy_(finished.all().reshape(1))
     tokens.copy_(codes.repeat(tokens.shape[0] // codes.shape[0], 1)[:, None, :])
+    if min_eos_pos is not None and allow_eos is not None:
+        allow_eos.copy_(p + 1 >= min_eos_pos)
+
+
+def slot_update(
+    codes: torch.Tensor,
+    pos: torch.Tensor,
+    eos_pos: torch.Tensor,
+    delays: torch.Tensor,
+    forced_eos_pos: torch.Tensor,
+    min_eos_pos: torch.Tensor,
+    forced: torch.Tensor,
+    out: torch.Tensor,
+    active: torch.Tensor,
+    finished: torch.Tensor,
+    allow_eos: torch.Tensor,
+    tokens: torch.Tensor,
+    row_pos: torch.Tensor,
+    *,
+    eos_value: int,
+    pad_value: int,
+) -> None:
+    """The bookkeeping of a continuous-batching step, per slot, in place (no host sync).
+
+    Slot ``s`` owns decoder rows ``2s`` (conditional) and ``2s + 1`` (unconditional) and its own position
+    ``pos[s]`` (the position its ``codes[s]`` were sampled for). For every *live* slot (``active`` and not
+    ``finished``): Dia's EOS countdown as in :func:`step_update` (started by channel 0's EOS or by reaching
+    ``forced_eos_pos[s]``), the forced prefix at ``pos[s]``, the codes into ``out[s, pos[s]]``; ``finished[s]``
+    once its last channel wrote EOS; then ``pos[s]`` advances and ``allow_eos[s]`` says whether the next position
+    reaches ``min_eos_pos[s]``. Every slot's rows get its codes in ``tokens`` [2S, 1, C] and its position
+    (clamped to the buffer) in ``row_pos`` [2S]: the next decoder input; rows of slots that are not live are
+    computed but never read.
+    """
+    S, C = codes.shape
+    L = out.shape[1]
+    live = active & ~finished
+    p = pos.clamp(0, L - 1)
+    started = (codes[:, 0] == eos_value) | (p >= forced_eos_pos)
+    eos_pos.copy_(torch.where(live & (eos_pos < 0) & started, p, eos_pos))
+    counting = (live & (eos_pos >= 0))[:, None]
+    since = (p - eos_pos)[:, None]
+    codes = torch.where(counting & (since == delays[None, :]), torch.full_like(codes, eos_value), codes)
+    codes = torch.where(counting & (since > delays[None, :]), torch.full_like(codes, pad_value), codes)
+    at = p[:, None, None].expand(S, 1, C)
+    at_p = forced.gather(1, at)[:, 0]
+    codes = torch.where(at_p != NOT_FORCED, at_p, codes)
+    out.scatter_(1, at, torch.where(live[:, None], codes, out.gather(1, at)[:, 0])[:, None])
+    done_now = live & (eos_pos >= 0) & (p - eos_pos >= delays.max())
+    finished.copy_(finished | done_now)
+    tokens.copy_(codes.repeat_interleave(2, dim=0)[:, None, :])
+    row_pos.copy_(p.repeat_interleave(2))
+    pos.copy_(torch.where(live & ~done_now, (p + 1).clamp(max=L - 1), p))
+    allow_eos.copy_(pos >= min_eos_pos)

@@ -70,7 +70,8 @@ def _radix_threshold(key, w, target, ROWS: tl.constexpr, RADIX_BITS: tl.constexp
 @triton.jit
 def _philox_uniform(seed, offset, idx, ch, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     """Uniforms strictly inside (0, 1), [ROWS, BLOCK]: Philox4x32-10 keyed by ``seed`` [ROWS] (int64) at counter
-    (id, channel, offset low word, offset high word), the 24 high bits of the first output word."""
+    (id, channel, offset low word, offset high word): the high 23 bits of the first output word + 1/2, over 2**23
+    (:func:`dia_fast.ops.reference.uniform_from_bits`: 24 bits would round their top value to exactly 1.0)."""
     zero = tl.zeros([ROWS, BLOCK], tl.uint32)
     m0 = zero + 0xD2511F53
     m1 = zero + 0xCD9E8D57
@@ -91,16 +92,17 @@ def _philox_uniform(seed, offset, idx, ch, ROWS: tl.constexpr, BLOCK: tl.constex
         hi1 = tl.umulhi(m1, c2)
         lo1 = m1 * c2
         c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
-    return ((c0 >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+    return ((c0 >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
 
 
 @triton.jit
 def _cfg_sample_kernel(
-    Cond, Uncond, Out, Scale, Temp, TopP, TopK, Seed, Offset,
+    Cond, Uncond, Out, Scale, Temp, TopP, TopK, Seed, Offset, AllowEos,
     s_cb, s_cc, s_cv, s_ub, s_uc, s_uv,
-    s_scale, s_temp, s_topp, s_topk, s_seed, s_off,
+    s_scale, s_temp, s_topp, s_topk, s_seed, s_off, s_allow,
     n_rows, C, V, eos_id,
     DO_SAMPLE: tl.constexpr,
+    HAS_ALLOW: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_V: tl.constexpr,
     RADIX_BITS: tl.constexpr,
@@ -137,6 +139,9 @@ def _cfg_sample_kernel(
     # ids above EOS never; EOS only on channel 0, alone if it is the argmax (lowest id on ties), else masked
     ch0 = (ch == 0)[:, None]
     allowed = (idx <= eos_id)[None, :] & (ch0 | (idx < eos_id)[None, :])
+    if HAS_ALLOW:  # rows that may not end yet (min_new_tokens): no EOS at all
+        may_end = tl.load(AllowEos + b * s_allow, mask=row_ok, other=1) != 0
+        allowed = allowed & (may_end[:, None] | (idx != eos_id)[None, :])
     logits = tl.where(allowed, logits, neg_inf)
     eos_is_max = tl.argmax(logits, axis=1) == eos_id
     logits = tl.where(ch0 & ((idx == eos_id)[None, :] ^ eos_is_max[:, None]), neg_inf, logits)
@@ -194,6 +199,7 @@ def cfg_sample(
     generator: torch.Generator | None = None,
     seed: torch.Tensor | None = None,
     offset: int | torch.Tensor = 0,
+    allow_eos: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Next codes [B, C] int64 from conditional / unconditional logits [B, C, V], V <= 4096, in one launch.
 
@@ -203,7 +209,8 @@ def cfg_sample(
     ``seed`` and ``offset`` are numbers or per-row tensors (read in the kernel: put them on the logits'
     device and nothing syncs). With ``seed`` (int64 Philox keys, [B] or [1]) the draws equal the
     reference's; without, one seed per row is drawn on the device from ``generator`` (one extra launch).
-    fp32 / bf16 / fp16 logits, any strides.
+    ``allow_eos`` ([B] bool, on the device): rows where it is False may not emit EOS. fp32 / bf16 / fp16
+    logits, any strides.
     """
     if cond.ndim != 3 or cond.shape != uncond.shape:
         raise ValueError(
@@ -235,16 +242,23 @@ def cfg_sample(
     else:
         temp = topp = seeds = offs = out  # never read
         s_temp = s_topp = s_seed = s_off = 0
+    allow, s_allow = out, 0  # never read without HAS_ALLOW
+    if allow_eos is not None:
+        if allow_eos.device != dev or allow_eos.numel() not in (1, B):
+            raise ValueError(f"allow_eos must be a [B={B}] (or one-element) tensor on {dev}")
+        allow = allow_eos.reshape(-1)
+        allow = allow.view(torch.uint8) if allow.dtype == torch.bool else allow
+        s_allow = allow.stride(0) if allow.numel() == B and B > 1 else 0
     block_v = max(16, triton.next_power_of_2(V))
     n_rows = B * C
     # the interpreter runs programs one by one at a fixed cost per op: give it many rows per program
     rows = 1 if dev.type == "cuda" else max(1, min(triton.next_power_of_2(n_rows), 32768 // block_v))
     _cfg_sample_kernel[(triton.cdiv(n_rows, rows),)](
-        cond, uncond, out, scale, temp, topp, topk, seeds, offs,
+        cond, uncond, out, scale, temp, topp, topk, seeds, offs, allow,
         cond.stride(0), cond.stride(1), cond.stride(2), uncond.stride(0), uncond.stride(1), uncond.stride(2),
-        s_scale, s_temp, s_topp, s_topk, s_seed, s_off,
+        s_scale, s_temp, s_topp, s_topk, s_seed, s_off, s_allow,
         n_rows, C, V, int(eos_id),
-        DO_SAMPLE=sample, ROWS=rows, BLOCK_V=block_v,
+        DO_SAMPLE=sample, HAS_ALLOW=allow_eos is not None, ROWS=rows, BLOCK_V=block_v,
         RADIX_BITS=RADIX_BITS if dev.type == "cuda" else INTERPRETER_RADIX_BITS,
         num_warps=max(1, min(8, block_v // 256)),
         # no FMA contraction: guided = cond + s * (cond - uncond) rounds as torch's separate ops do

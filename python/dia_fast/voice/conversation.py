@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..audio import crossfade_join, normalize_loudness, write_wav
-from ..longform import DEFAULT_CHARS_PER_SECOND, DEFAULT_MAX_CHUNK_SECONDS, chunk_budget, split_text
+from ..longform import DEFAULT_CHARS_PER_SECOND, DEFAULT_MAX_CHUNK_SECONDS, pieces
 from ..text import SPEAKER_TAG_RE as _TAG_RE
 from .pool import GenerationOptions, VoicePool
 from .speaker import CustomSpeaker, Speaker
@@ -91,8 +91,9 @@ class Conversation:
     ``options``: generation settings (:class:`~dia_fast.voice.pool.GenerationOptions`:
     ``max_new_tokens``, ``cfg_scale``, ``temperature``, ``top_p``, ``cfg_filter_top_k``,
     ``do_sample``, ``seed``); ``crossfade_ms``, ``chars_per_second``, ``max_chunk_seconds``:
-    long-form settings (see :mod:`dia_fast.longform`). Text too long for one generation is
-    split into chunks, which the pool generates as a batch, joined with crossfades.
+    long-form settings (see :mod:`dia_fast.longform`). Text too long for one generation
+    (:func:`dia_fast.longform.pieces`) is split into chunks, which the pool generates side by side, joined with
+    crossfades; ``max_new_tokens`` limits each generation and is no reason to split.
     """
 
     def __init__(
@@ -122,15 +123,16 @@ class Conversation:
             # the speakers' prompts one after the other, checked (length included) as the model checks a prompt
             self.prompt = pool.tts.encode_prompt(torch.cat([s.codes for _, s in custom], dim=0))
             self.prompt_text = " ".join(s.tagged_transcript(i) for i, s in custom)
-        max_bytes, max_chars = chunk_budget(
+        # split only a text that does not fit one generation (max_new_tokens limits each generation, as in
+        # DiaTTS.generate; it is no reason to split)
+        self.chunks = pieces(
             pool.tts,
+            self.text,
             prompt_text=self.prompt_text,
             prompt_frames=0 if self.prompt is None else int(self.prompt.shape[0]),
-            max_new_tokens=self.options.max_new_tokens,
             chars_per_second=chars_per_second,
             max_chunk_seconds=max_chunk_seconds,
         )
-        self.chunks = [c.strip() for c in split_text(self.text, max_bytes, max_chars)]
 
     def _build_text(self, text_or_turns: str | Sequence[Turn], default_tag: str) -> str:
         if isinstance(text_or_turns, str):
@@ -161,17 +163,22 @@ class Conversation:
             raise ValueError(f"{who!r} speaks a turn but is not one of the conversation's speakers")
         return Speaker.parse(who).tag
 
+    def _chunk_options(self, k: int) -> dict[str, Any]:
+        """Text chunk ``k``'s generation options: the conversation's, with seed ``seed + k`` (each chunk its own
+        random stream, as :meth:`dia_fast.serving.BatchEngine.submit` seeds the pieces of a long text)."""
+        opts = self.options.kwargs()
+        if opts["seed"] is not None:
+            opts["seed"] += k
+        return opts
+
     async def generate(self) -> Audio:
-        """Speak the conversation; concurrent calls (from asyncio tasks) are batched by the pool."""
+        """Speak the conversation; its text chunks, and concurrent calls, decode side by side in the pool."""
         results = await asyncio.gather(
             *(
                 self.pool.generate(
-                    chunk,
-                    audio_prompt=self.prompt,
-                    audio_prompt_text=self.prompt_text,
-                    **self.options.kwargs(),
+                    chunk, audio_prompt=self.prompt, audio_prompt_text=self.prompt_text, **self._chunk_options(k)
                 )
-                for chunk in self.chunks
+                for k, chunk in enumerate(self.chunks)
             )
         )
         rate = self.pool.sample_rate
@@ -181,28 +188,33 @@ class Conversation:
     def stream(self, *, chunk_frames: int = 43, first_chunk_frames: int | None = None) -> Iterator[np.ndarray]:
         """Speak the conversation as a stream of float32 PCM chunks (at ``pool.sample_rate``).
 
-        The text chunks are generated one after the other with :meth:`DiaTTS.generate_stream`
-        (``chunk_frames`` codec frames per audio chunk); the last ``crossfade_ms`` of each text
-        chunk is held back and crossfaded with the start of the next, as :meth:`generate` joins
-        them. With greedy decoding the joined stream equals :meth:`generate`'s samples (when every
-        text chunk is longer than twice the crossfade). Not batched with other requests.
+        Every text chunk is submitted to the pool's engine at once (they decode side by side, batched with
+        whatever else runs) and streamed in order (``chunk_frames`` codec frames per audio chunk, after a first
+        of ``first_chunk_frames``); the last ``crossfade_ms`` of each text chunk is held back and crossfaded
+        with the start of the next, as :meth:`generate` joins them. The joined stream equals
+        :meth:`generate`'s samples for the same seed (when every text chunk is longer than twice the
+        crossfade). Leaving the loop early cancels what is still running.
         """
         tts = self.pool.tts
-        fade_n = int(round(self.crossfade_ms * tts.sample_rate / 1000.0))
-        tail = np.zeros(0, np.float32)  # held-back end of the previous text chunk
-        for k, text in enumerate(self.chunks):
-            keep = 0 if k == len(self.chunks) - 1 else fade_n
-            pending = np.zeros(0, np.float32)
-            stream = tts.generate_stream(
-                text,
-                chunk_frames=chunk_frames,
-                first_chunk_frames=first_chunk_frames,
+        handles = [
+            self.pool.submit(
+                chunk,
                 audio_prompt=self.prompt,
                 audio_prompt_text=self.prompt_text,
-                **self.options.kwargs(),
+                stream=True,
+                chunk_frames=chunk_frames,
+                first_chunk_frames=first_chunk_frames,
+                **self._chunk_options(k),
             )
-            with stream:
-                for piece in stream:
+            for k, chunk in enumerate(self.chunks)
+        ]
+        fade_n = int(round(self.crossfade_ms * tts.sample_rate / 1000.0))
+        tail = np.zeros(0, np.float32)  # held-back end of the previous text chunk
+        try:
+            for k, handle in enumerate(handles):
+                keep = 0 if k == len(handles) - 1 else fade_n
+                pending = np.zeros(0, np.float32)
+                for piece in handle:
                     pending = np.concatenate([pending, piece])
                     if tail.size:
                         if pending.size < tail.size:
@@ -213,13 +225,16 @@ class Conversation:
                     if pending.size > keep:
                         yield pending[: pending.size - keep]
                         pending = pending[pending.size - keep :]
-            if tail.size:  # this text chunk was shorter than the crossfade: mix what there is
-                n = min(tail.size, pending.size)
-                mixed = crossfade_join([tail[tail.size - n :], pending[:n]], tts.sample_rate, self.crossfade_ms)
-                pending = np.concatenate([tail[: tail.size - n], mixed, pending[n:]])
-            tail = pending if keep else np.zeros(0, np.float32)
-            if not keep and pending.size:
-                yield pending
+                if tail.size:  # this text chunk was shorter than the crossfade: mix what there is
+                    n = min(tail.size, pending.size)
+                    mixed = crossfade_join([tail[tail.size - n :], pending[:n]], tts.sample_rate, self.crossfade_ms)
+                    pending = np.concatenate([tail[: tail.size - n], mixed, pending[n:]])
+                tail = pending if keep else np.zeros(0, np.float32)
+                if not keep and pending.size:
+                    yield pending
+        finally:
+            for handle in handles:
+                handle.cancel()
 
     def generate_sync(self) -> Audio:
         """Blocking :meth:`generate` (not from inside a running event loop: ``await generate()`` there)."""

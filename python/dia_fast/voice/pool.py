@@ -1,23 +1,21 @@
-"""``VoicePool``: one loaded model + codec per device, and a small async scheduler that batches requests.
+"""``VoicePool``: one loaded model + codec per device, shared by many callers through continuous batching.
 
-Requests awaited from many asyncio tasks are collected for a short window (up to ``max_batch``),
-grouped by their generation settings and run as one batched ``DiaTTS.generate`` call in a
-worker thread, so the event loop stays free while the model runs. Each caller gets its own
-result or its own error.
+Requests from asyncio tasks and threads go to a :class:`~dia_fast.serving.BatchEngine`: each joins the running
+batch at the next decode step, whatever its settings or seed, and leaves it as soon as it is done. Each caller
+gets its own result or its own error, and a seeded request's codes do not depend on what runs beside it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from ..serving import BatchEngine, RequestHandle, default_max_slots
 from ..text import encode_text, prompted_text
 
 if TYPE_CHECKING:
@@ -25,21 +23,17 @@ if TYPE_CHECKING:
 
 __all__ = ["GenerationOptions", "PoolResult", "VoicePool", "default_max_batch"]
 
-_DEFAULT_MAX_BATCH = {"cuda": 8, "mps": 4, "cpu": 1}
-
 
 def default_max_batch(device: torch.device | str) -> int:
-    """Requests per batched call by default: 8 on CUDA, 4 on Apple GPUs, 1 on the CPU (no gain there)."""
-    return _DEFAULT_MAX_BATCH.get(torch.device(device).type, 1)
+    """Requests decoded together by default: 16 on CUDA, 4 on Apple GPUs, 8 on the CPU
+    (:func:`dia_fast.serving.default_max_slots`)."""
+    return default_max_slots(device)
 
 
 @dataclass(frozen=True)
 class GenerationOptions:
-    """Sampling settings of a request (the arguments of :meth:`DiaTTS.generate`).
-
-    Only requests with equal options share a batch: hashable on purpose. With sampling, the
-    random stream of a batch differs from that of single runs even with the same ``seed``.
-    """
+    """Sampling settings of a request (the arguments of :meth:`DiaTTS.generate`, and ``min_new_tokens``: no EOS
+    before that many decoder steps). Requests with different options and seeds share decode steps."""
 
     max_new_tokens: int | None = None
     cfg_scale: float = 3.0
@@ -48,6 +42,7 @@ class GenerationOptions:
     cfg_filter_top_k: int | None = 45
     do_sample: bool = True
     seed: int | None = None
+    min_new_tokens: int = 0
 
     def kwargs(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,33 +61,19 @@ class PoolResult:
         return len(self.audio) / self.sample_rate
 
 
-@dataclass
-class _Request:
-    text: str
-    prompt: torch.Tensor | None
-    prompt_text: str | None
-    options: GenerationOptions
-    future: asyncio.Future | None = field(default=None, repr=False)  # None: a synchronous call
-
-
-@dataclass
-class _LoopState:
-    queue: asyncio.Queue
-    task: asyncio.Task
-
-
 class VoicePool:
     """A loaded Dia model and codec on one device, shared by many callers.
 
     ``model``: a :class:`~dia_fast.DiaTTS`, or a checkpoint path / hub id loaded with
-    ``DiaTTS.from_pretrained(model, device=device, dtype=dtype)``. ``max_batch``: the most
-    requests per batched ``generate`` call (default :func:`default_max_batch` of the device).
-    ``batch_window_ms``: how long the scheduler waits for more requests after the first one.
+    ``DiaTTS.from_pretrained(model, device=device, dtype=dtype)``. ``max_batch``: requests decoded together at
+    most (the engine's slots, rounded up to a power of two; default :func:`default_max_batch` of the device).
+    ``batch_window_ms`` is accepted for compatibility and unused: requests join a running batch at the next
+    decode step, no window is needed.
 
-    Use ``await pool.generate(text, ...)`` from asyncio tasks (concurrent calls are batched) or
-    ``pool.generate_sync(text, ...)`` from plain threads (one call at a time on the model).
-    ``pool.stats`` counts requests and batches. ``close()`` (or ``with VoicePool(...)``) stops the
-    worker thread.
+    Use ``await pool.generate(text, ...)`` from asyncio tasks or ``pool.generate_sync(text, ...)`` from plain
+    threads: both batch with everything else that runs. ``pool.engine`` is the
+    :class:`~dia_fast.serving.BatchEngine`; ``pool.stats`` counts requests, decode steps, steps that ran more
+    than one request and the largest batch. ``close()`` (or ``with VoicePool(...)``) stops the engine.
     """
 
     def __init__(
@@ -121,13 +102,8 @@ class VoicePool:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if not batch_window_ms >= 0:
             raise ValueError(f"batch_window_ms must be >= 0, got {batch_window_ms}")
-        self.batch_window_s = batch_window_ms / 1000.0
-        self.stats = {"requests": 0, "batches": 0, "largest_batch": 0}
-        self._model_lock = threading.Lock()  # one generate call on the model at a time
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dia-voicepool")
-        # one scheduler per running event loop; a scheduler removes its entry when it stops (a weak-keyed
-        # dict would not: the state's task holds its loop, so every finished asyncio.run() stayed here)
-        self._loops: dict[asyncio.AbstractEventLoop, _LoopState] = {}
+        slots = 1 << (self.max_batch - 1).bit_length()
+        self.engine = BatchEngine(self.tts, max_slots=slots, max_queue=max(64, 4 * slots))
         self._closed = False
 
     # ------------------------------------------------------------------------------ properties
@@ -143,15 +119,22 @@ class VoicePool:
     def codec(self) -> Any:
         return self.tts.codec
 
+    @property
+    def stats(self) -> dict[str, int]:
+        """``requests``, ``steps``, ``batched_steps`` (steps that ran more than one request), ``largest_batch``."""
+        st = self.engine.stats
+        return {k: st[k] for k in ("requests", "steps", "batched_steps", "largest_batch")}
+
     # ------------------------------------------------------------------------------ requests
-    def _check(self, text: str, prompt_text: str | None) -> None:
-        """Fail in the caller, before batching, on what would fail the whole batch."""
+    def _submit_kwargs(self, text: str, audio_prompt: Any, audio_prompt_text: str | None, options: dict) -> dict:
+        """Checks in the caller: one request is one generation (``Conversation`` splits long texts itself)."""
         if self._closed:
             raise RuntimeError("this VoicePool is closed")
-        encode_text(prompted_text(text, prompt_text), self.tts.config.data.text_length)
-
-    def _prompt_codes(self, audio_prompt: Any) -> torch.Tensor | None:
-        return None if audio_prompt is None else self.tts.encode_prompt(audio_prompt)
+        opts = GenerationOptions(**options)
+        if audio_prompt_text and audio_prompt is None:
+            raise ValueError("audio_prompt_text was given without an audio_prompt")
+        encode_text(prompted_text(text, audio_prompt_text), self.tts.config.data.text_length)
+        return dict(text=text, audio_prompt=audio_prompt, audio_prompt_text=audio_prompt_text, **opts.kwargs())
 
     async def generate(
         self,
@@ -166,17 +149,27 @@ class VoicePool:
         ``audio_prompt`` (codes ``[T, C]``, a path or samples at the codec rate) and its
         transcript ``audio_prompt_text`` clone a voice, as in :meth:`DiaTTS.generate`.
         """
-        opts = GenerationOptions(**options)
-        self._check(text, audio_prompt_text)
-        if audio_prompt_text and audio_prompt is None:
-            raise ValueError("audio_prompt_text was given without an audio_prompt")
-        loop = asyncio.get_running_loop()
-        prompt = None
-        if audio_prompt is not None:
-            prompt = await loop.run_in_executor(self._executor, self._prompt_codes, audio_prompt)
-        future: asyncio.Future = loop.create_future()
-        self._state(loop).queue.put_nowait(_Request(text, prompt, audio_prompt_text, opts, future))
-        return await future
+        kw = self._submit_kwargs(text, audio_prompt, audio_prompt_text, options)
+        if audio_prompt is not None and not isinstance(audio_prompt, torch.Tensor):  # encoding a file takes time
+            kw["audio_prompt"] = await asyncio.to_thread(self.tts.encode_prompt, audio_prompt)
+        res = await self.engine.generate(**kw)
+        return PoolResult(res.codes, res.audio, res.sample_rate)
+
+    def submit(
+        self,
+        text: str,
+        *,
+        audio_prompt: Any = None,
+        audio_prompt_text: str | None = None,
+        stream: bool = False,
+        chunk_frames: int | None = None,
+        first_chunk_frames: int | None = None,
+        **options: Any,
+    ) -> RequestHandle:
+        """Queue one text on the engine and return its :class:`~dia_fast.serving.RequestHandle` at once
+        (``stream=True``: iterate it for audio chunks of ``chunk_frames`` codec frames)."""
+        kw = self._submit_kwargs(text, audio_prompt, audio_prompt_text, options)
+        return self.engine.submit(**kw, stream=stream, chunk_frames=chunk_frames, first_chunk_frames=first_chunk_frames)
 
     def generate_sync(
         self,
@@ -186,97 +179,15 @@ class VoicePool:
         audio_prompt_text: str | None = None,
         **options: Any,
     ) -> PoolResult:
-        """Blocking :meth:`generate` for one text (no batching); safe to call from several threads."""
-        opts = GenerationOptions(**options)
-        self._check(text, audio_prompt_text)
-        if audio_prompt_text and audio_prompt is None:
-            raise ValueError("audio_prompt_text was given without an audio_prompt")
-        return self._run_batch([_Request(text, self._prompt_codes(audio_prompt), audio_prompt_text, opts)])[0]
-
-    # ------------------------------------------------------------------------------ scheduler
-    def _state(self, loop: asyncio.AbstractEventLoop) -> _LoopState:
-        state = self._loops.get(loop)
-        if state is None or state.task.done():
-            queue: asyncio.Queue = asyncio.Queue()
-            state = _LoopState(queue, loop.create_task(self._scheduler(queue), name="dia-voicepool-scheduler"))
-            self._loops[loop] = state
-        return state
-
-    async def _scheduler(self, queue: asyncio.Queue) -> None:
-        loop = asyncio.get_running_loop()
-        pending: list[_Request] = []
-        try:
-            while True:
-                pending = [await queue.get()]
-                if _gone(pending[0]):
-                    continue
-                if queue.qsize() < self.max_batch - 1 and self.batch_window_s > 0:
-                    await asyncio.sleep(self.batch_window_s)  # let concurrent callers join the batch
-                while len(pending) < self.max_batch and not queue.empty():
-                    req = queue.get_nowait()
-                    if not _gone(req):
-                        pending.append(req)
-                live = [r for r in pending if not _gone(r)]  # a caller may have given up meanwhile
-                groups: dict[GenerationOptions, list[_Request]] = {}
-                for req in live:
-                    groups.setdefault(req.options, []).append(req)
-                for group in groups.values():
-                    await self._run_group(loop, group)
-                pending = []
-        finally:  # cancelled (pool closed, loop shutting down): nobody may wait forever
-            if (state := self._loops.get(loop)) is not None and state.queue is queue:
-                del self._loops[loop]
-            while not queue.empty():
-                pending.append(queue.get_nowait())
-            for req in pending:
-                _settle(req.future, exc=RuntimeError("the VoicePool scheduler stopped before this request ran"))
-
-    async def _run_group(self, loop: asyncio.AbstractEventLoop, group: list[_Request]) -> None:
-        try:
-            results = await loop.run_in_executor(self._executor, self._run_batch, group)
-        except Exception as exc:
-            if len(group) == 1:
-                _settle(group[0].future, exc=exc)
-                return
-            # one bad request must not fail the others: run each alone to route the error
-            for req in group:
-                try:
-                    (result,) = await loop.run_in_executor(self._executor, self._run_batch, [req])
-                except Exception as single_exc:
-                    _settle(req.future, exc=single_exc)
-                else:
-                    _settle(req.future, result=result)
-            return
-        for req, result in zip(group, results, strict=True):
-            _settle(req.future, result=result)
-
-    def _run_batch(self, group: list[_Request]) -> list[PoolResult]:
-        """One batched ``DiaTTS.generate`` call (runs in the worker thread or the caller's)."""
-        has_prompt = any(r.prompt is not None for r in group)
-        with self._model_lock:
-            out = self.tts.generate(
-                [r.text for r in group],
-                audio_prompt=[r.prompt for r in group] if has_prompt else None,
-                audio_prompt_text=[r.prompt_text if r.prompt is not None else None for r in group]
-                if has_prompt
-                else None,
-                progress=False,
-                **group[0].options.kwargs(),
-            )
-            self.stats["requests"] += len(group)
-            self.stats["batches"] += 1
-            self.stats["largest_batch"] = max(self.stats["largest_batch"], len(group))
-        return [PoolResult(c, a, out.sample_rate) for c, a in zip(out.codes, out.audio, strict=True)]
+        """Blocking :meth:`generate` for one text; safe to call from several threads (they batch together)."""
+        res = self.engine.submit(**self._submit_kwargs(text, audio_prompt, audio_prompt_text, options)).result()
+        return PoolResult(res.codes, res.audio, res.sample_rate)
 
     # ------------------------------------------------------------------------------ lifetime
     def close(self) -> None:
-        """Stop the worker thread (after the running batch). Later requests raise RuntimeError."""
+        """Stop the engine; requests still running fail, later ones raise RuntimeError."""
         self._closed = True
-        for state in list(self._loops.values()):
-            loop = state.task.get_loop()
-            if not state.task.done() and not loop.is_closed():
-                loop.call_soon_threadsafe(state.task.cancel)
-        self._executor.shutdown(wait=True)
+        self.engine.close()
 
     def __enter__(self) -> VoicePool:
         return self
@@ -293,17 +204,3 @@ def _same_device(requested: torch.device, actual: torch.device) -> bool:
     if requested.type != actual.type:
         return False
     return requested.index is None or actual.index is None or requested.index == actual.index
-
-
-def _gone(req: _Request) -> bool:
-    """True when the caller no longer waits (its future was cancelled)."""
-    return req.future is None or req.future.done()
-
-
-def _settle(future: asyncio.Future | None, *, result: Any = None, exc: BaseException | None = None) -> None:
-    if future is None or future.done():  # the caller was cancelled meanwhile
-        return
-    if exc is not None:
-        future.set_exception(exc)
-    else:
-        future.set_result(result)

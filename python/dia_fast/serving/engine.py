@@ -1,0 +1,626 @@
+"""``BatchEngine``: continuous batching over one loaded model. Requests join and leave a running batch at any
+decode step, each with its own text, voice prompt, length limits, sampling settings and seed.
+
+One scheduler thread owns the device state (:mod:`dia_fast.serving.slots`). Between decode steps it admits
+queued requests into free slots (FIFO; each is prefilled on its own rows), frees the slots of finished,
+cancelled or timed-out requests, and steps the smallest batch bucket (a power of two) holding every live
+slot; on CUDA each bucket's step is a CUDA graph captured when the engine starts. Every ``poll_every`` steps
+it reads the slots' positions and completion flags back and hands each request its final frames (streams
+get them as they become final). Audio is decoded in the caller's thread, never in the scheduler's.
+
+A request's codes do not depend on what runs beside it or on when it joined: it starts at position 0 of its
+slot, its prefill and steps compute on its own rows, and its draws come from Philox keyed by its seed at its
+own positions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import itertools
+import queue
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from .. import ops
+from ..audio import crossfade_join
+from ..generation.engine import bucket_batch, default_sampler, using_device
+from ..generation.sampling import SamplingConfig
+from ..generation.stream import ChunkedDecoder, StreamStats, codec_context_frames
+from ..text import encode_batch, prompted_text
+from .slots import SlotState, admit, allocate_slots, slot_step, undelayed_codes
+
+if TYPE_CHECKING:
+    from ..api import DiaTTS
+
+__all__ = [
+    "BatchEngine",
+    "EngineBusy",
+    "EngineClosed",
+    "EngineResult",
+    "RequestCancelled",
+    "RequestHandle",
+    "default_max_slots",
+]
+
+_DEFAULT_SLOTS = {"cuda": 16, "mps": 4, "cpu": 8}
+_ENGINES: weakref.WeakSet[BatchEngine] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_engines() -> None:
+    """Stop every engine's scheduler before the interpreter tears torch down under it."""
+    for engine in list(_ENGINES):
+        engine.close(timeout=5.0)
+
+
+def default_max_slots(device: torch.device | str) -> int:
+    """Slots of a :class:`BatchEngine` by default: 16 on CUDA, 4 on Apple GPUs, 8 on the CPU."""
+    return _DEFAULT_SLOTS.get(torch.device(device).type, 8)
+
+
+class EngineBusy(RuntimeError):
+    """The engine's queue is full: try again later (a server answers 429)."""
+
+
+class EngineClosed(RuntimeError):
+    """The engine was closed before the request finished (or was submitted after)."""
+
+
+class RequestCancelled(RuntimeError):
+    """The request was cancelled (its handle's ``cancel()``)."""
+
+
+@dataclass
+class EngineResult:
+    """One request's output: new codec codes ``[T, C]`` (int64, CPU), float32 mono PCM (empty when not decoded)
+    and timings: ``queued_s`` (submit to admission), ``prefill_s``, ``decode_s`` (admission end to finish),
+    ``steps`` (decode steps it took part in), ``batch_peak`` (most live requests in one of its steps)."""
+
+    codes: torch.Tensor
+    audio: np.ndarray
+    sample_rate: int
+    stats: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def duration(self) -> float:
+        return len(self.audio) / self.sample_rate
+
+
+@dataclass
+class _Request:
+    id: int
+    text_ids: torch.Tensor
+    text_mask: torch.Tensor
+    prompt: torch.Tensor | None
+    max_new_tokens: int
+    min_new_tokens: int
+    sampling: SamplingConfig
+    seed: int
+    deadline: float | None
+    submitted: float
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    chunks: queue.Queue | None = None  # delayed positions for a stream, ("codes", t) / ("end", n) / ("error", e)
+    cancelled: bool = False
+    slot: int = -1
+    prefix: int = 0
+    sent: int = 0  # delayed positions sent to the stream
+    admitted: float = 0.0
+    prefill_s: float = 0.0
+    steps: int = 0
+    batch_peak: int = 0
+
+
+class RequestHandle:
+    """A submitted request: ``result(timeout)`` waits for its :class:`EngineResult` (audio decoded in the
+    calling thread), iterating yields float32 PCM chunks as the frames become final (when submitted with
+    ``stream=True``), ``cancel()`` frees its slot at the next step boundary.
+
+    A text over one generation's budget is spoken as several generations (``pieces``, split as
+    :func:`dia_fast.longform.generate_long` splits): they run side by side, ``result()`` joins their codes
+    and crossfades their audio, and a stream yields them one after the other (without the crossfade)."""
+
+    def __init__(self, engine: BatchEngine, requests: list[_Request], decoders: list[ChunkedDecoder] | None) -> None:
+        self._engine = engine
+        self._reqs = requests
+        self._decoders = decoders
+        self.stats = decoders[0].stats if decoders else StreamStats()
+
+    @property
+    def id(self) -> int:
+        return self._reqs[0].id
+
+    @property
+    def pieces(self) -> int:
+        """Generations this request runs as (1 unless its text was over one generation's budget)."""
+        return len(self._reqs)
+
+    def done(self) -> bool:
+        return all(r.future.done() for r in self._reqs)
+
+    def cancel(self) -> bool:
+        """Cancel the request (a queued one never runs; a running one leaves its slot within one step). True
+        unless it had finished already."""
+        return any([self._engine._cancel(r) for r in self._reqs])
+
+    def result(self, timeout: float | None = None, *, decode_audio: bool = True) -> EngineResult:
+        """The request's codes and audio; raises its error (``RequestCancelled``, ``TimeoutError``, an
+        invalid-input error, ...) or ``concurrent.futures.TimeoutError`` when ``timeout`` passes first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        parts: list[EngineResult] = []
+        for req in self._reqs:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            parts.append(req.future.result(left))
+        if decode_audio:
+            for res in parts:
+                if res.audio.size == 0 and res.codes.shape[0]:
+                    res.audio = self._engine.tts.decode(res.codes)
+        if len(parts) == 1:
+            return parts[0]
+        rate = parts[0].sample_rate
+        audio = crossfade_join([r.audio for r in parts], rate, self._engine.crossfade_ms) if decode_audio else None
+        stats = {k: float(sum(r.stats.get(k, 0.0) for r in parts)) for k in ("steps", "frames")}
+        stats.update(pieces=float(len(parts)), batch_peak=float(max(r.stats["batch_peak"] for r in parts)))
+        return EngineResult(
+            torch.cat([r.codes for r in parts]), audio if audio is not None else np.zeros(0, np.float32), rate, stats
+        )
+
+    async def result_async(self, *, decode_audio: bool = True) -> EngineResult:
+        """:meth:`result` for asyncio (the audio is decoded in a worker thread)."""
+        for req in self._reqs:
+            await asyncio.wrap_future(req.future)
+        return await asyncio.to_thread(self.result, 0, decode_audio=decode_audio)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        """PCM chunks (float32, ``sample_rate``) as frames become final; for one generation the joined chunks
+        equal the audio of :meth:`result`. Needs ``stream=True`` at submit."""
+        if self._decoders is None:
+            raise RuntimeError("submit(..., stream=True) to iterate over audio chunks")
+        for req, dec in zip(self._reqs, self._decoders, strict=True):
+            assert req.chunks is not None
+            while True:
+                pcm = dec.next_chunk()
+                if pcm is not None:
+                    yield pcm
+                    continue
+                if dec.done:
+                    break
+                kind, payload = req.chunks.get()
+                if kind == "error":
+                    raise payload
+                if kind == "end":
+                    dec.end(payload)
+                else:
+                    dec.push(payload)
+
+
+@dataclass
+class _Options:
+    max_new_tokens: int | None
+    min_new_tokens: int
+    sampling: SamplingConfig
+    seed: int | None
+
+
+class BatchEngine:
+    """Continuous batching of Dia generations over one loaded :class:`~dia_fast.DiaTTS` on one device.
+
+    ``max_slots``: requests decoded together at most (a power of two; default :func:`default_max_slots`).
+    ``max_queue``: requests waiting for a slot at most (a full queue raises :class:`EngineBusy`).
+    ``cuda_graphs``: capture one CUDA graph per batch bucket at start (default: on CUDA). ``poll_every``:
+    decode steps between reads of the slots' state (finished requests leave at those points).
+
+    ``submit()`` is thread-safe and returns a :class:`RequestHandle`; ``await generate()`` and
+    ``async for chunk in stream()`` are the asyncio forms. ``close()`` (or ``with``) stops the scheduler after
+    failing what is still queued or running with :class:`EngineClosed`; ``drain=True`` waits for them instead.
+    ``stats``: requests, steps, steps that ran more than one request, the largest batch.
+    """
+
+    def __init__(
+        self,
+        tts: DiaTTS,
+        *,
+        max_slots: int | None = None,
+        max_queue: int = 64,
+        cuda_graphs: bool | None = None,
+        poll_every: int = 4,
+        chunk_frames: int = 43,
+        first_chunk_frames: int | None = 16,
+        crossfade_ms: float = 40.0,
+    ) -> None:
+        self.tts = tts
+        model = tts.model
+        dev = model.device
+        slots = default_max_slots(dev) if max_slots is None else int(max_slots)
+        if slots < 1 or slots & (slots - 1):
+            raise ValueError(f"max_slots must be a power of two >= 1, got {max_slots}")
+        if max_queue < 1 or poll_every < 1:
+            raise ValueError("max_queue and poll_every must be >= 1")
+        data = tts.config.data
+        self.max_slots, self.max_queue, self.poll_every = slots, max_queue, poll_every
+        self.chunk_frames, self.first_chunk_frames, self.crossfade_ms = chunk_frames, first_chunk_frames, crossfade_ms
+        self.stats = {"requests": 0, "finished": 0, "failed": 0, "steps": 0, "batched_steps": 0, "largest_batch": 0}
+        self._sampler = default_sampler(dev)
+        self._slots: SlotState = allocate_slots(model, slots, data.audio_length, data.text_length)
+        self._owner: list[_Request | None] = [None] * slots
+        self._queue: deque[_Request] = deque()
+        self._cv = threading.Condition()
+        self._ids = itertools.count()
+        self._closing = False
+        self._drain = False
+        self._error: BaseException | None = None
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._use_graphs = dev.type == "cuda" and (cuda_graphs is None or bool(cuda_graphs))
+        if self._use_graphs:
+            self._capture_all()
+        self._thread = threading.Thread(target=self._run, name="dia_fast-batch-engine", daemon=True)
+        self._thread.start()
+        _ENGINES.add(self)
+
+    # ------------------------------------------------------------------------------ public API
+    def submit(
+        self,
+        text: str,
+        *,
+        audio_prompt: Any = None,
+        audio_prompt_text: str | None = None,
+        max_new_tokens: int | None = None,
+        min_new_tokens: int = 0,
+        cfg_scale: float = 3.0,
+        temperature: float = 1.2,
+        top_p: float = 0.95,
+        cfg_filter_top_k: int | None = 45,
+        do_sample: bool = True,
+        seed: int | None = None,
+        timeout: float | None = None,
+        stream: bool = False,
+        chunk_frames: int | None = None,
+        first_chunk_frames: int | None = None,
+    ) -> RequestHandle:
+        """Queue one text; returns at once. Bad input raises here (in the caller), a full queue raises
+        :class:`EngineBusy`. ``seed``: any int (None: drawn from torch's global generator); the request's codes
+        depend on it and on its inputs only. ``timeout`` seconds from now (queueing included): the request then
+        fails with ``TimeoutError``. ``stream=True``: the handle yields audio chunks as frames become final,
+        ``chunk_frames`` codec frames each after a first of ``first_chunk_frames`` (default: the engine's)."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        opts = self._options(max_new_tokens, min_new_tokens, cfg_scale, temperature, top_p, cfg_filter_top_k,
+                             do_sample, seed)  # fmt: skip
+        if audio_prompt_text and audio_prompt is None:
+            raise ValueError("audio_prompt_text was given without an audio_prompt")
+        prompt = None if audio_prompt is None else self.tts.encode_prompt(audio_prompt)
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        chunk = self.chunk_frames if chunk_frames is None else chunk_frames
+        first = self.first_chunk_frames if first_chunk_frames is None else first_chunk_frames
+        for name, v in (("chunk_frames", chunk), ("first_chunk_frames", first)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        data = self.tts.config.data
+        P0 = 1 + (0 if prompt is None else int(prompt.shape[0]))
+        budget = data.audio_length - P0
+        max_new = budget if opts.max_new_tokens is None else opts.max_new_tokens
+        if max_new < data.max_delay + 2 or max_new > budget:
+            raise ValueError(
+                f"max_new_tokens={max_new} is out of range: at least {data.max_delay + 2} (the delay pattern needs "
+                f"{data.max_delay + 1} steps to finish) and at most {budget} (the model's audio length "
+                f"{data.audio_length} minus the {P0} prefix positions)"
+            )
+        if opts.min_new_tokens > max_new - data.max_delay - 1:
+            raise ValueError(f"min_new_tokens={opts.min_new_tokens} leaves no room before max_new_tokens={max_new}")
+        transcript = audio_prompt_text if prompt is not None else None
+        pieces = self._pieces(text, transcript, P0 - 1)
+        base_seed = int(torch.randint(0, 2**62, (1,)).item()) if opts.seed is None else opts.seed
+        now = time.monotonic()
+        reqs = []
+        for i, piece in enumerate(pieces):
+            ids, mask = encode_batch([prompted_text(piece, transcript)], data.text_length)
+            reqs.append(
+                _Request(
+                    id=next(self._ids),
+                    text_ids=ids,
+                    text_mask=mask,
+                    prompt=prompt,
+                    max_new_tokens=max_new,
+                    min_new_tokens=opts.min_new_tokens,
+                    sampling=opts.sampling,
+                    seed=ops.seed_from_int(base_seed + i),
+                    deadline=None if timeout is None else now + timeout,
+                    submitted=now,
+                    chunks=queue.Queue() if stream else None,
+                )
+            )
+        decoders = [self._chunked_decoder(chunk, first) for _ in reqs] if stream else None
+        with self._cv:
+            if self._closing or self._error is not None:
+                raise EngineClosed(f"the engine is closed{'' if self._error is None else f': {self._error}'}")
+            if len(self._queue) + len(reqs) > self.max_queue:
+                raise EngineBusy(f"the queue is full ({len(self._queue)} of {self.max_queue} waiting): try again later")
+            self._queue.extend(reqs)
+            self.stats["requests"] += 1
+            self._cv.notify()
+        return RequestHandle(self, reqs, decoders)
+
+    def _pieces(self, text: str, transcript: str | None, prompt_frames: int) -> list[str]:
+        """The generations a text takes (:func:`dia_fast.longform.pieces`: itself unless it does not fit one)."""
+        from ..longform import pieces
+
+        return pieces(self.tts, text, prompt_text=transcript, prompt_frames=prompt_frames)
+
+    async def generate(self, text: str, **options: Any) -> EngineResult:
+        """``await`` one request (keywords of :meth:`submit`); cancelling the awaiting task cancels it."""
+        handle = self.submit(text, **options)
+        try:
+            return await handle.result_async()
+        except asyncio.CancelledError:
+            handle.cancel()
+            raise
+
+    async def stream(self, text: str, **options: Any) -> AsyncIterator[np.ndarray]:
+        """``async for chunk in engine.stream(text, ...)``: PCM chunks as frames become final (each decoded in a
+        worker thread); leaving the loop early cancels the request."""
+        handle = self.submit(text, stream=True, **options)
+        it = iter(handle)
+        done = object()
+        try:
+            while True:
+                chunk = await asyncio.to_thread(next, it, done)
+                if chunk is done:
+                    return
+                yield chunk
+        finally:
+            handle.cancel()
+
+    def close(self, *, drain: bool = False, timeout: float | None = None) -> None:
+        """Stop the scheduler. ``drain=True``: let queued and running requests finish first (new ones are
+        refused); else they fail with :class:`EngineClosed`."""
+        with self._cv:
+            self._closing = True
+            self._drain = drain
+            self._cv.notify_all()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def __enter__(self) -> BatchEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def busy_slots(self) -> int:
+        return sum(r is not None for r in self._owner)
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    # ------------------------------------------------------------------------------ caller-side helpers
+    def _options(
+        self,
+        max_new_tokens: int | None,
+        min_new_tokens: int,
+        cfg_scale: float,
+        temperature: float,
+        top_p: float,
+        cfg_filter_top_k: int | None,
+        do_sample: bool,
+        seed: int | None,
+    ) -> _Options:
+        # cfg_scale 0 makes the guided logits the conditional ones: the engine runs both rows all the same
+        sampling = SamplingConfig(cfg_scale, temperature, top_p, cfg_filter_top_k, do_sample)
+        if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool)):
+            raise TypeError(f"max_new_tokens must be an int or None, got {max_new_tokens!r}")
+        if not isinstance(min_new_tokens, int) or isinstance(min_new_tokens, bool) or min_new_tokens < 0:
+            raise ValueError(f"min_new_tokens must be an int >= 0, got {min_new_tokens!r}")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise TypeError(f"seed must be an int or None, got {seed!r}")
+        return _Options(max_new_tokens, min_new_tokens, sampling, seed)
+
+    def _chunked_decoder(self, chunk_frames: int, first_chunk_frames: int | None) -> ChunkedDecoder:
+        left, right = codec_context_frames(self.tts.codec, self.tts.device)
+        return ChunkedDecoder(
+            self.tts,
+            chunk_frames=chunk_frames,
+            first_chunk_frames=first_chunk_frames,
+            left_context_frames=left,
+            lookahead_frames=right,
+            stats=StreamStats(),
+            start_time=time.perf_counter(),
+        )
+
+    def _cancel(self, req: _Request) -> bool:
+        with self._cv:
+            if req.future.done():
+                return False
+            req.cancelled = True
+            if req in self._queue:
+                self._queue.remove(req)
+                self._settle(req, exc=RequestCancelled(f"request {req.id} was cancelled"))
+            self._cv.notify()
+            return True
+
+    # ------------------------------------------------------------------------------ scheduler
+    def _capture_all(self) -> None:
+        """Warm up and capture one CUDA graph per bucket on the empty state (no slot is live: the warm-up steps
+        change nothing that a request will read)."""
+        model, dev = self.tts.model, self.tts.model.device
+        with using_device(dev), torch.inference_mode():
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            n = 1
+            while n <= self.max_slots:
+                view = self._slots.view(n)
+                with torch.cuda.stream(side):
+                    for _ in range(2):
+                        slot_step(model, view, self._sampler)
+                torch.cuda.current_stream(dev).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
+                    slot_step(model, view, self._sampler)
+                self._graphs[n] = graph
+                n *= 2
+            torch.cuda.synchronize(dev)
+
+    def _run(self) -> None:
+        model = self.tts.model
+        try:
+            with using_device(model.device), torch.inference_mode():
+                while True:
+                    with self._cv:
+                        while not self._queue and not any(self._owner) and not self._closing:
+                            self._cv.wait()
+                        if self._closing and (not self._drain or (not self._queue and not any(self._owner))):
+                            break
+                    self._expire()
+                    self._admit()
+                    live = [s for s, r in enumerate(self._owner) if r is not None]
+                    if not live:
+                        continue
+                    n = bucket_batch(max(live) + 1)
+                    for _ in range(self.poll_every):
+                        if n in self._graphs:
+                            self._graphs[n].replay()
+                        else:
+                            slot_step(model, self._slots.view(n), self._sampler)
+                    self._count_steps(live)
+                    self._collect(n)
+        except BaseException as exc:  # noqa: BLE001 - a broken step fails every request, never hangs one
+            self._error = exc
+        finally:
+            self._fail_all(self._error)
+
+    def _count_steps(self, live: list[int]) -> None:
+        st = self.stats
+        st["steps"] += self.poll_every
+        if len(live) > 1:
+            st["batched_steps"] += self.poll_every
+        st["largest_batch"] = max(st["largest_batch"], len(live))
+        for s in live:
+            req = self._owner[s]
+            if req is not None:
+                req.steps += self.poll_every
+                req.batch_peak = max(req.batch_peak, len(live))
+
+    def _expire(self) -> None:
+        """Cancelled and timed-out requests leave (their slots are freed)."""
+        now = time.monotonic()
+        with self._cv:
+            for req in list(self._queue):
+                if req.deadline is not None and now > req.deadline:
+                    self._queue.remove(req)
+                    self._settle(req, exc=TimeoutError(f"request {req.id} timed out while queued"))
+        for s, req in enumerate(self._owner):
+            if req is None:
+                continue
+            if req.cancelled:
+                self._free(s)
+                self._settle(req, exc=RequestCancelled(f"request {req.id} was cancelled"))
+            elif req.deadline is not None and now > req.deadline:
+                self._free(s)
+                self._settle(req, exc=TimeoutError(f"request {req.id} timed out after {req.steps} decode steps"))
+
+    def _admit(self) -> None:
+        """Queued requests into free slots, first come first served (lowest slots first)."""
+        model = self.tts.model
+        for s in range(self.max_slots):
+            if self._owner[s] is not None:
+                continue
+            with self._cv:
+                if not self._queue:
+                    return
+                req = self._queue.popleft()
+            t0 = time.monotonic()
+            try:
+                req.prefix = admit(
+                    model,
+                    self._slots,
+                    s,
+                    req.text_ids,
+                    req.text_mask,
+                    req.prompt,
+                    req.max_new_tokens,
+                    req.min_new_tokens,
+                    req.sampling,
+                    req.seed,
+                )
+            except Exception as exc:  # noqa: BLE001 - this request fails alone
+                self._slots.active[s] = False
+                self._settle(req, exc=exc)
+                continue
+            req.slot, req.sent, req.admitted = s, req.prefix, t0
+            req.prefill_s = time.monotonic() - t0
+            self._owner[s] = req
+
+    def _collect(self, n: int) -> None:
+        """Read the slots' state back; stream final positions; finished requests leave with their codes."""
+        pos = self._slots.pos[:n].tolist()
+        finished = self._slots.finished[:n].tolist()
+        eos = self._slots.eos_pos[:n].tolist()
+        for s in range(n):
+            req = self._owner[s]
+            if req is None:
+                continue
+            if req.chunks is not None:
+                # positions below pos[s] are written; a frame is final once the position max_delay later is
+                end = pos[s] + 1 if finished[s] else pos[s]
+                if end > req.sent:
+                    req.chunks.put(("codes", self._slots.out[s, req.sent : end].cpu()))
+                    req.sent = end
+            if finished[s]:
+                codes = undelayed_codes(self.tts.model, self._slots.out[s], eos[s], req.prefix)
+                self._free(s)
+                if req.chunks is not None:
+                    req.chunks.put(("end", max(eos[s] - req.prefix, 0)))
+                stats = {
+                    "queued_s": req.admitted - req.submitted,
+                    "prefill_s": req.prefill_s,
+                    "decode_s": time.monotonic() - req.admitted - req.prefill_s,
+                    "steps": float(req.steps),
+                    "batch_peak": float(req.batch_peak),
+                    "frames": float(codes.shape[0]),
+                    "prefix_length": float(req.prefix),
+                    "eos_position": float(eos[s]),
+                }
+                self.stats["finished"] += 1
+                self._settle(req, result=EngineResult(codes, np.zeros(0, np.float32), self.tts.sample_rate, stats))
+
+    def _free(self, s: int) -> None:
+        self._slots.active[s] = False
+        self._owner[s] = None
+
+    def _settle(self, req: _Request, *, result: EngineResult | None = None, exc: BaseException | None = None) -> None:
+        if req.future.done():
+            return
+        if exc is not None:
+            self.stats["failed"] += 1
+            if req.chunks is not None:
+                req.chunks.put(("error", exc))
+            req.future.set_exception(exc)
+        else:
+            req.future.set_result(result)
+
+    def _fail_all(self, error: BaseException | None) -> None:
+        exc = EngineClosed("the engine was closed" if error is None else f"the engine stopped: {error!r}")
+        with self._cv:
+            self._closing = True
+            pending = list(self._queue)
+            self._queue.clear()
+        for s, req in enumerate(self._owner):
+            if req is not None:
+                self._owner[s] = None
+                pending.append(req)
+        for req in pending:
+            self._settle(req, exc=exc)
+
+    def __repr__(self) -> str:
+        return f"BatchEngine({self.tts!r}, max_slots={self.max_slots}, busy={self.busy_slots}, queued={self.queued})"

@@ -1,0 +1,297 @@
+"""Continuous batching (dia_fast.serving.BatchEngine) on the CPU with the tiny model, fp32, seeded: requests that
+join and leave a running batch give exactly the codes of their solo runs, whatever runs beside them."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from dia_fast import ops
+from dia_fast.api import DiaTTS
+from dia_fast.config import DiaConfig
+from dia_fast.model import DiaModel
+from dia_fast.serving import BatchEngine, EngineBusy, EngineClosed, RequestCancelled
+from dia_fast.serving import engine as engine_module
+
+TEXTS = [
+    "[S1] Hello there. [S2] Hi!",
+    "[S1] A longer sentence (laughs) to pad the other one.",
+    "[S2] Third.",
+    "[S1] How fast can this go? [S2] Let us measure it.",
+]
+
+
+def _tts(eos_token: int | None = 613, seed: int = 0) -> DiaTTS:
+    """Tiny random Dia whose channel-0 EOS logit sits just above a common token's, so requests stop on their
+    own at different steps (as in tests/test_engine.py)."""
+    torch.manual_seed(seed)
+    model = DiaModel(DiaConfig.preset("tiny")).eval()
+    if eos_token is not None:
+        with torch.no_grad():
+            w = model.decoder.logits_dense.weight
+            w[1024] = 1.05 * w[eos_token]
+    return DiaTTS(model, DiaTTS.random("tiny").codec)
+
+
+@pytest.fixture(scope="module")
+def tts() -> DiaTTS:
+    return _tts()
+
+
+def _requests() -> list[dict]:
+    """16 requests: different texts, lengths, sampling settings (greedy among them), voice prompts and seeds."""
+    g = torch.Generator().manual_seed(3)
+    reqs = []
+    for i in range(16):
+        opts: dict = dict(text=TEXTS[i % 4] + (" More words." * (i % 3)), max_new_tokens=30 + 7 * i, seed=1000 + i)
+        if i % 4 == 0:
+            opts["do_sample"] = False
+        else:
+            opts.update(
+                temperature=0.8 + 0.1 * (i % 5), top_p=(0.7, 0.9, 1.0)[i % 3], cfg_filter_top_k=(45, None, 8)[i % 3]
+            )
+        opts["cfg_scale"] = (3.0, 1.5, 0.0)[i % 3]
+        if i % 5 == 1:
+            opts["audio_prompt"] = torch.randint(0, 1024, (3 + i, 9), generator=g)
+            opts["audio_prompt_text"] = "[S1] The prompt."
+        reqs.append(opts)
+    return reqs
+
+
+def _solo(tts: DiaTTS, opts: dict) -> torch.Tensor:
+    with BatchEngine(tts, max_slots=1) as engine:
+        return engine.submit(**opts).result(120, decode_audio=False).codes
+
+
+def test_requests_joining_at_different_steps_equal_their_solo_runs(tts):
+    """16 requests submitted from threads and from asyncio while others run: each gives exactly its solo codes
+    (greedy and sampled with its seed), and steps really ran with several requests."""
+    reqs = _requests()
+    results: dict[int, torch.Tensor] = {}
+    with BatchEngine(tts, max_slots=8, poll_every=2) as engine:
+
+        def submit_from_thread(i: int) -> None:
+            time.sleep(0.01 * (i % 4))  # staggered: they join a batch that is already running
+            results[i] = engine.submit(**reqs[i]).result(120, decode_audio=False).codes
+
+        threads = [threading.Thread(target=submit_from_thread, args=(i,)) for i in range(0, 16, 2)]
+        for t in threads:
+            t.start()
+
+        async def from_asyncio() -> None:
+            async def one(i: int) -> None:
+                await asyncio.sleep(0.02 * (i % 3))
+                results[i] = (await engine.generate(**reqs[i])).codes
+
+            await asyncio.gather(*(one(i) for i in range(1, 16, 2)))
+
+        asyncio.run(from_asyncio())
+        for t in threads:
+            t.join()
+        stats = dict(engine.stats)
+    assert stats["batched_steps"] > 0 and stats["largest_batch"] >= 4 and stats["failed"] == 0
+    for i, opts in enumerate(reqs):
+        assert torch.equal(results[i], _solo(tts, opts)), i
+    assert len({results[i].shape[0] for i in range(16)}) > 3  # they stopped at different steps
+
+
+def test_greedy_solo_run_equals_generate(tts):
+    """The engine's greedy codes are those of DiaTTS.generate (the static batch path), voice prompt included."""
+    prompt = torch.randint(0, 1024, (6, 9), generator=torch.Generator().manual_seed(1))
+    for kw in (dict(), dict(audio_prompt=prompt, audio_prompt_text="[S1] Prompt words.")):
+        want = tts.generate(TEXTS[1], max_new_tokens=50, do_sample=False, progress=False, **kw).codes[0]
+        assert torch.equal(_solo(tts, dict(text=TEXTS[1], max_new_tokens=50, do_sample=False, **kw)), want)
+
+
+def test_cancel_mid_run_frees_the_slot_and_the_others_still_match(tts):
+    reqs = _requests()[:6]
+    with BatchEngine(tts, max_slots=4, poll_every=1) as engine:
+        handles = [engine.submit(**r) for r in reqs]
+        long_one = engine.submit(TEXTS[0], max_new_tokens=400, min_new_tokens=350, seed=7)
+        deadline = time.monotonic() + 30
+        while long_one._reqs[0].steps < 3 and time.monotonic() < deadline:  # it is running
+            time.sleep(0.005)
+        assert long_one.cancel()
+        with pytest.raises(RequestCancelled):
+            long_one.result(30)
+        codes = [h.result(120, decode_audio=False).codes for h in handles]
+        assert engine.busy_slots == 0 and not long_one.cancel()  # finished: nothing to cancel
+    for r, c in zip(reqs, codes, strict=True):
+        assert torch.equal(c, _solo(tts, r))
+
+
+def test_a_request_that_fails_fails_alone(tts, monkeypatch):
+    """An error while a request is prefilled fails that request; the others complete with their solo codes.
+    Bad options fail in the caller, before anything is queued."""
+    real_admit = engine_module.admit
+    bad_text_ids: list[torch.Tensor] = []
+
+    def admit(model, slots, s, text_ids, *args, **kwargs):
+        if any(torch.equal(text_ids, b) for b in bad_text_ids):
+            raise RuntimeError("planted prefill failure")
+        return real_admit(model, slots, s, text_ids, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "admit", admit)
+    reqs = _requests()[:3]
+    with BatchEngine(tts, max_slots=2) as engine:
+        bad = engine.submit("[S1] This one breaks.", max_new_tokens=40, seed=1)
+        bad_text_ids.append(bad._reqs[0].text_ids)
+        handles = [engine.submit(**r) for r in reqs]
+        with pytest.raises(RuntimeError, match="planted"):
+            bad.result(60)
+        codes = [h.result(120, decode_audio=False).codes for h in handles]
+        for kwargs, err in [
+            (dict(temperature=-1.0), ValueError),
+            (dict(max_new_tokens=5), ValueError),
+            (dict(max_new_tokens=40, min_new_tokens=30), ValueError),
+            (dict(seed=1.5), TypeError),
+            (dict(audio_prompt_text="[S1] no audio"), ValueError),
+            (dict(timeout=0), ValueError),
+        ]:
+            with pytest.raises(err):
+                engine.submit(TEXTS[0], **kwargs)
+        with pytest.raises(ValueError, match="empty"):
+            engine.submit("   ")
+    monkeypatch.setattr(engine_module, "admit", real_admit)
+    for r, c in zip(reqs, codes, strict=True):
+        assert torch.equal(c, _solo(tts, r))
+
+
+def test_full_queue_is_an_error_and_timeouts_fail_requests(tts):
+    with BatchEngine(tts, max_slots=1, max_queue=2) as engine:
+        first = engine.submit(TEXTS[0], max_new_tokens=300, min_new_tokens=250, seed=0)  # holds the only slot
+        deadline = time.monotonic() + 30
+        while engine.busy_slots == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        queued = [engine.submit(TEXTS[1], max_new_tokens=30, seed=i) for i in range(2)]
+        with pytest.raises(EngineBusy, match="queue is full"):
+            engine.submit(TEXTS[2], max_new_tokens=30)
+        for h in queued:
+            h.cancel()
+        late = engine.submit(TEXTS[2], max_new_tokens=30, timeout=0.05)
+        with pytest.raises(TimeoutError):
+            late.result(60)
+        first.cancel()
+    with pytest.raises(EngineClosed):
+        engine.submit(TEXTS[0])
+
+
+def test_close_fails_what_is_pending_or_drains_it(tts):
+    engine = BatchEngine(tts, max_slots=1)
+    handles = [engine.submit(TEXTS[i], max_new_tokens=200, min_new_tokens=150, seed=i) for i in range(3)]
+    engine.close()
+    for h in handles:
+        with pytest.raises(EngineClosed):
+            h.result(30)
+    engine = BatchEngine(tts, max_slots=2)
+    handles = [engine.submit(TEXTS[i], max_new_tokens=30, seed=i) for i in range(3)]
+    engine.close(drain=True)
+    assert all(h.result(0, decode_audio=False).codes.shape[1] == 9 for h in handles)
+
+
+def test_min_new_tokens_holds_eos_back():
+    tts = _tts(eos_token=250)  # every request would stop within a few steps
+    with BatchEngine(tts, max_slots=2) as engine:
+        early = engine.submit(TEXTS[0], max_new_tokens=100, do_sample=False).result(60, decode_audio=False)
+        held = engine.submit(TEXTS[0], max_new_tokens=100, min_new_tokens=40, do_sample=False).result(60)
+    assert early.stats["eos_position"] - early.stats["prefix_length"] < 40
+    assert held.stats["eos_position"] - held.stats["prefix_length"] >= 40
+    assert held.codes.shape[0] >= 40 and held.audio.shape[0] == held.codes.shape[0] * tts.codec.hop_length
+
+
+def test_stream_chunks_join_to_the_result_audio(tts):
+    with BatchEngine(tts, max_slots=4, chunk_frames=8, first_chunk_frames=4) as engine:
+        other = engine.submit(TEXTS[1], max_new_tokens=80, seed=2)
+        handle = engine.submit(TEXTS[3], max_new_tokens=90, min_new_tokens=60, seed=5, stream=True)
+        chunks = list(handle)
+        result = handle.result(60)
+        other.result(60)
+
+        async def astream() -> list[np.ndarray]:
+            return [c async for c in engine.stream(TEXTS[3], max_new_tokens=90, min_new_tokens=60, seed=5)]
+
+        again = asyncio.run(astream())
+        own = engine.submit(TEXTS[3], max_new_tokens=90, min_new_tokens=60, seed=5, stream=True, chunk_frames=5,
+                            first_chunk_frames=3)  # fmt: skip
+        own_chunks = list(own)
+        with pytest.raises(ValueError, match="chunk_frames"):
+            engine.submit(TEXTS[3], stream=True, chunk_frames=0)
+    assert own_chunks[0].shape[0] == 3 * tts.codec.hop_length and own_chunks[1].shape[0] == 5 * tts.codec.hop_length
+    np.testing.assert_allclose(np.concatenate(own_chunks), result.audio, atol=1e-5)
+    assert len(chunks) > 2 and chunks[0].shape[0] == 4 * tts.codec.hop_length
+    np.testing.assert_allclose(np.concatenate(chunks), result.audio, atol=1e-5)
+    np.testing.assert_allclose(np.concatenate(again), result.audio, atol=1e-5)
+    assert handle.stats.time_to_first_audio_s is not None
+
+
+def test_long_text_runs_as_pieces_side_by_side(tts):
+    sentence = "[S1] This sentence is one of many in a text that is much too long for one generation. "
+    text = sentence * 14  # over the 1024 text bytes of one generation
+    with BatchEngine(tts, max_slots=8) as engine:
+        handle = engine.submit(text, seed=3, max_new_tokens=40)
+        result = handle.result(120)
+    assert handle.pieces > 1
+    assert result.stats["pieces"] == handle.pieces and result.stats["batch_peak"] > 1
+    assert result.codes.shape[0] == result.stats["frames"]
+    assert result.audio.shape[0] > 0
+
+
+def test_each_draw_depends_on_its_seed_and_position_only():
+    """The sampled draws come from Philox keyed by the request's seed at its own positions: the same seed gives
+    the same codes in a busy batch, another seed other codes."""
+    tts = _tts(eos_token=None)
+    kw = dict(max_new_tokens=40, temperature=1.5, top_p=1.0, cfg_filter_top_k=None)
+    with BatchEngine(tts, max_slots=4) as engine:
+        busy = [engine.submit(TEXTS[i], seed=i, **kw) for i in range(3)]
+        a = engine.submit(TEXTS[0], seed=11, **kw).result(60, decode_audio=False).codes
+        b = engine.submit(TEXTS[0], seed=12, **kw).result(60, decode_audio=False).codes
+        for h in busy:
+            h.result(60)
+    assert torch.equal(a, _solo(tts, dict(text=TEXTS[0], seed=11, **kw)))
+    assert not torch.equal(a, b)
+
+
+def test_the_triton_step_ops_run_the_engine_too(tts):
+    """The slot bookkeeping and the sampler on the Triton backend (the interpreter here) give the same codes."""
+    reqs = _requests()[:3]
+    want = [_solo(tts, r) for r in reqs]
+    for op in ("cfg_sample", "slot_update"):
+        ops.set_backend("triton", op)
+    try:
+        with BatchEngine(tts, max_slots=4) as engine:
+            got = [engine.submit(**r).result(120, decode_audio=False).codes for r in reqs]
+    finally:
+        for op in ("cfg_sample", "slot_update"):
+            ops.set_backend(None, op)
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+
+
+@pytest.mark.gpu
+def test_gpu_graphed_engine_equals_eager_engine():
+    """On CUDA the engine replays one captured graph per bucket: the codes equal eager steps' (greedy and
+    sampled, requests of different lengths joining at different steps)."""
+    tts = DiaTTS.random("tiny", seed=0, device="cuda", dtype="float32")
+    with torch.no_grad():
+        w = tts.model.decoder.logits_dense.weight
+        w[1024] = 1.05 * w[613]  # requests stop on their own at different steps
+    reqs = _requests()[:6]
+    for r in reqs:
+        if "audio_prompt" in r:
+            r["audio_prompt"] = r["audio_prompt"].cuda()
+    got = {}
+    for graphs in (True, False):
+        with BatchEngine(tts, max_slots=4, cuda_graphs=graphs, poll_every=2) as engine:
+            assert bool(engine._graphs) == graphs and (not graphs or sorted(engine._graphs) == [1, 2, 4])
+            handles = []
+            for r in reqs:
+                handles.append(engine.submit(**r))
+                time.sleep(0.01)  # later requests join a running batch
+            got[graphs] = [h.result(120, decode_audio=False).codes for h in handles]
+            assert engine.stats["batched_steps"] > 0
+    for a, b in zip(got[True], got[False], strict=True):
+        assert torch.equal(a, b)

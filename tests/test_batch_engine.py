@@ -295,3 +295,19 @@ def test_gpu_graphed_engine_equals_eager_engine():
             assert engine.stats["batched_steps"] > 0
     for a, b in zip(got[True], got[False], strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_stream_read_late_keeps_its_codes_when_its_slot_is_reused(tts):
+    """Stream chunks are copies: a stream read only after its slot went to the next request still gives the
+    audio of its own result."""
+    with BatchEngine(tts, max_slots=1, chunk_frames=8, first_chunk_frames=4) as engine:
+        first = engine.submit(TEXTS[3], max_new_tokens=60, min_new_tokens=40, seed=5, stream=True)
+        second = engine.submit(TEXTS[1], max_new_tokens=300, min_new_tokens=250, seed=6)
+        deadline = time.monotonic() + 60
+        while second._reqs[0].steps < 20 and time.monotonic() < deadline:  # the slot now holds `second`
+            time.sleep(0.005)
+        assert second._reqs[0].steps >= 20
+        chunks = list(first)  # read only now
+        want = first.result(60).audio
+        second.cancel()
+    np.testing.assert_allclose(np.concatenate(chunks), want, atol=1e-5)

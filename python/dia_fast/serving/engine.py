@@ -563,19 +563,27 @@ class BatchEngine:
 
     def _collect(self, n: int) -> None:
         """Read the slots' state back; stream final positions; finished requests leave with their codes."""
-        pos = self._slots.pos[:n].tolist()
-        finished = self._slots.finished[:n].tolist()
-        eos = self._slots.eos_pos[:n].tolist()
+        sl = self._slots
+        # one read-back of the per-slot state, one of the streams' new positions (each a host sync on a GPU)
+        pos, finished, eos = torch.stack([sl.pos[:n], sl.finished[:n].long(), sl.eos_pos[:n]]).tolist()
+        # positions below pos[s] are written (pos[s] too once finished): streams get [sent, end)
+        ends = {}
+        for s in range(n):
+            req, end = self._owner[s], pos[s] + 1 if finished[s] else pos[s]
+            if req is not None and req.chunks is not None and end > req.sent:
+                ends[s] = end
+        if ends:
+            lo, hi = min(self._owner[s].sent for s in ends), max(ends.values())
+            # a copy even on the CPU: a slot's row is overwritten when its next request is admitted
+            new = sl.out[:n, lo:hi].to("cpu", copy=True)
+            for s, end in ends.items():
+                req = self._owner[s]
+                req.chunks.put(("codes", new[s, req.sent - lo : end - lo]))
+                req.sent = end
         for s in range(n):
             req = self._owner[s]
             if req is None:
                 continue
-            if req.chunks is not None:
-                # positions below pos[s] are written; a frame is final once the position max_delay later is
-                end = pos[s] + 1 if finished[s] else pos[s]
-                if end > req.sent:
-                    req.chunks.put(("codes", self._slots.out[s, req.sent : end].cpu()))
-                    req.sent = end
             if finished[s]:
                 codes = undelayed_codes(self.tts.model, self._slots.out[s], eos[s], req.prefix)
                 self._free(s)

@@ -513,6 +513,27 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
 NOT_FORCED = -1
 
 
+def _eos_countdown(
+    codes: torch.Tensor,
+    p: torch.Tensor,
+    eos_pos: torch.Tensor,
+    forced_eos_pos: torch.Tensor,
+    delays: torch.Tensor,
+    live: torch.Tensor | None,
+    eos_value: int,
+    pad_value: int,
+) -> torch.Tensor:
+    """Dia's end-of-speech countdown for the codes [B, C] sampled at position ``p`` (0-d or [B]): channel 0's
+    EOS or reaching ``forced_eos_pos`` starts it (recorded in ``eos_pos``, in place); channel ``c`` then gets
+    EOS exactly ``delays[c]`` steps later and PAD after that. ``live`` [B] (None: every row) limits it."""
+    started = (eos_pos < 0) & ((codes[:, 0] == eos_value) | (p >= forced_eos_pos))
+    eos_pos.copy_(torch.where(started if live is None else live & started, p, eos_pos))
+    counting = (eos_pos >= 0 if live is None else live & (eos_pos >= 0))[:, None]
+    since = (p - eos_pos)[:, None]
+    codes = torch.where(counting & (since == delays[None, :]), torch.full_like(codes, eos_value), codes)
+    return torch.where(counting & (since > delays[None, :]), torch.full_like(codes, pad_value), codes)
+
+
 def step_update(
     codes: torch.Tensor,
     pos: torch.Tensor,
@@ -542,12 +563,7 @@ def step_update(
     [B] is set to whether the next position reaches it (``min_new_tokens``: the sampler masks EOS before).
     """
     p = pos.reshape(-1)[0]
-    started = (codes[:, 0] == eos_value) | (p >= forced_eos_pos)
-    eos_pos.copy_(torch.where((eos_pos < 0) & started, p, eos_pos))
-    active = (eos_pos >= 0)[:, None]
-    since = (p - eos_pos)[:, None]
-    codes = torch.where(active & (since == delays[None, :]), torch.full_like(codes, eos_value), codes)
-    codes = torch.where(active & (since > delays[None, :]), torch.full_like(codes, pad_value), codes)
+    codes = _eos_countdown(codes, p, eos_pos, forced_eos_pos, delays, None, eos_value, pad_value)
     at_p = forced.index_select(1, pos.reshape(-1)[:1])[:, 0]
     codes = torch.where(at_p != NOT_FORCED, at_p, codes)
     out.index_copy_(1, pos.reshape(-1)[:1], codes[:, None])
@@ -591,12 +607,7 @@ def slot_update(
     L = out.shape[1]
     live = active & ~finished
     p = pos.clamp(0, L - 1)
-    started = (codes[:, 0] == eos_value) | (p >= forced_eos_pos)
-    eos_pos.copy_(torch.where(live & (eos_pos < 0) & started, p, eos_pos))
-    counting = (live & (eos_pos >= 0))[:, None]
-    since = (p - eos_pos)[:, None]
-    codes = torch.where(counting & (since == delays[None, :]), torch.full_like(codes, eos_value), codes)
-    codes = torch.where(counting & (since > delays[None, :]), torch.full_like(codes, pad_value), codes)
+    codes = _eos_countdown(codes, p, eos_pos, forced_eos_pos, delays, live, eos_value, pad_value)
     at = p[:, None, None].expand(S, 1, C)
     at_p = forced.gather(1, at)[:, 0]
     codes = torch.where(at_p != NOT_FORCED, at_p, codes)

@@ -16,6 +16,20 @@ __all__ = ["slot_update", "step_update"]
 
 
 @triton.jit
+def _eos_countdown(codes, c, p, eos, fep, delays, live, eos_value, pad_value):
+    """Dia's end-of-speech countdown (``reference._eos_countdown``) on a [rows, C] tile of codes sampled at
+    position(s) ``p``, for the rows where ``live``: returns the codes and the rows' EOS positions."""
+    ch0 = tl.sum(tl.where((c == 0)[None, :], codes, 0), axis=1)
+    started = (ch0 == eos_value) | (p >= fep)
+    eos = tl.where(live & (eos < 0) & started, p, eos)
+    counting = (live & (eos >= 0))[:, None]
+    since = (p - eos)[:, None]
+    codes = tl.where(counting & (since == delays[None, :]), eos_value, codes)
+    codes = tl.where(counting & (since > delays[None, :]), pad_value, codes)
+    return codes, eos
+
+
+@triton.jit
 def _step_update_kernel(
     Codes, Pos, EosPos, Delays, ForcedEos, Forced, Out, Real, Done, Tokens, MinEos, AllowEos,
     B, C, reps,
@@ -34,18 +48,11 @@ def _step_update_kernel(
     p = tl.load(Pos).to(tl.int64)
 
     codes = tl.load(Codes + b64[:, None] * s_cb + c[None, :], mask=m, other=0).to(tl.int64)
-    ch0 = tl.sum(tl.where((c == 0)[None, :], codes, 0), axis=1)
     eos = tl.load(EosPos + b, mask=b_ok, other=0)
     fep = tl.load(ForcedEos + b64 * s_fep, mask=b_ok, other=0)
-    started = (ch0 == eos_value) | (p >= fep)
-    eos = tl.where((eos < 0) & started, p, eos)
-    tl.store(EosPos + b, eos, mask=b_ok)
-
     delays = tl.load(Delays + c, mask=c_ok, other=0)
-    active = (eos >= 0)[:, None]
-    since = (p - eos)[:, None]
-    codes = tl.where(active & (since == delays[None, :]), eos_value, codes)
-    codes = tl.where(active & (since > delays[None, :]), pad_value, codes)
+    codes, eos = _eos_countdown(codes, c, p, eos, fep, delays, b_ok, eos_value, pad_value)
+    tl.store(EosPos + b, eos, mask=b_ok)
     forced = tl.load(Forced + b64[:, None] * s_fb + p * s_fl + c[None, :], mask=m, other=-1)
     codes = tl.where(forced != -1, forced, codes)
     tl.store(Out + b64[:, None] * s_ob + p * s_ol + c[None, :], codes, mask=m)
@@ -143,13 +150,7 @@ def _slot_update_kernel(
     delays = tl.load(Delays + c, mask=c_ok, other=0)
     tl.debug_barrier()
 
-    ch0 = tl.sum(tl.where((c == 0)[None, :], codes, 0), axis=1)
-    started = (ch0 == eos_value) | (p >= fep)
-    eos = tl.where(live & (eos < 0) & started, p, eos)
-    counting = (live & (eos >= 0))[:, None]
-    since = (p - eos)[:, None]
-    codes = tl.where(counting & (since == delays[None, :]), eos_value, codes)
-    codes = tl.where(counting & (since > delays[None, :]), pad_value, codes)
+    codes, eos = _eos_countdown(codes, c, p, eos, fep, delays, live, eos_value, pad_value)
     codes = tl.where(forced != -1, forced, codes)
     max_delay = tl.max(tl.where(c_ok, delays, 0), axis=0)
     done_now = live & (eos >= 0) & (p - eos >= max_delay)

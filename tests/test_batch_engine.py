@@ -311,3 +311,48 @@ def test_a_stream_read_late_keeps_its_codes_when_its_slot_is_reused(tts):
         want = first.result(60).audio
         second.cancel()
     np.testing.assert_allclose(np.concatenate(chunks), want, atol=1e-5)
+
+
+def test_a_request_moved_to_a_lower_slot_keeps_its_codes_and_stream(tts):
+    """When the requests in low slots finish, the ones left above are moved down so that the batch steps in a
+    smaller bucket: their codes (greedy and sampled, voice prompt included) and streamed audio do not change."""
+    reqs = _requests()
+    short = [dict(r, max_new_tokens=20, min_new_tokens=0) for r in reqs[:3]]
+    late = [dict(reqs[5], max_new_tokens=90, min_new_tokens=70), dict(reqs[6], max_new_tokens=80, min_new_tokens=60)]
+    with BatchEngine(tts, max_slots=8, poll_every=2, chunk_frames=8, first_chunk_frames=4) as engine:
+        handles = [engine.submit(**r) for r in short + late[:1]]
+        streamed = engine.submit(**late[1], stream=True)  # slot 4: above every bucket that 2 requests need
+        chunks = list(streamed)
+        codes = [h.result(60, decode_audio=False).codes for h in handles]
+        result = streamed.result(60)
+        moves = engine.stats["moves"]
+    assert moves >= 1
+    for got, opts in zip(codes + [result.codes], short + late, strict=True):
+        assert torch.equal(got, _solo(tts, opts))
+    np.testing.assert_allclose(np.concatenate(chunks), result.audio, atol=1e-5)
+
+
+def test_the_steps_thread_count_is_set_for_the_scheduler_thread_only(tts):
+    """cpu_threads applies to the scheduler's thread (OpenMP's per-thread setting); the process-wide count and
+    other threads keep theirs. Where the OpenMP runtime cannot be reached, the engine reports what it got."""
+    from dia_fast.devices import set_thread_cpu_threads
+
+    before = torch.get_num_threads()
+    seen: dict[str, int] = {}
+
+    def other() -> None:
+        seen["ok"] = set_thread_cpu_threads(1)
+        seen["inside"] = torch.get_num_threads()
+
+    th = threading.Thread(target=other)
+    th.start()
+    th.join()
+    assert torch.get_num_threads() == before
+    if seen["ok"]:
+        assert seen["inside"] == 1
+    with pytest.raises(ValueError, match="cpu_threads"):
+        BatchEngine(tts, cpu_threads=0)
+    with BatchEngine(tts, max_slots=2, cpu_threads=1) as engine:
+        engine.submit(TEXTS[2], max_new_tokens=20, seed=1).result(60, decode_audio=False)
+        assert engine.cpu_threads == (1 if seen["ok"] else before)
+    assert torch.get_num_threads() == before

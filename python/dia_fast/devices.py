@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
+import glob
+import os
+from collections.abc import Callable
+
 import torch
 
 from .info import default_device
@@ -51,3 +56,38 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         return _DTYPES[dtype.lower()]
     except KeyError:
         raise ValueError(f"unknown dtype {dtype!r} (use auto, float32, bfloat16 or float16)") from None
+
+
+def _omp_set_num_threads() -> Callable[[int], None] | None:
+    """OpenMP's ``omp_set_num_threads`` of the runtime torch uses (loaded globally with torch), or None."""
+    candidates = [None, *sorted(glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "lib*omp*.so*")))]
+    for path in candidates:
+        try:
+            return ctypes.CDLL(path).omp_set_num_threads
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+def set_thread_cpu_threads(n: int) -> bool:
+    """Run torch's CPU ops in the calling thread on ``n`` intra-op threads, leaving every other thread and
+    torch's process-wide default (``torch.set_num_threads``) as they are (OpenMP keeps this setting per thread).
+    Returns whether it took effect (torch then reports ``n`` in this thread); False where torch's CPU threads are
+    not OpenMP's or the runtime cannot be reached, and nothing changed.
+
+    Used by :class:`dia_fast.serving.BatchEngine`: on this project's 2-core test machine, torch's 2 threads in a
+    thread other than the main one made the tiny model's steps ~1.5x slower than 1 thread (OpenMP's fork and
+    join cost more there than the small ops gain), and 1 thread leaves the other core to decode audio."""
+    if n < 1:
+        raise ValueError(f"threads must be >= 1, got {n}")
+    if torch.get_num_threads() == n:  # (this also makes torch initialise the thread's setting first)
+        return True
+    setter = _omp_set_num_threads()
+    if setter is None:
+        return False
+    before = torch.get_num_threads()
+    setter(int(n))
+    if torch.get_num_threads() == n:
+        return True
+    setter(before)
+    return False

@@ -33,6 +33,7 @@ import torch
 
 from .. import ops
 from ..audio import crossfade_join
+from ..devices import set_thread_cpu_threads
 from ..generation.engine import bucket_batch, default_sampler, using_device
 from ..generation.sampling import SamplingConfig
 from ..generation.stream import ChunkedDecoder, StreamStats, codec_context_frames
@@ -236,6 +237,7 @@ class BatchEngine:
         chunk_frames: int = 43,
         first_chunk_frames: int | None = 16,
         crossfade_ms: float = 40.0,
+        cpu_threads: int | None = None,
     ) -> None:
         self.tts = tts
         model = tts.model
@@ -245,12 +247,28 @@ class BatchEngine:
             raise ValueError(f"max_slots must be a power of two >= 1, got {max_slots}")
         if max_queue < 1 or poll_every < 1:
             raise ValueError("max_queue and poll_every must be >= 1")
+        if cpu_threads is not None and (not isinstance(cpu_threads, int) or isinstance(cpu_threads, bool)
+                                        or cpu_threads < 1):  # fmt: skip
+            raise ValueError(f"cpu_threads must be an int >= 1, got {cpu_threads!r}")
+        self.cpu_threads: int | None = None  # the steps' intra-op threads on the CPU
+        if dev.type == "cpu":
+            # by default one of torch's threads is left to the callers, who decode audio (docs/serving.md)
+            self.cpu_threads = max(1, torch.get_num_threads() - 1) if cpu_threads is None else cpu_threads
         data = tts.config.data
         self.max_slots, self.max_queue, self.poll_every = slots, max_queue, poll_every
         self.chunk_frames, self.first_chunk_frames, self.crossfade_ms = chunk_frames, first_chunk_frames, crossfade_ms
-        self.stats = {"requests": 0, "finished": 0, "failed": 0, "steps": 0, "batched_steps": 0, "largest_batch": 0}
+        self.stats = {
+            "requests": 0,
+            "finished": 0,
+            "failed": 0,
+            "steps": 0,
+            "batched_steps": 0,
+            "largest_batch": 0,
+            "moves": 0,
+        }
         self._sampler = default_sampler(dev)
         self._slots: SlotState = allocate_slots(model, slots, data.audio_length, data.text_length)
+        self._views: dict[int, SlotState] = {}  # bucket -> views of the first slots (same memory)
         self._owner: list[_Request | None] = [None] * slots
         self._queue: deque[_Request] = deque()
         self._cv = threading.Condition()
@@ -473,6 +491,8 @@ class BatchEngine:
 
     def _run(self) -> None:
         model = self.tts.model
+        if self.cpu_threads is not None and not set_thread_cpu_threads(self.cpu_threads):
+            self.cpu_threads = torch.get_num_threads()  # what the steps really run on
         try:
             with using_device(model.device), torch.inference_mode():
                 while True:
@@ -487,13 +507,14 @@ class BatchEngine:
                     if not live:
                         continue
                     n = bucket_batch(max(live) + 1)
+                    view = self._views.get(n) or self._views.setdefault(n, self._slots.view(n))
                     for _ in range(self.poll_every):
                         if n in self._graphs:
                             self._graphs[n].replay()
                         else:
-                            slot_step(model, self._slots.view(n), self._sampler)
+                            slot_step(model, view, self._sampler)
                     self._count_steps(live)
-                    self._collect(n)
+                    self._compact(self._collect(n))
         except BaseException as exc:  # noqa: BLE001 - a broken step fails every request, never hangs one
             self._error = exc
         finally:
@@ -561,8 +582,27 @@ class BatchEngine:
             req.prefill_s = time.monotonic() - t0
             self._owner[s] = req
 
-    def _collect(self, n: int) -> None:
-        """Read the slots' state back; stream final positions; finished requests leave with their codes."""
+    def _compact(self, pos: list[int]) -> None:
+        """With nothing queued, move the requests in the highest slots into free lower ones when that lets the
+        running batch step in a smaller bucket (``pos``: each slot's position, as just read back)."""
+        live = [s for s, r in enumerate(self._owner) if r is not None]
+        if not live or self._queue:
+            return
+        target = bucket_batch(len(live))
+        if bucket_batch(max(live) + 1) <= target:
+            return
+        free = [s for s in range(target) if self._owner[s] is None]
+        for src in (s for s in live if s >= target):
+            dst = free.pop(0)
+            self._slots.move(src, dst, pos[src] + 1)
+            req = self._owner[src]
+            assert req is not None
+            self._owner[dst], self._owner[src], req.slot = req, None, dst
+            self.stats["moves"] += 1
+
+    def _collect(self, n: int) -> list[int]:
+        """Read the slots' state back; stream final positions; finished requests leave with their codes.
+        Returns the slots' positions."""
         sl = self._slots
         # one read-back of the per-slot state, one of the streams' new positions (each a host sync on a GPU)
         pos, finished, eos = torch.stack([sl.pos[:n], sl.finished[:n].long(), sl.eos_pos[:n]]).tolist()
@@ -601,6 +641,7 @@ class BatchEngine:
                 }
                 self.stats["finished"] += 1
                 self._settle(req, result=EngineResult(codes, np.zeros(0, np.float32), self.tts.sample_rate, stats))
+        return pos
 
     def _free(self, s: int) -> None:
         self._slots.active[s] = False

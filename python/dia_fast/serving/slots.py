@@ -66,6 +66,29 @@ class SlotState:
         }
         return replace(self, state=state, **kw)
 
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Move the request in slot ``src`` into free slot ``dst`` (between two steps), so that the running
+        batch fits a smaller bucket: its rows of every cache (self-attention keys up to ``length``), its
+        pending logits, delayed codes and settings. Its codes do not change: a step computes each row alone."""
+        a, b = slice(2 * src, 2 * src + 2), slice(2 * dst, 2 * dst + 2)
+        st = self.state
+        n = min(max(length, 0), st.max_len)
+        for cache in (st.self_k, st.self_v):
+            cache[:, b, :, :n] = cache[:, a, :, :n]
+        for t in (st.cross_k, st.cross_v):
+            t[:, b] = t[:, a]
+        for t in (st.cross_mask, st.self_mask, st.cross_len):
+            if t is not None:
+                t[b] = t[a]
+        for name in ("logits", "tokens", "row_pos"):
+            t = getattr(self, name)
+            t[b] = t[a]
+        for f in fields(self):
+            if f.name not in ("state", "delays", "logits", "tokens", "row_pos"):
+                t = getattr(self, f.name)
+                t[dst] = t[src]
+        self.active[src] = False
+
     def rows(self, s: int) -> DecoderState:
         """Slot ``s``'s two rows of the decoder state (views), for its prefill."""
         return self.state.select_rows(slice(2 * s, 2 * s + 2))

@@ -7,6 +7,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -20,8 +21,9 @@ from .generation.sampling import SamplingConfig
 from .model import DiaModel, RMSNorm
 from .text import encode_batch, prompted_text
 
-# An audio prompt: a file path, float samples (numpy / torch) or codec codes [T, C] (an integer tensor).
-PromptLike = str | Path | np.ndarray | torch.Tensor | None
+# An audio prompt: a file path or open binary file, float samples (numpy / torch) or codec codes [T, C]
+# (an integer tensor).
+PromptLike = str | Path | BinaryIO | np.ndarray | torch.Tensor | None
 
 
 @dataclass
@@ -253,8 +255,8 @@ class DiaTTS:
     def encode_prompt(self, audio: PromptLike, sample_rate: int | None = None) -> torch.Tensor:
         """An audio prompt as codec codes ``[T, C]`` (int64, on the CPU).
 
-        ``audio``: a file path (WAV/FLAC/OGG, any rate and channel count: mixed to mono and
-        resampled with soxr), an array/tensor of samples (``sample_rate`` defaults to the codec's),
+        ``audio``: a file path or an open binary file (WAV/FLAC/OGG/MP3, any rate and channel count: mixed to
+        mono and resampled with soxr), an array/tensor of samples (``sample_rate`` defaults to the codec's),
         or already encoded codes ``[T, C]`` (an integer tensor, checked and returned).
         Raises ValueError for empty, silent, too long or malformed prompts.
         """
@@ -268,10 +270,11 @@ class DiaTTS:
         else:
             from .audio import load_prompt_audio
 
-            if isinstance(audio, (str, Path)):
+            if isinstance(audio, (str, Path)) or hasattr(audio, "read"):  # a path or an open binary file
                 if sample_rate is not None:
                     raise ValueError("sample_rate is only for arrays: an audio file is read at its own rate")
-                samples = load_prompt_audio(str(audio), target_rate=self.codec.sample_rate)
+                src = audio if hasattr(audio, "read") else str(audio)
+                samples = load_prompt_audio(src, target_rate=self.codec.sample_rate)
             else:
                 rate = self.codec.sample_rate if sample_rate is None else sample_rate
                 samples = load_prompt_audio(audio, rate, target_rate=self.codec.sample_rate)

@@ -484,6 +484,10 @@ def main(argv: list[str] | None = None) -> int:
         from .compile_report import main as compile_report_main
 
         return compile_report_main(args)
+    if "--server-load" in args:  # HTTP requests against the speech server: dia_fast.bench.server_load
+        from .server_load import main as server_load_main
+
+        return server_load_main(args)
     opts = parse_args(argv)
     try:
         run_bench(opts)

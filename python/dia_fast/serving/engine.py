@@ -415,6 +415,11 @@ class BatchEngine:
         self.close()
 
     @property
+    def running(self) -> bool:
+        """Whether the scheduler runs and takes requests (False once closing, closed or stopped by an error)."""
+        return self._thread.is_alive() and not self._closing and self._error is None
+
+    @property
     def busy_slots(self) -> int:
         return sum(r is not None for r in self._owner)
 

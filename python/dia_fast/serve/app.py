@@ -1,0 +1,324 @@
+"""The HTTP API (FastAPI): OpenAI's ``POST /v1/audio/speech`` with streaming, stored voices, models, health and
+Prometheus metrics, API-key auth, body limits and OpenAI-style errors. :func:`create_app` builds it; uvicorn
+(``python -m dia_fast.serve``) or Ray Serve (:mod:`dia_fast.serve.ray_app`) runs it."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Message, Receive, Scope, Send
+
+from .._version import __version__
+from .audio_out import FORMATS
+from .metrics import CONTENT_TYPE_LATEST
+from .service import ApiError, SpeechRequest, SpeechService, load_tts
+from .settings import ServerSettings
+from .voices import BUILTIN_VOICES, VoiceError
+
+if TYPE_CHECKING:
+    from ..api import DiaTTS
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("dia_fast.serve")
+
+_STATUS_KIND = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}
+
+
+def _error(
+    status: int,
+    message: str,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    kind = _STATUS_KIND.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class _BodyTooLarge(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.limit = limit
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over its route's limit is a 413 (by its Content-Length before anything is
+    read, or while it is read when it comes chunked)."""
+
+    def __init__(self, app: Any, limit_for: Callable[[str], int]) -> None:
+        self.app, self.limit_for = app, limit_for
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit_for(scope["path"])
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None:
+            try:
+                too_big = int(length) > limit
+            except ValueError:
+                await _error(400, "the Content-Length header is not a number")(scope, receive, send)
+                return
+            if too_big:
+                await _error(
+                    413, f"the request body is over this server's limit of {limit} bytes", code="request_too_large"
+                )(scope, receive, send)
+                return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise _BodyTooLarge(limit)
+            return message
+
+        await self.app(scope, limited, send)
+
+
+class _CancellableStream(StreamingResponse):
+    """A streamed body that stops (and so cancels its request) as soon as the client leaves, and is always closed,
+    whatever the ASGI server's spec version."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = self.body_iterator
+
+        async def until_disconnect(cancel: anyio.CancelScope) -> None:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    cancel.cancel()
+                    return
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(until_disconnect, tg.cancel_scope)
+                try:
+                    await self.stream_response(send)
+                except OSError:
+                    pass  # the client left while we sent
+                tg.cancel_scope.cancel()
+        finally:
+            aclose = getattr(body, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+def create_app(settings: ServerSettings | None = None, *, tts: DiaTTS | None = None) -> FastAPI:
+    """The speech server's ASGI app. ``tts``: an already loaded model (default: what ``settings`` name, loaded at
+    start-up). The engine starts with the app and drains running requests when it stops."""
+    settings = settings or ServerSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        model = tts if tts is not None else await anyio.to_thread.run_sync(load_tts, settings)
+        service = SpeechService(model, settings)
+        app.state.service = service
+        if settings.demo:
+            log.warning(
+                "serving %r: a random-weight demo model (the audio is not speech); pass --model for Dia",
+                service.model_id,
+            )
+        log.info(
+            "dia_fast %s serving %r on %s, %d slots",
+            __version__,
+            service.model_id,
+            model.device,
+            service.engine.max_slots,
+        )
+        try:
+            yield
+        finally:
+            await anyio.to_thread.run_sync(lambda: service.close(drain=True))
+            log.info("dia_fast server stopped (%d requests served)", service.engine.stats["finished"])
+
+    app = FastAPI(title="dia_fast speech server", version=__version__, lifespan=lifespan)
+
+    def limit_for(path: str) -> int:
+        return settings.max_voice_bytes if path.startswith("/v1/audio/voices") else settings.max_body_bytes
+
+    app.add_middleware(BodyLimit, limit_for=limit_for)
+
+    # ------------------------------------------------------------------------------ errors
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        service: SpeechService | None = getattr(request.app.state, "service", None)
+        if service is not None:
+            service.count_error(exc)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(_BodyTooLarge)
+    async def _too_large(_: Request, exc: _BodyTooLarge) -> JSONResponse:
+        return _error(
+            413, f"the request body is over this server's limit of {exc.limit} bytes", code="request_too_large"
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_error(exc.errors())
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error", exc_info=(type(exc), exc, exc.__traceback__))
+        return _error(500, "internal server error (see the server log)", code="internal_error")
+
+    # ------------------------------------------------------------------------------ auth
+    async def authorize(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        ok = scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), settings.api_key.encode())
+        if not ok:
+            raise ApiError(
+                401,
+                "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                code="invalid_api_key",
+                kind="authentication_error",
+            )
+
+    def service_of(request: Request) -> SpeechService:
+        service: SpeechService | None = getattr(request.app.state, "service", None)
+        if service is None or not service.engine.running:
+            raise ApiError(503, "the server is starting or shutting down", code="unavailable", kind="server_error")
+        return service
+
+    v1 = [Depends(authorize)]
+
+    # ------------------------------------------------------------------------------ routes
+    @app.post("/v1/audio/speech", dependencies=v1)
+    async def speech(request: Request) -> Response:
+        service = service_of(request)
+        req = _parse_speech(await request.body())
+        if req.stream_format is None:
+            data = await service.speech(req, request.is_disconnected)
+            return Response(data, media_type=_media_type(req))
+        _, body = await service.open_stream(req)
+        if req.stream_format == "sse":
+            return _CancellableStream(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return _CancellableStream(body, media_type=_media_type(req))
+
+    @app.get("/v1/models", dependencies=v1)
+    async def models(request: Request) -> dict[str, Any]:
+        return {"object": "list", "data": [service_of(request).model_card()]}
+
+    @app.get("/v1/models/{model_id}", dependencies=v1)
+    async def model(model_id: str, request: Request) -> dict[str, Any]:
+        service = service_of(request)
+        if model_id != service.model_id:
+            raise ApiError(404, f"the model {model_id!r} does not exist", param="model", code="model_not_found")
+        return service.model_card()
+
+    @app.get("/v1/audio/voices", dependencies=v1)
+    async def list_voices(request: Request) -> dict[str, Any]:
+        service = service_of(request)
+        builtin = [
+            {"id": v.upper() if v != "dialogue" else v, "object": "voice", "type": "builtin"} for v in BUILTIN_VOICES
+        ]
+        stored = await anyio.to_thread.run_sync(service.voices.list)
+        return {"object": "list", "data": builtin + [v.as_json() for v in stored]}
+
+    @app.post("/v1/audio/voices", dependencies=v1, status_code=201)
+    async def create_voice(request: Request) -> dict[str, Any]:
+        service = service_of(request)
+        s = settings
+        try:
+            form = await request.form(max_files=1, max_fields=8)
+        except _BodyTooLarge:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any malformed upload is the client's error
+            raise ApiError(400, f"expected a multipart form (file, name, transcript): {exc}") from None
+        upload = form.get("file") or form.get("audio")
+        name, transcript = form.get("name"), form.get("transcript")
+        if upload is None or isinstance(upload, str):
+            raise ApiError(400, "the form needs an audio file in the field 'file'", param="file")
+        if not isinstance(name, str) or not isinstance(transcript, str):
+            raise ApiError(400, "the form needs the fields 'name' (the voice id) and 'transcript'", param="name")
+        overwrite = str(form.get("overwrite", "false")).lower() in ("1", "true", "yes")
+        audio = await upload.read()
+        try:
+            info = await anyio.to_thread.run_sync(
+                lambda: service.voices.create(
+                    name, audio, transcript, overwrite=overwrite, min_s=s.min_voice_seconds, max_s=s.max_voice_seconds
+                )
+            )
+        except VoiceError as exc:
+            raise ApiError(exc.status, str(exc), param="file" if exc.status == 400 else "name", code=exc.code) from None
+        return info.as_json()
+
+    @app.delete("/v1/audio/voices/{voice_id}", dependencies=v1)
+    async def delete_voice(voice_id: str, request: Request) -> dict[str, Any]:
+        service = service_of(request)
+        try:
+            await anyio.to_thread.run_sync(service.voices.delete, voice_id)
+        except VoiceError as exc:
+            raise ApiError(exc.status, str(exc), param="voice_id", code=exc.code) from None
+        return {"id": voice_id, "object": "voice", "deleted": True}
+
+    @app.get("/health")
+    async def health(request: Request) -> JSONResponse:
+        service: SpeechService | None = getattr(request.app.state, "service", None)
+        if service is None:
+            return JSONResponse({"status": "starting"}, status_code=503)
+        body = service.health()
+        return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        service: SpeechService | None = getattr(request.app.state, "service", None)
+        data = b"" if service is None else service.metrics.render()
+        return Response(data, media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _media_type(req: SpeechRequest) -> str:
+    return FORMATS[req.response_format].media_type
+
+
+def _validation_error(errors: list[Any]) -> JSONResponse:
+    first = errors[0] if errors else {}
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
+    param = ".".join(loc) or None
+    message = f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid request")
+    if first.get("type") == "extra_forbidden":
+        message = f"unknown parameter {param!r}"
+    elif first.get("type") == "missing":
+        message = f"missing required parameter {param!r}"
+    return _error(400, message, param=param, code="invalid_value")
+
+
+def _parse_speech(body: bytes) -> SpeechRequest:
+    try:
+        data = json.loads(body or b"null")
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ApiError(400, f"the body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    try:
+        return SpeechRequest.model_validate(data)
+    except ValidationError as exc:
+        resp = _validation_error(exc.errors())
+        err = json.loads(resp.body)["error"]
+        raise ApiError(400, err["message"], param=err["param"], code=err["code"]) from None

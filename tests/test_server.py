@@ -1,0 +1,509 @@
+"""The speech server (python -m dia_fast.serve) on 127.0.0.1, started inside each test, answered by real clients:
+the official openai package and httpx. Tiny random model, fp32, CPU; every loop is bounded in count and time."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import contextlib
+import io
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+av = pytest.importorskip("av")
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+sf = pytest.importorskip("soundfile")
+
+from dia_fast.api import DiaTTS  # noqa: E402
+from dia_fast.config import DiaConfig  # noqa: E402
+from dia_fast.model import DiaModel  # noqa: E402
+from dia_fast.serve import ServerSettings, create_app  # noqa: E402
+from dia_fast.serve.audio_out import FORMATS, encode_audio  # noqa: E402
+from dia_fast.serving import BatchEngine  # noqa: E402
+
+GREEDY = {"temperature": 0, "max_new_tokens": 40}
+
+
+def _tts() -> DiaTTS:
+    """Tiny random Dia whose EOS logit sits just above a common token's, so requests stop on their own."""
+    torch.manual_seed(0)
+    model = DiaModel(DiaConfig.preset("tiny")).eval()
+    with torch.no_grad():
+        w = model.decoder.logits_dense.weight
+        w[1024] = 1.05 * w[613]
+    return DiaTTS(model, DiaTTS.random("tiny").codec)
+
+
+@pytest.fixture(scope="module")
+def tts() -> DiaTTS:
+    return _tts()
+
+
+@contextlib.contextmanager
+def serve(tts: DiaTTS, **settings) -> Iterator[str]:
+    """A server on 127.0.0.1 (a free port) in a thread; yields its base URL and stops it (draining) after."""
+    app = create_app(ServerSettings(**settings), tts=tts)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.started, "the server did not start"
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(60)
+
+
+@pytest.fixture(scope="module")
+def base(tts: DiaTTS, tmp_path_factory) -> Iterator[str]:
+    with serve(tts, max_batch=4, max_queue=64, voices_dir=tmp_path_factory.mktemp("voices")) as url:
+        yield url
+
+
+def _client(base: str, **kw) -> openai.OpenAI:
+    return openai.OpenAI(api_key=kw.pop("api_key", "unused"), base_url=f"{base}/v1", max_retries=0, timeout=120, **kw)
+
+
+def _decode(data: bytes, fmt: str, rate: int | None = None) -> tuple[np.ndarray, int]:
+    """Decode a response with another library than the one that wrote it where one exists (soundfile for WAV and
+    FLAC), else ffmpeg through PyAV; pcm is read as 16-bit little-endian mono."""
+    if fmt == "pcm":
+        return np.frombuffer(data, "<i2").astype(np.float32) / 32767.0, int(rate or 24000)
+    if fmt in ("wav", "flac"):
+        x, r = sf.read(io.BytesIO(data), dtype="float32")
+        return x, r
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.audio[0]
+        frames = [f.to_ndarray().reshape(-1) for f in container.decode(stream)]
+        return np.concatenate(frames), stream.rate
+
+
+def _solo_audio(tts: DiaTTS, text: str, **options) -> np.ndarray:
+    with BatchEngine(tts, max_slots=1) as engine:
+        return engine.submit(text, **options).result(120).audio
+
+
+def _metric(base: str, name: str) -> float:
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    m = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.M)
+    assert m, f"{name} not in /metrics"
+    return float(m.group(1))
+
+
+def test_openai_client_gets_valid_audio_in_every_format(tts, base):
+    """client.audio.speech.create answers every format with audio of the generation's length at the format's
+    rate; WAV is exactly the solo run's audio in 16 bits."""
+    client = _client(base)
+    want = _solo_audio(tts, "[S1] Hello there.", do_sample=False, max_new_tokens=40)
+    seconds = len(want) / tts.sample_rate
+    for fmt in FORMATS:
+        resp = client.audio.speech.create(
+            model="tts-1", voice="S1", input="Hello there.", response_format=fmt, extra_body=GREEDY
+        )
+        assert resp.response.headers["content-type"].startswith(FORMATS[fmt].media_type), fmt
+        audio, rate = _decode(resp.content, fmt)
+        assert rate == {"pcm": 24000, "opus": 48000}.get(fmt, tts.sample_rate), fmt
+        # lossy encoders pad by up to a frame or two; the length is the generation's
+        assert abs(len(audio) / rate - seconds) < 0.08, (fmt, len(audio) / rate, seconds)
+        if fmt == "wav":  # 16-bit samples: the solo run's, scaled by 32767 and rounded
+            pcm16, _ = sf.read(io.BytesIO(resp.content), dtype="int16")
+            np.testing.assert_array_equal(pcm16, np.round(np.clip(want, -1, 1) * 32767).astype(np.int16))
+
+
+def test_stream_arrives_in_chunks_before_the_generation_ends_and_equals_the_whole(tts, base):
+    client = _client(base)
+    kw = dict(model="tts-1", voice="S2", input="A streamed sentence.", response_format="pcm")
+    extra = {"temperature": 0, "max_new_tokens": 200, "min_new_tokens": 150}
+    arrivals, parts = [], []
+    t0 = time.perf_counter()
+    with client.audio.speech.with_streaming_response.create(**kw, stream_format="audio", extra_body=extra) as resp:
+        assert resp.headers["content-type"].startswith("audio/pcm")
+        for part in resp.iter_bytes():
+            arrivals.append(time.perf_counter() - t0)
+            parts.append(part)
+    whole = client.audio.speech.create(**kw, extra_body=extra).content
+    assert len(parts) >= 3
+    assert arrivals[0] < 0.7 * arrivals[-1]  # the first audio came well before the end
+    streamed = np.frombuffer(b"".join(parts), "<i2").astype(np.int32)
+    ref = np.frombuffer(whole, "<i2").astype(np.int32)
+    assert len(streamed) == len(ref)
+    assert np.abs(streamed - ref).max() <= 2  # chunked decoding + streaming resampler vs whole: rounding only
+
+
+def test_sse_events_parse_and_carry_the_audio(base):
+    with httpx.stream(
+        "POST",
+        f"{base}/v1/audio/speech",
+        json={
+            "model": "tts-1",
+            "voice": "S1",
+            "input": "Events.",
+            "response_format": "wav",
+            "stream_format": "sse",
+            **GREEDY,
+        },
+        timeout=120,
+    ) as resp:
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: ")]
+    kinds = [e["type"] for e in events]
+    assert kinds[-1] == "speech.audio.done" and set(kinds[:-1]) == {"speech.audio.delta"} and len(kinds) >= 2
+    data = b"".join(base64.b64decode(e["audio"]) for e in events[:-1])
+    assert data[:4] == b"RIFF"
+    usage = events[-1]["usage"]
+    assert usage["output_tokens"] > 0 and usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
+    audio, rate = _decode(data, "pcm")  # header-less read of the streamed WAV's samples (after its 44 bytes)
+    assert len(audio) > 0 and rate
+
+
+def _wav_bytes(seconds: float, rate: int = 22050, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    x = 0.3 * np.sin(2 * np.pi * 220 * t) + 0.05 * rng.standard_normal(t.shape)
+    buf = io.BytesIO()
+    sf.write(buf, x.astype(np.float32), rate, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def test_voices_round_trip(tts, base):
+    files = {"file": ("voice.wav", _wav_bytes(2.0), "audio/wav")}
+    form = {"name": "narrator_1", "transcript": "The words of the prompt."}
+    r = httpx.post(f"{base}/v1/audio/voices", data=form, files=files, timeout=60)
+    assert r.status_code == 201, r.text
+    assert r.json()["id"] == "narrator_1" and abs(r.json()["duration_s"] - 2.0) < 0.1
+    again = httpx.post(f"{base}/v1/audio/voices", data=form, files=files, timeout=60)
+    assert again.status_code == 409 and again.json()["error"]["code"] == "voice_exists"
+    replaced = httpx.post(f"{base}/v1/audio/voices", data={**form, "overwrite": "true"}, files=files, timeout=60)
+    assert replaced.status_code == 201
+    listed = httpx.get(f"{base}/v1/audio/voices", timeout=10).json()["data"]
+    assert {"S1", "S2", "dialogue", "narrator_1"} <= {v["id"] for v in listed}
+    # the stored voice speaks: as a string and as OpenAI's {"id": ...} object, equal to a solo run with its prompt
+    client = _client(base)
+    got = client.audio.speech.create(
+        model="tts-1", voice="narrator_1", input="New words.", response_format="wav", extra_body=GREEDY
+    )
+    got2 = client.audio.speech.create(
+        model="tts-1", voice={"id": "narrator_1"}, input="New words.", response_format="wav", extra_body=GREEDY
+    )
+    assert got.content == got2.content
+    from dia_fast.voice import CustomSpeaker
+
+    speaker = CustomSpeaker.from_audio(io.BytesIO(_wav_bytes(2.0)), form["transcript"], tts)
+    want = _solo_audio(
+        tts,
+        "[S1] New words.",
+        audio_prompt=speaker.codes,
+        audio_prompt_text=speaker.tagged_transcript(0),
+        do_sample=False,
+        max_new_tokens=40,
+    )
+    assert got.content == encode_audio(want, tts.sample_rate, "wav", tts.sample_rate)
+    # bad uploads
+    short = httpx.post(
+        f"{base}/v1/audio/voices",
+        data={**form, "name": "short"},
+        files={"file": ("v.wav", _wav_bytes(0.3), "audio/wav")},
+        timeout=60,
+    )
+    assert short.status_code == 400 and "1-20 s" in short.json()["error"]["message"]
+    for bad_id in ("../escape", "a/b", ".hidden", "S1", "x" * 65):
+        r = httpx.post(f"{base}/v1/audio/voices", data={**form, "name": bad_id}, files=files, timeout=60)
+        assert r.status_code == 400, bad_id
+    junk = httpx.post(
+        f"{base}/v1/audio/voices",
+        data={**form, "name": "junk"},
+        files={"file": ("v.wav", b"not audio at all", "audio/wav")},
+        timeout=60,
+    )
+    assert junk.status_code == 400 and "cannot be read" in junk.json()["error"]["message"]
+    assert httpx.delete(f"{base}/v1/audio/voices/narrator_1", timeout=10).status_code == 200
+    assert httpx.delete(f"{base}/v1/audio/voices/narrator_1", timeout=10).status_code == 404
+    assert httpx.delete(f"{base}/v1/audio/voices/..%2Fescape", timeout=10).status_code in (400, 404)
+    gone = httpx.post(f"{base}/v1/audio/speech", json={"model": "tts-1", "voice": "narrator_1", "input": "x"})
+    assert gone.status_code == 400 and gone.json()["error"]["param"] == "voice"
+
+
+LOAD_TEXTS = [
+    "[S1] One.",
+    "[S2] Two words here.",
+    "[S1] A third, longer sentence (laughs).",
+    "[S1] Four. [S2] Five.",
+    "[S2] Six is a number.",
+    "[S1] Seven ate nine.",
+    "[S2] Eight.",
+]
+
+
+def test_bounded_load_gives_every_answer_and_solo_codes(tts, base):
+    """32 concurrent requests, 4 malformed: 28 valid WAVs, each exactly its solo run's audio (greedy), 4 clean
+    errors, nothing lost. Each request is bounded by a 120 s timeout, the whole by the pool's 300 s."""
+    valid = [
+        {
+            "model": "tts-1",
+            "voice": "dialogue",
+            "input": LOAD_TEXTS[i % 7],
+            "response_format": "wav",
+            "temperature": 0,
+            "max_new_tokens": 30 + 5 * (i % 7),
+        }
+        for i in range(28)
+    ]
+    malformed = [
+        {"model": "tts-1", "voice": "S1", "input": ""},
+        {"model": "tts-1", "voice": "S1", "input": "x", "response_format": "ogg"},
+        {"model": "tts-1", "voice": "S1", "input": "x", "max_new_tokens": 5},
+        {"model": "tts-1", "input": "x"},
+    ]
+    bodies = valid[:14] + malformed + valid[14:]
+
+    def post(body: dict) -> httpx.Response:
+        return httpx.post(f"{base}/v1/audio/speech", json=body, timeout=120)
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        futures = [pool.submit(post, b) for b in bodies]
+        answers = [f.result(timeout=300) for f in futures]
+    assert len(answers) == 32
+    errors = [a for a in answers if a.status_code != 200]
+    assert len(errors) == 4 and all(a.status_code == 400 and "error" in a.json() for a in errors)
+    assert all("Traceback" not in a.text for a in errors)
+    solo = {}
+    for body, answer in zip(bodies, answers, strict=True):
+        if body in malformed:
+            continue
+        key = (body["input"], body["max_new_tokens"])
+        if key not in solo:
+            audio = _solo_audio(tts, body["input"], do_sample=False, max_new_tokens=body["max_new_tokens"])
+            solo[key] = encode_audio(audio, tts.sample_rate, "wav", tts.sample_rate)
+        assert answer.content == solo[key], key
+
+
+def test_full_queue_is_429_with_retry_after_and_a_disconnect_frees_the_slot(tts):
+    long = {
+        "model": "tts-1",
+        "voice": "S1",
+        "input": "Long.",
+        "response_format": "pcm",
+        "stream_format": "audio",
+        "max_new_tokens": 2000,
+        "min_new_tokens": 1900,
+    }
+    with serve(tts, max_batch=1, max_queue=1) as url, httpx.Client(timeout=60) as client:
+        with client.stream("POST", f"{url}/v1/audio/speech", json=long) as running:
+            assert running.status_code == 200
+            chunks = running.iter_bytes()  # (kept: a dropped iterator would close the stream)
+            next(chunks)  # it runs: the slot is busy
+            with client.stream("POST", f"{url}/v1/audio/speech", json=long) as queued:
+                assert queued.status_code == 200  # (headers come once it is queued)
+                busy = client.post(f"{url}/v1/audio/speech", json=long)
+                assert busy.status_code == 429 and int(busy.headers["retry-after"]) >= 1
+                assert busy.json()["error"]["type"] == "rate_limit_error"
+        # both clients left mid-stream: their slots and queue places free up, and /metrics says so
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (
+            _metric(url, "dia_fast_busy_slots") or _metric(url, "dia_fast_queue_depth")
+        ):
+            time.sleep(0.05)
+        assert _metric(url, "dia_fast_busy_slots") == 0 and _metric(url, "dia_fast_queue_depth") == 0
+        assert _metric(url, "dia_fast_cancelled_requests_total") >= 1
+        ok = client.post(
+            f"{url}/v1/audio/speech", json={**long, "stream_format": None, "max_new_tokens": 30, "min_new_tokens": 0}
+        )
+        assert ok.status_code == 200
+
+
+def test_errors_are_openai_json_without_tracebacks(base):
+    cases = [
+        (b"{not json", 400, None),
+        (json.dumps([1, 2]).encode(), 400, None),
+        (json.dumps({"model": "tts-1", "voice": "S1", "input": "x", "bogus": 1}).encode(), 400, "bogus"),
+        (json.dumps({"model": "nope", "voice": "S1", "input": "x"}).encode(), 404, "model"),
+        (json.dumps({"model": "tts-1", "voice": "alloy", "input": "x"}).encode(), 400, "voice"),
+        (json.dumps({"model": "tts-1", "voice": "S1", "input": "x", "speed": 5}).encode(), 400, "speed"),
+        (json.dumps({"model": "tts-1", "voice": "S1", "input": "x", "temperature": -1}).encode(), 400, "temperature"),
+        (b'{"model": "tts-1", "voice": "S1", "input": "x", "top_p": NaN}', 400, "top_p"),
+        (
+            json.dumps(
+                {"model": "tts-1", "voice": "S1", "input": "x", "response_format": "opus", "sample_rate": 44100}
+            ).encode(),
+            400,
+            "sample_rate",
+        ),
+        (
+            json.dumps({"model": "tts-1", "voice": "S1", "input": "x", "instructions": "calm"}).encode(),
+            400,
+            "instructions",
+        ),
+        (json.dumps({"model": "tts-1", "voice": "S1", "input": "x" * 4097}).encode(), 400, "input"),
+        (json.dumps({"model": "tts-1", "voice": "S1", "input": "x" * 2_000_000}).encode(), 413, None),
+    ]
+    for body, status, param in cases:
+        r = httpx.post(f"{base}/v1/audio/speech", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == status, (body[:80], r.text)
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["message"]
+        assert param is None or err["param"] == param, (body[:80], err)
+        assert "Traceback" not in r.text
+    assert httpx.get(f"{base}/v1/nothing").json()["error"]["message"]
+
+
+def test_speed_and_sample_rate(tts, base):
+    client = _client(base)
+    normal, rate = _decode(
+        client.audio.speech.create(
+            model="tts-1", voice="S1", input="Speed.", response_format="wav", extra_body=GREEDY
+        ).content,
+        "wav",
+    )
+    fast, _ = _decode(
+        client.audio.speech.create(
+            model="tts-1", voice="S1", input="Speed.", response_format="wav", speed=2.0, extra_body=GREEDY
+        ).content,
+        "wav",
+    )
+    assert abs(len(fast) / len(normal) - 0.5) < 0.05
+    low, low_rate = _decode(
+        client.audio.speech.create(
+            model="tts-1",
+            voice="S1",
+            input="Speed.",
+            response_format="flac",
+            extra_body={**GREEDY, "sample_rate": 16000},
+        ).content,
+        "flac",
+    )
+    assert low_rate == 16000 and abs(len(low) / 16000 - len(normal) / rate) < 0.01
+
+
+def test_api_key_is_required_when_set(tts):
+    with serve(tts, max_batch=2, api_key="s3cret") as url:
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        assert httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        r = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer s3cret"})
+        assert r.status_code == 200 and r.json()["data"][0]["demo"] is True
+        assert httpx.get(f"{url}/health").status_code == 200  # probes need no key
+        with pytest.raises(openai.AuthenticationError):
+            _client(url, api_key="wrong").audio.speech.create(model="tts-1", voice="S1", input="x")
+        ok = _client(url, api_key="s3cret").audio.speech.create(
+            model="tts-1", voice="S1", input="x", response_format="wav", extra_body=GREEDY
+        )
+        assert ok.content[:4] == b"RIFF"
+
+
+def test_shutdown_drains_a_running_request(tts):
+    """Stopping the server lets a request that runs finish (uvicorn's graceful shutdown, then the engine drains)."""
+    body = {
+        "model": "tts-1",
+        "voice": "S1",
+        "input": "Drain me.",
+        "response_format": "wav",
+        "temperature": 0,
+        "max_new_tokens": 300,
+        "min_new_tokens": 250,
+    }
+    app = create_app(ServerSettings(max_batch=2), tts=tts)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(httpx.post, f"{url}/v1/audio/speech", json=body, timeout=120)
+        while _metric(url, "dia_fast_busy_slots") < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        server.should_exit = True
+        r = answer.result(timeout=120)
+    thread.join(60)
+    assert r.status_code == 200 and r.content[:4] == b"RIFF"
+    assert not thread.is_alive()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_command_serves_the_demo_model_and_stops_on_sigterm(tmp_path):
+    """python -m dia_fast.serve (no --model): the demo model, named so in /v1/models; SIGTERM stops it cleanly."""
+    port = _free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dia_fast.serve", "--port", str(port), "--max-batch", "2", "--log-level", "info"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        models = httpx.get(f"{url}/v1/models", timeout=10).json()["data"]
+        assert models[0]["id"] == "dia-demo" and models[0]["demo"] is True
+        r = _client(url).audio.speech.create(
+            model="dia-demo", voice="S1", input="Hi.", response_format="wav", extra_body=GREEDY
+        )
+        assert r.content[:4] == b"RIFF"
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # uvicorn re-raises the signal it caught once it has shut down, so the exit says SIGTERM ended it
+    assert proc.returncode in (0, -signal.SIGTERM), out
+    assert "demo model" in out and "server stopped" in out and "Traceback" not in out
+
+
+def test_bad_flags_are_one_line_errors():
+    for args in (["--port", "70000"], ["--max-batch", "3"], ["--max-queue", "0"], ["--replicas", "0"]):
+        r = subprocess.run([sys.executable, "-m", "dia_fast.serve", *args], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+
+
+def test_long_input_is_spoken_as_several_generations(base):
+    """An input over one generation's 1024 text bytes is split as generate_long splits it (not cut, not refused)."""
+    sentence = "[S1] This sentence is one of many in a text that is too long for a single generation. "
+    text = sentence * 14  # ~1,200 characters
+    r = httpx.post(
+        f"{base}/v1/audio/speech",
+        json={"model": "tts-1", "voice": "dialogue", "input": text, "response_format": "wav", **GREEDY},
+        timeout=300,
+    )
+    assert r.status_code == 200, r.text
+    audio, rate = _decode(r.content, "wav")
+    assert len(audio) / rate > 2 * (40 - 16) * 512 / 44100  # more than one generation's frames
+
+
+def test_the_server_load_benchmark_measures_the_server(base):
+    from dia_fast.bench.server_load import run_server_load
+
+    res = run_server_load(base, requests=4, concurrency=2, max_new_tokens=30)
+    assert res["ok"] == 4 and not res["errors"] and res["requests_per_s"] > 0
+    assert 0 < res["ttfb_p50_s"] <= res["latency_p95_s"]

@@ -122,15 +122,21 @@ class DiaTTS:
         dtype: str | torch.dtype | None = None,
         codec: AudioCodec | str | Path | None = None,
         config: DiaConfig | None = None,
+        quantize: str | None = None,
     ) -> DiaTTS:
         """Load a checkpoint: a directory (``config.json`` + weights) or a weights file, in the
         transformers or the official nari-labs layout, or a hub id when the hub is reachable.
 
         ``codec``: an :class:`AudioCodec`, a codec checkpoint path, ``"dac"``/``"encodec"``; by default
         a ``dac/`` directory inside the checkpoint directory, else a random demo codec (with a warning).
+        ``quantize``: ``"int8"`` / ``"fp8"`` / ``"int4"`` quantizes the decoder's GEMMs after loading
+        (:mod:`dia_fast.quantize`; a mode the device cannot run is an error before anything loads).
         """
+        from .quantize import check_quantize, quantize_decoder
+
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
+        quantize = check_quantize(quantize, dev, dt)
         cfg, state, layout = ckpt.load_config_and_state(path, config)
         with torch.device("meta"):
             model = DiaModel(cfg)
@@ -138,6 +144,8 @@ class DiaTTS:
         ckpt.check_state_dict(expected, state, f"checkpoint {path} ({layout} layout)")
         model.load_state_dict(state, strict=True, assign=True)
         model = _finish_model(model, dev, dt)
+        if quantize is not None:
+            quantize_decoder(model, quantize)
         root = Path(path) if Path(path).is_dir() else None
         return cls(model, _load_codec(codec, dev, root))
 
@@ -150,19 +158,26 @@ class DiaTTS:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         codec: AudioCodec | str | Path | None = None,
+        quantize: str | None = None,
     ) -> DiaTTS:
         """Random weights (deterministic for ``seed``): presets ``"tiny"`` and ``"dia-1.6b"``.
 
         Without ``codec`` a small random DAC is used: the audio is a demonstration, not speech.
+        ``quantize``: as in :meth:`from_pretrained`.
         """
+        from .quantize import check_quantize, quantize_decoder
+
         cfg = DiaConfig.preset(config_or_preset) if isinstance(config_or_preset, str) else config_or_preset
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
+        quantize = check_quantize(quantize, dev, dt)
         with torch.device("meta"):
             model = DiaModel(cfg)
         model.to_empty(device="cpu")
         init_random_weights(model, seed)
         model = _finish_model(model, dev, dt)
+        if quantize is not None:
+            quantize_decoder(model, quantize)
         if codec is None:  # the demo says it is a demo itself; no warning here
             from .codec import load_codec
 
@@ -173,6 +188,13 @@ class DiaTTS:
         """Write ``config.json`` + ``model.safetensors`` in the ``"transformers"`` or ``"official"`` layout."""
         from safetensors.torch import save_file
 
+        from .quantize import quantized_mode
+
+        if quantized_mode(self.model) is not None:
+            raise ValueError(
+                f"this model is quantized ({quantized_mode(self.model)}): saving quantized weights is not supported "
+                "yet; save the full-precision model and pass quantize= when loading it"
+            )
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}

@@ -54,6 +54,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best available)")
     g.add_argument("--dtype", help="float32, bfloat16, float16 (default: bf16 on CUDA, fp16 on MPS, fp32 on CPU)")
+    g.add_argument(
+        "--quantize",
+        choices=("int8", "fp8", "int4"),
+        help="quantize the decoder's weights (CPU: int8; CUDA: int8, fp8, int4; see docs/quantization.md)",
+    )
     g = p.add_argument_group("generation")
     g.add_argument(
         "--max-new-tokens",
@@ -143,9 +148,13 @@ def _load_tts(args: argparse.Namespace):
     with warnings.catch_warnings(record=True) as caught:  # each shown as one clean line
         warnings.simplefilter("always")
         if args.model:
-            tts = DiaTTS.from_pretrained(args.model, device=args.device, dtype=args.dtype, codec=args.codec)
+            tts = DiaTTS.from_pretrained(
+                args.model, device=args.device, dtype=args.dtype, codec=args.codec, quantize=args.quantize
+            )
         else:
-            tts = DiaTTS.random(args.demo_preset, seed=0, device=args.device, dtype=args.dtype, codec=args.codec)
+            tts = DiaTTS.random(
+                args.demo_preset, seed=0, device=args.device, dtype=args.dtype, codec=args.codec, quantize=args.quantize
+            )
     for w in caught:
         _log(args, f"dia_fast: warning: {w.message}")
     return tts

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import os
 import platform
@@ -49,7 +50,7 @@ TEXTS = [
     "[S1] The quick brown fox jumps over the lazy dog. [S2] And then it runs away!",
     "[S1] How fast can this go? [S2] Let us measure it, on the same weights, in the same process.",
 ]
-COMPARES = ("transformers", "transformers-compile", "eager")
+COMPARES = ("transformers", "transformers-compile", "eager", "transformers-bf16")
 # transformers-compile spends minutes compiling off CUDA (and its CUDA graphs are CUDA-only): asked for there
 _NO_DEFAULT_COMPILE = ("cpu", "mps")
 
@@ -58,7 +59,11 @@ def default_compare(device: torch.device | str) -> tuple[str, ...]:
     """The baselines run when ``--compare`` is not given: all of them on CUDA; on CPU and MPS all but
     ``transformers-compile``."""
     kind = torch.device(device).type
-    return tuple(c for c in COMPARES if not (c == "transformers-compile" and kind in _NO_DEFAULT_COMPILE))
+    return tuple(
+        c
+        for c in COMPARES
+        if c != "transformers-bf16" and not (c == "transformers-compile" and kind in _NO_DEFAULT_COMPILE)
+    )
 
 
 def _check_compare(names: tuple[str, ...]) -> None:
@@ -94,6 +99,8 @@ class BenchOptions:
     requests: int = 16
     arrival_rate: float | None = None
     max_slots: int | None = None
+    quantize: tuple[str, ...] = ()  # quantized copies of the model run as engines dia_fast-<mode>
+    quality_steps: int = 200
 
 
 def _log(opts: BenchOptions, t0: float) -> Callable[[str], None]:
@@ -186,10 +193,28 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     if any(c.startswith("transformers") for c in compare) and importlib.util.find_spec("transformers") is None:
         notes.append("transformers is not installed: no transformers baselines")
         compare = [c for c in compare if not c.startswith("transformers")]
-    hf = None
-    if any(c.startswith("transformers") for c in compare):
+    from ..api import DiaTTS
+
+    hf = hf_bf16 = None
+    if any(c in ("transformers", "transformers-compile") for c in compare):
         log("building transformers' DiaForConditionalGeneration with the same weights")
         hf = build_transformers(tts)
+    if "transformers-bf16" in compare:
+        log("building transformers' DiaForConditionalGeneration with the same weights in bfloat16")
+        hf_bf16 = build_transformers(DiaTTS(copy.deepcopy(tts.model).to(torch.bfloat16), tts.codec))
+    quantized: dict[str, DiaTTS] = {}
+    quant_meta: dict[str, Any] = {}
+    for mode in opts.quantize:
+        log(f"quantizing a copy of the model: {mode}")
+        from ..quantize import quantize_decoder
+
+        qtts = DiaTTS(copy.deepcopy(tts.model), tts.codec)
+        quant_meta[mode] = quantize_decoder(qtts.model, mode)
+        quantized[mode] = qtts
+        log(f"quality of {mode} against the full-precision model ({opts.quality_steps} steps, teacher-forced)")
+        from .quality import quantization_quality
+
+        quant_meta[mode]["quality"] = quantization_quality(tts, qtts, steps=opts.quality_steps)
     if "eager" in compare and device.type != "cuda":
         notes.append(
             f"dia_fast-eager: CUDA graphs are CUDA-only, so on {device.type} it runs the same code as dia_fast"
@@ -203,6 +228,20 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         cases: list[Case] = [DiaFastCase(tts, texts, opts.steps, sampling, cuda_graphs=None, engine="dia_fast")]
         if "eager" in compare:
             cases.append(DiaFastCase(tts, texts, opts.steps, sampling, cuda_graphs=False, engine="dia_fast-eager"))
+        for mode, qtts in quantized.items():
+            cases.append(DiaFastCase(qtts, texts, opts.steps, sampling, cuda_graphs=None, engine=f"dia_fast-{mode}"))
+        if hf_bf16 is not None:
+            cases.append(
+                TransformersCase(
+                    *hf_bf16,
+                    texts,
+                    opts.steps,
+                    sampling,
+                    channels=channels,
+                    frame_rate=rate,
+                    engine="transformers-bf16",
+                )
+            )
         for name in ("transformers", "transformers-compile"):
             if hf is not None and name in compare:
                 compiled = name == "transformers-compile"
@@ -285,6 +324,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         "ops_backends": ops.table(),
         "ops_backends_used": {op: devs.get(device.type) for op, devs in ops.table().items()},
         "notes": notes,
+        "quantize": quant_meta,
         **_launch_fields(launches),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "wall_s": time.perf_counter() - t0,
@@ -442,6 +482,13 @@ def parse_args(argv: list[str] | None = None) -> BenchOptions:
         help="--load: Poisson arrivals, requests per second (default: all at once)",
     )
     p.add_argument("--max-slots", type=int, default=None, help="--load: continuous batch size (default: the device's)")
+    p.add_argument(
+        "--quantize",
+        default="",
+        help="comma-separated int8,fp8,int4: quantized copies of the model run beside it (engines dia_fast-MODE), "
+        "with a quality block per mode in the JSON (docs/quantization.md)",
+    )
+    p.add_argument("--quality-steps", type=int, default=200, help="--quantize: teacher-forced steps (default 200)")
     a = p.parse_args(argv)
     if a.repeat < 1:
         p.error("--repeat must be >= 1")
@@ -453,6 +500,10 @@ def parse_args(argv: list[str] | None = None) -> BenchOptions:
         p.error("--arrival-rate must be > 0 requests per second")
     if a.max_slots is not None and (a.max_slots < 1 or a.max_slots & (a.max_slots - 1)):
         p.error("--max-slots must be a power of two >= 1")
+    modes = tuple(m.strip() for m in a.quantize.split(",") if m.strip() and m.strip() != "none")
+    bad = [m for m in modes if m not in ("int8", "fp8", "int4")]
+    if bad:
+        p.error(f"--quantize: unknown mode(s) {', '.join(bad)}; valid: int8, fp8, int4")
     return BenchOptions(
         model=a.model,
         device=a.device,
@@ -474,6 +525,8 @@ def parse_args(argv: list[str] | None = None) -> BenchOptions:
         requests=a.requests,
         arrival_rate=a.arrival_rate,
         max_slots=a.max_slots,
+        quantize=modes,
+        quality_steps=a.quality_steps,
     )
 
 

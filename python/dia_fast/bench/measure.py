@@ -84,6 +84,12 @@ class PeakMemory:
 
 
 def weight_bytes(module: torch.nn.Module) -> int:
-    """Bytes of a module's parameters and buffers."""
+    """Bytes of a module's parameters and buffers (and of the packed weights of dynamic int8 linears)."""
     tensors = list(module.parameters()) + list(module.buffers())
-    return sum(t.numel() * t.element_size() for t in tensors)
+    packed = 0
+    for m in module.modules():
+        weight = getattr(m, "weight", None)
+        if callable(weight) and hasattr(m, "_packed_params"):  # torch.ao dynamic quantized Linear
+            w = weight()
+            packed += w.numel() * w.element_size() + w.shape[0] * 12  # int8 + a scale and zero point per row
+    return sum(t.numel() * t.element_size() for t in tensors) + packed

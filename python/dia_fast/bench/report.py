@@ -8,7 +8,7 @@ from typing import Any
 
 from .runners import RunResult
 
-BASELINES = ("transformers", "transformers-compile", "dia_fast-eager")
+BASELINES = ("transformers", "transformers-bf16", "transformers-compile", "dia_fast-eager")
 
 
 def add_speedups(results: list[RunResult]) -> None:
@@ -18,7 +18,9 @@ def add_speedups(results: list[RunResult]) -> None:
     for r in results:
         if not r.engine.startswith("dia_fast"):
             continue
-        for base in BASELINES:
+        # a quantized engine (dia_fast-int8, ...) is also compared with the full-precision one
+        quantized = r.engine.removeprefix("dia_fast-") in ("int8", "fp8", "int4")
+        for base in BASELINES + (("dia_fast",) if quantized else ()):
             b = by_key.get((base, r.batch))
             if b is None or b is r:
                 continue

@@ -304,9 +304,10 @@ class TransformersCase(Case):
         frame_rate: float,
         compiled: bool = False,
         compile_backend: str = "inductor",
+        engine: str | None = None,
     ) -> None:
         device = next(model.parameters()).device
-        engine = "transformers-compile" if compiled else "transformers"
+        engine = engine or ("transformers-compile" if compiled else "transformers")
         super().__init__(engine, len(texts), device, channels, frame_rate, weight_bytes(model))
         self._model = model
         with warnings.catch_warnings():  # the processor warns that max_length is unused with padding=True

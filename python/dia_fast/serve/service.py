@@ -210,6 +210,8 @@ class SpeechService:
             timeout=s.request_timeout_s,
         )
         streaming = req.stream_format is not None
+        # the encoder first: nothing is submitted that could not be answered
+        pipeline = AudioPipeline(fmt, self.tts.sample_rate, rate, speed=req.speed, streaming=streaming)
         try:
             handle = self.engine.submit(**spoken, **options, stream=streaming)
         except EngineBusy as exc:
@@ -224,7 +226,6 @@ class SpeechService:
             raise ApiError(503, "the server is shutting down", code="unavailable", kind="server_error") from None
         except (ValueError, TypeError) as exc:
             raise ApiError(400, str(exc), code="invalid_value") from None
-        pipeline = AudioPipeline(fmt, self.tts.sample_rate, rate, speed=req.speed, streaming=streaming)
         return _Job(handle, pipeline, time.perf_counter(), req.stream_format or "none", len(text.encode()))
 
     def _retry_after(self) -> int:

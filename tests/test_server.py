@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 
@@ -34,6 +33,7 @@ from dia_fast.config import DiaConfig  # noqa: E402
 from dia_fast.model import DiaModel  # noqa: E402
 from dia_fast.serve import ServerSettings, create_app  # noqa: E402
 from dia_fast.serve.audio_out import FORMATS, encode_audio  # noqa: E402
+from dia_fast.serve.local import serve_in_thread  # noqa: E402
 from dia_fast.serving import BatchEngine  # noqa: E402
 
 GREEDY = {"temperature": 0, "max_new_tokens": 40}
@@ -57,20 +57,8 @@ def tts() -> DiaTTS:
 @contextlib.contextmanager
 def serve(tts: DiaTTS, **settings) -> Iterator[str]:
     """A server on 127.0.0.1 (a free port) in a thread; yields its base URL and stops it (draining) after."""
-    app = create_app(ServerSettings(**settings), tts=tts)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert server.started, "the server did not start"
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(60)
+    with serve_in_thread(create_app(ServerSettings(**settings), tts=tts), start_timeout=60) as local:
+        yield local.url
 
 
 @pytest.fixture(scope="module")
@@ -419,21 +407,16 @@ def test_shutdown_drains_a_running_request(tts):
         "max_new_tokens": 300,
         "min_new_tokens": 250,
     }
-    app = create_app(ServerSettings(max_batch=2), tts=tts)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        answer = pool.submit(httpx.post, f"{url}/v1/audio/speech", json=body, timeout=120)
-        while _metric(url, "dia_fast_busy_slots") < 1 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        server.should_exit = True
-        r = answer.result(timeout=120)
-    thread.join(60)
+    with serve_in_thread(create_app(ServerSettings(max_batch=2), tts=tts), start_timeout=60) as local:
+        url = local.url
+        deadline = time.monotonic() + 60
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(httpx.post, f"{url}/v1/audio/speech", json=body, timeout=120)
+            while _metric(url, "dia_fast_busy_slots") < 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            local.stop()
+            r = answer.result(timeout=120)
+        thread = local.thread
     assert r.status_code == 200 and r.content[:4] == b"RIFF"
     assert not thread.is_alive()
 

@@ -34,24 +34,11 @@ TEXTS = (
 
 @contextlib.contextmanager
 def _local_server(max_batch: int | None, max_queue: int) -> Iterator[str]:
-    import uvicorn
-
     from ..serve import ServerSettings, create_app
+    from ..serve.local import serve_in_thread
 
-    app = create_app(ServerSettings(max_batch=max_batch, max_queue=max_queue))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 300
-    while not server.started and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if not server.started:
-        raise RuntimeError("the local server did not start")
-    try:
-        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(60)
+    with serve_in_thread(create_app(ServerSettings(max_batch=max_batch, max_queue=max_queue))) as local:
+        yield local.url
 
 
 def _pct(values: list[float], q: float) -> float | None:

@@ -137,6 +137,10 @@ def test_untagged_transcript_is_spoken_alike_with_or_without_a_saved_speaker(tmp
         (["[S1] hi", "--max-new-tokens", "5"], "max_new_tokens=5 is too small"),
         (["[S1] hi", "--out", "/no/such/dir/x.wav"], "output directory does not exist"),
         (["[S1] hi", "--temperature", "-1"], "temperature"),
+        (["[S1] hi", "--out", "x.aiff"], "supported are wav, flac, ogg, opus, mp3"),
+        (["[S1] hi", "--out", "."], "--out is a directory"),
+        (["[S1] hi", "--out", "x.mp3", "--float"], "--float writes WAV only"),
+        (["[S1] hi", "--quantize", "int4", "--device", "cpu"], "quantize=int4 has no CPU kernel"),
     ],
 )
 def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch, args, message):
@@ -201,3 +205,51 @@ def test_encodec_codec_with_a_voice_prompt(tmp_path, capsys):
     assert rc == 0, err
     info = sf.info(out)
     assert info.samplerate == 24000 and info.frames == 24 * 320
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt", "subtype", "rate"),
+    [
+        ("x.wav", "WAV", "PCM_16", 44100),
+        ("x.flac", "FLAC", "PCM_16", 44100),
+        ("x.ogg", "OGG", "VORBIS", 44100),
+        ("x.opus", "OGG", "OPUS", 48000),  # Opus takes 48 kHz (and a few lower rates): resampled
+        ("x.mp3", "MP3", "MPEG_LAYER_III", 44100),
+    ],
+)
+def test_the_extension_picks_the_container(tmp_path, capsys, name, fmt, subtype, rate):
+    out = tmp_path / name
+    rc, _, err = _run(capsys, "[S1] Hello there.", "--out", str(out), *FAST)
+    assert rc == 0, err
+    info = sf.info(out)
+    assert (info.format, info.subtype, info.samplerate) == (fmt, subtype, rate)
+    assert abs(info.duration - (40 - 16) * 512 / 44100) < 0.06
+
+
+def test_format_flag_overrides_the_extension(tmp_path, capsys):
+    out = tmp_path / "speech.audio"
+    rc, _, err = _run(capsys, "[S1] Hello there.", "--out", str(out), "--format", "flac", *FAST)
+    assert rc == 0, err
+    assert sf.info(out).format == "FLAC"
+
+
+def test_any_int_is_a_seed(tmp_path, capsys):
+    """Seeds beyond 64 bits are reduced modulo 2**64 (the same audio as the reduced seed), not an overflow."""
+    big, reduced, other = tmp_path / "big.wav", tmp_path / "reduced.wav", tmp_path / "other.wav"
+    for seed, out in ((2**70 + 5, big), (5, reduced), (6, other)):
+        rc, _, err = _run(capsys, "[S1] Hello there.", "--out", str(out), *FAST, "--seed", str(seed))
+        assert rc == 0, err
+    assert big.read_bytes() == reduced.read_bytes() != other.read_bytes()
+
+
+def test_an_unwritable_output_names_the_users_path(tmp_path, capsys, monkeypatch):
+    from dia_fast import audio
+
+    def fail(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(audio.io.sf, "write", fail)
+    out = tmp_path / "x.wav"
+    rc, _, err = _run(capsys, "[S1] Hello there.", "--out", str(out), *FAST)
+    assert rc == 2 and f"cannot write {out}: Permission denied" in err and ".tmp" not in err
+    assert not list(tmp_path.iterdir())  # no temporary file left behind

@@ -368,3 +368,15 @@ def test_conversation_stream_joins_to_generate():
         time.sleep(0.01)
     assert pool.engine.busy_slots == 0 and pool.engine.queued == 0
     pool.close()
+
+
+def test_audio_save_picks_the_container_by_extension(tmp_path):
+    import soundfile as sf
+
+    rng = np.random.default_rng(0)
+    clip = Audio((0.1 * rng.standard_normal(44100)).astype(np.float32), 44100)
+    for name, fmt in (("a.wav", "WAV"), ("a.flac", "FLAC"), ("a.ogg", "OGG"), ("a.mp3", "MP3")):
+        assert sf.info(clip.save(tmp_path / name)).format == fmt
+    assert sf.info(clip.save(tmp_path / "b.bin", format="flac")).format == "FLAC"
+    with pytest.raises(ValueError, match="supported are wav, flac, ogg, opus, mp3"):
+        clip.save(tmp_path / "a.aiff")

@@ -17,7 +17,7 @@ from .codec.base import AudioCodec
 from .config import DiaConfig
 from .devices import resolve_device, resolve_dtype
 from .generation.generate import DecodeOutput, generate_codes
-from .generation.sampling import SamplingConfig
+from .generation.sampling import SamplingConfig, seeded_generator
 from .model import DiaModel, RMSNorm
 from .text import encode_batch, prompted_text
 
@@ -251,9 +251,7 @@ class DiaTTS:
             do_sample=do_sample,
         )
         ids, mask = encode_batch(texts, self.config.data.text_length)
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(int(seed))
+        generator = seeded_generator(seed, self.device)
         out = generate_codes(
             self.model,
             ids,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import warnings
@@ -32,7 +33,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("text", nargs="?", help="text to speak, with [S1]/[S2] speaker tags; '-' reads stdin")
     p.add_argument("--text-file", type=Path, help="read the text from this UTF-8 file")
-    p.add_argument("-o", "--out", type=Path, default=Path("out.wav"), help="output WAV (default: out.wav)")
+    p.add_argument(
+        "-o",
+        "--out",
+        type=Path,
+        default=Path("out.wav"),
+        help="output file; its extension picks the format: .wav .flac .ogg .opus .mp3 (default: out.wav)",
+    )
+    p.add_argument("--format", choices=("wav", "flac", "ogg", "opus", "mp3"), help="output format (default: by --out)")
     g = p.add_argument_group("model")
     g.add_argument(
         "--model",
@@ -126,9 +134,23 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--loudness must be between -70 and 0 LUFS, got {args.loudness}")
     if args.crossfade_ms < 0:
         raise UsageError("--crossfade-ms must be >= 0")
-    out_dir = args.out.expanduser().resolve().parent
+    # the output is checked before any work: format, directory, permission
+    from .audio import audio_format_for
+
+    out = args.out.expanduser()
+    if out.is_dir():
+        raise UsageError(f"--out is a directory: {out} (give a file name, e.g. {out / 'out.wav'})")
+    try:
+        fmt = audio_format_for(out, args.format)
+    except ValueError as exc:
+        raise UsageError(f"{exc} (or pass --format)") from None
+    if args.float_wav and fmt != "wav":
+        raise UsageError(f"--float writes WAV only; {out} is {fmt}")
+    out_dir = out.resolve().parent
     if not out_dir.is_dir():
         raise UsageError(f"output directory does not exist: {out_dir}")
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write in the output directory (permission denied): {out_dir}")
 
 
 def _log(args: argparse.Namespace, msg: str) -> None:
@@ -251,8 +273,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         samples, rate = audio.resample(samples, rate, args.sample_rate), args.sample_rate
     if not args.no_loudness:
         samples = audio.normalize_loudness(samples, rate, args.loudness)
-    out = audio.write_wav(
-        args.out, np.asarray(samples, np.float32), rate, subtype="FLOAT" if args.float_wav else "PCM_16"
+    out = audio.write_audio(
+        args.out.expanduser(),
+        np.asarray(samples, np.float32),
+        rate,
+        format=args.format,
+        subtype="FLOAT" if args.float_wav else "PCM_16",
     )
     duration = samples.shape[0] / rate
     summary = {
@@ -292,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         summary = run(args)
-    except (UsageError, ValueError, FileNotFoundError, ConfigError, CheckpointError) as exc:
+    except (UsageError, ValueError, OSError, ConfigError, CheckpointError) as exc:
         print(f"dia_fast: error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:  # e.g. the model produced no audio: not a usage error, still one line

@@ -146,39 +146,78 @@ def load_prompt_audio(
 
 _SUBTYPES = ("PCM_16", "FLOAT")
 
+# output container by name (and file extension): (libsndfile format, subtype, sample rates it takes or None)
+AUDIO_FORMATS: dict[str, tuple[str, str, tuple[int, ...] | None]] = {
+    "wav": ("WAV", "PCM_16", None),
+    "flac": ("FLAC", "PCM_16", None),
+    "ogg": ("OGG", "VORBIS", None),
+    "opus": ("OGG", "OPUS", (8000, 12000, 16000, 24000, 48000)),
+    "mp3": ("MP3", "MPEG_LAYER_III", (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)),
+}
 
-def write_wav(path: PathLike, samples: np.ndarray | Any, sample_rate: int, *, subtype: str = "PCM_16") -> Path:
-    """Write mono float samples [N] to a WAV file, atomically; returns the path written.
 
-    ``subtype="PCM_16"`` converts with :func:`float_to_pcm16` (scale by 32767, values beyond
-    [-1, 1] are clipped, never wrapped); ``"FLOAT"`` stores 32-bit float samples unchanged.
-    The data goes to a temporary file in the destination directory that is then renamed over
-    ``path`` (``os.replace``), so a failure never leaves a partial or truncated WAV behind.
+def audio_format_for(path: PathLike, format: str | None = None) -> str:
+    """The output format of ``path``: ``format`` when given, else its extension (``.wav``, ``.flac``, ``.ogg``
+    (Vorbis), ``.opus`` (Ogg Opus), ``.mp3``). Raises ``ValueError`` listing the supported ones."""
+    name = (format or Path(os.fspath(path)).suffix.lstrip(".")).lower()
+    if name not in AUDIO_FORMATS:
+        what = f"format {format!r}" if format else f"the extension of {os.fspath(path)!r}"
+        raise ValueError(f"cannot write audio with {what}: supported are {', '.join(AUDIO_FORMATS)}")
+    return name
 
-    Raises ``ValueError`` for NaN/inf samples, non-1-D input, an unknown subtype or a bad rate.
-    """
+
+def write_audio(
+    path: PathLike, samples: np.ndarray | Any, sample_rate: int, *, format: str | None = None, subtype: str = "PCM_16"
+) -> Path:
+    """Write mono float samples [N] atomically in the container that ``format`` or the file's extension names
+    (:func:`audio_format_for`: WAV, FLAC, Ogg Vorbis, Ogg Opus, MP3, all through libsndfile); returns the path.
+
+    ``subtype``: ``"PCM_16"`` (16-bit, clipped, never wrapped) or, for WAV only, ``"FLOAT"`` (32-bit float).
+    Opus and MP3 take a few sample rates: other rates are resampled (soxr) to the nearest higher one they take
+    (48 kHz at most). The data goes to a temporary file beside ``path`` that is then renamed over it, so a
+    failure never leaves a partial file. Raises ``ValueError`` for NaN/inf samples, non-1-D input, an unknown
+    format or subtype, or a bad rate."""
     rate = check_rate(sample_rate, "sample_rate")
+    fmt = audio_format_for(path, format)
+    container, default_subtype, rates = AUDIO_FORMATS[fmt]
     if subtype not in _SUBTYPES:
         raise ValueError(f"subtype must be one of {_SUBTYPES}, got {subtype!r}")
+    if subtype == "FLOAT" and fmt != "wav":
+        raise ValueError(f"32-bit float samples are written as WAV only, not {fmt}")
     arr = _array_to_numpy(samples)
     if arr.ndim != 1:
-        raise ValueError(f"write_wav expects mono samples [N], got shape {arr.shape}")
+        raise ValueError(f"write_audio expects mono samples [N], got shape {arr.shape}")
     if arr.dtype.kind != "f":
-        raise ValueError(f"write_wav expects float samples, got dtype {arr.dtype}")
+        raise ValueError(f"write_audio expects float samples, got dtype {arr.dtype}")
     if not np.isfinite(arr).all():
         raise ValueError("refusing to write audio with NaN or infinite samples")
-    data = float_to_pcm16(arr) if subtype == "PCM_16" else arr.astype(np.float32, copy=False)
+    if rates is not None and rate not in rates:
+        target = next((r for r in rates if r >= rate), rates[-1])
+        arr, rate = resample(arr, rate, target), target
+    if fmt == "wav":
+        data = float_to_pcm16(arr) if subtype == "PCM_16" else arr.astype(np.float32, copy=False)
+        sub = subtype
+    else:  # libsndfile's encoders take float samples; keep them in range as the 16-bit path does
+        data, sub = np.clip(arr, -1.0, 1.0).astype(np.float32, copy=False), default_subtype
 
     dest = Path(os.fspath(path))
-    with atomic_output(dest) as tmp:
-        # O_EXCL on the fresh name: no clash with a concurrent writer; mode 0o666 lets the umask apply
-        # as for any new file (mkstemp would force 0o600).
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-        with os.fdopen(fd, "wb") as fh:
-            sf.write(fh, data, rate, subtype=subtype, format="WAV")
-            fh.flush()
-            os.fsync(fh.fileno())
+    try:
+        with atomic_output(dest) as tmp:
+            # O_EXCL on the fresh name: no clash with a concurrent writer; mode 0o666 lets the umask apply
+            # as for any new file (mkstemp would force 0o600).
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            with os.fdopen(fd, "wb") as fh:
+                sf.write(fh, data, rate, subtype=sub, format=container)
+                fh.flush()
+                os.fsync(fh.fileno())
+    except OSError as exc:  # name the user's path, not the hidden temporary file
+        raise type(exc)(exc.errno, f"cannot write {dest}: {exc.strerror or exc}") from None
     return dest
+
+
+def write_wav(path: PathLike, samples: np.ndarray | Any, sample_rate: int, *, subtype: str = "PCM_16") -> Path:
+    """:func:`write_audio` as WAV whatever the extension (16-bit PCM, or ``"FLOAT"``)."""
+    return write_audio(path, samples, sample_rate, format="wav", subtype=subtype)
 
 
 @contextmanager

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -39,3 +41,13 @@ class SamplingConfig:
     @property
     def greedy(self) -> bool:
         return not self.do_sample or self.temperature == 0
+
+
+def seeded_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
+    """A generator on ``device`` seeded with ``seed``: any Python int, reduced modulo 2**64 (so every int in
+    torch's own range seeds as ``manual_seed`` does, and larger ones still work); None for None."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int or None, got {seed!r}")
+    return torch.Generator(device=device).manual_seed(seed % (1 << 64))

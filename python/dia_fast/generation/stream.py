@@ -26,7 +26,7 @@ from ..codec.base import AudioCodec
 from ..text import encode_batch
 from .engine import using_device
 from .generate import DecodeOutput, generate_codes
-from .sampling import SamplingConfig
+from .sampling import SamplingConfig, seeded_generator
 
 if TYPE_CHECKING:
     from ..api import DiaTTS
@@ -135,7 +135,7 @@ def _worker(
         seed = kw.pop("seed", None)
         progress = kw.pop("progress", False)
         sampling = SamplingConfig(**{f.name: kw.pop(f.name) for f in fields(SamplingConfig) if f.name in kw})
-        generator = None if seed is None else torch.Generator(device=device).manual_seed(int(seed))
+        generator = seeded_generator(seed, device)
         ids, mask = encode_batch([text], tts.config.data.text_length)
         md = tts.config.data.max_delay
         first = sent = -1  # first generated position (the prefix length), first position not yet sent

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..audio import crossfade_join, normalize_loudness, write_wav
+from ..audio import crossfade_join, normalize_loudness, write_audio
 from ..longform import DEFAULT_CHARS_PER_SECOND, DEFAULT_MAX_CHUNK_SECONDS, pieces
 from ..text import SPEAKER_TAG_RE as _TAG_RE
 from .pool import GenerationOptions, VoicePool
@@ -45,9 +45,10 @@ class Audio:
         samples = normalize_loudness(self.samples, self.sample_rate, target_lufs, peak_ceiling_db=peak_ceiling_db)
         return Audio(samples, self.sample_rate, self.codes)
 
-    def save(self, path: str | Path, *, subtype: str = "PCM_16") -> Path:
-        """Write a WAV file (16-bit PCM or ``"FLOAT"``), atomically."""
-        return write_wav(path, self.samples, self.sample_rate, subtype=subtype)
+    def save(self, path: str | Path, *, format: str | None = None, subtype: str = "PCM_16") -> Path:
+        """Write the audio atomically in the format ``format`` or the extension names (.wav, .flac, .ogg, .opus,
+        .mp3; :func:`dia_fast.audio.write_audio`): 16-bit, or 32-bit float (``subtype="FLOAT"``, WAV only)."""
+        return write_audio(path, self.samples, self.sample_rate, format=format, subtype=subtype)
 
 
 def _slots(speaker_or_speakers: SpeakerLike | Sequence[SpeakerLike] | None) -> list[SpeakerLike]:

@@ -66,9 +66,17 @@ def test_default_length_of_the_demo_follows_the_text(tmp_path, capsys):
     rc, _, err = _run(capsys, "[S1] Short.", "--out", str(out), "--no-progress", "--greedy", "-q")
     assert rc == 0, err
     assert err == ""  # --quiet
-    seconds = sf.info(out).duration
-    # at most ~11 characters at 14 characters per second + 1 s (the random model may stop earlier)
-    assert 0 < seconds <= len("[S1] Short.") / 14 + 1 + 1 / 86
+    frames = sf.info(out).frames // 512
+    # ~11 characters at 14 characters per second + 1 s, held to that length (min_new_tokens): the random model
+    # would stop anywhere otherwise
+    steps = demo_max_new_tokens("[S1] Short.", 44100 / 512, 15, 3071)
+    assert frames == steps - 16
+    free = tmp_path / "free.wav"
+    rc, _, err = _run(
+        capsys, "[S1] Short.", "--out", str(free), "--no-progress", "--greedy", "-q", "--min-new-tokens", "0"
+    )
+    assert rc == 0, err
+    assert 0 < sf.info(free).frames // 512 <= steps - 16
     assert demo_max_new_tokens("x" * 140, 86.0, 15, 3071) == 11 * 86 + 16
     assert demo_max_new_tokens("x" * 100000, 86.0, 15, 3071) == 3071  # capped by the audio budget
 
@@ -99,9 +107,18 @@ def test_voice_cloning_and_saved_speaker_give_the_same_audio(tmp_path, capsys):
     a, b = tmp_path / "a.wav", tmp_path / "b.wav"
     spk = tmp_path / "voice.safetensors"
     rc, _, err = _run(
-        capsys, "[S1] New words.", "--prompt-wav", str(voice), "--prompt-text", "[S1] The prompt.",
-        "--save-speaker", str(spk), "--out", str(a), *common,
-    )  # fmt: skip
+        capsys,
+        "[S1] New words.",
+        "--prompt-wav",
+        str(voice),
+        "--prompt-text",
+        "[S1] The prompt.",
+        "--save-speaker",
+        str(spk),
+        "--out",
+        str(a),
+        *common,
+    )
     assert rc == 0, err
     assert spk.is_file()
     rc, _, err = _run(capsys, "[S1] New words.", "--speaker-file", str(spk), "--out", str(b), *common)
@@ -157,8 +174,11 @@ def test_python_dash_m_entry_point(tmp_path):
     out = tmp_path / "m.wav"
     proc = subprocess.run(
         [sys.executable, "-m", "dia_fast", "[S1] Hi.", "--out", str(out), *FAST],
-        capture_output=True, text=True, env=env, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert sf.info(out).samplerate == 44100
     bad = subprocess.run([sys.executable, "-m", "dia_fast", ""], capture_output=True, text=True, env=env, timeout=300)
@@ -199,9 +219,19 @@ def test_encodec_codec_with_a_voice_prompt(tmp_path, capsys):
     voice = _voice_file(tmp_path / "voice.wav")  # 48 kHz stereo: resampled to 24 kHz mono for EnCodec
     out = tmp_path / "e.wav"
     rc, _, err = _run(
-        capsys, "[S1] With EnCodec.", "--codec", "encodec", "--prompt-wav", str(voice),
-        "--prompt-text", "[S1] The prompt.", "--out", str(out), "--no-loudness", *FAST,
-    )  # fmt: skip
+        capsys,
+        "[S1] With EnCodec.",
+        "--codec",
+        "encodec",
+        "--prompt-wav",
+        str(voice),
+        "--prompt-text",
+        "[S1] The prompt.",
+        "--out",
+        str(out),
+        "--no-loudness",
+        *FAST,
+    )
     assert rc == 0, err
     info = sf.info(out)
     assert info.samplerate == 24000 and info.frames == 24 * 320

@@ -17,7 +17,7 @@ from .codec.base import AudioCodec
 from .config import DiaConfig
 from .devices import resolve_device, resolve_dtype
 from .generation.generate import DecodeOutput, generate_codes
-from .generation.sampling import SamplingConfig, seeded_generator
+from .generation.sampling import SamplingConfig, check_int_option, seeded_generator
 from .model import DiaModel, RMSNorm
 from .text import encode_batch, prompted_text
 
@@ -239,9 +239,16 @@ class DiaTTS:
         ``"[S1] Hello, this is my voice."``); it is put in front of the text, as the model
         expects. The returned audio and codes exclude the prompt.
         """
-        texts = [text] if isinstance(text, str) else list(text)
+        if isinstance(text, str):
+            texts = [text]
+        elif isinstance(text, Sequence) and all(isinstance(t, str) for t in text):
+            texts = list(text)
+        else:
+            raise TypeError(f"text must be a str or a sequence of str, got {type(text).__name__}")
         if not texts:
             raise ValueError("no texts given")
+        check_int_option("max_new_tokens", max_new_tokens, minimum=1, optional=True)
+        check_int_option("min_new_tokens", min_new_tokens, minimum=0)
         prompts, texts = self._prepare_prompts(texts, audio_prompt, audio_prompt_text)
         sampling = SamplingConfig(
             cfg_scale=cfg_scale,

@@ -75,6 +75,11 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         help="decoder steps (~86 per second of audio); default: see README",
     )
+    g.add_argument(
+        "--min-new-tokens",
+        type=int,
+        help="no end of speech before this many decoder steps (default 0; the demo model: its whole length)",
+    )
     g.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance scale (default 3.0)")
     g.add_argument("--temperature", type=float, default=1.2, help="sampling temperature (default 1.2)")
     g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (default 0.95)")
@@ -233,12 +238,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # chunks sized by the model's budgets (an explicit --max-new-tokens caps each chunk's audio)
     max_bytes, max_chars = chunk_budget(tts, prompt_text=transcript, prompt_frames=prompt_frames)
     chunks = split_text(text, max_bytes, max_chars)
-    max_new = args.max_new_tokens
+    max_new, min_new = args.max_new_tokens, args.min_new_tokens
     if max_new is None and tts.demo:
         budget = data.audio_length - 1 - prompt_frames
         max_new = demo_max_new_tokens(max(chunks, key=len), tts.codec.frame_rate, data.max_delay, budget)
+    if min_new is None:
+        # a random demo model may stop at any step: hold it to its length, so the audio follows the text
+        min_new = max(max_new - data.max_delay - 1, 0) if tts.demo and max_new is not None else 0
     options = dict(
         max_new_tokens=max_new,
+        min_new_tokens=min_new,
         cfg_scale=args.cfg_scale,
         temperature=args.temperature,
         top_p=args.top_p,

@@ -51,3 +51,15 @@ def seeded_generator(seed: int | None, device: torch.device | str) -> torch.Gene
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int or None, got {seed!r}")
     return torch.Generator(device=device).manual_seed(seed % (1 << 64))
+
+
+def check_int_option(name: str, value: object, *, minimum: int, optional: bool = False) -> None:
+    """``value`` must be an int (not a bool) >= ``minimum`` (or None when ``optional``): else a TypeError or
+    ValueError naming ``name``."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        kind = "an int or None" if optional else "an int"
+        raise TypeError(f"{name} must be {kind}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")

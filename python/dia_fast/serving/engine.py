@@ -35,7 +35,7 @@ from .. import ops
 from ..audio import crossfade_join
 from ..devices import set_thread_cpu_threads
 from ..generation.engine import bucket_batch, default_sampler, using_device
-from ..generation.sampling import SamplingConfig
+from ..generation.sampling import SamplingConfig, check_int_option
 from ..generation.stream import ChunkedDecoder, StreamStats, codec_context_frames
 from ..text import encode_batch, prompted_text
 from .slots import SlotState, admit, allocate_slots, slot_step, undelayed_codes
@@ -441,10 +441,8 @@ class BatchEngine:
     ) -> _Options:
         # cfg_scale 0 makes the guided logits the conditional ones: the engine runs both rows all the same
         sampling = SamplingConfig(cfg_scale, temperature, top_p, cfg_filter_top_k, do_sample)
-        if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool)):
-            raise TypeError(f"max_new_tokens must be an int or None, got {max_new_tokens!r}")
-        if not isinstance(min_new_tokens, int) or isinstance(min_new_tokens, bool) or min_new_tokens < 0:
-            raise ValueError(f"min_new_tokens must be an int >= 0, got {min_new_tokens!r}")
+        check_int_option("max_new_tokens", max_new_tokens, minimum=1, optional=True)
+        check_int_option("min_new_tokens", min_new_tokens, minimum=0)
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise TypeError(f"seed must be an int or None, got {seed!r}")
         return _Options(max_new_tokens, min_new_tokens, sampling, seed)

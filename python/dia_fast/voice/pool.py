@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ..generation.sampling import SamplingConfig, check_int_option
 from ..serving import BatchEngine, RequestHandle, default_max_slots
 from ..text import encode_text, prompted_text
 
@@ -43,6 +44,14 @@ class GenerationOptions:
     do_sample: bool = True
     seed: int | None = None
     min_new_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        # checked when built (a Conversation or a request), not at generation
+        SamplingConfig(self.cfg_scale, self.temperature, self.top_p, self.cfg_filter_top_k, self.do_sample)
+        check_int_option("max_new_tokens", self.max_new_tokens, minimum=1, optional=True)
+        check_int_option("min_new_tokens", self.min_new_tokens, minimum=0)
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise TypeError(f"seed must be an int or None, got {self.seed!r}")
 
     def kwargs(self) -> dict[str, Any]:
         return asdict(self)

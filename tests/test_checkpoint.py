@@ -253,3 +253,44 @@ def test_load_in_half_precision_keeps_norms_fp32(tmp_path, dtype, dec_ids):
     got = _our_logits(half, dec_ids).float()
     assert got.dtype == torch.float32 and torch.isfinite(got).all()
     assert (got - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def _saved(tmp_path):
+    from dia_fast import DiaTTS
+
+    out = DiaTTS.random("tiny", seed=0).save_pretrained(tmp_path / "ckpt")
+    return out, out / "model.safetensors"
+
+
+def test_a_truncated_safetensors_file_is_a_one_line_error_naming_it(tmp_path):
+    from dia_fast import DiaTTS
+    from dia_fast.checkpoint import CheckpointError
+
+    directory, weights = _saved(tmp_path)
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a readable safetensors file") as err:
+        DiaTTS.from_pretrained(directory, device="cpu")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("poison", "message"), [("nan", "holds NaN or infinite values"), ("int", "not floating point")]
+)
+def test_bad_weights_are_errors_naming_the_file_and_tensor(tmp_path, poison, message):
+    from safetensors.torch import load_file, save_file
+
+    from dia_fast import DiaTTS
+    from dia_fast.checkpoint import CheckpointError
+
+    directory, weights = _saved(tmp_path)
+    state = load_file(str(weights))
+    name = sorted(state)[3]
+    if poison == "nan":
+        state[name] = state[name].clone()
+        state[name].view(-1)[7] = float("nan")
+    else:
+        state[name] = state[name].to(torch.int32)
+    save_file(state, str(weights))
+    with pytest.raises(CheckpointError, match=f"tensor {name} {message}|tensor {name} is int32, {message}"):
+        DiaTTS.from_pretrained(directory, device="cpu")

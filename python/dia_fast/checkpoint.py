@@ -57,9 +57,13 @@ def read_tensors(path: Path) -> Tensors:
     """Read a safetensors file or a torch pickle holding a state dict (``weights_only``)."""
     path = Path(path)
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return check_weights(load_file(str(path)), path)
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {exc}") from None
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -70,7 +74,18 @@ def read_tensors(path: Path) -> Tensors:
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: does not hold a flat state dict of tensors")
-    return obj
+    return check_weights(obj, path)
+
+
+def check_weights(tensors: Tensors, path: Path) -> Tensors:
+    """Every weight must be floating point and finite: a one-line :class:`CheckpointError` naming the file and the
+    first tensor that is not (a NaN weight would otherwise give seconds of constant audio, silently)."""
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            raise CheckpointError(f"{path}: tensor {name} is {str(t.dtype).replace('torch.', '')}, not floating point")
+        if not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{path}: tensor {name} holds NaN or infinite values")
+    return tensors
 
 
 def read_all(paths: Iterable[Path]) -> Tensors:

@@ -81,3 +81,21 @@ def test_bad_texts(tts):
 
 def test_repr_and_properties(tts):
     assert "random demo" in repr(tts) and tts.device.type == "cpu" and tts.dtype == torch.float32
+
+
+def test_generate_warns_about_doubtful_text_and_checks_its_arguments():
+    tts = DiaTTS.random("tiny", seed=0)
+    with pytest.warns(UserWarning, match="unknown speaker tag"):
+        tts.generate("[S3] Hello there, how are you today?", max_new_tokens=20, progress=False, decode_audio=False)
+    with pytest.raises(TypeError, match="text must be a str or a sequence of str, got NoneType"):
+        tts.generate(None, progress=False)
+    with pytest.raises(TypeError, match="max_new_tokens must be an int or None, got 30.5"):
+        tts.generate("[S1] Hello there.", max_new_tokens=30.5, progress=False)
+
+
+def test_integer_numpy_codes_are_codes_and_short_prompts_warn():
+    tts = DiaTTS.random("tiny", seed=0)
+    codes = np.random.default_rng(0).integers(0, 1024, (6, 9))
+    assert torch.equal(tts.encode_prompt(codes), torch.from_numpy(codes))
+    with pytest.warns(UserWarning, match="prompts under 1 s clone poorly"):
+        tts.encode_prompt(0.3 * np.sin(np.arange(22050) / 9).astype(np.float32), 44100)

@@ -65,3 +65,26 @@ def test_non_string_and_empty_batch():
         encode_text(b"bytes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="no texts"):
         encode_batch([])
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[S1] Hello there, how are you today?", []),
+        ("[S1] Hi! [S2] Hello there, friend.", []),
+        ("[S3] Hello there, how are you today?", ["unknown speaker tag(s) [S3]", "does not start with [S1] or [S2]"]),
+        ("[S1] Hello there. [S4] How are you today?", ["unknown speaker tag(s) [S4]"]),
+        ("Hello there, how are you today?", ["does not start with [S1] or [S2]"]),
+        ("[S1] [S2] ", ["only speaker tags"]),
+        ("[S1] Hi.", ["very short text (3 characters)"]),
+        ("[S1] Hello\x00 there, how are you today?", ["control characters (U+0000)"]),
+        ("[S1] Line one, and more.\n[S2] Line two, and more.", []),  # newlines and tabs are fine
+    ],
+)
+def test_doubtful_text_warns_what_is_doubtful(text, expected):
+    from dia_fast.text import text_doubts
+
+    doubts = text_doubts(text)
+    assert len(doubts) == len(expected), doubts
+    for d, e in zip(doubts, expected, strict=True):
+        assert e in d

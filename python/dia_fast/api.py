@@ -19,7 +19,7 @@ from .devices import resolve_device, resolve_dtype
 from .generation.generate import DecodeOutput, generate_codes
 from .generation.sampling import SamplingConfig, check_int_option, seeded_generator
 from .model import DiaModel, RMSNorm
-from .text import encode_batch, prompted_text
+from .text import encode_batch, prompted_text, warn_doubtful_text
 
 # An audio prompt: a file path or open binary file, float samples (numpy / torch) or codec codes [T, C]
 # (an integer tensor).
@@ -249,6 +249,8 @@ class DiaTTS:
             raise ValueError("no texts given")
         check_int_option("max_new_tokens", max_new_tokens, minimum=1, optional=True)
         check_int_option("min_new_tokens", min_new_tokens, minimum=0)
+        for t in texts:
+            warn_doubtful_text(t)
         prompts, texts = self._prepare_prompts(texts, audio_prompt, audio_prompt_text)
         sampling = SamplingConfig(
             cfg_scale=cfg_scale,
@@ -284,10 +286,18 @@ class DiaTTS:
 
         ``audio``: a file path or an open binary file (WAV/FLAC/OGG/MP3, any rate and channel count: mixed to
         mono and resampled with soxr), an array/tensor of samples (``sample_rate`` defaults to the codec's),
-        or already encoded codes ``[T, C]`` (an integer tensor, checked and returned).
+        or already encoded codes ``[T, C]`` (an integer tensor, or an integer numpy array of that shape; checked and
+        returned; other integer arrays are PCM). A prompt under 1 s warns (it clones poorly).
         Raises ValueError for empty, silent, too long or malformed prompts.
         """
         data = self.config.data
+        if (
+            isinstance(audio, np.ndarray)
+            and audio.dtype.kind in "iu"
+            and audio.ndim == 2
+            and audio.shape[1] == (data.channels)
+        ):  # integer [T, C]: codec codes, as an integer tensor is (integer PCM has 1 or 2 channels)
+            audio = torch.from_numpy(audio.astype(np.int64))
         if isinstance(audio, torch.Tensor) and not audio.is_floating_point():
             codes = audio.detach().to("cpu", torch.long)
             if codes.ndim != 2 or codes.shape[1] != data.channels:
@@ -310,6 +320,13 @@ class DiaTTS:
                 raise ValueError("the audio prompt is silent (peak below -80 dBFS): give a recording of the voice")
             frames = -(-samples.shape[0] // self.codec.hop_length)
             self._check_prompt_length(frames)
+            seconds = samples.shape[0] / self.codec.sample_rate
+            if seconds < 1.0:
+                warnings.warn(
+                    f"the audio prompt lasts {seconds:.2f} s: prompts under 1 s clone poorly (5-10 s is best)",
+                    UserWarning,
+                    stacklevel=2,
+                )
             wav = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))[None].to(self.device)
             with torch.inference_mode():
                 codes = self.codec.encode(wav)[0].to("cpu", torch.long)

@@ -326,7 +326,11 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
 
     try:
-        summary = run(args)
+        with warnings.catch_warnings():
+            # doubtful text, short prompts, ...: one line each, once (none with --quiet)
+            warnings.simplefilter("once", UserWarning)
+            warnings.showwarning = lambda message, *_a, **_k: _log(args, f"dia_fast: warning: {message}")
+            summary = run(args)
     except (UsageError, ValueError, OSError, ConfigError, CheckpointError) as exc:
         print(f"dia_fast: error: {exc}", file=sys.stderr)
         return 2

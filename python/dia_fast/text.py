@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import unicodedata
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -76,3 +78,36 @@ def decode_ids(ids: Sequence[int]) -> str:
 def prompted_text(text: str, transcript: str | None) -> str:
     """The text the model reads with a voice prompt: the prompt's transcript, a space, the new text."""
     return text if not transcript or not transcript.strip() else f"{transcript.strip()} {text.strip()}"
+
+
+_ANY_TAG_RE = re.compile(r"\[[Ss]\d+\]")
+SHORT_TEXT_CHARS = 12  # spoken characters below which Dia's audio is known to be poor
+
+
+def text_doubts(text: str) -> list[str]:
+    """What looks wrong in a text Dia will speak (each a one-line warning; an empty list when nothing does):
+    unknown speaker tags, control characters, only tags, no speaker tag first, very short text."""
+    doubts = []
+    unknown = sorted({t for t in _ANY_TAG_RE.findall(text) if t not in ("[S1]", "[S2]")})
+    if unknown:
+        doubts.append(f"unknown speaker tag(s) {', '.join(unknown)}: Dia knows [S1] and [S2] only (read as text)")
+    control = sorted({f"U+{ord(c):04X}" for c in text if unicodedata.category(c) == "Cc" and c not in "\n\t\r"})
+    if control:
+        doubts.append(f"the text contains control characters ({', '.join(control)}): they are spoken as bytes")
+    spoken = SPEAKER_TAG_RE.sub("", text).strip()
+    if text.strip() and not spoken:
+        doubts.append("the text is only speaker tags: there is nothing to speak")
+    elif not SPEAKER_TAG_RE.match(text.lstrip()):
+        doubts.append("the text does not start with [S1] or [S2]: Dia expects a speaker tag first")
+    if spoken and len(spoken) < SHORT_TEXT_CHARS:
+        doubts.append(
+            f"very short text ({len(spoken)} characters): Dia is known to speak very short inputs poorly; "
+            "a sentence or more works better"
+        )
+    return doubts
+
+
+def warn_doubtful_text(text: str, stacklevel: int = 3) -> None:
+    """:func:`text_doubts` as ``UserWarning`` s (Python shows each distinct one once)."""
+    for doubt in text_doubts(text):
+        warnings.warn(doubt, UserWarning, stacklevel=stacklevel)

@@ -241,9 +241,22 @@ def test_load_bench_cli_writes_json_for_every_mode(tmp_path):
     audio are consistent with each other (TTFA <= latency; the speed-up is the ratio of throughputs)."""
     out = tmp_path / "load.json"
     proc = _run_cli(
-        "--load", "--model", "tiny", "--device", "cpu", "--requests", "3", "--max-slots", "2", "--steps", "40",
-        "--repeat", "1", "--json", str(out),
-    )  # fmt: skip
+        "--load",
+        "--model",
+        "tiny",
+        "--device",
+        "cpu",
+        "--requests",
+        "3",
+        "--max-slots",
+        "2",
+        "--steps",
+        "40",
+        "--repeat",
+        "1",
+        "--json",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr
     assert "continuous-stream" in proc.stdout and "sequential" in proc.stdout  # the table
     doc = json.loads(out.read_text())
@@ -277,8 +290,15 @@ def test_run_load_with_poisson_arrivals_and_bad_input():
     times = [r.arrival_s for r in a]
     assert times == sorted(times) and times[0] > 0
     assert all(20 <= r.max_new_tokens <= 40 for r in a)
-    doc = run_load(tts, requests=2, max_slots=2, arrival_rate=50.0, min_tokens=20, max_tokens=30,
-                   modes=("continuous", "sequential"))  # fmt: skip
+    doc = run_load(
+        tts,
+        requests=2,
+        max_slots=2,
+        arrival_rate=50.0,
+        min_tokens=20,
+        max_tokens=30,
+        modes=("continuous", "sequential"),
+    )
     assert [r["mode"] for r in doc["results"]] == ["continuous", "sequential"]
     with pytest.raises(ValueError, match="unknown load modes"):
         run_load(tts, modes=("batched",))
@@ -286,3 +306,35 @@ def test_run_load_with_poisson_arrivals_and_bad_input():
         run_load(tts, requests=0)
     with pytest.raises(ValueError, match="repeat"):
         run_load(tts, requests=1, repeat=0)
+
+
+def test_bench_records_threads_and_machine_load(tmp_path, monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.setattr(bench.os, "getloadavg", lambda: (7.5, 7.0, 6.0))  # a busy machine: a warning, then on
+    try:
+        doc = run_bench(
+            parse_args(
+                [
+                    "--model",
+                    "tiny",
+                    "--device",
+                    "cpu",
+                    "--steps",
+                    "20",
+                    "--compare",
+                    "none",
+                    "--repeat",
+                    "1",
+                    "--threads",
+                    "1",
+                    "--quiet",
+                ]
+            )
+        )
+    finally:
+        torch.set_num_threads(before)
+    meta = doc["meta"]
+    assert meta["torch_threads"] == 1
+    assert meta["machine_load_at_start"] == {"loadavg_1m": 7.5, "cpus": os.cpu_count(), "busy": os.cpu_count() < 15}
+    with pytest.raises(SystemExit):
+        parse_args(["--threads", "0"])

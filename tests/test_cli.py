@@ -158,6 +158,8 @@ def test_untagged_transcript_is_spoken_alike_with_or_without_a_saved_speaker(tmp
         (["[S1] hi", "--out", "."], "--out is a directory"),
         (["[S1] hi", "--out", "x.mp3", "--float"], "--float writes WAV only"),
         (["[S1] hi", "--quantize", "int4", "--device", "cpu"], "quantize=int4 has no CPU kernel"),
+        (["[S1] hi", "--threads", "0"], "--threads must be >= 1"),
+        (["[S1] hi", "--min-new-tokens", "-1"], "min_new_tokens must be >= 0"),
     ],
 )
 def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch, args, message):
@@ -283,3 +285,26 @@ def test_an_unwritable_output_names_the_users_path(tmp_path, capsys, monkeypatch
     rc, _, err = _run(capsys, "[S1] Hello there.", "--out", str(out), *FAST)
     assert rc == 2 and f"cannot write {out}: Permission denied" in err and ".tmp" not in err
     assert not list(tmp_path.iterdir())  # no temporary file left behind
+
+
+def test_save_speaker_is_checked_before_any_work(tmp_path, capsys):
+    voice = _voice_file(tmp_path / "v.wav")
+    for target, message in (
+        (tmp_path, "--save-speaker is a directory"),
+        (tmp_path / "no" / "s.safetensors", "directory does not exist"),
+    ):
+        rc, _, err = _run(
+            capsys,
+            "[S1] Hello there.",
+            "--prompt-wav",
+            str(voice),
+            "--prompt-text",
+            "[S1] A voice.",
+            "--save-speaker",
+            str(target),
+            "--out",
+            str(tmp_path / "x.wav"),
+            *FAST,
+        )
+        assert rc == 2 and message in err, err
+    assert not (tmp_path / "x.wav").exists()

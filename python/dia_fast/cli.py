@@ -61,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
         help="'dac', 'encodec' or a codec checkpoint path (default: the model's DAC)",
     )
     g.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best available)")
+    g.add_argument("--threads", type=int, help="torch's CPU threads (default: torch's, one per core)")
     g.add_argument("--dtype", help="float32, bfloat16, float16 (default: bf16 on CUDA, fp16 on MPS, fp32 on CPU)")
     g.add_argument(
         "--quantize",
@@ -135,6 +136,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"speaker file not found: {args.speaker_file}")
     if args.sample_rate is not None and not 1000 <= args.sample_rate <= 384000:
         raise UsageError(f"--sample-rate must be between 1000 and 384000 Hz, got {args.sample_rate}")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
     if not args.no_loudness and not -70.0 <= args.loudness <= 0.0:
         raise UsageError(f"--loudness must be between -70 and 0 LUFS, got {args.loudness}")
     if args.crossfade_ms < 0:
@@ -156,6 +159,15 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"output directory does not exist: {out_dir}")
     if not os.access(out_dir, os.W_OK | os.X_OK):
         raise UsageError(f"cannot write in the output directory (permission denied): {out_dir}")
+    if args.save_speaker is not None:
+        spk = args.save_speaker.expanduser()
+        if spk.is_dir():
+            example = spk / "voice.safetensors"
+            raise UsageError(f"--save-speaker is a directory: {spk} (give a file name, e.g. {example})")
+        if not spk.resolve().parent.is_dir():
+            raise UsageError(f"--save-speaker: directory does not exist: {spk.resolve().parent}")
+        if not os.access(spk.resolve().parent, os.W_OK | os.X_OK):
+            raise UsageError(f"--save-speaker: cannot write in {spk.resolve().parent} (permission denied)")
 
 
 def _log(args: argparse.Namespace, msg: str) -> None:
@@ -224,6 +236,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not text.strip():
         raise UsageError("text is empty: give at least one character to speak")
     _check_args(args)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     tts = _load_tts(args)
     load_s = time.perf_counter() - t0

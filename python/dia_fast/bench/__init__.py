@@ -99,8 +99,16 @@ class BenchOptions:
     requests: int = 16
     arrival_rate: float | None = None
     max_slots: int | None = None
+    threads: int | None = None  # torch's CPU threads (None: its default)
     quantize: tuple[str, ...] = ()  # quantized copies of the model run as engines dia_fast-<mode>
     quality_steps: int = 200
+
+
+def machine_load() -> dict[str, Any]:
+    """The 1-minute load average, the CPU count, and whether the machine is busy (load above half its CPUs)."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    cpus = os.cpu_count() or 1
+    return {"loadavg_1m": load, "cpus": cpus, "busy": load is not None and load > 0.5 * cpus}
 
 
 def _log(opts: BenchOptions, t0: float) -> Callable[[str], None]:
@@ -174,6 +182,14 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     """Run the bench and return its JSON document (also printed as a table and written to ``json_path``)."""
     t0 = time.perf_counter()
     log = _log(opts, t0)
+    if opts.threads is not None:
+        torch.set_num_threads(opts.threads)
+    busy = machine_load()
+    if busy["busy"]:
+        log(
+            f"warning: the machine is busy (load average {busy['loadavg_1m']:.1f} on {busy['cpus']} CPUs): CPU "
+            "timings will be noisy; compare the ratios within this run, or try --threads 1"
+        )
     if opts.compare is not None:
         _check_compare(opts.compare)
     if not opts.batches or min(opts.batches) < 1:
@@ -325,6 +341,9 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         "ops_backends_used": {op: devs.get(device.type) for op, devs in ops.table().items()},
         "notes": notes,
         "quantize": quant_meta,
+        "torch_threads": torch.get_num_threads(),
+        "machine_load_at_start": busy,
+        "loadavg_1m_at_end": machine_load()["loadavg_1m"],
         **_launch_fields(launches),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "wall_s": time.perf_counter() - t0,
@@ -462,6 +481,7 @@ def parse_args(argv: list[str] | None = None) -> BenchOptions:
     p.add_argument("--first-chunk-frames", type=int, default=16, help="first streaming chunk in codec frames")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--quiet", action="store_true", help="no progress and no table (use with --json)")
+    p.add_argument("--threads", type=int, help="torch's CPU threads (default: torch's; recorded in the JSON)")
     p.add_argument(
         "--count-launches",
         action="store_true",
@@ -500,6 +520,8 @@ def parse_args(argv: list[str] | None = None) -> BenchOptions:
         p.error("--arrival-rate must be > 0 requests per second")
     if a.max_slots is not None and (a.max_slots < 1 or a.max_slots & (a.max_slots - 1)):
         p.error("--max-slots must be a power of two >= 1")
+    if a.threads is not None and a.threads < 1:
+        p.error("--threads must be >= 1")
     modes = tuple(m.strip() for m in a.quantize.split(",") if m.strip() and m.strip() != "none")
     bad = [m for m in modes if m not in ("int8", "fp8", "int4")]
     if bad:
@@ -525,6 +547,7 @@ def parse_args(argv: list[str] | None = None) -> BenchOptions:
         requests=a.requests,
         arrival_rate=a.arrival_rate,
         max_slots=a.max_slots,
+        threads=a.threads,
         quantize=modes,
         quality_steps=a.quality_steps,
     )

@@ -11,6 +11,7 @@ import soundfile as sf
 import torch
 from safetensors.torch import save_file
 
+from dia_fast.api import DiaTTS
 from dia_fast.audio import crossfade_join
 from dia_fast.voice import (
     Audio,
@@ -348,8 +349,9 @@ def test_conversation_stream_joins_to_generate():
     pool = VoicePool(DiaTTS.random("tiny", seed=0))
     text = "[S1] The first sentence of the talk. [S2] And a second one that answers it."
     # 1 character per second: the ~35 s budget holds 35 of the 64 spoken characters, one sentence per chunk
-    conv = Conversation(text, [Speaker.S1, Speaker.S2], pool, max_new_tokens=64, seed=7,
-                        chars_per_second=1.0, max_chunk_seconds=None)  # fmt: skip
+    conv = Conversation(
+        text, [Speaker.S1, Speaker.S2], pool, max_new_tokens=64, seed=7, chars_per_second=1.0, max_chunk_seconds=None
+    )
     assert len(conv.chunks) == 2
     whole = conv.generate_sync().samples
     before = dict(pool.stats)
@@ -380,3 +382,20 @@ def test_audio_save_picks_the_container_by_extension(tmp_path):
     assert sf.info(clip.save(tmp_path / "b.bin", format="flac")).format == "FLAC"
     with pytest.raises(ValueError, match="supported are wav, flac, ogg, opus, mp3"):
         clip.save(tmp_path / "a.aiff")
+
+
+def test_options_are_checked_when_a_conversation_or_request_is_built():
+    pool = VoicePool(DiaTTS.random("tiny", seed=0), max_batch=2)
+    try:
+        for bad, error in (
+            (dict(temperature=float("nan")), ValueError),
+            (dict(max_new_tokens=-3), ValueError),
+            (dict(max_new_tokens=2.5), TypeError),
+            (dict(seed="x"), TypeError),
+        ):
+            with pytest.raises(error):
+                Conversation("[S1] Hello there, my friend.", None, pool, **bad)
+            with pytest.raises(error):
+                pool.submit("[S1] Hello there, my friend.", **bad)
+    finally:
+        pool.close()

@@ -61,7 +61,9 @@ def _parser() -> argparse.ArgumentParser:
         help="'dac', 'encodec' or a codec checkpoint path (default: the model's DAC)",
     )
     g.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best available)")
-    g.add_argument("--threads", type=int, help="torch's CPU threads (default: torch's, one per core)")
+    g.add_argument(
+        "--threads", type=int, help="torch's CPU threads (default: 1 for small models like the demo, else one per core)"
+    )
     g.add_argument("--dtype", help="float32, bfloat16, float16 (default: bf16 on CUDA, fp16 on MPS, fp32 on CPU)")
     g.add_argument(
         "--quantize",
@@ -242,6 +244,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     tts = _load_tts(args)
+    if args.threads is None and tts.device.type == "cpu":
+        from .devices import default_cpu_threads
+
+        n = default_cpu_threads(tts.config.model.decoder.hidden_size)
+        if n is not None:
+            import torch
+
+            torch.set_num_threads(n)  # a small model: see default_cpu_threads
     load_s = time.perf_counter() - t0
     prompt, transcript = _voice(args, tts)
     if prompt is not None and not transcript:
@@ -330,6 +340,17 @@ def _quiet_transcript_warning() -> Iterator[None]:
         yield
 
 
+def _keeping_threads(fn: Any, args: argparse.Namespace) -> Any:
+    """``fn(args)`` with torch's thread count restored afterwards (``--threads`` applies to this run only)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        return fn(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m dia_fast`` and the ``dia-fast`` script; returns the exit status."""
     args = _parser().parse_args(argv)
@@ -346,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
             # doubtful text, short prompts, ...: one line each, once (none with --quiet)
             warnings.simplefilter("once", UserWarning)
             warnings.showwarning = lambda message, *_a, **_k: _log(args, f"dia_fast: warning: {message}")
-            summary = run(args)
+            summary = _keeping_threads(run, args)
     except (UsageError, ValueError, OSError, ConfigError, CheckpointError) as exc:
         print(f"dia_fast: error: {exc}", file=sys.stderr)
         return 2

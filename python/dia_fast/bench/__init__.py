@@ -179,7 +179,16 @@ def _device_name(device: torch.device) -> str:
 
 
 def run_bench(opts: BenchOptions) -> dict[str, Any]:
-    """Run the bench and return its JSON document (also printed as a table and written to ``json_path``)."""
+    """Run the bench and return its JSON document (also printed as a table and written to ``json_path``).
+    torch's thread count is restored afterwards (``--threads`` and the small-model default apply to the run)."""
+    threads = torch.get_num_threads()
+    try:
+        return _run_bench(opts)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_bench(opts: BenchOptions) -> dict[str, Any]:
     t0 = time.perf_counter()
     log = _log(opts, t0)
     if opts.threads is not None:
@@ -195,6 +204,13 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     if not opts.batches or min(opts.batches) < 1:
         raise ValueError(f"batch sizes must be >= 1, got {opts.batches}")
     tts, model_info = build_tts(opts, log)
+    if opts.threads is None and tts.device.type == "cpu":
+        from ..devices import default_cpu_threads
+
+        n = default_cpu_threads(tts.config.model.decoder.hidden_size)
+        if n is not None:
+            torch.set_num_threads(n)  # a small model: see default_cpu_threads
+            log(f"torch threads: {n} (a small model; --threads to choose)")
     if opts.load:
         return _run_load(opts, tts, model_info, log, t0)
     device = tts.device
@@ -481,7 +497,11 @@ def parse_args(argv: list[str] | None = None) -> BenchOptions:
     p.add_argument("--first-chunk-frames", type=int, default=16, help="first streaming chunk in codec frames")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--quiet", action="store_true", help="no progress and no table (use with --json)")
-    p.add_argument("--threads", type=int, help="torch's CPU threads (default: torch's; recorded in the JSON)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch's CPU threads (default: 1 for small models such as tiny, else torch's; recorded in the JSON)",
+    )
     p.add_argument(
         "--count-launches",
         action="store_true",

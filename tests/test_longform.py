@@ -201,3 +201,29 @@ def test_generate_long_progress_bar_and_errors(tts, capsys):
     with pytest.raises(TypeError, match="decode_audio"):
         generate_long(tts, text, decode_audio=False, **GREEDY)
     assert torch.is_tensor(tts.encode_prompt(np.full(1000, 0.1, np.float32)))
+
+
+def test_generate_long_holds_every_chunk_to_min_new_tokens():
+    """min_new_tokens reaches every chunk's generation (a model that ends early on its own is held longer)."""
+    import torch
+
+    from dia_fast import DiaTTS
+    from dia_fast.config import DiaConfig
+    from dia_fast.model import DiaModel
+
+    torch.manual_seed(0)
+    model = DiaModel(DiaConfig.preset("tiny")).eval()
+    with torch.no_grad():  # channel 0's EOS logit just above a common token's: some generations end on their own
+        w = model.decoder.logits_dense.weight
+        w[1024] = 1.05 * w[613]
+    tts = DiaTTS(model, DiaTTS.random("tiny").codec)
+    chunks = ["[S1] Hello there.", "[S1] How are you today?", "[S2] Fine, thanks. And you?"]
+    kw = dict(progress=False, do_sample=False, max_new_tokens=120)
+
+    def frames(min_new: int) -> list[int]:
+        return [tts.generate(c, min_new_tokens=min_new, **kw).codes[0].shape[0] for c in chunks]
+
+    free, held_frames = frames(0), frames(90)
+    assert min(held_frames) >= 90 - 16 and min(free) < 90 - 16  # it binds
+    held, _ = generate_long(tts, " ".join(chunks), chunks=chunks, min_new_tokens=90, crossfade_ms=0.0, **kw)
+    assert len(held) == sum(held_frames) * tts.codec.hop_length

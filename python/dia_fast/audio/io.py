@@ -230,5 +230,8 @@ def atomic_output(path: PathLike) -> Iterator[Path]:
         yield tmp
         os.replace(tmp, dest)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass  # a failed clean-up never hides the error that caused it
         raise

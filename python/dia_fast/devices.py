@@ -64,7 +64,7 @@ def _omp_set_num_threads() -> Callable[[int], None] | None:
     for path in candidates:
         try:
             return ctypes.CDLL(path).omp_set_num_threads
-        except (OSError, AttributeError):
+        except (OSError, AttributeError, TypeError):  # (TypeError: no process handle from None on Windows)
             continue
     return None
 

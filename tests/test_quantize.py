@@ -35,8 +35,6 @@ def test_int8_on_the_cpu_quantizes_the_decoder_gemms_and_generates():
     assert res.codes[0].shape[0] > 0 and res.audio[0].size > 0
     with pytest.raises(ValueError, match="already quantized"):
         quantize_decoder(q.model, "int8")
-    with pytest.raises(ValueError, match="quantized.*not supported yet"):
-        q.save_pretrained("/nonexistent/never-written")
 
 
 def test_quality_of_int8_against_full_precision_on_the_same_weights():
@@ -152,3 +150,27 @@ def test_bench_runs_quantized_engines_beside_the_full_precision_one(tmp_path):
     block = doc["meta"]["quantize"]["int8"]
     assert block["bytes_after"] < block["bytes_before"] / 3
     assert {"rel_logit_error", "top1_agreement", "greedy_code_agreement", "audio_snr_db"} <= set(block["quality"])
+
+
+def test_an_int8_model_saves_and_loads_back_as_it_is(tmp_path):
+    """save_pretrained of an int8 model writes int8 weights with their scales (and quantization.json); from_pretrained
+    loads them back without re-quantizing: the same greedy codes. A mismatched quantize= is an error."""
+    q = DiaTTS.random("tiny", seed=0, quantize="int8")
+    text = "[S1] Hello there, my friend."
+    want = q.generate(text, max_new_tokens=40, do_sample=False, progress=False).codes[0]
+    directory = q.save_pretrained(tmp_path / "q")
+    assert json.loads((directory / "quantization.json").read_text())["mode"] == "int8"
+    from safetensors import safe_open
+
+    with safe_open(str(directory / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        assert f.get_tensor("decoder.layers.0.mlp.down_proj.weight_int8").dtype == torch.int8
+    assert "decoder.layers.0.mlp.down_proj.weight" not in keys and "decoder.logits_dense.weight" in keys
+    back = DiaTTS.from_pretrained(directory, device="cpu", codec=q.codec)
+    assert quantized_mode(back.model) == "int8"
+    assert torch.equal(back.generate(text, max_new_tokens=40, do_sample=False, progress=False).codes[0], want)
+    assert DiaTTS.from_pretrained(directory, device="cpu", codec=q.codec, quantize="int8") is not None
+    with pytest.raises(ValueError, match="holds int8-quantized weights; it cannot be loaded with quantize=fp8"):
+        DiaTTS.from_pretrained(directory, device="cpu", quantize="fp8")
+    with pytest.raises(ValueError, match="quantized layout only"):
+        q.save_pretrained(tmp_path / "o", layout="official")

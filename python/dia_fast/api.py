@@ -130,12 +130,17 @@ class DiaTTS:
         ``codec``: an :class:`AudioCodec`, a codec checkpoint path, ``"dac"``/``"encodec"``; by default
         a ``dac/`` directory inside the checkpoint directory, else a random demo codec (with a warning).
         ``quantize``: ``"int8"`` / ``"fp8"`` / ``"int4"`` quantizes the decoder's GEMMs after loading
-        (:mod:`dia_fast.quantize`; a mode the device cannot run is an error before anything loads).
+        (:mod:`dia_fast.quantize`; a mode the device cannot run is an error before anything loads). A directory
+        that :meth:`save_pretrained` wrote from an int8 model loads quantized as it is (another ``quantize`` is an
+        error, never a re-quantization).
         """
-        from .quantize import check_quantize, quantize_decoder
+        from .quantize import check_quantize, quantize_decoder, read_quantization
 
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
+        saved = read_quantization(Path(path)) if Path(path).is_dir() else None
+        if saved is not None:
+            return cls._from_quantized(Path(path), saved, quantize, dev, dt, codec, config)
         quantize = check_quantize(quantize, dev, dt)
         cfg, state, layout = ckpt.load_config_and_state(path, config)
         with torch.device("meta"):
@@ -148,6 +153,36 @@ class DiaTTS:
             quantize_decoder(model, quantize)
         root = Path(path) if Path(path).is_dir() else None
         return cls(model, _load_codec(codec, dev, root))
+
+    @classmethod
+    def _from_quantized(
+        cls,
+        path: Path,
+        saved: dict,
+        quantize: str | None,
+        dev: torch.device,
+        dt: torch.dtype,
+        codec: AudioCodec | str | Path | None,
+        config: DiaConfig | None,
+    ) -> DiaTTS:
+        """A directory written by :meth:`save_pretrained` from an int8 model: loaded as it is, never re-quantized."""
+        from safetensors.torch import load_file
+
+        from .quantize import check_quantize, load_int8
+
+        mode = saved["mode"]
+        if quantize is not None and quantize != mode:
+            raise ValueError(
+                f"{path} holds {mode}-quantized weights; it cannot be loaded with quantize={quantize} "
+                f"(leave quantize out, or pass {mode!r})"
+            )
+        check_quantize(mode, dev, dt)
+        cfg = config or DiaConfig.from_json(path / "config.json")
+        with torch.device("meta"):
+            model = DiaModel(cfg)
+        load_int8(model, load_file(str(path / "model.safetensors")), list(saved["quantized"]), str(path))
+        model = _finish_model(model, dev, dt)
+        return cls(model, _load_codec(codec, dev, path))
 
     @classmethod
     def random(
@@ -184,27 +219,32 @@ class DiaTTS:
             codec = load_codec(None, device=dev, warn_demo=False)
         return cls(model, _load_codec(codec, dev, None), demo=True)
 
-    def save_pretrained(self, directory: str | Path, *, layout: str = "transformers") -> Path:
-        """Write ``config.json`` + ``model.safetensors`` in the ``"transformers"`` or ``"official"`` layout."""
+    def save_pretrained(self, directory: str | Path, *, layout: str | None = None) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` in the ``"transformers"`` (default) or ``"official"``
+        layout. An int8-quantized model (CPU) is written in dia_fast's quantized layout instead (int8 weights with a
+        scale per row, and ``quantization.json``), which :meth:`from_pretrained` loads back as it is."""
         from safetensors.torch import save_file
 
-        from .quantize import quantized_mode
+        from .quantize import QUANT_FILE, quantized_mode, quantized_state
 
-        if quantized_mode(self.model) is not None:
-            raise ValueError(
-                f"this model is quantized ({quantized_mode(self.model)}): saving quantized weights is not supported "
-                "yet; save the full-precision model and pass quantize= when loading it"
-            )
         out = Path(directory)
+        if quantized_mode(self.model) is not None:
+            if layout is not None:
+                raise ValueError(f"a quantized model is saved in dia_fast's quantized layout only, not {layout!r}")
+            state, doc = quantized_state(self.model)
+            out.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.cpu() for k, v in state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+            (out / QUANT_FILE).write_text(json.dumps(doc, indent=2))
+            (out / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
+            return out
+        layout = layout or "transformers"
+        if layout not in ("transformers", "official"):
+            raise ValueError(f"layout must be 'transformers' or 'official', got {layout!r}")
         out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        if layout == "transformers":
-            state = ckpt.to_transformers(state)
-        elif layout == "official":
-            state = ckpt.to_official(state, self.config)
-        else:
-            raise ValueError(f"layout must be 'transformers' or 'official', got {layout!r}")
+        state = ckpt.to_transformers(state) if layout == "transformers" else ckpt.to_official(state, self.config)
         save_file(state, str(out / "model.safetensors"))
+        (out / QUANT_FILE).unlink(missing_ok=True)  # a full-precision model over a quantized one
         (out / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
         return out
 

@@ -14,12 +14,16 @@ cross-attention keys and values (computed once per request from the encoder) and
   fp8 needs compute capability 8.9 or newer. **Not yet run on a GPU.**
 * Apple GPUs: not supported.
 
-Quality and speed are measured by ``python -m dia_fast.bench --quantize`` (docs/quantization.md).
+An int8 model saves (``DiaTTS.save_pretrained``: int8 weights with a scale per row, ``quantization.json``) and
+loads back as it is. Quality and speed are measured by ``python -m dia_fast.bench --quantize``
+(docs/quantization.md).
 """
 
 from __future__ import annotations
 
+import json
 import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -28,7 +32,15 @@ from torch import nn
 if TYPE_CHECKING:
     from .model import DiaModel
 
-__all__ = ["QUANT_MODES", "check_quantize", "quantize_decoder", "quantized_mode"]
+__all__ = [
+    "QUANT_MODES",
+    "check_quantize",
+    "load_int8",
+    "quantize_decoder",
+    "quantized_mode",
+    "quantized_state",
+    "read_quantization",
+]
 
 QUANT_MODES = ("int8", "fp8", "int4")
 _GEMMS = ("qkv_proj", "o_proj", "q_proj", "gate_up_proj", "down_proj")  # per decoder layer (o_proj: both)
@@ -134,3 +146,84 @@ def _packed_bytes(module: nn.Module) -> int:
 def quantized_mode(model: nn.Module) -> str | None:
     """The quantization applied to ``model`` (None: full precision)."""
     return getattr(model, "_dia_fast_quantized", None)
+
+
+# ---------------------------------------------------------------------------------------------- saved int8 models
+QUANT_FILE = "quantization.json"
+_INT8_FORMAT = "dia_fast.dynamic-int8/1"
+
+
+def target_names(model: DiaModel) -> list[str]:
+    """Module names of the GEMMs :func:`quantize_decoder` quantizes (``decoder.layers.0.mlp.down_proj``, ...)."""
+    out = []
+    for layer_name, layer in model.decoder.layers.named_children():
+        for part in ("self_attention", "cross_attention", "mlp"):
+            for gemm in _GEMMS:
+                if getattr(getattr(layer, part), gemm, None) is not None:
+                    out.append(f"decoder.layers.{layer_name}.{part}.{gemm}")
+    return out
+
+
+def quantized_state(model: DiaModel) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors of an int8-quantized (CPU) model for a safetensors file: full-precision tensors under their
+    names, each quantized GEMM as ``<name>.weight_int8`` (int8 [out, in]), ``.weight_scale`` (fp32 [out]) and
+    ``.weight_zero_point`` (int64 [out]); and the ``quantization.json`` document."""
+    mode = quantized_mode(model)
+    if mode != "int8" or model.device.type != "cpu":
+        raise ValueError(
+            f"saving a quantized model is supported for int8 on the CPU; this one is {mode} on {model.device.type}"
+        )
+    names = target_names(model)
+    skip = tuple(f"{n}." for n in names)
+    # the parameters under dia_fast's own names (state_dict() would split the self-attention QKV GEMMs)
+    state = {k: v.detach().contiguous() for k, v in model.named_parameters() if not k.startswith(skip)}
+    for name in names:
+        w = model.get_submodule(name).weight()
+        state[f"{name}.weight_int8"] = w.int_repr().contiguous()
+        state[f"{name}.weight_scale"] = w.q_per_channel_scales().float().contiguous()
+        state[f"{name}.weight_zero_point"] = w.q_per_channel_zero_points().long().contiguous()
+    return state, {"mode": "int8", "format": _INT8_FORMAT, "quantized": names}
+
+
+def read_quantization(directory: Path) -> dict[str, Any] | None:
+    """The ``quantization.json`` of a saved quantized model directory (None: a full-precision checkpoint)."""
+    path = Path(directory) / QUANT_FILE
+    if not path.is_file():
+        return None
+    doc = json.loads(path.read_text())
+    if doc.get("format") != _INT8_FORMAT:
+        raise ValueError(f"{path}: unknown quantized format {doc.get('format')!r} (this dia_fast reads {_INT8_FORMAT})")
+    return doc
+
+
+def load_int8(model: DiaModel, state: dict[str, torch.Tensor], names: list[str], source: str) -> None:
+    """Fill ``model`` (built on the meta device) from :func:`quantized_state`'s tensors: the full-precision ones are
+    loaded strictly, then the quantized GEMMs become dynamic int8 linears holding the saved int8 weights and scales."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    saved = {}
+    for name in names:
+        try:
+            saved[name] = tuple(state.pop(f"{name}.weight_{k}") for k in ("int8", "scale", "zero_point"))
+        except KeyError as exc:
+            raise ValueError(f"{source}: the quantized weights of {name} are missing ({exc})") from None
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = sorted(set(missing) - {f"{n}.weight" for n in names})
+    if missing or unexpected:
+        raise ValueError(f"{source} does not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*quantiz.*deprecated", category=UserWarning)
+        for name, (q, scale, zero) in saved.items():
+            lin = model.get_submodule(name)
+            shape = (lin.out_features, lin.in_features)
+            if q.dtype != torch.int8 or tuple(q.shape) != shape or scale.shape != (shape[0],):
+                raise ValueError(
+                    f"{source}: {name} must be int8 {shape} with {shape[0]} scales, got {q.dtype} "
+                    f"{tuple(q.shape)} and {tuple(scale.shape)}"
+                )
+            weight = torch._make_per_channel_quantized_tensor(q, scale.double(), zero.long(), 0)
+            dyn = DynamicLinear(lin.in_features, lin.out_features, bias_=False, dtype=torch.qint8)
+            dyn.set_weight_bias(weight, None)
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, dyn)
+    model._dia_fast_quantized = "int8"  # noqa: SLF001 - read by quantized_mode()

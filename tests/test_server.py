@@ -464,7 +464,14 @@ def test_the_command_serves_the_demo_model_and_stops_on_sigterm(tmp_path):
 
 
 def test_bad_flags_are_one_line_errors():
-    for args in (["--port", "70000"], ["--max-batch", "3"], ["--max-queue", "0"], ["--replicas", "0"]):
+    bad = (
+        ["--port", "70000"],
+        ["--max-batch", "3"],
+        ["--max-queue", "0"],
+        ["--replicas", "0"],
+        ["--quantize", "fp8", "--device", "cpu"],
+    )
+    for args in bad:
         r = subprocess.run([sys.executable, "-m", "dia_fast.serve", *args], capture_output=True, text=True, timeout=120)
         assert r.returncode == 2, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
@@ -490,3 +497,16 @@ def test_the_server_load_benchmark_measures_the_server(base):
     res = run_server_load(base, requests=4, concurrency=2, max_new_tokens=30)
     assert res["ok"] == 4 and not res["errors"] and res["requests_per_s"] > 0
     assert 0 < res["ttfb_p50_s"] <= res["latency_p95_s"]
+
+
+def test_the_server_can_serve_an_int8_model():
+    from dia_fast.quantize import quantized_mode
+    from dia_fast.serve.service import load_tts
+
+    tts = load_tts(ServerSettings(quantize="int8", device="cpu"))
+    assert quantized_mode(tts.model) == "int8"
+    with serve(tts, max_batch=2) as url:
+        r = _client(url).audio.speech.create(
+            model="tts-1", voice="S1", input="Quantized.", response_format="wav", extra_body=GREEDY
+        )
+        assert r.content[:4] == b"RIFF"

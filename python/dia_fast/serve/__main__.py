@@ -22,6 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best available)")
     p.add_argument("--dtype", help="float32, bfloat16, float16 (default: the device's)")
+    p.add_argument("--quantize", choices=("int8", "fp8", "int4"), help="quantize the decoder (docs/quantization.md)")
     p.add_argument("--max-batch", type=int, help="requests decoded together (default: 16 CUDA, 4 MPS, 8 CPU)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting at most, then 429 (default 64)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: none)")
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = ServerSettings(
             model=args.model,
             codec=args.codec,
+            quantize=args.quantize,
             device=args.device,
             dtype=args.dtype,
             max_batch=args.max_batch,
@@ -60,6 +62,12 @@ def main(argv: list[str] | None = None) -> int:
             max_input_chars=args.max_input_chars,
             model_id=args.model_id,
         )
+        if settings.quantize is not None:  # a mode the device cannot run: an error before the server starts
+            from ..devices import resolve_device, resolve_dtype
+            from ..quantize import check_quantize
+
+            dev = resolve_device(settings.device)
+            check_quantize(settings.quantize, dev, resolve_dtype(settings.dtype, dev))
         if not 0 < args.port < 65536:
             raise ValueError(f"--port must be 1-65535, got {args.port}")
         if args.replicas < 1 or (args.max_replicas is not None and args.max_replicas < args.replicas):

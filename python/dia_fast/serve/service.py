@@ -97,11 +97,10 @@ def load_tts(settings: ServerSettings) -> DiaTTS:
     """The model the settings name (the random tiny demo model without ``model``)."""
     from ..api import DiaTTS
 
+    kw = dict(device=settings.device, dtype=settings.dtype, codec=settings.codec, quantize=settings.quantize)
     if settings.model is None:
-        return DiaTTS.random(
-            "tiny", seed=settings.demo_seed, device=settings.device, dtype=settings.dtype, codec=settings.codec
-        )
-    return DiaTTS.from_pretrained(settings.model, device=settings.device, dtype=settings.dtype, codec=settings.codec)
+        return DiaTTS.random("tiny", seed=settings.demo_seed, **kw)
+    return DiaTTS.from_pretrained(settings.model, **kw)
 
 
 class SpeechService:

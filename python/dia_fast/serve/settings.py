@@ -22,6 +22,7 @@ class ServerSettings:
     codec: str | None = None
     device: str | None = None
     dtype: str | None = None
+    quantize: str | None = None  # int8 / fp8 / int4 (dia_fast.quantize)
     max_batch: int | None = None
     max_queue: int = 64
     api_key: str | None = None
@@ -61,6 +62,8 @@ class ServerSettings:
             raise ValueError(f"request_timeout_s must be > 0 or None, got {self.request_timeout_s}")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("api_key is empty")
+        if self.quantize is not None and self.quantize not in ("int8", "fp8", "int4"):
+            raise ValueError(f"quantize must be int8, fp8 or int4, got {self.quantize!r}")
 
     @property
     def demo(self) -> bool:

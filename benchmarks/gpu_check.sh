@@ -11,10 +11,12 @@
 #   pytest    pytest -m gpu: every CUDA test (bf16 kernels against their references, CUDA graphs == eager)
 #   load      continuous batching (BatchEngine, one CUDA graph per bucket) vs static batches vs sequential,
 #             16 requests with distinct seeds (python -m dia_fast.bench --load)
+#   quant     int8 / fp8 / int4 weight-only (torchao, from .whl/) beside bf16, batch 1 and 8, with the quality
+#             block (python -m dia_fast.bench --quantize; docs/quantization.md)
 #   bench     the same against transformers (eager) and dia_fast without CUDA graphs, on the same weights
 #   compile   against transformers + torch.compile (static cache, the public best), batch 1
 #   kernels   the kernel benchmarks (pytest-benchmark, CUDA-graph timings)
-# Everything lands in OUTDIR: <stage>.log, quick.json, load.json, bench.json, bench_compile.json, kernels.json and
+# Everything lands in OUTDIR: <stage>.log, quick.json, load.json, quant.json, bench.json, bench_compile.json, kernels.json and
 # summary.txt. The bench writes its JSON after every batch size, so a stage stopped by its limit keeps what
 # it measured. Limits (seconds) per stage: GPU_CHECK_<STAGE>_S, e.g. GPU_CHECK_PYTEST_S=200; GPU_CHECK_STEPS
 # (512) and GPU_CHECK_COMPARE_STEPS (256) set the steps; GPU_CHECK_SKIP a space-separated list of stages
@@ -69,6 +71,10 @@ tail -n 4 "$OUTDIR/pytest.log" >>"$summary"
 
 stage load 75 "${BENCH[@]}" --load --requests 16 --steps 128 --repeat 1 --json "$OUTDIR/load.json"
 grep -E "^(mode|continuous|static|sequential)" "$OUTDIR/load.log" >>"$summary"
+
+stage quant 75 "${BENCH[@]}" --batch 1,8 --steps 128 --compare none --quantize int8,fp8,int4 --quality-steps 200 \
+  --json "$OUTDIR/quant.json"
+grep -E "^(engine|dia_fast)|error" "$OUTDIR/quant.log" | awk '!seen[$0]++' >>"$summary"
 
 stage bench 150 "${BENCH[@]}" --batch 1,8 --steps "$COMPARE_STEPS" --compare transformers,eager --json "$OUTDIR/bench.json"
 grep -E "^(engine|dia_fast|transformers)" "$OUTDIR/bench.log" | awk '!seen[$0]++' >>"$summary"

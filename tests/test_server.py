@@ -29,6 +29,7 @@ uvicorn = pytest.importorskip("uvicorn")
 sf = pytest.importorskip("soundfile")
 
 from dia_fast.api import DiaTTS  # noqa: E402
+from dia_fast.audio import float_to_pcm16  # noqa: E402
 from dia_fast.config import DiaConfig  # noqa: E402
 from dia_fast.model import DiaModel  # noqa: E402
 from dia_fast.serve import ServerSettings, create_app  # noqa: E402
@@ -112,9 +113,9 @@ def test_openai_client_gets_valid_audio_in_every_format(tts, base):
         assert rate == {"pcm": 24000, "opus": 48000}.get(fmt, tts.sample_rate), fmt
         # lossy encoders pad by up to a frame or two; the length is the generation's
         assert abs(len(audio) / rate - seconds) < 0.08, (fmt, len(audio) / rate, seconds)
-        if fmt == "wav":  # 16-bit samples: the solo run's, scaled by 32767 and rounded
+        if fmt == "wav":  # 16-bit samples: the solo run's, converted as every dia_fast WAV is (float_to_pcm16)
             pcm16, _ = sf.read(io.BytesIO(resp.content), dtype="int16")
-            np.testing.assert_array_equal(pcm16, np.round(np.clip(want, -1, 1) * 32767).astype(np.int16))
+            np.testing.assert_array_equal(pcm16, float_to_pcm16(want))
 
 
 def test_stream_arrives_in_chunks_before_the_generation_ends_and_equals_the_whole(tts, base):

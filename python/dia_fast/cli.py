@@ -244,14 +244,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     tts = _load_tts(args)
-    if args.threads is None and tts.device.type == "cpu":
-        from .devices import default_cpu_threads
+    if args.threads is None:  # a small model runs on 1 thread: see default_cpu_threads
+        from .devices import use_default_cpu_threads
 
-        n = default_cpu_threads(tts.config.model.decoder.hidden_size)
-        if n is not None:
-            import torch
-
-            torch.set_num_threads(n)  # a small model: see default_cpu_threads
+        use_default_cpu_threads(tts.device, tts.config.model.decoder.hidden_size)
     load_s = time.perf_counter() - t0
     prompt, transcript = _voice(args, tts)
     if prompt is not None and not transcript:
@@ -340,17 +336,6 @@ def _quiet_transcript_warning() -> Iterator[None]:
         yield
 
 
-def _keeping_threads(fn: Any, args: argparse.Namespace) -> Any:
-    """``fn(args)`` with torch's thread count restored afterwards (``--threads`` applies to this run only)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    try:
-        return fn(args)
-    finally:
-        torch.set_num_threads(threads)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m dia_fast`` and the ``dia-fast`` script; returns the exit status."""
     args = _parser().parse_args(argv)
@@ -367,7 +352,10 @@ def main(argv: list[str] | None = None) -> int:
             # doubtful text, short prompts, ...: one line each, once (none with --quiet)
             warnings.simplefilter("once", UserWarning)
             warnings.showwarning = lambda message, *_a, **_k: _log(args, f"dia_fast: warning: {message}")
-            summary = _keeping_threads(run, args)
+            from .devices import keep_torch_threads
+
+            with keep_torch_threads():
+                summary = run(args)
     except (UsageError, ValueError, OSError, ConfigError, CheckpointError) as exc:
         print(f"dia_fast: error: {exc}", file=sys.stderr)
         return 2

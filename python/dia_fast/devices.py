@@ -5,7 +5,8 @@ from __future__ import annotations
 import ctypes
 import glob
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -104,3 +105,21 @@ def default_cpu_threads(decoder_hidden_size: int) -> int | None:
     stepped at 348 steps/s on 1 thread and 319 on 2 while the machine was quiet, and at 359 vs 73 with one core
     busy; at Dia-1.6B's width (2 layers) 2 threads gave 30.8 steps/s and 1 gave 17.7."""
     return 1 if decoder_hidden_size <= SMALL_MODEL_HIDDEN else None
+
+
+@contextmanager
+def keep_torch_threads() -> Iterator[None]:
+    """Restore torch's CPU thread count when the block ends (a command's ``--threads`` applies to its run only)."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def use_default_cpu_threads(device: torch.device, decoder_hidden_size: int) -> int | None:
+    """On the CPU, set torch's threads to :func:`default_cpu_threads`; returns the count set (None: left as is)."""
+    n = default_cpu_threads(decoder_hidden_size) if device.type == "cpu" else None
+    if n is not None:
+        torch.set_num_threads(n)
+    return n

@@ -87,12 +87,12 @@ def check_quantize(mode: str | None, device: torch.device | str, dtype: torch.dt
 
 
 def _targets(model: DiaModel) -> list[tuple[nn.Module, str]]:
+    """(parent module, attribute) of each GEMM of :func:`target_names` that is still a full-precision Linear."""
     out = []
-    for layer in model.decoder.layers:
-        for parent in (layer.self_attention, layer.cross_attention, layer.mlp):
-            for name in _GEMMS:
-                if isinstance(getattr(parent, name, None), nn.Linear):
-                    out.append((parent, name))
+    for name in target_names(model):
+        parent, _, attr = name.rpartition(".")
+        if isinstance(model.get_submodule(name), nn.Linear):
+            out.append((model.get_submodule(parent), attr))
     return out
 
 

@@ -25,7 +25,7 @@ from .. import ops
 from .._version import __version__
 from ..codec import AudioCodec, load_codec
 from ..config import DiaConfig
-from ..devices import resolve_device, resolve_dtype
+from ..devices import keep_torch_threads, resolve_device, resolve_dtype, use_default_cpu_threads
 from ..generation.sampling import SamplingConfig
 from ..info import _version_of
 from .report import add_speedups, document, table, write_json
@@ -181,11 +181,8 @@ def _device_name(device: torch.device) -> str:
 def run_bench(opts: BenchOptions) -> dict[str, Any]:
     """Run the bench and return its JSON document (also printed as a table and written to ``json_path``).
     torch's thread count is restored afterwards (``--threads`` and the small-model default apply to the run)."""
-    threads = torch.get_num_threads()
-    try:
+    with keep_torch_threads():
         return _run_bench(opts)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run_bench(opts: BenchOptions) -> dict[str, Any]:
@@ -204,13 +201,8 @@ def _run_bench(opts: BenchOptions) -> dict[str, Any]:
     if not opts.batches or min(opts.batches) < 1:
         raise ValueError(f"batch sizes must be >= 1, got {opts.batches}")
     tts, model_info = build_tts(opts, log)
-    if opts.threads is None and tts.device.type == "cpu":
-        from ..devices import default_cpu_threads
-
-        n = default_cpu_threads(tts.config.model.decoder.hidden_size)
-        if n is not None:
-            torch.set_num_threads(n)  # a small model: see default_cpu_threads
-            log(f"torch threads: {n} (a small model; --threads to choose)")
+    if opts.threads is None and (n := use_default_cpu_threads(tts.device, tts.config.model.decoder.hidden_size)):
+        log(f"torch threads: {n} (a small model; --threads to choose)")
     if opts.load:
         return _run_load(opts, tts, model_info, log, t0)
     device = tts.device

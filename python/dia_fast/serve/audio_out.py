@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import soxr
 
+from ..audio import float_to_pcm16
+
 __all__ = ["FORMATS", "AudioPipeline", "OutputFormat", "encode_audio", "output_rate"]
 
 _MP3_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
@@ -131,7 +133,7 @@ class _Resample:
 
 
 def _pcm16(pcm: np.ndarray) -> bytes:
-    return np.round(np.clip(pcm, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+    return float_to_pcm16(pcm).astype("<i2", copy=False).tobytes()
 
 
 def _wav_header(rate: int, data_bytes: int | None) -> bytes:

@@ -94,4 +94,12 @@ inline uint64_t splitmix64_at(uint64_t seed, uint64_t n) {
   return z ^ (z >> 31);
 }
 
+// Weight-only int8 linear: out[m, n] = scale[n] * sum_k x[m, k] * float(w[n, k]) for m < M, n < N.
+// x: fp32 rows of K with row stride ldx; w: int8 [N, K] C-contiguous; scale: fp32 [N]; out: fp32 rows of N
+// with row stride ldo. isa: one of kIsa* that int8_linear_best_isa() allows (the caller checks).
+constexpr int kIsaPortable = 0, kIsaAvx2 = 1, kIsaAvx512 = 2, kIsaAvx512Vnni = 3;
+int int8_linear_best_isa();
+void int8_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* w, const float* scale, int64_t N,
+                 float* out, int64_t ldo, int isa);
+
 }  // namespace dia_fast

@@ -20,7 +20,7 @@ namespace py = pybind11;
 namespace {
 
 // Bump when a function's Python signature or semantics change: _ext.py refuses a stale build.
-constexpr int kAbiVersion = 3;
+constexpr int kAbiVersion = 4;
 
 #ifndef DIA_FAST_VERSION
 #define DIA_FAST_VERSION "unknown"
@@ -267,6 +267,30 @@ void py_float_to_pcm16(const py::array& src, py::array& dst, bool dither, const 
                            src.shape(0), dither, s);
 }
 
+void py_int8_linear(const py::array& x, const py::array& w, const py::array& scale, py::array& out, int isa) {
+  if (!has_dtype<float>(x)) throw py::type_error("x must be float32, got " + dtype_name(x));
+  if (!has_dtype<int8_t>(w)) throw py::type_error("w must be int8, got " + dtype_name(w));
+  if (!has_dtype<float>(scale)) throw py::type_error("scale must be float32, got " + dtype_name(scale));
+  if (!has_dtype<float>(out)) throw py::type_error("out must be float32, got " + dtype_name(out));
+  require_ndim(x, "x", 2);
+  require_ndim(w, "w", 2);
+  const py::ssize_t M = x.shape(0), K = x.shape(1), N = w.shape(0);
+  if (w.shape(1) != K) throw py::value_error("w must be [N, K] with the K of x [M, K]");
+  require_shape(scale, "scale", {N});
+  require_shape(out, "out", {M, N});
+  require_c_contiguous(x, "x");
+  require_c_contiguous(w, "w");
+  require_c_contiguous(scale, "scale");
+  require_output(out, "out", {&x, &w, &scale});
+  const int best = dia_fast::int8_linear_best_isa();
+  if (isa < 0) isa = best;
+  if (isa > best) throw py::value_error("isa " + std::to_string(isa) + " is not supported by this CPU (best: " +
+                                        std::to_string(best) + ")");
+  py::gil_scoped_release nogil;
+  dia_fast::int8_linear(static_cast<const float*>(x.data()), M, K, K, static_cast<const int8_t*>(w.data()),
+                        static_cast<const float*>(scale.data()), N, static_cast<float*>(out.mutable_data()), N, isa);
+}
+
 py::dict build_info() {
   py::dict d;
   d["version"] = DIA_FAST_VERSION;
@@ -301,9 +325,10 @@ py::dict build_info() {
                   std::to_string(PYBIND11_VERSION_PATCH);
   py::list kernels;
   for (const char* k :
-       {"apply_delay", "revert_delay", "undelay_codes", "cfg_sample", "cfg_sample_rows", "float_to_pcm16"})
+       {"apply_delay", "revert_delay", "undelay_codes", "cfg_sample", "cfg_sample_rows", "float_to_pcm16", "int8_linear"})
     kernels.append(k);
   d["kernels"] = kernels;
+  d["int8_linear_isa"] = dia_fast::int8_linear_best_isa();
   return d;
 }
 
@@ -336,6 +361,11 @@ PYBIND11_MODULE(_C, m) {
         "contiguous) into out int64 [B,C], with per-row [B] settings: cfg_scale, temperature (0: greedy), top_p "
         "(float32), top_k (int64; <= 0: no CFG filter, the guided logits are sampled), seeds and offsets (int64: "
         "Philox4x32-10 key and counter offset), allow_eos (uint8 or None).");
+  m.def("int8_linear", &py_int8_linear, py::arg("x"), py::arg("w"), py::arg("scale"), py::arg("out").noconvert(),
+        py::arg("isa") = -1,
+        "Weight-only int8 linear: out[m,n] = scale[n] * sum_k x[m,k] * w[n,k]. x: float32 [M,K], w: int8 [N,K], "
+        "scale: float32 [N], out: float32 [M,N], all C-contiguous. isa: -1 the best this CPU runs, else 0 portable, "
+        "1 AVX2+FMA, 2 AVX-512 (F, BW, VL), 3 AVX-512 with VNNI.");
   m.def("float_to_pcm16", &py_float_to_pcm16, py::arg("src"), py::arg("dst").noconvert(), py::arg("dither"),
         py::arg("seed"),
         "dst = clip(rint(src * 32767 [+ TPDF dither]), -32768, 32767) with rint half to even and NaN -> 0. "

@@ -15,7 +15,7 @@ from types import ModuleType
 from typing import Any
 
 # The ABI of _C this Python code was written against (csrc/module.cpp: kAbiVersion).
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 _module: ModuleType | None = None
 _error: str = ""

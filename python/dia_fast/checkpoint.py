@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import torch
 
@@ -83,9 +84,93 @@ def check_weights(tensors: Tensors, path: Path) -> Tensors:
     for name, t in tensors.items():
         if not t.is_floating_point():
             raise CheckpointError(f"{path}: tensor {name} is {str(t.dtype).replace('torch.', '')}, not floating point")
-        if not bool(torch.isfinite(t).all()):
+        flat = t.reshape(-1)
+        step = 1 << 22  # isfinite's temporaries are several times the tensor: check a slice at a time
+        if not all(bool(torch.isfinite(flat[i : i + step]).all()) for i in range(0, flat.numel(), step)):
             raise CheckpointError(f"{path}: tensor {name} holds NaN or infinite values")
     return tensors
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def _safetensors_header(f: BinaryIO, path: Path) -> tuple[dict[str, Any], int]:
+    """(header, offset of the data) of an open safetensors file."""
+    size = f.seek(0, 2)
+    f.seek(0)
+    head = f.read(8)
+    n = int.from_bytes(head, "little") if len(head) == 8 else -1
+    if n < 2 or 8 + n > size:
+        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): bad header size")
+    try:
+        header = json.loads(f.read(n))
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {exc}") from None
+    header.pop("__metadata__", None)
+    for name, info in header.items():
+        begin, end = info.get("data_offsets", (0, -1))
+        if info.get("dtype") not in _SAFETENSORS_DTYPES or not 0 <= begin <= end or 8 + n + end > size:
+            raise CheckpointError(
+                f"{path}: not a readable safetensors file (truncated or corrupt?): tensor {name} is out of bounds "
+                "or of an unknown dtype"
+            )
+    return header, 8 + n
+
+
+def iter_tensors(paths: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` of the weight files one tensor at a time, each checked as :func:`check_weights` does.
+    A safetensors file is read with plain reads, one tensor after the other (a memory map would count the whole
+    file in the process's resident memory): only the tensor being handled is in memory. A ``.pth`` is read at
+    once."""
+    for path in paths:
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            yield from read_tensors(path).items()
+            continue
+        with open(path, "rb") as f:
+            header, data = _safetensors_header(f, path)
+            for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                begin, end = info["data_offsets"]
+                dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+                shape = [int(d) for d in info["shape"]]
+                numel = 1
+                for d in shape:
+                    numel *= d
+                if numel * dtype.itemsize != end - begin:
+                    raise CheckpointError(f"{path}: tensor {name} holds {end - begin} bytes, not {shape} of {dtype}")
+                raw = torch.empty(end - begin, dtype=torch.uint8)  # read straight into the tensor's memory
+                f.seek(data + begin)
+                if f.readinto(memoryview(raw.numpy())) != end - begin:
+                    raise CheckpointError(f"{path}: not a readable safetensors file (truncated?): tensor {name}")
+                tensor = raw.view(dtype).reshape(shape)
+                del raw
+                yield name, check_weights({name: tensor}, path)[name]
+                del tensor  # before the next one is read: one tensor in memory at a time
+
+
+def safetensors_keys(paths: Iterable[Path]) -> list[str] | None:
+    """The tensor names of safetensors weight files, from their headers (None: not all are safetensors)."""
+    paths = [Path(p) for p in paths]
+    if not all(p.suffix == ".safetensors" for p in paths):
+        return None
+    keys: list[str] = []
+    for path in paths:
+        with open(path, "rb") as f:
+            keys.extend(_safetensors_header(f, path)[0])
+    return keys
 
 
 def read_all(paths: Iterable[Path]) -> Tensors:
@@ -195,6 +280,44 @@ def to_official(state: Tensors, config: DiaConfig) -> Tensors:
         else:
             out[k] = w
     return out
+
+
+def iter_internal(items: Iterable[tuple[str, torch.Tensor]], layout: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """:func:`to_internal` one tensor at a time (the official layout's per-channel embeddings, small, are joined
+    at the end)."""
+    embeds: Tensors = {}
+    for key, tensor in items:
+        if layout == "official" and re.fullmatch(r"decoder\.embeddings\.\d+\.weight", key):
+            embeds[key] = tensor
+            continue
+        converter = {"transformers": from_transformers, "official": from_official}.get(layout)
+        converted = converter({key: tensor}) if converter else {key: tensor}
+        del tensor
+        while converted:  # handed on without keeping a reference here
+            yield converted.popitem()
+    if embeds:
+        yield from from_official(embeds).items()
+
+
+def load_config_and_tensors(
+    path_or_id: str | Path, config: DiaConfig | None = None
+) -> tuple[DiaConfig, Iterator[tuple[str, torch.Tensor]], str]:
+    """Like :func:`load_config_and_state`, but the dia_fast-layout tensors come one at a time (for loading that
+    converts as it goes, e.g. quantizing). The layout is detected from the names alone for safetensors files."""
+    p = resolve_path(path_or_id)
+    files = find_weights(p) if p.is_dir() else [p]
+    cfg_file = (p if p.is_dir() else p.parent) / "config.json"
+    if config is None:
+        if not cfg_file.exists():
+            raise CheckpointError(f"no config.json next to {p}; pass config= explicitly")
+        config = DiaConfig.from_json(cfg_file)
+    keys = safetensors_keys(files)
+    if keys is None:  # a torch pickle: read at once anyway
+        raw = read_all(files)
+        layout = detect_layout(raw)
+        return config, iter_internal(raw.items(), layout), layout
+    layout = detect_layout(dict.fromkeys(keys))
+    return config, iter_internal(iter_tensors(files), layout), layout
 
 
 def to_internal(state: Tensors) -> Tensors:

@@ -1,41 +1,47 @@
 """Weight quantization of the decoder: ``quantize="int8" | "fp8" | "int4"``.
 
 A decode step reads every decoder weight once, so at small batch the bytes of those weights set the speed.
-What is quantized: the decoder layers' GEMMs (self-attention QKV and output, cross-attention query and output,
-the MLP's gate/up and down), 98% of the decoder's weights at Dia-1.6B's widths. What is not: the embeddings
-(a gather, not a GEMM), the logits head (small, and its errors go straight into the sampled codes), the
-cross-attention keys and values (computed once per request from the encoder) and the encoder (once per request).
+What is quantized (:data:`DEFAULT_PARTS`, chosen by measurement in docs/quantization.md): every GEMM of the
+decoder that runs per step: the layers' self-attention QKV and output, cross-attention query and output, the
+MLP's gate/up and down, and the logits head. What is not: the embeddings (a gather of 9 rows per step, not a
+GEMM), the cross-attention keys and values (computed once per request from the encoder) and the encoder (once
+per request).
 
-* CPU ``int8``: PyTorch's dynamic int8 linear (fbgemm/oneDNN): int8 weights with a scale per output channel;
-  each GEMM quantizes its activations on the fly (per tensor) and accumulates in int32, so this is W8A8 dynamic,
-  not weight-only. The model must be float32 on the CPU (that is what the kernel takes).
+* CPU ``int8``: weight-only: int8 weights with one fp32 scale per output row (:class:`~dia_fast.model.int8.
+  Int8Linear`), run by the C++ kernel ``ops.int8_linear`` (csrc/linear.cpp); activations stay float32. The model
+  must be float32 on the CPU.
 * CUDA ``int8`` / ``fp8`` / ``int4``: torchao's weight-only configs (``Int8WeightOnlyConfig``,
   ``Float8WeightOnlyConfig``, ``Int4WeightOnlyConfig(group_size=128)``); activations stay in the model's dtype.
   fp8 needs compute capability 8.9 or newer. **Not yet run on a GPU.**
 * Apple GPUs: not supported.
 
-An int8 model saves (``DiaTTS.save_pretrained``: int8 weights with a scale per row, ``quantization.json``) and
-loads back as it is. Quality and speed are measured by ``python -m dia_fast.bench --quantize``
-(docs/quantization.md).
+A CPU int8 model loads from a full-precision checkpoint one tensor at a time (:func:`load_quantized`: the
+full-precision GEMM weights are never all in memory), saves (``DiaTTS.save_pretrained``: int8 weights with their
+scales, ``quantization.json``) and loads back as it is.
 """
 
 from __future__ import annotations
 
 import json
-import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from .model.int8 import Int8Linear, quantize_rows
+
 if TYPE_CHECKING:
     from .model import DiaModel
 
 __all__ = [
+    "DEFAULT_PARTS",
+    "PARTS",
     "QUANT_MODES",
     "check_quantize",
     "load_int8",
+    "load_quantized",
     "quantize_decoder",
     "quantized_mode",
     "quantized_state",
@@ -44,6 +50,9 @@ __all__ = [
 
 QUANT_MODES = ("int8", "fp8", "int4")
 _GEMMS = ("qkv_proj", "o_proj", "q_proj", "gate_up_proj", "down_proj")  # per decoder layer (o_proj: both)
+#: the kinds of decoder GEMM that can be quantized; ``logits``: the output head
+PARTS = ("self_attention", "cross_attention", "mlp", "logits")
+DEFAULT_PARTS = PARTS
 
 
 def check_quantize(mode: str | None, device: torch.device | str, dtype: torch.dtype | None = None) -> str | None:
@@ -59,11 +68,6 @@ def check_quantize(mode: str | None, device: torch.device | str, dtype: torch.dt
             raise ValueError(
                 f"quantize={mode} has no CPU kernel in dia_fast: on the CPU use int8 (fp8 and int4 run on CUDA)"
             )
-        if "fbgemm" not in torch.backends.quantized.supported_engines and (
-            "x86" not in torch.backends.quantized.supported_engines
-            and "qnnpack" not in torch.backends.quantized.supported_engines
-        ):
-            raise ValueError("quantize=int8 on the CPU needs PyTorch's quantized engines, which this build lacks")
         if dtype is not None and dtype != torch.float32:
             raise ValueError(
                 f"quantize=int8 on the CPU runs with float32 activations; got dtype {dtype} "
@@ -86,38 +90,35 @@ def check_quantize(mode: str | None, device: torch.device | str, dtype: torch.dt
     )
 
 
-def _targets(model: DiaModel) -> list[tuple[nn.Module, str]]:
+def _targets(model: DiaModel, parts: tuple[str, ...]) -> list[tuple[nn.Module, str]]:
     """(parent module, attribute) of each GEMM of :func:`target_names` that is still a full-precision Linear."""
     out = []
-    for name in target_names(model):
+    for name in target_names(model, parts):
         parent, _, attr = name.rpartition(".")
         if isinstance(model.get_submodule(name), nn.Linear):
             out.append((model.get_submodule(parent), attr))
     return out
 
 
-def quantize_decoder(model: DiaModel, mode: str) -> dict[str, Any]:
-    """Quantize the decoder layers' GEMMs of ``model`` in place (see the module doc); returns what was done:
-    ``mode``, ``layers`` (GEMMs quantized), ``bytes_before`` and ``bytes_after`` (of those weights)."""
+def quantize_decoder(model: DiaModel, mode: str, parts: tuple[str, ...] = DEFAULT_PARTS) -> dict[str, Any]:
+    """Quantize the decoder's GEMMs of ``model`` in place (see the module doc); returns what was done:
+    ``mode``, ``layers`` (GEMMs quantized), ``bytes_before`` and ``bytes_after`` (of those weights).
+    ``parts``: which kinds of GEMM (:data:`PARTS`; the default is what docs/quantization.md measured)."""
     mode = check_quantize(mode, model.device, model.dtype)
     if mode is None:
         return {"mode": None}
     if quantized_mode(model) is not None:
         raise ValueError(f"the model is already quantized ({quantized_mode(model)})")
-    targets = _targets(model)
+    bad = sorted(set(parts) - set(PARTS))
+    if bad or not parts:
+        raise ValueError(f"parts must be a non-empty subset of {', '.join(PARTS)}, got {', '.join(bad) or 'none'}")
+    names = target_names(model, tuple(parts))
+    targets = _targets(model, tuple(parts))
     before = sum(getattr(p, n).weight.numel() * getattr(p, n).weight.element_size() for p, n in targets)
     if model.device.type == "cpu":
-        from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-        from torch.ao.quantization import per_channel_dynamic_qconfig
-
-        with warnings.catch_warnings():
-            # torch 2.13 marks its quantized-tensor constructors deprecated (docs/quantization.md); the kernels run
-            warnings.filterwarnings("ignore", message=".*quantiz.*deprecated", category=UserWarning)
-            for parent, name in targets:
-                lin = getattr(parent, name)
-                lin.qconfig = per_channel_dynamic_qconfig
-                setattr(parent, name, DynamicLinear.from_float(lin))
-        after = sum(_packed_bytes(getattr(p, n)) for p, n in targets)
+        for parent, name in targets:
+            setattr(parent, name, Int8Linear.from_weight(getattr(parent, name).weight))
+        after = sum(_int8_bytes(getattr(p, n)) for p, n in targets)
     else:  # CUDA: torchao weight-only
         from torchao.quantization import (
             Float8WeightOnlyConfig,
@@ -135,12 +136,12 @@ def quantize_decoder(model: DiaModel, mode: str) -> dict[str, Any]:
         quantize_(model.decoder, config, filter_fn=lambda m, _fqn: id(m) in wanted)
         after = None  # torchao's tensor subclasses: measured by the bench as device memory
     model._dia_fast_quantized = mode  # noqa: SLF001 - read by quantized_mode()
+    model._dia_fast_quantized_names = names  # noqa: SLF001 - read by quantized_state()
     return {"mode": mode, "layers": len(targets), "bytes_before": before, "bytes_after": after}
 
 
-def _packed_bytes(module: nn.Module) -> int:
-    w = module.weight()  # the int8 weight of a dynamic quantized Linear, a scale and zero point per output channel
-    return w.numel() * w.element_size() + w.shape[0] * (4 + 8)
+def _int8_bytes(module: Int8Linear) -> int:
+    return module.weight_int8.numel() + module.weight_scale.numel() * 4
 
 
 def quantized_mode(model: nn.Module) -> str | None:
@@ -150,38 +151,41 @@ def quantized_mode(model: nn.Module) -> str | None:
 
 # ---------------------------------------------------------------------------------------------- saved int8 models
 QUANT_FILE = "quantization.json"
-_INT8_FORMAT = "dia_fast.dynamic-int8/1"
+_INT8_FORMAT = "dia_fast.int8-weight-only/2"
 
 
-def target_names(model: DiaModel) -> list[str]:
-    """Module names of the GEMMs :func:`quantize_decoder` quantizes (``decoder.layers.0.mlp.down_proj``, ...)."""
+def target_names(model: DiaModel, parts: tuple[str, ...] = DEFAULT_PARTS) -> list[str]:
+    """Module names of the GEMMs :func:`quantize_decoder` quantizes for ``parts`` (``decoder.layers.0.mlp.down_proj``,
+    ..., ``decoder.logits_dense``)."""
     out = []
     for layer_name, layer in model.decoder.layers.named_children():
         for part in ("self_attention", "cross_attention", "mlp"):
+            if part not in parts:
+                continue
             for gemm in _GEMMS:
                 if getattr(getattr(layer, part), gemm, None) is not None:
                     out.append(f"decoder.layers.{layer_name}.{part}.{gemm}")
+    if "logits" in parts:
+        out.append("decoder.logits_dense")
     return out
 
 
 def quantized_state(model: DiaModel) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The tensors of an int8-quantized (CPU) model for a safetensors file: full-precision tensors under their
-    names, each quantized GEMM as ``<name>.weight_int8`` (int8 [out, in]), ``.weight_scale`` (fp32 [out]) and
-    ``.weight_zero_point`` (int64 [out]); and the ``quantization.json`` document."""
+    names, each quantized GEMM as ``<name>.weight_int8`` (int8 [out, in]) and ``<name>.weight_scale`` (fp32
+    [out]); and the ``quantization.json`` document."""
     mode = quantized_mode(model)
     if mode != "int8" or model.device.type != "cpu":
         raise ValueError(
             f"saving a quantized model is supported for int8 on the CPU; this one is {mode} on {model.device.type}"
         )
-    names = target_names(model)
-    skip = tuple(f"{n}." for n in names)
+    names = list(model._dia_fast_quantized_names)  # noqa: SLF001
     # the parameters under dia_fast's own names (state_dict() would split the self-attention QKV GEMMs)
-    state = {k: v.detach().contiguous() for k, v in model.named_parameters() if not k.startswith(skip)}
+    state = {k: v.detach().contiguous() for k, v in model.named_parameters()}
     for name in names:
-        w = model.get_submodule(name).weight()
-        state[f"{name}.weight_int8"] = w.int_repr().contiguous()
-        state[f"{name}.weight_scale"] = w.q_per_channel_scales().float().contiguous()
-        state[f"{name}.weight_zero_point"] = w.q_per_channel_zero_points().long().contiguous()
+        lin = model.get_submodule(name)
+        state[f"{name}.weight_int8"] = lin.weight_int8.contiguous()
+        state[f"{name}.weight_scale"] = lin.weight_scale.contiguous()
     return state, {"mode": "int8", "format": _INT8_FORMAT, "quantized": names}
 
 
@@ -192,38 +196,108 @@ def read_quantization(directory: Path) -> dict[str, Any] | None:
         return None
     doc = json.loads(path.read_text())
     if doc.get("format") != _INT8_FORMAT:
-        raise ValueError(f"{path}: unknown quantized format {doc.get('format')!r} (this dia_fast reads {_INT8_FORMAT})")
+        raise ValueError(
+            f"{path}: unknown quantized format {doc.get('format')!r} (this dia_fast reads {_INT8_FORMAT}; "
+            "quantize the full-precision checkpoint again)"
+        )
     return doc
+
+
+def _install_int8(model: DiaModel, names: list[str]) -> dict[str, Int8Linear]:
+    """Replace the GEMMs ``names`` of a meta-device ``model`` with empty CPU :class:`Int8Linear` layers."""
+    layers = {}
+    for name in names:
+        lin = model.get_submodule(name)
+        if not isinstance(lin, nn.Linear) or lin.bias is not None:
+            raise ValueError(f"{name} is not a bias-free linear layer of this model")
+        layer = Int8Linear(lin.in_features, lin.out_features, device="cpu")
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, layer)
+        layers[name] = layer
+    return layers
 
 
 def load_int8(model: DiaModel, state: dict[str, torch.Tensor], names: list[str], source: str) -> None:
     """Fill ``model`` (built on the meta device) from :func:`quantized_state`'s tensors: the full-precision ones are
-    loaded strictly, then the quantized GEMMs become dynamic int8 linears holding the saved int8 weights and scales."""
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-
-    saved = {}
-    for name in names:
+    loaded strictly, the quantized GEMMs become :class:`Int8Linear` layers holding the saved int8 weights and
+    scales."""
+    layers = _install_int8(model, names)
+    for name, layer in layers.items():
         try:
-            saved[name] = tuple(state.pop(f"{name}.weight_{k}") for k in ("int8", "scale", "zero_point"))
+            q, scale = state.pop(f"{name}.weight_int8"), state.pop(f"{name}.weight_scale")
         except KeyError as exc:
             raise ValueError(f"{source}: the quantized weights of {name} are missing ({exc})") from None
+        shape = tuple(layer.weight_int8.shape)
+        if q.dtype != torch.int8 or tuple(q.shape) != shape or tuple(scale.shape) != shape[:1]:
+            raise ValueError(
+                f"{source}: {name} must be int8 {shape} with {shape[0]} scales, got {q.dtype} "
+                f"{tuple(q.shape)} and {tuple(scale.shape)}"
+            )
+        if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+            raise ValueError(f"{source}: the scales of {name} must be positive and finite")
+        layer.weight_int8, layer.weight_scale = q.contiguous(), scale.float().contiguous()
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    missing = sorted(set(missing) - {f"{n}.weight" for n in names})
+    quantized_keys = {f"{n}.{k}" for n in names for k in ("weight_int8", "weight_scale")}
+    missing = sorted(set(missing) - quantized_keys)
     if missing or unexpected:
         raise ValueError(f"{source} does not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*quantiz.*deprecated", category=UserWarning)
-        for name, (q, scale, zero) in saved.items():
-            lin = model.get_submodule(name)
-            shape = (lin.out_features, lin.in_features)
-            if q.dtype != torch.int8 or tuple(q.shape) != shape or scale.shape != (shape[0],):
-                raise ValueError(
-                    f"{source}: {name} must be int8 {shape} with {shape[0]} scales, got {q.dtype} "
-                    f"{tuple(q.shape)} and {tuple(scale.shape)}"
-                )
-            weight = torch._make_per_channel_quantized_tensor(q, scale.double(), zero.long(), 0)
-            dyn = DynamicLinear(lin.in_features, lin.out_features, bias_=False, dtype=torch.qint8)
-            dyn.set_weight_bias(weight, None)
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, dyn)
     model._dia_fast_quantized = "int8"  # noqa: SLF001 - read by quantized_mode()
+    model._dia_fast_quantized_names = list(names)  # noqa: SLF001 - read by quantized_state()
+
+
+def load_quantized(
+    model: DiaModel,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    mode: str,
+    dtype: torch.dtype,
+    source: str,
+    parts: tuple[str, ...] = DEFAULT_PARTS,
+) -> None:
+    """Fill ``model`` (built on the meta device) from a full-precision checkpoint's ``(name, tensor)`` pairs in
+    dia_fast's layout, quantizing each GEMM weight as it arrives (CPU int8): the full-precision GEMM weights are
+    never all in memory, only the one being quantized. The self-attention's q, k and v parts are quantized into
+    their rows of the fused QKV GEMM (per-row scales make that exact). Strict: missing, unexpected and mis-shaped
+    tensors raise :class:`~dia_fast.checkpoint.CheckpointError`."""
+    from .checkpoint import check_state_dict
+
+    if mode != "int8":
+        raise ValueError(f"quantizing while loading is implemented for int8 on the CPU, not {mode}")
+    names = target_names(model, parts)
+    layers = _install_int8(model, names)
+    # the full-precision tensors: real storage in the model's dtype, filled as their tensors arrive
+    for pname, param in list(model.named_parameters()):
+        owner, _, attr = pname.rpartition(".")
+        setattr(model.get_submodule(owner), attr, nn.Parameter(torch.empty(param.shape, dtype=dtype), False))
+    # checkpoint name -> (full-precision tensor to fill, or the int8 layer and the first of its rows), and its shape
+    dest: dict[str, tuple[torch.Tensor | Int8Linear, int]] = {k: (v, 0) for k, v in model.published_parameters()}
+    expected = {k: v.shape for k, (v, _) in dest.items()}
+    for name, layer in layers.items():
+        base, _, gemm = name.rpartition(".")
+        parts_rows = (
+            zip(("q_proj", "k_proj", "v_proj"), model.get_submodule(base).split_sizes, strict=True)
+            if gemm == "qkv_proj"
+            else [(gemm, layer.out_features)]
+        )
+        row = 0
+        for proj, rows in parts_rows:
+            dest[f"{base}.{proj}.weight"] = (layer, row)
+            expected[f"{base}.{proj}.weight"] = torch.Size([rows, layer.in_features])
+            row += rows
+    seen: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors:
+        seen[key] = torch.empty(tensor.shape, device="meta")
+        target = dest.get(key)
+        if target is None or tuple(tensor.shape) != tuple(expected[key]):
+            continue  # reported below with the others
+        where, row = target
+        with torch.no_grad():
+            if isinstance(where, Int8Linear):
+                q, scale = quantize_rows(tensor)
+                where.weight_int8[row : row + q.shape[0]] = q
+                where.weight_scale[row : row + q.shape[0]] = scale
+            else:
+                where.copy_(tensor)
+        del tensor
+    check_state_dict(expected, seen, source)
+    model._dia_fast_quantized = mode  # noqa: SLF001 - read by quantized_mode()
+    model._dia_fast_quantized_names = names  # noqa: SLF001 - read by quantized_state()

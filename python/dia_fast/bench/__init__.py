@@ -239,6 +239,7 @@ def _run_bench(opts: BenchOptions) -> dict[str, Any]:
         from .quality import quantization_quality
 
         quant_meta[mode]["quality"] = quantization_quality(tts, qtts, steps=opts.quality_steps)
+    loading = _loading_memory(opts, tts, log) if opts.quantize else None
     if "eager" in compare and device.type != "cuda":
         notes.append(
             f"dia_fast-eager: CUDA graphs are CUDA-only, so on {device.type} it runs the same code as dia_fast"
@@ -349,6 +350,7 @@ def _run_bench(opts: BenchOptions) -> dict[str, Any]:
         "ops_backends_used": {op: devs.get(device.type) for op, devs in ops.table().items()},
         "notes": notes,
         "quantize": quant_meta,
+        "loading": loading,
         "torch_threads": torch.get_num_threads(),
         "machine_load_at_start": busy,
         "loadavg_1m_at_end": machine_load()["loadavg_1m"],
@@ -374,6 +376,31 @@ def _run_bench(opts: BenchOptions) -> dict[str, Any]:
         path = write_json(opts.json_path, doc)
         log(f"wrote {path}")
     return doc
+
+
+def _loading_memory(opts: BenchOptions, tts: DiaTTS, log: Callable[[str], None]) -> dict[str, Any]:
+    """Peak and after-load memory of loading the checkpoint in full precision and in each ``--quantize`` mode,
+    each in its own process (:mod:`dia_fast.bench.loading`); a preset is written to a temporary checkpoint first."""
+    import tempfile
+
+    from .loading import measure_loading
+
+    modes = ["none", *opts.quantize]
+    with tempfile.TemporaryDirectory(prefix="dia_fast_bench_") as tmp:
+        path: str | Path = opts.model
+        if opts.model.lower() in ("tiny", "dia-1.6b", "dia", "1.6b"):
+            path = tts.save_pretrained(Path(tmp) / "checkpoint")
+        log(f"memory while loading the checkpoint: {', '.join(modes)} (one process each)")
+        out = measure_loading(path, modes, str(tts.device))
+    for mode, row in out.items():
+        if "error" in row:
+            log(f"  {mode}: {row['error']}")
+        else:
+            log(
+                f"  {mode}: peak {row['peak_bytes'] / 2**20:.0f} MiB while loading, {row['after_bytes'] / 2**20:.0f} "
+                f"MiB after, weights {row['weight_bytes'] / 2**20:.0f} MiB, {row['load_s']:.1f} s"
+            )
+    return out
 
 
 def _run_load(

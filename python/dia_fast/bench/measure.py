@@ -84,12 +84,6 @@ class PeakMemory:
 
 
 def weight_bytes(module: torch.nn.Module) -> int:
-    """Bytes of a module's parameters and buffers (and of the packed weights of dynamic int8 linears)."""
+    """Bytes of a module's parameters and buffers (int8 layers hold their weights and scales as buffers)."""
     tensors = list(module.parameters()) + list(module.buffers())
-    packed = 0
-    for m in module.modules():
-        weight = getattr(m, "weight", None)
-        if callable(weight) and hasattr(m, "_packed_params"):  # torch.ao dynamic quantized Linear
-            w = weight()
-            packed += w.numel() * w.element_size() + w.shape[0] * 12  # int8 + a scale and zero point per row
-    return sum(t.numel() * t.element_size() for t in tensors) + packed
+    return sum(t.numel() * t.element_size() for t in tensors)

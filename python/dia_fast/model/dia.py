@@ -285,7 +285,10 @@ class Decoder(nn.Module):
             h, delta = h[:, -1:], delta[:, -1:]
         x = self.norm.add(h, delta)[0]
         if logits_out is not None:
-            torch.matmul(x.reshape(R, -1), self.logits_dense.weight.t(), out=logits_out.view(R, -1))
+            if isinstance(self.logits_dense, nn.Linear):
+                torch.matmul(x.reshape(R, -1), self.logits_dense.weight.t(), out=logits_out.view(R, -1))
+            else:  # a quantized head (dia_fast.quantize) has its own kernel and no out=
+                logits_out.view(R, -1).copy_(self.logits_dense(x.reshape(R, -1)))
             return logits_out
         logits = self.logits_dense(x)
         return logits.view(R, x.shape[1], self.channels, self.vocab).float()
@@ -302,7 +305,7 @@ class DiaModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.decoder.logits_dense.weight.device
+        return self.decoder.embeddings.embed.weight.device  # not a GEMM weight: those may be quantized
 
     def published_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(state-dict name, tensor) of every weight under its published name: the ``q_proj``, ``k_proj`` and
@@ -317,7 +320,7 @@ class DiaModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.decoder.logits_dense.weight.dtype
+        return self.decoder.embeddings.embed.weight.dtype
 
     def encode(self, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         return self.encoder(text_ids, text_mask)

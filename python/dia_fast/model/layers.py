@@ -117,6 +117,8 @@ class SelfAttention(nn.Module):
 
     @staticmethod
     def _split_qkv(module: SelfAttention, state: dict[str, Any], prefix: str, _meta: Any) -> None:
+        if prefix + "qkv_proj.weight" not in state:  # quantized (dia_fast.quantize): saved under its own names
+            return
         w = state.pop(prefix + "qkv_proj.weight")
         parts = w.detach().split(module.split_sizes, dim=0)
         for name, part in zip(("q_proj", "k_proj", "v_proj"), parts, strict=True):

@@ -38,6 +38,7 @@ __all__ = [
     "decode_attention",
     "delayed_view",
     "embed_codes",
+    "int8_linear",
     "filter_cfg_logits",
     "register",
     "revert_delay",
@@ -104,6 +105,7 @@ _OPS = (
     "swiglu",
     "step_update",
     "slot_update",
+    "int8_linear",
 )
 for _op in _OPS:
     register(_op, "torch", getattr(reference, _op))
@@ -118,7 +120,7 @@ for _op in ("add_rmsnorm", "rope_kv_write", "swiglu"):
 for _op in ("step_update", "slot_update"):
     register(_op, "triton", f"dia_fast.ops.triton_step:{_op}")
 # C++ CPU kernels: registered where they measured faster than the reference (benchmarks/RESULTS.md)
-for _op in ("apply_delay", "revert_delay", "undelay_codes", "cfg_sample"):
+for _op in ("apply_delay", "revert_delay", "undelay_codes", "cfg_sample", "int8_linear"):
     register(_op, "cpp", f"dia_fast.ops.cpp:{_op}")
 # Metal kernels (kernels/*.metal), compiled at run time on Apple GPUs
 for _op in ("apply_delay", "revert_delay", "undelay_codes", "decode_attention", "cfg_sample"):
@@ -276,6 +278,14 @@ def rope_kv_write(
     k/v written into the caches [R, Hkv, L, D]; returns q [R, Hq, T, D]. See
     :func:`dia_fast.ops.reference.rope_kv_write`."""
     return get_impl("rope_kv_write", qkv.device, backend)(qkv, start, cos, sin, k_cache, v_cache, n_head, n_kv_head)
+
+
+def int8_linear(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, backend: str | None = None
+) -> torch.Tensor:
+    """Weight-only int8 linear ``x @ (weight * scale[:, None]).T`` (int8 [N, K] weights, fp32 scale per row).
+    See :func:`dia_fast.ops.reference.int8_linear`; the C++ kernel: :func:`dia_fast.ops.cpp.int8_linear`."""
+    return get_impl("int8_linear", x.device, backend)(x, weight, scale)
 
 
 def swiglu(gate_up: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:

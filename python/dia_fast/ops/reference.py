@@ -618,3 +618,18 @@ def slot_update(
     row_pos.copy_(p.repeat_interleave(2))
     pos.copy_(torch.where(live & ~done_now, (p + 1).clamp(max=L - 1), p))
     allow_eos.copy_(pos >= min_eos_pos)
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Weight-only int8 linear: ``x @ (weight * scale[:, None]).T`` with ``weight`` int8 [N, K] and ``scale``
+    fp32 [N] (one per output row); ``x`` [..., K] in any float dtype, result in ``x``'s dtype. Dequantizes the
+    whole weight for each call: the definition, not a fast path."""
+    if weight.dtype != torch.int8 or weight.ndim != 2 or scale.shape != (weight.shape[0],):
+        raise ValueError(
+            f"int8_linear takes int8 [N, K] weights and N scales, got {weight.dtype} {tuple(weight.shape)} "
+            f"and {tuple(scale.shape)}"
+        )
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"int8_linear: x has {x.shape[-1]} features, the weight {weight.shape[1]}")
+    out = torch.nn.functional.linear(x.float(), weight.float()) * scale.float()
+    return out.to(x.dtype)

@@ -1,0 +1,112 @@
+"""Memory while loading a checkpoint, per quantization mode (``--quantize``'s ``loading`` block).
+
+Each mode loads in a fresh Python process (``python -m dia_fast.bench.loading``), so that no memory freed by an
+earlier measurement is reused and hidden: the process imports dia_fast, notes its memory, loads the checkpoint
+with ``DiaTTS.from_pretrained(path, quantize=mode)`` and reports
+
+* ``peak_bytes``: the most memory it held while loading, above what it held before (CPU: peak resident set,
+  VmHWM; CUDA: ``torch.cuda.max_memory_allocated``);
+* ``after_bytes``: what it holds once loaded, above the same baseline (CPU: resident set; CUDA: allocated);
+* ``weight_bytes``: the bytes of the loaded model's tensors (parameters and buffers, int8 weights included);
+* ``load_s``: the wall time of ``from_pretrained``.
+
+The codec is a small random demo codec in every mode (its memory is the same for all of them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["measure_loading"]
+
+
+def _rss_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _load_once(path: str, mode: str, device: str) -> dict[str, Any]:
+    import resource
+
+    import torch
+
+    from ..api import DiaTTS
+    from ..codec import load_codec
+    from .measure import weight_bytes
+
+    dev = torch.device(device)
+    codec = load_codec(None, device=dev, warn_demo=False)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        base = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        kind = "cuda_max_memory_allocated"
+    else:
+        rss = _rss_kib("VmRSS")
+        base = (rss if rss is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+        kind = "cpu_peak_rss_vmhwm" if rss is not None else "cpu_peak_rss_ru_maxrss"
+    t0 = time.perf_counter()
+    tts = DiaTTS.from_pretrained(path, device=dev, codec=codec, quantize=None if mode == "none" else mode)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    load_s = time.perf_counter() - t0
+    if dev.type == "cuda":
+        peak, after = torch.cuda.max_memory_allocated(dev), torch.cuda.memory_allocated(dev)
+    else:
+        hwm = _rss_kib("VmHWM")
+        peak = (hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+        after = (_rss_kib("VmRSS") or 0) * 1024
+    return {
+        "mode": mode,
+        "peak_bytes": max(int(peak - base), 0),
+        "after_bytes": max(int(after - base), 0),
+        "weight_bytes": weight_bytes(tts.model),
+        "load_s": load_s,
+        "memory_kind": kind,
+    }
+
+
+def measure_loading(path: str | Path, modes: list[str], device: str, timeout_s: float = 900) -> dict[str, Any]:
+    """``{mode: {peak_bytes, after_bytes, weight_bytes, load_s, memory_kind}}`` for each mode (``"none"``: full
+    precision), each loaded in its own process; a mode that fails reports ``{"error": ...}``."""
+    out: dict[str, Any] = {}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for mode in modes:
+        cmd = [sys.executable, "-m", "dia_fast.bench.loading", str(path), "--mode", mode, "--device", device]
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, check=False)
+        except subprocess.TimeoutExpired:
+            out[mode] = {"error": f"loading took more than {timeout_s:.0f} s"}
+            continue
+        if r.returncode != 0:
+            tail = (r.stderr.strip().splitlines() or ["no output"])[-1]
+            out[mode] = {"error": f"exit {r.returncode}: {tail}"}
+            continue
+        out[mode] = json.loads(r.stdout.strip().splitlines()[-1])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dia_fast.bench.loading", description=__doc__.splitlines()[0])
+    p.add_argument("path", help="checkpoint directory or file")
+    p.add_argument("--mode", default="none", help="none, int8, fp8 or int4")
+    p.add_argument("--device", default="cpu")
+    a = p.parse_args(argv)
+    print(json.dumps(_load_once(a.path, a.mode, a.device)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

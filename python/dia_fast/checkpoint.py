@@ -119,10 +119,13 @@ def _safetensors_header(f: BinaryIO, path: Path) -> tuple[dict[str, Any], int]:
         header = json.loads(f.read(n))
     except ValueError as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {exc}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): bad header")
     header.pop("__metadata__", None)
     for name, info in header.items():
-        begin, end = info.get("data_offsets", (0, -1))
-        if info.get("dtype") not in _SAFETENSORS_DTYPES or not 0 <= begin <= end or 8 + n + end > size:
+        ok = isinstance(info, dict) and isinstance(info.get("shape"), list)
+        begin, end = info.get("data_offsets", (0, -1)) if ok else (0, -1)
+        if not ok or info.get("dtype") not in _SAFETENSORS_DTYPES or not 0 <= begin <= end or 8 + n + end > size:
             raise CheckpointError(
                 f"{path}: not a readable safetensors file (truncated or corrupt?): tensor {name} is out of bounds "
                 "or of an unknown dtype"

@@ -128,6 +128,9 @@ def _codec(kind: str, seed: int, device: torch.device) -> tuple[AudioCodec, str]
     return load_codec(kind, device=device), f"checkpoint {kind}"
 
 
+PRESET_NAMES = ("tiny", "dia-1.6b", "dia", "1.6b")  # --model values that build a preset with random weights
+
+
 def build_tts(opts: BenchOptions, log: Callable[[str], None]) -> tuple[DiaTTS, dict[str, Any]]:
     """The dia_fast model: a preset with seeded random weights (optionally fewer layers), or a checkpoint."""
     from ..api import DiaTTS
@@ -135,7 +138,7 @@ def build_tts(opts: BenchOptions, log: Callable[[str], None]) -> tuple[DiaTTS, d
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
     key = opts.model.lower()
-    if key in ("tiny", "dia-1.6b", "dia", "1.6b"):
+    if key in PRESET_NAMES:
         cfg = DiaConfig.preset(key)
         if opts.layers is not None:
             cfg = cfg.with_layers(opts.layers, opts.layers)
@@ -388,7 +391,7 @@ def _loading_memory(opts: BenchOptions, tts: DiaTTS, log: Callable[[str], None])
     modes = ["none", *opts.quantize]
     with tempfile.TemporaryDirectory(prefix="dia_fast_bench_") as tmp:
         path: str | Path = opts.model
-        if opts.model.lower() in ("tiny", "dia-1.6b", "dia", "1.6b"):
+        if opts.model.lower() in PRESET_NAMES:
             path = tts.save_pretrained(Path(tmp) / "checkpoint")
         log(f"memory while loading the checkpoint: {', '.join(modes)} (one process each)")
         out = measure_loading(path, modes, str(tts.device))

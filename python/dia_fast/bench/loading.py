@@ -27,54 +27,25 @@ from typing import Any
 __all__ = ["measure_loading"]
 
 
-def _rss_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def _load_once(path: str, mode: str, device: str) -> dict[str, Any]:
-    import resource
-
     import torch
 
     from ..api import DiaTTS
     from ..codec import load_codec
-    from .measure import weight_bytes
+    from .measure import PeakMemory, weight_bytes
 
     dev = torch.device(device)
     codec = load_codec(None, device=dev, warn_demo=False)
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        base = torch.cuda.memory_allocated(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        kind = "cuda_max_memory_allocated"
-    else:
-        rss = _rss_kib("VmRSS")
-        base = (rss if rss is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-        kind = "cpu_peak_rss_vmhwm" if rss is not None else "cpu_peak_rss_ru_maxrss"
     t0 = time.perf_counter()
-    tts = DiaTTS.from_pretrained(path, device=dev, codec=codec, quantize=None if mode == "none" else mode)
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    load_s = time.perf_counter() - t0
-    if dev.type == "cuda":
-        peak, after = torch.cuda.max_memory_allocated(dev), torch.cuda.memory_allocated(dev)
-    else:
-        hwm = _rss_kib("VmHWM")
-        peak = (hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-        after = (_rss_kib("VmRSS") or 0) * 1024
+    with PeakMemory(dev) as mem:
+        tts = DiaTTS.from_pretrained(path, device=dev, codec=codec, quantize=None if mode == "none" else mode)
     return {
         "mode": mode,
-        "peak_bytes": max(int(peak - base), 0),
-        "after_bytes": max(int(after - base), 0),
+        "peak_bytes": mem.peak_bytes,
+        "after_bytes": mem.after_bytes,
         "weight_bytes": weight_bytes(tts.model),
-        "load_s": load_s,
-        "memory_kind": kind,
+        "load_s": time.perf_counter() - t0,
+        "memory_kind": mem.kind,
     }
 
 

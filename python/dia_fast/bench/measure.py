@@ -51,11 +51,14 @@ class PeakMemory:
     CUDA: ``torch.cuda.max_memory_allocated`` (tensors, not the allocator's cache). CPU: the
     process's peak resident set (Linux VmHWM, reset on entry through ``/proc/self/clear_refs``;
     ``ru_maxrss`` elsewhere, which cannot be reset and may then under-report). ``kind`` says which.
+    ``after_bytes``: what is still in use at the end, above the same start (CUDA: allocated; CPU: VmRSS, 0 where
+    there is none).
     """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.peak_bytes = 0
+        self.after_bytes = 0
         self.kind = ""
 
     def __enter__(self) -> PeakMemory:
@@ -76,11 +79,15 @@ class PeakMemory:
         sync(self.device)
         if self.kind == "cuda_max_memory_allocated":
             peak = torch.cuda.max_memory_allocated(self.device)
+            after = torch.cuda.memory_allocated(self.device)
         elif self.kind == "cpu_peak_rss_vmhwm":
             peak = (_status_kib("VmHWM") or 0) * 1024
+            after = (_status_kib("VmRSS") or 0) * 1024
         else:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            after = (_status_kib("VmRSS") or 0) * 1024
         self.peak_bytes = max(int(peak - self._base), 0)
+        self.after_bytes = max(int(after - self._base), 0)
 
 
 def weight_bytes(module: torch.nn.Module) -> int:

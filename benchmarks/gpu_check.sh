@@ -73,7 +73,7 @@ stage load 75 "${BENCH[@]}" --load --requests 16 --steps 128 --repeat 1 --json "
 grep -E "^(mode|continuous|static|sequential)" "$OUTDIR/load.log" >>"$summary"
 
 stage quant 75 "${BENCH[@]}" --batch 1,8 --steps 128 --compare none --quantize int8,fp8,int4 --quality-steps 200 \
-  --json "$OUTDIR/quant.json"
+  --no-loading-memory --json "$OUTDIR/quant.json"
 grep -E "^(engine|dia_fast)|error" "$OUTDIR/quant.log" | awk '!seen[$0]++' >>"$summary"
 
 stage bench 150 "${BENCH[@]}" --batch 1,8 --steps "$COMPARE_STEPS" --compare transformers,eager --json "$OUTDIR/bench.json"

@@ -247,3 +247,10 @@ def test_quantizing_while_loading_rejects_a_truncated_or_non_finite_file(tmp_pat
     save_file(state, str(weights))
     with pytest.raises(CheckpointError, match="down_proj.weight holds NaN"):
         DiaTTS.from_pretrained(directory, device="cpu", quantize="int8")
+
+
+def test_bench_can_skip_the_loading_measurement():
+    from dia_fast.bench import parse_args
+
+    assert parse_args(["--quantize", "int8"]).loading_memory is True
+    assert parse_args(["--quantize", "int8", "--no-loading-memory"]).loading_memory is False

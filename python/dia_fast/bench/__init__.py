@@ -102,6 +102,7 @@ class BenchOptions:
     threads: int | None = None  # torch's CPU threads (None: its default)
     quantize: tuple[str, ...] = ()  # quantized copies of the model run as engines dia_fast-<mode>
     quality_steps: int = 200
+    loading_memory: bool = True  # --quantize: measure the memory of loading the checkpoint per mode
 
 
 def machine_load() -> dict[str, Any]:
@@ -242,7 +243,6 @@ def _run_bench(opts: BenchOptions) -> dict[str, Any]:
         from .quality import quantization_quality
 
         quant_meta[mode]["quality"] = quantization_quality(tts, qtts, steps=opts.quality_steps)
-    loading = _loading_memory(opts, tts, log) if opts.quantize else None
     if "eager" in compare and device.type != "cuda":
         notes.append(
             f"dia_fast-eager: CUDA graphs are CUDA-only, so on {device.type} it runs the same code as dia_fast"
@@ -308,6 +308,8 @@ def _run_bench(opts: BenchOptions) -> dict[str, Any]:
         if opts.json_path:  # what is measured so far survives a later failure or time limit
             write_json(opts.json_path, document({"partial": True, "model": opts.model, "device": str(device)}, results))
     add_speedups(results)
+    # after the timed runs (a stage stopped by its time limit keeps them): one process per mode
+    loading = _loading_memory(opts, tts, log) if opts.quantize and opts.loading_memory else None
     launches: dict[str, Any] = {}
     if opts.count_launches:
         from .launches import count_decode_launches
@@ -551,6 +553,11 @@ def parse_args(argv: list[str] | None = None) -> BenchOptions:
         "with a quality block per mode in the JSON (docs/quantization.md)",
     )
     p.add_argument("--quality-steps", type=int, default=200, help="--quantize: teacher-forced steps (default 200)")
+    p.add_argument(
+        "--no-loading-memory",
+        action="store_true",
+        help="--quantize: skip measuring the memory of loading the checkpoint per mode (one process each)",
+    )
     a = p.parse_args(argv)
     if a.repeat < 1:
         p.error("--repeat must be >= 1")
@@ -591,6 +598,7 @@ def parse_args(argv: list[str] | None = None) -> BenchOptions:
         max_slots=a.max_slots,
         threads=a.threads,
         quantize=modes,
+        loading_memory=not a.no_loading_memory,
         quality_steps=a.quality_steps,
     )
 

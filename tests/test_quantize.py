@@ -254,3 +254,18 @@ def test_bench_can_skip_the_loading_measurement():
 
     assert parse_args(["--quantize", "int8"]).loading_memory is True
     assert parse_args(["--quantize", "int8", "--no-loading-memory"]).loading_memory is False
+
+
+def test_int8_loads_an_official_pth_checkpoint_too(tmp_path):
+    """A torch pickle (the official dia-v0_1.pth) is read whole, then quantized the same way."""
+    from dia_fast.checkpoint import to_official
+
+    full = DiaTTS.random("tiny", seed=4)
+    directory = full.save_pretrained(tmp_path / "pth", layout="official")
+    state = {k: v.detach().clone() for k, v in full.model.state_dict().items()}
+    (directory / "model.safetensors").unlink()
+    torch.save(to_official(state, full.config), directory / "dia-v0_1.pth")
+    q = DiaTTS.from_pretrained(directory, device="cpu", codec=full.codec, quantize="int8")
+    want = DiaTTS.random("tiny", seed=4, quantize="int8").model.state_dict()
+    got = q.model.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], v) for k, v in want.items())

@@ -130,12 +130,13 @@ class DiaTTS:
         ``codec``: an :class:`AudioCodec`, a codec checkpoint path, ``"dac"``/``"encodec"``; by default
         a ``dac/`` directory inside the checkpoint directory, else a random demo codec (with a warning).
         ``quantize``: ``"int8"`` / ``"fp8"`` / ``"int4"`` quantizes the decoder's GEMMs (:mod:`dia_fast.quantize`;
-        a mode the device cannot run is an error before anything loads). CPU int8 quantizes each weight as it is
-        read, so the full-precision model is never in memory at once; the CUDA modes quantize after loading. A directory
+        a mode the device cannot run is an error before anything loads). The checkpoint is read one tensor at a
+        time; CPU int8 quantizes each weight as it arrives, so the full-precision model is never in memory at once,
+        and the CUDA modes quantize after loading. A directory
         that :meth:`save_pretrained` wrote from an int8 model loads quantized as it is (another ``quantize`` is an
         error, never a re-quantization).
         """
-        from .quantize import check_quantize, load_quantized, quantize_decoder, read_quantization
+        from .quantize import check_quantize, load_quantized, quantize_decoder, quantized_mode, read_quantization
 
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
@@ -144,24 +145,18 @@ class DiaTTS:
             return cls._from_quantized(Path(path), saved, quantize, dev, dt, codec, config)
         quantize = check_quantize(quantize, dev, dt)
         root = Path(path) if Path(path).is_dir() else None
-        if quantize == "int8" and dev.type == "cpu":  # quantized tensor by tensor: never the whole model in fp32
-            cfg, tensors, layout = ckpt.load_config_and_tensors(path, config)
-            with torch.device("meta"):
-                model = DiaModel(cfg)
-            load_quantized(model, tensors, quantize, dt, f"checkpoint {path} ({layout} layout)")
-            model = _finish_model(model, dev, dt)
-            release_host_memory()
-            return cls(model, _load_codec(codec, dev, root))
-        cfg, state, layout = ckpt.load_config_and_state(path, config)
+        # read and placed one tensor at a time: the checkpoint is never in memory next to the model
+        cfg, tensors, layout = ckpt.load_config_and_tensors(path, config)
         with torch.device("meta"):
             model = DiaModel(cfg)
-        expected = {k: v.shape for k, v in model.state_dict().items()}
-        ckpt.check_state_dict(expected, state, f"checkpoint {path} ({layout} layout)")
-        model.load_state_dict(state, strict=True, assign=True)
-        del state
+        source = f"checkpoint {path} ({layout} layout)"
+        if quantize == "int8" and dev.type == "cpu":  # and each GEMM weight quantized as it arrives
+            load_quantized(model, tensors, quantize, dt, source)
+        else:
+            ckpt.fill_model(model, tensors, dt, source)
         model = _finish_model(model, dev, dt)
         release_host_memory()
-        if quantize is not None:
+        if quantize is not None and quantized_mode(model) is None:  # the CUDA modes: after loading
             quantize_decoder(model, quantize)
         return cls(model, _load_codec(codec, dev, root))
 

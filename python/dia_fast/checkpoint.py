@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -305,8 +305,9 @@ def iter_internal(items: Iterable[tuple[str, torch.Tensor]], layout: str) -> Ite
 def load_config_and_tensors(
     path_or_id: str | Path, config: DiaConfig | None = None
 ) -> tuple[DiaConfig, Iterator[tuple[str, torch.Tensor]], str]:
-    """Like :func:`load_config_and_state`, but the dia_fast-layout tensors come one at a time (for loading that
-    converts as it goes, e.g. quantizing). The layout is detected from the names alone for safetensors files."""
+    """(config, dia_fast-layout ``(name, tensor)`` pairs one at a time, detected layout) of a directory or a weights
+    file. The layout is detected from the names alone for safetensors files, which are read lazily; a ``.pth``
+    is read at once."""
     p = resolve_path(path_or_id)
     files = find_weights(p) if p.is_dir() else [p]
     cfg_file = (p if p.is_dir() else p.parent) / "config.json"
@@ -388,19 +389,34 @@ def resolve_path(path_or_id: str | Path) -> Path:
     raise FileNotFoundError(f"checkpoint not found: {path_or_id}")
 
 
-def load_config_and_state(path_or_id: str | Path, config: DiaConfig | None = None) -> tuple[DiaConfig, Tensors, str]:
-    """(config, dia_fast-layout state dict, detected layout) from a directory or a weights file."""
-    p = resolve_path(path_or_id)
-    if p.is_dir():
-        files = find_weights(p)
-        cfg_file = p / "config.json"
-    else:
-        files = [p]
-        cfg_file = p.parent / "config.json"
-    if config is None:
-        if not cfg_file.exists():
-            raise CheckpointError(f"no config.json next to {p}; pass config= explicitly")
-        config = DiaConfig.from_json(cfg_file)
-    raw = read_all(files)
-    layout = detect_layout(raw)
-    return config, to_internal(raw), layout
+def fill_model(
+    model: torch.nn.Module,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    dtype: torch.dtype,
+    source: str,
+    sinks: dict[str, tuple[torch.Size, Callable[[torch.Tensor], None]]] | None = None,
+) -> None:
+    """Fill a model built on the meta device from dia_fast-layout ``(name, tensor)`` pairs, one tensor at a time:
+    its parameters get their own storage in ``dtype`` on the CPU and each arriving tensor is copied into its place
+    (the self-attention's q, k and v into their rows of the fused QKV weight), then dropped. ``sinks``: names
+    handled by a callable instead, with the shape they must have (quantizing loaders). Strict: missing,
+    unexpected and mis-shaped tensors raise one :class:`CheckpointError`, after the whole checkpoint was read."""
+    sinks = dict(sinks or {})
+    for pname, param in list(model.named_parameters()):
+        owner, _, attr = pname.rpartition(".")
+        fresh = torch.nn.Parameter(torch.empty(param.shape, dtype=dtype), requires_grad=False)
+        setattr(model.get_submodule(owner), attr, fresh)
+    dest = dict(model.published_parameters())  # the q/k/v entries are views into the fused weight
+    expected = {k: v.shape for k, v in dest.items()} | {k: shape for k, (shape, _) in sinks.items()}
+    seen: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors:
+        seen[key] = torch.empty(tensor.shape, device="meta")
+        if key not in expected or tuple(tensor.shape) != tuple(expected[key]):
+            continue  # reported below with the others
+        with torch.no_grad():
+            if key in sinks:
+                sinks[key][1](tensor)
+            else:
+                dest[key].copy_(tensor)
+        del tensor
+    check_state_dict(expected, seen, source)

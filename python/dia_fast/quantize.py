@@ -23,7 +23,7 @@ scales, ``quantization.json``) and loads back as it is.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -258,19 +258,23 @@ def load_quantized(
     never all in memory, only the one being quantized. The self-attention's q, k and v parts are quantized into
     their rows of the fused QKV GEMM (per-row scales make that exact). Strict: missing, unexpected and mis-shaped
     tensors raise :class:`~dia_fast.checkpoint.CheckpointError`."""
-    from .checkpoint import check_state_dict
+    from .checkpoint import fill_model
 
     if mode != "int8":
         raise ValueError(f"quantizing while loading is implemented for int8 on the CPU, not {mode}")
     names = target_names(model, parts)
     layers = _install_int8(model, names)
-    # the full-precision tensors: real storage in the model's dtype, filled as their tensors arrive
-    for pname, param in list(model.named_parameters()):
-        owner, _, attr = pname.rpartition(".")
-        setattr(model.get_submodule(owner), attr, nn.Parameter(torch.empty(param.shape, dtype=dtype), False))
-    # checkpoint name -> (full-precision tensor to fill, or the int8 layer and the first of its rows), and its shape
-    dest: dict[str, tuple[torch.Tensor | Int8Linear, int]] = {k: (v, 0) for k, v in model.published_parameters()}
-    expected = {k: v.shape for k, (v, _) in dest.items()}
+
+    def into_rows(layer: Int8Linear, row: int) -> Callable[[torch.Tensor], None]:
+        def write(weight: torch.Tensor) -> None:
+            q, scale = quantize_rows(weight)
+            layer.weight_int8[row : row + q.shape[0]] = q
+            layer.weight_scale[row : row + q.shape[0]] = scale
+
+        return write
+
+    # checkpoint name -> (its shape, what quantizes it into its rows of an int8 layer)
+    sinks: dict[str, tuple[torch.Size, Callable[[torch.Tensor], None]]] = {}
     for name, layer in layers.items():
         base, _, gemm = name.rpartition(".")
         parts_rows = (
@@ -280,24 +284,8 @@ def load_quantized(
         )
         row = 0
         for proj, rows in parts_rows:
-            dest[f"{base}.{proj}.weight"] = (layer, row)
-            expected[f"{base}.{proj}.weight"] = torch.Size([rows, layer.in_features])
+            sinks[f"{base}.{proj}.weight"] = (torch.Size([rows, layer.in_features]), into_rows(layer, row))
             row += rows
-    seen: dict[str, torch.Tensor] = {}
-    for key, tensor in tensors:
-        seen[key] = torch.empty(tensor.shape, device="meta")
-        target = dest.get(key)
-        if target is None or tuple(tensor.shape) != tuple(expected[key]):
-            continue  # reported below with the others
-        where, row = target
-        with torch.no_grad():
-            if isinstance(where, Int8Linear):
-                q, scale = quantize_rows(tensor)
-                where.weight_int8[row : row + q.shape[0]] = q
-                where.weight_scale[row : row + q.shape[0]] = scale
-            else:
-                where.copy_(tensor)
-        del tensor
-    check_state_dict(expected, seen, source)
+    fill_model(model, tensors, dtype, source, sinks)
     model._dia_fast_quantized = mode  # noqa: SLF001 - read by quantized_mode()
     model._dia_fast_quantized_names = names  # noqa: SLF001 - read by quantized_state()

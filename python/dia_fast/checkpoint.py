@@ -14,6 +14,7 @@ Loading is strict: missing, unexpected or mis-shaped keys raise :class:`Checkpoi
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -149,10 +150,7 @@ def iter_tensors(paths: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                 begin, end = info["data_offsets"]
                 dtype = _SAFETENSORS_DTYPES[info["dtype"]]
                 shape = [int(d) for d in info["shape"]]
-                numel = 1
-                for d in shape:
-                    numel *= d
-                if numel * dtype.itemsize != end - begin:
+                if math.prod(shape) * dtype.itemsize != end - begin:
                     raise CheckpointError(f"{path}: tensor {name} holds {end - begin} bytes, not {shape} of {dtype}")
                 raw = torch.empty(end - begin, dtype=torch.uint8)  # read straight into the tensor's memory
                 f.seek(data + begin)
@@ -289,11 +287,11 @@ def iter_internal(items: Iterable[tuple[str, torch.Tensor]], layout: str) -> Ite
     """:func:`to_internal` one tensor at a time (the official layout's per-channel embeddings, small, are joined
     at the end)."""
     embeds: Tensors = {}
+    converter = {"transformers": from_transformers, "official": from_official}.get(layout)
     for key, tensor in items:
         if layout == "official" and re.fullmatch(r"decoder\.embeddings\.\d+\.weight", key):
             embeds[key] = tensor
             continue
-        converter = {"transformers": from_transformers, "official": from_official}.get(layout)
         converted = converter({key: tensor}) if converter else {key: tensor}
         del tensor
         while converted:  # handed on without keeping a reference here

@@ -112,7 +112,6 @@ def quantize_decoder(model: DiaModel, mode: str, parts: tuple[str, ...] = DEFAUL
     bad = sorted(set(parts) - set(PARTS))
     if bad or not parts:
         raise ValueError(f"parts must be a non-empty subset of {', '.join(PARTS)}, got {', '.join(bad) or 'none'}")
-    names = target_names(model, tuple(parts))
     targets = _targets(model, tuple(parts))
     before = sum(getattr(p, n).weight.numel() * getattr(p, n).weight.element_size() for p, n in targets)
     if model.device.type == "cpu":
@@ -136,7 +135,6 @@ def quantize_decoder(model: DiaModel, mode: str, parts: tuple[str, ...] = DEFAUL
         quantize_(model.decoder, config, filter_fn=lambda m, _fqn: id(m) in wanted)
         after = None  # torchao's tensor subclasses: measured by the bench as device memory
     model._dia_fast_quantized = mode  # noqa: SLF001 - read by quantized_mode()
-    model._dia_fast_quantized_names = names  # noqa: SLF001 - read by quantized_state()
     return {"mode": mode, "layers": len(targets), "bytes_before": before, "bytes_after": after}
 
 
@@ -179,7 +177,7 @@ def quantized_state(model: DiaModel) -> tuple[dict[str, torch.Tensor], dict[str,
         raise ValueError(
             f"saving a quantized model is supported for int8 on the CPU; this one is {mode} on {model.device.type}"
         )
-    names = list(model._dia_fast_quantized_names)  # noqa: SLF001
+    names = [name for name, m in model.named_modules() if isinstance(m, Int8Linear)]
     # the parameters under dia_fast's own names (state_dict() would split the self-attention QKV GEMMs)
     state = {k: v.detach().contiguous() for k, v in model.named_parameters()}
     for name in names:
@@ -242,7 +240,6 @@ def load_int8(model: DiaModel, state: dict[str, torch.Tensor], names: list[str],
     if missing or unexpected:
         raise ValueError(f"{source} does not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
     model._dia_fast_quantized = "int8"  # noqa: SLF001 - read by quantized_mode()
-    model._dia_fast_quantized_names = list(names)  # noqa: SLF001 - read by quantized_state()
 
 
 def load_quantized(
@@ -288,4 +285,3 @@ def load_quantized(
             row += rows
     fill_model(model, tensors, dtype, source, sinks)
     model._dia_fast_quantized = mode  # noqa: SLF001 - read by quantized_mode()
-    model._dia_fast_quantized_names = names  # noqa: SLF001 - read by quantized_state()

@@ -8,6 +8,16 @@
 
 namespace dia_fast {
 
+// Marks a hot function to be compiled for AVX-512 and AVX2 as well as baseline x86-64 (the wheel has no -march
+// flag), the best chosen when the library loads (GCC's function multiversioning, x86-64 Linux; elsewhere one
+// baseline build). -ffp-contract=off holds in every clone: no FMA contraction, the same rounding as the baseline.
+// Calls into a clone go through a resolved pointer: mark a unit of work (a row, a head), not a tiny helper.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define DIA_FAST_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define DIA_FAST_CLONES
+#endif
+
 // Element count above which a kernel spreads over OpenMP threads (below it, waking threads
 // costs more than the work on a small shared CPU).
 constexpr int64_t kParallelMinElements = int64_t(1) << 20;
@@ -101,5 +111,84 @@ constexpr int kIsaPortable = 0, kIsaAvx2 = 1, kIsaAvx512 = 2, kIsaAvx512Vnni = 3
 int int8_linear_best_isa();
 void int8_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* w, const float* scale, int64_t N,
                  float* out, int64_t ldo, int isa);
+
+// Residual add + RMSNorm over `rows` rows of D floats: h = residual + delta (written to h_out; delta == nullptr:
+// h = residual, h_out unused), normed = h * (1 / sqrt(mean(h^2) + eps)) * weight. All C-contiguous.
+void add_rmsnorm(const float* residual, const float* delta, const float* weight, float eps, int64_t rows, int64_t D,
+                 float* normed, float* h_out);
+
+// out[r, i] = silu(gate_up[r, i]) * gate_up[r, H + i] for `rows` rows of [gate | up] (2H floats).
+void swiglu(const float* gate_up, int64_t rows, int64_t H, float* out);
+
+// out[r] = sum_c table[c * vocab + codes[r, c]] (rows of D floats) for codes [rows, C]. Returns -1, or the flat
+// index of the first code outside [0, vocab) (then nothing is written).
+int64_t embed_codes(const int64_t* codes, int64_t rows, int64_t C, const float* table, int64_t vocab, int64_t D,
+                    float* out);
+
+// RoPE on the q and k heads of a fused projection qkv [R, T, (Hq + 2 Hkv) D] at positions start + t, rotated k
+// and v written into caches [R, Hkv, L, D] (strides cache_sr, cache_sh in elements; [L, D] contiguous), rotated
+// q into q_out [R, Hq, T, D]. start: n_start = 0 (all rows at 0), 1 (shared) or R values. cos, sin: [P, D / 2].
+struct RopeKvArgs {
+  const float* qkv;
+  int64_t R, T, Hq, Hkv, D;
+  const int64_t* start;
+  int64_t n_start;
+  const float* cos;
+  const float* sin;
+  int64_t P;
+  float* k_cache;
+  float* v_cache;
+  int64_t cache_sr, cache_sh, L;
+  float* q_out;
+};
+// Returns -1, or the first row whose positions fall outside [0, min(L, P)) (then nothing is written).
+int64_t rope_kv_write(const RopeKvArgs& args);
+
+// One query step of attention: q [B, Hq, D] (query head h reads KV head h / (Hq / Hkv)) against caches k, v
+// [B, Hkv, L, D] (strides k_sb, k_sh, v_sb, v_sh in elements; [L, D] contiguous); keys t < kv_len (n_len = 0:
+// all L; 1: one length for every row; B: per row) with key_mask[b * mask_sb + t] != 0 (nullptr: all). A head
+// that attends no key, or meets a NaN or +inf score, outputs zeros. out: [B, Hq, D].
+constexpr int64_t kAttentionParallelFloats = int64_t(1) << 16;  // K/V floats read above which attention is threaded
+constexpr int64_t kMaxGroup = 64;  // query heads per KV head that decode_attention takes
+struct DecodeAttentionArgs {
+  const float* q;
+  int64_t B, Hq, D;
+  const float* k;
+  const float* v;
+  int64_t Hkv, L, k_sb, k_sh, v_sb, v_sh;
+  const int64_t* kv_len;
+  int64_t n_len;
+  const uint8_t* key_mask;
+  int64_t mask_sb;
+  float scale;
+  float* out;
+};
+void decode_attention(const DecodeAttentionArgs& args);
+
+// dia_fast.ops.reference.step_update for int64 codes: codes [B, C] drawn at position p = pos[0] (the codes after the
+// countdown and the forced prefix go to codes_out [B, C], out[:, p] [B, L, C] and tokens [R, C], row r taking item
+// r % B), eos_pos [B] updated, done[0] = every item finished (or not real), allow_eos[b] = p + 1 >= min_eos_pos[b]
+// when min_eos_pos is given. forced_eos_pos: 1 (shared) or B values. Returns -1, or p when it is outside [0, L)
+// (nothing written).
+constexpr int64_t kNotForced = -1;
+struct StepUpdateArgs {
+  const int64_t* codes;
+  int64_t* codes_out;
+  int64_t B, C, L, R;
+  const int64_t* pos;
+  int64_t* eos_pos;
+  const int64_t* delays;
+  const int64_t* forced_eos_pos;
+  int64_t n_forced_eos;
+  const int64_t* forced;
+  int64_t* out;
+  const bool* real;
+  bool* done;
+  int64_t* tokens;
+  const int64_t* min_eos_pos;
+  bool* allow_eos;
+  int64_t eos_value, pad_value;
+};
+int64_t step_update(const StepUpdateArgs& args);
 
 }  // namespace dia_fast

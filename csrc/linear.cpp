@@ -50,6 +50,39 @@ struct LinearArgs {
   int64_t ldo;
 };
 
+// max |x| of a row (16 lanes: vectorised by the compiler)
+float row_amax(const float* __restrict x, int64_t n) {
+  float top[16] = {};
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16)
+    for (int l = 0; l < 16; ++l) {
+      const float v = std::fabs(x[k + l]);
+      top[l] = top[l] < v ? v : top[l];
+    }
+  for (int l = 0; k < n; ++k, ++l) top[l] = top[l] < std::fabs(x[k]) ? std::fabs(x[k]) : top[l];
+  float amax = 0.0f;
+  for (int l = 0; l < 16; ++l) amax = amax < top[l] ? top[l] : amax;
+  return amax;
+}
+
+// whether every value of a row is finite: x * 0 is NaN for NaN and inf, 0 otherwise
+bool row_finite(const float* __restrict x, int64_t n) {
+  float probe[16] = {};
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16)
+    for (int l = 0; l < 16; ++l) probe[l] += x[k + l] * 0.0f;
+  for (int l = 0; k < n; ++k, ++l) probe[l] += x[k] * 0.0f;
+  float sum = 0.0f;
+  for (int l = 0; l < 16; ++l) sum += probe[l];
+  return sum == 0.0f;
+}
+
+// q = rint(x * inv) for |x * inv| <= 32767: adding and removing 1.5 * 2^23 rounds half to even (the FPU's
+// default mode; no -ffast-math here), and unlike lrint the compiler vectorises it
+void round_row(const float* __restrict x, float inv, int16_t* __restrict q, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) q[k] = int16_t(int32_t((x[k] * inv + 12582912.0f) - 12582912.0f));
+}
+
 void block_portable(const LinearArgs& a, int64_t n0, int nb, int64_t m0, int mb) {
   for (int r = 0; r < nb; ++r) {
     const int8_t* wr = a.w + (n0 + r) * a.K;
@@ -207,20 +240,14 @@ void int8_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t
   std::vector<int64_t> special;
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * ldx;
-    float amax = 0.0f;
-    bool finite = true;
-    for (int64_t k = 0; k < K; ++k) {
-      finite = finite && std::isfinite(xr[k]);
-      amax = std::max(amax, std::fabs(xr[k]));
-    }
-    if (!finite) {
+    if (!row_finite(xr, K)) {
       special.push_back(m);
       continue;
     }
+    const float amax = row_amax(xr, K);
     if (amax == 0.0f) continue;
     const float inv = kXLevels / amax;
-    int16_t* q = xq.data() + m * Kp;
-    for (int64_t k = 0; k < K; ++k) q[k] = int16_t(std::lrint(xr[k] * inv));
+    round_row(xr, inv, xq.data() + m * Kp, K);
     xs[size_t(m)] = amax / kXLevels;
   }
   const LinearArgs a{xq.data(), xs.data(), M, K, Kp, w, scale, N, out, ldo};

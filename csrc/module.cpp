@@ -20,7 +20,7 @@ namespace py = pybind11;
 namespace {
 
 // Bump when a function's Python signature or semantics change: _ext.py refuses a stale build.
-constexpr int kAbiVersion = 4;
+constexpr int kAbiVersion = 5;
 
 #ifndef DIA_FAST_VERSION
 #define DIA_FAST_VERSION "unknown"
@@ -218,39 +218,6 @@ void py_cfg_sample(const py::array& cond, const py::array& uncond, py::array& ou
                        static_cast<int64_t*>(out.mutable_data()), p);
 }
 
-template <typename T>
-const T* row_array(const py::array& a, const char* name, py::ssize_t B) {
-  if (!has_dtype<T>(a)) throw py::type_error(std::string(name) + " has the wrong dtype: " + dtype_name(a));
-  require_shape(a, name, {B});
-  require_c_contiguous(a, name);
-  return static_cast<const T*>(a.data());
-}
-
-void py_cfg_sample_rows(const py::array& cond, const py::array& uncond, py::array& out, const py::array& cfg_scale,
-                        const py::array& temperature, const py::array& top_p, const py::array& top_k,
-                        const py::array& seeds, const py::array& offsets, const py::object& allow_eos,
-                        int64_t eos_id) {
-  const auto [B, C, V] = check_sample_io(cond, uncond, out, eos_id);
-  dia_fast::RowSampleParams p;
-  p.cfg_scale = row_array<float>(cfg_scale, "cfg_scale", B);
-  p.temperature = row_array<float>(temperature, "temperature", B);
-  p.top_p = row_array<float>(top_p, "top_p", B);
-  p.top_k = row_array<int64_t>(top_k, "top_k", B);
-  p.seed = reinterpret_cast<const uint64_t*>(row_array<int64_t>(seeds, "seeds", B));
-  p.offset = row_array<int64_t>(offsets, "offsets", B);
-  py::array allow_arr;
-  if (!allow_eos.is_none()) {
-    allow_arr = py::reinterpret_borrow<py::array>(allow_eos);
-    p.allow_eos = row_array<uint8_t>(allow_arr, "allow_eos", B);
-  }
-  p.eos_id = eos_id;
-  const auto fs = py::ssize_t(sizeof(float));
-  py::gil_scoped_release nogil;
-  dia_fast::cfg_sample_rows(static_cast<const float*>(cond.data()), static_cast<const float*>(uncond.data()), B, C, V,
-                            cond.strides(0) / fs, cond.strides(1) / fs, uncond.strides(0) / fs,
-                            uncond.strides(1) / fs, static_cast<int64_t*>(out.mutable_data()), p);
-}
-
 void py_float_to_pcm16(const py::array& src, py::array& dst, bool dither, const py::int_& seed) {
   if (!has_dtype<float>(src)) throw py::type_error("src must be float32, got " + dtype_name(src));
   if (!has_dtype<int16_t>(dst)) throw py::type_error("dst must be int16, got " + dtype_name(dst));
@@ -267,28 +234,94 @@ void py_float_to_pcm16(const py::array& src, py::array& dst, bool dither, const 
                            src.shape(0), dither, s);
 }
 
-void py_int8_linear(const py::array& x, const py::array& w, const py::array& scale, py::array& out, int isa) {
-  if (!has_dtype<float>(x)) throw py::type_error("x must be float32, got " + dtype_name(x));
-  if (!has_dtype<int8_t>(w)) throw py::type_error("w must be int8, got " + dtype_name(w));
-  if (!has_dtype<float>(scale)) throw py::type_error("scale must be float32, got " + dtype_name(scale));
-  if (!has_dtype<float>(out)) throw py::type_error("out must be float32, got " + dtype_name(out));
-  require_ndim(x, "x", 2);
-  require_ndim(w, "w", 2);
-  const py::ssize_t M = x.shape(0), K = x.shape(1), N = w.shape(0);
-  if (w.shape(1) != K) throw py::value_error("w must be [N, K] with the K of x [M, K]");
-  require_shape(scale, "scale", {N});
-  require_shape(out, "out", {M, N});
-  require_c_contiguous(x, "x");
-  require_c_contiguous(w, "w");
-  require_c_contiguous(scale, "scale");
-  require_output(out, "out", {&x, &w, &scale});
-  const int best = dia_fast::int8_linear_best_isa();
-  if (isa < 0) isa = best;
-  if (isa > best) throw py::value_error("isa " + std::to_string(isa) + " is not supported by this CPU (best: " +
-                                        std::to_string(best) + ")");
+// --- the decode step's hot ops: unchecked entries on addresses -------------------------------------------------
+//
+// A decode step on a CPU calls these ~30 times, between GEMMs that have just flushed the caches: converting
+// each tensor to a numpy array (four torch calls) and checking it here cost more than most of the ops. So they
+// take addresses and sizes, and their one caller, python/dia_fast/ops/cpp.py, checks what the addresses point
+// at (device, dtype, shape, strides, a freshly allocated output) before it calls. Do not call them elsewhere.
+
+template <typename T>
+T* at(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+void raw_int8_linear(uintptr_t x, int64_t M, int64_t K, uintptr_t w, uintptr_t scale, int64_t N, uintptr_t out,
+                     int isa) {
   py::gil_scoped_release nogil;
-  dia_fast::int8_linear(static_cast<const float*>(x.data()), M, K, K, static_cast<const int8_t*>(w.data()),
-                        static_cast<const float*>(scale.data()), N, static_cast<float*>(out.mutable_data()), N, isa);
+  dia_fast::int8_linear(at<const float>(x), M, K, K, at<const int8_t>(w), at<const float>(scale), N, at<float>(out),
+                        N, isa);
+}
+
+void raw_add_rmsnorm(uintptr_t residual, uintptr_t delta, uintptr_t weight, double eps, int64_t rows, int64_t D,
+                     uintptr_t normed, uintptr_t h_out) {
+  py::gil_scoped_release nogil;
+  dia_fast::add_rmsnorm(at<const float>(residual), at<const float>(delta), at<const float>(weight),
+                        static_cast<float>(eps), rows, D, at<float>(normed), at<float>(h_out));
+}
+
+void raw_swiglu(uintptr_t gate_up, int64_t rows, int64_t H, uintptr_t out) {
+  py::gil_scoped_release nogil;
+  dia_fast::swiglu(at<const float>(gate_up), rows, H, at<float>(out));
+}
+
+int64_t raw_embed_codes(uintptr_t codes, int64_t rows, int64_t C, uintptr_t table, int64_t vocab, int64_t D,
+                        uintptr_t out) {
+  py::gil_scoped_release nogil;
+  return dia_fast::embed_codes(at<const int64_t>(codes), rows, C, at<const float>(table), vocab, D, at<float>(out));
+}
+
+int64_t raw_rope_kv_write(uintptr_t qkv, int64_t R, int64_t T, int64_t Hq, int64_t Hkv, int64_t D, uintptr_t start,
+                          int64_t n_start, uintptr_t cos, uintptr_t sin, int64_t P, uintptr_t k_cache,
+                          uintptr_t v_cache, int64_t cache_sr, int64_t cache_sh, int64_t L, uintptr_t q_out) {
+  const dia_fast::RopeKvArgs a{at<const float>(qkv), R, T, Hq, Hkv, D, at<const int64_t>(start), n_start,
+                               at<const float>(cos), at<const float>(sin), P, at<float>(k_cache),
+                               at<float>(v_cache), cache_sr, cache_sh, L, at<float>(q_out)};
+  py::gil_scoped_release nogil;
+  return dia_fast::rope_kv_write(a);
+}
+
+void raw_decode_attention(uintptr_t q, int64_t B, int64_t Hq, int64_t D, uintptr_t k, uintptr_t v, int64_t Hkv,
+                          int64_t L, int64_t k_sb, int64_t k_sh, int64_t v_sb, int64_t v_sh, uintptr_t kv_len,
+                          int64_t n_len, uintptr_t key_mask, int64_t mask_sb, double scale, uintptr_t out) {
+  const dia_fast::DecodeAttentionArgs a{at<const float>(q),      B,    Hq,   D,    at<const float>(k),
+                                        at<const float>(v),      Hkv,  L,    k_sb, k_sh,
+                                        v_sb,                    v_sh, at<const int64_t>(kv_len), n_len,
+                                        at<const uint8_t>(key_mask), mask_sb, static_cast<float>(scale),
+                                        at<float>(out)};
+  py::gil_scoped_release nogil;
+  dia_fast::decode_attention(a);
+}
+
+int64_t raw_step_update(uintptr_t codes, uintptr_t codes_out, int64_t B, int64_t C, int64_t L, int64_t R, uintptr_t pos,
+                        uintptr_t eos_pos, uintptr_t delays, uintptr_t forced_eos_pos, int64_t n_forced_eos,
+                        uintptr_t forced, uintptr_t out, uintptr_t real, uintptr_t done, uintptr_t tokens,
+                        uintptr_t min_eos_pos, uintptr_t allow_eos, int64_t eos_value, int64_t pad_value) {
+  const dia_fast::StepUpdateArgs a{at<const int64_t>(codes),  at<int64_t>(codes_out), B, C, L, R,
+                                   at<const int64_t>(pos),    at<int64_t>(eos_pos),   at<const int64_t>(delays),
+                                   at<const int64_t>(forced_eos_pos), n_forced_eos,  at<const int64_t>(forced),
+                                   at<int64_t>(out),          at<const bool>(real),   at<bool>(done),
+                                   at<int64_t>(tokens),       at<const int64_t>(min_eos_pos),
+                                   at<bool>(allow_eos),       eos_value,              pad_value};
+  return dia_fast::step_update(a);
+}
+
+void raw_cfg_sample_rows(uintptr_t cond, uintptr_t uncond, int64_t B, int64_t C, int64_t V, int64_t cond_sb,
+                         int64_t cond_sc, int64_t uncond_sb, int64_t uncond_sc, uintptr_t out, uintptr_t cfg_scale,
+                         uintptr_t temperature, uintptr_t top_p, uintptr_t top_k, uintptr_t seeds, uintptr_t offsets,
+                         uintptr_t allow_eos, int64_t eos_id) {
+  dia_fast::RowSampleParams p;
+  p.cfg_scale = at<const float>(cfg_scale);
+  p.temperature = at<const float>(temperature);
+  p.top_p = at<const float>(top_p);
+  p.top_k = at<const int64_t>(top_k);
+  p.seed = at<const uint64_t>(seeds);
+  p.offset = at<const int64_t>(offsets);
+  p.allow_eos = at<const uint8_t>(allow_eos);
+  p.eos_id = eos_id;
+  py::gil_scoped_release nogil;
+  dia_fast::cfg_sample_rows(at<const float>(cond), at<const float>(uncond), B, C, V, cond_sb, cond_sc, uncond_sb,
+                            uncond_sc, at<int64_t>(out), p);
 }
 
 py::dict build_info() {
@@ -325,7 +358,8 @@ py::dict build_info() {
                   std::to_string(PYBIND11_VERSION_PATCH);
   py::list kernels;
   for (const char* k :
-       {"apply_delay", "revert_delay", "undelay_codes", "cfg_sample", "cfg_sample_rows", "float_to_pcm16", "int8_linear"})
+       {"apply_delay", "revert_delay", "undelay_codes", "cfg_sample", "cfg_sample_rows", "float_to_pcm16", "int8_linear",
+        "add_rmsnorm", "swiglu", "embed_codes", "rope_kv_write", "decode_attention", "step_update"})
     kernels.append(k);
   d["kernels"] = kernels;
   d["int8_linear_isa"] = dia_fast::int8_linear_best_isa();
@@ -354,18 +388,34 @@ PYBIND11_MODULE(_C, m) {
         "CFG + top-k + Dia's EOS rules on float32 [B,C,V] logits (last dim contiguous) into out int64 [B,C]. "
         "uniforms None: greedy; else float32 [B*C] in [0,1): temperature, top-p and an inverse-CDF draw in "
         "ascending token id order. top_k <= 0 or >= V: no top-k.");
-  m.def("cfg_sample_rows", &py_cfg_sample_rows, py::arg("cond"), py::arg("uncond"), py::arg("out").noconvert(),
-        py::arg("cfg_scale"), py::arg("temperature"), py::arg("top_p"), py::arg("top_k"), py::arg("seeds"),
-        py::arg("offsets"), py::arg("allow_eos"), py::arg("eos_id"),
+  m.def("int8_linear_best_isa", &dia_fast::int8_linear_best_isa,
+        "The fastest int8_linear this CPU runs: 0 portable, 1 AVX2+FMA, 2 AVX-512 (F, BW, VL), 3 AVX-512 with VNNI.");
+  // Unchecked (see above): addresses of tensors that python/dia_fast/ops/cpp.py has checked.
+  m.def("int8_linear", &raw_int8_linear,
+        "out[m,n] = scale[n] * sum_k x[m,k] * w[n,k]: x float32 [M,K], w int8 [N,K], scale float32 [N], out float32 "
+        "[M,N], all C-contiguous; isa as int8_linear_best_isa() or lower.");
+  m.def("add_rmsnorm", &raw_add_rmsnorm,
+        "h = residual + delta (into h_out; delta 0: h = residual), normed = h / sqrt(mean(h^2) + eps) * weight; "
+        "float32 [rows, D] C-contiguous, weight [D].");
+  m.def("swiglu", &raw_swiglu, "out = silu(gate) * up for gate_up = [gate | up] float32 [rows, 2H] -> [rows, H].");
+  m.def("embed_codes", &raw_embed_codes,
+        "out[r] = sum_c table[c * vocab + codes[r, c]] (codes int64 [rows, C], table float32 [C * vocab, D]); returns "
+        "-1, or the flat index of the first code outside [0, vocab) (nothing written).");
+  m.def("rope_kv_write", &raw_rope_kv_write,
+        "Rotate-half RoPE of the q and k heads of qkv float32 [R, T, (Hq + 2 Hkv) D] at positions start + t, k and v "
+        "into the caches [R, Hkv, L, D], q into q_out [R, Hq, T, D]; returns -1, or the first row whose positions "
+        "fall outside [0, min(L, P)) (nothing written).");
+  m.def("cfg_sample_rows", &raw_cfg_sample_rows,
         "The seeded CFG sampling step of dia_fast.ops.reference.cfg_sample on float32 [B,C,V] logits (last dim "
-        "contiguous) into out int64 [B,C], with per-row [B] settings: cfg_scale, temperature (0: greedy), top_p "
-        "(float32), top_k (int64; <= 0: no CFG filter, the guided logits are sampled), seeds and offsets (int64: "
-        "Philox4x32-10 key and counter offset), allow_eos (uint8 or None).");
-  m.def("int8_linear", &py_int8_linear, py::arg("x"), py::arg("w"), py::arg("scale"), py::arg("out").noconvert(),
-        py::arg("isa") = -1,
-        "Weight-only int8 linear: out[m,n] = scale[n] * sum_k x[m,k] * w[n,k]. x: float32 [M,K], w: int8 [N,K], "
-        "scale: float32 [N], out: float32 [M,N], all C-contiguous. isa: -1 the best this CPU runs, else 0 portable, "
-        "1 AVX2+FMA, 2 AVX-512 (F, BW, VL), 3 AVX-512 with VNNI.");
+        "contiguous, strides in elements) into out int64 [B,C], with per-row [B] settings: cfg_scale, temperature (0: "
+        "greedy), top_p (float32), top_k (int64; <= 0: no CFG filter), seeds and offsets (int64: Philox4x32-10 key "
+        "and counter offset), allow_eos (bool, or 0: every row may end).");
+  m.def("step_update", &raw_step_update,
+        "dia_fast.ops.reference.step_update on int64 codes [B, C] (codes_out [B, C] a scratch for the final codes); "
+        "returns -1, or the position when it is outside the output (nothing written).");
+  m.def("decode_attention", &raw_decode_attention,
+        "One query step: q float32 [B, Hq, D] against caches [B, Hkv, L, D] ([L, D] contiguous), keys below kv_len "
+        "and in key_mask (0: none) -> out [B, Hq, D].");
   m.def("float_to_pcm16", &py_float_to_pcm16, py::arg("src"), py::arg("dst").noconvert(), py::arg("dither"),
         py::arg("seed"),
         "dst = clip(rint(src * 32767 [+ TPDF dither]), -32768, 32767) with rint half to even and NaN -> 0. "

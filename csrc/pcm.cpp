@@ -24,12 +24,9 @@ inline double uniform_half(uint64_t seed, uint64_t n) {
   return double(splitmix64_at(seed, n) >> 40) * (1.0 / 16777216.0) - 0.5;
 }
 
-// The plain conversion is memory-bound and vectorises; on x86-64 GCC also builds an AVX2 clone
-// chosen at load time (the wheel itself targets baseline x86-64, so no -march flag).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-__attribute__((target_clones("avx2", "default")))
-#endif
-void convert_plain(const float* src, int16_t* dst, int64_t n) {
+// The plain conversion is memory-bound and vectorises; on x86-64 GCC also builds AVX2 / AVX-512 clones
+// chosen at load time (kernels.hpp).
+DIA_FAST_CLONES void convert_plain(const float* src, int16_t* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = to_pcm16(double(src[i]) * 32767.0);
 }
 

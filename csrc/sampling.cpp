@@ -232,12 +232,15 @@ int64_t sample_row_seeded(const float* cr, const float* ur, int64_t V, int64_t c
 
 namespace {
 
-// fn(row, b, c, scratch) for every (item b, channel c) row, in parallel when the work is large enough.
+// fn(row, b, c, scratch) for every (item b, channel c) row, in parallel when the work is large enough: a row
+// selects, filters and draws over its V logits (microseconds each), so one decode step's 9 x 1028 logits already
+// pay for waking a second thread.
+constexpr int64_t kSampleParallelLogits = int64_t(1) << 13;
 template <typename Fn>
 void for_each_row(int64_t B, int64_t C, int64_t V, Fn fn) {
   const int64_t rows = B * C;
 #if defined(DIA_FAST_OPENMP)
-#pragma omp parallel if (rows * V >= kParallelMinElements)
+#pragma omp parallel if (rows > 1 && rows * V >= kSampleParallelLogits)
 #endif
   {
     Scratch scratch;

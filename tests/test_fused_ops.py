@@ -14,6 +14,8 @@ from dia_fast.ops import triton_attention as ta  # noqa: E402
 from dia_fast.ops import triton_fused as tf  # noqa: E402
 from dia_fast.ops import triton_step as tstep  # noqa: E402
 
+from .step_cases import step_state  # noqa: E402
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -161,45 +163,18 @@ def test_swiglu(shape: tuple[int, ...], dtype: torch.dtype) -> None:
 # --- the step's bookkeeping ----------------------------------------------------------------------
 
 
-def _step_state(B: int, R: int, L: int, gen: torch.Generator, p: int, per_row_end: bool) -> dict:
-    C, eos, pad = 9, 1024, 1025
-    delays = torch.tensor([0, 8, 9, 10, 11, 12, 13, 14, 15])
-    codes = torch.randint(0, 1024, (B, C), generator=gen)
-    codes[::2, 0] = eos  # some items emit EOS now (and on other channels, which the rules overwrite)
-    codes[:, 3] = torch.where(torch.rand(B, generator=gen) < 0.3, eos, codes[:, 3])
-    eos_pos = torch.where(torch.rand(B, generator=gen) < 0.5, torch.randint(0, p + 1, (B,), generator=gen), -1)
-    forced = torch.full((B, L, C), -1)
-    forced[:, : p // 2 + 1] = torch.randint(0, 1027, (B, p // 2 + 1, C), generator=gen)
-    forced[1::3, p] = torch.randint(0, 1027, (C,), generator=gen)  # a forced prefix reaching position p
-    fep = torch.randint(p - 2, p + 3, (B,), generator=gen) if per_row_end else torch.tensor(p + 1)
-    return dict(
-        codes=codes,
-        pos=torch.tensor([p]),
-        eos_pos=eos_pos,
-        delays=delays,
-        forced_eos_pos=fep,
-        forced=forced,
-        out=torch.full((B, L, C), pad),
-        real=torch.rand(B, generator=gen) < 0.8,
-        done=torch.zeros(1, dtype=torch.bool),
-        tokens=torch.zeros(R, 1, C, dtype=torch.long),
-        min_eos_pos=torch.randint(p - 2, p + 3, (B,), generator=gen),
-        allow_eos=torch.zeros(B, dtype=torch.bool),
-    )
-
-
 @pytest.mark.parametrize("B,cfg", [(1, True), (3, False), (5, True), (16, True)])
 def test_step_update(B: int, cfg: bool) -> None:
     gen = torch.Generator().manual_seed(B)
     for p, per_row_end in ((17, False), (30, True), (40, True)):
-        state = _step_state(B, 2 * B if cfg else B, 48, gen, p, per_row_end)
+        state = step_state(B, 2 * B if cfg else B, 48, gen, p, per_row_end)
         mine = {k: v.clone().to(DEVICE) for k, v in state.items()}
         tstep.step_update(**mine, eos_value=1024, pad_value=1025)
         ref.step_update(**state, eos_value=1024, pad_value=1025)
         for k in ("eos_pos", "out", "done", "tokens", "allow_eos"):
             assert torch.equal(mine[k].cpu(), state[k]), (k, p)
     # every row finished (or not real): done
-    state = _step_state(2, 4, 48, gen, 40, False)
+    state = step_state(2, 4, 48, gen, 40, False)
     state["eos_pos"].fill_(10)
     tstep.step_update(**state, eos_value=1024, pad_value=1025)
     assert bool(state["done"])

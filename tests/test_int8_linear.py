@@ -122,16 +122,19 @@ def test_other_dtypes_and_devices_run_the_reference():
 
 
 @needs_ext
-def test_the_extension_checks_what_it_is_handed():
-    lib = _ext.module()
+def test_the_wrapper_checks_what_the_kernel_is_handed():
+    # the kernel takes addresses (csrc/module.cpp): what it does not cover runs the reference, whose errors are the op's
     x, w, scale = _case(2, 40, 6, seed=4)
-    out = torch.empty(2, 6)
-    with pytest.raises(TypeError, match="w must be int8"):
-        lib.int8_linear(x.numpy(), w.float().numpy(), scale.numpy(), out.numpy())
-    with pytest.raises(ValueError, match="out has the wrong shape"):
-        lib.int8_linear(x.numpy(), w.numpy(), scale.numpy(), torch.empty(2, 5).numpy())
+    with pytest.raises(ValueError, match=r"int8 \[N, K\] weights"):
+        cpp.int8_linear(x, w.float(), scale)
+    with pytest.raises(ValueError, match="x has 39 features"):
+        cpp.int8_linear(x[:, :39], w, scale)
     with pytest.raises(ValueError, match="not supported by this CPU"):
-        lib.int8_linear(x.numpy(), w.numpy(), scale.numpy(), out.numpy(), 9)
+        cpp.int8_linear(x, w, scale, isa=9)
+    strided = w.t().contiguous().t()  # the same values, not contiguous: copied first
+    assert not strided.is_contiguous()
+    _close(cpp.int8_linear(x, strided, scale), reference.int8_linear(x, w, scale))
+    assert cpp.int8_linear(x[:0], w, scale).shape == (0, 6)
 
 
 def test_quantize_rows_is_symmetric_per_row_and_bounded():

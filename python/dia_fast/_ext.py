@@ -11,14 +11,16 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
 # The ABI of _C this Python code was written against (csrc/module.cpp: kAbiVersion).
-ABI_VERSION = 4
+ABI_VERSION = 5
 
 _module: ModuleType | None = None
 _error: str = ""
+_on_reload: list[Callable[[], None]] = []
 
 
 def _load() -> None:
@@ -68,7 +70,14 @@ def reload() -> bool:
     """Try to load the extension again (after building it in place, or changing
     ``DIA_FAST_DISABLE_EXT``); returns :func:`loaded`."""
     _load()
+    for listener in _on_reload:
+        listener()
     return loaded()
+
+
+def on_reload(listener: Callable[[], None]) -> None:
+    """Call ``listener()`` after every :func:`reload` (the op dispatch forgets the backends it chose)."""
+    _on_reload.append(listener)
 
 
 def build_info() -> dict[str, Any]:

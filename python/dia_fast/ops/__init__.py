@@ -14,7 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
-from . import reference
+from .. import _ext
+from . import _dispatch, reference
 from ._dispatch import (
     BACKENDS,
     backend_available,
@@ -73,8 +74,6 @@ def _triton_available(device_type: str) -> tuple[bool, str]:
 def _cpp_available(device_type: str) -> tuple[bool, str]:
     if device_type != "cpu":
         return False, "the C++ kernels are CPU kernels"
-    from .. import _ext
-
     return (True, "extension loaded") if _ext.loaded() else (False, _ext.why_not())
 
 
@@ -89,6 +88,7 @@ def _metal_available(device_type: str) -> tuple[bool, str]:
 register_availability("triton", _triton_available)
 register_availability("cpp", _cpp_available)
 register_availability("metal", _metal_available)
+_ext.on_reload(_dispatch.invalidate)  # loading (or disabling) the extension changes what the cpp backend runs
 
 # --- the table ------------------------------------------------------------------------------
 
@@ -120,7 +120,9 @@ for _op in ("add_rmsnorm", "rope_kv_write", "swiglu"):
 for _op in ("step_update", "slot_update"):
     register(_op, "triton", f"dia_fast.ops.triton_step:{_op}")
 # C++ CPU kernels: registered where they measured faster than the reference (benchmarks/RESULTS.md)
-for _op in ("apply_delay", "revert_delay", "undelay_codes", "cfg_sample", "int8_linear"):
+_CPP_OPS = ("apply_delay", "revert_delay", "undelay_codes", "cfg_sample", "int8_linear")
+_CPP_LAYER_OPS = ("add_rmsnorm", "swiglu", "embed_codes", "rope_kv_write", "decode_attention", "step_update")
+for _op in _CPP_OPS + _CPP_LAYER_OPS:
     register(_op, "cpp", f"dia_fast.ops.cpp:{_op}")
 # Metal kernels (kernels/*.metal), compiled at run time on Apple GPUs
 for _op in ("apply_delay", "revert_delay", "undelay_codes", "decode_attention", "cfg_sample"):

@@ -9,6 +9,10 @@ device type, in order:
    variable, read once: ``torch``, ``triton``, ``cpp`` or ``metal``);
 3. the default for the device: the first *available* backend in ``DEFAULT_ORDER``.
 
+The choice is remembered per (op, device type) until a registration or override changes (or
+:func:`invalidate` is called): a decode step on a CPU dispatches ~30 ops, and asking every
+backend's availability each time was a measurable part of the step.
+
 An override naming a backend that does not implement an op (or is unavailable) falls back
 to ``torch`` for that op, so ``DIA_FAST_BACKEND=triton`` on a machine without Triton still
 runs; an explicit ``backend=`` argument that cannot run raises instead.
@@ -38,6 +42,13 @@ _REGISTRY: dict[str, dict[str, str | Callable[..., Any]]] = {}
 _AVAILABILITY: dict[str, Callable[[str], tuple[bool, str]]] = {}
 _RESOLVED: dict[tuple[str, str], Callable[..., Any]] = {}
 _OVERRIDE: dict[str | None, str] = {}
+# (op, device type, TRITON_INTERPRET) -> the backend select_backend chose
+_SELECTED: dict[tuple[str, str, str | None], str] = {}
+
+
+def invalidate() -> None:
+    """Forget the remembered choices (after something that changes a backend's availability)."""
+    _SELECTED.clear()
 
 
 def register(op: str, backend: str, impl: str | Callable[..., Any]) -> None:
@@ -46,11 +57,13 @@ def register(op: str, backend: str, impl: str | Callable[..., Any]) -> None:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     _REGISTRY.setdefault(op, {})[backend] = impl
     _RESOLVED.pop((op, backend), None)
+    invalidate()
 
 
 def register_availability(backend: str, check: Callable[[str], tuple[bool, str]]) -> None:
     """Register the function telling whether ``backend`` can run on a device type."""
     _AVAILABILITY[backend] = check
+    invalidate()
 
 
 def backend_available(backend: str, device_type: str) -> tuple[bool, str]:
@@ -74,6 +87,7 @@ def set_backend(backend: str | None, op: str | None = None) -> None:
         _OVERRIDE.pop(op, None)
     else:
         _OVERRIDE[op] = backend
+    invalidate()
 
 
 def _env_override() -> None:
@@ -92,15 +106,25 @@ def ops() -> list[str]:
 def _device_type(device: torch.device | str | None) -> str:
     if device is None:
         return "cpu"
+    if isinstance(device, torch.device):
+        return device.type
     return torch.device(device).type
 
 
 def select_backend(op: str, device: torch.device | str | None) -> str:
     """The backend that runs ``op`` on ``device`` when no ``backend=`` argument is given."""
+    dtype_ = _device_type(device)
+    key = (op, dtype_, os.environ.get("TRITON_INTERPRET"))  # the interpreter makes Triton available on a CPU
+    chosen = _SELECTED.get(key)
+    if chosen is None:
+        chosen = _SELECTED[key] = _select(op, dtype_)
+    return chosen
+
+
+def _select(op: str, dtype_: str) -> str:
     impls = _REGISTRY.get(op)
     if impls is None:
         raise KeyError(f"unknown op {op!r}; registered: {ops()}")
-    dtype_ = _device_type(device)
     forced = _OVERRIDE.get(op, _OVERRIDE.get(None))
     if forced is not None:
         if forced in impls and backend_available(forced, dtype_)[0]:

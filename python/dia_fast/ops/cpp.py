@@ -1,11 +1,14 @@
-"""C++ CPU backend: thin wrappers that call ``dia_fast._C`` on numpy views of CPU tensors.
+"""C++ CPU backend: thin wrappers that call ``dia_fast._C`` on CPU tensors' memory.
 
-The extension never links libtorch: every wrapper hands it numpy views (``Tensor.numpy()``
-shares memory, no copy) of contiguous CPU tensors and a torch-allocated output to fill. Inputs the
-kernels do not cover (other dtypes, non-CPU tensors, tensors that need grad) run the PyTorch
-reference instead, so a wrapper is always safe to call. The semantics are those of
-:mod:`dia_fast.ops.reference`; ``cfg_sample`` differs only in where its random numbers come from
-(see its docstring).
+The extension never links libtorch. The wrappers of the delay ops, the unseeded sampler and the PCM conversion
+hand it numpy views (``Tensor.numpy()`` shares memory, no copy), which the extension checks. The ops a decode
+step calls (the int8 GEMM, the layer ops, the seeded sampler, the step's bookkeeping) run ~30 times per step,
+where four torch calls per converted tensor cost more than most of the ops: those wrappers check the tensors here
+(device, dtype, shape, strides) and hand the extension their addresses and sizes (csrc/module.cpp). Every output
+is allocated here. Inputs the kernels do not cover (other dtypes, non-CPU tensors, tensors that need grad, odd
+layouts) run the PyTorch reference instead, so a wrapper is always safe to call. The semantics are those of
+:mod:`dia_fast.ops.reference`; ``cfg_sample`` differs only in where its random numbers come from (see its
+docstring).
 """
 
 from __future__ import annotations
@@ -18,7 +21,19 @@ import torch
 from .. import _ext
 from . import reference
 
-__all__ = ["apply_delay", "cfg_sample", "int8_linear", "revert_delay", "undelay_codes"]
+__all__ = [
+    "add_rmsnorm",
+    "apply_delay",
+    "cfg_sample",
+    "decode_attention",
+    "embed_codes",
+    "int8_linear",
+    "revert_delay",
+    "rope_kv_write",
+    "step_update",
+    "swiglu",
+    "undelay_codes",
+]
 
 _CODE_DTYPES = (torch.int64, torch.int32)
 
@@ -80,7 +95,7 @@ def undelay_codes(
 
 
 def _logits_view(x: torch.Tensor) -> torch.Tensor:
-    x = x.detach().float()
+    x = x.float()  # (read through its address or a numpy view of it: nothing records a graph)
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
@@ -128,8 +143,11 @@ def cfg_sample(
     if not 0 <= eos_id < V:
         raise ValueError(f"eos_id {eos_id} is outside the vocabulary [0, {V})")
     out = torch.empty((B, C), dtype=torch.long)
-    hp = reference.host_params(cfg_scale, temperature, top_p, top_k)
-    greedy = not do_sample or (hp is not None and hp.temperature == 0)
+    if seed is not None:  # a decode step's call: the per-row kernel, no settings read on the host
+        greedy, hp = not do_sample, None
+    else:
+        hp = reference.host_params(cfg_scale, temperature, top_p, top_k)
+        greedy = not do_sample or (hp is not None and hp.temperature == 0)
     if seed is not None or greedy or hp is None or allow_eos is not None:
         if seed is None:  # keys for the sampled rows (a greedy call draws nothing from the generator)
             seed = torch.zeros(B, dtype=torch.long) if greedy else torch.randint(0, 2**62, (B,), generator=generator)
@@ -144,9 +162,18 @@ def cfg_sample(
     return out
 
 
-def _row_np(value: reference.Param, B: int, dtype: torch.dtype, name: str) -> np.ndarray:
-    """A per-row setting as a contiguous [B] numpy array (a view of a CPU tensor where it can be)."""
-    return _np(reference.row_param(value, B, dtype, torch.device("cpu"), name).contiguous())
+def _row_values(value: reference.Param, B: int, dtype: torch.dtype, name: str) -> torch.Tensor:
+    """A per-row setting as a contiguous [B] CPU tensor of ``dtype`` (the step's buffers as they are; anything else
+    through the reference's :func:`~dia_fast.ops.reference.row_param`, with its checks)."""
+    if (
+        isinstance(value, torch.Tensor)
+        and value.dtype == dtype
+        and value.shape == (B,)
+        and value.device.type == "cpu"
+        and value.is_contiguous()
+    ):
+        return value
+    return reference.row_param(value, B, dtype, torch.device("cpu"), name).contiguous()
 
 
 def _sample_rows(
@@ -162,25 +189,36 @@ def _sample_rows(
     allow_eos: torch.Tensor | None,
     eos_id: int,
 ) -> torch.Tensor:
-    """The per-row, seeded kernel."""
-    B = cond.shape[0]
-    allow = None
-    if allow_eos is not None:
-        allow = _row_np(allow_eos.to(torch.bool), B, torch.uint8, "allow_eos")
-    _lib().cfg_sample_rows(
-        _np(_logits_view(cond)),
-        _np(_logits_view(uncond)),
-        _np(out),
-        _row_np(cfg_scale, B, torch.float32, "cfg_scale"),
-        _row_np(temperature, B, torch.float32, "temperature"),
-        _row_np(top_p, B, torch.float32, "top_p"),
-        _row_np(reference.top_k_arg(top_k), B, torch.int64, "top_k"),
-        _row_np(seed, B, torch.int64, "seed"),
-        _row_np(offset, B, torch.int64, "offset"),
-        allow,
-        int(eos_id),
-    )
+    """The per-row, seeded kernel (called with the addresses of the tensors checked here: csrc/module.cpp)."""
+    B, C, V = cond.shape
+    c, u = _logits_view(cond), _logits_view(uncond)
+    if min(c.stride()) < 0 or min(u.stride()) < 0:
+        c, u = c.contiguous(), u.contiguous()
+    rows = [
+        _row_values(cfg_scale, B, torch.float32, "cfg_scale"),
+        _row_values(temperature, B, torch.float32, "temperature"),
+        _row_values(top_p, B, torch.float32, "top_p"),
+        _row_values(reference.top_k_arg(top_k), B, torch.int64, "top_k"),
+        _row_values(seed, B, torch.int64, "seed"),
+        _row_values(offset, B, torch.int64, "offset"),
+    ]
+    allow = None if allow_eos is None else _row_values(allow_eos.to(torch.bool), B, torch.bool, "allow_eos")
+    if B * C:
+        _lib().cfg_sample_rows(
+            c.data_ptr(), u.data_ptr(), B, C, V, c.stride(0), c.stride(1), u.stride(0), u.stride(1), out.data_ptr(),
+            *(t.data_ptr() for t in rows), 0 if allow is None else allow.data_ptr(), int(eos_id),
+        )  # fmt: skip
     return out
+
+
+def _best_isa() -> int:
+    global _BEST_ISA
+    if _BEST_ISA < 0:
+        _BEST_ISA = int(_lib().int8_linear_best_isa())
+    return _BEST_ISA
+
+
+_BEST_ISA = -1
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, isa: int = -1) -> torch.Tensor:
@@ -189,21 +227,335 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, i
     Each row of ``x`` is rounded to 16-bit integers against its own max |x| inside the kernel (relative error
     at most 2^-16 of that max) and the products are summed exactly in integers, so the result differs from the
     reference's fp32 sum by about 3e-5 of the output's scale (csrc/linear.cpp). Rows holding NaN or inf are
-    computed in fp32. ``isa``: -1 the best this CPU runs, 0 portable, 1 AVX2, 2 AVX-512 (tests).
+    computed in fp32. ``isa``: -1 the best this CPU runs, 0 portable, 1 AVX2, 2 AVX-512, 3 AVX-512 VNNI (tests).
     """
     if (
         x.device.type != "cpu"
         or x.dtype != torch.float32
         or weight.dtype != torch.int8
+        or weight.device.type != "cpu"
         or weight.ndim != 2
         or scale.dtype != torch.float32
+        or scale.device.type != "cpu"
         or scale.shape != (weight.shape[0],)
         or x.shape[-1] != weight.shape[1]
         or x.requires_grad
     ):
         return reference.int8_linear(x, weight, scale)
-    x2 = x.detach().reshape(-1, x.shape[-1]).contiguous()
-    out = torch.empty((x2.shape[0], weight.shape[0]), dtype=torch.float32)
-    if x2.shape[0]:
-        _lib().int8_linear(_np(x2), _np(weight.contiguous()), _np(scale.contiguous()), _np(out), int(isa))
-    return out.view(*x.shape[:-1], weight.shape[0])
+    best = _best_isa()
+    if isa > best:
+        raise ValueError(f"isa {isa} is not supported by this CPU (best: {best})")
+    N, K = weight.shape
+    x2 = (
+        x if x.is_contiguous() else x.contiguous()
+    )  # addresses only: no autograd here (x.requires_grad ran the reference)
+    w, s = weight.contiguous(), scale.contiguous()
+    out = torch.empty((*x.shape[:-1], N), dtype=torch.float32)
+    M = x2.numel() // K if K else 0
+    if M and N:
+        _lib().int8_linear(x2.data_ptr(), M, K, w.data_ptr(), s.data_ptr(), N, out.data_ptr(), best if isa < 0 else isa)
+    return out
+
+
+# --- the fp32 layer ops of a decode step (csrc/rowwise.cpp, csrc/attention.cpp) -------------------------------
+#
+# These call the extension with the addresses of tensors (csrc/module.cpp: converting each to a numpy array cost
+# more than the op on a busy CPU), so every wrapper checks here what the kernel will read and write: CPU, fp32
+# (int64 codes and positions, bool masks), the shapes, the strides the kernel assumes, and outputs it allocates
+# itself. Anything else runs the reference.
+
+_F32 = torch.float32
+
+
+def _cpu_f32(t: torch.Tensor) -> bool:
+    return t.dtype == _F32 and t.device.type == "cpu"
+
+
+def _no_grad(*tensors: torch.Tensor) -> bool:
+    """Autograd needs none of them (the kernels record no graph)."""
+    return not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
+
+
+def add_rmsnorm(
+    residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`dia_fast.ops.reference.add_rmsnorm` in C++ for fp32 CPU tensors (one pass per row; the sum of
+    squares in another order than PyTorch's, so results agree to rounding)."""
+    D = residual.shape[-1]
+    inputs = (residual, weight) if delta is None else (residual, weight, delta)
+    if (
+        not all(_cpu_f32(t) for t in inputs)
+        or weight.shape != (D,)
+        or (delta is not None and delta.shape != residual.shape)
+        or not _no_grad(*inputs)
+    ):
+        return reference.add_rmsnorm(residual, delta, weight, eps)
+    r = residual.contiguous()
+    w = weight.contiguous()
+    normed = torch.empty(residual.shape, dtype=_F32)
+    if delta is None:
+        h, d_ptr, h_ptr = residual, 0, 0
+    else:
+        d = delta.contiguous()
+        h = torch.empty(residual.shape, dtype=_F32)
+        d_ptr, h_ptr = d.data_ptr(), h.data_ptr()
+    rows = normed.numel() // D if D else 0
+    if rows:
+        _lib().add_rmsnorm(r.data_ptr(), d_ptr, w.data_ptr(), float(eps), rows, D, normed.data_ptr(), h_ptr)
+    return normed, h
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """:func:`dia_fast.ops.reference.swiglu` in C++ for fp32 CPU tensors (``exp`` by a polynomial: within 2e-7
+    relative of PyTorch's)."""
+    W = gate_up.shape[-1]
+    if not _cpu_f32(gate_up) or W % 2 or not _no_grad(gate_up):
+        return reference.swiglu(gate_up)
+    g = gate_up.contiguous()
+    out = torch.empty((*gate_up.shape[:-1], W // 2), dtype=_F32)
+    rows = out.numel() // (W // 2) if W else 0
+    if rows:
+        _lib().swiglu(g.data_ptr(), rows, W // 2, out.data_ptr())
+    return out
+
+
+def embed_codes(codes: torch.Tensor, table: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """:func:`dia_fast.ops.reference.embed_codes` in C++ for an fp32 CPU table (the channels summed in order).
+    A code outside the vocabulary raises the reference's error."""
+    if (
+        codes.ndim != 3
+        or codes.device.type != "cpu"
+        or codes.dtype not in _CODE_DTYPES
+        or not _cpu_f32(table)
+        or table.ndim != 2
+        or not _no_grad(table)
+    ):
+        return reference.embed_codes(codes, table, vocab_size)
+    B, T, C = codes.shape
+    if C == 0 or vocab_size <= 0 or table.shape[0] != C * vocab_size:
+        return reference.embed_codes(codes, table, vocab_size)
+    D = table.shape[1]
+    flat = codes.reshape(B * T, C).to(torch.long).contiguous()
+    t = table.contiguous()
+    out = torch.empty((B, T, D), dtype=_F32)
+    if B * T and D:
+        bad = _lib().embed_codes(flat.data_ptr(), B * T, C, t.data_ptr(), int(vocab_size), D, out.data_ptr())
+        if bad >= 0:
+            return reference.embed_codes(codes, table, vocab_size)  # raises its IndexError (nothing was written)
+    return out
+
+
+class _Unsupported(Exception):
+    """An argument the kernel does not take: the wrapper runs the reference instead."""
+
+
+def _int64_values(value: torch.Tensor | int | None, rows: int) -> torch.Tensor | None:
+    """None, or 1 or ``rows`` int64 values in a contiguous CPU tensor; raises _Unsupported for anything else."""
+    if value is None:
+        return None
+    if (
+        isinstance(value, torch.Tensor)
+        and value.dtype == torch.long
+        and value.ndim <= 1
+        and value.numel() in (1, rows)
+        and value.device.type == "cpu"
+        and value.is_contiguous()
+    ):
+        return value  # a decode step's position or lengths, as they are
+    t = value if isinstance(value, torch.Tensor) else torch.tensor([int(value)])
+    if t.device.type != "cpu" or t.dtype not in _CODE_DTYPES + (torch.int16, torch.int8, torch.uint8):
+        raise _Unsupported
+    if t.numel() not in (1, rows):
+        raise _Unsupported
+    return t.reshape(-1).to(torch.long).contiguous()
+
+
+def _kv_strides_ok(cache: torch.Tensor, D: int) -> bool:
+    """[B, H, L, D] with [L, D] contiguous and non-negative strides (what the kernels index)."""
+    return cache.stride(3) == 1 and cache.stride(2) == D and cache.stride(0) >= 0 and cache.stride(1) >= 0
+
+
+def rope_kv_write(
+    qkv: torch.Tensor,
+    start: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    n_head: int,
+    n_kv_head: int,
+) -> torch.Tensor:
+    """:func:`dia_fast.ops.reference.rope_kv_write` in C++ for fp32 CPU tensors (the same products and sums, so
+    the same bits). Positions outside the caches or the tables raise the reference's error."""
+    args = (qkv, start, cos, sin, k_cache, v_cache, n_head, n_kv_head)
+    if (
+        qkv.ndim != 3
+        or k_cache.ndim != 4
+        or not all(_cpu_f32(t) for t in (qkv, cos, sin, k_cache, v_cache))
+        or not _no_grad(qkv, k_cache, v_cache)
+        or n_head <= 0
+        or n_kv_head <= 0
+    ):
+        return reference.rope_kv_write(*args)
+    R, T, W = qkv.shape
+    D = k_cache.shape[3]
+    half = D // 2
+    if (
+        D == 0
+        or D % 2
+        or W != (n_head + 2 * n_kv_head) * D
+        or k_cache.shape != (R, n_kv_head, k_cache.shape[2], D)
+        or v_cache.shape != k_cache.shape
+        or v_cache.stride() != k_cache.stride()
+        or not _kv_strides_ok(k_cache, D)
+        or cos.ndim != 2
+        or cos.shape[1] != half
+        or sin.shape != cos.shape
+        or _overlap(k_cache, v_cache)
+    ):
+        return reference.rope_kv_write(*args)
+    try:
+        pos = _int64_values(start, R)
+    except _Unsupported:
+        return reference.rope_kv_write(*args)
+    x, c, s = qkv.contiguous(), cos.contiguous(), sin.contiguous()
+    q = torch.empty((R, n_head, T, D), dtype=_F32)
+    if R * T == 0:
+        return q
+    bad = _lib().rope_kv_write(
+        x.data_ptr(), R, T, n_head, n_kv_head, D,
+        0 if pos is None else pos.data_ptr(), 0 if pos is None else pos.numel(),
+        c.data_ptr(), s.data_ptr(), c.shape[0],
+        k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1), k_cache.shape[2],
+        q.data_ptr(),
+    )  # fmt: skip
+    if bad >= 0:
+        return reference.rope_kv_write(*args)  # raises its IndexError (nothing was written)
+    return q
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors' storages are the same memory (the caches are written while both are indexed)."""
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+_MAX_GROUP = 64  # query heads per KV head the kernel takes (csrc/kernels.hpp: kMaxGroup)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    *,
+    scale: float = 1.0,
+    kv_len: torch.Tensor | int | None = None,
+    key_mask: torch.Tensor | None = None,
+    semaphores: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`dia_fast.ops.reference.decode_attention` in C++ for fp32 CPU tensors: the query heads of a KV
+    head read each cached key and value once; keys past ``kv_len`` are never read (``exp`` by a polynomial:
+    within 2e-7 relative of PyTorch's). ``semaphores``: unused."""
+    kw = dict(scale=scale, kv_len=kv_len, key_mask=key_mask, semaphores=semaphores)
+    if (
+        q.ndim != 4
+        or k_cache.ndim != 4
+        or q.shape[2] != 1
+        or not all(_cpu_f32(t) for t in (q, k_cache, v_cache))
+        or not _no_grad(q, k_cache, v_cache)
+    ):
+        return reference.decode_attention(q, k_cache, v_cache, **kw)
+    B, Hq, _, D = q.shape
+    Hkv, L = k_cache.shape[1], k_cache.shape[2]
+    if (
+        k_cache.shape != (B, Hkv, L, D)
+        or v_cache.shape != k_cache.shape
+        or Hkv == 0
+        or Hq % Hkv
+        or Hq // Hkv > _MAX_GROUP
+        or not _kv_strides_ok(k_cache, D)
+        or not _kv_strides_ok(v_cache, D)
+    ):
+        return reference.decode_attention(q, k_cache, v_cache, **kw)
+    mask = None
+    if key_mask is not None:
+        if key_mask.dtype != torch.bool or key_mask.shape != (B, L) or key_mask.device.type != "cpu":
+            return reference.decode_attention(q, k_cache, v_cache, **kw)
+        mask = key_mask if key_mask.stride(1) == 1 and key_mask.stride(0) >= 0 else key_mask.contiguous()
+    try:
+        lens = _int64_values(kv_len, B)
+    except _Unsupported:
+        return reference.decode_attention(q, k_cache, v_cache, **kw)
+    qc = q.contiguous()
+    out = torch.empty((B, Hq, 1, D), dtype=_F32)
+    if B * Hq * D == 0:
+        return out.zero_()
+    _lib().decode_attention(
+        qc.data_ptr(), B, Hq, D,
+        k_cache.data_ptr(), v_cache.data_ptr(), Hkv, L,
+        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        0 if lens is None else lens.data_ptr(), 0 if lens is None else lens.numel(),
+        0 if mask is None else mask.data_ptr(), 0 if mask is None else mask.stride(0),
+        float(scale), out.data_ptr(),
+    )  # fmt: skip
+    return out
+
+
+def _long_cpu(*tensors: torch.Tensor) -> bool:
+    return all(t.dtype == torch.long and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+
+
+def step_update(
+    codes: torch.Tensor,
+    pos: torch.Tensor,
+    eos_pos: torch.Tensor,
+    delays: torch.Tensor,
+    forced_eos_pos: torch.Tensor,
+    forced: torch.Tensor,
+    out: torch.Tensor,
+    real: torch.Tensor,
+    done: torch.Tensor,
+    tokens: torch.Tensor,
+    min_eos_pos: torch.Tensor | None = None,
+    allow_eos: torch.Tensor | None = None,
+    *,
+    eos_value: int,
+    pad_value: int,
+) -> None:
+    """:func:`dia_fast.ops.reference.step_update` in C++ for int64 CPU buffers (the same integers)."""
+    args = (codes, pos, eos_pos, delays, forced_eos_pos, forced, out, real, done, tokens, min_eos_pos, allow_eos)
+    kw = dict(eos_value=eos_value, pad_value=pad_value)
+    if codes.ndim != 2 or forced.ndim != 3:
+        return reference.step_update(*args, **kw)
+    B, C = codes.shape
+    R, L = tokens.shape[0], forced.shape[1]
+    with_min = min_eos_pos is not None and allow_eos is not None
+    bools = (real, done) + ((allow_eos,) if with_min else ())
+    if (
+        not _long_cpu(codes, pos, eos_pos, delays, forced_eos_pos, forced, out, tokens)
+        or not all(t.dtype == torch.bool and t.device.type == "cpu" and t.is_contiguous() for t in bools)
+        or (with_min and not _long_cpu(min_eos_pos))
+        or B == 0
+        or pos.numel() != 1
+        or eos_pos.shape != (B,)
+        or delays.shape != (C,)
+        or forced_eos_pos.numel() not in (1, B)
+        or forced.shape != (B, L, C)
+        or out.shape != (B, L, C)
+        or real.shape != (B,)
+        or done.numel() != 1
+        or tokens.shape != (R, 1, C)
+        or R % B
+        or (with_min and (min_eos_pos.shape != (B,) or allow_eos.shape != (B,)))
+    ):
+        return reference.step_update(*args, **kw)
+    final = torch.empty((B, C), dtype=torch.long)
+    bad = _lib().step_update(
+        codes.data_ptr(), final.data_ptr(), B, C, L, R, pos.data_ptr(), eos_pos.data_ptr(), delays.data_ptr(),
+        forced_eos_pos.data_ptr(), forced_eos_pos.numel(), forced.data_ptr(), out.data_ptr(), real.data_ptr(),
+        done.data_ptr(), tokens.data_ptr(),
+        min_eos_pos.data_ptr() if with_min else 0, allow_eos.data_ptr() if with_min else 0,
+        int(eos_value), int(pad_value),
+    )  # fmt: skip
+    if bad >= 0:
+        return reference.step_update(*args, **kw)  # raises its IndexError (nothing was written)
+    return None

@@ -1,0 +1,44 @@
+// The bookkeeping of a decode step after the draw (dia_fast.ops.reference.step_update): Dia's end-of-speech
+// countdown, the forced prefix, the output and the next decoder input, the completion flag. A few hundred
+// integers, but about twenty PyTorch ops in the reference: one call here.
+#include <algorithm>
+#include <cstdint>
+
+#include "kernels.hpp"
+
+namespace dia_fast {
+
+int64_t step_update(const StepUpdateArgs& a) {
+  const int64_t p = a.pos[0];
+  if (p < 0 || p >= a.L) return p;
+  int64_t max_delay = 0;
+  for (int64_t c = 0; c < a.C; ++c) max_delay = std::max(max_delay, a.delays[c]);
+  bool all_finished = true;
+  for (int64_t b = 0; b < a.B; ++b) {
+    int64_t* codes = a.codes_out + b * a.C;
+    const int64_t* drawn = a.codes + b * a.C;
+    const int64_t end_at = a.forced_eos_pos[a.n_forced_eos == 1 ? 0 : b];
+    // channel 0's EOS (as drawn) or reaching the forced end starts the countdown
+    if (a.eos_pos[b] < 0 && (drawn[0] == a.eos_value || p >= end_at)) a.eos_pos[b] = p;
+    const bool counting = a.eos_pos[b] >= 0;
+    const int64_t since = p - a.eos_pos[b];
+    const int64_t* forced = a.forced + (b * a.L + p) * a.C;
+    int64_t* out = a.out + (b * a.L + p) * a.C;
+    for (int64_t c = 0; c < a.C; ++c) {
+      int64_t v = drawn[c];
+      if (counting && since == a.delays[c]) v = a.eos_value;
+      if (counting && since > a.delays[c]) v = a.pad_value;
+      if (forced[c] != kNotForced) v = forced[c];
+      codes[c] = v;
+      out[c] = v;
+    }
+    const bool finished = (counting && since >= max_delay) || !a.real[b];
+    all_finished = all_finished && finished;
+    if (a.min_eos_pos != nullptr) a.allow_eos[b] = p + 1 >= a.min_eos_pos[b];
+  }
+  a.done[0] = all_finished;
+  for (int64_t r = 0; r < a.R; ++r) std::copy(a.codes_out + (r % a.B) * a.C, a.codes_out + (r % a.B + 1) * a.C, a.tokens + r * a.C);
+  return -1;
+}
+
+}  // namespace dia_fast

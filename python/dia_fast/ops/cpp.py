@@ -246,9 +246,7 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, i
     if isa > best:
         raise ValueError(f"isa {isa} is not supported by this CPU (best: {best})")
     N, K = weight.shape
-    x2 = (
-        x if x.is_contiguous() else x.contiguous()
-    )  # addresses only: no autograd here (x.requires_grad ran the reference)
+    x2 = x.contiguous()  # read through its address: no autograd here (x.requires_grad ran the reference)
     w, s = weight.contiguous(), scale.contiguous()
     out = torch.empty((*x.shape[:-1], N), dtype=torch.float32)
     M = x2.numel() // K if K else 0

@@ -9,9 +9,10 @@ device type, in order:
    variable, read once: ``torch``, ``triton``, ``cpp`` or ``metal``);
 3. the default for the device: the first *available* backend in ``DEFAULT_ORDER``.
 
-The choice is remembered per (op, device type) until a registration or override changes (or
-:func:`invalidate` is called): a decode step on a CPU dispatches ~30 ops, and asking every
-backend's availability each time was a measurable part of the step.
+The choice is remembered per (op, device type) until a registration or override changes, the
+extension is reloaded, or :func:`invalidate` is called (availability read from the environment,
+such as ``TRITON_INTERPRET``, is read when the choice is made): a decode step on a CPU dispatches
+~30 ops, and asking every backend's availability each time was a measurable part of the step.
 
 An override naming a backend that does not implement an op (or is unavailable) falls back
 to ``torch`` for that op, so ``DIA_FAST_BACKEND=triton`` on a machine without Triton still
@@ -42,8 +43,8 @@ _REGISTRY: dict[str, dict[str, str | Callable[..., Any]]] = {}
 _AVAILABILITY: dict[str, Callable[[str], tuple[bool, str]]] = {}
 _RESOLVED: dict[tuple[str, str], Callable[..., Any]] = {}
 _OVERRIDE: dict[str | None, str] = {}
-# (op, device type, TRITON_INTERPRET) -> the backend select_backend chose
-_SELECTED: dict[tuple[str, str, str | None], str] = {}
+# (op, device type) -> the backend select_backend chose
+_SELECTED: dict[tuple[str, str], str] = {}
 
 
 def invalidate() -> None:
@@ -114,7 +115,7 @@ def _device_type(device: torch.device | str | None) -> str:
 def select_backend(op: str, device: torch.device | str | None) -> str:
     """The backend that runs ``op`` on ``device`` when no ``backend=`` argument is given."""
     dtype_ = _device_type(device)
-    key = (op, dtype_, os.environ.get("TRITON_INTERPRET"))  # the interpreter makes Triton available on a CPU
+    key = (op, dtype_)
     chosen = _SELECTED.get(key)
     if chosen is None:
         chosen = _SELECTED[key] = _select(op, dtype_)

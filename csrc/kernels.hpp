@@ -191,4 +191,27 @@ struct StepUpdateArgs {
 };
 int64_t step_update(const StepUpdateArgs& args);
 
+// dia_fast.ops.reference.slot_update: per slot s (S slots of L positions, its rows 2s and 2s + 1), at its own position
+// pos[s] (clamped to [0, L)), for live slots (active and not finished) the countdown, the forced prefix and the
+// codes into out[s, p]; finished, pos and allow_eos updated; every slot's codes into tokens [2S, C] and its
+// position into row_pos [2S]. L >= 1.
+struct SlotUpdateArgs {
+  const int64_t* codes;
+  int64_t S, C, L;
+  int64_t* pos;
+  int64_t* eos_pos;
+  const int64_t* delays;
+  const int64_t* forced_eos_pos;
+  const int64_t* min_eos_pos;
+  const int64_t* forced;
+  int64_t* out;
+  const bool* active;
+  bool* finished;
+  bool* allow_eos;
+  int64_t* tokens;
+  int64_t* row_pos;
+  int64_t eos_value, pad_value;
+};
+void slot_update(const SlotUpdateArgs& args);
+
 }  // namespace dia_fast

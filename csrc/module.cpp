@@ -306,6 +306,23 @@ int64_t raw_step_update(uintptr_t codes, uintptr_t codes_out, int64_t B, int64_t
   return dia_fast::step_update(a);
 }
 
+void raw_slot_update(uintptr_t codes, int64_t S, int64_t C, int64_t L, uintptr_t pos, uintptr_t eos_pos,
+                     uintptr_t delays, uintptr_t forced_eos_pos, uintptr_t min_eos_pos, uintptr_t forced, uintptr_t out,
+                     uintptr_t active, uintptr_t finished, uintptr_t allow_eos, uintptr_t tokens, uintptr_t row_pos,
+                     int64_t eos_value, int64_t pad_value) {
+  const dia_fast::SlotUpdateArgs a{at<const int64_t>(codes),  S,
+                                   C,                         L,
+                                   at<int64_t>(pos),          at<int64_t>(eos_pos),
+                                   at<const int64_t>(delays), at<const int64_t>(forced_eos_pos),
+                                   at<const int64_t>(min_eos_pos), at<const int64_t>(forced),
+                                   at<int64_t>(out),          at<const bool>(active),
+                                   at<bool>(finished),        at<bool>(allow_eos),
+                                   at<int64_t>(tokens),       at<int64_t>(row_pos),
+                                   eos_value,                 pad_value};
+  py::gil_scoped_release nogil;
+  dia_fast::slot_update(a);
+}
+
 void raw_cfg_sample_rows(uintptr_t cond, uintptr_t uncond, int64_t B, int64_t C, int64_t V, int64_t cond_sb,
                          int64_t cond_sc, int64_t uncond_sb, int64_t uncond_sc, uintptr_t out, uintptr_t cfg_scale,
                          uintptr_t temperature, uintptr_t top_p, uintptr_t top_k, uintptr_t seeds, uintptr_t offsets,
@@ -359,7 +376,7 @@ py::dict build_info() {
   py::list kernels;
   for (const char* k :
        {"apply_delay", "revert_delay", "undelay_codes", "cfg_sample", "cfg_sample_rows", "float_to_pcm16", "int8_linear",
-        "add_rmsnorm", "swiglu", "embed_codes", "rope_kv_write", "decode_attention", "step_update"})
+        "add_rmsnorm", "swiglu", "embed_codes", "rope_kv_write", "decode_attention", "step_update", "slot_update"})
     kernels.append(k);
   d["kernels"] = kernels;
   d["int8_linear_isa"] = dia_fast::int8_linear_best_isa();
@@ -413,6 +430,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("step_update", &raw_step_update,
         "dia_fast.ops.reference.step_update on int64 codes [B, C] (codes_out [B, C] a scratch for the final codes); "
         "returns -1, or the position when it is outside the output (nothing written).");
+  m.def("slot_update", &raw_slot_update,
+        "dia_fast.ops.reference.slot_update (continuous batching's per-slot bookkeeping) on int64 codes [S, C], "
+        "buffers of S slots of L >= 1 positions, tokens [2S, C], row_pos [2S].");
   m.def("decode_attention", &raw_decode_attention,
         "One query step: q float32 [B, Hq, D] against caches [B, Hkv, L, D] ([L, D] contiguous), keys below kv_len "
         "and in key_mask (0: none) -> out [B, Hq, D].");

@@ -1,6 +1,6 @@
-// The bookkeeping of a decode step after the draw (dia_fast.ops.reference.step_update): Dia's end-of-speech
-// countdown, the forced prefix, the output and the next decoder input, the completion flag. A few hundred
-// integers, but about twenty PyTorch ops in the reference: one call here.
+// The bookkeeping of a decode step after the draw (dia_fast.ops.reference.step_update, and slot_update for
+// continuous batching): Dia's end-of-speech countdown, the forced prefix, the output and the next decoder input,
+// the completion flags. A few hundred integers, but about twenty PyTorch ops in the references: one call here.
 #include <algorithm>
 #include <cstdint>
 
@@ -39,6 +39,36 @@ int64_t step_update(const StepUpdateArgs& a) {
   a.done[0] = all_finished;
   for (int64_t r = 0; r < a.R; ++r) std::copy(a.codes_out + (r % a.B) * a.C, a.codes_out + (r % a.B + 1) * a.C, a.tokens + r * a.C);
   return -1;
+}
+
+void slot_update(const SlotUpdateArgs& a) {
+  int64_t max_delay = 0;
+  for (int64_t c = 0; c < a.C; ++c) max_delay = std::max(max_delay, a.delays[c]);
+  for (int64_t s = 0; s < a.S; ++s) {
+    const bool live = a.active[s] && !a.finished[s];
+    const int64_t p = std::min(std::max(a.pos[s], int64_t(0)), a.L - 1);
+    const int64_t* drawn = a.codes + s * a.C;
+    if (live && a.eos_pos[s] < 0 && (drawn[0] == a.eos_value || p >= a.forced_eos_pos[s])) a.eos_pos[s] = p;
+    const bool counting = live && a.eos_pos[s] >= 0;
+    const int64_t since = p - a.eos_pos[s];
+    const int64_t* forced = a.forced + (s * a.L + p) * a.C;
+    int64_t* out = a.out + (s * a.L + p) * a.C;
+    int64_t* cond_row = a.tokens + 2 * s * a.C;  // rows 2s (conditional) and 2s + 1 (unconditional)
+    for (int64_t c = 0; c < a.C; ++c) {
+      int64_t v = drawn[c];
+      if (counting && since == a.delays[c]) v = a.eos_value;
+      if (counting && since > a.delays[c]) v = a.pad_value;
+      if (forced[c] != kNotForced) v = forced[c];
+      if (live) out[c] = v;
+      cond_row[c] = v;
+      cond_row[a.C + c] = v;
+    }
+    const bool done_now = live && a.eos_pos[s] >= 0 && since >= max_delay;
+    a.finished[s] = a.finished[s] || done_now;
+    a.row_pos[2 * s] = a.row_pos[2 * s + 1] = p;
+    a.pos[s] = live && !done_now ? std::min(p + 1, a.L - 1) : p;
+    a.allow_eos[s] = a.pos[s] >= a.min_eos_pos[s];
+  }
 }
 
 }  // namespace dia_fast

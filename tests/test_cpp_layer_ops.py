@@ -15,7 +15,7 @@ import torch
 from dia_fast import _ext, ops
 from dia_fast.ops import cpp, reference
 
-from .step_cases import step_state
+from .step_cases import slot_state, step_state
 
 pytestmark = pytest.mark.skipif(not _ext.loaded(), reason="the C++ extension is not built")
 
@@ -204,6 +204,22 @@ def test_step_update(B, cfg):
         cpp.step_update(**state, eos_value=1024, pad_value=1025)
 
 
+def test_slot_update():
+    gen = torch.Generator().manual_seed(0)
+    for S in (1, 3, 8, 17):
+        for _ in range(6):
+            state = slot_state(S, 48, gen)
+            state["pos"][0] = 47  # the last position: stays there
+            if S > 1:
+                state["pos"][1] = 60  # past the buffer: clamped
+            mine = {k: v.clone() for k, v in state.items()}
+            reference.slot_update(**state, eos_value=1024, pad_value=1025)
+            with kernel_only("slot_update"):
+                cpp.slot_update(**mine, eos_value=1024, pad_value=1025)
+            for key, value in state.items():
+                assert torch.equal(mine[key], value), (S, key)
+
+
 # --- the whole decode step -------------------------------------------------------------------------
 
 
@@ -214,6 +230,7 @@ def test_decode_with_every_cpp_op_equals_the_reference_decode():
     tts = DiaTTS.random("tiny", seed=1)
     kw = {"max_new_tokens": 48, "do_sample": False, "decode_audio": False, "progress": False}
     layer_ops = ("add_rmsnorm", "swiglu", "embed_codes", "rope_kv_write", "decode_attention", "step_update")
+    assert ops.select_backend("slot_update", "cpu") == "cpp"
     assert all(ops.select_backend(op, "cpu") == "cpp" for op in layer_ops)
     fast = tts.generate(["[S1] Hello there.", "[S2] Hi! How are you?"], **kw)
     for op in layer_ops:

@@ -14,7 +14,7 @@ from dia_fast.ops import triton_attention as ta  # noqa: E402
 from dia_fast.ops import triton_fused as tf  # noqa: E402
 from dia_fast.ops import triton_step as tstep  # noqa: E402
 
-from .step_cases import step_state  # noqa: E402
+from .step_cases import slot_state, step_state  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -183,28 +183,9 @@ def test_step_update(B: int, cfg: bool) -> None:
 def test_slot_update() -> None:
     """Continuous batching's per-slot bookkeeping: live, idle and finished slots, each at its own position."""
     gen = torch.Generator().manual_seed(0)
-    C, L = 9, 48
     for S in (1, 3, 8):
         for _ in range(4):
-            codes = torch.randint(0, 1024, (S, C), generator=gen)
-            codes[::2, 0] = 1024
-            state = dict(
-                codes=codes,
-                pos=torch.randint(1, L, (S,), generator=gen),
-                eos_pos=torch.where(torch.rand(S, generator=gen) < 0.5, torch.randint(0, 30, (S,), generator=gen), -1),
-                delays=torch.tensor([0, 8, 9, 10, 11, 12, 13, 14, 15]),
-                forced_eos_pos=torch.randint(10, 40, (S,), generator=gen),
-                min_eos_pos=torch.randint(0, 40, (S,), generator=gen),
-                forced=torch.where(
-                    torch.rand(S, L, C, generator=gen) < 0.2, torch.randint(0, 1027, (S, L, C), generator=gen), -1
-                ),
-                out=torch.randint(0, 1027, (S, L, C), generator=gen),
-                active=torch.rand(S, generator=gen) < 0.8,
-                finished=torch.rand(S, generator=gen) < 0.2,
-                allow_eos=torch.zeros(S, dtype=torch.bool),
-                tokens=torch.zeros(2 * S, 1, C, dtype=torch.long),
-                row_pos=torch.zeros(2 * S, dtype=torch.long),
-            )
+            state = slot_state(S, 48, gen)
             mine = {k: v.clone().to(DEVICE) for k, v in state.items()}
             tstep.slot_update(**mine, eos_value=1024, pad_value=1025)
             ref.slot_update(**state, eos_value=1024, pad_value=1025)

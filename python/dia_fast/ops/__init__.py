@@ -121,7 +121,15 @@ for _op in ("step_update", "slot_update"):
     register(_op, "triton", f"dia_fast.ops.triton_step:{_op}")
 # C++ CPU kernels: registered where they measured faster than the reference (benchmarks/RESULTS.md)
 _CPP_OPS = ("apply_delay", "revert_delay", "undelay_codes", "cfg_sample", "int8_linear")
-_CPP_LAYER_OPS = ("add_rmsnorm", "swiglu", "embed_codes", "rope_kv_write", "decode_attention", "step_update")
+_CPP_LAYER_OPS = (
+    "add_rmsnorm",
+    "swiglu",
+    "embed_codes",
+    "rope_kv_write",
+    "decode_attention",
+    "step_update",
+    "slot_update",
+)
 for _op in _CPP_OPS + _CPP_LAYER_OPS:
     register(_op, "cpp", f"dia_fast.ops.cpp:{_op}")
 # Metal kernels (kernels/*.metal), compiled at run time on Apple GPUs

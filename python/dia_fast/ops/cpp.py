@@ -30,6 +30,7 @@ __all__ = [
     "int8_linear",
     "revert_delay",
     "rope_kv_write",
+    "slot_update",
     "step_update",
     "swiglu",
     "undelay_codes",
@@ -556,4 +557,52 @@ def step_update(
     )  # fmt: skip
     if bad >= 0:
         return reference.step_update(*args, **kw)  # raises its IndexError (nothing was written)
+    return None
+
+
+def slot_update(
+    codes: torch.Tensor,
+    pos: torch.Tensor,
+    eos_pos: torch.Tensor,
+    delays: torch.Tensor,
+    forced_eos_pos: torch.Tensor,
+    min_eos_pos: torch.Tensor,
+    forced: torch.Tensor,
+    out: torch.Tensor,
+    active: torch.Tensor,
+    finished: torch.Tensor,
+    allow_eos: torch.Tensor,
+    tokens: torch.Tensor,
+    row_pos: torch.Tensor,
+    *,
+    eos_value: int,
+    pad_value: int,
+) -> None:
+    """:func:`dia_fast.ops.reference.slot_update` in C++ for int64 CPU buffers (the same integers)."""
+    args = (codes, pos, eos_pos, delays, forced_eos_pos, min_eos_pos, forced, out, active, finished, allow_eos)
+    args += (tokens, row_pos)
+    kw = dict(eos_value=eos_value, pad_value=pad_value)
+    if codes.ndim != 2 or forced.ndim != 3:
+        return reference.slot_update(*args, **kw)
+    S, C = codes.shape
+    L = forced.shape[1]
+    if (
+        not _long_cpu(codes, pos, eos_pos, delays, forced_eos_pos, min_eos_pos, forced, out, tokens, row_pos)
+        or not all(t.dtype == torch.bool and t.device.type == "cpu" and t.is_contiguous() for t in (active, finished))
+        or not (allow_eos.dtype == torch.bool and allow_eos.device.type == "cpu" and allow_eos.is_contiguous())
+        or S == 0
+        or L == 0
+        or any(t.shape != (S,) for t in (pos, eos_pos, forced_eos_pos, min_eos_pos, active, finished, allow_eos))
+        or delays.shape != (C,)
+        or forced.shape != (S, L, C)
+        or out.shape != (S, L, C)
+        or tokens.shape != (2 * S, 1, C)
+        or row_pos.shape != (2 * S,)
+    ):
+        return reference.slot_update(*args, **kw)
+    _lib().slot_update(
+        codes.data_ptr(), S, C, L, pos.data_ptr(), eos_pos.data_ptr(), delays.data_ptr(), forced_eos_pos.data_ptr(),
+        min_eos_pos.data_ptr(), forced.data_ptr(), out.data_ptr(), active.data_ptr(), finished.data_ptr(),
+        allow_eos.data_ptr(), tokens.data_ptr(), row_pos.data_ptr(), int(eos_value), int(pad_value),
+    )  # fmt: skip
     return None

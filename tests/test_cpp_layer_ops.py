@@ -241,3 +241,19 @@ def test_decode_with_every_cpp_op_equals_the_reference_decode():
         for op in layer_ops:
             ops.set_backend(None, op)
     assert torch.equal(fast.delayed, ref.delayed)
+
+
+def test_continuous_batching_step_runs_no_reference_op():
+    """The batching engine's decode steps on a CPU: every layer op and the slots' bookkeeping in C++."""
+    from dia_fast import DiaTTS
+    from dia_fast.serving import BatchEngine
+
+    tts = DiaTTS.random("tiny", seed=2)
+    names = ("add_rmsnorm", "swiglu", "embed_codes", "rope_kv_write", "decode_attention", "slot_update")
+    with contextlib.ExitStack() as stack:
+        for name in names:
+            stack.enter_context(kernel_only(name))
+        with BatchEngine(tts, max_slots=4) as engine:
+            futures = [engine.submit(text="[S1] Hello there, friend.", max_new_tokens=24, seed=i) for i in range(3)]
+            results = [f.result(120, decode_audio=False) for f in futures]
+    assert all(r.codes.shape[0] > 0 for r in results)

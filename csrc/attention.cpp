@@ -60,7 +60,7 @@ inline void dots(const float* q, int64_t G, const float* k, int64_t D, float* ou
 
 // rotate-half RoPE of one head: out = [x1 * c - x2 * s, x2 * c + x1 * s]
 inline void rotate(const float* __restrict x, const float* __restrict c, const float* __restrict s, int64_t half,
-            float* __restrict out) {
+                   float* __restrict out) {
   for (int64_t i = 0; i < half; ++i) {
     out[i] = x[i] * c[i] - x[half + i] * s[i];
     out[half + i] = x[half + i] * c[i] + x[i] * s[i];
@@ -78,10 +78,6 @@ inline void scale_in_place(float* __restrict x, float w, int64_t n) {
 inline void add_scaled(const float* __restrict v, float w, float* __restrict out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] += w * v[i];
 }
-
-}  // namespace
-
-namespace {
 
 // Row r of rope_kv_write (its positions checked), compiled per ISA as a whole.
 DIA_FAST_CLONES void rope_row(const RopeKvArgs& a, int64_t r, int64_t start) {

@@ -168,8 +168,8 @@ void decode_attention(const DecodeAttentionArgs& args);
 // dia_fast.ops.reference.step_update for int64 codes: codes [B, C] drawn at position p = pos[0] (the codes after the
 // countdown and the forced prefix go to codes_out [B, C], out[:, p] [B, L, C] and tokens [R, C], row r taking item
 // r % B), eos_pos [B] updated, done[0] = every item finished (or not real), allow_eos[b] = p + 1 >= min_eos_pos[b]
-// when min_eos_pos is given. forced_eos_pos: 1 (shared) or B values. Returns -1, or p when it is outside [0, L)
-// (nothing written).
+// when min_eos_pos is given. forced_eos_pos: 1 (shared) or B values. Returns -1, or a non-negative value when p is
+// outside [0, L) (nothing written).
 constexpr int64_t kNotForced = -1;
 struct StepUpdateArgs {
   const int64_t* codes;

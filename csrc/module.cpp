@@ -429,7 +429,7 @@ PYBIND11_MODULE(_C, m) {
         "and counter offset), allow_eos (bool, or 0: every row may end).");
   m.def("step_update", &raw_step_update,
         "dia_fast.ops.reference.step_update on int64 codes [B, C] (codes_out [B, C] a scratch for the final codes); "
-        "returns -1, or the position when it is outside the output (nothing written).");
+        "returns -1, or a non-negative value when the position is outside the output (nothing written).");
   m.def("slot_update", &raw_slot_update,
         "dia_fast.ops.reference.slot_update (continuous batching's per-slot bookkeeping) on int64 codes [S, C], "
         "buffers of S slots of L >= 1 positions, tokens [2S, C], row_pos [2S].");

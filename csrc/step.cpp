@@ -10,7 +10,7 @@ namespace dia_fast {
 
 int64_t step_update(const StepUpdateArgs& a) {
   const int64_t p = a.pos[0];
-  if (p < 0 || p >= a.L) return p;
+  if (p < 0 || p >= a.L) return p < 0 ? 0 : p;  // (never -1: that means done)
   int64_t max_delay = 0;
   for (int64_t c = 0; c < a.C; ++c) max_delay = std::max(max_delay, a.delays[c]);
   bool all_finished = true;

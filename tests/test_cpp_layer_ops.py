@@ -198,10 +198,11 @@ def test_step_update(B, cfg):
             cpp.step_update(**mine, eos_value=1024, pad_value=1025)
         for key, value in state.items():
             assert torch.equal(mine[key], value), (key, p)
-    state = step_state(2, 4, 48, gen, 40, False)
-    state["pos"].fill_(48)  # a position past the output: the reference's error
-    with pytest.raises((IndexError, RuntimeError)):
-        cpp.step_update(**state, eos_value=1024, pad_value=1025)
+    for bad in (48, -1, -100):  # a position outside the output: the reference's error
+        state = step_state(2, 4, 48, gen, 40, False)
+        state["pos"].fill_(bad)
+        with pytest.raises((IndexError, RuntimeError)):
+            cpp.step_update(**state, eos_value=1024, pad_value=1025)
 
 
 def test_slot_update():

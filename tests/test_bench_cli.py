@@ -28,6 +28,7 @@ RESULT_FIELDS = {
     "batch",
     "steps",
     "decode_steps_per_s",
+    "decode_steps_per_s_runs",
     "audio_tokens_per_s",
     "realtime_factor",
     "time_to_first_audio_s",
@@ -94,6 +95,8 @@ def test_bench_tiny_cpu_writes_json(tmp_path):
         assert r["audio_tokens_per_s"] == pytest.approx(r["decode_steps_per_s"] * 9 * r["batch"])
         assert r["realtime_factor"] == pytest.approx(r["decode_steps_per_s"] / rate)
         assert r["decode_steps_per_s"] == pytest.approx(r["steps"] / r["decode_s"])
+        assert len(r["decode_steps_per_s_runs"]) == meta["repeat"]  # every timed run; the fastest is kept
+        assert max(r["decode_steps_per_s_runs"]) == pytest.approx(r["decode_steps_per_s"])
         assert r["peak_memory_bytes"] > 0 and r["memory_kind"].startswith("cpu_peak_rss")
         if r["engine"] == "dia_fast":
             assert set(r["speedup"]) == {"transformers", "dia_fast-eager"}

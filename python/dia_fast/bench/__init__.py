@@ -348,6 +348,7 @@ def _run_bench(opts: BenchOptions) -> dict[str, Any]:
             "time_to_first_audio_s": "streaming, batch 1: from the call to the first PCM chunk",
             "prefill_s": "text encoder + decoder prefill",
             "warmup_s": "wall time of the first (warm-up) call, including CUDA-graph capture",
+            "decode_steps_per_s_runs": "decode_steps_per_s of every timed run, in order (the spread on a busy machine)",
             "speedup": "decode_steps_per_s ratio over each baseline at the same batch size",
             "speedup_end_to_end": "total generate time ratio (baseline / dia_fast)",
         },

@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 @dataclass
 class RunResult:
     """One engine at one batch size. Rates count decode steps (one frame of all 9 codebooks for
-    every item of the batch); times in seconds; ``peak_memory_bytes`` as described by ``memory_kind``."""
+    every item of the batch); times in seconds; ``peak_memory_bytes`` as described by ``memory_kind``;
+    ``decode_steps_per_s`` is the fastest timed run, ``decode_steps_per_s_runs`` every timed run in order."""
 
     engine: str
     batch: int
@@ -42,6 +43,7 @@ class RunResult:
     peak_memory_bytes: int
     memory_kind: str
     time_to_first_audio_s: float | None = None
+    decode_steps_per_s_runs: list[float] = field(default_factory=list)
     speedup: dict[str, float] = field(default_factory=dict)
     speedup_end_to_end: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -110,6 +112,7 @@ class Case:
             warmup_s=self._warm,
             peak_memory_bytes=self._mem.peak_bytes + self._weights,
             memory_kind=self._mem.kind,
+            decode_steps_per_s_runs=[t.steps / max(t.decode, 1e-12) for t in self._runs],
         )
         res.notes.extend(self.notes)
         return res

@@ -137,6 +137,21 @@ def test_the_wrapper_checks_what_the_kernel_is_handed():
     assert cpp.int8_linear(x[:0], w, scale).shape == (0, 6)
 
 
+def test_out_receives_the_result():
+    x, w, scale = _case(3, 64, 10, seed=7)
+    want = reference.int8_linear(x, w, scale)
+    for fn in (cpp.int8_linear, reference.int8_linear, ops.int8_linear):
+        out = torch.full((3, 10), float("nan"))
+        assert fn(x, w, scale, out=out) is out
+        _close(out, want)
+    buffer = torch.full((3, 20), float("nan"))  # not contiguous: the kernel's result is copied into it
+    assert cpp.int8_linear(x, w, scale, out=buffer[:, ::2]).data_ptr() == buffer.data_ptr()
+    _close(buffer[:, ::2], want)
+    for bad in (torch.empty(3, 9), torch.empty(3, 10, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="out is"):
+            cpp.int8_linear(x, w, scale, out=bad)
+
+
 def test_quantize_rows_is_symmetric_per_row_and_bounded():
     g = torch.Generator().manual_seed(5)
     weight = torch.randn(7, 50, generator=g)

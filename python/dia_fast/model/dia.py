@@ -19,6 +19,7 @@ from torch import nn
 
 from .. import ops
 from ..config import DiaConfig
+from .int8 import Int8Linear
 from .layers import CrossAttention, GatedMLP, RMSNorm, RotaryEmbedding, SelfAttention
 
 
@@ -285,10 +286,13 @@ class Decoder(nn.Module):
             h, delta = h[:, -1:], delta[:, -1:]
         x = self.norm.add(h, delta)[0]
         if logits_out is not None:
-            if isinstance(self.logits_dense, nn.Linear):
-                torch.matmul(x.reshape(R, -1), self.logits_dense.weight.t(), out=logits_out.view(R, -1))
-            else:  # a quantized head (dia_fast.quantize) has its own kernel and no out=
-                logits_out.view(R, -1).copy_(self.logits_dense(x.reshape(R, -1)))
+            head, flat_x, flat_out = self.logits_dense, x.reshape(R, -1), logits_out.view(R, -1)
+            if isinstance(head, Int8Linear):
+                head(flat_x, out=flat_out)
+            elif isinstance(head, nn.Linear) and type(head.weight) is nn.Parameter:
+                torch.matmul(flat_x, head.weight.t(), out=flat_out)
+            else:  # a torchao-quantized head (CUDA): a tensor-subclass weight with its own kernels, no out=
+                flat_out.copy_(head(flat_x))
             return logits_out
         logits = self.logits_dense(x)
         return logits.view(R, x.shape[1], self.channels, self.vocab).float()

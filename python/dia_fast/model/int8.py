@@ -58,8 +58,9 @@ class Int8Linear(nn.Module):
             self.weight_scale = scale.to(device=self.weight_scale.device, dtype=torch.float32)
         return out
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.int8_linear(x, self.weight_int8, self.weight_scale)
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``out``: a tensor of the result's shape and dtype to write it into (the decode step's logits buffer)."""
+        return ops.int8_linear(x, self.weight_int8, self.weight_scale, out=out)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights, fp32 row scales"

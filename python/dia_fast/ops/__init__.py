@@ -292,11 +292,17 @@ def rope_kv_write(
 
 
 def int8_linear(
-    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, backend: str | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """Weight-only int8 linear ``x @ (weight * scale[:, None]).T`` (int8 [N, K] weights, fp32 scale per row).
-    See :func:`dia_fast.ops.reference.int8_linear`; the C++ kernel: :func:`dia_fast.ops.cpp.int8_linear`."""
-    return get_impl("int8_linear", x.device, backend)(x, weight, scale)
+    ``out``: a tensor of the result's shape and dtype to write it into (returned). See
+    :func:`dia_fast.ops.reference.int8_linear`; the C++ kernel: :func:`dia_fast.ops.cpp.int8_linear`."""
+    return get_impl("int8_linear", x.device, backend)(x, weight, scale, out=out)
 
 
 def swiglu(gate_up: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:

@@ -222,13 +222,16 @@ def _best_isa() -> int:
 _BEST_ISA = -1
 
 
-def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, isa: int = -1) -> torch.Tensor:
+def int8_linear(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, out: torch.Tensor | None = None, isa: int = -1
+) -> torch.Tensor:
     """:func:`dia_fast.ops.reference.int8_linear` in C++ for float32 CPU activations (others: the reference).
 
     Each row of ``x`` is rounded to 16-bit integers against its own max |x| inside the kernel (relative error
     at most 2^-16 of that max) and the products are summed exactly in integers, so the result differs from the
     reference's fp32 sum by about 3e-5 of the output's scale (csrc/linear.cpp). Rows holding NaN or inf are
-    computed in fp32. ``isa``: -1 the best this CPU runs, 0 portable, 1 AVX2, 2 AVX-512, 3 AVX-512 VNNI (tests).
+    computed in fp32. ``out``: as in the reference; written directly when it is a contiguous fp32 CPU tensor of
+    the result's shape. ``isa``: -1 the best this CPU runs, 0 portable, 1 AVX2, 2 AVX-512, 3 AVX-512 VNNI (tests).
     """
     if (
         x.device.type != "cpu"
@@ -242,18 +245,23 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, i
         or x.shape[-1] != weight.shape[1]
         or x.requires_grad
     ):
-        return reference.int8_linear(x, weight, scale)
+        return reference.int8_linear(x, weight, scale, out=out)
     best = _best_isa()
     if isa > best:
         raise ValueError(f"isa {isa} is not supported by this CPU (best: {best})")
     N, K = weight.shape
     x2 = x.contiguous()  # read through its address: no autograd here (x.requires_grad ran the reference)
     w, s = weight.contiguous(), scale.contiguous()
-    out = torch.empty((*x.shape[:-1], N), dtype=torch.float32)
+    shape = (*x.shape[:-1], N)
+    if out is not None and not (
+        out.shape == shape and out.dtype == torch.float32 and out.device.type == "cpu" and out.is_contiguous()
+    ):
+        return reference.int8_linear(x, weight, scale, out=out)  # copies into it (or says why it cannot)
+    y = torch.empty(shape, dtype=torch.float32) if out is None else out
     M = x2.numel() // K if K else 0
     if M and N:
-        _lib().int8_linear(x2.data_ptr(), M, K, w.data_ptr(), s.data_ptr(), N, out.data_ptr(), best if isa < 0 else isa)
-    return out
+        _lib().int8_linear(x2.data_ptr(), M, K, w.data_ptr(), s.data_ptr(), N, y.data_ptr(), best if isa < 0 else isa)
+    return y
 
 
 # --- the fp32 layer ops of a decode step (csrc/rowwise.cpp, csrc/attention.cpp) -------------------------------

@@ -620,10 +620,13 @@ def slot_update(
     allow_eos.copy_(pos >= min_eos_pos)
 
 
-def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def int8_linear(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Weight-only int8 linear: ``x @ (weight * scale[:, None]).T`` with ``weight`` int8 [N, K] and ``scale``
-    fp32 [N] (one per output row); ``x`` [..., K] in any float dtype, result in ``x``'s dtype. Dequantizes the
-    whole weight for each call: the definition, not a fast path."""
+    fp32 [N] (one per output row); ``x`` [..., K] in any float dtype, result in ``x``'s dtype (written into ``out``
+    and returned when it is given: the result's shape and dtype). Dequantizes the whole weight for each call: the
+    definition, not a fast path."""
     if weight.dtype != torch.int8 or weight.ndim != 2 or scale.shape != (weight.shape[0],):
         raise ValueError(
             f"int8_linear takes int8 [N, K] weights and N scales, got {weight.dtype} {tuple(weight.shape)} "
@@ -631,5 +634,11 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
         )
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"int8_linear: x has {x.shape[-1]} features, the weight {weight.shape[1]}")
-    out = torch.nn.functional.linear(x.float(), weight.float()) * scale.float()
-    return out.to(x.dtype)
+    result = (torch.nn.functional.linear(x.float(), weight.float()) * scale.float()).to(x.dtype)
+    if out is None:
+        return result
+    if out.shape != result.shape or out.dtype != result.dtype:
+        raise ValueError(
+            f"int8_linear: out is {out.dtype} {tuple(out.shape)}, the result {result.dtype} {tuple(result.shape)}"
+        )
+    return out.copy_(result)

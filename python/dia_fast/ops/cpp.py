@@ -230,8 +230,9 @@ def int8_linear(
     Each row of ``x`` is rounded to 16-bit integers against its own max |x| inside the kernel (relative error
     at most 2^-16 of that max) and the products are summed exactly in integers, so the result differs from the
     reference's fp32 sum by about 3e-5 of the output's scale (csrc/linear.cpp). Rows holding NaN or inf are
-    computed in fp32. ``out``: as in the reference; written directly when it is a contiguous fp32 CPU tensor of
-    the result's shape. ``isa``: -1 the best this CPU runs, 0 portable, 1 AVX2, 2 AVX-512, 3 AVX-512 VNNI (tests).
+    computed in fp32. ``out``: as in the reference (an fp32 CPU tensor of the result's shape; written directly
+    when it is contiguous, else copied into). ``isa``: -1 the best this CPU runs, 0 portable, 1 AVX2, 2 AVX-512,
+    3 AVX-512 VNNI (tests).
     """
     if (
         x.device.type != "cpu"
@@ -253,15 +254,14 @@ def int8_linear(
     x2 = x.contiguous()  # read through its address: no autograd here (x.requires_grad ran the reference)
     w, s = weight.contiguous(), scale.contiguous()
     shape = (*x.shape[:-1], N)
-    if out is not None and not (
-        out.shape == shape and out.dtype == torch.float32 and out.device.type == "cpu" and out.is_contiguous()
-    ):
-        return reference.int8_linear(x, weight, scale, out=out)  # copies into it (or says why it cannot)
-    y = torch.empty(shape, dtype=torch.float32) if out is None else out
+    if out is not None and (out.shape != shape or out.dtype != torch.float32 or out.device.type != "cpu"):
+        return reference.int8_linear(x, weight, scale, out=out)  # says why it cannot (or copies to the device)
+    direct = out is not None and out.is_contiguous()
+    y = out if direct else torch.empty(shape, dtype=torch.float32)
     M = x2.numel() // K if K else 0
     if M and N:
         _lib().int8_linear(x2.data_ptr(), M, K, w.data_ptr(), s.data_ptr(), N, y.data_ptr(), best if isa < 0 else isa)
-    return y
+    return out.copy_(y) if out is not None and not direct else y
 
 
 # --- the fp32 layer ops of a decode step (csrc/rowwise.cpp, csrc/attention.cpp) -------------------------------

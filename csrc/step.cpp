@@ -8,11 +8,19 @@
 
 namespace dia_fast {
 
+namespace {
+
+// the largest of n non-negative values (0 for none): the delay after which an item has finished
+int64_t largest(const int64_t* values, int64_t n) {
+  return n > 0 ? std::max<int64_t>(0, *std::max_element(values, values + n)) : 0;
+}
+
+}  // namespace
+
 int64_t step_update(const StepUpdateArgs& a) {
   const int64_t p = a.pos[0];
   if (p < 0 || p >= a.L) return p < 0 ? 0 : p;  // (never -1: that means done)
-  int64_t max_delay = 0;
-  for (int64_t c = 0; c < a.C; ++c) max_delay = std::max(max_delay, a.delays[c]);
+  const int64_t max_delay = largest(a.delays, a.C);
   bool all_finished = true;
   for (int64_t b = 0; b < a.B; ++b) {
     int64_t* codes = a.codes_out + b * a.C;
@@ -42,8 +50,7 @@ int64_t step_update(const StepUpdateArgs& a) {
 }
 
 void slot_update(const SlotUpdateArgs& a) {
-  int64_t max_delay = 0;
-  for (int64_t c = 0; c < a.C; ++c) max_delay = std::max(max_delay, a.delays[c]);
+  const int64_t max_delay = largest(a.delays, a.C);
   for (int64_t s = 0; s < a.S; ++s) {
     const bool live = a.active[s] && !a.finished[s];
     const int64_t p = std::min(std::max(a.pos[s], int64_t(0)), a.L - 1);

@@ -511,6 +511,10 @@ def _long_cpu(*tensors: torch.Tensor) -> bool:
     return all(t.dtype == torch.long and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
 
 
+def _bool_cpu(*tensors: torch.Tensor) -> bool:
+    return all(t.dtype == torch.bool and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+
+
 def step_update(
     codes: torch.Tensor,
     pos: torch.Tensor,
@@ -539,7 +543,7 @@ def step_update(
     bools = (real, done) + ((allow_eos,) if with_min else ())
     if (
         not _long_cpu(codes, pos, eos_pos, delays, forced_eos_pos, forced, out, tokens)
-        or not all(t.dtype == torch.bool and t.device.type == "cpu" and t.is_contiguous() for t in bools)
+        or not _bool_cpu(*bools)
         or (with_min and not _long_cpu(min_eos_pos))
         or B == 0
         or pos.numel() != 1
@@ -596,8 +600,7 @@ def slot_update(
     L = forced.shape[1]
     if (
         not _long_cpu(codes, pos, eos_pos, delays, forced_eos_pos, min_eos_pos, forced, out, tokens, row_pos)
-        or not all(t.dtype == torch.bool and t.device.type == "cpu" and t.is_contiguous() for t in (active, finished))
-        or not (allow_eos.dtype == torch.bool and allow_eos.device.type == "cpu" and allow_eos.is_contiguous())
+        or not _bool_cpu(active, finished, allow_eos)
         or S == 0
         or L == 0
         or any(t.shape != (S,) for t in (pos, eos_pos, forced_eos_pos, min_eos_pos, active, finished, allow_eos))

@@ -66,9 +66,9 @@ def _bench(benchmark: Any, case: Case, rounds: int, steps: int, width: int) -> N
     assert res.steps == steps and res.decode_steps_per_s > 0
 
 
-def _dia_fast(benchmark: Any, tts: DiaTTS, batch: int, steps: int, rounds: int, cuda_graphs: bool | None) -> None:
-    engine = "dia_fast" if cuda_graphs is None else "dia_fast-eager"
-    case = DiaFastCase(tts, _texts(batch), steps, GREEDY, cuda_graphs=cuda_graphs, engine=engine)
+def _dia_fast(benchmark: Any, tts: DiaTTS, batch: int, steps: int, rounds: int, graphs: bool | None) -> None:
+    engine = "dia_fast" if graphs is None else "dia_fast-eager"
+    case = DiaFastCase(tts, _texts(batch), steps, GREEDY, graphs=graphs, engine=engine)
     _bench(benchmark, case, rounds, steps, tts.config.model.decoder.hidden_size)
 
 
@@ -109,7 +109,12 @@ def _ttfa(benchmark: Any, tts: DiaTTS, steps: int, rounds: int) -> None:
 
 @pytest.mark.parametrize("batch", [1, 4])
 def test_e2e_tiny_cpu_dia_fast(benchmark, tiny, batch):
-    _dia_fast(benchmark, tiny, batch, TINY_STEPS, rounds=3, cuda_graphs=None)
+    _dia_fast(benchmark, tiny, batch, TINY_STEPS, rounds=3, graphs=None)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_e2e_tiny_cpu_dia_fast_eager(benchmark, tiny, batch):
+    _dia_fast(benchmark, tiny, batch, TINY_STEPS, rounds=3, graphs=False)
 
 
 @pytest.mark.parametrize("batch", [1, 4])
@@ -128,13 +133,13 @@ def test_e2e_tiny_cpu_time_to_first_audio(benchmark, tiny):
 @pytest.mark.slow
 @pytest.mark.parametrize("batch", [1, 8])
 def test_e2e_full_cuda_dia_fast(benchmark, full, batch):
-    _dia_fast(benchmark, full, batch, FULL_STEPS, rounds=5, cuda_graphs=None)
+    _dia_fast(benchmark, full, batch, FULL_STEPS, rounds=5, graphs=None)
 
 
 @pytest.mark.gpu
 @pytest.mark.slow
 def test_e2e_full_cuda_dia_fast_eager(benchmark, full):
-    _dia_fast(benchmark, full, 1, FULL_STEPS, rounds=3, cuda_graphs=False)
+    _dia_fast(benchmark, full, 1, FULL_STEPS, rounds=3, graphs=False)
 
 
 @pytest.mark.gpu

@@ -478,6 +478,7 @@ class DiaTTS:
             "frames": float(total_frames),
             "warmup_s": float(out.warmup_seconds),
             "cuda_graphs": float(out.cuda_graphs),
+            "cpu_graph": float(out.cpu_graph),
         }
         return GenerationResult(frames, audio, self.sample_rate, out.delayed.cpu(), stats)
 

@@ -243,21 +243,19 @@ def _run_bench(opts: BenchOptions) -> dict[str, Any]:
         from .quality import quantization_quality
 
         quant_meta[mode]["quality"] = quantization_quality(tts, qtts, steps=opts.quality_steps)
-    if "eager" in compare and device.type != "cuda":
-        notes.append(
-            f"dia_fast-eager: CUDA graphs are CUDA-only, so on {device.type} it runs the same code as dia_fast"
-        )
+    if "eager" in compare and device.type not in ("cuda", "cpu"):
+        notes.append(f"dia_fast-eager: step graphs exist on CUDA and the CPU, so on {device.type} it runs as dia_fast")
 
     results: list[RunResult] = []
     channels, rate = tts.config.data.channels, tts.codec.frame_rate
     for batch in opts.batches:
         texts = [TEXTS[i % len(TEXTS)] for i in range(batch)]
         free_engine_caches(tts.model)
-        cases: list[Case] = [DiaFastCase(tts, texts, opts.steps, sampling, cuda_graphs=None, engine="dia_fast")]
+        cases: list[Case] = [DiaFastCase(tts, texts, opts.steps, sampling, graphs=None, engine="dia_fast")]
         if "eager" in compare:
-            cases.append(DiaFastCase(tts, texts, opts.steps, sampling, cuda_graphs=False, engine="dia_fast-eager"))
+            cases.append(DiaFastCase(tts, texts, opts.steps, sampling, graphs=False, engine="dia_fast-eager"))
         for mode, qtts in quantized.items():
-            cases.append(DiaFastCase(qtts, texts, opts.steps, sampling, cuda_graphs=None, engine=f"dia_fast-{mode}"))
+            cases.append(DiaFastCase(qtts, texts, opts.steps, sampling, graphs=None, engine=f"dia_fast-{mode}"))
         if hf_bf16 is not None:
             cases.append(
                 TransformersCase(

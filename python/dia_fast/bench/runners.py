@@ -119,7 +119,8 @@ class Case:
 
 
 class DiaFastCase(Case):
-    """dia_fast's ``generate_codes`` (``cuda_graphs=None``: graphs where available; False: eager steps)."""
+    """dia_fast's ``generate_codes`` (``graphs=None``: CUDA graphs or CPU graphs where available; False: eager
+    steps)."""
 
     def __init__(
         self,
@@ -128,7 +129,7 @@ class DiaFastCase(Case):
         steps: int,
         sampling: SamplingConfig,
         *,
-        cuda_graphs: bool | None,
+        graphs: bool | None,
         engine: str,
     ) -> None:
         data = tts.config.data
@@ -140,7 +141,8 @@ class DiaFastCase(Case):
             sampling=sampling,
             progress=False,
             frame_rate=tts.codec.frame_rate,
-            cuda_graphs=cuda_graphs,
+            cuda_graphs=graphs,
+            cpu_graphs=graphs,
         )
         self._last: Any = None
 
@@ -152,7 +154,11 @@ class DiaFastCase(Case):
 
     def warm_up(self) -> None:
         super().warm_up()
-        self.notes.append(f"cuda_graphs={bool(self._last.cuda_graphs)}")
+        last = self._last
+        self.notes.append(f"cuda_graphs={bool(last.cuda_graphs)}")
+        if self.device.type == "cpu":
+            why = "" if last.cpu_graph else f" ({last.cpu_graph_note})"
+            self.notes.append(f"cpu_graph={bool(last.cpu_graph)}{why}")
         if self._last.warmup_seconds:
             self.notes.append(f"graph capture in the warm-up call: {self._last.warmup_seconds:.3f} s")
 

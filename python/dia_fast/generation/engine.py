@@ -1,4 +1,4 @@
-"""The decode step as one pure function over static buffers, and its runners (eager or CUDA graph).
+"""The decode step as one pure function over static buffers, and its runners (eager, CUDA graph or CPU graph).
 
 :func:`decode_step` reads and writes only the tensors of a :class:`StepBuffers` (plus the model's
 weights): sample the codes of position ``pos`` from the logits buffer (per-row sampling settings and
@@ -8,7 +8,8 @@ and writes the logits for ``pos + 1`` straight into the logits buffer), update t
 advance ``pos``, all on the device. No Python branch depends on data or on a sampling setting, and
 nothing syncs with the host, so the same function runs eagerly (CPU, MPS, CUDA) or is captured once in a
 ``torch.cuda.CUDAGraph`` and replayed at every step, for any temperature, top-p, top-k, CFG scale, seed,
-text length or prompt length.
+text length or prompt length. On the CPU the same property lets a runner record the step's kernel calls once
+and replay them (:class:`~dia_fast.ops.cpu_graph.CpuGraph`), skipping the wrappers and PyTorch's dispatch.
 
 With the Triton backend a step is about 5 launches outside the decoder layers (sampling, bookkeeping,
 embedding, ``pos + 1``, final norm + logits GEMM, ``pos += 1``) and 13 per layer (see
@@ -33,6 +34,7 @@ import torch
 
 from .. import ops
 from ..model import DecoderState, DiaModel, allocate_state
+from ..ops.cpu_graph import CaptureError, CpuGraph
 from ..ops.reference import NOT_FORCED
 from .sampling import SamplingConfig
 
@@ -195,24 +197,41 @@ def decode_step(model: DiaModel, spec: StepSpec, bufs: StepBuffers) -> None:
 
 
 class StepRunner:
-    """Runs :func:`decode_step` on one set of buffers: eagerly, or by replaying a captured CUDA graph.
+    """Runs :func:`decode_step` on one set of buffers: eagerly, or by replaying a captured CUDA graph or CPU graph.
 
-    ``graph=True``: the first :meth:`prepare` warms up and captures the graph. Hold it with ``with runner:``
-    while generating (prepare included): a static runner is shared by the calls of a bucket. The step draws
-    no torch random numbers (the seeds are in the buffers), so a graph serves every seed.
+    ``graph=True``: the first :meth:`prepare` warms up and captures the CUDA graph. ``cpu_graph=True``: the first
+    :meth:`step` runs the step while recording a :class:`~dia_fast.ops.cpu_graph.CpuGraph`, the later ones replay
+    it (a step that cannot be recorded runs eagerly, and :attr:`cpu_graph_note` says why). Hold the runner with
+    ``with runner:`` while generating (prepare included): a static runner is shared by the calls of a bucket. The
+    step draws no torch random numbers (the seeds are in the buffers), so a graph serves every seed.
     """
 
     def __init__(
-        self, model: DiaModel, spec: StepSpec, bufs: StepBuffers, graph: bool = False, warmup_steps: int = 2
+        self,
+        model: DiaModel,
+        spec: StepSpec,
+        bufs: StepBuffers,
+        graph: bool = False,
+        warmup_steps: int = 2,
+        cpu_graph: bool = False,
     ) -> None:
         self.model, self.spec, self.bufs = model, spec, bufs
         self.graph: torch.cuda.CUDAGraph | None = None
         self.wants_graph, self.warmup_steps = graph, warmup_steps
+        self.cpu_graph: CpuGraph | None = None
+        self.wants_cpu_graph = cpu_graph
+        self.cpu_graph_note = "" if cpu_graph else "off"  # why no CPU graph replays ("" while one may)
         self._lock = threading.Lock()
 
     @property
     def graphed(self) -> bool:
+        """Whether the steps replay a CUDA graph."""
         return self.graph is not None
+
+    @property
+    def cpu_graphed(self) -> bool:
+        """Whether the steps replay a CPU graph."""
+        return self.cpu_graph is not None
 
     def _eager(self) -> None:
         decode_step(self.model, self.spec, self.bufs)
@@ -231,6 +250,17 @@ class StepRunner:
         """Queue one decode step (returns at once on CUDA)."""
         if self.graph is not None:
             self.graph.replay()
+        elif self.cpu_graph is not None:
+            if not self.cpu_graph.replay():  # a kernel reported an error: the eager step raises the reference's
+                self.cpu_graph, self.wants_cpu_graph = None, False
+                self.cpu_graph_note = "dropped: a kernel reported an error at replay"
+                self._eager()
+        elif self.wants_cpu_graph:
+            self.wants_cpu_graph = False  # one try per runner: a step that cannot be recorded stays eager
+            try:
+                self.cpu_graph = CpuGraph.capture(self._eager)
+            except CaptureError as exc:
+                self.cpu_graph_note = str(exc)
         else:
             self._eager()
 
@@ -273,12 +303,14 @@ class DecodeEngine:
     ``static``: cache buffers per batch bucket, sized for the model's limits (and, on CUDA with
     ``cuda_graphs``, their captured graphs) across calls; default: on for CUDA. ``max_entries``: buckets
     kept (least recently used dropped first; each holds full-length KV caches for its rows: see
-    docs/engine.md for the memory). ``warmup_steps``: eager steps run before a capture.
+    docs/engine.md for the memory). ``warmup_steps``: eager steps run before a capture. ``cpu_graphs``: on the
+    CPU, record each runner's first step and replay it (:mod:`dia_fast.ops.cpu_graph`); default: on.
     """
 
     model: DiaModel
     static: bool | None = None
     cuda_graphs: bool | None = None
+    cpu_graphs: bool | None = None
     max_entries: int = 4
     warmup_steps: int = 2
     _entries: OrderedDict[tuple, StepRunner] = field(default_factory=OrderedDict, repr=False)
@@ -294,6 +326,11 @@ class DecodeEngine:
         on_cuda = self.model.device.type == "cuda"
         return on_cuda and self.is_static and (want is None or bool(want))
 
+    def cpu_graphs_enabled(self, cpu_graphs: bool | None = None) -> bool:
+        """Whether runners record and replay CPU graphs (``cpu_graphs`` overrides the engine's setting)."""
+        want = self.cpu_graphs if cpu_graphs is None else cpu_graphs
+        return self.model.device.type == "cpu" and (want is None or bool(want))
+
     def shapes(self, batch: int, max_len: int, text_len: int) -> tuple[int, int, int]:
         """(batch, decoder length, text length) of the buffers a call with these sizes runs on: exact sizes, or
         for a static engine the batch bucket and the model's limits (every length then replays one graph)."""
@@ -303,15 +340,22 @@ class DecodeEngine:
         return bucket_batch(batch), max(max_len, data.audio_length), max(text_len, data.text_length)
 
     def runner(
-        self, spec: StepSpec, max_len: int, text_len: int, self_mask: bool, cuda_graphs: bool | None = None
+        self,
+        spec: StepSpec,
+        max_len: int,
+        text_len: int,
+        self_mask: bool,
+        cuda_graphs: bool | None = None,
+        cpu_graphs: bool | None = None,
     ) -> StepRunner:
         """A runner for buffers of exactly these shapes (pass the result of :meth:`shapes`); static runners are
         cached and shared: hold one with ``with runner:`` around :meth:`StepRunner.prepare` and the steps."""
         graph = self.graphs_enabled(cuda_graphs)
+        cpu = self.cpu_graphs_enabled(cpu_graphs)
         if not self.is_static:
             bufs = allocate_buffers(self.model, spec, max_len, text_len, self_mask)
-            return StepRunner(self.model, spec, bufs)
-        key = (spec, max_len, text_len, self_mask, graph, self._weights_key())
+            return StepRunner(self.model, spec, bufs, cpu_graph=cpu)
+        key = (spec, max_len, text_len, self_mask, graph, cpu, self._weights_key())
         # Made under the lock (allocation is quick; the capture waits for the runner's first prepare()), so calls
         # of one bucket that arrive together share one runner instead of each building and capturing its own.
         with self._lock:
@@ -322,15 +366,18 @@ class DecodeEngine:
             while len(self._entries) >= self.max_entries:
                 self._entries.popitem(last=False)
             bufs = allocate_buffers(self.model, spec, max_len, text_len, self_mask)
-            run = self._entries[key] = StepRunner(self.model, spec, bufs, graph=graph, warmup_steps=self.warmup_steps)
+            run = self._entries[key] = StepRunner(
+                self.model, spec, bufs, graph=graph, warmup_steps=self.warmup_steps, cpu_graph=cpu
+            )
         return run
 
     def _weights_key(self) -> tuple:
-        """Device, dtype and addresses of the decoder's tensors: a captured graph reads those addresses, so a
-        runner is reused only while they hold (``model.to(...)`` or replaced parameters make new runners)."""
+        """Device, dtype and addresses of the decoder's tensors, and the op dispatch's generation: a captured graph
+        reads those addresses and calls the kernels chosen when it was captured, so a runner is reused only while
+        they hold (``model.to(...)``, replaced parameters or ``ops.set_backend`` make new runners)."""
         dec = self.model.decoder
         ptrs = tuple(t.data_ptr() for t in (*dec.parameters(), *dec.buffers()))
-        return (self.model.device, self.model.dtype, ptrs)
+        return (self.model.device, self.model.dtype, ptrs, ops.dispatch_generation())
 
     def clear(self) -> None:
         """Drops every cached runner (frees their buffers and graphs)."""

@@ -83,6 +83,8 @@ class DecodeOutput:
     warmup_seconds: float = 0.0  # CUDA-graph warm-up + capture in this call (0 when eager or reused)
     cuda_graphs: bool = False  # whether the steps replayed a captured CUDA graph
     batch_bucket: int = 0  # rows the step ran on (batch rounded up to a bucket by static runners)
+    cpu_graph: bool = False  # whether the steps after the first replayed a CPU graph (dia_fast.ops.cpu_graph)
+    cpu_graph_note: str = ""  # on the CPU without one: why ("off", or the op the step runs that it cannot replay)
 
     def frames(self, config: DiaConfig) -> list[torch.Tensor]:
         """Undelayed new audio codes per item, [T_i, C] int64 (prompt, BOS, EOS, PAD removed)."""
@@ -192,6 +194,7 @@ def generate_codes(
     sync_every: int = 8,
     on_step: Callable[[torch.Tensor, int], None] | None = None,
     cuda_graphs: bool | None = None,
+    cpu_graphs: bool | None = None,
     pool: bool | PinnedPool | None = True,
     engine: DecodeEngine | None = None,
 ) -> DecodeOutput:
@@ -199,6 +202,8 @@ def generate_codes(
 
     Every decode step is :func:`dia_fast.generation.engine.decode_step`, run eagerly or replayed from a
     captured CUDA graph. ``cuda_graphs``: None = on for CUDA (with a static engine), False = eager steps.
+    ``cpu_graphs``: on the CPU, None or True = the first step records a CPU graph that the others replay
+    (:mod:`dia_fast.ops.cpu_graph`; the same codes, less time per step), False = eager steps.
     ``sync_every``: steps between reads of the completion flag (with a pool on CUDA the read is a
     non-blocking copy, so the loop may run up to ``3 * sync_every`` steps past the end; the codes do not
     change). ``on_step(out, p)`` is called after step ``p`` with the [B, L, C] output buffer (on the device,
@@ -264,7 +269,7 @@ def generate_codes(
     seeds = torch.zeros(Bb, dtype=torch.long)
     if not sampling.greedy:
         seeds = torch.randint(0, 2**62, (Bb,), generator=generator, device=generator.device if generator else "cpu")
-    runner = engine.runner(spec, Lb, Tb, prefix.self_mask is not None or engine.is_static, cuda_graphs)
+    runner = engine.runner(spec, Lb, Tb, prefix.self_mask is not None or engine.is_static, cuda_graphs, cpu_graphs)
     with runner:
         warmup_s = runner.prepare()  # CUDA-graph warm-up + capture, the first time this runner is used
         bufs = runner.bufs
@@ -303,7 +308,10 @@ def generate_codes(
         # Items that stopped are complete up to eos + max_delay; crop to the longest.
         end = int(torch.clamp(eos_pos + md + 1, max=L).max()) if bool((eos_pos >= 0).all()) else L
         delayed = _to_host(host_pool, out[:B, :end])
-    return DecodeOutput(delayed, eos_pos, P0, steps, prefill_s, decode_s, warmup_s, runner.graphed, Bb)
+    note = runner.cpu_graph_note if device.type == "cpu" else ""
+    return DecodeOutput(
+        delayed, eos_pos, P0, steps, prefill_s, decode_s, warmup_s, runner.graphed, Bb, runner.cpu_graphed, note
+    )
 
 
 def _load(

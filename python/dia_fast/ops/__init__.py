@@ -26,6 +26,9 @@ from ._dispatch import (
     set_backend,
     table,
 )
+from ._dispatch import (
+    generation as dispatch_generation,
+)
 from .reference import NOT_FORCED, delayed_view, filter_cfg_logits, seed_from_int, top_p_filter
 
 __all__ = [
@@ -38,6 +41,7 @@ __all__ = [
     "cfg_sample",
     "decode_attention",
     "delayed_view",
+    "dispatch_generation",
     "embed_codes",
     "int8_linear",
     "filter_cfg_logits",

@@ -45,11 +45,20 @@ _RESOLVED: dict[tuple[str, str], Callable[..., Any]] = {}
 _OVERRIDE: dict[str | None, str] = {}
 # (op, device type) -> the backend select_backend chose
 _SELECTED: dict[tuple[str, str], str] = {}
+_GENERATION = 0  # bumped whenever the choices may change: captured step graphs key on it
 
 
 def invalidate() -> None:
     """Forget the remembered choices (after something that changes a backend's availability)."""
+    global _GENERATION
     _SELECTED.clear()
+    _GENERATION += 1
+
+
+def generation() -> int:
+    """A number that changes whenever the backend choices may have changed (a captured step graph recorded the
+    kernels chosen before: :class:`~dia_fast.generation.engine.DecodeEngine` keys its runners on it)."""
+    return _GENERATION
 
 
 def register(op: str, backend: str, impl: str | Callable[..., Any]) -> None:

@@ -13,13 +13,14 @@ docstring).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from .. import _ext
-from . import reference
+from . import cpu_graph, reference
 
 __all__ = [
     "add_rmsnorm",
@@ -39,8 +40,26 @@ __all__ = [
 _CODE_DTYPES = (torch.int64, torch.int32)
 
 
-def _lib():
-    return _ext.module()  # raises RuntimeError with the reason when the extension is not loaded
+class _Recording:
+    """The extension, logging each call into this thread's CPU graph capture (:mod:`dia_fast.ops.cpu_graph`)."""
+
+    def __init__(self, lib: Any) -> None:
+        self._lib = lib
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        fn = getattr(self._lib, name)
+
+        def call(*args: Any) -> Any:
+            result = fn(*args)
+            cpu_graph.record_kernel(fn, args, result)
+            return result
+
+        return call
+
+
+def _lib() -> Any:
+    lib = _ext.module()  # raises RuntimeError with the reason when the extension is not loaded
+    return _Recording(lib) if cpu_graph.capturing() else lib
 
 
 def _np(t: torch.Tensor) -> np.ndarray:

@@ -37,6 +37,7 @@ from ..devices import set_thread_cpu_threads
 from ..generation.engine import bucket_batch, default_sampler, using_device
 from ..generation.sampling import SamplingConfig, check_int_option
 from ..generation.stream import ChunkedDecoder, StreamStats, codec_context_frames
+from ..ops.cpu_graph import CaptureError, CpuGraph
 from ..text import encode_batch, prompted_text
 from .slots import SlotState, admit, allocate_slots, slot_step, undelayed_codes
 
@@ -217,7 +218,9 @@ class BatchEngine:
 
     ``max_slots``: requests decoded together at most (a power of two; default :func:`default_max_slots`).
     ``max_queue``: requests waiting for a slot at most (a full queue raises :class:`EngineBusy`).
-    ``cuda_graphs``: capture one CUDA graph per batch bucket at start (default: on CUDA). ``poll_every``:
+    ``cuda_graphs``: capture one CUDA graph per batch bucket at start (default: on CUDA). ``cpu_graphs``: on the
+    CPU, record the first step of each batch bucket as a CPU graph and replay it (:mod:`dia_fast.ops.cpu_graph`;
+    default: on; :attr:`cpu_graph_notes` says why a bucket steps eagerly). ``poll_every``:
     decode steps between reads of the slots' state (finished requests leave at those points).
 
     ``submit()`` is thread-safe and returns a :class:`RequestHandle`; ``await generate()`` and
@@ -233,6 +236,7 @@ class BatchEngine:
         max_slots: int | None = None,
         max_queue: int = 64,
         cuda_graphs: bool | None = None,
+        cpu_graphs: bool | None = None,
         poll_every: int = 4,
         chunk_frames: int = 43,
         first_chunk_frames: int | None = 16,
@@ -278,6 +282,10 @@ class BatchEngine:
         self._error: BaseException | None = None
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._use_graphs = dev.type == "cuda" and (cuda_graphs is None or bool(cuda_graphs))
+        self._use_cpu_graphs = dev.type == "cpu" and (cpu_graphs is None or bool(cpu_graphs))
+        self._cpu_graphs: dict[int, CpuGraph] = {}
+        self.cpu_graph_notes: dict[int, str] = {}  # bucket -> why it steps eagerly (CPU)
+        self._dispatch_generation = ops.dispatch_generation()
         if self._use_graphs:
             self._capture_all()
         self._thread = threading.Thread(target=self._run, name="dia_fast-batch-engine", daemon=True)
@@ -515,13 +523,35 @@ class BatchEngine:
                         if n in self._graphs:
                             self._graphs[n].replay()
                         else:
-                            slot_step(model, view, self._sampler)
+                            self._step(n, view)
                     self._count_steps(live)
                     self._compact(self._collect(n))
         except BaseException as exc:  # noqa: BLE001 - a broken step fails every request, never hangs one
             self._error = exc
         finally:
             self._fail_all(self._error)
+
+    def _step(self, n: int, view: SlotState) -> None:
+        """One eager step of bucket ``n`` on the CPU or MPS; on the CPU its first one records a CPU graph that the
+        later ones replay (a bucket whose step cannot be recorded steps eagerly: :attr:`cpu_graph_notes`)."""
+        model = self.tts.model
+        if self._dispatch_generation != ops.dispatch_generation():  # ops.set_backend: the graphs call old kernels
+            self._dispatch_generation = ops.dispatch_generation()
+            self._cpu_graphs.clear()
+            self.cpu_graph_notes.clear()
+        graph = self._cpu_graphs.get(n)
+        if graph is not None:
+            if graph.replay():
+                return
+            del self._cpu_graphs[n]  # a kernel reported an error: the eager step raises the reference's
+            self.cpu_graph_notes[n] = "dropped: a kernel reported an error at replay"
+        elif self._use_cpu_graphs and n not in self.cpu_graph_notes:
+            try:
+                self._cpu_graphs[n] = CpuGraph.capture(lambda: slot_step(model, view, self._sampler))
+            except CaptureError as exc:
+                self.cpu_graph_notes[n] = str(exc)
+            return
+        slot_step(model, view, self._sampler)
 
     def _count_steps(self, live: list[int]) -> None:
         st = self.stats

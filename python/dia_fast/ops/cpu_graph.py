@@ -1,0 +1,211 @@
+"""CPU step graphs: record one decode step's calls once, then replay them without the wrappers or PyTorch's
+dispatch around them.
+
+On a CPU a decode step runs ~30 small ops between GEMMs that stream the decoder's weights (158 MB in int8, 629 MB
+in fp32 at Dia-1.6B's widths with 2 layers) through the caches. After each GEMM the next op finds the wrappers,
+PyTorch's dispatcher and allocator and the interpreter's own data evicted: a call that takes 3 us with warm
+caches takes 40-100 us (docs/native.md). A CUDA graph solves the same problem on a GPU by recording the launches
+once. A :class:`CpuGraph` does it on the CPU:
+
+* :meth:`CpuGraph.capture` runs a function (one decode step) for real with two recorders on. The C++ backend
+  (:mod:`dia_fast.ops.cpp`) logs every extension call with its arguments (addresses, sizes, scalars). A
+  ``TorchDispatchMode`` sees every PyTorch op. Views and allocations are only kept: their tensors stay alive with
+  the graph, so every recorded address stays valid. A short list of ops that write a tensor (``pos + 1``,
+  ``pos += 1``, a dtype cast, a GEMM that PyTorch runs) are recorded to run again into the same output. Any other
+  op (a reference fallback, a host read such as ``.item()``, a random draw) makes the capture fail with the op's
+  name as the reason, and the caller keeps running the function eagerly.
+* :meth:`CpuGraph.replay` makes the recorded calls again, in order: the same kernels on the same memory, so the
+  same results as an eager call, as long as nothing the function decided in Python has changed (shapes, backend
+  choices, settings held in Python values). A decode step keeps everything that changes from step to step
+  (position, sampling settings, seeds, masks, lengths) in buffers the kernels read, which is what makes it
+  capturable, exactly as for a CUDA graph. The caller owns that condition: :class:`~dia_fast.generation.engine.
+  StepRunner` captures per set of buffers and drops the graph with them.
+* A kernel that reports an error (a position outside the caches, a code outside the vocabulary) returns something
+  else at replay than at capture. :meth:`replay` then stops and returns False, and the caller runs the step
+  eagerly, which raises the reference's error.
+
+Captures are per thread: another thread's calls during a capture are neither recorded nor affected.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+__all__ = ["CaptureError", "CpuGraph", "capturing", "record_kernel"]
+
+_aten = torch.ops.aten
+
+# Views and allocations: nothing to run again (the graph keeps their tensors alive).
+_KEEP = frozenset({
+    _aten.empty.memory_format,
+    _aten.empty_strided.default,
+    _aten.empty_like.default,
+    _aten.view.default,
+    _aten._unsafe_view.default,
+    _aten.reshape.default,
+    _aten.transpose.int,
+    _aten.t.default,
+    _aten.permute.default,
+    _aten.select.int,
+    _aten.slice.Tensor,
+    _aten.unsqueeze.default,
+    _aten.squeeze.dim,
+    _aten.squeeze.default,
+    _aten.expand.default,
+    _aten.alias.default,
+    _aten.detach.default,
+    _aten.as_strided.default,
+    _aten.split.Tensor,
+    _aten.split_with_sizes.default,
+    _aten.unbind.int,
+})  # fmt: skip
+
+# Casts and copies that return their input when there is nothing to do; otherwise they run again as a copy_.
+_MAYBE_SELF = frozenset({_aten.to.dtype, _aten.to.device, _aten.to.dtype_layout, _aten.contiguous.default})
+
+# Ops that write tensors they are given (in place, or ``out=``): run again as they are.
+_AGAIN = frozenset({
+    _aten.add_.Tensor,
+    _aten.add_.Scalar,
+    _aten.sub_.Tensor,
+    _aten.sub_.Scalar,
+    _aten.mul_.Tensor,
+    _aten.mul_.Scalar,
+    _aten.copy_.default,
+    _aten.fill_.Scalar,
+    _aten.zero_.default,
+    _aten.add.out,
+    _aten.mm.out,
+    _aten.matmul.out,
+    _aten.linear.out,
+})  # fmt: skip
+
+# Ops that make a new tensor: run again through their ``out=`` overload into the captured output.
+_FUNCTIONAL = {
+    _aten.add.Tensor: _aten.add.out,
+    _aten.add.Scalar: _aten.add.Scalar_out,
+    _aten.sub.Tensor: _aten.sub.out,
+    _aten.sub.Scalar: _aten.sub.Scalar_out,
+    _aten.mul.Tensor: _aten.mul.out,
+    _aten.mul.Scalar: _aten.mul.Scalar_out,
+    _aten._to_copy.default: _aten._to_copy.out,
+    _aten.clone.default: _aten.clone.out,
+    _aten.mm.default: _aten.mm.out,
+    _aten.linear.default: _aten.linear.out,
+}
+
+# One recorded call: (function, positional args, keyword args or None for an extension call, what it returned).
+_Call = tuple[Callable[..., Any], tuple[Any, ...], "dict[str, Any] | None", Any]
+
+
+class CaptureError(RuntimeError):
+    """The function did something a :class:`CpuGraph` cannot replay (the message says what)."""
+
+
+_local = threading.local()
+
+
+def capturing() -> bool:
+    """Whether a capture is underway in this thread (the C++ wrappers then log their extension calls)."""
+    return getattr(_local, "calls", None) is not None
+
+
+def record_kernel(fn: Callable[..., Any], args: tuple[Any, ...], result: Any) -> None:
+    """Logs an extension call made during this thread's capture (:mod:`dia_fast.ops.cpp` calls it)."""
+    calls = getattr(_local, "calls", None)
+    if calls is not None:
+        calls.append((fn, args, None, result))
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+class _Recorder(TorchDispatchMode):
+    """Sees every PyTorch op of the capture: keeps its tensors alive, records the ones that write, and notes the
+    first op it cannot replay."""
+
+    def __init__(self, calls: list[_Call], keep: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.calls, self.keep = calls, keep
+        self.refused: str | None = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's signature
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        tensors = _tensors(args) + _tensors(list(kwargs.values())) + _tensors(out)
+        self.keep.extend(tensors)
+        if func in _KEEP or (func in _MAYBE_SELF and out is args[0]):
+            return out
+        if self.refused is not None:
+            return out
+        if any(t.device.type != "cpu" for t in tensors):
+            self.refused = f"{func} on a {next(t for t in tensors if t.device.type != 'cpu').device.type} tensor"
+        elif func in _MAYBE_SELF and isinstance(out, torch.Tensor) and out.shape == args[0].shape:
+            self.calls.append((_aten.copy_.default, (out, args[0]), {}, out))
+        elif func in _AGAIN:
+            self.calls.append((func, args, kwargs, out))
+        elif func in _FUNCTIONAL and isinstance(out, torch.Tensor):
+            self.calls.append((_FUNCTIONAL[func], args, {**kwargs, "out": out}, out))
+        else:
+            self.refused = str(func)
+        return out
+
+
+class CpuGraph:
+    """One captured sequence of CPU calls (see the module doc). Replay it from one thread at a time: a
+    :class:`~dia_fast.generation.engine.StepRunner` holds its lock while stepping."""
+
+    def __init__(self) -> None:
+        self._calls: list[_Call] = []
+        self._keep: list[torch.Tensor] = []  # every tensor the capture saw: recorded addresses stay valid
+
+    @classmethod
+    def capture(cls, fn: Callable[[], object]) -> CpuGraph:
+        """Runs ``fn()`` once, for real, recording it. Raises :class:`CaptureError` when it cannot be replayed:
+        ``fn`` has then still run to the end, so its effects are those of an eager call (an exception of ``fn``
+        itself propagates as it is)."""
+        if capturing():
+            raise CaptureError("a CPU graph capture is already underway in this thread")
+        graph = cls()
+        mode = _Recorder(graph._calls, graph._keep)
+        _local.calls = graph._calls
+        try:
+            with mode:
+                fn()
+        finally:
+            _local.calls = None
+        if mode.refused is not None:
+            raise CaptureError(f"the step runs {mode.refused}, which a CPU graph does not replay")
+        if not graph._calls:
+            raise CaptureError("the step made no calls to record")
+        return graph
+
+    def __len__(self) -> int:
+        """Recorded calls (extension calls and PyTorch ops)."""
+        return len(self._calls)
+
+    @property
+    def kernel_calls(self) -> int:
+        """Recorded calls into the C++ extension."""
+        return sum(kwargs is None for _, _, kwargs, _ in self._calls)
+
+    def replay(self) -> bool:
+        """Makes the recorded calls again. Returns False, having stopped at that call, when an extension call
+        returned something other than at capture (an error it reports): run the step eagerly then."""
+        for fn, args, kwargs, result in self._calls:
+            if kwargs is None:
+                if fn(*args) != result:
+                    return False
+            else:
+                fn(*args, **kwargs)
+        return True

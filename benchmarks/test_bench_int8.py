@@ -1,4 +1,5 @@
-"""The weight-only int8 linear (``ops.int8_linear``, C++) at Dia-1.6B's decoder GEMM shapes, on the CPU, against
+"""The weight-only int8 linear (``ops.int8_linear``, C++) at Dia-1.6B's decoder GEMM shapes, on the CPU (and the int4
+one, ``ops.int4_linear``, groups of 128 columns), against
 fp32 ``F.linear`` on the same weights, PyTorch's dynamic int8 linear (fbgemm / oneDNN, W8A8: activations rounded
 to 8 bits; dia_fast's CPU int8 before the C++ kernel), ``torch._weight_int8pack_mm`` (PyTorch's own weight-only
 int8 kernel) and the dequantizing reference.
@@ -23,6 +24,7 @@ import pytest
 import torch
 
 from dia_fast import _ext
+from dia_fast.model.int4 import quantize_groups
 from dia_fast.model.int8 import quantize_rows
 from dia_fast.ops import cpp, reference
 
@@ -40,6 +42,7 @@ def _engines(N: int, K: int, M: int) -> dict[str, Callable[[], object]]:
     weights = [torch.randn(N, K, generator=g) * 0.02 for _ in range(COPIES)]
     x = torch.randn(M, K, generator=g)
     quant = [quantize_rows(w) for w in weights]
+    quant4 = [quantize_groups(w, 128) for w in weights]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
@@ -64,6 +67,7 @@ def _engines(N: int, K: int, M: int) -> dict[str, Callable[[], object]]:
     return {
         "fp32": cycle(lambda i: torch.nn.functional.linear(x, weights[i])),
         "int8_cpp": cycle(lambda i: cpp.int8_linear(x, *quant[i])),
+        "int4_cpp": cycle(lambda i: cpp.int4_linear(x, *quant4[i])),
         "dynamic_w8a8": cycle(lambda i: dynamic[i](x)),
         "int8pack_mm": cycle(lambda i: torch._weight_int8pack_mm(x, *quant[i])),
         "reference": cycle(lambda i: reference.int8_linear(x, *quant[i])),
@@ -99,19 +103,21 @@ def test_int8_linear_vs_fp32_and_torch(benchmark, case):
     benchmark.extra_info.update(times)
     benchmark.extra_info["speedup_vs_fp32"] = round(times["fp32"] / times["int8_cpp"], 2)
     benchmark.extra_info["speedup_vs_dynamic_w8a8"] = round(times["dynamic_w8a8"] / times["int8_cpp"], 2)
+    benchmark.extra_info["int4_speedup_vs_int8"] = round(times["int8_cpp"] / times["int4_cpp"], 2)
     benchmark(engines["int8_cpp"])
 
 
 if __name__ == "__main__":
-    cols = ["fp32", "int8_cpp", "dynamic_w8a8", "int8pack_mm", "reference"]
+    cols = ["fp32", "int8_cpp", "int4_cpp", "dynamic_w8a8", "int8pack_mm", "reference"]
     print(f"torch threads {torch.get_num_threads()}")
-    print("| GEMM | " + " | ".join(f"{c} (us)" for c in cols) + " | C++ vs fp32 | C++ vs W8A8 |")
-    print("|---|" + "---:|" * (len(cols) + 2))
+    print("| GEMM | " + " | ".join(f"{c} (us)" for c in cols) + " | C++ vs fp32 | C++ vs W8A8 | int4 vs int8 |")
+    print("|---|" + "---:|" * (len(cols) + 3))
     for name, (N, K, M) in CASES.items():
         t = compare(_engines(N, K, M))
         print(
             f"| {name} ({N}x{K}) | "
             + " | ".join(str(t[c]) for c in cols)
-            + f" | {t['fp32'] / t['int8_cpp']:.2f}x | {t['dynamic_w8a8'] / t['int8_cpp']:.2f}x |",
+            + f" | {t['fp32'] / t['int8_cpp']:.2f}x | {t['dynamic_w8a8'] / t['int8_cpp']:.2f}x"
+            + f" | {t['int8_cpp'] / t['int4_cpp']:.2f}x |",
             flush=True,
         )

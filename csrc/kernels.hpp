@@ -112,6 +112,12 @@ int int8_linear_best_isa();
 void int8_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* w, const float* scale, int64_t N,
                  float* out, int64_t ldo, int isa);
 
+// Weight-only int4 linear, a scale per group of columns: out[m, n] = sum_g scale[n, g] * sum_{k in g} x[m, k] *
+// w[n, k] with w in [-7, 7] packed two per byte (csrc/linear_int4.cpp: the layout), [N, K / 2]; scale fp32
+// [N, K / group]. K and group are multiples of 64, group divides K (the caller checks). isa as for int8_linear.
+void int4_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* w, const float* scale,
+                 int64_t group, int64_t N, float* out, int64_t ldo, int isa);
+
 // Residual add + RMSNorm over `rows` rows of D floats: h = residual + delta (written to h_out; delta == nullptr:
 // h = residual, h_out unused), normed = h * (1 / sqrt(mean(h^2) + eps)) * weight. All C-contiguous.
 void add_rmsnorm(const float* residual, const float* delta, const float* weight, float eps, int64_t rows, int64_t D,

@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "act_round.hpp"
 #include "kernels.hpp"
 
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
@@ -37,7 +38,6 @@ constexpr int kRowBlock = 8;  // rows of w per block (a thread's unit of work)
 constexpr int kMBlock = 4;    // rows of x per block: 2 x 8 rows of w for M <= 2, else 4 x 4 (AVX-512 has 32 registers)
 // columns per int32 accumulation: a lane sums at most 2048 / 8 pmaddwd results of up to 2 * 32767 * 128 each
 constexpr int64_t kChunk = 2048;
-constexpr float kXLevels = 32767.0f;
 
 struct LinearArgs {
   const int16_t* xq;  // [M, Kp] rounded activations, zero past K
@@ -49,39 +49,6 @@ struct LinearArgs {
   float* out;
   int64_t ldo;
 };
-
-// max |x| of a row (16 lanes: vectorised by the compiler)
-float row_amax(const float* __restrict x, int64_t n) {
-  float top[16] = {};
-  int64_t k = 0;
-  for (; k + 16 <= n; k += 16)
-    for (int l = 0; l < 16; ++l) {
-      const float v = std::fabs(x[k + l]);
-      top[l] = top[l] < v ? v : top[l];
-    }
-  for (int l = 0; k < n; ++k, ++l) top[l] = top[l] < std::fabs(x[k]) ? std::fabs(x[k]) : top[l];
-  float amax = 0.0f;
-  for (int l = 0; l < 16; ++l) amax = amax < top[l] ? top[l] : amax;
-  return amax;
-}
-
-// whether every value of a row is finite: x * 0 is NaN for NaN and inf, 0 otherwise
-bool row_finite(const float* __restrict x, int64_t n) {
-  float probe[16] = {};
-  int64_t k = 0;
-  for (; k + 16 <= n; k += 16)
-    for (int l = 0; l < 16; ++l) probe[l] += x[k + l] * 0.0f;
-  for (int l = 0; k < n; ++k, ++l) probe[l] += x[k] * 0.0f;
-  float sum = 0.0f;
-  for (int l = 0; l < 16; ++l) sum += probe[l];
-  return sum == 0.0f;
-}
-
-// q = rint(x * inv) for |x * inv| <= 32767: adding and removing 1.5 * 2^23 rounds half to even (the FPU's
-// default mode; no -ffast-math here), and unlike lrint the compiler vectorises it
-void round_row(const float* __restrict x, float inv, int16_t* __restrict q, int64_t n) {
-  for (int64_t k = 0; k < n; ++k) q[k] = int16_t(int32_t((x[k] * inv + 12582912.0f) - 12582912.0f));
-}
 
 void block_portable(const LinearArgs& a, int64_t n0, int nb, int64_t m0, int mb) {
   for (int r = 0; r < nb; ++r) {
@@ -234,23 +201,9 @@ void int8_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t
                  float* out, int64_t ldo, int isa) {
   // Round each row of x to int16 against its max |x|. Rows that are zero, or hold NaN or inf,
   // get scale 0 here and are computed in fp32 below (so that NaN and inf propagate as in fp32).
-  const int64_t Kp = (K + 31) / 32 * 32;
-  std::vector<int16_t> xq(size_t(M * Kp), 0);
-  std::vector<float> xs(size_t(M), 0.0f);
-  std::vector<int64_t> special;
-  for (int64_t m = 0; m < M; ++m) {
-    const float* xr = x + m * ldx;
-    if (!row_finite(xr, K)) {
-      special.push_back(m);
-      continue;
-    }
-    const float amax = row_amax(xr, K);
-    if (amax == 0.0f) continue;
-    const float inv = kXLevels / amax;
-    round_row(xr, inv, xq.data() + m * Kp, K);
-    xs[size_t(m)] = amax / kXLevels;
-  }
-  const LinearArgs a{xq.data(), xs.data(), M, K, Kp, w, scale, N, out, ldo};
+  const RoundedRows rr = round_rows(x, M, K, ldx, 32);
+  const std::vector<int64_t>& special = rr.special;
+  const LinearArgs a{rr.xq.data(), rr.xs.data(), M, K, rr.Kp, w, scale, N, out, ldo};
   const int64_t row_blocks = (N + kRowBlock - 1) / kRowBlock;
   // Split the rows of w over the threads (each streams its own contiguous part of the weights).
 #pragma omp parallel for schedule(static) if (N * K >= kParallelMinElements)

@@ -20,7 +20,7 @@ namespace py = pybind11;
 namespace {
 
 // Bump when a function's Python signature or semantics change: _ext.py refuses a stale build.
-constexpr int kAbiVersion = 5;
+constexpr int kAbiVersion = 6;
 
 #ifndef DIA_FAST_VERSION
 #define DIA_FAST_VERSION "unknown"
@@ -253,6 +253,13 @@ void raw_int8_linear(uintptr_t x, int64_t M, int64_t K, uintptr_t w, uintptr_t s
                         N, isa);
 }
 
+void raw_int4_linear(uintptr_t x, int64_t M, int64_t K, uintptr_t w, uintptr_t scale, int64_t group, int64_t N,
+                     uintptr_t out, int isa) {
+  py::gil_scoped_release nogil;
+  dia_fast::int4_linear(at<const float>(x), M, K, K, at<const uint8_t>(w), at<const float>(scale), group, N,
+                        at<float>(out), N, isa);
+}
+
 void raw_add_rmsnorm(uintptr_t residual, uintptr_t delta, uintptr_t weight, double eps, int64_t rows, int64_t D,
                      uintptr_t normed, uintptr_t h_out) {
   py::gil_scoped_release nogil;
@@ -375,7 +382,7 @@ py::dict build_info() {
                   std::to_string(PYBIND11_VERSION_PATCH);
   py::list kernels;
   for (const char* k :
-       {"apply_delay", "revert_delay", "undelay_codes", "cfg_sample", "cfg_sample_rows", "float_to_pcm16", "int8_linear",
+       {"apply_delay", "revert_delay", "undelay_codes", "cfg_sample", "cfg_sample_rows", "float_to_pcm16", "int8_linear", "int4_linear",
         "add_rmsnorm", "swiglu", "embed_codes", "rope_kv_write", "decode_attention", "step_update", "slot_update"})
     kernels.append(k);
   d["kernels"] = kernels;
@@ -411,6 +418,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("int8_linear", &raw_int8_linear,
         "out[m,n] = scale[n] * sum_k x[m,k] * w[n,k]: x float32 [M,K], w int8 [N,K], scale float32 [N], out float32 "
         "[M,N], all C-contiguous; isa as int8_linear_best_isa() or lower.");
+  m.def("int4_linear", &raw_int4_linear,
+        "out[m,n] = sum_g scale[n,g] * sum_{k in g} x[m,k] * w[n,k]: x float32 [M,K], w int4 packed uint8 [N,K/2] "
+        "(ops.reference.pack_int4), scale float32 [N,K/group], out float32 [M,N], all C-contiguous; K and group "
+        "multiples of 64, group divides K; isa as int8_linear_best_isa() or lower.");
   m.def("add_rmsnorm", &raw_add_rmsnorm,
         "h = residual + delta (into h_out; delta 0: h = residual), normed = h / sqrt(mean(h^2) + eps) * weight; "
         "float32 [rows, D] C-contiguous, weight [D].");

@@ -198,9 +198,10 @@ def test_generation_with_a_cpu_graph_equals_eager_steps(model, sampling):
 
 
 @needs_ext
-def test_an_int8_model_replays_its_step_too():
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_quantized_model_replays_its_step_too(mode):
     qmodel = _model()
-    quantize_decoder(qmodel, "int8")
+    quantize_decoder(qmodel, mode)
     eager = _generate(qmodel, SAMPLED, graphs=False)
     graphed = _generate(qmodel, SAMPLED, graphs=None)  # the default
     assert graphed.cpu_graph

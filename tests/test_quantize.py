@@ -1,4 +1,4 @@
-"""Weight quantization (dia_fast.quantize): what the CPU runs (int8), the one-line errors for what it cannot, and
+"""Weight quantization (dia_fast.quantize): what the CPU runs (int8, int4), the one-line errors for what it cannot, and
 the measured quality against the full-precision model on the same weights (tiny preset, fp32, seeded)."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 from dia_fast import DiaTTS
 from dia_fast.bench.quality import quantization_quality
 from dia_fast.checkpoint import CheckpointError
+from dia_fast.model.int4 import Int4Linear
 from dia_fast.model.int8 import Int8Linear
 from dia_fast.quantize import check_quantize, quantize_decoder, quantized_mode, target_names
 
@@ -59,9 +60,9 @@ def test_quality_of_int8_against_full_precision_on_the_same_weights():
 @pytest.mark.parametrize(
     ("mode", "device", "dtype", "match"),
     [
-        ("fp8", "cpu", None, "quantize=fp8 has no CPU kernel.*on the CPU use int8"),
-        ("int4", "cpu", None, "quantize=int4 has no CPU kernel"),
+        ("fp8", "cpu", None, "quantize=fp8 has no CPU kernel.*on the CPU use int8 or int4"),
         ("int8", "cpu", torch.bfloat16, "float32 activations"),
+        ("int4", "cpu", torch.float16, "quantize=int4 on the CPU runs with float32 activations"),
         ("int3", "cpu", None, "quantize must be one of int8, fp8, int4"),
         ("int8", "mps", None, "not supported on mps.*cpu \\(int8\\) and cuda"),
     ],
@@ -114,7 +115,7 @@ def test_cli_speaks_with_int8_and_rejects_fp8_on_the_cpu(tmp_path):
     )
     assert bad.returncode == 2 and "fp8" in bad.stderr and "Traceback" not in bad.stderr
     assert [line for line in bad.stderr.splitlines() if "error" in line] == [
-        "dia_fast: error: quantize=fp8 has no CPU kernel in dia_fast: on the CPU use int8 (fp8 and int4 run on CUDA)"
+        "dia_fast: error: quantize=fp8 has no CPU kernel in dia_fast: on the CPU use int8 or int4 (fp8 runs on CUDA)"
     ]
 
 
@@ -267,5 +268,81 @@ def test_int8_loads_an_official_pth_checkpoint_too(tmp_path):
     torch.save(to_official(state, full.config), directory / "dia-v0_1.pth")
     q = DiaTTS.from_pretrained(directory, device="cpu", codec=full.codec, quantize="int8")
     want = DiaTTS.random("tiny", seed=4, quantize="int8").model.state_dict()
+    got = q.model.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], v) for k, v in want.items())
+
+
+# ---------------------------------------------------------------------------------------------- CPU int4
+
+
+def test_int4_on_the_cpu_puts_the_mlp_in_int4_and_the_rest_in_int8():
+    ref = DiaTTS.random("tiny", seed=0)
+    q = DiaTTS.random("tiny", seed=0, quantize="int4")
+    assert quantized_mode(q.model) == "int4"
+    for name in target_names(q.model):
+        kind = Int4Linear if ".mlp." in name else Int8Linear
+        assert isinstance(q.model.get_submodule(name), kind), name
+    # the int4 weights are the full-precision ones rounded per group of 64 or 128 columns: within half a step
+    lin = q.model.decoder.layers[0].mlp.down_proj
+    full = ref.model.decoder.layers[0].mlp.down_proj.weight
+    from dia_fast.ops.reference import unpack_int4
+
+    deq = unpack_int4(lin.weight_int4).float() * lin.weight_scale.repeat_interleave(lin.group, dim=1)
+    step = lin.weight_scale.repeat_interleave(lin.group, dim=1)
+    assert bool(((deq - full).abs() <= step / 2 + 1e-7).all()) and lin.group == 128
+    res = q.generate("[S1] Hello there.", max_new_tokens=40, do_sample=False, progress=False)
+    assert res.codes[0].shape[0] > 0 and res.audio[0].size > 0
+    every = DiaTTS.random("tiny", seed=0).model
+    quantize_decoder(every, "int4", int4_parts=("self_attention", "cross_attention", "mlp", "logits"))
+    assert all(isinstance(every.get_submodule(n), Int4Linear) for n in target_names(every))
+    with pytest.raises(ValueError, match="int4_parts must be a subset"):
+        quantize_decoder(DiaTTS.random("tiny").model, "int4", int4_parts=("embeddings",))
+
+
+def test_quality_of_int4_against_full_precision_on_the_same_weights():
+    """Teacher-forced over 200 steps on the tiny preset (docs/quantization.md: measured 0.014 and 0.973)."""
+    ref = DiaTTS.random("tiny", seed=0)
+    quality = quantization_quality(ref, DiaTTS.random("tiny", seed=0, quantize="int4"), steps=200)
+    assert quality["rel_logit_error"] < 0.03
+    assert min(quality["top1_agreement"]) > 0.93
+
+
+def test_an_int4_model_saves_and_loads_back_as_it_is(tmp_path):
+    q = DiaTTS.random("tiny", seed=0, quantize="int4")
+    text = "[S1] Hello there, my friend."
+    want = q.generate(text, max_new_tokens=40, do_sample=False, progress=False).codes[0]
+    directory = q.save_pretrained(tmp_path / "q4")
+    doc = json.loads((directory / "quantization.json").read_text())
+    assert doc["mode"] == "int4" and doc["format"] == "dia_fast.int4-weight-only/1"
+    assert doc["int4"]["decoder.layers.0.mlp.down_proj"] == 128 and "decoder.logits_dense" not in doc["int4"]
+    from safetensors import safe_open
+
+    with safe_open(str(directory / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("decoder.layers.0.mlp.down_proj.weight_int4").dtype == torch.uint8
+        assert f.get_tensor("decoder.logits_dense.weight_int8").dtype == torch.int8
+        assert tuple(f.get_tensor("decoder.layers.0.mlp.down_proj.weight_scale").shape) == (64, 1)
+    back = DiaTTS.from_pretrained(directory, device="cpu", codec=q.codec)
+    assert quantized_mode(back.model) == "int4"
+    assert torch.equal(back.generate(text, max_new_tokens=40, do_sample=False, progress=False).codes[0], want)
+    with pytest.raises(ValueError, match="holds int4-quantized weights; it cannot be loaded with quantize=int8"):
+        DiaTTS.from_pretrained(directory, device="cpu", quantize="int8")
+    (directory / "quantization.json").write_text(json.dumps({**doc, "format": "dia_fast.int8-weight-only/2"}))
+    with pytest.raises(ValueError, match="unknown quantized format 'dia_fast.int8-weight-only/2' for mode 'int4'"):
+        DiaTTS.from_pretrained(directory, device="cpu")
+    bad = {**doc, "int4": {**doc["int4"], "decoder.layers.0.mlp.down_proj": 64}}  # scales saved for groups of 128
+    (directory / "quantization.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="down_proj must be torch.uint8 .* with \\(64, 2\\) scales"):
+        DiaTTS.from_pretrained(directory, device="cpu")
+
+
+def test_int4_quantizes_a_full_precision_checkpoint_tensor_by_tensor(tmp_path, monkeypatch):
+    import dia_fast.checkpoint as ckpt
+
+    full = DiaTTS.random("tiny", seed=3)
+    directory = full.save_pretrained(tmp_path / "m")
+    monkeypatch.setattr(ckpt, "read_all", lambda *_a, **_k: pytest.fail("read the whole checkpoint at once"))
+    q = DiaTTS.from_pretrained(directory, device="cpu", codec=full.codec, quantize="int4")
+    monkeypatch.undo()
+    want = DiaTTS.random("tiny", seed=3, quantize="int4").model.state_dict()
     got = q.model.state_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[k], v) for k, v in want.items())

@@ -16,7 +16,7 @@ from types import ModuleType
 from typing import Any
 
 # The ABI of _C this Python code was written against (csrc/module.cpp: kAbiVersion).
-ABI_VERSION = 5
+ABI_VERSION = 6
 
 _module: ModuleType | None = None
 _error: str = ""

@@ -131,10 +131,9 @@ class DiaTTS:
         a ``dac/`` directory inside the checkpoint directory, else a random demo codec (with a warning).
         ``quantize``: ``"int8"`` / ``"fp8"`` / ``"int4"`` quantizes the decoder's GEMMs (:mod:`dia_fast.quantize`;
         a mode the device cannot run is an error before anything loads). The checkpoint is read one tensor at a
-        time; CPU int8 quantizes each weight as it arrives, so the full-precision model is never in memory at once,
-        and the CUDA modes quantize after loading. A directory
-        that :meth:`save_pretrained` wrote from an int8 model loads quantized as it is (another ``quantize`` is an
-        error, never a re-quantization).
+        time; CPU int8 and int4 quantize each weight as it arrives, so the full-precision model is never in memory at
+        once, and the CUDA modes quantize after loading. A directory that :meth:`save_pretrained` wrote from an int8 or
+        int4 model loads quantized as it is (another ``quantize`` is an error, never a re-quantization).
         """
         from .quantize import check_quantize, load_quantized, quantize_decoder, quantized_mode, read_quantization
 
@@ -150,7 +149,7 @@ class DiaTTS:
         with torch.device("meta"):
             model = DiaModel(cfg)
         source = f"checkpoint {path} ({layout} layout)"
-        if quantize == "int8" and dev.type == "cpu":  # and each GEMM weight quantized as it arrives
+        if quantize in ("int8", "int4") and dev.type == "cpu":  # and each GEMM weight quantized as it arrives
             load_quantized(model, tensors, quantize, dt, source)
         else:
             ckpt.fill_model(model, tensors, dt, source)
@@ -171,10 +170,10 @@ class DiaTTS:
         codec: AudioCodec | str | Path | None,
         config: DiaConfig | None,
     ) -> DiaTTS:
-        """A directory written by :meth:`save_pretrained` from an int8 model: loaded as it is, never re-quantized."""
+        """A directory that :meth:`save_pretrained` wrote from a quantized model: loaded as it is, not re-quantized."""
         from safetensors.torch import load_file
 
-        from .quantize import check_quantize, load_int8
+        from .quantize import check_quantize, load_saved
 
         mode = saved["mode"]
         if quantize is not None and quantize != mode:
@@ -186,7 +185,7 @@ class DiaTTS:
         cfg = config or DiaConfig.from_json(path / "config.json")
         with torch.device("meta"):
             model = DiaModel(cfg)
-        load_int8(model, load_file(str(path / "model.safetensors")), list(saved["quantized"]), str(path))
+        load_saved(model, load_file(str(path / "model.safetensors")), saved, str(path))
         model = _finish_model(model, dev, dt)
         return cls(model, _load_codec(codec, dev, path))
 
@@ -227,8 +226,8 @@ class DiaTTS:
 
     def save_pretrained(self, directory: str | Path, *, layout: str | None = None) -> Path:
         """Write ``config.json`` + ``model.safetensors`` in the ``"transformers"`` (default) or ``"official"``
-        layout. An int8-quantized model (CPU) is written in dia_fast's quantized layout instead (int8 weights with a
-        scale per row, and ``quantization.json``), which :meth:`from_pretrained` loads back as it is."""
+        layout. An int8- or int4-quantized model (CPU) is written in dia_fast's quantized layout instead (the quantized
+        weights with their scales, and ``quantization.json``), which :meth:`from_pretrained` loads back as it is."""
         from safetensors.torch import save_file
 
         from .quantize import QUANT_FILE, quantized_mode, quantized_state

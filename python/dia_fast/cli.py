@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--quantize",
         choices=("int8", "fp8", "int4"),
-        help="quantize the decoder's weights (CPU: int8; CUDA: int8, fp8, int4; see docs/quantization.md)",
+        help="quantize the decoder's weights (CPU: int8, int4; CUDA: int8, fp8, int4; see docs/quantization.md)",
     )
     g = p.add_argument_group("generation")
     g.add_argument(

@@ -10,14 +10,19 @@ per request).
 * CPU ``int8``: weight-only: int8 weights with one fp32 scale per output row (:class:`~dia_fast.model.int8.
   Int8Linear`), run by the C++ kernel ``ops.int8_linear`` (csrc/linear.cpp); activations stay float32. The model
   must be float32 on the CPU.
+* CPU ``int4``: the MLP's GEMMs (:data:`CPU_INT4_PARTS`, 73% of a layer's weights) get int4 weights (two per
+  byte) with one fp32 scale per 128 input columns (64 where 128 does not divide a row;
+  :class:`~dia_fast.model.int4.Int4Linear`, run by ``ops.int4_linear``, csrc/linear_int4.cpp); the other GEMMs
+  get int8 as above. Measured: int4 costs the least accuracy there per byte saved (docs/quantization.md).
+  Activations stay float32.
 * CUDA ``int8`` / ``fp8`` / ``int4``: torchao's weight-only configs (``Int8WeightOnlyConfig``,
   ``Float8WeightOnlyConfig``, ``Int4WeightOnlyConfig(group_size=128)``); activations stay in the model's dtype.
   fp8 needs compute capability 8.9 or newer. **Not yet run on a GPU.**
 * Apple GPUs: not supported.
 
-A CPU int8 model loads from a full-precision checkpoint one tensor at a time (:func:`load_quantized`: the
-full-precision GEMM weights are never all in memory), saves (``DiaTTS.save_pretrained``: int8 weights with their
-scales, ``quantization.json``) and loads back as it is.
+A CPU int8 or int4 model loads from a full-precision checkpoint one tensor at a time (:func:`load_quantized`: the
+full-precision GEMM weights are never all in memory), saves (``DiaTTS.save_pretrained``: the quantized weights with
+their scales, ``quantization.json``) and loads back as it is.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .model.int4 import Int4Linear, quantize_groups
 from .model.int8 import Int8Linear, quantize_rows
 
 if TYPE_CHECKING:
@@ -40,8 +46,8 @@ __all__ = [
     "PARTS",
     "QUANT_MODES",
     "check_quantize",
-    "load_int8",
     "load_quantized",
+    "load_saved",
     "quantize_decoder",
     "quantized_mode",
     "quantized_state",
@@ -49,6 +55,9 @@ __all__ = [
 ]
 
 QUANT_MODES = ("int8", "fp8", "int4")
+CPU_MODES = ("int8", "int4")  # the modes with a C++ kernel (the model stays float32)
+#: the kinds of GEMM that CPU int4 quantizes to int4 (the others of ``parts`` get int8), chosen by measured quality
+CPU_INT4_PARTS = ("mlp",)
 _GEMMS = ("qkv_proj", "o_proj", "q_proj", "gate_up_proj", "down_proj")  # per decoder layer (o_proj: both)
 #: the kinds of decoder GEMM that can be quantized; ``logits``: the output head
 PARTS = ("self_attention", "cross_attention", "mlp", "logits")
@@ -64,13 +73,13 @@ def check_quantize(mode: str | None, device: torch.device | str, dtype: torch.dt
         raise ValueError(f"quantize must be one of {', '.join(QUANT_MODES)} (or none), got {mode!r}")
     dev = torch.device(device)
     if dev.type == "cpu":
-        if mode != "int8":
+        if mode not in CPU_MODES:
             raise ValueError(
-                f"quantize={mode} has no CPU kernel in dia_fast: on the CPU use int8 (fp8 and int4 run on CUDA)"
+                f"quantize={mode} has no CPU kernel in dia_fast: on the CPU use int8 or int4 (fp8 runs on CUDA)"
             )
         if dtype is not None and dtype != torch.float32:
             raise ValueError(
-                f"quantize=int8 on the CPU runs with float32 activations; got dtype {dtype} "
+                f"quantize={mode} on the CPU runs with float32 activations; got dtype {dtype} "
                 "(leave --dtype out or pass float32)"
             )
         return mode
@@ -100,10 +109,24 @@ def _targets(model: DiaModel, parts: tuple[str, ...]) -> list[tuple[nn.Module, s
     return out
 
 
-def quantize_decoder(model: DiaModel, mode: str, parts: tuple[str, ...] = DEFAULT_PARTS) -> dict[str, Any]:
+def _cpu_kinds(model: DiaModel, mode: str, parts: tuple[str, ...], int4_parts: tuple[str, ...]) -> dict[str, str]:
+    """GEMM name -> ``"int8"`` or ``"int4"``: what a CPU ``mode`` makes of each GEMM of ``parts``."""
+    kinds = dict.fromkeys(target_names(model, parts), "int8")
+    if mode == "int4":
+        kinds.update(dict.fromkeys(target_names(model, tuple(p for p in parts if p in int4_parts)), "int4"))
+    return kinds
+
+
+def quantize_decoder(
+    model: DiaModel,
+    mode: str,
+    parts: tuple[str, ...] = DEFAULT_PARTS,
+    int4_parts: tuple[str, ...] = CPU_INT4_PARTS,
+) -> dict[str, Any]:
     """Quantize the decoder's GEMMs of ``model`` in place (see the module doc); returns what was done:
     ``mode``, ``layers`` (GEMMs quantized), ``bytes_before`` and ``bytes_after`` (of those weights).
-    ``parts``: which kinds of GEMM (:data:`PARTS`; the default is what docs/quantization.md measured)."""
+    ``parts``: which kinds of GEMM (:data:`PARTS`; the default is what docs/quantization.md measured).
+    ``int4_parts``: CPU int4 only, which of ``parts`` get int4 (the others get int8)."""
     mode = check_quantize(mode, model.device, model.dtype)
     if mode is None:
         return {"mode": None}
@@ -115,9 +138,16 @@ def quantize_decoder(model: DiaModel, mode: str, parts: tuple[str, ...] = DEFAUL
     targets = _targets(model, tuple(parts))
     before = sum(getattr(p, n).weight.numel() * getattr(p, n).weight.element_size() for p, n in targets)
     if model.device.type == "cpu":
-        for parent, name in targets:
-            setattr(parent, name, Int8Linear.from_weight(getattr(parent, name).weight))
-        after = sum(_int8_bytes(getattr(p, n)) for p, n in targets)
+        bad = sorted(set(int4_parts) - set(PARTS))
+        if bad:
+            raise ValueError(f"int4_parts must be a subset of {', '.join(PARTS)}, got {', '.join(bad)}")
+        kinds = _cpu_kinds(model, mode, tuple(parts), tuple(int4_parts))
+        for name, kind in kinds.items():
+            parent, _, attr = name.rpartition(".")
+            layer_class = Int8Linear if kind == "int8" else Int4Linear
+            owner = model.get_submodule(parent)
+            setattr(owner, attr, layer_class.from_weight(getattr(owner, attr).weight))
+        after = sum(_buffer_bytes(getattr(p, n)) for p, n in targets)
     else:  # CUDA: torchao weight-only
         from torchao.quantization import (
             Float8WeightOnlyConfig,
@@ -138,8 +168,8 @@ def quantize_decoder(model: DiaModel, mode: str, parts: tuple[str, ...] = DEFAUL
     return {"mode": mode, "layers": len(targets), "bytes_before": before, "bytes_after": after}
 
 
-def _int8_bytes(module: Int8Linear) -> int:
-    return module.weight_int8.numel() + module.weight_scale.numel() * 4
+def _buffer_bytes(module: nn.Module) -> int:
+    return sum(b.numel() * b.element_size() for b in module.buffers())
 
 
 def quantized_mode(model: nn.Module) -> str | None:
@@ -147,9 +177,17 @@ def quantized_mode(model: nn.Module) -> str | None:
     return getattr(model, "_dia_fast_quantized", None)
 
 
-# ---------------------------------------------------------------------------------------------- saved int8 models
+# ---------------------------------------------------------------------------------------------- saved CPU models
 QUANT_FILE = "quantization.json"
-_INT8_FORMAT = "dia_fast.int8-weight-only/2"
+# the format of each mode's saved directory: int8 [out, in] weights and [out] scales; int4 packed uint8
+# [out, in / 2] weights (ops.reference.pack_int4) and [out, in / group] scales
+_FORMATS = {"int8": "dia_fast.int8-weight-only/2", "int4": "dia_fast.int4-weight-only/1"}
+# name suffix, dtype and shape (from in, out, group) of the quantized weights of each mode
+_WEIGHT = {
+    "int8": ("weight_int8", torch.int8, lambda i, o, g: (o, i)),
+    "int4": ("weight_int4", torch.uint8, lambda i, o, g: (o, i // 2)),
+}
+_SCALE_SHAPE = {"int8": lambda i, o, g: (o,), "int4": lambda i, o, g: (o, i // g)}
 
 
 def target_names(model: DiaModel, parts: tuple[str, ...] = DEFAULT_PARTS) -> list[str]:
@@ -169,22 +207,32 @@ def target_names(model: DiaModel, parts: tuple[str, ...] = DEFAULT_PARTS) -> lis
 
 
 def quantized_state(model: DiaModel) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The tensors of an int8-quantized (CPU) model for a safetensors file: full-precision tensors under their
-    names, each quantized GEMM as ``<name>.weight_int8`` (int8 [out, in]) and ``<name>.weight_scale`` (fp32
-    [out]); and the ``quantization.json`` document."""
+    """The tensors of an int8- or int4-quantized (CPU) model for a safetensors file: full-precision tensors under
+    their names, each quantized GEMM as ``<name>.weight_int8`` (int8 [out, in]) or ``<name>.weight_int4`` (packed
+    uint8 [out, in / 2]) and ``<name>.weight_scale`` (fp32 [out], or [out, in / group] for int4); and the
+    ``quantization.json`` document."""
     mode = quantized_mode(model)
-    if mode != "int8" or model.device.type != "cpu":
+    if mode not in _FORMATS or model.device.type != "cpu":
         raise ValueError(
-            f"saving a quantized model is supported for int8 on the CPU; this one is {mode} on {model.device.type}"
+            "saving a quantized model is supported for int8 and int4 on the CPU; "
+            f"this one is {mode} on {model.device.type}"
         )
-    names = [name for name, m in model.named_modules() if isinstance(m, Int8Linear)]
+    kinds = {name: _kind(m) for name, m in model.named_modules() if isinstance(m, (Int8Linear, Int4Linear))}
     # the parameters under dia_fast's own names (state_dict() would split the self-attention QKV GEMMs)
     state = {k: v.detach().contiguous() for k, v in model.named_parameters()}
-    for name in names:
+    for name, kind in kinds.items():
         lin = model.get_submodule(name)
-        state[f"{name}.weight_int8"] = lin.weight_int8.contiguous()
+        suffix = _WEIGHT[kind][0]
+        state[f"{name}.{suffix}"] = getattr(lin, suffix).contiguous()
         state[f"{name}.weight_scale"] = lin.weight_scale.contiguous()
-    return state, {"mode": "int8", "format": _INT8_FORMAT, "quantized": names}
+    doc: dict[str, Any] = {"mode": mode, "format": _FORMATS[mode], "quantized": list(kinds)}
+    if mode == "int4":  # the int4 GEMMs and their groups (the others are int8)
+        doc["int4"] = {name: model.get_submodule(name).group for name, kind in kinds.items() if kind == "int4"}
+    return state, doc
+
+
+def _kind(module: nn.Module) -> str:
+    return "int8" if isinstance(module, Int8Linear) else "int4"
 
 
 def read_quantization(directory: Path) -> dict[str, Any] | None:
@@ -193,53 +241,68 @@ def read_quantization(directory: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     doc = json.loads(path.read_text())
-    if doc.get("format") != _INT8_FORMAT:
+    if doc.get("format") not in _FORMATS.values() or _FORMATS.get(doc.get("mode")) != doc.get("format"):
         raise ValueError(
-            f"{path}: unknown quantized format {doc.get('format')!r} (this dia_fast reads {_INT8_FORMAT}; "
-            "quantize the full-precision checkpoint again)"
+            f"{path}: unknown quantized format {doc.get('format')!r} for mode {doc.get('mode')!r} (this dia_fast reads "
+            f"{', '.join(_FORMATS.values())}; quantize the full-precision checkpoint again)"
         )
     return doc
 
 
-def _install_int8(model: DiaModel, names: list[str]) -> dict[str, Int8Linear]:
-    """Replace the GEMMs ``names`` of a meta-device ``model`` with empty CPU :class:`Int8Linear` layers."""
-    layers = {}
-    for name in names:
+def _install(model: DiaModel, kinds: dict[str, str], groups: dict[str, int] | None = None) -> dict[str, nn.Module]:
+    """Replace the GEMMs of a meta-device ``model`` named in ``kinds`` with empty CPU :class:`Int8Linear` or
+    :class:`Int4Linear` layers (as ``kinds[name]`` says; int4: ``groups[name]`` columns per scale, by default
+    :func:`~dia_fast.model.int4.default_group`)."""
+    layers: dict[str, nn.Module] = {}
+    for name, kind in kinds.items():
         lin = model.get_submodule(name)
         if not isinstance(lin, nn.Linear) or lin.bias is not None:
             raise ValueError(f"{name} is not a bias-free linear layer of this model")
-        layer = Int8Linear(lin.in_features, lin.out_features, device="cpu")
+        if kind == "int8":
+            layer: nn.Module = Int8Linear(lin.in_features, lin.out_features, device="cpu")
+        else:
+            layer = Int4Linear(lin.in_features, lin.out_features, (groups or {}).get(name), device="cpu")
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent), attr, layer)
         layers[name] = layer
     return layers
 
 
-def load_int8(model: DiaModel, state: dict[str, torch.Tensor], names: list[str], source: str) -> None:
-    """Fill ``model`` (built on the meta device) from :func:`quantized_state`'s tensors: the full-precision ones are
-    loaded strictly, the quantized GEMMs become :class:`Int8Linear` layers holding the saved int8 weights and
-    scales."""
-    layers = _install_int8(model, names)
+def load_saved(model: DiaModel, state: dict[str, torch.Tensor], doc: dict[str, Any], source: str) -> None:
+    """Fill ``model`` (built on the meta device) from :func:`quantized_state`'s tensors and document: the
+    full-precision ones are loaded strictly, the quantized GEMMs become :class:`Int8Linear` / :class:`Int4Linear`
+    layers holding the saved weights and scales."""
+    mode, names = doc["mode"], list(doc["quantized"])
+    groups = dict(doc.get("int4") or {}) if mode == "int4" else {}
+    kinds = {name: "int4" if name in groups else "int8" for name in names}
+    try:
+        layers = _install(model, kinds, groups)
+    except ValueError as exc:
+        raise ValueError(f"{source}: {exc}") from None
     for name, layer in layers.items():
+        kind = kinds[name]
+        suffix, dtype, weight_shape = _WEIGHT[kind]
         try:
-            q, scale = state.pop(f"{name}.weight_int8"), state.pop(f"{name}.weight_scale")
+            q, scale = state.pop(f"{name}.{suffix}"), state.pop(f"{name}.weight_scale")
         except KeyError as exc:
             raise ValueError(f"{source}: the quantized weights of {name} are missing ({exc})") from None
-        shape = tuple(layer.weight_int8.shape)
-        if q.dtype != torch.int8 or tuple(q.shape) != shape or tuple(scale.shape) != shape[:1]:
+        i, o, g = layer.in_features, layer.out_features, getattr(layer, "group", 0)
+        shape, scale_shape = weight_shape(i, o, g), _SCALE_SHAPE[kind](i, o, g)
+        if q.dtype != dtype or tuple(q.shape) != shape or tuple(scale.shape) != scale_shape:
             raise ValueError(
-                f"{source}: {name} must be int8 {shape} with {shape[0]} scales, got {q.dtype} "
+                f"{source}: {name} must be {dtype} {shape} with {scale_shape} scales, got {q.dtype} "
                 f"{tuple(q.shape)} and {tuple(scale.shape)}"
             )
         if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
             raise ValueError(f"{source}: the scales of {name} must be positive and finite")
-        layer.weight_int8, layer.weight_scale = q.contiguous(), scale.float().contiguous()
+        setattr(layer, suffix, q.contiguous())
+        layer.weight_scale = scale.float().contiguous()
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    quantized_keys = {f"{n}.{k}" for n in names for k in ("weight_int8", "weight_scale")}
+    quantized_keys = {f"{n}.{k}" for n in names for k in (_WEIGHT[kinds[n]][0], "weight_scale")}
     missing = sorted(set(missing) - quantized_keys)
     if missing or unexpected:
         raise ValueError(f"{source} does not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
-    model._dia_fast_quantized = "int8"  # noqa: SLF001 - read by quantized_mode()
+    model._dia_fast_quantized = mode  # noqa: SLF001 - read by quantized_mode()
 
 
 def load_quantized(
@@ -249,28 +312,34 @@ def load_quantized(
     dtype: torch.dtype,
     source: str,
     parts: tuple[str, ...] = DEFAULT_PARTS,
+    int4_parts: tuple[str, ...] = CPU_INT4_PARTS,
 ) -> None:
     """Fill ``model`` (built on the meta device) from a full-precision checkpoint's ``(name, tensor)`` pairs in
-    dia_fast's layout, quantizing each GEMM weight as it arrives (CPU int8): the full-precision GEMM weights are
-    never all in memory, only the one being quantized. The self-attention's q, k and v parts are quantized into
-    their rows of the fused QKV GEMM (per-row scales make that exact). Strict: missing, unexpected and mis-shaped
-    tensors raise :class:`~dia_fast.checkpoint.CheckpointError`."""
+    dia_fast's layout, quantizing each GEMM weight as it arrives (CPU int8 or int4): the full-precision GEMM weights
+    are never all in memory, only the one being quantized. The self-attention's q, k and v parts are quantized into
+    their rows of the fused QKV GEMM (scales per row, or per group within a row, make that exact). Strict: missing,
+    unexpected and mis-shaped tensors raise :class:`~dia_fast.checkpoint.CheckpointError`."""
     from .checkpoint import fill_model
 
-    if mode != "int8":
-        raise ValueError(f"quantizing while loading is implemented for int8 on the CPU, not {mode}")
-    names = target_names(model, parts)
-    layers = _install_int8(model, names)
+    if mode not in CPU_MODES:
+        raise ValueError(
+            f"quantizing while loading is implemented for {' and '.join(CPU_MODES)} on the CPU, not {mode}"
+        )
+    layers = _install(model, _cpu_kinds(model, mode, parts, int4_parts))
 
-    def into_rows(layer: Int8Linear, row: int) -> Callable[[torch.Tensor], None]:
+    def into_rows(layer: nn.Module, row: int) -> Callable[[torch.Tensor], None]:
         def write(weight: torch.Tensor) -> None:
-            q, scale = quantize_rows(weight)
-            layer.weight_int8[row : row + q.shape[0]] = q
+            if isinstance(layer, Int8Linear):
+                q, scale = quantize_rows(weight)
+                layer.weight_int8[row : row + q.shape[0]] = q
+            else:
+                q, scale = quantize_groups(weight, layer.group)
+                layer.weight_int4[row : row + q.shape[0]] = q
             layer.weight_scale[row : row + q.shape[0]] = scale
 
         return write
 
-    # checkpoint name -> (its shape, what quantizes it into its rows of an int8 layer)
+    # checkpoint name -> (its shape, what quantizes it into its rows of a quantized layer)
     sinks: dict[str, tuple[torch.Size, Callable[[torch.Tensor], None]]] = {}
     for name, layer in layers.items():
         base, _, gemm = name.rpartition(".")

@@ -19,6 +19,7 @@ from torch import nn
 
 from .. import ops
 from ..config import DiaConfig
+from .int4 import Int4Linear
 from .int8 import Int8Linear
 from .layers import CrossAttention, GatedMLP, RMSNorm, RotaryEmbedding, SelfAttention
 
@@ -287,7 +288,7 @@ class Decoder(nn.Module):
         x = self.norm.add(h, delta)[0]
         if logits_out is not None:
             head, flat_x, flat_out = self.logits_dense, x.reshape(R, -1), logits_out.view(R, -1)
-            if isinstance(head, Int8Linear):
+            if isinstance(head, (Int8Linear, Int4Linear)):
                 head(flat_x, out=flat_out)
             elif isinstance(head, nn.Linear) and type(head.weight) is nn.Parameter:
                 torch.matmul(flat_x, head.weight.t(), out=flat_out)
@@ -310,6 +311,13 @@ class DiaModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.decoder.embeddings.embed.weight.device  # not a GEMM weight: those may be quantized
+
+    def __getstate__(self) -> dict:
+        # copy.deepcopy and pickle leave out the decode engine that generation keeps on the model (its buffers,
+        # graphs and locks belong to this model); a copy makes its own on first use
+        state = self.__dict__.copy()
+        state.pop("_dia_fast_engine", None)
+        return state
 
     def published_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(state-dict name, tensor) of every weight under its published name: the ``q_proj``, ``k_proj`` and

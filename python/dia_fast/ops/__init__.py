@@ -43,6 +43,7 @@ __all__ = [
     "delayed_view",
     "dispatch_generation",
     "embed_codes",
+    "int4_linear",
     "int8_linear",
     "filter_cfg_logits",
     "register",
@@ -110,6 +111,7 @@ _OPS = (
     "step_update",
     "slot_update",
     "int8_linear",
+    "int4_linear",
 )
 for _op in _OPS:
     register(_op, "torch", getattr(reference, _op))
@@ -125,7 +127,7 @@ for _op in ("step_update", "slot_update"):
     register(_op, "triton", f"dia_fast.ops.triton_step:{_op}")
 # C++ CPU kernels: registered where they measured faster than the reference (benchmarks/RESULTS.md; the layer
 # ops inside a decode step, where dispatch and cold caches cost more than their arithmetic: docs/native.md)
-_CPP_OPS = ("apply_delay", "revert_delay", "undelay_codes", "cfg_sample", "int8_linear")
+_CPP_OPS = ("apply_delay", "revert_delay", "undelay_codes", "cfg_sample", "int8_linear", "int4_linear")
 _CPP_LAYER_OPS = (
     "add_rmsnorm",
     "swiglu",
@@ -307,6 +309,20 @@ def int8_linear(
     ``out``: a tensor of the result's shape and dtype to write it into (returned). See
     :func:`dia_fast.ops.reference.int8_linear`; the C++ kernel: :func:`dia_fast.ops.cpp.int8_linear`."""
     return get_impl("int8_linear", x.device, backend)(x, weight, scale, out=out)
+
+
+def int4_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Weight-only int4 linear with a scale per group of columns (packed uint8 [N, K / 2] weights, fp32 scales
+    [N, K / group]). ``out``: as for :func:`int8_linear`. See :func:`dia_fast.ops.reference.int4_linear`; the C++
+    kernel: :func:`dia_fast.ops.cpp.int4_linear`."""
+    return get_impl("int4_linear", x.device, backend)(x, weight, scale, out=out)
 
 
 def swiglu(gate_up: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:

@@ -642,3 +642,54 @@ def int8_linear(
             f"int8_linear: out is {out.dtype} {tuple(out.shape)}, the result {result.dtype} {tuple(result.shape)}"
         )
     return out.copy_(result)
+
+
+INT4_BLOCK = 64  # columns per packing block of int4 weights (pack_int4)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int4 weights [N, K] (int8 values in [-8, 7], K a multiple of 64) -> uint8 [N, K / 2], the layout the C++
+    kernel reads: in each block of 64 columns, byte j holds column j + 8 in its low nibble and column 32 + j + 8 in
+    its high nibble."""
+    N, K = q.shape
+    if K % INT4_BLOCK:
+        raise ValueError(f"int4 packing needs a multiple of {INT4_BLOCK} columns, got {K}")
+    u = (q.to(torch.int16) + 8).to(torch.uint8).view(N, K // INT4_BLOCK, 2, INT4_BLOCK // 2)
+    return (u[:, :, 0] | (u[:, :, 1] << 4)).reshape(N, K // 2)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`pack_int4`: uint8 [N, K / 2] -> int8 [N, K] in [-8, 7]."""
+    N, half = packed.shape
+    blocks = packed.view(N, half // (INT4_BLOCK // 2), 1, INT4_BLOCK // 2)
+    u = torch.cat([blocks & 0xF, blocks >> 4], dim=2)
+    return (u.to(torch.int16) - 8).to(torch.int8).reshape(N, 2 * half)
+
+
+def int4_linear(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Weight-only int4 linear with a scale per group of columns: ``x @ W.T`` with ``W[n, k] = w[n, k] *
+    scale[n, k // group]``, ``weight`` the packed int4 values ([N, K / 2] uint8, :func:`pack_int4`), ``scale`` fp32
+    [N, K / group] (the group is K over its columns). ``x`` [..., K] in any float dtype, result in ``x``'s dtype
+    (written into ``out`` and returned when it is given). Dequantizes the whole weight for each call: the
+    definition, not a fast path."""
+    if weight.dtype != torch.uint8 or weight.ndim != 2 or scale.ndim != 2 or scale.shape[0] != weight.shape[0]:
+        raise ValueError(
+            f"int4_linear takes packed uint8 [N, K/2] weights and [N, groups] scales, got {weight.dtype} "
+            f"{tuple(weight.shape)} and {tuple(scale.shape)}"
+        )
+    K = 2 * weight.shape[1]
+    if x.shape[-1] != K or scale.shape[1] == 0 or K % scale.shape[1]:
+        raise ValueError(
+            f"int4_linear: x has {x.shape[-1]} features, the weight {K} in {scale.shape[1]} groups of scales"
+        )
+    dense = unpack_int4(weight).float() * scale.float().repeat_interleave(K // scale.shape[1], dim=1)
+    result = torch.nn.functional.linear(x.float(), dense).to(x.dtype)
+    if out is None:
+        return result
+    if out.shape != result.shape or out.dtype != result.dtype:
+        raise ValueError(
+            f"int4_linear: out is {out.dtype} {tuple(out.shape)}, the result {result.dtype} {tuple(result.shape)}"
+        )
+    return out.copy_(result)

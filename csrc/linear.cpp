@@ -20,16 +20,7 @@
 
 #include "act_round.hpp"
 #include "kernels.hpp"
-
-#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
-#define DIA_FAST_X86_SIMD 1
-#include <immintrin.h>
-#if defined(__GNUC__) && !defined(__clang__)
-// GCC 12 flags the deliberately undefined pass-through operand inside its own AVX-512 intrinsics
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
-#endif
+#include "simd_x86.hpp"
 
 namespace dia_fast {
 namespace {
@@ -113,12 +104,6 @@ DIA_FAST_AVX512_BLOCK(block_avx512vnni, "avx512f,avx512bw,avx512vl,avx512vnni", 
 #undef DIA_FAST_MADD_ADD
 #undef DIA_FAST_DPWSSD
 #undef DIA_FAST_AVX512_BLOCK
-
-__attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
-  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
-}
 
 template <int MB, int NB>
 __attribute__((target("avx2,fma"))) void block_avx2(const LinearArgs& a, int64_t n0, int64_t m0) {

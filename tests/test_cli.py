@@ -157,7 +157,7 @@ def test_untagged_transcript_is_spoken_alike_with_or_without_a_saved_speaker(tmp
         (["[S1] hi", "--out", "x.aiff"], "supported are wav, flac, ogg, opus, mp3"),
         (["[S1] hi", "--out", "."], "--out is a directory"),
         (["[S1] hi", "--out", "x.mp3", "--float"], "--float writes WAV only"),
-        (["[S1] hi", "--quantize", "int4", "--device", "cpu"], "quantize=int4 has no CPU kernel"),
+        (["[S1] hi", "--quantize", "fp8", "--device", "cpu"], "quantize=fp8 has no CPU kernel"),
         (["[S1] hi", "--threads", "0"], "--threads must be >= 1"),
         (["[S1] hi", "--min-new-tokens", "-1"], "min_new_tokens must be >= 0"),
     ],

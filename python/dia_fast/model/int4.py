@@ -8,10 +8,10 @@ reads the packed weights directly; elsewhere the reference dequantizes them per 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from .. import ops
 from ..ops.reference import INT4_BLOCK, pack_int4
+from .int8 import WeightOnlyLinear
 
 __all__ = ["INT4_LEVELS", "Int4Linear", "default_group", "quantize_groups"]
 
@@ -48,7 +48,7 @@ def quantize_groups(
     return packed, scale
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(WeightOnlyLinear):
     """``nn.Linear(in_features, out_features, bias=False)`` holding packed int4 weights (buffer ``weight_int4``,
     uint8 [out, in / 2]) and a scale per ``group`` input columns (buffer ``weight_scale``, fp32 [out, in / group])."""
 
@@ -74,14 +74,6 @@ class Int4Linear(nn.Module):
         layer = cls(in_features, out_features, group, device="meta")
         layer.weight_int4, layer.weight_scale = quantize_groups(weight, layer.group)
         return layer
-
-    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 - nn.Module's signature
-        # .to(dtype) must not cast the scales (nn.Module casts every float buffer): keep them fp32
-        scale = self.weight_scale
-        out = super()._apply(fn, recurse)
-        if self.weight_scale.dtype != torch.float32:
-            self.weight_scale = scale.to(device=self.weight_scale.device, dtype=torch.float32)
-        return out
 
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """``out``: a tensor of the result's shape and dtype to write it into (the decode step's logits buffer)."""

@@ -12,7 +12,7 @@ from torch import nn
 
 from .. import ops
 
-__all__ = ["Int8Linear", "quantize_rows"]
+__all__ = ["Int8Linear", "WeightOnlyLinear", "quantize_rows"]
 
 
 def quantize_rows(weight: torch.Tensor, chunk_elements: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,7 +32,20 @@ def quantize_rows(weight: torch.Tensor, chunk_elements: int = 1 << 22) -> tuple[
     return q, scale
 
 
-class Int8Linear(nn.Module):
+class WeightOnlyLinear(nn.Module):
+    """A bias-free linear layer whose weights are held quantized (buffers) with fp32 scales (``weight_scale``):
+    the part :class:`Int8Linear` and :class:`~dia_fast.model.int4.Int4Linear` share."""
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 - nn.Module's signature
+        # .to(dtype) must not cast the scales (nn.Module casts every float buffer): keep them fp32
+        scale = self.weight_scale
+        out = super()._apply(fn, recurse)
+        if self.weight_scale.dtype != torch.float32:
+            self.weight_scale = scale.to(device=self.weight_scale.device, dtype=torch.float32)
+        return out
+
+
+class Int8Linear(WeightOnlyLinear):
     """``nn.Linear(in_features, out_features, bias=False)`` holding int8 weights (buffer ``weight_int8``) and a
     scale per output row (buffer ``weight_scale``, fp32)."""
 
@@ -49,14 +62,6 @@ class Int8Linear(nn.Module):
         layer = cls(in_features, out_features, device="meta")
         layer.weight_int8, layer.weight_scale = quantize_rows(weight)
         return layer
-
-    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 - nn.Module's signature
-        # .to(dtype) must not cast the scales (nn.Module casts every float buffer): keep them fp32
-        scale = self.weight_scale
-        out = super()._apply(fn, recurse)
-        if self.weight_scale.dtype != torch.float32:
-            self.weight_scale = scale.to(device=self.weight_scale.device, dtype=torch.float32)
-        return out
 
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """``out``: a tensor of the result's shape and dtype to write it into (the decode step's logits buffer)."""

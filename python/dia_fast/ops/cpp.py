@@ -254,34 +254,16 @@ def int8_linear(
     when it is contiguous, else copied into). ``isa``: -1 the best this CPU runs, 0 portable, 1 AVX2, 2 AVX-512,
     3 AVX-512 VNNI (tests).
     """
-    if (
-        x.device.type != "cpu"
-        or x.dtype != torch.float32
-        or weight.dtype != torch.int8
-        or weight.device.type != "cpu"
-        or weight.ndim != 2
-        or scale.dtype != torch.float32
-        or scale.device.type != "cpu"
-        or scale.shape != (weight.shape[0],)
-        or x.shape[-1] != weight.shape[1]
-        or x.requires_grad
-    ):
+    if not _weight_only_args(x, weight, torch.int8, scale):
         return reference.int8_linear(x, weight, scale, out=out)
-    best = _best_isa()
-    if isa > best:
-        raise ValueError(f"isa {isa} is not supported by this CPU (best: {best})")
     N, K = weight.shape
-    x2 = x.contiguous()  # read through its address: no autograd here (x.requires_grad ran the reference)
-    w, s = weight.contiguous(), scale.contiguous()
-    shape = (*x.shape[:-1], N)
-    if out is not None and (out.shape != shape or out.dtype != torch.float32 or out.device.type != "cpu"):
-        return reference.int8_linear(x, weight, scale, out=out)  # says why it cannot (or copies to the device)
-    direct = out is not None and out.is_contiguous()
-    y = out if direct else torch.empty(shape, dtype=torch.float32)
-    M = x2.numel() // K if K else 0
-    if M and N:
-        _lib().int8_linear(x2.data_ptr(), M, K, w.data_ptr(), s.data_ptr(), N, y.data_ptr(), best if isa < 0 else isa)
-    return out.copy_(y) if out is not None and not direct else y
+    if scale.shape != (N,) or x.shape[-1] != K:
+        return reference.int8_linear(x, weight, scale, out=out)  # raises its error
+
+    def call(x_ptr: int, M: int, w_ptr: int, s_ptr: int, y_ptr: int, kernel_isa: int) -> None:
+        _lib().int8_linear(x_ptr, M, K, w_ptr, s_ptr, N, y_ptr, kernel_isa)
+
+    return _weight_only_gemm(x, weight, scale, out, isa, N, call, reference.int8_linear)
 
 
 def int4_linear(
@@ -292,37 +274,57 @@ def int4_linear(
     As :func:`int8_linear`: each row of ``x`` is rounded to 16-bit integers against its max |x|, each group's
     products are summed exactly in integers, then scaled in fp32 (about 3e-5 of the output's scale from the
     reference). The kernel takes K and the group as multiples of 64; other shapes run the reference."""
-    if (
-        x.device.type != "cpu"
-        or x.dtype != torch.float32
-        or weight.dtype != torch.uint8
-        or weight.device.type != "cpu"
-        or weight.ndim != 2
-        or scale.dtype != torch.float32
-        or scale.device.type != "cpu"
-        or scale.ndim != 2
-        or scale.shape[0] != weight.shape[0]
-        or x.requires_grad
-    ):
+    if not _weight_only_args(x, weight, torch.uint8, scale) or scale.ndim != 2 or scale.shape[0] != weight.shape[0]:
         return reference.int4_linear(x, weight, scale, out=out)
-    N, K = weight.shape[0], 2 * weight.shape[1]
-    groups = scale.shape[1]
+    N, K, groups = weight.shape[0], 2 * weight.shape[1], scale.shape[1]
     if x.shape[-1] != K or groups == 0 or K % groups or (K // groups) % reference.INT4_BLOCK:
         return reference.int4_linear(x, weight, scale, out=out)  # raises for a mismatch; odd groups: the reference
+
+    def call(x_ptr: int, M: int, w_ptr: int, s_ptr: int, y_ptr: int, kernel_isa: int) -> None:
+        _lib().int4_linear(x_ptr, M, K, w_ptr, s_ptr, K // groups, N, y_ptr, kernel_isa)
+
+    return _weight_only_gemm(x, weight, scale, out, isa, N, call, reference.int4_linear)
+
+
+def _weight_only_args(x: torch.Tensor, weight: torch.Tensor, wdtype: torch.dtype, scale: torch.Tensor) -> bool:
+    """fp32 CPU activations that need no grad, 2-D CPU weights of ``wdtype`` and fp32 CPU scales."""
+    return (
+        _cpu_f32(x)
+        and not x.requires_grad
+        and weight.dtype == wdtype
+        and weight.device.type == "cpu"
+        and weight.ndim == 2
+        and _cpu_f32(scale)
+    )
+
+
+def _weight_only_gemm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    out: torch.Tensor | None,
+    isa: int,
+    N: int,
+    call: Callable[[int, int, int, int, int, int], None],
+    fallback: Callable[..., torch.Tensor],
+) -> torch.Tensor:
+    """The int8 and int4 wrappers' common part, once the weights are checked: the ISA, the output (written directly
+    when ``out`` is a contiguous fp32 CPU tensor of the result's shape, else copied into it) and the kernel call
+    ``call(x, M, w, scale, y, isa)`` with addresses."""
     best = _best_isa()
     if isa > best:
         raise ValueError(f"isa {isa} is not supported by this CPU (best: {best})")
     shape = (*x.shape[:-1], N)
-    if out is not None and (out.shape != shape or out.dtype != torch.float32 or out.device.type != "cpu"):
-        return reference.int4_linear(x, weight, scale, out=out)
-    x2, w, s = x.contiguous(), weight.contiguous(), scale.contiguous()
+    if out is not None and (out.shape != shape or out.dtype != _F32 or out.device.type != "cpu"):
+        return fallback(x, weight, scale, out=out)  # says why it cannot (or copies to the device)
+    x2 = x.contiguous()  # read through its address: no autograd here (x.requires_grad ran the reference)
+    w, s = weight.contiguous(), scale.contiguous()
     direct = out is not None and out.is_contiguous()
-    y = out if direct else torch.empty(shape, dtype=torch.float32)
+    y = out if direct else torch.empty(shape, dtype=_F32)
+    K = x.shape[-1]
     M = x2.numel() // K if K else 0
     if M and N:
-        _lib().int4_linear(
-            x2.data_ptr(), M, K, w.data_ptr(), s.data_ptr(), K // groups, N, y.data_ptr(), best if isa < 0 else isa
-        )
+        call(x2.data_ptr(), M, w.data_ptr(), s.data_ptr(), y.data_ptr(), best if isa < 0 else isa)
     return out.copy_(y) if out is not None and not direct else y
 
 

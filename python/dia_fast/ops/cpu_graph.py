@@ -38,66 +38,63 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["CaptureError", "CpuGraph", "capturing", "record_kernel"]
 
-_aten = torch.ops.aten
+
+def _overloads(*names: str) -> list[Any]:
+    """aten overloads by name (``"add_.Tensor"``), leaving out any this torch does not have."""
+    found = []
+    for name in names:
+        packet, _, overload = name.partition(".")
+        op = getattr(getattr(torch.ops.aten, packet, None), overload or "default", None)
+        if op is not None:
+            found.append(op)
+    return found
+
 
 # Views and allocations: nothing to run again (the graph keeps their tensors alive).
-_KEEP = frozenset({
-    _aten.empty.memory_format,
-    _aten.empty_strided.default,
-    _aten.empty_like.default,
-    _aten.view.default,
-    _aten._unsafe_view.default,
-    _aten.reshape.default,
-    _aten.transpose.int,
-    _aten.t.default,
-    _aten.permute.default,
-    _aten.select.int,
-    _aten.slice.Tensor,
-    _aten.unsqueeze.default,
-    _aten.squeeze.dim,
-    _aten.squeeze.default,
-    _aten.expand.default,
-    _aten.alias.default,
-    _aten.detach.default,
-    _aten.as_strided.default,
-    _aten.split.Tensor,
-    _aten.split_with_sizes.default,
-    _aten.unbind.int,
-})  # fmt: skip
+_KEEP = frozenset(
+    _overloads(
+        "empty.memory_format", "empty_strided", "empty_like", "view", "_unsafe_view", "reshape", "transpose.int",
+        "t", "permute", "select.int", "slice.Tensor", "unsqueeze", "squeeze.dim", "squeeze", "expand", "alias",
+        "detach", "as_strided", "split.Tensor", "split_with_sizes", "unbind.int",
+    )
+)  # fmt: skip
 
 # Casts and copies that return their input when there is nothing to do; otherwise they run again as a copy_.
-_MAYBE_SELF = frozenset({_aten.to.dtype, _aten.to.device, _aten.to.dtype_layout, _aten.contiguous.default})
+_MAYBE_SELF = frozenset(_overloads("to.dtype", "to.device", "to.dtype_layout", "contiguous"))
 
 # Ops that write tensors they are given (in place, or ``out=``): run again as they are.
-_AGAIN = frozenset({
-    _aten.add_.Tensor,
-    _aten.add_.Scalar,
-    _aten.sub_.Tensor,
-    _aten.sub_.Scalar,
-    _aten.mul_.Tensor,
-    _aten.mul_.Scalar,
-    _aten.copy_.default,
-    _aten.fill_.Scalar,
-    _aten.zero_.default,
-    _aten.add.out,
-    _aten.mm.out,
-    _aten.matmul.out,
-    _aten.linear.out,
-})  # fmt: skip
+_AGAIN = frozenset(
+    _overloads(
+        "add_.Tensor", "add_.Scalar", "sub_.Tensor", "sub_.Scalar", "mul_.Tensor", "mul_.Scalar", "copy_",
+        "fill_.Scalar", "zero_", "add.out", "mm.out", "matmul.out", "linear.out",
+    )
+)  # fmt: skip
+
+
+def _pairs(*pairs: tuple[str, str]) -> dict[Any, Any]:
+    """{op: its out= overload} for the pairs this torch has."""
+    table = {}
+    for name, out_name in pairs:
+        found = _overloads(name, out_name)
+        if len(found) == 2:
+            table[found[0]] = found[1]
+    return table
+
 
 # Ops that make a new tensor: run again through their ``out=`` overload into the captured output.
-_FUNCTIONAL = {
-    _aten.add.Tensor: _aten.add.out,
-    _aten.add.Scalar: _aten.add.Scalar_out,
-    _aten.sub.Tensor: _aten.sub.out,
-    _aten.sub.Scalar: _aten.sub.Scalar_out,
-    _aten.mul.Tensor: _aten.mul.out,
-    _aten.mul.Scalar: _aten.mul.Scalar_out,
-    _aten._to_copy.default: _aten._to_copy.out,
-    _aten.clone.default: _aten.clone.out,
-    _aten.mm.default: _aten.mm.out,
-    _aten.linear.default: _aten.linear.out,
-}
+_FUNCTIONAL = _pairs(
+    ("add.Tensor", "add.out"),
+    ("add.Scalar", "add.Scalar_out"),
+    ("sub.Tensor", "sub.out"),
+    ("sub.Scalar", "sub.Scalar_out"),
+    ("mul.Tensor", "mul.out"),
+    ("mul.Scalar", "mul.Scalar_out"),
+    ("_to_copy", "_to_copy.out"),
+    ("clone", "clone.out"),
+    ("mm", "mm.out"),
+    ("linear", "linear.out"),
+)
+_COPY = torch.ops.aten.copy_.default
 
 # One recorded call: (function, positional args, keyword args or None for an extension call, what it returned).
 _Call = tuple[Callable[..., Any], tuple[Any, ...], "dict[str, Any] | None", Any]
@@ -151,7 +148,7 @@ class _Recorder(TorchDispatchMode):
         if any(t.device.type != "cpu" for t in tensors):
             self.refused = f"{func} on a {next(t for t in tensors if t.device.type != 'cpu').device.type} tensor"
         elif func in _MAYBE_SELF and isinstance(out, torch.Tensor) and out.shape == args[0].shape:
-            self.calls.append((_aten.copy_.default, (out, args[0]), {}, out))
+            self.calls.append((_COPY, (out, args[0]), {}, out))
         elif func in _AGAIN:
             self.calls.append((func, args, kwargs, out))
         elif func in _FUNCTIONAL and isinstance(out, torch.Tensor):

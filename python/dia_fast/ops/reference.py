@@ -635,11 +635,16 @@ def int8_linear(
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"int8_linear: x has {x.shape[-1]} features, the weight {weight.shape[1]}")
     result = (torch.nn.functional.linear(x.float(), weight.float()) * scale.float()).to(x.dtype)
+    return _into(out, result, "int8_linear")
+
+
+def _into(out: torch.Tensor | None, result: torch.Tensor, op: str) -> torch.Tensor:
+    """``result``, or copied into ``out`` (which must have its shape and dtype)."""
     if out is None:
         return result
     if out.shape != result.shape or out.dtype != result.dtype:
         raise ValueError(
-            f"int8_linear: out is {out.dtype} {tuple(out.shape)}, the result {result.dtype} {tuple(result.shape)}"
+            f"{op}: out is {out.dtype} {tuple(out.shape)}, the result {result.dtype} {tuple(result.shape)}"
         )
     return out.copy_(result)
 
@@ -685,11 +690,4 @@ def int4_linear(
             f"int4_linear: x has {x.shape[-1]} features, the weight {K} in {scale.shape[1]} groups of scales"
         )
     dense = unpack_int4(weight).float() * scale.float().repeat_interleave(K // scale.shape[1], dim=1)
-    result = torch.nn.functional.linear(x.float(), dense).to(x.dtype)
-    if out is None:
-        return result
-    if out.shape != result.shape or out.dtype != result.dtype:
-        raise ValueError(
-            f"int4_linear: out is {out.dtype} {tuple(out.shape)}, the result {result.dtype} {tuple(result.shape)}"
-        )
-    return out.copy_(result)
+    return _into(out, torch.nn.functional.linear(x.float(), dense).to(x.dtype), "int4_linear")

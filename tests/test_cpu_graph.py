@@ -268,7 +268,10 @@ def test_the_batching_engine_replays_one_graph_per_bucket_with_the_same_codes(mo
         with BatchEngine(tts, max_slots=4, cpu_graphs=graphs) as engine:
             handles = [engine.submit(**r) for r in reqs]
             codes[graphs] = [h.result(120, decode_audio=False).codes for h in handles]
-            replayed, notes = dict(engine._cpu_graphs), dict(engine.cpu_graph_notes)
-        assert bool(replayed) == graphs and notes == {}
+            replayed, notes = engine.cpu_graphed_buckets, engine.cpu_graph_notes
+        if graphs:
+            assert replayed and notes == {}
+        else:
+            assert replayed == [] and notes and set(notes.values()) == {"off"}
     for eager, graphed in zip(codes[False], codes[True], strict=True):
         assert torch.equal(eager, graphed)

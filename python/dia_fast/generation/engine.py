@@ -34,7 +34,7 @@ import torch
 
 from .. import ops
 from ..model import DecoderState, DiaModel, allocate_state
-from ..ops.cpu_graph import CaptureError, CpuGraph
+from ..ops.cpu_graph import CpuGraph, CpuGraphStep
 from ..ops.reference import NOT_FORCED
 from .sampling import SamplingConfig
 
@@ -218,9 +218,7 @@ class StepRunner:
         self.model, self.spec, self.bufs = model, spec, bufs
         self.graph: torch.cuda.CUDAGraph | None = None
         self.wants_graph, self.warmup_steps = graph, warmup_steps
-        self.cpu_graph: CpuGraph | None = None
-        self.wants_cpu_graph = cpu_graph
-        self.cpu_graph_note = "" if cpu_graph else "off"  # why no CPU graph replays ("" while one may)
+        self.cpu_step = CpuGraphStep(self._eager, enabled=cpu_graph)
         self._lock = threading.Lock()
 
     @property
@@ -229,9 +227,19 @@ class StepRunner:
         return self.graph is not None
 
     @property
+    def cpu_graph(self) -> CpuGraph | None:
+        """The CPU graph the steps replay (None: eager steps)."""
+        return self.cpu_step.graph
+
+    @property
     def cpu_graphed(self) -> bool:
         """Whether the steps replay a CPU graph."""
-        return self.cpu_graph is not None
+        return self.cpu_step.graph is not None
+
+    @property
+    def cpu_graph_note(self) -> str:
+        """Why the steps do not replay a CPU graph ("off", the op that stopped the capture, ...; "" when they do)."""
+        return self.cpu_step.note
 
     def _eager(self) -> None:
         decode_step(self.model, self.spec, self.bufs)
@@ -250,19 +258,8 @@ class StepRunner:
         """Queue one decode step (returns at once on CUDA)."""
         if self.graph is not None:
             self.graph.replay()
-        elif self.cpu_graph is not None:
-            if not self.cpu_graph.replay():  # a kernel reported an error: the eager step raises the reference's
-                self.cpu_graph, self.wants_cpu_graph = None, False
-                self.cpu_graph_note = "dropped: a kernel reported an error at replay"
-                self._eager()
-        elif self.wants_cpu_graph:
-            self.wants_cpu_graph = False  # one try per runner: a step that cannot be recorded stays eager
-            try:
-                self.cpu_graph = CpuGraph.capture(self._eager)
-            except CaptureError as exc:
-                self.cpu_graph_note = str(exc)
         else:
-            self._eager()
+            self.cpu_step()  # eager, or replayed from a CPU graph
 
     def _capture(self, warmup_steps: int) -> None:
         dev = self.model.device

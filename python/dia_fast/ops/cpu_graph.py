@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["CaptureError", "CpuGraph", "capturing", "record_kernel"]
+__all__ = ["CaptureError", "CpuGraph", "CpuGraphStep", "capturing", "record_kernel"]
 
 
 def _overloads(*names: str) -> list[Any]:
@@ -206,3 +206,30 @@ class CpuGraph:
             else:
                 fn(*args, **kwargs)
         return True
+
+
+class CpuGraphStep:
+    """Runs ``fn`` (one decode step) the way a runner wants it: the first call records a :class:`CpuGraph` and the
+    later ones replay it. A step that cannot be recorded stays eager (:attr:`note` says why), and a replay that
+    reports a kernel error drops the graph and runs that step and the later ones eagerly, which raises the
+    reference's error. ``enabled=False``: always eager (:attr:`note` is ``"off"``)."""
+
+    def __init__(self, fn: Callable[[], object], enabled: bool = True) -> None:
+        self.fn = fn
+        self.graph: CpuGraph | None = None
+        self.note = "" if enabled else "off"  # why no graph replays ("" while one does, or may)
+        self._capture_next = enabled
+
+    def __call__(self) -> None:
+        if self.graph is not None:
+            if self.graph.replay():
+                return
+            self.graph, self.note = None, "dropped: a kernel reported an error at replay"
+        elif self._capture_next:
+            self._capture_next = False  # one try: the capture ran the step, recorded or not
+            try:
+                self.graph = CpuGraph.capture(self.fn)
+            except CaptureError as exc:
+                self.note = str(exc)
+            return
+        self.fn()

@@ -37,7 +37,7 @@ from ..devices import set_thread_cpu_threads
 from ..generation.engine import bucket_batch, default_sampler, using_device
 from ..generation.sampling import SamplingConfig, check_int_option
 from ..generation.stream import ChunkedDecoder, StreamStats, codec_context_frames
-from ..ops.cpu_graph import CaptureError, CpuGraph
+from ..ops.cpu_graph import CpuGraphStep
 from ..text import encode_batch, prompted_text
 from .slots import SlotState, admit, allocate_slots, slot_step, undelayed_codes
 
@@ -283,8 +283,7 @@ class BatchEngine:
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._use_graphs = dev.type == "cuda" and (cuda_graphs is None or bool(cuda_graphs))
         self._use_cpu_graphs = dev.type == "cpu" and (cpu_graphs is None or bool(cpu_graphs))
-        self._cpu_graphs: dict[int, CpuGraph] = {}
-        self.cpu_graph_notes: dict[int, str] = {}  # bucket -> why it steps eagerly (CPU)
+        self._cpu_steps: dict[int, CpuGraphStep] = {}  # bucket -> its step (eager, or replayed from a CPU graph)
         self._dispatch_generation = ops.dispatch_generation()
         if self._use_graphs:
             self._capture_all()
@@ -532,26 +531,28 @@ class BatchEngine:
             self._fail_all(self._error)
 
     def _step(self, n: int, view: SlotState) -> None:
-        """One eager step of bucket ``n`` on the CPU or MPS; on the CPU its first one records a CPU graph that the
-        later ones replay (a bucket whose step cannot be recorded steps eagerly: :attr:`cpu_graph_notes`)."""
-        model = self.tts.model
+        """One step of bucket ``n`` on the CPU or MPS; on the CPU its first one records a CPU graph that the later ones
+        replay (a bucket whose step cannot be recorded steps eagerly: :attr:`cpu_graph_notes`)."""
         if self._dispatch_generation != ops.dispatch_generation():  # ops.set_backend: the graphs call old kernels
             self._dispatch_generation = ops.dispatch_generation()
-            self._cpu_graphs.clear()
-            self.cpu_graph_notes.clear()
-        graph = self._cpu_graphs.get(n)
-        if graph is not None:
-            if graph.replay():
-                return
-            del self._cpu_graphs[n]  # a kernel reported an error: the eager step raises the reference's
-            self.cpu_graph_notes[n] = "dropped: a kernel reported an error at replay"
-        elif self._use_cpu_graphs and n not in self.cpu_graph_notes:
-            try:
-                self._cpu_graphs[n] = CpuGraph.capture(lambda: slot_step(model, view, self._sampler))
-            except CaptureError as exc:
-                self.cpu_graph_notes[n] = str(exc)
-            return
-        slot_step(model, view, self._sampler)
+            self._cpu_steps.clear()
+        step = self._cpu_steps.get(n)
+        if step is None:
+            model, sampler = self.tts.model, self._sampler
+            step = CpuGraphStep(lambda: slot_step(model, view, sampler), enabled=self._use_cpu_graphs)
+            self._cpu_steps[n] = step
+        step()
+
+    @property
+    def cpu_graph_notes(self) -> dict[int, str]:
+        """Batch bucket -> why its steps run eagerly ("off", or the op that stopped its capture); buckets that replay
+        a CPU graph, or have not stepped yet, are not listed."""
+        return {n: step.note for n, step in list(self._cpu_steps.items()) if step.graph is None and step.note}
+
+    @property
+    def cpu_graphed_buckets(self) -> list[int]:
+        """The batch buckets whose steps replay a CPU graph."""
+        return sorted(n for n, step in list(self._cpu_steps.items()) if step.graph is not None)
 
     def _count_steps(self, live: list[int]) -> None:
         st = self.stats

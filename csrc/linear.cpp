@@ -13,6 +13,12 @@
 // versions are compiled for their ISA with target attributes and chosen at run time
 // (__builtin_cpu_supports), so the wheel needs no -march flag and runs on any x86-64; other
 // compilers and CPUs use the portable loop, which computes the same integer sums.
+//
+// The SIMD blocks prefetch each row's weights one block ahead: the same row of the next block of
+// rows, which under the static schedule is the thread's own next block (a prefetch past the end of
+// the weights is harmless: prefetches never fault). Rows are short (2 KB at K = 2048), so prefetching
+// a fixed distance ahead within a row left every block's first bytes cold; this measured 1.2x faster
+// on 2 cores (the 13 GEMMs of a Dia-1.6B-width step, alternating runs).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -69,6 +75,7 @@ void block_portable(const LinearArgs& a, int64_t n0, int nb, int64_t m0, int mb)
       for (int r = 0; r < NB; ++r) accf[i][r] = _mm512_setzero_ps();                                               \
     const int8_t* wr[NB];                                                                                          \
     for (int r = 0; r < NB; ++r) wr[r] = a.w + (n0 + r) * a.K;                                                     \
+    const int64_t ahead = kRowBlock * a.K; /* the same row of the next block (prefetches never fault) */           \
     const int16_t* xr[MB];                                                                                         \
     for (int i = 0; i < MB; ++i) xr[i] = a.xq + (m0 + i) * a.Kp;                                                   \
     for (int64_t k0 = 0; k0 < a.K; k0 += kChunk) {                                                                 \
@@ -80,7 +87,7 @@ void block_portable(const LinearArgs& a, int64_t n0, int nb, int64_t m0, int mb)
         /* the ragged end: a masked load reads no weight past K (the rounded x is zero there) */                   \
         const __mmask32 mask = end - k >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((uint64_t(1) << (end - k)) - 1); \
         if ((k & 63) == 0) {                                                                                       \
-          for (int r = 0; r < NB; ++r) _mm_prefetch(reinterpret_cast<const char*>(wr[r] + k + 512), _MM_HINT_T0);  \
+          for (int r = 0; r < NB; ++r) _mm_prefetch(reinterpret_cast<const char*>(wr[r] + ahead + k), _MM_HINT_T0);  \
         }                                                                                                          \
         __m512i w16[NB];                                                                                           \
         for (int r = 0; r < NB; ++r) w16[r] = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mask, wr[r] + k));     \
@@ -112,6 +119,7 @@ __attribute__((target("avx2,fma"))) void block_avx2(const LinearArgs& a, int64_t
     for (int r = 0; r < NB; ++r) accf[i][r] = _mm256_setzero_ps();
   const int8_t* wr[NB];
   for (int r = 0; r < NB; ++r) wr[r] = a.w + (n0 + r) * a.K;
+  const int64_t ahead = kRowBlock * a.K;  // the same row of the next block (prefetches never fault)
   const int16_t* xr[MB];
   for (int i = 0; i < MB; ++i) xr[i] = a.xq + (m0 + i) * a.Kp;
   int32_t tail[MB][NB] = {};
@@ -123,7 +131,7 @@ __attribute__((target("avx2,fma"))) void block_avx2(const LinearArgs& a, int64_t
     int64_t k = k0;
     for (; k + 16 <= end; k += 16) {
       if ((k & 63) == 0) {
-        for (int r = 0; r < NB; ++r) _mm_prefetch(reinterpret_cast<const char*>(wr[r] + k + 512), _MM_HINT_T0);
+        for (int r = 0; r < NB; ++r) _mm_prefetch(reinterpret_cast<const char*>(wr[r] + ahead + k), _MM_HINT_T0);
       }
       __m256i w16[NB];
       for (int r = 0; r < NB; ++r)

@@ -10,6 +10,8 @@
 // columns; byte j of block b holds w[64b + j] + 8 in its low nibble and w[64b + 32 + j] + 8 in its high nibble.
 // So one 32-byte load gives two runs of 32 consecutive columns (low and high nibbles), which line up with two
 // contiguous loads of the rounded activations. K and the group are multiples of 64 (the caller checks).
+// The weights are prefetched one block of rows ahead, as in linear.cpp (measured 1.35x here: int4 rows
+// are half as long, so more of each started cold before).
 #include <algorithm>
 #include <cstdint>
 #include <vector>
@@ -70,6 +72,7 @@ void block_portable(const Int4Args& a, int64_t n0, int nb, int64_t m0, int mb) {
       for (int r = 0; r < NB; ++r) accf[i][r] = _mm512_setzero_ps();                                               \
     const uint8_t* wr[NB];                                                                                         \
     for (int r = 0; r < NB; ++r) wr[r] = a.w + (n0 + r) * (a.K / 2);                                               \
+    const int64_t ahead = kRowBlock * (a.K / 2); /* the same row of the next block (prefetches never fault) */      \
     const int16_t* xr[MB];                                                                                         \
     for (int i = 0; i < MB; ++i) xr[i] = a.xq + (m0 + i) * a.K;                                                    \
     const __m512i low = _mm512_set1_epi16(0xF), eight = _mm512_set1_epi16(8);                                      \
@@ -79,7 +82,7 @@ void block_portable(const Int4Args& a, int64_t n0, int nb, int64_t m0, int mb) {
         for (int r = 0; r < NB; ++r) acc[i][r] = _mm512_setzero_si512();                                           \
       for (int64_t k = g * a.group; k < (g + 1) * a.group; k += 64) {                                              \
         if ((k & 127) == 0) {                                                                                      \
-          for (int r = 0; r < NB; ++r) _mm_prefetch(reinterpret_cast<const char*>(wr[r] + k / 2 + 512), _MM_HINT_T0); \
+          for (int r = 0; r < NB; ++r) _mm_prefetch(reinterpret_cast<const char*>(wr[r] + ahead + k / 2), _MM_HINT_T0);     \
         }                                                                                                          \
         __m512i lo[NB], hi[NB];                                                                                    \
         for (int r = 0; r < NB; ++r) {                                                                             \
@@ -118,6 +121,7 @@ __attribute__((target("avx2,fma"))) void block_avx2(const Int4Args& a, int64_t n
     for (int r = 0; r < NB; ++r) accf[i][r] = _mm256_setzero_ps();
   const uint8_t* wr[NB];
   for (int r = 0; r < NB; ++r) wr[r] = a.w + (n0 + r) * (a.K / 2);
+  const int64_t ahead = kRowBlock * (a.K / 2);  // the same row of the next block (prefetches never fault)
   const int16_t* xr[MB];
   for (int i = 0; i < MB; ++i) xr[i] = a.xq + (m0 + i) * a.K;
   const __m256i low = _mm256_set1_epi16(0xF), eight = _mm256_set1_epi16(8);
@@ -127,7 +131,7 @@ __attribute__((target("avx2,fma"))) void block_avx2(const Int4Args& a, int64_t n
       for (int r = 0; r < NB; ++r) acc[i][r] = _mm256_setzero_si256();
     for (int64_t k = g * a.group; k < (g + 1) * a.group; k += 64) {
       if ((k & 127) == 0) {
-        for (int r = 0; r < NB; ++r) _mm_prefetch(reinterpret_cast<const char*>(wr[r] + k / 2 + 512), _MM_HINT_T0);
+        for (int r = 0; r < NB; ++r) _mm_prefetch(reinterpret_cast<const char*>(wr[r] + ahead + k / 2), _MM_HINT_T0);
       }
       for (int j = 0; j < 32; j += 16) {  // bytes j..j+15: columns k+j.. (low nibbles) and k+32+j.. (high)
         __m256i lo[NB], hi[NB];

@@ -131,11 +131,12 @@ class DiaTTS:
         a ``dac/`` directory inside the checkpoint directory, else a random demo codec (with a warning).
         ``quantize``: ``"int8"`` / ``"fp8"`` / ``"int4"`` quantizes the decoder's GEMMs (:mod:`dia_fast.quantize`;
         a mode the device cannot run is an error before anything loads). The checkpoint is read one tensor at a
-        time; CPU int8 and int4 quantize each weight as it arrives, so the full-precision model is never in memory at
-        once, and the CUDA modes quantize after loading. A directory that :meth:`save_pretrained` wrote from an int8 or
-        int4 model loads quantized as it is (another ``quantize`` is an error, never a re-quantization).
+        time and each GEMM weight is quantized as it arrives (CPU: dia_fast's int8 / int4 layers; CUDA: torchao on the
+        device), so the full-precision model is never in memory at once. A directory that :meth:`save_pretrained`
+        wrote from a CPU int8 or int4 model loads quantized as it is (another ``quantize`` is an error, never a
+        re-quantization).
         """
-        from .quantize import check_quantize, load_quantized, quantize_decoder, quantized_mode, read_quantization
+        from .quantize import check_quantize, load_quantized, load_torchao_quantized, read_quantization
 
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
@@ -149,14 +150,14 @@ class DiaTTS:
         with torch.device("meta"):
             model = DiaModel(cfg)
         source = f"checkpoint {path} ({layout} layout)"
-        if quantize in ("int8", "int4") and dev.type == "cpu":  # and each GEMM weight quantized as it arrives
-            load_quantized(model, tensors, quantize, dt, source)
-        else:
+        if quantize is None:
             ckpt.fill_model(model, tensors, dt, source)
+        elif dev.type == "cpu":  # each GEMM weight quantized as it arrives
+            load_quantized(model, tensors, quantize, dt, source)
+        else:  # CUDA: each GEMM quantized by torchao on the device once its weight has arrived
+            load_torchao_quantized(model, tensors, quantize, dt, dev, source)
         model = _finish_model(model, dev, dt)
         release_host_memory()
-        if quantize is not None and quantized_mode(model) is None:  # the CUDA modes: after loading
-            quantize_decoder(model, quantize)
         return cls(model, _load_codec(codec, dev, root))
 
     @classmethod

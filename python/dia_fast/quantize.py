@@ -20,9 +20,10 @@ per request).
   fp8 needs compute capability 8.9 or newer. **Not yet run on a GPU.**
 * Apple GPUs: not supported.
 
-A CPU int8 or int4 model loads from a full-precision checkpoint one tensor at a time (:func:`load_quantized`: the
-full-precision GEMM weights are never all in memory), saves (``DiaTTS.save_pretrained``: the quantized weights with
-their scales, ``quantization.json``) and loads back as it is.
+A quantized model loads from a full-precision checkpoint one tensor at a time, each GEMM quantized as its weight
+arrives, so the full-precision GEMM weights are never all in memory (CPU: :func:`load_quantized`; CUDA:
+:func:`load_torchao_quantized`). A CPU int8 or int4 model saves (``DiaTTS.save_pretrained``: the quantized weights
+with their scales, ``quantization.json``) and loads back as it is.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ __all__ = [
     "check_quantize",
     "load_quantized",
     "load_saved",
+    "load_torchao_quantized",
     "quantize_decoder",
     "quantized_mode",
     "quantized_state",
@@ -149,23 +151,24 @@ def quantize_decoder(
             setattr(owner, attr, layer_class.from_weight(getattr(owner, attr).weight))
         after = sum(_buffer_bytes(getattr(p, n)) for p, n in targets)
     else:  # CUDA: torchao weight-only
-        from torchao.quantization import (
-            Float8WeightOnlyConfig,
-            Int4WeightOnlyConfig,
-            Int8WeightOnlyConfig,
-            quantize_,
-        )
+        from torchao.quantization import quantize_
 
-        config = {
-            "int8": Int8WeightOnlyConfig(),
-            "fp8": Float8WeightOnlyConfig(),
-            "int4": Int4WeightOnlyConfig(group_size=128),
-        }[mode]
         wanted = {id(getattr(p, n)) for p, n in targets}
-        quantize_(model.decoder, config, filter_fn=lambda m, _fqn: id(m) in wanted)
+        quantize_(model.decoder, _torchao_config(mode), filter_fn=lambda m, _fqn: id(m) in wanted)
         after = None  # torchao's tensor subclasses: measured by the bench as device memory
     model._dia_fast_quantized = mode  # noqa: SLF001 - read by quantized_mode()
     return {"mode": mode, "layers": len(targets), "bytes_before": before, "bytes_after": after}
+
+
+def _torchao_config(mode: str) -> Any:
+    """torchao's weight-only config for a CUDA ``mode``."""
+    from torchao.quantization import Float8WeightOnlyConfig, Int4WeightOnlyConfig, Int8WeightOnlyConfig
+
+    if mode == "int8":
+        return Int8WeightOnlyConfig()
+    if mode == "fp8":
+        return Float8WeightOnlyConfig()
+    return Int4WeightOnlyConfig(group_size=128)
 
 
 def _buffer_bytes(module: nn.Module) -> int:
@@ -353,4 +356,78 @@ def load_quantized(
             sinks[f"{base}.{proj}.weight"] = (torch.Size([rows, layer.in_features]), into_rows(layer, row))
             row += rows
     fill_model(model, tensors, dtype, source, sinks)
+    model._dia_fast_quantized = mode  # noqa: SLF001 - read by quantized_mode()
+
+
+class _PendingLinear(nn.Module):
+    """Stands for a GEMM of a meta-device model while its full-precision weight arrives (it has no parameters, so the
+    loader allocates nothing for it): the rows are gathered on the device, then quantized at once."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.rows_written = 0
+        self.weight: torch.Tensor | None = None
+
+
+def load_torchao_quantized(
+    model: DiaModel,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    mode: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    source: str,
+    parts: tuple[str, ...] = DEFAULT_PARTS,
+) -> None:
+    """Fill ``model`` (built on the meta device) from a full-precision checkpoint's ``(name, tensor)`` pairs,
+    quantizing each GEMM with torchao's config for ``mode`` as soon as its weight has arrived (the CUDA modes): the
+    weight is gathered on ``device`` in ``dtype`` (a self-attention's q, k and v into their rows of the fused QKV),
+    quantized by ``torchao.quantization.quantize_`` and its full-precision copy dropped, so at most one GEMM is ever
+    in full precision. The other tensors load as :func:`~dia_fast.checkpoint.fill_model` loads them (then the
+    caller moves the model to ``device``). Strict, as ``fill_model``: a GEMM left incomplete is an error."""
+    from torchao.quantization import quantize_
+
+    from .checkpoint import fill_model
+
+    config = _torchao_config(mode)
+    pending: dict[str, _PendingLinear] = {}
+    for name in target_names(model, parts):
+        lin = model.get_submodule(name)
+        parent, _, attr = name.rpartition(".")
+        pending[name] = _PendingLinear(lin.in_features, lin.out_features)
+        setattr(model.get_submodule(parent), attr, pending[name])
+
+    def into_rows(name: str, row: int) -> Callable[[torch.Tensor], None]:
+        def write(weight: torch.Tensor) -> None:
+            p = pending[name]
+            if p.weight is None:
+                p.weight = torch.empty(p.out_features, p.in_features, dtype=dtype, device=device)
+            p.weight[row : row + weight.shape[0]] = weight.to(device=device, dtype=dtype)
+            p.rows_written += weight.shape[0]
+            if p.rows_written == p.out_features:  # complete: quantize it now and drop the full-precision rows
+                holder = nn.Sequential(nn.Linear(p.in_features, p.out_features, bias=False, device="meta"))
+                holder[0].weight = nn.Parameter(p.weight, requires_grad=False)
+                p.weight = None
+                quantize_(holder, config)
+                parent, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(parent), attr, holder[0])
+
+        return write
+
+    sinks: dict[str, tuple[torch.Size, Callable[[torch.Tensor], None]]] = {}
+    for name, p in pending.items():
+        base, _, gemm = name.rpartition(".")
+        parts_rows = (
+            zip(("q_proj", "k_proj", "v_proj"), model.get_submodule(base).split_sizes, strict=True)
+            if gemm == "qkv_proj"
+            else [(gemm, p.out_features)]
+        )
+        row = 0
+        for proj, rows in parts_rows:
+            sinks[f"{base}.{proj}.weight"] = (torch.Size([rows, p.in_features]), into_rows(name, row))
+            row += rows
+    fill_model(model, tensors, dtype, source, sinks)
+    left = [name for name in pending if isinstance(model.get_submodule(name), _PendingLinear)]
+    if left:  # fill_model reported missing tensors already; this is a guard for duplicated ones
+        raise ValueError(f"{source}: the weights of {', '.join(left[:4])} were not complete")
     model._dia_fast_quantized = mode  # noqa: SLF001 - read by quantized_mode()

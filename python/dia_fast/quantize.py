@@ -145,10 +145,8 @@ def quantize_decoder(
             raise ValueError(f"int4_parts must be a subset of {', '.join(PARTS)}, got {', '.join(bad)}")
         kinds = _cpu_kinds(model, mode, tuple(parts), tuple(int4_parts))
         for name, kind in kinds.items():
-            parent, _, attr = name.rpartition(".")
             layer_class = Int8Linear if kind == "int8" else Int4Linear
-            owner = model.get_submodule(parent)
-            setattr(owner, attr, layer_class.from_weight(getattr(owner, attr).weight))
+            _set_module(model, name, layer_class.from_weight(model.get_submodule(name).weight))
         after = sum(_buffer_bytes(getattr(p, n)) for p, n in targets)
     else:  # CUDA: torchao weight-only
         from torchao.quantization import quantize_
@@ -158,6 +156,33 @@ def quantize_decoder(
         after = None  # torchao's tensor subclasses: measured by the bench as device memory
     model._dia_fast_quantized = mode  # noqa: SLF001 - read by quantized_mode()
     return {"mode": mode, "layers": len(targets), "bytes_before": before, "bytes_after": after}
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` in ``model`` under the dotted ``name`` (in place of what is there)."""
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent), attr, module)
+
+
+def _row_sinks(
+    model: DiaModel, shapes: dict[str, tuple[int, int]], writer: Callable[[str, int], Callable[[torch.Tensor], None]]
+) -> dict[str, tuple[torch.Size, Callable[[torch.Tensor], None]]]:
+    """The ``sinks`` of :func:`~dia_fast.checkpoint.fill_model` for the GEMMs ``shapes`` (name -> (in, out)): each
+    checkpoint weight that makes rows of one (a self-attention's q, k and v make the fused QKV; any other GEMM is
+    one weight), with its shape and ``writer(gemm name, first row)``."""
+    sinks: dict[str, tuple[torch.Size, Callable[[torch.Tensor], None]]] = {}
+    for name, (in_features, out_features) in shapes.items():
+        base, _, gemm = name.rpartition(".")
+        parts_rows = (
+            zip(("q_proj", "k_proj", "v_proj"), model.get_submodule(base).split_sizes, strict=True)
+            if gemm == "qkv_proj"
+            else [(gemm, out_features)]
+        )
+        row = 0
+        for proj, rows in parts_rows:
+            sinks[f"{base}.{proj}.weight"] = (torch.Size([rows, in_features]), writer(name, row))
+            row += rows
+    return sinks
 
 
 def _torchao_config(mode: str) -> Any:
@@ -265,8 +290,7 @@ def _install(model: DiaModel, kinds: dict[str, str], groups: dict[str, int] | No
             layer: nn.Module = Int8Linear(lin.in_features, lin.out_features, device="cpu")
         else:
             layer = Int4Linear(lin.in_features, lin.out_features, (groups or {}).get(name), device="cpu")
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, layer)
+        _set_module(model, name, layer)
         layers[name] = layer
     return layers
 
@@ -330,7 +354,9 @@ def load_quantized(
         )
     layers = _install(model, _cpu_kinds(model, mode, parts, int4_parts))
 
-    def into_rows(layer: nn.Module, row: int) -> Callable[[torch.Tensor], None]:
+    def into_rows(name: str, row: int) -> Callable[[torch.Tensor], None]:
+        layer = layers[name]
+
         def write(weight: torch.Tensor) -> None:
             if isinstance(layer, Int8Linear):
                 q, scale = quantize_rows(weight)
@@ -342,20 +368,8 @@ def load_quantized(
 
         return write
 
-    # checkpoint name -> (its shape, what quantizes it into its rows of a quantized layer)
-    sinks: dict[str, tuple[torch.Size, Callable[[torch.Tensor], None]]] = {}
-    for name, layer in layers.items():
-        base, _, gemm = name.rpartition(".")
-        parts_rows = (
-            zip(("q_proj", "k_proj", "v_proj"), model.get_submodule(base).split_sizes, strict=True)
-            if gemm == "qkv_proj"
-            else [(gemm, layer.out_features)]
-        )
-        row = 0
-        for proj, rows in parts_rows:
-            sinks[f"{base}.{proj}.weight"] = (torch.Size([rows, layer.in_features]), into_rows(layer, row))
-            row += rows
-    fill_model(model, tensors, dtype, source, sinks)
+    shapes = {name: (layer.in_features, layer.out_features) for name, layer in layers.items()}
+    fill_model(model, tensors, dtype, source, _row_sinks(model, shapes, into_rows))
     model._dia_fast_quantized = mode  # noqa: SLF001 - read by quantized_mode()
 
 
@@ -393,9 +407,8 @@ def load_torchao_quantized(
     pending: dict[str, _PendingLinear] = {}
     for name in target_names(model, parts):
         lin = model.get_submodule(name)
-        parent, _, attr = name.rpartition(".")
         pending[name] = _PendingLinear(lin.in_features, lin.out_features)
-        setattr(model.get_submodule(parent), attr, pending[name])
+        _set_module(model, name, pending[name])
 
     def into_rows(name: str, row: int) -> Callable[[torch.Tensor], None]:
         def write(weight: torch.Tensor) -> None:
@@ -409,24 +422,12 @@ def load_torchao_quantized(
                 holder[0].weight = nn.Parameter(p.weight, requires_grad=False)
                 p.weight = None
                 quantize_(holder, config)
-                parent, _, attr = name.rpartition(".")
-                setattr(model.get_submodule(parent), attr, holder[0])
+                _set_module(model, name, holder[0])
 
         return write
 
-    sinks: dict[str, tuple[torch.Size, Callable[[torch.Tensor], None]]] = {}
-    for name, p in pending.items():
-        base, _, gemm = name.rpartition(".")
-        parts_rows = (
-            zip(("q_proj", "k_proj", "v_proj"), model.get_submodule(base).split_sizes, strict=True)
-            if gemm == "qkv_proj"
-            else [(gemm, p.out_features)]
-        )
-        row = 0
-        for proj, rows in parts_rows:
-            sinks[f"{base}.{proj}.weight"] = (torch.Size([rows, p.in_features]), into_rows(name, row))
-            row += rows
-    fill_model(model, tensors, dtype, source, sinks)
+    shapes = {name: (p.in_features, p.out_features) for name, p in pending.items()}
+    fill_model(model, tensors, dtype, source, _row_sinks(model, shapes, into_rows))
     left = [name for name in pending if isinstance(model.get_submodule(name), _PendingLinear)]
     if left:  # fill_model reported missing tensors already; this is a guard for duplicated ones
         raise ValueError(f"{source}: the weights of {', '.join(left[:4])} were not complete")

@@ -10,14 +10,17 @@ per request).
 * CPU ``int8``: weight-only: int8 weights with one fp32 scale per output row (:class:`~dia_fast.model.int8.
   Int8Linear`), run by the C++ kernel ``ops.int8_linear`` (csrc/linear.cpp); activations stay float32. The model
   must be float32 on the CPU.
-* CPU ``int4``: the MLP's GEMMs (:data:`CPU_INT4_PARTS`, 73% of a layer's weights) get int4 weights (two per
+* CPU ``int4``: the MLP's GEMMs (:data:`INT4_PARTS`, 73% of a layer's weights) get int4 weights (two per
   byte) with one fp32 scale per 128 input columns (64 where 128 does not divide a row;
   :class:`~dia_fast.model.int4.Int4Linear`, run by ``ops.int4_linear``, csrc/linear_int4.cpp); the other GEMMs
   get int8 as above. Measured: int4 costs the least accuracy there per byte saved (docs/quantization.md).
   Activations stay float32.
 * CUDA ``int8`` / ``fp8`` / ``int4``: torchao's weight-only configs (``Int8WeightOnlyConfig``,
-  ``Float8WeightOnlyConfig``, ``Int4WeightOnlyConfig(group_size=128)``); activations stay in the model's dtype.
-  fp8 needs compute capability 8.9 or newer. **Not yet run on a GPU.**
+  ``Float8WeightOnlyConfig``; int4: ``Int4WeightOnlyConfig`` in the ``tile_packed_to_4d`` packing, PyTorch's own
+  tinygemm kernel, one bf16 scale and zero per 128 input columns, on the same :data:`INT4_PARTS` as the CPU with
+  int8 on the rest); activations stay in the model's dtype. fp8 needs compute capability 8.9 or newer, int4 8.0
+  or newer and bfloat16. **Not yet run on a GPU**; its quantization is checked on the CPU through torchao with
+  the CPU's int4 kernel standing in for tinygemm (tests/torchao_cpu.py).
 * Apple GPUs: not supported.
 
 A quantized model loads from a full-precision checkpoint one tensor at a time, each GEMM quantized as its weight
@@ -51,15 +54,22 @@ __all__ = [
     "load_saved",
     "load_torchao_quantized",
     "quantize_decoder",
+    "quantize_torchao",
+    "torchao_config",
+    "torchao_quantized",
     "quantized_mode",
     "quantized_state",
+    "stored_bytes",
     "read_quantization",
 ]
 
 QUANT_MODES = ("int8", "fp8", "int4")
 CPU_MODES = ("int8", "int4")  # the modes with a C++ kernel (the model stays float32)
-#: the kinds of GEMM that CPU int4 quantizes to int4 (the others of ``parts`` get int8), chosen by measured quality
-CPU_INT4_PARTS = ("mlp",)
+#: the kinds of GEMM that ``int4`` quantizes to int4 on every device (the others of ``parts`` get int8), chosen by
+#: measured quality (docs/quantization.md)
+INT4_PARTS = ("mlp",)
+#: torchao's int4 group sizes (tinygemm's), largest first: a GEMM gets the largest that divides its row
+_TORCHAO_INT4_GROUPS = (128, 64, 32)
 _GEMMS = ("qkv_proj", "o_proj", "q_proj", "gate_up_proj", "down_proj")  # per decoder layer (o_proj: both)
 #: the kinds of decoder GEMM that can be quantized; ``logits``: the output head
 PARTS = ("self_attention", "cross_attention", "mlp", "logits")
@@ -90,14 +100,24 @@ def check_quantize(mode: str | None, device: torch.device | str, dtype: torch.dt
             import torchao  # noqa: F401
         except ImportError:
             raise ValueError(f"quantize={mode} on CUDA needs torchao: pip install torchao") from None
-        if mode == "fp8" and torch.cuda.get_device_capability(dev) < (8, 9):
-            major, minor = torch.cuda.get_device_capability(dev)
+        major, minor = torch.cuda.get_device_capability(dev)
+        if mode == "fp8" and (major, minor) < (8, 9):
             raise ValueError(
                 f"quantize=fp8 needs compute capability 8.9+ (Ada, Hopper); {dev} is {major}.{minor}: use int8 or int4"
             )
+        if mode == "int4" and major < 8:
+            raise ValueError(
+                f"quantize=int4 on CUDA needs compute capability 8.0+ (torchao's tinygemm kernel); {dev} is "
+                f"{major}.{minor}: use int8"
+            )
+        if mode == "int4" and dtype is not None and dtype != torch.bfloat16:
+            raise ValueError(
+                f"quantize=int4 on CUDA runs with bfloat16 weights and activations (torchao's tinygemm kernel); got "
+                f"dtype {dtype} (leave --dtype out or pass bfloat16)"
+            )
         return mode
     raise ValueError(
-        f"quantize={mode} is not supported on {dev.type}; it runs on cpu (int8) and cuda (int8, fp8, int4)"
+        f"quantize={mode} is not supported on {dev.type}; it runs on cpu (int8, int4) and cuda (int8, fp8, int4)"
     )
 
 
@@ -111,9 +131,10 @@ def _targets(model: DiaModel, parts: tuple[str, ...]) -> list[tuple[nn.Module, s
     return out
 
 
-def _cpu_kinds(model: DiaModel, mode: str, parts: tuple[str, ...], int4_parts: tuple[str, ...]) -> dict[str, str]:
-    """GEMM name -> ``"int8"`` or ``"int4"``: what a CPU ``mode`` makes of each GEMM of ``parts``."""
-    kinds = dict.fromkeys(target_names(model, parts), "int8")
+def gemm_kinds(model: DiaModel, mode: str, parts: tuple[str, ...], int4_parts: tuple[str, ...]) -> dict[str, str]:
+    """GEMM name -> ``"int8"``, ``"fp8"`` or ``"int4"``: what ``mode`` makes of each GEMM of ``parts`` (``int4``:
+    int4 on those of ``int4_parts``, int8 on the others; the other modes: ``mode`` on all)."""
+    kinds = dict.fromkeys(target_names(model, parts), "int8" if mode == "int4" else mode)
     if mode == "int4":
         kinds.update(dict.fromkeys(target_names(model, tuple(p for p in parts if p in int4_parts)), "int4"))
     return kinds
@@ -123,12 +144,12 @@ def quantize_decoder(
     model: DiaModel,
     mode: str,
     parts: tuple[str, ...] = DEFAULT_PARTS,
-    int4_parts: tuple[str, ...] = CPU_INT4_PARTS,
+    int4_parts: tuple[str, ...] = INT4_PARTS,
 ) -> dict[str, Any]:
     """Quantize the decoder's GEMMs of ``model`` in place (see the module doc); returns what was done:
     ``mode``, ``layers`` (GEMMs quantized), ``bytes_before`` and ``bytes_after`` (of those weights).
     ``parts``: which kinds of GEMM (:data:`PARTS`; the default is what docs/quantization.md measured).
-    ``int4_parts``: CPU int4 only, which of ``parts`` get int4 (the others get int8)."""
+    ``int4_parts``: int4 only, which of ``parts`` get int4 (the others get int8)."""
     mode = check_quantize(mode, model.device, model.dtype)
     if mode is None:
         return {"mode": None}
@@ -137,23 +158,20 @@ def quantize_decoder(
     bad = sorted(set(parts) - set(PARTS))
     if bad or not parts:
         raise ValueError(f"parts must be a non-empty subset of {', '.join(PARTS)}, got {', '.join(bad) or 'none'}")
+    bad = sorted(set(int4_parts) - set(PARTS))
+    if bad:
+        raise ValueError(f"int4_parts must be a subset of {', '.join(PARTS)}, got {', '.join(bad)}")
     targets = _targets(model, tuple(parts))
     before = sum(getattr(p, n).weight.numel() * getattr(p, n).weight.element_size() for p, n in targets)
+    kinds = gemm_kinds(model, mode, tuple(parts), tuple(int4_parts))
     if model.device.type == "cpu":
-        bad = sorted(set(int4_parts) - set(PARTS))
-        if bad:
-            raise ValueError(f"int4_parts must be a subset of {', '.join(PARTS)}, got {', '.join(bad)}")
-        kinds = _cpu_kinds(model, mode, tuple(parts), tuple(int4_parts))
         for name, kind in kinds.items():
             layer_class = Int8Linear if kind == "int8" else Int4Linear
             _set_module(model, name, layer_class.from_weight(model.get_submodule(name).weight))
         after = sum(_buffer_bytes(getattr(p, n)) for p, n in targets)
     else:  # CUDA: torchao weight-only
-        from torchao.quantization import quantize_
-
-        wanted = {id(getattr(p, n)) for p, n in targets}
-        quantize_(model.decoder, _torchao_config(mode), filter_fn=lambda m, _fqn: id(m) in wanted)
-        after = None  # torchao's tensor subclasses: measured by the bench as device memory
+        quantize_torchao(model, kinds)
+        after = sum(stored_bytes(getattr(p, n).weight) for p, n in targets)
     model._dia_fast_quantized = mode  # noqa: SLF001 - read by quantized_mode()
     return {"mode": mode, "layers": len(targets), "bytes_before": before, "bytes_after": after}
 
@@ -185,15 +203,49 @@ def _row_sinks(
     return sinks
 
 
-def _torchao_config(mode: str) -> Any:
-    """torchao's weight-only config for a CUDA ``mode``."""
+def torchao_config(kind: str, in_features: int) -> Any:
+    """torchao's weight-only config for one GEMM of ``in_features`` columns quantized to ``kind`` (int8, fp8, int4).
+    int4 uses the ``tile_packed_to_4d`` packing: its kernel (tinygemm, ``aten._weight_int4pack_mm``) is part of
+    PyTorch; torchao's default int4 packing needs the separate ``mslk`` kernels."""
     from torchao.quantization import Float8WeightOnlyConfig, Int4WeightOnlyConfig, Int8WeightOnlyConfig
 
-    if mode == "int8":
-        return Int8WeightOnlyConfig()
-    if mode == "fp8":
-        return Float8WeightOnlyConfig()
-    return Int4WeightOnlyConfig(group_size=128)
+    # set_inductor_config=False: torchao would otherwise change torch.compile's global settings for the process
+    if kind == "int8":
+        return Int8WeightOnlyConfig(set_inductor_config=False)
+    if kind == "fp8":
+        return Float8WeightOnlyConfig(set_inductor_config=False)
+    group = next((g for g in _TORCHAO_INT4_GROUPS if in_features % g == 0), None)
+    if group is None:
+        raise ValueError(f"int4 needs in_features divisible by {_TORCHAO_INT4_GROUPS[-1]}, got {in_features}")
+    return Int4WeightOnlyConfig(group_size=group, int4_packing_format="tile_packed_to_4d", set_inductor_config=False)
+
+
+def torchao_quantized(linear: nn.Linear, kind: str, name: str = "linear") -> nn.Linear:
+    """``linear`` with its weight quantized by torchao to ``kind`` (see :func:`torchao_config`); torchao leaving it
+    in full precision (it skips shapes it cannot take, with only a log line) is an error naming ``name``."""
+    from torchao.quantization import quantize_
+
+    holder = nn.Sequential(linear)
+    quantize_(holder, torchao_config(kind, linear.in_features))
+    if type(holder[0].weight) in (nn.Parameter, torch.Tensor):
+        shape = f"{linear.out_features} x {linear.in_features}"
+        raise ValueError(f"torchao left {name} ({shape}) in full precision instead of {kind}")
+    return holder[0]
+
+
+def quantize_torchao(model: DiaModel, kinds: dict[str, str]) -> None:
+    """Quantize the GEMMs of ``model`` named in ``kinds`` (name -> kind, :func:`gemm_kinds`) in place with torchao (the
+    CUDA modes; torchao's CPU tensors run the same code on the CPU)."""
+    for name, kind in kinds.items():
+        _set_module(model, name, torchao_quantized(model.get_submodule(name), kind, name))
+
+
+def stored_bytes(tensor: torch.Tensor) -> int:
+    """Bytes ``tensor`` holds; for a tensor subclass (torchao's), those of the tensors inside it."""
+    if hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(stored_bytes(getattr(tensor, n)) for n in names if getattr(tensor, n) is not None)
+    return tensor.numel() * tensor.element_size()
 
 
 def _buffer_bytes(module: nn.Module) -> int:
@@ -339,7 +391,7 @@ def load_quantized(
     dtype: torch.dtype,
     source: str,
     parts: tuple[str, ...] = DEFAULT_PARTS,
-    int4_parts: tuple[str, ...] = CPU_INT4_PARTS,
+    int4_parts: tuple[str, ...] = INT4_PARTS,
 ) -> None:
     """Fill ``model`` (built on the meta device) from a full-precision checkpoint's ``(name, tensor)`` pairs in
     dia_fast's layout, quantizing each GEMM weight as it arrives (CPU int8 or int4): the full-precision GEMM weights
@@ -352,7 +404,7 @@ def load_quantized(
         raise ValueError(
             f"quantizing while loading is implemented for {' and '.join(CPU_MODES)} on the CPU, not {mode}"
         )
-    layers = _install(model, _cpu_kinds(model, mode, parts, int4_parts))
+    layers = _install(model, gemm_kinds(model, mode, parts, int4_parts))
 
     def into_rows(name: str, row: int) -> Callable[[torch.Tensor], None]:
         layer = layers[name]
@@ -392,20 +444,20 @@ def load_torchao_quantized(
     device: torch.device,
     source: str,
     parts: tuple[str, ...] = DEFAULT_PARTS,
+    int4_parts: tuple[str, ...] = INT4_PARTS,
 ) -> None:
     """Fill ``model`` (built on the meta device) from a full-precision checkpoint's ``(name, tensor)`` pairs,
-    quantizing each GEMM with torchao's config for ``mode`` as soon as its weight has arrived (the CUDA modes): the
-    weight is gathered on ``device`` in ``dtype`` (a self-attention's q, k and v into their rows of the fused QKV),
-    quantized by ``torchao.quantization.quantize_`` and its full-precision copy dropped, so at most one GEMM is ever
-    in full precision. The other tensors load as :func:`~dia_fast.checkpoint.fill_model` loads them (then the
-    caller moves the model to ``device``). Strict, as ``fill_model``: a GEMM left incomplete is an error."""
-    from torchao.quantization import quantize_
-
+    quantizing each GEMM with torchao as soon as its weight has arrived (the CUDA modes; each GEMM as
+    :func:`gemm_kinds` says): the weight is gathered on ``device`` in ``dtype`` (a self-attention's q, k and v into
+    their rows of the fused QKV), quantized by :func:`torchao_quantized` and its full-precision copy dropped, so at
+    most one GEMM is ever in full precision. The other tensors load as :func:`~dia_fast.checkpoint.fill_model` loads
+    them (then the caller moves the model to ``device``). Strict, as ``fill_model``: a GEMM left incomplete is an
+    error."""
     from .checkpoint import fill_model
 
-    config = _torchao_config(mode)
+    kinds = gemm_kinds(model, mode, parts, int4_parts)
     pending: dict[str, _PendingLinear] = {}
-    for name in target_names(model, parts):
+    for name in kinds:
         lin = model.get_submodule(name)
         pending[name] = _PendingLinear(lin.in_features, lin.out_features)
         _set_module(model, name, pending[name])
@@ -418,11 +470,10 @@ def load_torchao_quantized(
             p.weight[row : row + weight.shape[0]] = weight.to(device=device, dtype=dtype)
             p.rows_written += weight.shape[0]
             if p.rows_written == p.out_features:  # complete: quantize it now and drop the full-precision rows
-                holder = nn.Sequential(nn.Linear(p.in_features, p.out_features, bias=False, device="meta"))
-                holder[0].weight = nn.Parameter(p.weight, requires_grad=False)
+                linear = nn.Linear(p.in_features, p.out_features, bias=False, device="meta")
+                linear.weight = nn.Parameter(p.weight, requires_grad=False)
                 p.weight = None
-                quantize_(holder, config)
-                _set_module(model, name, holder[0])
+                _set_module(model, name, torchao_quantized(linear, kinds[name], name))
 
         return write
 

@@ -91,6 +91,8 @@ class PeakMemory:
 
 
 def weight_bytes(module: torch.nn.Module) -> int:
-    """Bytes of a module's parameters and buffers (int8 layers hold their weights and scales as buffers)."""
-    tensors = list(module.parameters()) + list(module.buffers())
-    return sum(t.numel() * t.element_size() for t in tensors)
+    """Bytes of a module's parameters and buffers (int8 layers hold their weights and scales as buffers; a torchao
+    weight counts the tensors inside it, not its full-precision shape)."""
+    from ..quantize import stored_bytes
+
+    return sum(stored_bytes(t) for t in list(module.parameters()) + list(module.buffers()))

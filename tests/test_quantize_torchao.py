@@ -1,0 +1,195 @@
+"""The CUDA modes' quantization (torchao int8 / fp8 / int4), run on the CPU: torchao's int8 and fp8 tensors work
+here as they are, and its int4 (tinygemm) tensors with PyTorch's CPU int4 ops standing in for the CUDA ones
+(tests/torchao_cpu.py). The CUDA kernels themselves are the GPU check's (benchmarks/gpu_check.sh). Skipped where
+torchao is not installed (it is in the ``test`` extra)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from dia_fast import DiaTTS
+from dia_fast.bench.measure import weight_bytes
+from dia_fast.bench.quality import quantization_quality
+from dia_fast.quantize import (
+    INT4_PARTS,
+    PARTS,
+    check_quantize,
+    gemm_kinds,
+    load_torchao_quantized,
+    quantize_torchao,
+    stored_bytes,
+    target_names,
+    torchao_quantized,
+)
+
+from .torchao_cpu import cpu_tinygemm
+
+pytest.importorskip("torchao")
+
+CLASSES = {"int8": "Int8Tensor", "fp8": "Float8Tensor", "int4": "Int4TilePackedTo4dTensor"}
+
+
+def _linear(out_features: int, in_features: int, seed: int = 0) -> torch.nn.Linear:
+    g = torch.Generator().manual_seed(seed)
+    lin = torch.nn.Linear(in_features, out_features, bias=False, dtype=torch.bfloat16)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(out_features, in_features, generator=g))
+    return lin.requires_grad_(False)
+
+
+@pytest.mark.parametrize(("out_features", "in_features"), [(384, 256), (200, 64), (9, 96), (1028, 2048)])
+def test_torchao_int4_really_quantizes_every_shape_of_the_model(out_features, in_features):
+    """Group 128 where it divides the row, else 64 or 32; ragged row counts are padded by torchao. The output is the
+    full-precision one within int4's error (4 bits over each group's range: ~12% of the output's norm for Gaussian
+    weights), and not equal to it."""
+    lin = _linear(out_features, in_features)
+    x = torch.randn(5, in_features, generator=torch.Generator().manual_seed(1)).bfloat16()
+    want = lin(x).float()
+    with cpu_tinygemm():
+        q = torchao_quantized(copy.deepcopy(lin), "int4")
+        got = q(x).float()
+    assert type(q.weight).__name__ == "Int4TilePackedTo4dTensor" and got.shape == want.shape
+    assert q.weight.block_size[-1] == max(g for g in (128, 64, 32) if in_features % g == 0)
+    rel = float((got - want).norm() / want.norm())
+    assert 0.02 < rel < 0.2, rel
+    if in_features % 1024 == 0:  # no column padding: a quarter of bf16's bytes, plus a bf16 scale and zero per group
+        assert stored_bytes(q.weight) < 0.3 * lin.weight.numel() * 2
+
+
+def test_torchao_int4_rejects_rows_no_group_divides():
+    with pytest.raises(ValueError, match="int4 needs in_features divisible by 32, got 48"):
+        torchao_quantized(_linear(64, 48), "int4")
+
+
+@pytest.mark.parametrize(
+    ("mode", "max_error", "min_top1"), [("int8", 0.015, 0.95), ("fp8", 0.05, 0.9), ("int4", 0.03, 0.93)]
+)
+def test_cuda_modes_quantize_every_target_and_keep_the_measured_quality(mode, max_error, min_top1):
+    """Tiny preset in bf16, as on a GPU, teacher-forced over 200 steps against the same bf16 model unquantized
+    (docs/quantization.md: int8 0.0084 / 0.980, fp8 0.029 / 0.943, int4 0.014 / 0.975)."""
+    ref = DiaTTS.random("tiny", seed=0, dtype=torch.bfloat16)
+    quant = DiaTTS(copy.deepcopy(ref.model), ref.codec)
+    kinds = gemm_kinds(quant.model, mode, PARTS, INT4_PARTS)
+    with cpu_tinygemm():
+        quantize_torchao(quant.model, kinds)
+        assert set(kinds) == set(target_names(quant.model))
+        for name, kind in kinds.items():  # int4: the MLP in int4, the rest in int8
+            assert kind == (("int4" if ".mlp." in name else "int8") if mode == "int4" else mode)
+            assert type(quant.model.get_submodule(name).weight).__name__ == CLASSES[kind], name
+        quality = quantization_quality(ref, quant, steps=200)
+    assert quality["teacher_forced_positions"] >= 200
+    assert quality["rel_logit_error"] < max_error
+    assert min(quality["top1_agreement"]) > min_top1
+    # the bench's weight bytes count what torchao stores, not the full-precision shape (int4 pads each row to a
+    # multiple of 1024 columns: at the tiny widths that outweighs the 4 bits; see the full-width shape above)
+    q_gemms = sum(stored_bytes(quant.model.get_submodule(n).weight) for n in kinds)
+    full_gemms = sum(ref.model.get_submodule(n).weight.numel() * 2 for n in kinds)
+    assert q_gemms < (0.9 if mode == "int4" else 0.55) * full_gemms
+    assert weight_bytes(quant.model) < weight_bytes(ref.model)
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8", "int4"])
+def test_the_torchao_loader_quantizes_each_gemm_as_its_weight_arrives(tmp_path, monkeypatch, mode):
+    """The CUDA modes' loader (load_torchao_quantized): it reads the checkpoint one tensor at a time and gives
+    exactly the model that quantizing after a full-precision load gives."""
+    import dia_fast.checkpoint as ckpt
+    from dia_fast.api import _finish_model
+    from dia_fast.model import DiaModel
+
+    full = DiaTTS.random("tiny", seed=3, dtype=torch.bfloat16)
+    cfg, tensors, _ = ckpt.load_config_and_tensors(full.save_pretrained(tmp_path / "m"), None)
+    monkeypatch.setattr(ckpt, "read_all", lambda *_a, **_k: pytest.fail("read the whole checkpoint at once"))
+    with torch.device("meta"):
+        model = DiaModel(cfg)
+    with cpu_tinygemm():
+        load_torchao_quantized(model, tensors, mode, torch.bfloat16, torch.device("cpu"), "test")
+        model = _finish_model(model, torch.device("cpu"), torch.bfloat16)
+        want = copy.deepcopy(full.model)
+        quantize_torchao(want, gemm_kinds(want, mode, PARTS, INT4_PARTS))
+        g = torch.Generator().manual_seed(0)
+        ids, mask = torch.randint(1, 200, (1, 20), generator=g), torch.ones(1, 20, dtype=torch.bool)
+        codes = torch.randint(0, 1024, (1, 12, 9), generator=g)
+        assert torch.equal(model(ids, mask, codes), want(ids, mask, codes))
+    for name in target_names(model):
+        assert type(model.get_submodule(name).weight) is type(want.get_submodule(name).weight), name
+
+
+@pytest.mark.parametrize(
+    ("mode", "capability", "dtype", "match"),
+    [
+        ("fp8", (8, 6), torch.bfloat16, "quantize=fp8 needs compute capability 8.9\\+.*is 8.6: use int8 or int4"),
+        ("int4", (7, 5), torch.float16, "quantize=int4 on CUDA needs compute capability 8.0\\+.*is 7.5: use int8"),
+        ("int4", (9, 0), torch.float16, "quantize=int4 on CUDA runs with bfloat16.*got dtype torch.float16"),
+    ],
+)
+def test_cuda_modes_a_gpu_cannot_run_are_one_line_errors(monkeypatch, mode, capability, dtype, match):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_a: capability)
+    with pytest.raises(ValueError, match=match) as err:
+        check_quantize(mode, "cuda", dtype)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("mode", "dtype"), [("int8", torch.float16), ("fp8", torch.bfloat16), ("int4", torch.bfloat16)]
+)
+def test_cuda_modes_a_gpu_can_run_pass_the_check(monkeypatch, mode, dtype):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_a: (9, 0))
+    assert check_quantize(mode, "cuda", dtype) == mode
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("mode", "max_error"), [("int8", 0.015), ("fp8", 0.05), ("int4", 0.03)])
+def test_gpu_modes_generate_with_cuda_graphs_as_eagerly_and_keep_the_quality(mode, max_error):
+    """On CUDA, torchao's own kernels (tinygemm for int4): the quality bound of the CPU runs above, and a CUDA-graphed
+    greedy generation equal to an eager one on the same quantized weights."""
+    from dia_fast.generation.engine import DecodeEngine
+    from dia_fast.generation.generate import generate_codes
+    from dia_fast.generation.sampling import SamplingConfig
+    from dia_fast.text import encode_batch
+
+    ref = DiaTTS.random("tiny", seed=0, device="cuda", dtype=torch.bfloat16)
+    quant = DiaTTS.random("tiny", seed=0, device="cuda", dtype=torch.bfloat16, quantize=mode)
+    kinds = gemm_kinds(ref.model, mode, PARTS, INT4_PARTS)
+    assert all(type(quant.model.get_submodule(n).weight).__name__ == CLASSES[k] for n, k in kinds.items())
+    quality = quantization_quality(ref, quant, steps=200)
+    assert quality["rel_logit_error"] < max_error, quality
+    ids, mask = encode_batch(["[S1] Hello there.", "[S2] And you?"], pad_to_multiple=128)
+    ids, mask = ids.cuda(), mask.cuda()
+    model = quant.model
+    kw = dict(max_new_tokens=48, sampling=SamplingConfig(do_sample=False))
+    eager = generate_codes(model, ids, mask, engine=DecodeEngine(model, static=True, cuda_graphs=False), **kw)
+    graphed = generate_codes(model, ids, mask, engine=DecodeEngine(model), **kw)
+    assert graphed.cuda_graphs and not eager.cuda_graphs
+    assert torch.equal(graphed.delayed, eager.delayed)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_gpu_loading_quantizes_tensor_by_tensor_on_the_device(tmp_path, mode):
+    """from_pretrained(quantize=) on CUDA gives the model that quantizing after a full-precision load gives, with at
+    most one GEMM in full precision at a time: the peak above the loaded model stays under half the bf16 GEMM bytes
+    (loading them all first would exceed that; one GEMM and its quantizing temporaries stay well below it)."""
+    from dia_fast.config import DiaConfig
+
+    cfg = DiaConfig.preset("dia-1.6b").with_layers(1, 4)
+    src = DiaTTS.random(cfg, seed=0, device="cpu", dtype=torch.bfloat16)
+    directory = src.save_pretrained(tmp_path / "m")
+    gemm_bf16 = sum(src.model.get_submodule(n).weight.numel() * 2 for n in target_names(src.model))
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    q = DiaTTS.from_pretrained(directory, device="cuda", dtype=torch.bfloat16, codec=src.codec, quantize=mode)
+    peak, after = torch.cuda.max_memory_allocated() - base, torch.cuda.memory_allocated() - base
+    assert after < weight_bytes(src.model) and peak - after < gemm_bf16 / 2, (peak, after, gemm_bf16)
+    want = DiaTTS.random(cfg, seed=0, device="cuda", dtype=torch.bfloat16, quantize=mode)
+    g = torch.Generator().manual_seed(0)
+    ids, mask = torch.randint(1, 200, (1, 20), generator=g).cuda(), torch.ones(1, 20, dtype=torch.bool).cuda()
+    codes = torch.randint(0, 1024, (1, 12, 9), generator=g).cuda()
+    with torch.inference_mode():
+        assert torch.equal(q.model(ids, mask, codes), want.model(ids, mask, codes))

@@ -13,6 +13,7 @@ import torch
 from dia_fast import DiaTTS
 from dia_fast.bench.measure import weight_bytes
 from dia_fast.bench.quality import quantization_quality
+from dia_fast.model.int4 import Int4Linear
 from dia_fast.quantize import (
     INT4_PARTS,
     PARTS,
@@ -140,6 +141,75 @@ def test_cuda_modes_a_gpu_can_run_pass_the_check(monkeypatch, mode, dtype):
     assert check_quantize(mode, "cuda", dtype) == mode
 
 
+def _load_saved_as_torchao(directory):
+    """What from_pretrained does with a saved quantized directory on CUDA, here on the CPU (bf16)."""
+    from safetensors.torch import load_file
+
+    from dia_fast.api import _finish_model
+    from dia_fast.config import DiaConfig
+    from dia_fast.model import DiaModel
+    from dia_fast.quantize import load_saved, read_quantization, torchao_from_saved
+
+    with torch.device("meta"):
+        model = DiaModel(DiaConfig.from_json(directory / "config.json"))
+    load_saved(model, load_file(str(directory / "model.safetensors")), read_quantization(directory), str(directory))
+    torchao_from_saved(model, torch.device("cpu"), torch.bfloat16)
+    return _finish_model(model, torch.device("cpu"), torch.bfloat16)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_directory_saved_on_the_cpu_loads_into_torchao_weights_with_the_same_values(tmp_path, mode):
+    """A CPU int8 / int4 directory on CUDA: torchao's int8 weights hold exactly the saved values and row scales;
+    tinygemm's int4 weights hold them with the scales rounded to bf16 (checked GEMM by GEMM against the saved
+    values, and through the whole model against the CPU model)."""
+    from dia_fast.ops.reference import unpack_int4
+
+    cpu = DiaTTS.random("tiny", seed=0, quantize=mode)
+    directory = cpu.save_pretrained(tmp_path / "q")
+    with cpu_tinygemm():
+        model = _load_saved_as_torchao(directory)
+        x = torch.randn(3, 128, generator=torch.Generator().manual_seed(2))
+        for name in target_names(model):
+            saved, weight = cpu.model.get_submodule(name), model.get_submodule(name).weight
+            if isinstance(saved, Int4Linear):
+                assert type(weight).__name__ == "Int4TilePackedTo4dTensor", name
+                scale = saved.weight_scale.bfloat16().float().repeat_interleave(saved.group, dim=1)
+                want = x[:, : saved.in_features] @ (unpack_int4(saved.weight_int4).float() * scale).T
+                got = torch.nn.functional.linear(x[:, : saved.in_features].bfloat16(), weight).float()
+                assert float((got - want).norm() / want.norm()) < 0.01, name
+            else:
+                assert type(weight).__name__ == "Int8Tensor", name
+                assert torch.equal(weight.qdata, saved.weight_int8)
+                assert torch.equal(weight.scale.reshape(-1), saved.weight_scale)
+        g = torch.Generator().manual_seed(0)
+        ids, mask = torch.randint(1, 200, (1, 20), generator=g), torch.ones(1, 20, dtype=torch.bool)
+        codes = torch.randint(0, 1024, (1, 12, 9), generator=g)
+        got, want = model(ids, mask, codes).float(), cpu.model(ids, mask, codes)
+    assert float((got - want).norm() / want.norm()) < 0.02  # bf16 against fp32
+    assert float((got.argmax(-1) == want.argmax(-1)).float().mean()) > 0.9
+
+
+def test_a_torchao_int8_model_saves_in_the_cpu_format_and_loads_back_on_the_cpu(tmp_path):
+    """CUDA's int8 (torchao's int8 weights: int8 values with a row scale, no zero point) saves as dia_fast's int8
+    directory, which the CPU loads as it is; fp8 and CUDA int4 are one-line errors."""
+    from dia_fast.quantize import quantized_state
+
+    tts = DiaTTS.random("tiny", seed=0, dtype=torch.bfloat16)
+    quantize_torchao(tts.model, gemm_kinds(tts.model, "int8", PARTS, INT4_PARTS))
+    tts.model._dia_fast_quantized = "int8"  # what quantize_decoder sets (its torchao branch runs on CUDA only)
+    directory = tts.save_pretrained(tmp_path / "q")
+    back = DiaTTS.from_pretrained(directory, device="cpu", codec=tts.codec)
+    for name in target_names(back.model):
+        layer, weight = back.model.get_submodule(name), tts.model.get_submodule(name).weight
+        assert torch.equal(layer.weight_int8, weight.qdata)
+        assert torch.equal(layer.weight_scale, weight.scale.reshape(-1))
+    fp8 = DiaTTS.random("tiny", seed=0, dtype=torch.bfloat16).model
+    quantize_torchao(fp8, gemm_kinds(fp8, "fp8", PARTS, INT4_PARTS))
+    fp8._dia_fast_quantized = "fp8"
+    with pytest.raises(ValueError, match="saving a quantized model is supported for int8 \\(CPU and CUDA\\)"):
+        quantized_state(fp8)
+
+
 # ---------------------------------------------------------------------------------------------- GPU
 
 
@@ -193,3 +263,24 @@ def test_gpu_loading_quantizes_tensor_by_tensor_on_the_device(tmp_path, mode):
     codes = torch.randint(0, 1024, (1, 12, 9), generator=g).cuda()
     with torch.inference_mode():
         assert torch.equal(q.model(ids, mask, codes), want.model(ids, mask, codes))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_gpu_saved_directories_load_across_devices(tmp_path, mode):
+    """A CPU-saved directory loads on CUDA (tinygemm / torchao int8 with the saved values), and a CUDA int8 model
+    saves a directory that the CPU loads as it is."""
+    cpu = DiaTTS.random("tiny", seed=0, quantize=mode)
+    gpu = DiaTTS.from_pretrained(cpu.save_pretrained(tmp_path / "cpu"), device="cuda", codec=cpu.codec)
+    g = torch.Generator().manual_seed(0)
+    ids, mask = torch.randint(1, 200, (1, 20), generator=g), torch.ones(1, 20, dtype=torch.bool)
+    codes = torch.randint(0, 1024, (1, 12, 9), generator=g)
+    with torch.inference_mode():
+        want = cpu.model(ids, mask, codes)
+        got = gpu.model(ids.cuda(), mask.cuda(), codes.cuda()).float().cpu()
+    assert float((got - want).norm() / want.norm()) < 0.02  # bf16 on the GPU against fp32 on the CPU
+    if mode == "int8":
+        cuda_int8 = DiaTTS.random("tiny", seed=0, device="cuda", dtype=torch.bfloat16, quantize="int8")
+        back = DiaTTS.from_pretrained(cuda_int8.save_pretrained(tmp_path / "gpu"), device="cpu", codec=cpu.codec)
+        head, saved = back.model.decoder.logits_dense, cuda_int8.model.decoder.logits_dense.weight
+        assert torch.equal(head.weight_int8, saved.qdata.cpu())

@@ -133,8 +133,8 @@ class DiaTTS:
         a mode the device cannot run is an error before anything loads). The checkpoint is read one tensor at a
         time and each GEMM weight is quantized as it arrives (CPU: dia_fast's int8 / int4 layers; CUDA: torchao on the
         device), so the full-precision model is never in memory at once. A directory that :meth:`save_pretrained`
-        wrote from a CPU int8 or int4 model loads quantized as it is (another ``quantize`` is an error, never a
-        re-quantization).
+        wrote from a quantized model loads quantized as it is, on the CPU or CUDA (another ``quantize`` is an error,
+        never a re-quantization).
         """
         from .quantize import check_quantize, load_quantized, load_torchao_quantized, read_quantization
 
@@ -174,7 +174,7 @@ class DiaTTS:
         """A directory that :meth:`save_pretrained` wrote from a quantized model: loaded as it is, not re-quantized."""
         from safetensors.torch import load_file
 
-        from .quantize import check_quantize, load_saved
+        from .quantize import check_quantize, load_saved, torchao_from_saved
 
         mode = saved["mode"]
         if quantize is not None and quantize != mode:
@@ -187,6 +187,8 @@ class DiaTTS:
         with torch.device("meta"):
             model = DiaModel(cfg)
         load_saved(model, load_file(str(path / "model.safetensors")), saved, str(path))
+        if dev.type == "cuda":  # the same values in torchao's weights (int4: tinygemm's, scales rounded to bf16)
+            torchao_from_saved(model, dev, dt)
         model = _finish_model(model, dev, dt)
         return cls(model, _load_codec(codec, dev, path))
 
@@ -227,8 +229,9 @@ class DiaTTS:
 
     def save_pretrained(self, directory: str | Path, *, layout: str | None = None) -> Path:
         """Write ``config.json`` + ``model.safetensors`` in the ``"transformers"`` (default) or ``"official"``
-        layout. An int8- or int4-quantized model (CPU) is written in dia_fast's quantized layout instead (the quantized
-        weights with their scales, and ``quantization.json``), which :meth:`from_pretrained` loads back as it is."""
+        layout. A quantized model (int8 on the CPU or CUDA, int4 on the CPU) is written in dia_fast's quantized
+        layout instead (the quantized weights with their scales, and ``quantization.json``), which
+        :meth:`from_pretrained` loads back as it is, on either device."""
         from safetensors.torch import save_file
 
         from .quantize import QUANT_FILE, quantized_mode, quantized_state

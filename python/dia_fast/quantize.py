@@ -61,6 +61,7 @@ __all__ = [
     "quantized_state",
     "stored_bytes",
     "read_quantization",
+    "torchao_from_saved",
 ]
 
 QUANT_MODES = ("int8", "fp8", "int4")
@@ -70,6 +71,7 @@ CPU_MODES = ("int8", "int4")  # the modes with a C++ kernel (the model stays flo
 INT4_PARTS = ("mlp",)
 #: torchao's int4 group sizes (tinygemm's), largest first: a GEMM gets the largest that divides its row
 _TORCHAO_INT4_GROUPS = (128, 64, 32)
+_TINYGEMM_GROUPS = (32, 64, 128, 256)  # the groups tinygemm's kernel takes
 _GEMMS = ("qkv_proj", "o_proj", "q_proj", "gate_up_proj", "down_proj")  # per decoder layer (o_proj: both)
 #: the kinds of decoder GEMM that can be quantized; ``logits``: the output head
 PARTS = ("self_attention", "cross_attention", "mlp", "logits")
@@ -287,28 +289,93 @@ def target_names(model: DiaModel, parts: tuple[str, ...] = DEFAULT_PARTS) -> lis
 
 
 def quantized_state(model: DiaModel) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The tensors of an int8- or int4-quantized (CPU) model for a safetensors file: full-precision tensors under
-    their names, each quantized GEMM as ``<name>.weight_int8`` (int8 [out, in]) or ``<name>.weight_int4`` (packed
-    uint8 [out, in / 2]) and ``<name>.weight_scale`` (fp32 [out], or [out, in / group] for int4); and the
-    ``quantization.json`` document."""
+    """The tensors of an int8- or int4-quantized model for a safetensors file: full-precision tensors under their
+    names, each quantized GEMM as ``<name>.weight_int8`` (int8 [out, in]) or ``<name>.weight_int4`` (packed uint8
+    [out, in / 2]) and ``<name>.weight_scale`` (fp32 [out], or [out, in / group] for int4); and the
+    ``quantization.json`` document. CPU int8 and int4 models, and CUDA int8 models (torchao's int8 weights are the
+    same kind: int8 values with an fp32 scale per row)."""
     mode = quantized_mode(model)
-    if mode not in _FORMATS or model.device.type != "cpu":
+    if mode not in _FORMATS or (model.device.type != "cpu" and mode != "int8"):
         raise ValueError(
-            "saving a quantized model is supported for int8 and int4 on the CPU; "
-            f"this one is {mode} on {model.device.type}"
+            "saving a quantized model is supported for int8 (CPU and CUDA) and int4 (CPU); "
+            f"this one is {mode} on {model.device.type} (save the full-precision checkpoint instead: it quantizes "
+            "tensor by tensor while loading)"
         )
-    kinds = {name: _kind(m) for name, m in model.named_modules() if isinstance(m, (Int8Linear, Int4Linear))}
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, (Int8Linear, Int4Linear))}
+    torchao = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and _is_torchao(m.weight)}
     # the parameters under dia_fast's own names (state_dict() would split the self-attention QKV GEMMs)
-    state = {k: v.detach().contiguous() for k, v in model.named_parameters()}
-    for name, kind in kinds.items():
-        lin = model.get_submodule(name)
-        suffix = _WEIGHT[kind][0]
+    state = {k: v.detach().contiguous() for k, v in model.named_parameters() if not _is_torchao(v)}
+    for name, lin in layers.items():
+        suffix = _WEIGHT[_kind(lin)][0]
         state[f"{name}.{suffix}"] = getattr(lin, suffix).contiguous()
         state[f"{name}.weight_scale"] = lin.weight_scale.contiguous()
-    doc: dict[str, Any] = {"mode": mode, "format": _FORMATS[mode], "quantized": list(kinds)}
+    for name, lin in torchao.items():
+        state[f"{name}.weight_int8"], state[f"{name}.weight_scale"] = _int8_rows(lin.weight, name)
+    doc: dict[str, Any] = {"mode": mode, "format": _FORMATS[mode], "quantized": [*layers, *torchao]}
     if mode == "int4":  # the int4 GEMMs and their groups (the others are int8)
-        doc["int4"] = {name: model.get_submodule(name).group for name, kind in kinds.items() if kind == "int4"}
+        doc["int4"] = {name: lin.group for name, lin in layers.items() if _kind(lin) == "int4"}
     return state, doc
+
+
+def _is_torchao(tensor: torch.Tensor) -> bool:
+    return type(tensor) not in (torch.Tensor, nn.Parameter) and hasattr(tensor, "__tensor_flatten__")
+
+
+def _int8_rows(weight: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 [out, in], fp32 [out]) of a torchao int8 weight with one scale per row and no zero point."""
+    qdata, scale, zero = (getattr(weight, n, None) for n in ("qdata", "scale", "zero_point"))
+    rows = qdata is not None and qdata.dtype == torch.int8 and scale is not None and scale.numel() == qdata.shape[0]
+    if not rows or (zero is not None and bool(zero.any())):
+        raise ValueError(f"{name}: only int8 weights with one scale per row and no zero point can be saved")
+    return qdata.contiguous(), scale.reshape(-1).float().contiguous()
+
+
+def torchao_from_saved(model: DiaModel, device: torch.device, dtype: torch.dtype) -> None:
+    """Turn the :class:`Int8Linear` / :class:`Int4Linear` layers of a loaded saved directory into torchao weights on
+    ``device`` holding the same values (the CUDA modes; a directory saved on either device loads on either):
+    int8 as torchao's int8 weights (the same int8 values and fp32 row scales); int4 as tinygemm's weights
+    (``(q - 8) * scale + zero`` per group: q = the saved value + 8, zero = 0, the scales rounded to bf16, the one
+    difference from the CPU's numbers)."""
+    for name, layer in list(model.named_modules()):
+        if isinstance(layer, Int8Linear):
+            weight = _torchao_int8(layer.weight_int8.to(device), layer.weight_scale.to(device), dtype)
+        elif isinstance(layer, Int4Linear):
+            weight = _torchao_int4(layer.weight_int4, layer.weight_scale, layer.group, device)
+        else:
+            continue
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=False, device="meta")
+        linear.weight = nn.Parameter(weight, requires_grad=False)
+        _set_module(model, name, linear)
+
+
+def _torchao_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    from torchao.quantization import Int8Tensor
+
+    rows = scale.float().reshape(-1, 1)
+    return Int8Tensor(q, rows, [1, q.shape[1]], dtype, zero_point=torch.zeros_like(rows, dtype=torch.int8))
+
+
+def _torchao_int4(packed: torch.Tensor, scale: torch.Tensor, group: int, device: torch.device) -> torch.Tensor:
+    """tinygemm's packing (as torchao's ``Int4TilePackedTo4dTensor.from_hp`` makes it): rows padded to a multiple of
+    8 and columns to a multiple of 1024 (zero weights: value 8, scale 1), column pairs in a byte (even column high),
+    then ``aten._convert_weight_to_int4pack`` with 8 inner k-tiles; scales and zeros [in / group, out, 2] bf16."""
+    from torchao.quantization import Int4TilePackedTo4dTensor
+    from torchao.quantization.utils import pack_tinygemm_scales_and_zeros
+
+    from .ops.reference import unpack_int4
+
+    N, K = packed.shape[0], packed.shape[1] * 2
+    if group not in _TINYGEMM_GROUPS:
+        raise ValueError(f"int4 on CUDA takes groups of {', '.join(map(str, _TINYGEMM_GROUPS))} columns, got {group}")
+    n_pad, k_pad = -N % 8, -K % 1024
+    u = (unpack_int4(packed).to(torch.int16) + 8).to(torch.uint8)
+    u = torch.nn.functional.pad(u, (0, k_pad, 0, n_pad), value=8).to(device)
+    pairs = (u[:, ::2] << 4 | u[:, 1::2]).contiguous()
+    qdata = torch.ops.aten._convert_weight_to_int4pack(pairs, 8)
+    scales = torch.nn.functional.pad(scale.float(), (0, k_pad // group, 0, n_pad), value=1.0)
+    scales = scales.to(device=device, dtype=torch.bfloat16)
+    scale_and_zero = pack_tinygemm_scales_and_zeros(scales, torch.zeros_like(scales), torch.bfloat16)
+    return Int4TilePackedTo4dTensor(qdata, scale_and_zero, [1, group], torch.Size([N, K]))
 
 
 def _kind(module: nn.Module) -> str:

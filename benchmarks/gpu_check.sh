@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# The prepared GPU check of dia_fast: about 7-8 minutes on one H100/H200 (at most ~10 with every limit hit),
+# The prepared GPU check of dia_fast: about 8-9 minutes on one H100/H200 (at most ~14.5 with every limit hit),
 # no network needed.
 #
 #   bash benchmarks/gpu_check.sh [OUTDIR]        (default OUTDIR: gpu_check_out)
+#
+# Where one command may run 10 minutes at most, run it as two: the first six stages' limits add up to 535 s,
+#   GPU_CHECK_SKIP="bench compile kernels" bash benchmarks/gpu_check.sh out1
+#   GPU_CHECK_SKIP="env quick pytest load quant gemm" bash benchmarks/gpu_check.sh out2
 #
 # Stages, most important first, each under its own time limit (a hang in one still leaves the others' logs):
 #   env       nvidia-smi, versions, dia_fast.info()
@@ -12,11 +16,14 @@
 #   load      continuous batching (BatchEngine, one CUDA graph per bucket) vs static batches vs sequential,
 #             16 requests with distinct seeds (python -m dia_fast.bench --load)
 #   quant     int8 / fp8 / int4 weight-only (torchao, from .whl/) beside bf16, batch 1 and 8, with the quality
-#             block (python -m dia_fast.bench --quantize; docs/quantization.md)
+#             block, the int8 GEMMs once by torchao and once by dia_fast's Triton kernel (python -m dia_fast.bench
+#             --quantize ... --cuda-int8 torchao,dia_fast; docs/quantization.md)
+#   gemm      the decoder's GEMMs at 2 and 16 rows: bf16 cuBLAS vs the int8 Triton kernel vs torchao int8 / int4
+#             (benchmarks/test_bench_linear_gpu.py): which int8 kernel CUDA's quantize="int8" should use
 #   bench     the same against transformers (eager) and dia_fast without CUDA graphs, on the same weights
 #   compile   against transformers + torch.compile (static cache, the public best), batch 1
 #   kernels   the kernel benchmarks (pytest-benchmark, CUDA-graph timings)
-# Everything lands in OUTDIR: <stage>.log, quick.json, load.json, quant.json, bench.json, bench_compile.json, kernels.json and
+# Everything lands in OUTDIR: <stage>.log, quick.json, load.json, quant.json, gemm.json, bench.json, bench_compile.json, kernels.json and
 # summary.txt. The bench writes its JSON after every batch size, so a stage stopped by its limit keeps what
 # it measured. Limits (seconds) per stage: GPU_CHECK_<STAGE>_S, e.g. GPU_CHECK_PYTEST_S=200; GPU_CHECK_STEPS
 # (512) and GPU_CHECK_COMPARE_STEPS (256) set the steps; GPU_CHECK_SKIP a space-separated list of stages
@@ -66,15 +73,23 @@ BENCH=($PY -m dia_fast.bench --model dia-1.6b --device cuda --dtype bfloat16)
 stage quick 100 "${BENCH[@]}" --batch 1,8 --steps "$STEPS" --compare none --count-launches --json "$OUTDIR/quick.json"
 grep -E "^(engine|dia_fast|launches)" "$OUTDIR/quick.log" | awk '!seen[$0]++' >>"$summary"
 
-stage pytest 130 $PY -m pytest -m gpu -q -p no:cacheprovider tests/ --no-header -rfE --timeout 90
+stage pytest 150 $PY -m pytest -m gpu -q -p no:cacheprovider tests/ --no-header -rfE --timeout 90
 tail -n 4 "$OUTDIR/pytest.log" >>"$summary"
 
 stage load 75 "${BENCH[@]}" --load --requests 16 --steps 128 --repeat 1 --json "$OUTDIR/load.json"
 grep -E "^(mode|continuous|static|sequential)" "$OUTDIR/load.log" >>"$summary"
 
-stage quant 75 "${BENCH[@]}" --batch 1,8 --steps 128 --compare none --quantize int8,fp8,int4 --quality-steps 200 \
-  --no-loading-memory --json "$OUTDIR/quant.json"
+stage quant 120 "${BENCH[@]}" --batch 1,8 --steps 128 --compare none --quantize int8,fp8,int4 --quality-steps 200 \
+  --cuda-int8 torchao,dia_fast --no-loading-memory --json "$OUTDIR/quant.json"
 grep -E "^(engine|dia_fast)|error" "$OUTDIR/quant.log" | awk '!seen[$0]++' >>"$summary"
+
+stage gemm 60 $PY -m pytest -q -p no:cacheprovider benchmarks/test_bench_linear_gpu.py --benchmark-columns=min,rounds \
+  --benchmark-json "$OUTDIR/gemm.json"
+$PY -c 'import json, sys
+for b in json.load(open(sys.argv[1]))["benchmarks"]:
+    e = b["extra_info"]
+    print("gemm", b["param"], e["us_per_call"], "us", e["GBps"], "GB/s")' "$OUTDIR/gemm.json" \
+  >>"$summary" 2>/dev/null || tail -n 5 "$OUTDIR/gemm.log" >>"$summary"
 
 stage bench 150 "${BENCH[@]}" --batch 1,8 --steps "$COMPARE_STEPS" --compare transformers,eager --json "$OUTDIR/bench.json"
 grep -E "^(engine|dia_fast|transformers)" "$OUTDIR/bench.log" | awk '!seen[$0]++' >>"$summary"

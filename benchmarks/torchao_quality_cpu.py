@@ -28,7 +28,7 @@ from tests.torchao_cpu import cpu_tinygemm  # noqa: E402
 from dia_fast import DiaTTS  # noqa: E402
 from dia_fast.bench.quality import quantization_quality  # noqa: E402
 from dia_fast.config import DiaConfig  # noqa: E402
-from dia_fast.quantize import INT4_PARTS, PARTS, gemm_kinds, quantize_torchao  # noqa: E402
+from dia_fast.quantize import INT4_PARTS, PARTS, gemm_kinds, quantize_cuda  # noqa: E402
 
 
 def main() -> None:
@@ -49,7 +49,7 @@ def main() -> None:
         int4_parts = PARTS if mode.endswith("-all") else INT4_PARTS
         t0 = time.perf_counter()
         with cpu_tinygemm():
-            quantize_torchao(quant.model, gemm_kinds(quant.model, base, PARTS, int4_parts))
+            quantize_cuda(quant.model, gemm_kinds(quant.model, base, PARTS, int4_parts))
             quality = quantization_quality(ref, quant, steps=args.steps)
         quality.update(mode=mode, model=args.model, layers=args.layers, seconds=round(time.perf_counter() - t0, 1))
         print(json.dumps(quality), flush=True)

@@ -120,6 +120,30 @@ def test_bench_rejects_bad_options(capsys):
     assert "--steps must be at least 17" in capsys.readouterr().err
 
 
+def test_bench_runs_each_cuda_int8_kernel_as_an_engine_of_its_own(capsys):
+    """--cuda-int8 torchao,dia_fast: on CUDA the int8 and int4 modes run once per int8 kernel, labelled; fp8 and
+    the CPU have one engine per mode."""
+    from dia_fast.bench import _quant_variants
+
+    opts = parse_args(["--quantize", "int8,fp8,int4", "--cuda-int8", "torchao,dia_fast"])
+    assert opts.cuda_int8 == ("torchao", "dia_fast")
+    assert _quant_variants(opts, torch.device("cuda")) == [
+        ("int8", "torchao", "int8-torchao"),
+        ("int8", "dia_fast", "int8-dia_fast"),
+        ("fp8", None, "fp8"),
+        ("int4", "torchao", "int4-torchao"),
+        ("int4", "dia_fast", "int4-dia_fast"),
+    ]
+    cpu = [("int8", None, "int8"), ("fp8", None, "fp8"), ("int4", None, "int4")]
+    assert _quant_variants(opts, torch.device("cpu")) == cpu
+    one = parse_args(["--quantize", "int8", "--cuda-int8", "dia_fast"])
+    assert _quant_variants(one, torch.device("cuda")) == [("int8", "dia_fast", "int8")]
+    assert _quant_variants(parse_args(["--quantize", "int8"]), torch.device("cuda")) == [("int8", None, "int8")]
+    with pytest.raises(SystemExit):
+        parse_args(["--quantize", "int8", "--cuda-int8", "cutlass"])
+    assert "--cuda-int8: unknown kernel(s) cutlass; valid: torchao, dia_fast" in capsys.readouterr().err
+
+
 @pytest.mark.filterwarnings("ignore:`max_length` is ignored")
 def test_transformers_baseline_has_the_same_weights():
     """The baseline is the same model: transformers' greedy generate equals dia_fast's codes."""

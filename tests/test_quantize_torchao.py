@@ -19,8 +19,8 @@ from dia_fast.quantize import (
     PARTS,
     check_quantize,
     gemm_kinds,
-    load_torchao_quantized,
-    quantize_torchao,
+    load_cuda_quantized,
+    quantize_cuda,
     stored_bytes,
     target_names,
     torchao_quantized,
@@ -75,7 +75,7 @@ def test_cuda_modes_quantize_every_target_and_keep_the_measured_quality(mode, ma
     quant = DiaTTS(copy.deepcopy(ref.model), ref.codec)
     kinds = gemm_kinds(quant.model, mode, PARTS, INT4_PARTS)
     with cpu_tinygemm():
-        quantize_torchao(quant.model, kinds)
+        quantize_cuda(quant.model, kinds)
         assert set(kinds) == set(target_names(quant.model))
         for name, kind in kinds.items():  # int4: the MLP in int4, the rest in int8
             assert kind == (("int4" if ".mlp." in name else "int8") if mode == "int4" else mode)
@@ -94,7 +94,7 @@ def test_cuda_modes_quantize_every_target_and_keep_the_measured_quality(mode, ma
 
 @pytest.mark.parametrize("mode", ["int8", "fp8", "int4"])
 def test_the_torchao_loader_quantizes_each_gemm_as_its_weight_arrives(tmp_path, monkeypatch, mode):
-    """The CUDA modes' loader (load_torchao_quantized): it reads the checkpoint one tensor at a time and gives
+    """The CUDA modes' loader (load_cuda_quantized): it reads the checkpoint one tensor at a time and gives
     exactly the model that quantizing after a full-precision load gives."""
     import dia_fast.checkpoint as ckpt
     from dia_fast.api import _finish_model
@@ -106,10 +106,10 @@ def test_the_torchao_loader_quantizes_each_gemm_as_its_weight_arrives(tmp_path, 
     with torch.device("meta"):
         model = DiaModel(cfg)
     with cpu_tinygemm():
-        load_torchao_quantized(model, tensors, mode, torch.bfloat16, torch.device("cpu"), "test")
+        load_cuda_quantized(model, tensors, mode, torch.bfloat16, torch.device("cpu"), "test")
         model = _finish_model(model, torch.device("cpu"), torch.bfloat16)
         want = copy.deepcopy(full.model)
-        quantize_torchao(want, gemm_kinds(want, mode, PARTS, INT4_PARTS))
+        quantize_cuda(want, gemm_kinds(want, mode, PARTS, INT4_PARTS))
         g = torch.Generator().manual_seed(0)
         ids, mask = torch.randint(1, 200, (1, 20), generator=g), torch.ones(1, 20, dtype=torch.bool)
         codes = torch.randint(0, 1024, (1, 12, 9), generator=g)
@@ -148,12 +148,12 @@ def _load_saved_as_torchao(directory):
     from dia_fast.api import _finish_model
     from dia_fast.config import DiaConfig
     from dia_fast.model import DiaModel
-    from dia_fast.quantize import load_saved, read_quantization, torchao_from_saved
+    from dia_fast.quantize import cuda_from_saved, load_saved, read_quantization
 
     with torch.device("meta"):
         model = DiaModel(DiaConfig.from_json(directory / "config.json"))
     load_saved(model, load_file(str(directory / "model.safetensors")), read_quantization(directory), str(directory))
-    torchao_from_saved(model, torch.device("cpu"), torch.bfloat16)
+    cuda_from_saved(model, torch.device("cpu"), torch.bfloat16)
     return _finish_model(model, torch.device("cpu"), torch.bfloat16)
 
 
@@ -195,7 +195,7 @@ def test_a_torchao_int8_model_saves_in_the_cpu_format_and_loads_back_on_the_cpu(
     from dia_fast.quantize import quantized_state
 
     tts = DiaTTS.random("tiny", seed=0, dtype=torch.bfloat16)
-    quantize_torchao(tts.model, gemm_kinds(tts.model, "int8", PARTS, INT4_PARTS))
+    quantize_cuda(tts.model, gemm_kinds(tts.model, "int8", PARTS, INT4_PARTS))
     tts.model._dia_fast_quantized = "int8"  # what quantize_decoder sets (its torchao branch runs on CUDA only)
     directory = tts.save_pretrained(tmp_path / "q")
     back = DiaTTS.from_pretrained(directory, device="cpu", codec=tts.codec)
@@ -204,10 +204,51 @@ def test_a_torchao_int8_model_saves_in_the_cpu_format_and_loads_back_on_the_cpu(
         assert torch.equal(layer.weight_int8, weight.qdata)
         assert torch.equal(layer.weight_scale, weight.scale.reshape(-1))
     fp8 = DiaTTS.random("tiny", seed=0, dtype=torch.bfloat16).model
-    quantize_torchao(fp8, gemm_kinds(fp8, "fp8", PARTS, INT4_PARTS))
+    quantize_cuda(fp8, gemm_kinds(fp8, "fp8", PARTS, INT4_PARTS))
     fp8._dia_fast_quantized = "fp8"
     with pytest.raises(ValueError, match="saving a quantized model is supported for int8 \\(CPU and CUDA\\)"):
         quantized_state(fp8)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_cuda_int8_can_run_on_dia_fasts_own_layer_and_triton_kernel(tmp_path, mode):
+    """``int8_kernel="dia_fast"``: CUDA's int8 GEMMs become Int8Linear (the CPU's layer and format), whose op runs
+    the Triton kernel on CUDA; int4 mode keeps tinygemm for the MLP. Quantizing after loading and while loading
+    give the same model; the Triton kernel (here in the interpreter, fp32) gives the reference's logits."""
+    import dia_fast.checkpoint as ckpt
+    from dia_fast import ops
+    from dia_fast.api import _finish_model
+    from dia_fast.model import DiaModel
+    from dia_fast.model.int8 import Int8Linear
+
+    dtype = torch.bfloat16 if mode == "int4" else torch.float32  # tinygemm needs bf16; fp32 is exact in the interpreter
+    full = DiaTTS.random("tiny", seed=3, dtype=dtype)
+    want = copy.deepcopy(full.model)
+    with cpu_tinygemm():
+        quantize_cuda(want, gemm_kinds(want, mode, PARTS, INT4_PARTS), int8_kernel="dia_fast")
+        for name, kind in gemm_kinds(want, mode, PARTS, INT4_PARTS).items():
+            layer = want.get_submodule(name)
+            assert isinstance(layer, Int8Linear) if kind == "int8" else type(layer.weight).__name__ == CLASSES[kind]
+        cfg, tensors, _ = ckpt.load_config_and_tensors(full.save_pretrained(tmp_path / "m"), None)
+        with torch.device("meta"):
+            model = DiaModel(cfg)
+        load_cuda_quantized(model, tensors, mode, dtype, torch.device("cpu"), "test", int8_kernel="dia_fast")
+        model = _finish_model(model, torch.device("cpu"), dtype)
+        g = torch.Generator().manual_seed(0)
+        ids, mask = torch.randint(1, 200, (1, 20), generator=g), torch.ones(1, 20, dtype=torch.bool)
+        codes = torch.randint(0, 1024, (1, 12, 9), generator=g)
+        assert torch.equal(model(ids, mask, codes), want(ids, mask, codes))
+        if mode == "int8":
+            cpp_logits = want(ids, mask, codes)  # the CPU's C++ kernel
+            ops.set_backend("triton", "int8_linear")
+            try:
+                assert ops.select_backend("int8_linear", "cpu") == "triton"  # the interpreter, not a fallback
+                triton_logits = want(ids, mask, codes)
+            finally:
+                ops.set_backend(None, "int8_linear")
+            torch.testing.assert_close(triton_logits, cpp_logits, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="int8_kernel must be one of torchao, dia_fast, got 'cutlass'"):
+        quantize_cuda(want, {"decoder.logits_dense": "int8"}, int8_kernel="cutlass")
 
 
 # ---------------------------------------------------------------------------------------------- GPU

@@ -136,7 +136,7 @@ class DiaTTS:
         wrote from a quantized model loads quantized as it is, on the CPU or CUDA (another ``quantize`` is an error,
         never a re-quantization).
         """
-        from .quantize import check_quantize, load_quantized, load_torchao_quantized, read_quantization
+        from .quantize import check_quantize, load_cuda_quantized, load_quantized, read_quantization
 
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
@@ -155,7 +155,7 @@ class DiaTTS:
         elif dev.type == "cpu":  # each GEMM weight quantized as it arrives
             load_quantized(model, tensors, quantize, dt, source)
         else:  # CUDA: each GEMM quantized by torchao on the device once its weight has arrived
-            load_torchao_quantized(model, tensors, quantize, dt, dev, source)
+            load_cuda_quantized(model, tensors, quantize, dt, dev, source)
         model = _finish_model(model, dev, dt)
         release_host_memory()
         return cls(model, _load_codec(codec, dev, root))
@@ -174,7 +174,7 @@ class DiaTTS:
         """A directory that :meth:`save_pretrained` wrote from a quantized model: loaded as it is, not re-quantized."""
         from safetensors.torch import load_file
 
-        from .quantize import check_quantize, load_saved, torchao_from_saved
+        from .quantize import check_quantize, cuda_from_saved, load_saved
 
         mode = saved["mode"]
         if quantize is not None and quantize != mode:
@@ -188,7 +188,7 @@ class DiaTTS:
             model = DiaModel(cfg)
         load_saved(model, load_file(str(path / "model.safetensors")), saved, str(path))
         if dev.type == "cuda":  # the same values in torchao's weights (int4: tinygemm's, scales rounded to bf16)
-            torchao_from_saved(model, dev, dt)
+            cuda_from_saved(model, dev, dt)
         model = _finish_model(model, dev, dt)
         return cls(model, _load_codec(codec, dev, path))
 

@@ -19,14 +19,16 @@ per request).
   ``Float8WeightOnlyConfig``; int4: ``Int4WeightOnlyConfig`` in the ``tile_packed_to_4d`` packing, PyTorch's own
   tinygemm kernel, one bf16 scale and zero per 128 input columns, on the same :data:`INT4_PARTS` as the CPU with
   int8 on the rest); activations stay in the model's dtype. fp8 needs compute capability 8.9 or newer, int4 8.0
-  or newer and bfloat16. **Not yet run on a GPU**; its quantization is checked on the CPU through torchao with
-  the CPU's int4 kernel standing in for tinygemm (tests/torchao_cpu.py).
+  or newer and bfloat16. The int8 GEMMs can run on dia_fast's own layer and Triton kernel instead
+  (:data:`CUDA_INT8_KERNEL`, ``int8_kernel=``). **Not yet run on a GPU**; its quantization is checked on the CPU
+  through torchao with the CPU's int4 kernel standing in for tinygemm (tests/torchao_cpu.py).
 * Apple GPUs: not supported.
 
 A quantized model loads from a full-precision checkpoint one tensor at a time, each GEMM quantized as its weight
 arrives, so the full-precision GEMM weights are never all in memory (CPU: :func:`load_quantized`; CUDA:
-:func:`load_torchao_quantized`). A CPU int8 or int4 model saves (``DiaTTS.save_pretrained``: the quantized weights
-with their scales, ``quantization.json``) and loads back as it is.
+:func:`load_cuda_quantized`). A CPU int8 or int4 model, or a CUDA int8 model, saves (``DiaTTS.save_pretrained``:
+the quantized weights with their scales, ``quantization.json``) and loads back as it is, on either device
+(:func:`cuda_from_saved`).
 """
 
 from __future__ import annotations
@@ -52,16 +54,17 @@ __all__ = [
     "check_quantize",
     "load_quantized",
     "load_saved",
-    "load_torchao_quantized",
+    "load_cuda_quantized",
     "quantize_decoder",
-    "quantize_torchao",
+    "quantize_cuda",
     "torchao_config",
     "torchao_quantized",
     "quantized_mode",
     "quantized_state",
     "stored_bytes",
     "read_quantization",
-    "torchao_from_saved",
+    "cuda_from_saved",
+    "cuda_layer",
 ]
 
 QUANT_MODES = ("int8", "fp8", "int4")
@@ -72,6 +75,12 @@ INT4_PARTS = ("mlp",)
 #: torchao's int4 group sizes (tinygemm's), largest first: a GEMM gets the largest that divides its row
 _TORCHAO_INT4_GROUPS = (128, 64, 32)
 _TINYGEMM_GROUPS = (32, 64, 128, 256)  # the groups tinygemm's kernel takes
+#: what runs CUDA's int8 GEMMs: ``"torchao"`` (its int8 weight-only tensors; eagerly they write a bf16 copy of the
+#: weight and multiply that) or ``"dia_fast"`` (:class:`~dia_fast.model.int8.Int8Linear`, the CPU's layer, whose
+#: ``ops.int8_linear`` runs the Triton kernel of :mod:`dia_fast.ops.triton_linear` on CUDA, reading each weight
+#: once as one byte). The default stays torchao until the GPU check's ``gemm`` stage has measured both.
+CUDA_INT8_KERNELS = ("torchao", "dia_fast")
+CUDA_INT8_KERNEL = "torchao"
 _GEMMS = ("qkv_proj", "o_proj", "q_proj", "gate_up_proj", "down_proj")  # per decoder layer (o_proj: both)
 #: the kinds of decoder GEMM that can be quantized; ``logits``: the output head
 PARTS = ("self_attention", "cross_attention", "mlp", "logits")
@@ -147,11 +156,14 @@ def quantize_decoder(
     mode: str,
     parts: tuple[str, ...] = DEFAULT_PARTS,
     int4_parts: tuple[str, ...] = INT4_PARTS,
+    int8_kernel: str | None = None,
 ) -> dict[str, Any]:
     """Quantize the decoder's GEMMs of ``model`` in place (see the module doc); returns what was done:
     ``mode``, ``layers`` (GEMMs quantized), ``bytes_before`` and ``bytes_after`` (of those weights).
     ``parts``: which kinds of GEMM (:data:`PARTS`; the default is what docs/quantization.md measured).
-    ``int4_parts``: int4 only, which of ``parts`` get int4 (the others get int8)."""
+    ``int4_parts``: int4 only, which of ``parts`` get int4 (the others get int8).
+    ``int8_kernel``: CUDA only, what runs the int8 GEMMs (:data:`CUDA_INT8_KERNELS`; default
+    :data:`CUDA_INT8_KERNEL`)."""
     mode = check_quantize(mode, model.device, model.dtype)
     if mode is None:
         return {"mode": None}
@@ -171,9 +183,9 @@ def quantize_decoder(
             layer_class = Int8Linear if kind == "int8" else Int4Linear
             _set_module(model, name, layer_class.from_weight(model.get_submodule(name).weight))
         after = sum(_buffer_bytes(getattr(p, n)) for p, n in targets)
-    else:  # CUDA: torchao weight-only
-        quantize_torchao(model, kinds)
-        after = sum(stored_bytes(getattr(p, n).weight) for p, n in targets)
+    else:  # CUDA: torchao weight-only (int8: or dia_fast's Int8Linear)
+        quantize_cuda(model, kinds, int8_kernel)
+        after = sum(_layer_bytes(getattr(p, n)) for p, n in targets)
     model._dia_fast_quantized = mode  # noqa: SLF001 - read by quantized_mode()
     return {"mode": mode, "layers": len(targets), "bytes_before": before, "bytes_after": after}
 
@@ -235,11 +247,31 @@ def torchao_quantized(linear: nn.Linear, kind: str, name: str = "linear") -> nn.
     return holder[0]
 
 
-def quantize_torchao(model: DiaModel, kinds: dict[str, str]) -> None:
-    """Quantize the GEMMs of ``model`` named in ``kinds`` (name -> kind, :func:`gemm_kinds`) in place with torchao (the
-    CUDA modes; torchao's CPU tensors run the same code on the CPU)."""
+def quantize_cuda(model: DiaModel, kinds: dict[str, str], int8_kernel: str | None = None) -> None:
+    """Quantize the GEMMs of ``model`` named in ``kinds`` (name -> kind, :func:`gemm_kinds`) in place as the CUDA
+    modes do (:func:`cuda_layer`; torchao's CPU tensors run the same code on the CPU)."""
     for name, kind in kinds.items():
-        _set_module(model, name, torchao_quantized(model.get_submodule(name), kind, name))
+        _set_module(model, name, cuda_layer(model.get_submodule(name), kind, name, int8_kernel))
+
+
+def cuda_layer(linear: nn.Linear, kind: str, name: str = "linear", int8_kernel: str | None = None) -> nn.Module:
+    """The CUDA modes' quantized layer for ``linear``: torchao's (:func:`torchao_quantized`), or for an int8 GEMM
+    with ``int8_kernel="dia_fast"`` an :class:`~dia_fast.model.int8.Int8Linear` on the weight's device."""
+    if _int8_kernel(int8_kernel) == "dia_fast" and kind == "int8":
+        return Int8Linear.from_weight(linear.weight)
+    return torchao_quantized(linear, kind, name)
+
+
+def _int8_kernel(int8_kernel: str | None) -> str:
+    kernel = CUDA_INT8_KERNEL if int8_kernel is None else int8_kernel
+    if kernel not in CUDA_INT8_KERNELS:
+        raise ValueError(f"int8_kernel must be one of {', '.join(CUDA_INT8_KERNELS)}, got {kernel!r}")
+    return kernel
+
+
+def _layer_bytes(layer: nn.Module) -> int:
+    """Bytes of a quantized layer's weights: its buffers (dia_fast's layers) or its torchao weight."""
+    return _buffer_bytes(layer) if isinstance(layer, (Int8Linear, Int4Linear)) else stored_bytes(layer.weight)
 
 
 def stored_bytes(tensor: torch.Tensor) -> int:
@@ -330,13 +362,17 @@ def _int8_rows(weight: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Ten
     return qdata.contiguous(), scale.reshape(-1).float().contiguous()
 
 
-def torchao_from_saved(model: DiaModel, device: torch.device, dtype: torch.dtype) -> None:
-    """Turn the :class:`Int8Linear` / :class:`Int4Linear` layers of a loaded saved directory into torchao weights on
-    ``device`` holding the same values (the CUDA modes; a directory saved on either device loads on either):
-    int8 as torchao's int8 weights (the same int8 values and fp32 row scales); int4 as tinygemm's weights
-    (``(q - 8) * scale + zero`` per group: q = the saved value + 8, zero = 0, the scales rounded to bf16, the one
-    difference from the CPU's numbers)."""
+def cuda_from_saved(model: DiaModel, device: torch.device, dtype: torch.dtype, int8_kernel: str | None = None) -> None:
+    """Turn the :class:`Int8Linear` / :class:`Int4Linear` layers of a loaded saved directory into the CUDA modes'
+    layers on ``device`` holding the same values (a directory saved on either device loads on either): int8 as
+    torchao's int8 weights (the same int8 values and fp32 row scales), or left as :class:`Int8Linear` with
+    ``int8_kernel="dia_fast"`` (the caller moves it); int4 as tinygemm's weights (``(q - 8) * scale + zero`` per
+    group: q = the saved value + 8, zero = 0, the scales rounded to bf16, the one difference from the CPU's
+    numbers)."""
+    keep_int8 = _int8_kernel(int8_kernel) == "dia_fast"
     for name, layer in list(model.named_modules()):
+        if isinstance(layer, Int8Linear) and keep_int8:
+            continue
         if isinstance(layer, Int8Linear):
             weight = _torchao_int8(layer.weight_int8.to(device), layer.weight_scale.to(device), dtype)
         elif isinstance(layer, Int4Linear):
@@ -503,7 +539,7 @@ class _PendingLinear(nn.Module):
         self.weight: torch.Tensor | None = None
 
 
-def load_torchao_quantized(
+def load_cuda_quantized(
     model: DiaModel,
     tensors: Iterable[tuple[str, torch.Tensor]],
     mode: str,
@@ -512,17 +548,19 @@ def load_torchao_quantized(
     source: str,
     parts: tuple[str, ...] = DEFAULT_PARTS,
     int4_parts: tuple[str, ...] = INT4_PARTS,
+    int8_kernel: str | None = None,
 ) -> None:
     """Fill ``model`` (built on the meta device) from a full-precision checkpoint's ``(name, tensor)`` pairs,
-    quantizing each GEMM with torchao as soon as its weight has arrived (the CUDA modes; each GEMM as
-    :func:`gemm_kinds` says): the weight is gathered on ``device`` in ``dtype`` (a self-attention's q, k and v into
-    their rows of the fused QKV), quantized by :func:`torchao_quantized` and its full-precision copy dropped, so at
-    most one GEMM is ever in full precision. The other tensors load as :func:`~dia_fast.checkpoint.fill_model` loads
+    quantizing each GEMM as soon as its weight has arrived (the CUDA modes; each GEMM as :func:`gemm_kinds` says):
+    the weight is gathered on ``device`` in ``dtype`` (a self-attention's q, k and v into their rows of the fused
+    QKV), quantized by :func:`cuda_layer` and its full-precision copy dropped, so at most one GEMM is ever in full
+    precision. The other tensors load as :func:`~dia_fast.checkpoint.fill_model` loads
     them (then the caller moves the model to ``device``). Strict, as ``fill_model``: a GEMM left incomplete is an
     error."""
     from .checkpoint import fill_model
 
     kinds = gemm_kinds(model, mode, parts, int4_parts)
+    _int8_kernel(int8_kernel)  # a bad name fails before anything loads
     pending: dict[str, _PendingLinear] = {}
     for name in kinds:
         lin = model.get_submodule(name)
@@ -540,7 +578,7 @@ def load_torchao_quantized(
                 linear = nn.Linear(p.in_features, p.out_features, bias=False, device="meta")
                 linear.weight = nn.Parameter(p.weight, requires_grad=False)
                 p.weight = None
-                _set_module(model, name, torchao_quantized(linear, kinds[name], name))
+                _set_module(model, name, cuda_layer(linear, kinds[name], name, int8_kernel))
 
         return write
 

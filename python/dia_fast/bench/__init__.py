@@ -103,6 +103,20 @@ class BenchOptions:
     quantize: tuple[str, ...] = ()  # quantized copies of the model run as engines dia_fast-<mode>
     quality_steps: int = 200
     loading_memory: bool = True  # --quantize: measure the memory of loading the checkpoint per mode
+    cuda_int8: tuple[str, ...] = ()  # --quantize on CUDA: the int8 kernels to run (empty: the library's default)
+
+
+def _quant_variants(opts: BenchOptions, device: torch.device) -> list[tuple[str, str | None, str]]:
+    """(mode, int8 kernel, engine label) per quantized engine: on CUDA the int8 and int4 modes run once per
+    ``--cuda-int8`` kernel (labelled ``MODE-KERNEL`` when there are several)."""
+    out: list[tuple[str, str | None, str]] = []
+    for mode in opts.quantize:
+        kernels = opts.cuda_int8 if device.type == "cuda" and mode in ("int8", "int4") else ()
+        if not kernels:
+            out.append((mode, None, mode))
+        for kernel in kernels:
+            out.append((mode, kernel, mode if len(kernels) == 1 else f"{mode}-{kernel}"))
+    return out
 
 
 def machine_load() -> dict[str, Any]:
@@ -232,17 +246,19 @@ def _run_bench(opts: BenchOptions) -> dict[str, Any]:
         hf_bf16 = build_transformers(DiaTTS(copy.deepcopy(tts.model).to(torch.bfloat16), tts.codec))
     quantized: dict[str, DiaTTS] = {}
     quant_meta: dict[str, Any] = {}
-    for mode in opts.quantize:
-        log(f"quantizing a copy of the model: {mode}")
+    for mode, int8_kernel, label in _quant_variants(opts, device):
+        log(f"quantizing a copy of the model: {label}")
         from ..quantize import quantize_decoder
 
         qtts = DiaTTS(copy.deepcopy(tts.model), tts.codec)
-        quant_meta[mode] = quantize_decoder(qtts.model, mode)
-        quantized[mode] = qtts
-        log(f"quality of {mode} against the full-precision model ({opts.quality_steps} steps, teacher-forced)")
+        quant_meta[label] = quantize_decoder(qtts.model, mode, int8_kernel=int8_kernel)
+        if int8_kernel is not None:
+            quant_meta[label]["int8_kernel"] = int8_kernel
+        quantized[label] = qtts
+        log(f"quality of {label} against the full-precision model ({opts.quality_steps} steps, teacher-forced)")
         from .quality import quantization_quality
 
-        quant_meta[mode]["quality"] = quantization_quality(tts, qtts, steps=opts.quality_steps)
+        quant_meta[label]["quality"] = quantization_quality(tts, qtts, steps=opts.quality_steps)
     if "eager" in compare and device.type not in ("cuda", "cpu"):
         notes.append(f"dia_fast-eager: step graphs exist on CUDA and the CPU, so on {device.type} it runs as dia_fast")
 
@@ -553,6 +569,12 @@ def parse_args(argv: list[str] | None = None) -> BenchOptions:
     )
     p.add_argument("--quality-steps", type=int, default=200, help="--quantize: teacher-forced steps (default 200)")
     p.add_argument(
+        "--cuda-int8",
+        default="",
+        help="--quantize on CUDA: comma-separated int8 kernels to run, torchao and/or dia_fast (the Triton kernel); "
+        "with both, engines dia_fast-MODE-torchao and dia_fast-MODE-dia_fast (default: the library's default)",
+    )
+    p.add_argument(
         "--no-loading-memory",
         action="store_true",
         help="--quantize: skip measuring the memory of loading the checkpoint per mode (one process each)",
@@ -574,6 +596,12 @@ def parse_args(argv: list[str] | None = None) -> BenchOptions:
     bad = [m for m in modes if m not in ("int8", "fp8", "int4")]
     if bad:
         p.error(f"--quantize: unknown mode(s) {', '.join(bad)}; valid: int8, fp8, int4")
+    from ..quantize import CUDA_INT8_KERNELS
+
+    cuda_int8 = tuple(k.strip() for k in a.cuda_int8.split(",") if k.strip())
+    bad = [k for k in cuda_int8 if k not in CUDA_INT8_KERNELS]
+    if bad:
+        p.error(f"--cuda-int8: unknown kernel(s) {', '.join(bad)}; valid: {', '.join(CUDA_INT8_KERNELS)}")
     return BenchOptions(
         model=a.model,
         device=a.device,
@@ -599,6 +627,7 @@ def parse_args(argv: list[str] | None = None) -> BenchOptions:
         quantize=modes,
         loading_memory=not a.no_loading_memory,
         quality_steps=a.quality_steps,
+        cuda_int8=cuda_int8,
     )
 
 

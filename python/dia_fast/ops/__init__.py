@@ -125,6 +125,7 @@ for _op in ("add_rmsnorm", "rope_kv_write", "swiglu"):
     register(_op, "triton", f"dia_fast.ops.triton_fused:{_op}")
 for _op in ("step_update", "slot_update"):
     register(_op, "triton", f"dia_fast.ops.triton_step:{_op}")
+register("int8_linear", "triton", "dia_fast.ops.triton_linear:int8_linear")
 # C++ CPU kernels: registered where they measured faster than the reference (benchmarks/RESULTS.md; the layer
 # ops inside a decode step, where dispatch and cold caches cost more than their arithmetic: docs/native.md)
 _CPP_OPS = ("apply_delay", "revert_delay", "undelay_codes", "cfg_sample", "int8_linear", "int4_linear")

@@ -1,0 +1,102 @@
+"""The decoder's GEMMs at decode batch sizes on a GPU: bf16 ``F.linear`` (cuBLAS) against the weight-only int8
+Triton kernel (``ops.triton_linear``), torchao's int8 weight-only linear (eager: it writes a bf16 copy of the
+weight, then multiplies) and torchao's int4 (tinygemm), all on the same weights.
+
+Run on a CUDA machine (``benchmarks/gpu_check.sh`` runs it as its ``gemm`` stage)::
+
+    PYTHONPATH=python python -m pytest benchmarks/test_bench_linear_gpu.py --benchmark-columns=mean,rounds
+
+Rows: M activation rows (2 = batch 1 with CFG, 16 = batch 8). Each timed round replays a CUDA graph of ``N_CALLS``
+calls; the calls cycle over enough copies of the weights to hold ``L2_FLUSH`` times the L2, so each call reads its
+weights from HBM, as a decode step does (18 layers of weights stream through the L2). ``extra_info``: microseconds
+per call and the weight bytes the implementation reads per second (``GB/s``). On a CPU only an interpreter smoke
+case runs (its time says nothing).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+pytest.importorskip("pytest_benchmark")
+
+from _cuda_timing import graphed  # noqa: E402
+
+from dia_fast.model.int8 import quantize_rows  # noqa: E402
+from dia_fast.ops import reference as ref  # noqa: E402
+from dia_fast.ops import triton_linear  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+N_CALLS = 20
+L2_FLUSH = 8
+# (N, K) of Dia-1.6B's decoder GEMMs: QKV, attention output / cross query, gate+up, down, logits
+SHAPES = {"qkv": (3072, 2048), "o_proj": (2048, 2048), "gate_up": (16384, 2048), "down": (2048, 8192)}
+SHAPES["logits"] = (9 * 1028, 2048)
+IMPLS = ("bf16", "int8-triton", "int8-torchao", "int4-torchao")
+
+
+def _copies(weight_bytes: int) -> int:
+    l2 = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 0) or 128 << 20
+    return max(2, math.ceil(L2_FLUSH * l2 / weight_bytes))
+
+
+def _torchao_linear(weight: torch.Tensor, kind: str) -> torch.nn.Linear:
+    from dia_fast.quantize import torchao_quantized
+
+    lin = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    lin.weight = torch.nn.Parameter(weight, requires_grad=False)
+    return torchao_quantized(lin, kind)
+
+
+def _calls(impl: str, N: int, K: int, x: torch.Tensor) -> tuple[Callable[[int], object], int, int]:
+    """(call(i) on weight copy i, the copies, the weight bytes one call reads)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    make = lambda: torch.randn(N, K, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02  # noqa: E731
+    if impl == "bf16":
+        nbytes = N * K * 2
+        weights = [make() for _ in range(_copies(nbytes))]
+        return (lambda i: torch.nn.functional.linear(x, weights[i])), len(weights), nbytes
+    if impl == "int8-triton":
+        nbytes = N * K + N * 4
+        quant = [quantize_rows(make().float()) for _ in range(_copies(nbytes))]
+        return (lambda i: triton_linear.int8_linear(x, quant[i][0], quant[i][1])), len(quant), nbytes
+    pytest.importorskip("torchao")
+    kind = impl.split("-")[0]
+    nbytes = N * K if kind == "int8" else N * K // 2
+    layers = [_torchao_linear(make(), kind) for _ in range(_copies(nbytes))]
+    return (lambda i: layers[i](x)), len(layers), nbytes
+
+
+@gpu
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("M", [2, 16])
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_bench_decode_gemm(benchmark, name: str, M: int, impl: str) -> None:
+    N, K = SHAPES[name]
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    call, n, nbytes = _calls(impl, N, K, x)
+    state = {"i": 0}
+
+    def fn() -> object:
+        i, state["i"] = state["i"], (state["i"] + 1) % n
+        return call(i)
+
+    benchmark.pedantic(graphed(fn, N_CALLS), rounds=5, iterations=1, warmup_rounds=1)
+    seconds = benchmark.stats.stats.min / N_CALLS
+    benchmark.extra_info.update(us_per_call=round(seconds * 1e6, 2), GBps=round(nbytes / seconds / 1e9, 1))
+    benchmark.extra_info.update(weight_bytes=nbytes, distinct_weights=n)
+
+
+@pytest.mark.skipif(CUDA, reason="the GPU benchmarks above cover this")
+def test_bench_interpreter_smoke(benchmark) -> None:
+    """One small int8 call in the Triton interpreter: the harness runs and the result is right."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 256, generator=g)
+    q, s = quantize_rows(torch.randn(96, 256, generator=g))
+    out = benchmark.pedantic(lambda: triton_linear.int8_linear(x, q, s), rounds=1)
+    torch.testing.assert_close(out, ref.int8_linear(x, q, s), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,167 @@
+"""Weight-only int8 linear for decode-sized batches in Triton: :func:`dia_fast.ops.reference.int8_linear`.
+
+A decode step multiplies a few rows of activations (2 per request with CFG) by every weight of the decoder, so
+its speed is the speed of reading the weights. Here each weight is read once, as one int8 byte, converted to the
+activations' dtype in registers and multiplied on the tensor cores (``tl.dot``, fp32 accumulation); each output
+column is then scaled by its row scale. torchao's eager int8 weight-only linear instead writes a bf16 copy of the
+whole weight and reads it back (five bytes moved per weight against bf16's two): the GPU check
+(``benchmarks/test_bench_int8.py``) compares the three.
+
+Rows are tiled 16 at a time (the smallest ``tl.dot`` operand), so up to :data:`MAX_ROWS` rows run here; more (a
+prefill) run the reference. When the output columns alone make too few programs to fill the GPU, the columns'
+sums are split along K into a workspace and summed in a fixed order by a second launch: deterministic, and with
+no host sync, so a decode step with it can be captured in a CUDA graph. Runs on CUDA and, for tests, on CPU
+tensors in the Triton interpreter (``TRITON_INTERPRET=1``), where fp32 and fp16 ``tl.dot`` are exact and bf16 is
+not: bf16 is tested on a GPU. Every load and store is masked, so any M, N and K work.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference
+
+__all__ = ["MAX_ROWS", "int8_linear", "int8_linear_splits"]
+
+MAX_ROWS = 64  # more activation rows than this run the reference (dequantize + GEMM)
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CPU_SM_COUNT = 4  # the interpreter's assumed SMs: enough to exercise the split
+_BLOCK_N = 64
+_BLOCK_K = 128
+_MAX_SPLITS = 16
+
+
+@triton.jit
+def _int8_linear_kernel(
+    X, W, S, Y, Part,
+    M, N, K, k_per_split,
+    s_xm, s_wn, s_ym,
+    SPLIT: tl.constexpr,
+    IEEE_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """One [BLOCK_M, BLOCK_N] tile of ``x @ w.T`` over one split of K: scaled into Y, or (SPLIT > 1) its fp32
+    partial sums into Part [SPLIT, M, N]."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    n_ok = rn < N
+    rm64 = rm.to(tl.int64)
+    rn64 = rn.to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_lo = split * k_per_split
+    for k0 in range(k_lo, k_lo + k_per_split, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = rk < K
+        x = tl.load(X + rm64[:, None] * s_xm + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(W + rn64[:, None] * s_wn + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
+        if IEEE_FP32:
+            acc += tl.dot(x, tl.trans(w.to(tl.float32)), input_precision="ieee")
+        else:
+            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+    out_ok = m_ok[:, None] & n_ok[None, :]
+    if SPLIT == 1:
+        scale = tl.load(S + rn, mask=n_ok, other=0.0)
+        y = acc * scale[None, :]
+        tl.store(Y + rm64[:, None] * s_ym + rn[None, :], y.to(Y.dtype.element_ty), mask=out_ok)
+    else:
+        tl.store(Part + (split * M + rm64[:, None]) * N + rn[None, :], acc, mask=out_ok)
+
+
+@triton.jit
+def _split_sum_kernel(Part, S, Y, M, N, s_ym, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Y[m, n] = (sum over the splits, in order) * scale[n]."""
+    m = tl.program_id(0).to(tl.int64)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT):
+        acc += tl.load(Part + (s * M + m) * N + rn, mask=n_ok, other=0.0)
+    scale = tl.load(S + rn, mask=n_ok, other=0.0)
+    tl.store(Y + m * s_ym + rn, (acc * scale).to(Y.dtype.element_ty), mask=n_ok)
+
+
+def _sm_count(t: torch.Tensor) -> int:
+    if t.device.type == "cuda":
+        return torch.cuda.get_device_properties(t.device).multi_processor_count
+    return _CPU_SM_COUNT
+
+
+def int8_linear_splits(m_blocks: int, n: int, k: int, sm_count: int) -> int:
+    """Splits of K: enough programs for about two waves of ``sm_count`` SMs, each split at least one K block,
+    a power of two, at most 16. Depends on shapes only (a captured step replays the same launches)."""
+    programs = m_blocks * triton.cdiv(n, _BLOCK_N)
+    want = max(1, (2 * sm_count) // programs)
+    splits = 1
+    while splits * 2 <= min(want, _MAX_SPLITS, triton.cdiv(k, _BLOCK_K)):
+        splits *= 2
+    return splits
+
+
+def int8_linear(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Weight-only int8 linear ``x @ (weight * scale[:, None]).T`` (int8 [N, K] weights, fp32 scale per row),
+    result in ``x``'s dtype; the semantics of :func:`dia_fast.ops.reference.int8_linear` (fp32 sums, then the
+    scale). More than :data:`MAX_ROWS` rows run the reference."""
+    if weight.dtype != torch.int8 or weight.ndim != 2 or scale.shape != (weight.shape[0],):
+        raise ValueError(
+            f"int8_linear takes int8 [N, K] weights and N scales, got {weight.dtype} {tuple(weight.shape)} "
+            f"and {tuple(scale.shape)}"
+        )
+    N, K = weight.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"int8_linear: x has {x.shape[-1]} features, the weight {K}")
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"int8_linear: x must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("Triton int8_linear runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)")
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    if M > MAX_ROWS or M == 0 or K == 0:
+        return reference.int8_linear(x, weight, scale, out=out)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    w = weight if weight.stride(-1) == 1 else weight.contiguous()
+    s = scale.float().contiguous()
+    shape = (*x.shape[:-1], N)
+    if out is not None:
+        if tuple(out.shape) != shape or out.dtype != x.dtype or out.device != x.device:
+            raise ValueError(
+                f"int8_linear: out is {out.dtype} {tuple(out.shape)}, the result {x.dtype} {shape} on {x.device}"
+            )
+        y = out.view(M, N) if out.is_contiguous() else torch.empty(M, N, dtype=x.dtype, device=x.device)
+    else:
+        y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    block_m = 16 if M <= 16 else triton.next_power_of_2(M)
+    m_blocks = triton.cdiv(M, block_m)
+    splits = int8_linear_splits(m_blocks, N, K, _sm_count(x2))
+    k_per_split = triton.cdiv(triton.cdiv(K, splits), _BLOCK_K) * _BLOCK_K
+    splits = triton.cdiv(K, k_per_split)
+    part = torch.empty(splits, M, N, dtype=torch.float32, device=x.device) if splits > 1 else y
+    grid = (triton.cdiv(N, _BLOCK_N), splits, m_blocks)
+    _int8_linear_kernel[grid](
+        x2, w, s, y, part,
+        M, N, K, k_per_split,
+        x2.stride(0), w.stride(0), y.stride(0),
+        SPLIT=splits, IEEE_FP32=x.dtype == torch.float32,
+        BLOCK_M=block_m, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K,
+        num_warps=4,
+    )  # fmt: skip
+    if splits > 1:
+        _split_sum_kernel[(M, triton.cdiv(N, 256))](part, s, y, M, N, y.stride(0), SPLIT=splits, BLOCK_N=256)
+    result = y.view(shape)
+    if out is None:
+        return result
+    if result.data_ptr() != out.data_ptr():  # a non-contiguous out
+        out.copy_(result)
+    return out

@@ -1,0 +1,101 @@
+"""The Triton weight-only int8 linear (dia_fast.ops.triton_linear) against its reference, over ragged shapes, the
+K split and its edge cases, out=, and the row limit. On a CPU-only machine it runs in the Triton interpreter
+(conftest.py); there fp32 and fp16 are checked, bf16 on a GPU (the interpreter's bf16 tl.dot is wrong)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import dia_fast.ops as ops  # noqa: E402
+from dia_fast.ops import reference as ref  # noqa: E402
+from dia_fast.ops import triton_linear as tl_lin  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _case(M: int, N: int, K: int, dtype: torch.dtype, seed: int = 0, lead: tuple[int, ...] = ()):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, M, K, generator=g).to(dtype).to(DEVICE)
+    w = torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8).to(DEVICE)
+    s = (torch.rand(N, generator=g) * 0.02 + 1e-3).to(DEVICE)
+    return x, w, s
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    assert got.dtype == want.dtype and got.shape == want.shape
+    # fp32: sums in another order; fp16: the reference rounds once from fp32, so does the kernel
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * float(want.float().abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    ("M", "N", "K"),
+    [(1, 1, 1), (2, 64, 128), (2, 17, 300), (3, 100, 129), (16, 65, 256), (17, 40, 1000), (40, 257, 77), (64, 8, 384)],
+)
+def test_int8_linear_matches_the_reference_on_ragged_shapes(M, N, K, dtype):
+    x, w, s = _case(M, N, K, dtype)
+    _close(tl_lin.int8_linear(x, w, s), ref.int8_linear(x, w, s), dtype)
+
+
+@pytest.mark.parametrize(
+    ("K", "sm_count", "splits"), [(128, 4, 1), (1000, 4, 8), (2048, 4, 8), (1000, 2, 4), (300, 1, 2)]
+)
+def test_the_k_split_covers_every_column_once(monkeypatch, K, sm_count, splits):
+    """Few output columns make few programs, so K is split in blocks of 128 (several blocks per split where the
+    SMs are few, the last one ragged); the sums are the same."""
+    monkeypatch.setattr(tl_lin, "_sm_count", lambda _t: sm_count)
+    x, w, s = _case(2, 16, K, torch.float32, seed=1)
+    assert tl_lin.int8_linear_splits(1, 16, K, sm_count) == splits
+    _close(tl_lin.int8_linear(x, w, s), ref.int8_linear(x, w, s), torch.float32)
+
+
+def test_int8_linear_keeps_leading_dims_writes_out_and_falls_back_past_the_row_limit():
+    x, w, s = _case(2, 48, 96, torch.float32, lead=(3,))  # [3, 2, 96]: 6 rows
+    want = ref.int8_linear(x, w, s)
+    _close(tl_lin.int8_linear(x, w, s), want, torch.float32)
+    out = torch.full((3, 2, 48), float("nan"), device=DEVICE)
+    assert tl_lin.int8_linear(x, w, s, out=out) is out
+    _close(out, want, torch.float32)
+    strided = torch.full((3, 2, 96), float("nan"), device=DEVICE)[..., ::2]  # not contiguous
+    assert tl_lin.int8_linear(x, w, s, out=strided) is strided
+    _close(strided, want, torch.float32)
+    big, w2, s2 = _case(tl_lin.MAX_ROWS + 1, 8, 32, torch.float32)
+    _close(tl_lin.int8_linear(big, w2, s2), ref.int8_linear(big, w2, s2), torch.float32)
+    empty = tl_lin.int8_linear(torch.empty(0, 96, device=DEVICE), w, s)
+    assert empty.shape == (0, 48)
+
+
+def test_int8_linear_rejects_bad_input():
+    x, w, s = _case(2, 8, 32, torch.float32)
+    with pytest.raises(ValueError, match="int8 \\[N, K\\] weights"):
+        tl_lin.int8_linear(x, w.float(), s)
+    with pytest.raises(ValueError, match="x has 31 features, the weight 32"):
+        tl_lin.int8_linear(x[:, :31], w, s)
+    with pytest.raises(ValueError, match="out is"):
+        tl_lin.int8_linear(x, w, s, out=torch.empty(2, 9, device=DEVICE))
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        tl_lin.int8_linear(x.double(), w, s)
+
+
+def test_int8_linear_is_the_triton_backend_of_the_op():
+    x, w, s = _case(2, 32, 64, torch.float32)
+    _close(ops.int8_linear(x, w, s, backend="triton"), ref.int8_linear(x, w, s), torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("M", "N", "K"), [(2, 3072, 2048), (16, 16384, 2048), (2, 2048, 8192), (5, 9252, 2048)])
+def test_gpu_bf16_int8_linear_at_dia_shapes(M, N, K):
+    x, w, s = _case(M, N, K, torch.bfloat16)
+    _close(tl_lin.int8_linear(x, w, s), ref.int8_linear(x, w, s), torch.bfloat16)
+    graph_out = torch.empty(M, N, dtype=torch.bfloat16, device="cuda")
+    tl_lin.int8_linear(x, w, s, out=graph_out)  # compiles outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tl_lin.int8_linear(x, w, s, out=graph_out)
+    graph_out.zero_()
+    graph.replay()
+    assert torch.equal(graph_out, tl_lin.int8_linear(x, w, s))  # deterministic: the split sums in order

@@ -255,19 +255,30 @@ def test_cuda_int8_can_run_on_dia_fasts_own_layer_and_triton_kernel(tmp_path, mo
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("mode", "max_error"), [("int8", 0.015), ("fp8", 0.05), ("int4", 0.03)])
-def test_gpu_modes_generate_with_cuda_graphs_as_eagerly_and_keep_the_quality(mode, max_error):
-    """On CUDA, torchao's own kernels (tinygemm for int4): the quality bound of the CPU runs above, and a CUDA-graphed
-    greedy generation equal to an eager one on the same quantized weights."""
+@pytest.mark.parametrize(
+    ("mode", "max_error", "int8_kernel"),
+    [("int8", 0.015, "torchao"), ("int8", 0.015, "dia_fast"), ("fp8", 0.05, None), ("int4", 0.03, "torchao")],
+)
+def test_gpu_modes_generate_with_cuda_graphs_as_eagerly_and_keep_the_quality(mode, max_error, int8_kernel):
+    """On CUDA, torchao's own kernels (tinygemm for int4) or dia_fast's Triton int8: the quality bound of the CPU
+    runs above, and a CUDA-graphed greedy generation equal to an eager one on the same quantized weights."""
     from dia_fast.generation.engine import DecodeEngine
     from dia_fast.generation.generate import generate_codes
     from dia_fast.generation.sampling import SamplingConfig
+    from dia_fast.model.int8 import Int8Linear
+    from dia_fast.quantize import quantize_decoder
     from dia_fast.text import encode_batch
 
     ref = DiaTTS.random("tiny", seed=0, device="cuda", dtype=torch.bfloat16)
-    quant = DiaTTS.random("tiny", seed=0, device="cuda", dtype=torch.bfloat16, quantize=mode)
+    quant = DiaTTS(copy.deepcopy(ref.model), ref.codec)
+    quantize_decoder(quant.model, mode, int8_kernel=int8_kernel)
     kinds = gemm_kinds(ref.model, mode, PARTS, INT4_PARTS)
-    assert all(type(quant.model.get_submodule(n).weight).__name__ == CLASSES[k] for n, k in kinds.items())
+    for name, kind in kinds.items():
+        layer = quant.model.get_submodule(name)
+        if int8_kernel == "dia_fast":
+            assert isinstance(layer, Int8Linear) and layer.weight_int8.is_cuda, name
+        else:
+            assert type(layer.weight).__name__ == CLASSES[kind], name
     quality = quantization_quality(ref, quant, steps=200)
     assert quality["rel_logit_error"] < max_error, quality
     ids, mask = encode_batch(["[S1] Hello there.", "[S2] And you?"], pad_to_multiple=128)

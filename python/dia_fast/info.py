@@ -39,6 +39,12 @@ def _extension() -> dict[str, Any]:
     }
 
 
+def _quantize() -> dict[str, Any]:
+    from .quantize import CPU_MODES, CUDA_INT8_KERNEL, QUANT_MODES
+
+    return {"cpu": list(CPU_MODES), "cuda": list(QUANT_MODES), "cuda_int8_kernel": CUDA_INT8_KERNEL}
+
+
 def info() -> dict[str, Any]:
     """Version, extension status, backend per op per device, library versions, devices found."""
     dev = default_device()
@@ -50,6 +56,8 @@ def info() -> dict[str, Any]:
         "torch": torch.__version__,
         "triton": _version_of("triton"),
         "transformers": _version_of("transformers"),
+        "torchao": _version_of("torchao"),  # quantize= on CUDA (docs/quantization.md)
+        "quantize": _quantize(),
         "extension": _extension(),
         "device": str(dev),
         "cuda_device": torch.cuda.get_device_name(0) if devices["cuda"] else None,

@@ -132,7 +132,8 @@ class DiaTTS:
         ``quantize``: ``"int8"`` / ``"fp8"`` / ``"int4"`` quantizes the decoder's GEMMs (:mod:`dia_fast.quantize`;
         a mode the device cannot run is an error before anything loads). The checkpoint is read one tensor at a
         time and each GEMM weight is quantized as it arrives (CPU: dia_fast's int8 / int4 layers; CUDA: torchao on the
-        device), so the full-precision model is never in memory at once. A directory that :meth:`save_pretrained`
+        device, or dia_fast's int8 layer as ``quantize.CUDA_INT8_KERNEL`` says), so the full-precision model is never
+        in memory at once. A directory that :meth:`save_pretrained`
         wrote from a quantized model loads quantized as it is, on the CPU or CUDA (another ``quantize`` is an error,
         never a re-quantization).
         """
@@ -154,7 +155,7 @@ class DiaTTS:
             ckpt.fill_model(model, tensors, dt, source)
         elif dev.type == "cpu":  # each GEMM weight quantized as it arrives
             load_quantized(model, tensors, quantize, dt, source)
-        else:  # CUDA: each GEMM quantized by torchao on the device once its weight has arrived
+        else:  # CUDA: each GEMM quantized on the device (torchao / Int8Linear) once its weight has arrived
             load_cuda_quantized(model, tensors, quantize, dt, dev, source)
         model = _finish_model(model, dev, dt)
         release_host_memory()
@@ -187,7 +188,7 @@ class DiaTTS:
         with torch.device("meta"):
             model = DiaModel(cfg)
         load_saved(model, load_file(str(path / "model.safetensors")), saved, str(path))
-        if dev.type == "cuda":  # the same values in torchao's weights (int4: tinygemm's, scales rounded to bf16)
+        if dev.type == "cuda":  # the same values in CUDA's layers (int4: tinygemm's, scales rounded to bf16)
             cuda_from_saved(model, dev, dt)
         model = _finish_model(model, dev, dt)
         return cls(model, _load_codec(codec, dev, path))

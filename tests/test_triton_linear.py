@@ -53,6 +53,21 @@ def test_the_k_split_covers_every_column_once(monkeypatch, K, sm_count, splits):
     _close(tl_lin.int8_linear(x, w, s), ref.int8_linear(x, w, s), torch.float32)
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        tl_lin.Int8LinearConfig(block_n=32, block_k=256),
+        tl_lin.Int8LinearConfig(block_n=128, block_k=64, num_warps=8, num_stages=2),
+        tl_lin.Int8LinearConfig(block_n=16, block_k=32, max_splits=2),
+    ],
+)
+@pytest.mark.parametrize(("M", "N", "K"), [(2, 100, 300), (17, 33, 1000)])
+def test_int8_linear_is_right_with_other_launch_settings(config, M, N, K):
+    """The settings the GPU benchmark sweeps: other tiles, warps, stages and split limits give the same sums."""
+    x, w, s = _case(M, N, K, torch.float32, seed=3)
+    _close(tl_lin.int8_linear(x, w, s, config=config), ref.int8_linear(x, w, s), torch.float32)
+
+
 def test_int8_linear_keeps_leading_dims_writes_out_and_falls_back_past_the_row_limit():
     x, w, s = _case(2, 48, 96, torch.float32, lead=(3,))  # [3, 2, 96]: 6 rows
     want = ref.int8_linear(x, w, s)

@@ -18,6 +18,7 @@ not: bf16 is tested on a GPU. Every load and store is masked, so any M, N and K 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -25,14 +26,26 @@ import triton.language as tl
 
 from . import reference
 
-__all__ = ["MAX_ROWS", "int8_linear", "int8_linear_splits"]
+__all__ = ["DEFAULT_CONFIG", "MAX_ROWS", "Int8LinearConfig", "int8_linear", "int8_linear_splits"]
 
 MAX_ROWS = 64  # more activation rows than this run the reference (dequantize + GEMM)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _CPU_SM_COUNT = 4  # the interpreter's assumed SMs: enough to exercise the split
-_BLOCK_N = 64
-_BLOCK_K = 128
-_MAX_SPLITS = 16
+
+
+@dataclass(frozen=True)
+class Int8LinearConfig:
+    """Launch settings of :func:`int8_linear`. The defaults are a first guess, not tuned on a GPU: the GPU check's
+    ``gemm`` stage (benchmarks/test_bench_linear_gpu.py) times others beside them."""
+
+    block_n: int = 64  # output columns per program
+    block_k: int = 128  # columns of K per step (bytes of each weight row read per step)
+    num_warps: int = 4
+    num_stages: int | None = None  # Triton's default
+    max_splits: int = 16  # of K, when the columns make too few programs
+
+
+DEFAULT_CONFIG = Int8LinearConfig()
 
 
 @triton.jit
@@ -96,23 +109,30 @@ def _sm_count(t: torch.Tensor) -> int:
     return _CPU_SM_COUNT
 
 
-def int8_linear_splits(m_blocks: int, n: int, k: int, sm_count: int) -> int:
+def int8_linear_splits(m_blocks: int, n: int, k: int, sm_count: int, config: Int8LinearConfig = DEFAULT_CONFIG) -> int:
     """Splits of K: enough programs for about two waves of ``sm_count`` SMs, each split at least one K block,
-    a power of two, at most 16. Depends on shapes only (a captured step replays the same launches)."""
-    programs = m_blocks * triton.cdiv(n, _BLOCK_N)
+    a power of two, at most ``config.max_splits``. Depends on shapes only (a captured step replays the same
+    launches)."""
+    programs = m_blocks * triton.cdiv(n, config.block_n)
     want = max(1, (2 * sm_count) // programs)
     splits = 1
-    while splits * 2 <= min(want, _MAX_SPLITS, triton.cdiv(k, _BLOCK_K)):
+    while splits * 2 <= min(want, config.max_splits, triton.cdiv(k, config.block_k)):
         splits *= 2
     return splits
 
 
 def int8_linear(
-    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, out: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+    config: Int8LinearConfig | None = None,
 ) -> torch.Tensor:
     """Weight-only int8 linear ``x @ (weight * scale[:, None]).T`` (int8 [N, K] weights, fp32 scale per row),
     result in ``x``'s dtype; the semantics of :func:`dia_fast.ops.reference.int8_linear` (fp32 sums, then the
-    scale). More than :data:`MAX_ROWS` rows run the reference."""
+    scale). More than :data:`MAX_ROWS` rows run the reference. ``config``: launch settings (benchmarks)."""
+    cfg = DEFAULT_CONFIG if config is None else config
     if weight.dtype != torch.int8 or weight.ndim != 2 or scale.shape != (weight.shape[0],):
         raise ValueError(
             f"int8_linear takes int8 [N, K] weights and N scales, got {weight.dtype} {tuple(weight.shape)} "
@@ -144,18 +164,19 @@ def int8_linear(
         y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     block_m = 16 if M <= 16 else triton.next_power_of_2(M)
     m_blocks = triton.cdiv(M, block_m)
-    splits = int8_linear_splits(m_blocks, N, K, _sm_count(x2))
-    k_per_split = triton.cdiv(triton.cdiv(K, splits), _BLOCK_K) * _BLOCK_K
+    splits = int8_linear_splits(m_blocks, N, K, _sm_count(x2), cfg)
+    k_per_split = triton.cdiv(triton.cdiv(K, splits), cfg.block_k) * cfg.block_k
     splits = triton.cdiv(K, k_per_split)
     part = torch.empty(splits, M, N, dtype=torch.float32, device=x.device) if splits > 1 else y
-    grid = (triton.cdiv(N, _BLOCK_N), splits, m_blocks)
+    grid = (triton.cdiv(N, cfg.block_n), splits, m_blocks)
+    stages = {} if cfg.num_stages is None else {"num_stages": cfg.num_stages}
     _int8_linear_kernel[grid](
         x2, w, s, y, part,
         M, N, K, k_per_split,
         x2.stride(0), w.stride(0), y.stride(0),
         SPLIT=splits, IEEE_FP32=x.dtype == torch.float32,
-        BLOCK_M=block_m, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K,
-        num_warps=4,
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, **stages,
     )  # fmt: skip
     if splits > 1:
         _split_sum_kernel[(M, triton.cdiv(N, 256))](part, s, y, M, N, y.stride(0), SPLIT=splits, BLOCK_N=256)

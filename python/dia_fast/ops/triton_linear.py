@@ -133,14 +133,10 @@ def int8_linear(
     result in ``x``'s dtype; the semantics of :func:`dia_fast.ops.reference.int8_linear` (fp32 sums, then the
     scale). More than :data:`MAX_ROWS` rows run the reference. ``config``: launch settings (benchmarks)."""
     cfg = DEFAULT_CONFIG if config is None else config
-    if weight.dtype != torch.int8 or weight.ndim != 2 or scale.shape != (weight.shape[0],):
-        raise ValueError(
-            f"int8_linear takes int8 [N, K] weights and N scales, got {weight.dtype} {tuple(weight.shape)} "
-            f"and {tuple(scale.shape)}"
-        )
+    bad_weight = weight.dtype != torch.int8 or weight.ndim != 2 or scale.shape != weight.shape[:1]
+    if bad_weight or x.shape[-1] != weight.shape[1]:
+        return reference.int8_linear(x, weight, scale, out=out)  # raises its error
     N, K = weight.shape
-    if x.shape[-1] != K:
-        raise ValueError(f"int8_linear: x has {x.shape[-1]} features, the weight {K}")
     if x.dtype not in _DTYPES:
         raise ValueError(f"int8_linear: x must be float32, float16 or bfloat16, got {x.dtype}")
     if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":

@@ -329,6 +329,30 @@ def _scenarios(rec: _Recorder | None, dtype: str, log: Callable[[str], None], de
                 engine=engine,
             )
         log(f"recorded {name!r} ({time.perf_counter() - t0:.1f} s)")
+    # an int8 model whose GEMMs run dia_fast's Triton kernel (quantize.CUDA_INT8_KERNEL = "dia_fast"): its decode
+    # steps, the logits head writing into the step's buffer
+    from ..quantize import INT4_PARTS, PARTS, gemm_kinds, quantize_cuda
+
+    name = "b2 greedy, int8 GEMMs on dia_fast's Triton kernel"
+    if rec is not None:
+        rec.scenario = name
+    t0 = time.perf_counter()
+    int8_model = copy.deepcopy(model)
+    quantize_cuda(int8_model, gemm_kinds(int8_model, "int8", PARTS, INT4_PARTS), int8_kernel="dia_fast")
+    ids, mask = encode_batch(texts[:2], data.text_length)
+    with contextlib.suppress(_Enough):
+        generate_codes(
+            int8_model,
+            ids,
+            mask,
+            max_new_tokens=short,
+            sampling=greedy,
+            progress=False,
+            on_step=_StopAfter(2),
+            engine=DecodeEngine(int8_model, static=True),
+        )
+    del int8_model
+    log(f"recorded {name!r} ({time.perf_counter() - t0:.1f} s)")
     # continuous batching (dia_fast.serving.BatchEngine's step): a request admitted into slot 3 of 16, two steps
     # over the 16-slot bucket (per-slot settings, seeds and positions)
     from ..serving.slots import admit, allocate_slots, slot_step

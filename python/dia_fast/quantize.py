@@ -377,9 +377,7 @@ def cuda_from_saved(model: DiaModel, device: torch.device, dtype: torch.dtype, i
     numbers)."""
     keep_int8 = _int8_kernel(int8_kernel) == "dia_fast"
     for name, layer in list(model.named_modules()):
-        if isinstance(layer, Int8Linear) and keep_int8:
-            continue
-        if isinstance(layer, Int8Linear):
+        if isinstance(layer, Int8Linear) and not keep_int8:
             weight = _torchao_int8(layer.weight_int8.to(device), layer.weight_scale.to(device), dtype)
         elif isinstance(layer, Int4Linear):
             weight = _torchao_int4(layer.weight_int4, layer.weight_scale, layer.group, device)

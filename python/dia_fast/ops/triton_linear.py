@@ -5,7 +5,7 @@ its speed is the speed of reading the weights. Here each weight is read once, as
 activations' dtype in registers and multiplied on the tensor cores (``tl.dot``, fp32 accumulation); each output
 column is then scaled by its row scale. torchao's eager int8 weight-only linear instead writes a bf16 copy of the
 whole weight and reads it back (five bytes moved per weight against bf16's two): the GPU check
-(``benchmarks/test_bench_int8.py``) compares the three.
+(``benchmarks/test_bench_linear_gpu.py``) compares the three.
 
 Rows are tiled 16 at a time (the smallest ``tl.dot`` operand), so up to :data:`MAX_ROWS` rows run here; more (a
 prefill) run the reference. When the output columns alone make too few programs to fill the GPU, the columns'

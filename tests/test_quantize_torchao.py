@@ -6,6 +6,7 @@ torchao is not installed (it is in the ``test`` extra)."""
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -148,7 +149,7 @@ def _load_saved_as_torchao(directory):
     from dia_fast.api import _finish_model
     from dia_fast.config import DiaConfig
     from dia_fast.model import DiaModel
-    from dia_fast.quantize import cuda_from_saved, load_saved, read_quantization
+    from dia_fast.quantized_dir import cuda_from_saved, load_saved, read_quantization
 
     with torch.device("meta"):
         model = DiaModel(DiaConfig.from_json(directory / "config.json"))
@@ -191,9 +192,7 @@ def test_a_directory_saved_on_the_cpu_loads_into_torchao_weights_with_the_same_v
 
 def test_a_torchao_int8_model_saves_in_the_cpu_format_and_loads_back_on_the_cpu(tmp_path):
     """CUDA's int8 (torchao's int8 weights: int8 values with a row scale, no zero point) saves as dia_fast's int8
-    directory, which the CPU loads as it is; fp8 and CUDA int4 are one-line errors."""
-    from dia_fast.quantize import quantized_state
-
+    directory, which the CPU loads as it is."""
     tts = DiaTTS.random("tiny", seed=0, dtype=torch.bfloat16)
     quantize_cuda(tts.model, gemm_kinds(tts.model, "int8", PARTS, INT4_PARTS))
     tts.model._dia_fast_quantized = "int8"  # what quantize_decoder sets (its torchao branch runs on CUDA only)
@@ -203,11 +202,103 @@ def test_a_torchao_int8_model_saves_in_the_cpu_format_and_loads_back_on_the_cpu(
         layer, weight = back.model.get_submodule(name), tts.model.get_submodule(name).weight
         assert torch.equal(layer.weight_int8, weight.qdata)
         assert torch.equal(layer.weight_scale, weight.scale.reshape(-1))
-    fp8 = DiaTTS.random("tiny", seed=0, dtype=torch.bfloat16).model
-    quantize_cuda(fp8, gemm_kinds(fp8, "fp8", PARTS, INT4_PARTS))
-    fp8._dia_fast_quantized = "fp8"
-    with pytest.raises(ValueError, match="saving a quantized model is supported for int8 \\(CPU and CUDA\\)"):
-        quantized_state(fp8)
+
+
+FORMATS = {"fp8": "dia_fast.fp8-weight-only/1", "int4": "dia_fast.int4-zero-point-weight-only/1"}
+
+
+@pytest.mark.parametrize("mode", ["fp8", "int4"])
+def test_cuda_fp8_and_int4_models_save_and_load_back_with_the_same_weights(tmp_path, mode):
+    """CUDA fp8 and int4 (torchao's weights, int4 with zero points) save a directory that loads back on CUDA with
+    the same weights: every GEMM's saved values, dequantized by the format's formula, are the weight torchao
+    quantized (its ``dequantize()``; tinygemm's has none, so its linear applied to the identity); the loaded model
+    gives the same logits bit for bit. The CPU refuses the directory with a one-line error (no CPU kernel for
+    either)."""
+    from safetensors.torch import load_file
+
+    from dia_fast.quantized_dir import read_quantization
+
+    tts = DiaTTS.random("tiny", seed=0, dtype=torch.bfloat16)
+    with cpu_tinygemm():
+        quantize_cuda(tts.model, gemm_kinds(tts.model, mode, PARTS, INT4_PARTS))
+        tts.model._dia_fast_quantized = mode  # what quantize_decoder sets (its torchao branch runs on CUDA only)
+        directory = tts.save_pretrained(tmp_path / "q")
+        doc, saved = read_quantization(directory), load_file(str(directory / "model.safetensors"))
+        assert doc["format"] == FORMATS[mode] and doc["mode"] == mode
+        assert set(doc["quantized"]) == set(target_names(tts.model))
+        for name in doc["quantized"]:
+            weight = tts.model.get_submodule(name).weight
+            if type(weight).__name__ == CLASSES["int4"]:
+                want = torch.nn.functional.linear(torch.eye(weight.shape[1], dtype=torch.bfloat16), weight).T.float()
+            else:
+                want = weight.dequantize().float()
+            if mode == "fp8":
+                got = saved[f"{name}.weight_fp8"].float() * saved[f"{name}.weight_scale"][:, None]
+            elif name in doc["int4"]:
+                pairs, group = saved[f"{name}.weight_uint4"], doc["int4"][name]
+                q = torch.stack([pairs >> 4, pairs & 0xF], dim=-1).reshape(pairs.shape[0], -1).float()
+                scale, zero = (saved[f"{name}.weight_{n}"].repeat_interleave(group, dim=1) for n in ("scale", "zero"))
+                got = (q - 8) * scale + zero
+                assert type(weight).__name__ == CLASSES["int4"] and ".mlp." in name
+            else:
+                got = saved[f"{name}.weight_int8"].float() * saved[f"{name}.weight_scale"][:, None]
+            torch.testing.assert_close(got.bfloat16().float(), want, rtol=0, atol=0, msg=name)  # bf16 weights
+        model = _load_saved_as_torchao(directory)
+        for name in doc["quantized"]:
+            assert type(model.get_submodule(name).weight) is type(tts.model.get_submodule(name).weight), name
+        g = torch.Generator().manual_seed(0)
+        ids, mask = torch.randint(1, 200, (1, 20), generator=g), torch.ones(1, 20, dtype=torch.bool)
+        codes = torch.randint(0, 1024, (1, 12, 9), generator=g)
+        assert torch.equal(model(ids, mask, codes), tts.model(ids, mask, codes))
+    with pytest.raises(ValueError, match=f"holds {mode} weights saved from CUDA .*which load on CUDA only; on cpu"):
+        DiaTTS.from_pretrained(directory, device="cpu", codec=tts.codec)
+
+
+def test_a_damaged_cuda_int4_directory_is_an_error_naming_the_gemm(tmp_path):
+    """Missing zeros, zeros of the wrong shape and non-finite zeros are errors naming the GEMM, not a model that
+    loads with garbage."""
+    from safetensors.torch import load_file
+
+    from dia_fast.config import DiaConfig
+    from dia_fast.model import DiaModel
+    from dia_fast.quantized_dir import load_saved, read_quantization
+
+    tts = DiaTTS.random("tiny", seed=0, dtype=torch.bfloat16)
+    with cpu_tinygemm():
+        quantize_cuda(tts.model, gemm_kinds(tts.model, "int4", PARTS, INT4_PARTS))
+        tts.model._dia_fast_quantized = "int4"
+        directory = tts.save_pretrained(tmp_path / "q")
+    doc, state = read_quantization(directory), load_file(str(directory / "model.safetensors"))
+    name = next(iter(doc["int4"]))
+    zero = state[f"{name}.weight_zero"]
+    n = re.escape(name)
+    damaged = {
+        f"the quantized weights of {n} are missing": {k: v for k, v in state.items() if k != f"{name}.weight_zero"},
+        f"{n} must be torch.uint8 .* scales and zeros": {**state, f"{name}.weight_zero": zero[:1].contiguous()},
+        f"the zeros of {n} must be finite": {**state, f"{name}.weight_zero": torch.full_like(zero, float("nan"))},
+    }
+    for match, tensors in damaged.items():
+        with torch.device("meta"):
+            model = DiaModel(DiaConfig.from_json(directory / "config.json"))
+        with pytest.raises(ValueError, match=match):
+            load_saved(model, dict(tensors), doc, str(directory))
+
+
+@pytest.mark.parametrize(("out_features", "in_features"), [(384, 256), (200, 64), (9, 96), (1028, 2048)])
+def test_tinygemm_weights_read_back_exactly_at_every_shape(out_features, in_features):
+    """A tinygemm int4 weight read back through its kernel (values, scales, zeros) and packed again multiplies
+    exactly as the original: ragged rows (padded to 8), columns padded to 1024, groups of 32 to 128, and more than
+    one 1024-column read."""
+    from dia_fast.quantized_dir import _tinygemm_groups, _tinygemm_weight, _unpair
+
+    with cpu_tinygemm():
+        weight = torchao_quantized(_linear(out_features, in_features), "int4").weight
+        pairs, scale, zero, group = _tinygemm_groups(weight)
+        assert pairs.shape == (out_features, in_features // 2) and scale.shape == (out_features, in_features // group)
+        assert int(_unpair(pairs).max()) <= 15
+        again = _tinygemm_weight(_unpair(pairs), scale, zero, group, torch.device("cpu"))
+        x = torch.randn(5, in_features, generator=torch.Generator().manual_seed(1)).bfloat16()
+        assert torch.equal(torch.nn.functional.linear(x, again), torch.nn.functional.linear(x, weight))
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
@@ -349,3 +440,19 @@ def test_gpu_saved_directories_load_across_devices(tmp_path, mode):
         back = DiaTTS.from_pretrained(cuda_int8.save_pretrained(tmp_path / "gpu"), device="cpu", codec=cpu.codec)
         head, saved = back.model.decoder.logits_dense, cuda_int8.model.decoder.logits_dense.weight
         assert torch.equal(head.weight_int8, saved.qdata.cpu())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["int8", "fp8", "int4"])
+def test_gpu_models_of_every_mode_save_and_load_back_on_cuda_as_they_were(tmp_path, mode):
+    """A CUDA model of each mode saves a directory that loads back on CUDA with the same logits, bit for bit
+    (int8: the dia_fast int8 format; fp8 and int4: the CUDA-only formats)."""
+    if mode == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 needs compute capability 8.9+")
+    tts = DiaTTS.random("tiny", seed=0, device="cuda", dtype=torch.bfloat16, quantize=mode)
+    back = DiaTTS.from_pretrained(tts.save_pretrained(tmp_path / "q"), device="cuda", codec=tts.codec)
+    g = torch.Generator().manual_seed(0)
+    ids, mask = torch.randint(1, 200, (1, 20), generator=g).cuda(), torch.ones(1, 20, dtype=torch.bool).cuda()
+    codes = torch.randint(0, 1024, (1, 12, 9), generator=g).cuda()
+    with torch.inference_mode():
+        assert torch.equal(back.model(ids, mask, codes), tts.model(ids, mask, codes))

@@ -137,7 +137,8 @@ class DiaTTS:
         wrote from a quantized model loads quantized as it is, on the CPU or CUDA (another ``quantize`` is an error,
         never a re-quantization).
         """
-        from .quantize import check_quantize, load_cuda_quantized, load_quantized, read_quantization
+        from .quantize import check_quantize, load_cuda_quantized, load_quantized
+        from .quantized_dir import read_quantization
 
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
@@ -175,7 +176,8 @@ class DiaTTS:
         """A directory that :meth:`save_pretrained` wrote from a quantized model: loaded as it is, not re-quantized."""
         from safetensors.torch import load_file
 
-        from .quantize import check_quantize, cuda_from_saved, load_saved
+        from .quantize import check_quantize
+        from .quantized_dir import check_saved_device, cuda_from_saved, load_saved
 
         mode = saved["mode"]
         if quantize is not None and quantize != mode:
@@ -183,12 +185,13 @@ class DiaTTS:
                 f"{path} holds {mode}-quantized weights; it cannot be loaded with quantize={quantize} "
                 f"(leave quantize out, or pass {mode!r})"
             )
+        check_saved_device(saved, dev, str(path))
         check_quantize(mode, dev, dt)
         cfg = config or DiaConfig.from_json(path / "config.json")
         with torch.device("meta"):
             model = DiaModel(cfg)
         load_saved(model, load_file(str(path / "model.safetensors")), saved, str(path))
-        if dev.type == "cuda":  # the same values in CUDA's layers (int4: tinygemm's, scales rounded to bf16)
+        if dev.type == "cuda":  # the same values in CUDA's layers (CPU int4: tinygemm's, scales rounded to bf16)
             cuda_from_saved(model, dev, dt)
         model = _finish_model(model, dev, dt)
         return cls(model, _load_codec(codec, dev, path))
@@ -230,12 +233,13 @@ class DiaTTS:
 
     def save_pretrained(self, directory: str | Path, *, layout: str | None = None) -> Path:
         """Write ``config.json`` + ``model.safetensors`` in the ``"transformers"`` (default) or ``"official"``
-        layout. A quantized model (int8 on the CPU or CUDA, int4 on the CPU) is written in dia_fast's quantized
-        layout instead (the quantized weights with their scales, and ``quantization.json``), which
-        :meth:`from_pretrained` loads back as it is, on either device."""
+        layout. A quantized model is written in dia_fast's quantized layout instead (the quantized weights with their
+        scales, and ``quantization.json``; :mod:`dia_fast.quantized_dir`), which :meth:`from_pretrained` loads back
+        as it is: int8 and CPU int4 on either device, CUDA int4 and fp8 on CUDA."""
         from safetensors.torch import save_file
 
-        from .quantize import QUANT_FILE, quantized_mode, quantized_state
+        from .quantize import quantized_mode
+        from .quantized_dir import QUANT_FILE, quantized_state
 
         out = Path(directory)
         if quantized_mode(self.model) is not None:

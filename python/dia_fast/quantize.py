@@ -26,16 +26,13 @@ per request).
 
 A quantized model loads from a full-precision checkpoint one tensor at a time, each GEMM quantized as its weight
 arrives, so the full-precision GEMM weights are never all in memory (CPU: :func:`load_quantized`; CUDA:
-:func:`load_cuda_quantized`). A CPU int8 or int4 model, or a CUDA int8 model, saves (``DiaTTS.save_pretrained``:
-the quantized weights with their scales, ``quantization.json``) and loads back as it is, on either device
-(:func:`cuda_from_saved`).
+:func:`load_cuda_quantized`). Every mode saves (``DiaTTS.save_pretrained``) a directory that loads back as it is
+(:mod:`dia_fast.quantized_dir`): int8 and CPU int4 directories on either device, CUDA int4 and fp8 ones on CUDA.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -56,17 +53,13 @@ __all__ = [
     "PARTS",
     "QUANT_MODES",
     "check_quantize",
-    "cuda_from_saved",
     "cuda_layer",
     "gemm_kinds",
     "load_cuda_quantized",
     "load_quantized",
-    "load_saved",
     "quantize_cuda",
     "quantize_decoder",
     "quantized_mode",
-    "quantized_state",
-    "read_quantization",
     "stored_bytes",
     "target_names",
     "torchao_config",
@@ -80,7 +73,6 @@ CPU_MODES = ("int8", "int4")  # the modes with a C++ kernel (the model stays flo
 INT4_PARTS = ("mlp",)
 #: torchao's int4 group sizes (tinygemm's), largest first: a GEMM gets the largest that divides its row
 _TORCHAO_INT4_GROUPS = (128, 64, 32)
-_TINYGEMM_GROUPS = (32, 64, 128, 256)  # the groups tinygemm's kernel takes
 #: what runs CUDA's int8 GEMMs: ``"torchao"`` (its int8 weight-only tensors; eagerly they write a bf16 copy of the
 #: weight and multiply that) or ``"dia_fast"`` (:class:`~dia_fast.model.int8.Int8Linear`, the CPU's layer, whose
 #: ``ops.int8_linear`` runs the Triton kernel of :mod:`dia_fast.ops.triton_linear` on CUDA, reading each weight
@@ -297,19 +289,6 @@ def quantized_mode(model: nn.Module) -> str | None:
     return getattr(model, "_dia_fast_quantized", None)
 
 
-# ---------------------------------------------------------------------------------------------- saved CPU models
-QUANT_FILE = "quantization.json"
-# the format of each mode's saved directory: int8 [out, in] weights and [out] scales; int4 packed uint8
-# [out, in / 2] weights (ops.reference.pack_int4) and [out, in / group] scales
-_FORMATS = {"int8": "dia_fast.int8-weight-only/2", "int4": "dia_fast.int4-weight-only/1"}
-# name suffix, dtype and shape (from in, out, group) of the quantized weights of each mode
-_WEIGHT = {
-    "int8": ("weight_int8", torch.int8, lambda i, o, g: (o, i)),
-    "int4": ("weight_int4", torch.uint8, lambda i, o, g: (o, i // 2)),
-}
-_SCALE_SHAPE = {"int8": lambda i, o, g: (o,), "int4": lambda i, o, g: (o, i // g)}
-
-
 def target_names(model: DiaModel, parts: tuple[str, ...] = DEFAULT_PARTS) -> list[str]:
     """Module names of the GEMMs :func:`quantize_decoder` quantizes for ``parts`` (``decoder.layers.0.mlp.down_proj``,
     ..., ``decoder.logits_dense``)."""
@@ -326,117 +305,9 @@ def target_names(model: DiaModel, parts: tuple[str, ...] = DEFAULT_PARTS) -> lis
     return out
 
 
-def quantized_state(model: DiaModel) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The tensors of an int8- or int4-quantized model for a safetensors file: full-precision tensors under their
-    names, each quantized GEMM as ``<name>.weight_int8`` (int8 [out, in]) or ``<name>.weight_int4`` (packed uint8
-    [out, in / 2]) and ``<name>.weight_scale`` (fp32 [out], or [out, in / group] for int4); and the
-    ``quantization.json`` document. CPU int8 and int4 models, and CUDA int8 models (torchao's int8 weights are the
-    same kind: int8 values with an fp32 scale per row)."""
-    mode = quantized_mode(model)
-    if mode not in _FORMATS or (model.device.type != "cpu" and mode != "int8"):
-        raise ValueError(
-            "saving a quantized model is supported for int8 (CPU and CUDA) and int4 (CPU); "
-            f"this one is {mode} on {model.device.type} (save the full-precision checkpoint instead: it quantizes "
-            "tensor by tensor while loading)"
-        )
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, (Int8Linear, Int4Linear))}
-    torchao = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and _is_torchao(m.weight)}
-    # the parameters under dia_fast's own names (state_dict() would split the self-attention QKV GEMMs)
-    state = {k: v.detach().contiguous() for k, v in model.named_parameters() if not _is_torchao(v)}
-    for name, lin in layers.items():
-        suffix = _WEIGHT[_kind(lin)][0]
-        state[f"{name}.{suffix}"] = getattr(lin, suffix).contiguous()
-        state[f"{name}.weight_scale"] = lin.weight_scale.contiguous()
-    for name, lin in torchao.items():
-        state[f"{name}.weight_int8"], state[f"{name}.weight_scale"] = _int8_rows(lin.weight, name)
-    doc: dict[str, Any] = {"mode": mode, "format": _FORMATS[mode], "quantized": [*layers, *torchao]}
-    if mode == "int4":  # the int4 GEMMs and their groups (the others are int8)
-        doc["int4"] = {name: lin.group for name, lin in layers.items() if _kind(lin) == "int4"}
-    return state, doc
-
-
-def _is_torchao(tensor: torch.Tensor) -> bool:
-    return type(tensor) not in (torch.Tensor, nn.Parameter) and hasattr(tensor, "__tensor_flatten__")
-
-
-def _int8_rows(weight: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 [out, in], fp32 [out]) of a torchao int8 weight with one scale per row and no zero point."""
-    qdata, scale, zero = (getattr(weight, n, None) for n in ("qdata", "scale", "zero_point"))
-    rows = qdata is not None and qdata.dtype == torch.int8 and scale is not None and scale.numel() == qdata.shape[0]
-    if not rows or (zero is not None and bool(zero.any())):
-        raise ValueError(f"{name}: only int8 weights with one scale per row and no zero point can be saved")
-    return qdata.contiguous(), scale.reshape(-1).float().contiguous()
-
-
-def cuda_from_saved(model: DiaModel, device: torch.device, dtype: torch.dtype, int8_kernel: str | None = None) -> None:
-    """Turn the :class:`Int8Linear` / :class:`Int4Linear` layers of a loaded saved directory into the CUDA modes'
-    layers on ``device`` holding the same values (a directory saved on either device loads on either): int8 as
-    torchao's int8 weights (the same int8 values and fp32 row scales), or left as :class:`Int8Linear` with
-    ``int8_kernel="dia_fast"`` (the caller moves it); int4 as tinygemm's weights (``(q - 8) * scale + zero`` per
-    group: q = the saved value + 8, zero = 0, the scales rounded to bf16, the one difference from the CPU's
-    numbers)."""
-    keep_int8 = _int8_kernel(int8_kernel) == "dia_fast"
-    for name, layer in list(model.named_modules()):
-        if isinstance(layer, Int8Linear) and not keep_int8:
-            weight = _torchao_int8(layer.weight_int8.to(device), layer.weight_scale.to(device), dtype)
-        elif isinstance(layer, Int4Linear):
-            weight = _torchao_int4(layer.weight_int4, layer.weight_scale, layer.group, device)
-        else:
-            continue
-        linear = nn.Linear(layer.in_features, layer.out_features, bias=False, device="meta")
-        linear.weight = nn.Parameter(weight, requires_grad=False)
-        _set_module(model, name, linear)
-
-
-def _torchao_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    from torchao.quantization import Int8Tensor
-
-    rows = scale.float().reshape(-1, 1)
-    return Int8Tensor(q, rows, [1, q.shape[1]], dtype, zero_point=torch.zeros_like(rows, dtype=torch.int8))
-
-
-def _torchao_int4(packed: torch.Tensor, scale: torch.Tensor, group: int, device: torch.device) -> torch.Tensor:
-    """tinygemm's packing (as torchao's ``Int4TilePackedTo4dTensor.from_hp`` makes it): rows padded to a multiple of
-    8 and columns to a multiple of 1024 (zero weights: value 8, scale 1), column pairs in a byte (even column high),
-    then ``aten._convert_weight_to_int4pack`` with 8 inner k-tiles; scales and zeros [in / group, out, 2] bf16."""
-    from torchao.quantization import Int4TilePackedTo4dTensor
-    from torchao.quantization.utils import pack_tinygemm_scales_and_zeros
-
-    from .ops.reference import unpack_int4
-
-    N, K = packed.shape[0], packed.shape[1] * 2
-    if group not in _TINYGEMM_GROUPS:
-        raise ValueError(f"int4 on CUDA takes groups of {', '.join(map(str, _TINYGEMM_GROUPS))} columns, got {group}")
-    n_pad, k_pad = -N % 8, -K % 1024
-    u = (unpack_int4(packed).to(torch.int16) + 8).to(torch.uint8)
-    u = torch.nn.functional.pad(u, (0, k_pad, 0, n_pad), value=8).to(device)
-    pairs = (u[:, ::2] << 4 | u[:, 1::2]).contiguous()
-    qdata = torch.ops.aten._convert_weight_to_int4pack(pairs, 8)
-    scales = torch.nn.functional.pad(scale.float(), (0, k_pad // group, 0, n_pad), value=1.0)
-    scales = scales.to(device=device, dtype=torch.bfloat16)
-    scale_and_zero = pack_tinygemm_scales_and_zeros(scales, torch.zeros_like(scales), torch.bfloat16)
-    return Int4TilePackedTo4dTensor(qdata, scale_and_zero, [1, group], torch.Size([N, K]))
-
-
-def _kind(module: nn.Module) -> str:
-    return "int8" if isinstance(module, Int8Linear) else "int4"
-
-
-def read_quantization(directory: Path) -> dict[str, Any] | None:
-    """The ``quantization.json`` of a saved quantized model directory (None: a full-precision checkpoint)."""
-    path = Path(directory) / QUANT_FILE
-    if not path.is_file():
-        return None
-    doc = json.loads(path.read_text())
-    if doc.get("format") not in _FORMATS.values() or _FORMATS.get(doc.get("mode")) != doc.get("format"):
-        raise ValueError(
-            f"{path}: unknown quantized format {doc.get('format')!r} for mode {doc.get('mode')!r} (this dia_fast reads "
-            f"{', '.join(_FORMATS.values())}; quantize the full-precision checkpoint again)"
-        )
-    return doc
-
-
-def _install(model: DiaModel, kinds: dict[str, str], groups: dict[str, int] | None = None) -> dict[str, nn.Module]:
+def install_cpu_layers(
+    model: DiaModel, kinds: dict[str, str], groups: dict[str, int] | None = None
+) -> dict[str, nn.Module]:
     """Replace the GEMMs of a meta-device ``model`` named in ``kinds`` with empty CPU :class:`Int8Linear` or
     :class:`Int4Linear` layers (as ``kinds[name]`` says; int4: ``groups[name]`` columns per scale, by default
     :func:`~dia_fast.model.int4.default_group`)."""
@@ -452,43 +323,6 @@ def _install(model: DiaModel, kinds: dict[str, str], groups: dict[str, int] | No
         _set_module(model, name, layer)
         layers[name] = layer
     return layers
-
-
-def load_saved(model: DiaModel, state: dict[str, torch.Tensor], doc: dict[str, Any], source: str) -> None:
-    """Fill ``model`` (built on the meta device) from :func:`quantized_state`'s tensors and document: the
-    full-precision ones are loaded strictly, the quantized GEMMs become :class:`Int8Linear` / :class:`Int4Linear`
-    layers holding the saved weights and scales."""
-    mode, names = doc["mode"], list(doc["quantized"])
-    groups = dict(doc.get("int4") or {}) if mode == "int4" else {}
-    kinds = {name: "int4" if name in groups else "int8" for name in names}
-    try:
-        layers = _install(model, kinds, groups)
-    except ValueError as exc:
-        raise ValueError(f"{source}: {exc}") from None
-    for name, layer in layers.items():
-        kind = kinds[name]
-        suffix, dtype, weight_shape = _WEIGHT[kind]
-        try:
-            q, scale = state.pop(f"{name}.{suffix}"), state.pop(f"{name}.weight_scale")
-        except KeyError as exc:
-            raise ValueError(f"{source}: the quantized weights of {name} are missing ({exc})") from None
-        i, o, g = layer.in_features, layer.out_features, getattr(layer, "group", 0)
-        shape, scale_shape = weight_shape(i, o, g), _SCALE_SHAPE[kind](i, o, g)
-        if q.dtype != dtype or tuple(q.shape) != shape or tuple(scale.shape) != scale_shape:
-            raise ValueError(
-                f"{source}: {name} must be {dtype} {shape} with {scale_shape} scales, got {q.dtype} "
-                f"{tuple(q.shape)} and {tuple(scale.shape)}"
-            )
-        if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
-            raise ValueError(f"{source}: the scales of {name} must be positive and finite")
-        setattr(layer, suffix, q.contiguous())
-        layer.weight_scale = scale.float().contiguous()
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    quantized_keys = {f"{n}.{k}" for n in names for k in (_WEIGHT[kinds[n]][0], "weight_scale")}
-    missing = sorted(set(missing) - quantized_keys)
-    if missing or unexpected:
-        raise ValueError(f"{source} does not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
-    model._dia_fast_quantized = mode  # noqa: SLF001 - read by quantized_mode()
 
 
 def load_quantized(
@@ -511,7 +345,7 @@ def load_quantized(
         raise ValueError(
             f"quantizing while loading is implemented for {' and '.join(CPU_MODES)} on the CPU, not {mode}"
         )
-    layers = _install(model, gemm_kinds(model, mode, parts, int4_parts))
+    layers = install_cpu_layers(model, gemm_kinds(model, mode, parts, int4_parts))
 
     def into_rows(name: str, row: int) -> Callable[[torch.Tensor], None]:
         layer = layers[name]

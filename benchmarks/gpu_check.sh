@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_check.sh [OUTDIR]        (default OUTDIR: gpu_check_out)
 #
 # Where one command may run 10 minutes at most, run it as two: the first six stages' limits add up to 565 s,
-#   GPU_CHECK_SKIP="bench compile kernels" bash benchmarks/gpu_check.sh out1
+#   GPU_CHECK_SKIP="bench compile kernels prefill" bash benchmarks/gpu_check.sh out1
 #   GPU_CHECK_SKIP="env quick pytest load quant gemm" bash benchmarks/gpu_check.sh out2
 #
 # Stages, most important first, each under its own time limit (a hang in one still leaves the others' logs):
@@ -23,7 +23,10 @@
 #   bench     the same against transformers (eager) and dia_fast without CUDA graphs, on the same weights
 #   compile   against transformers + torch.compile (static cache, the public best), batch 1
 #   kernels   the kernel benchmarks (pytest-benchmark, CUDA-graph timings)
-# Everything lands in OUTDIR: <stage>.log, quick.json, load.json, quant.json, gemm.json, bench.json, bench_compile.json, kernels.json and
+#   prefill   the MLP's GEMMs at 1024 rows (a voice prompt's prefill): bf16 cuBLAS vs the Triton int8 kernel's row
+#             blocks vs the reference (an fp32 copy of the weight) vs torchao int8
+# Everything lands in OUTDIR: <stage>.log, quick.json, load.json, quant.json, gemm.json, bench.json, bench_compile.json,
+# kernels.json, prefill.json and
 # summary.txt. The bench writes its JSON after every batch size, so a stage stopped by its limit keeps what
 # it measured. Limits (seconds) per stage: GPU_CHECK_<STAGE>_S, e.g. GPU_CHECK_PYTEST_S=200; GPU_CHECK_STEPS
 # (512) and GPU_CHECK_COMPARE_STEPS (256) set the steps; GPU_CHECK_SKIP a space-separated list of stages
@@ -83,8 +86,8 @@ stage quant 120 "${BENCH[@]}" --batch 1,8 --steps 128 --compare none --quantize 
   --cuda-int8 torchao,dia_fast --no-loading-memory --json "$OUTDIR/quant.json"
 grep -E "^(engine|dia_fast)|error" "$OUTDIR/quant.log" | awk '!seen[$0]++' >>"$summary"
 
-stage gemm 90 $PY -m pytest -q -p no:cacheprovider benchmarks/test_bench_linear_gpu.py --benchmark-columns=min,rounds \
-  --benchmark-json "$OUTDIR/gemm.json"
+stage gemm 90 $PY -m pytest -q -p no:cacheprovider benchmarks/test_bench_linear_gpu.py -k "not prefill" \
+  --benchmark-columns=min,rounds --benchmark-json "$OUTDIR/gemm.json"
 $PY -c 'import json, sys
 for b in json.load(open(sys.argv[1]))["benchmarks"]:
     e = b["extra_info"]
@@ -101,4 +104,12 @@ grep -E "^(engine|dia_fast|transformers)" "$OUTDIR/compile.log" | awk '!seen[$0]
 stage kernels 60 $PY -m pytest -q -p no:cacheprovider benchmarks/test_bench_attention.py \
   benchmarks/test_bench_sampling.py --benchmark-columns=mean,min,rounds --benchmark-json "$OUTDIR/kernels.json"
 grep -E "^test_" "$OUTDIR/kernels.log" | grep -v reference | head -40 >>"$summary"
+
+stage prefill 60 $PY -m pytest -q -p no:cacheprovider benchmarks/test_bench_linear_gpu.py -k prefill \
+  --benchmark-columns=min,rounds --benchmark-json "$OUTDIR/prefill.json"
+$PY -c 'import json, sys
+for b in json.load(open(sys.argv[1]))["benchmarks"]:
+    e = b["extra_info"]
+    print("prefill", b["param"], e["us_per_call"], "us", e["TFLOPs"], "TFLOP/s")' "$OUTDIR/prefill.json" \
+  >>"$summary" 2>/dev/null || tail -n 5 "$OUTDIR/prefill.log" >>"$summary"
 cat "$summary"

@@ -6,7 +6,9 @@ Run on a CUDA machine (``benchmarks/gpu_check.sh`` runs it as its ``gemm`` stage
 
     PYTHONPATH=python python -m pytest benchmarks/test_bench_linear_gpu.py --benchmark-columns=mean,rounds
 
-Rows: M activation rows (2 = batch 1 with CFG, 16 = batch 8). Each timed round replays a CUDA graph of ``N_CALLS``
+Rows: M activation rows (2 = batch 1 with CFG, 16 = batch 8; the prefill case: 1024, a voice prompt of about 6 s
+with CFG, where the Triton kernel tiles rows by 64 and the alternative is the reference's fp32 copy of the weight).
+Each timed round replays a CUDA graph of ``N_CALLS``
 calls; the calls cycle over enough copies of the weights to hold ``L2_FLUSH`` times the L2, so each call reads its
 weights from HBM, as a decode step does (18 layers of weights stream through the L2). ``extra_info``: microseconds
 per call and the weight bytes the implementation reads per second (``GB/s``). On a CPU only an interpreter smoke
@@ -46,6 +48,8 @@ TRITON_CONFIGS = {
     "int8-triton-k256s4": triton_linear.Int8LinearConfig(block_k=256, num_stages=4),
 }
 IMPLS = ("bf16", *TRITON_CONFIGS, "int8-torchao", "int4-torchao")
+PREFILL_ROWS = 1024
+PREFILL_IMPLS = ("bf16", "int8-triton", "int8-reference", "int8-torchao")
 
 
 def _copies(weight_bytes: int) -> int:
@@ -69,9 +73,12 @@ def _calls(impl: str, N: int, K: int, x: torch.Tensor) -> tuple[Callable[[int], 
         nbytes = N * K * 2
         weights = [make() for _ in range(_copies(nbytes))]
         return (lambda i: torch.nn.functional.linear(x, weights[i])), len(weights), nbytes
-    if impl in TRITON_CONFIGS:
-        nbytes, config = N * K + N * 4, TRITON_CONFIGS[impl]
+    if impl in TRITON_CONFIGS or impl == "int8-reference":
+        nbytes = N * K + N * 4
         quant = [quantize_rows(make().float()) for _ in range(_copies(nbytes))]
+        if impl == "int8-reference":  # dequantize to fp32, multiply in fp32 (what ran before the row blocks)
+            return (lambda i: ref.int8_linear(x, quant[i][0], quant[i][1])), len(quant), nbytes
+        config = TRITON_CONFIGS[impl]
         return (lambda i: triton_linear.int8_linear(x, quant[i][0], quant[i][1], config=config)), len(quant), nbytes
     pytest.importorskip("torchao")
     kind = impl.split("-")[0]
@@ -85,6 +92,19 @@ def _calls(impl: str, N: int, K: int, x: torch.Tensor) -> tuple[Callable[[int], 
 @pytest.mark.parametrize("M", [2, 16])
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_bench_decode_gemm(benchmark, name: str, M: int, impl: str) -> None:
+    _bench(benchmark, name, M, impl)
+
+
+@gpu
+@pytest.mark.parametrize("impl", PREFILL_IMPLS)
+@pytest.mark.parametrize("name", ["gate_up", "down"])
+def test_bench_prefill_gemm(benchmark, name: str, impl: str) -> None:
+    _bench(benchmark, name, PREFILL_ROWS, impl)
+    N, K = SHAPES[name]
+    benchmark.extra_info["TFLOPs"] = round(2 * PREFILL_ROWS * N * K / (benchmark.extra_info["us_per_call"] * 1e6), 1)
+
+
+def _bench(benchmark, name: str, M: int, impl: str) -> None:  # noqa: ANN001 - pytest-benchmark's fixture
     N, K = SHAPES[name]
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     call, n, nbytes = _calls(impl, N, K, x)

@@ -1,6 +1,7 @@
-"""The Triton weight-only int8 linear (dia_fast.ops.triton_linear) against its reference, over ragged shapes, the
-K split and its edge cases, out=, and the row limit. On a CPU-only machine it runs in the Triton interpreter
-(conftest.py); there fp32 and fp16 are checked, bf16 on a GPU (the interpreter's bf16 tl.dot is wrong)."""
+"""The Triton weight-only int8 linear (dia_fast.ops.triton_linear) against its reference, over ragged shapes, the K
+split and its edge cases, out=, and prefill-sized row counts (several row blocks). On a CPU-only machine it runs in
+the Triton interpreter (conftest.py); there fp32 and fp16 are checked, bf16 on a GPU (the interpreter's bf16 tl.dot
+is wrong)."""
 
 from __future__ import annotations
 
@@ -34,7 +35,19 @@ def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize(
     ("M", "N", "K"),
-    [(1, 1, 1), (2, 64, 128), (2, 17, 300), (3, 100, 129), (16, 65, 256), (17, 40, 1000), (40, 257, 77), (64, 8, 384)],
+    [
+        (1, 1, 1),
+        (2, 64, 128),
+        (2, 17, 300),
+        (3, 100, 129),
+        (16, 65, 256),
+        (17, 40, 1000),
+        (40, 257, 77),
+        (64, 8, 384),
+        (65, 40, 200),
+        (130, 33, 129),
+        (200, 70, 64),
+    ],
 )
 def test_int8_linear_matches_the_reference_on_ragged_shapes(M, N, K, dtype):
     x, w, s = _case(M, N, K, dtype)
@@ -68,7 +81,7 @@ def test_int8_linear_is_right_with_other_launch_settings(config, M, N, K):
     _close(tl_lin.int8_linear(x, w, s, config=config), ref.int8_linear(x, w, s), torch.float32)
 
 
-def test_int8_linear_keeps_leading_dims_writes_out_and_falls_back_past_the_row_limit():
+def test_int8_linear_keeps_leading_dims_and_writes_out():
     x, w, s = _case(2, 48, 96, torch.float32, lead=(3,))  # [3, 2, 96]: 6 rows
     want = ref.int8_linear(x, w, s)
     _close(tl_lin.int8_linear(x, w, s), want, torch.float32)
@@ -78,8 +91,10 @@ def test_int8_linear_keeps_leading_dims_writes_out_and_falls_back_past_the_row_l
     strided = torch.full((3, 2, 96), float("nan"), device=DEVICE)[..., ::2]  # not contiguous
     assert tl_lin.int8_linear(x, w, s, out=strided) is strided
     _close(strided, want, torch.float32)
-    big, w2, s2 = _case(tl_lin.MAX_ROWS + 1, 8, 32, torch.float32)
-    _close(tl_lin.int8_linear(big, w2, s2), ref.int8_linear(big, w2, s2), torch.float32)
+    big, w2, s2 = _case(3, 8, 32, torch.float32, lead=(tl_lin.MAX_BLOCK_M,))  # [64, 3, 32]: 192 rows, 3 row blocks
+    out = torch.full((tl_lin.MAX_BLOCK_M, 3, 8), float("nan"), device=DEVICE)
+    assert tl_lin.int8_linear(big, w2, s2, out=out) is out
+    _close(out, ref.int8_linear(big, w2, s2), torch.float32)
     empty = tl_lin.int8_linear(torch.empty(0, 96, device=DEVICE), w, s)
     assert empty.shape == (0, 48)
 

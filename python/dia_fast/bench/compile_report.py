@@ -377,13 +377,13 @@ def _scenarios(rec: _Recorder | None, dtype: str, log: Callable[[str], None], de
     ops.revert_delay(delayed, data.delay_pattern)
     ops.undelay_codes(delayed, data.delay_pattern, cfg.codebook_size)
     # the weight-only int8 GEMMs of a decode step (Int8Linear on CUDA): QKV, down, gate/up, logits at 2, 16 and 64
-    # activation rows (batch 1, 8 and 32 with CFG)
+    # activation rows (batch 1, 8 and 32 with CFG), and at 1024 (a prefill: 16 row blocks)
     if rec is not None:
-        rec.scenario = "ops: int8_linear, Dia's decoder GEMMs, 2 / 16 / 64 rows"
+        rec.scenario = "ops: int8_linear, Dia's decoder GEMMs, 2 / 16 / 64 / 1024 rows"
     for n, k in ((3072, 2048), (2048, 8192), (16384, 2048), (9252, 2048)):
         w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen).to(device)
         s = (torch.rand(n, generator=gen) * 0.01).to(device)
-        for m in (2, 16, 64):
+        for m in (2, 16, 64, 1024):
             ops.int8_linear(torch.randn(m, k, generator=gen).to(device=device, dtype=model.dtype), w, s)
 
 

@@ -1,4 +1,4 @@
-"""Weight-only int8 linear for decode-sized batches in Triton: :func:`dia_fast.ops.reference.int8_linear`.
+"""Weight-only int8 linear in Triton, made for decode steps: :func:`dia_fast.ops.reference.int8_linear`.
 
 A decode step multiplies a few rows of activations (2 per request with CFG) by every weight of the decoder, so
 its speed is the speed of reading the weights. Here each weight is read once, as one int8 byte, converted to the
@@ -7,13 +7,14 @@ column is then scaled by its row scale. torchao's eager int8 weight-only linear 
 whole weight and reads it back (five bytes moved per weight against bf16's two): the GPU check
 (``benchmarks/test_bench_linear_gpu.py``) compares the three.
 
-Rows are tiled 16 at a time (the smallest ``tl.dot`` operand), so up to :data:`MAX_ROWS` rows run here; more (a
-prefill) run the reference. When the output columns alone make too few programs to fill the GPU, the columns'
-sums are split along K into a workspace and summed in a fixed order by a second launch: deterministic, and with
-no host sync, so a decode step with it can be captured in a CUDA graph. Runs on CUDA and, for tests, on CPU
-tensors in the Triton interpreter (``TRITON_INTERPRET=1``), where fp32 and fp16 ``tl.dot`` are exact and bf16 is
-not: bf16 is tested on a GPU. Every load and store is masked, so any M, N and K work.
-"""
+Rows are tiled by 16 (the smallest ``tl.dot`` operand), 32 or :data:`MAX_BLOCK_M` (the fewest that hold them), and
+more rows than that (a prefill, a long voice prompt) by several blocks of :data:`MAX_BLOCK_M`, each reading the
+weights again: a plain tiled GEMM, there to spare the prefill the reference's fp32 copy of every weight. When the
+output columns alone make too few programs to fill the GPU, the columns' sums are split along K into a workspace and
+summed in a fixed order by a second launch: deterministic, and with no host sync, so a decode step with it can be
+captured in a CUDA graph. Runs on CUDA and, for tests, on CPU tensors in the Triton interpreter
+(``TRITON_INTERPRET=1``), where fp32 and fp16 ``tl.dot`` are exact and bf16 is not: bf16 is tested on a GPU. Every
+load and store is masked, so any M, N and K work."""
 
 from __future__ import annotations
 
@@ -26,9 +27,9 @@ import triton.language as tl
 
 from . import reference
 
-__all__ = ["DEFAULT_CONFIG", "MAX_ROWS", "Int8LinearConfig", "int8_linear", "int8_linear_splits"]
+__all__ = ["DEFAULT_CONFIG", "MAX_BLOCK_M", "Int8LinearConfig", "int8_linear", "int8_linear_splits"]
 
-MAX_ROWS = 64  # more activation rows than this run the reference (dequantize + GEMM)
+MAX_BLOCK_M = 64  # activation rows per program at most: more rows make more row blocks
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _CPU_SM_COUNT = 4  # the interpreter's assumed SMs: enough to exercise the split
 
@@ -131,7 +132,7 @@ def int8_linear(
 ) -> torch.Tensor:
     """Weight-only int8 linear ``x @ (weight * scale[:, None]).T`` (int8 [N, K] weights, fp32 scale per row),
     result in ``x``'s dtype; the semantics of :func:`dia_fast.ops.reference.int8_linear` (fp32 sums, then the
-    scale). More than :data:`MAX_ROWS` rows run the reference. ``config``: launch settings (benchmarks)."""
+    scale), for any number of rows. ``config``: launch settings (benchmarks)."""
     cfg = DEFAULT_CONFIG if config is None else config
     bad_weight = weight.dtype != torch.int8 or weight.ndim != 2 or scale.shape != weight.shape[:1]
     if bad_weight or x.shape[-1] != weight.shape[1]:
@@ -143,7 +144,7 @@ def int8_linear(
         raise RuntimeError("Triton int8_linear runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)")
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
-    if M > MAX_ROWS or M == 0 or K == 0:
+    if M == 0 or K == 0:
         return reference.int8_linear(x, weight, scale, out=out)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -158,7 +159,7 @@ def int8_linear(
         y = out.view(M, N) if out.is_contiguous() else torch.empty(M, N, dtype=x.dtype, device=x.device)
     else:
         y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    block_m = 16 if M <= 16 else triton.next_power_of_2(M)
+    block_m = min(max(16, triton.next_power_of_2(M)), MAX_BLOCK_M)
     m_blocks = triton.cdiv(M, block_m)
     splits = int8_linear_splits(m_blocks, N, K, _sm_count(x2), cfg)
     k_per_split = triton.cdiv(triton.cdiv(K, splits), cfg.block_k) * cfg.block_k

@@ -70,6 +70,12 @@ def _parser() -> argparse.ArgumentParser:
         choices=("int8", "fp8", "int4"),
         help="quantize the decoder's weights (CPU: int8, int4; CUDA: int8, fp8, int4; see docs/quantization.md)",
     )
+    g.add_argument(
+        "--save-model",
+        type=Path,
+        metavar="DIR",
+        help="save the loaded model to DIR (quantized with --quantize: loads back as it is); without text, only save",
+    )
     g = p.add_argument_group("generation")
     g.add_argument(
         "--max-new-tokens",
@@ -228,12 +234,45 @@ def _voice(args: argparse.Namespace, tts) -> tuple[Any, str | None]:
     return speaker.codes, speaker.tagged_transcript(0)
 
 
+def _check_save_model(args: argparse.Namespace) -> Path:
+    """The --save-model directory, checked before anything loads: not a file, its parent there and writable, and
+    not the --model checkpoint itself (saving there would overwrite the weights it was loaded from)."""
+    out = args.save_model.expanduser()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--save-model must be a directory, {out} is a file")
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise UsageError(f"--save-model: directory does not exist: {parent}")
+    if not os.access(out if out.is_dir() else parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--save-model: cannot write in {out if out.is_dir() else parent} (permission denied)")
+    if args.model and Path(args.model).expanduser().exists():
+        source = Path(args.model).expanduser().resolve()
+        if out.resolve() in (source, source.parent if source.is_file() else source):
+            raise UsageError(f"--save-model {out} is the --model checkpoint: give another directory")
+    return out
+
+
+def _save_model(args: argparse.Namespace, tts, out: Path) -> dict[str, Any]:
+    """Write the loaded model to ``out`` (``DiaTTS.save_pretrained``); the summary's part for it."""
+    from .quantize import quantized_mode
+
+    t0 = time.perf_counter()
+    tts.save_pretrained(out)
+    mode = quantized_mode(tts.model)
+    _log(args, f"dia_fast: saved the {mode or 'full-precision'} model to {out} ({time.perf_counter() - t0:.1f} s)")
+    return {"saved_model": str(out), "quantize": mode}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Execute a parsed command line; returns the summary printed with ``--json``."""
     import numpy as np
 
     from . import audio
 
+    save_to = _check_save_model(args) if args.save_model is not None else None
+    if save_to is not None and args.text is None and args.text_file is None:  # only save the model
+        tts = _load_tts(args)
+        return {"demo_model": bool(tts.demo), "device": str(tts.device), **_save_model(args, tts, save_to)}
     text = _read_text(args)
     if not text.strip():
         raise UsageError("text is empty: give at least one character to speak")
@@ -244,6 +283,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     tts = _load_tts(args)
+    saved = {} if save_to is None else _save_model(args, tts, save_to)
     if args.threads is None:  # a small model runs on 1 thread: see default_cpu_threads
         from .devices import use_default_cpu_threads
 
@@ -323,6 +363,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "generate_s": round(gen_s, 3),
         "realtime_factor": round(duration / gen_s, 3) if gen_s > 0 else None,
         "steps_per_s": round(steps_per_s, 1) if steps_per_s else None,
+        **saved,
     }
     _log(args, f"dia_fast: wrote {out} ({duration:.2f} s at {rate} Hz, {duration / max(gen_s, 1e-9):.2f}x realtime)")
     return summary

@@ -69,6 +69,15 @@ stage() {  # stage NAME DEFAULT_SECONDS CMD...: CMD under a time limit, its outp
   note "stage $name: exit $rc after $((SECONDS - t0)) s$([ $rc -eq 124 ] && echo " (time limit $limit s)")"
 }
 
+bench_summary() {  # bench_summary STAGE KEY UNIT...: a summary line per case of OUTDIR/STAGE.json (pytest-benchmark)
+  $PY -c 'import json, sys
+stage, path, pairs = sys.argv[1], sys.argv[2], sys.argv[3:]
+for b in json.load(open(path))["benchmarks"]:
+    e = b["extra_info"]
+    print(stage, b["param"], *(f"{e[k]} {unit}" for k, unit in zip(pairs[::2], pairs[1::2])))' \
+    "$1" "$OUTDIR/$1.json" "${@:2}" >>"$summary" 2>/dev/null || tail -n 5 "$OUTDIR/$1.log" >>"$summary"
+}
+
 stage env 30 bash -c "nvidia-smi; $PY -c 'import sys, torch, triton; print(sys.version); print(\"torch\", torch.__version__, \"triton\", triton.__version__, torch.cuda.get_device_name())'; $PY -c 'import transformers; print(\"transformers\", transformers.__version__)'; $PY -c 'import json, dia_fast; print(json.dumps(dia_fast.info(), indent=1, default=str))'"
 grep -m1 -E "H100|H200|A100|L40|RTX" "$OUTDIR/env.log" | sed 's/^/device: /' >>"$summary"
 
@@ -88,11 +97,7 @@ grep -E "^(engine|dia_fast)|error" "$OUTDIR/quant.log" | awk '!seen[$0]++' >>"$s
 
 stage gemm 90 $PY -m pytest -q -p no:cacheprovider benchmarks/test_bench_linear_gpu.py -k "not prefill" \
   --benchmark-columns=min,rounds --benchmark-json "$OUTDIR/gemm.json"
-$PY -c 'import json, sys
-for b in json.load(open(sys.argv[1]))["benchmarks"]:
-    e = b["extra_info"]
-    print("gemm", b["param"], e["us_per_call"], "us", e["GBps"], "GB/s")' "$OUTDIR/gemm.json" \
-  >>"$summary" 2>/dev/null || tail -n 5 "$OUTDIR/gemm.log" >>"$summary"
+bench_summary gemm us_per_call us GBps GB/s
 
 stage bench 150 "${BENCH[@]}" --batch 1,8 --steps "$COMPARE_STEPS" --compare transformers,eager --json "$OUTDIR/bench.json"
 grep -E "^(engine|dia_fast|transformers)" "$OUTDIR/bench.log" | awk '!seen[$0]++' >>"$summary"
@@ -107,9 +112,5 @@ grep -E "^test_" "$OUTDIR/kernels.log" | grep -v reference | head -40 >>"$summar
 
 stage prefill 60 $PY -m pytest -q -p no:cacheprovider benchmarks/test_bench_linear_gpu.py -k prefill \
   --benchmark-columns=min,rounds --benchmark-json "$OUTDIR/prefill.json"
-$PY -c 'import json, sys
-for b in json.load(open(sys.argv[1]))["benchmarks"]:
-    e = b["extra_info"]
-    print("prefill", b["param"], e["us_per_call"], "us", e["TFLOPs"], "TFLOP/s")' "$OUTDIR/prefill.json" \
-  >>"$summary" 2>/dev/null || tail -n 5 "$OUTDIR/prefill.log" >>"$summary"
+bench_summary prefill us_per_call us TFLOPs TFLOP/s
 cat "$summary"

@@ -119,7 +119,9 @@ def quantized_state(model: DiaModel) -> tuple[dict[str, torch.Tensor], dict[str,
     if len(int4_kinds) > 1:
         raise ValueError("the model mixes the CPU's int4 layers and torchao's int4 weights; it cannot be saved")
     int4_kind = next(iter(int4_kinds), None)
-    fmt = next(f for f, (m, k4, _) in FORMATS.items() if m == mode and k4 in (int4_kind, None))
+    fmt = next((f for f, (m, k4, _) in FORMATS.items() if m == mode and k4 == int4_kind), None)
+    if fmt is None:
+        raise ValueError(f"no saved format holds a {mode} model with {int4_kind or 'no'} int4 GEMMs")
     # the parameters under dia_fast's own names (state_dict() would split the self-attention QKV GEMMs)
     state = {k: v.detach().contiguous() for k, v in model.named_parameters() if not _is_torchao(v)}
     groups: dict[str, int] = {}

@@ -333,6 +333,32 @@ def test_an_int4_model_saves_and_loads_back_as_it_is(tmp_path):
     (directory / "quantization.json").write_text(json.dumps(bad))
     with pytest.raises(ValueError, match="down_proj must be torch.uint8 .* with \\(64, 2\\) scales"):
         DiaTTS.from_pretrained(directory, device="cpu")
+    bad_groups = [(0, "bad int4 groups"), ("128", "bad int4 groups"), (96, "down_proj: the group must divide 128")]
+    for groups, match in bad_groups:
+        bad = {**doc, "int4": {**doc["int4"], "decoder.layers.0.mlp.down_proj": groups}}
+        (directory / "quantization.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=match):
+            DiaTTS.from_pretrained(directory, device="cpu")
+    bad = {**doc, "quantized": [*doc["quantized"], "decoder.layers.9.mlp.down_proj"]}  # a layer the model lacks
+    (directory / "quantization.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="q4: ModuleList has no attribute `9`"):
+        DiaTTS.from_pretrained(directory, device="cpu")
+
+
+def test_an_int4_model_without_int4_parts_saves_in_the_int4_format(tmp_path):
+    """``int4_parts=()`` leaves only int8 GEMMs in an int4 model: it still saves (the CPU int4 format, no int4
+    GEMMs listed) and loads back as it was."""
+    q = DiaTTS.random("tiny", seed=0)
+    quantize_decoder(q.model, "int4", int4_parts=())
+    directory = q.save_pretrained(tmp_path / "q4")
+    doc = json.loads((directory / "quantization.json").read_text())
+    assert doc["format"] == "dia_fast.int4-weight-only/1" and doc["int4"] == {}
+    back = DiaTTS.from_pretrained(directory, device="cpu", codec=q.codec)
+    assert quantized_mode(back.model) == "int4"
+    g = torch.Generator().manual_seed(0)
+    ids, mask = torch.randint(1, 200, (1, 20), generator=g), torch.ones(1, 20, dtype=torch.bool)
+    codes = torch.randint(0, 1024, (1, 12, 9), generator=g)
+    assert torch.equal(back.model(ids, mask, codes), q.model(ids, mask, codes))
 
 
 def test_int4_quantizes_a_full_precision_checkpoint_tensor_by_tensor(tmp_path, monkeypatch):

@@ -274,7 +274,10 @@ def test_a_damaged_cuda_int4_directory_is_an_error_naming_the_gemm(tmp_path):
     n = re.escape(name)
     damaged = {
         f"the quantized weights of {n} are missing": {k: v for k, v in state.items() if k != f"{name}.weight_zero"},
-        f"{n} must be torch.uint8 .* scales and zeros": {**state, f"{name}.weight_zero": zero[:1].contiguous()},
+        f"{n} must be torch.uint8 .* scales and zeros, got .* and zeros \\(1,": {
+            **state,
+            f"{name}.weight_zero": zero[:1].contiguous(),
+        },
         f"the zeros of {n} must be finite": {**state, f"{name}.weight_zero": torch.full_like(zero, float("nan"))},
     }
     for match, tensors in damaged.items():
@@ -282,6 +285,13 @@ def test_a_damaged_cuda_int4_directory_is_an_error_naming_the_gemm(tmp_path):
             model = DiaModel(DiaConfig.from_json(directory / "config.json"))
         with pytest.raises(ValueError, match=match):
             load_saved(model, dict(tensors), doc, str(directory))
+    in_features = tts.model.get_submodule(name).weight.shape[1]
+    for group in (48, 512):  # not a tinygemm group / does not divide the row
+        with torch.device("meta"):
+            model = DiaModel(DiaConfig.from_json(directory / "config.json"))
+        bad = {**doc, "int4": {**doc["int4"], name: group}}
+        with pytest.raises(ValueError, match=f"{n}: int4 group {group} must divide its {in_features} columns"):
+            load_saved(model, dict(state), bad, str(directory))
 
 
 @pytest.mark.parametrize(("out_features", "in_features"), [(384, 256), (200, 64), (9, 96), (1028, 2048)])

@@ -117,7 +117,10 @@ def test_int8_linear_is_the_triton_backend_of_the_op():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("M", "N", "K"), [(2, 3072, 2048), (16, 16384, 2048), (2, 2048, 8192), (5, 9252, 2048)])
+@pytest.mark.parametrize(
+    ("M", "N", "K"),
+    [(2, 3072, 2048), (16, 16384, 2048), (2, 2048, 8192), (5, 9252, 2048), (130, 3072, 2048), (1024, 16384, 2048)],
+)
 def test_gpu_bf16_int8_linear_at_dia_shapes(M, N, K):
     x, w, s = _case(M, N, K, torch.bfloat16)
     _close(tl_lin.int8_linear(x, w, s), ref.int8_linear(x, w, s), torch.bfloat16)

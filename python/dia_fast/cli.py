@@ -144,8 +144,6 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"speaker file not found: {args.speaker_file}")
     if args.sample_rate is not None and not 1000 <= args.sample_rate <= 384000:
         raise UsageError(f"--sample-rate must be between 1000 and 384000 Hz, got {args.sample_rate}")
-    if args.threads is not None and args.threads < 1:
-        raise UsageError(f"--threads must be >= 1, got {args.threads}")
     if not args.no_loudness and not -70.0 <= args.loudness <= 0.0:
         raise UsageError(f"--loudness must be between -70 and 0 LUFS, got {args.loudness}")
     if args.crossfade_ms < 0:
@@ -258,9 +256,18 @@ def _save_model(args: argparse.Namespace, tts, out: Path) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     tts.save_pretrained(out)
-    mode = quantized_mode(tts.model)
-    _log(args, f"dia_fast: saved the {mode or 'full-precision'} model to {out} ({time.perf_counter() - t0:.1f} s)")
-    return {"saved_model": str(out), "quantize": mode}
+    mode, save_s = quantized_mode(tts.model), time.perf_counter() - t0
+    _log(args, f"dia_fast: saved the {mode or 'full-precision'} model to {out} ({save_s:.1f} s)")
+    return {"saved_model": str(out), "quantize": mode, "save_s": round(save_s, 3)}
+
+
+def _set_threads(args: argparse.Namespace) -> None:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -271,24 +278,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     save_to = _check_save_model(args) if args.save_model is not None else None
     if save_to is not None and args.text is None and args.text_file is None:  # only save the model
+        speech = {"--prompt-wav": args.prompt_wav, "--prompt-text": args.prompt_text}
+        speech.update({"--speaker-file": args.speaker_file, "--save-speaker": args.save_speaker})
+        given = [flag for flag, value in speech.items() if value]
+        if given:
+            raise UsageError(f"{', '.join(given)} needs text to speak (--save-model without text only saves)")
+        _set_threads(args)
         tts = _load_tts(args)
         return {"demo_model": bool(tts.demo), "device": str(tts.device), **_save_model(args, tts, save_to)}
     text = _read_text(args)
     if not text.strip():
         raise UsageError("text is empty: give at least one character to speak")
     _check_args(args)
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    _set_threads(args)
     t0 = time.perf_counter()
     tts = _load_tts(args)
-    saved = {} if save_to is None else _save_model(args, tts, save_to)
     if args.threads is None:  # a small model runs on 1 thread: see default_cpu_threads
         from .devices import use_default_cpu_threads
 
         use_default_cpu_threads(tts.device, tts.config.model.decoder.hidden_size)
     load_s = time.perf_counter() - t0
+    saved = {} if save_to is None else _save_model(args, tts, save_to)
     prompt, transcript = _voice(args, tts)
     if prompt is not None and not transcript:
         _log(args, "dia_fast: warning: no --prompt-text: cloning quality suffers without the prompt's transcript")

@@ -319,7 +319,10 @@ def install_cpu_layers(
         if kind == "int8":
             layer: nn.Module = Int8Linear(lin.in_features, lin.out_features, device="cpu")
         else:
-            layer = Int4Linear(lin.in_features, lin.out_features, (groups or {}).get(name), device="cpu")
+            try:
+                layer = Int4Linear(lin.in_features, lin.out_features, (groups or {}).get(name), device="cpu")
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
         _set_module(model, name, layer)
         layers[name] = layer
     return layers

@@ -118,7 +118,8 @@ def quantized_state(model: DiaModel) -> tuple[dict[str, torch.Tensor], dict[str,
     int4_kinds = {kind for kind, _ in gemms.values() if kind in ("int4", "int4z")}
     if len(int4_kinds) > 1:
         raise ValueError("the model mixes the CPU's int4 layers and torchao's int4 weights; it cannot be saved")
-    int4_kind = next(iter(int4_kinds), None)
+    # an int4 model whose int4 parts were left out (int4_parts=()) has only int8 GEMMs: the CPU's int4 format
+    int4_kind = next(iter(int4_kinds), "int4" if mode == "int4" else None)
     fmt = next((f for f, (m, k4, _) in FORMATS.items() if m == mode and k4 == int4_kind), None)
     if fmt is None:
         raise ValueError(f"no saved format holds a {mode} model with {int4_kind or 'no'} int4 GEMMs")
@@ -171,8 +172,9 @@ def _int8_rows(weight: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Ten
 def _fp8_rows(weight: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(float8_e4m3fn [out, in], fp32 [out]) of a torchao fp8 weight with one scale per row."""
     qdata, scale = weight.qdata, weight.scale
-    if qdata.dtype != torch.float8_e4m3fn or list(weight.block_size) != [1, qdata.shape[1]]:
-        raise ValueError(f"{name}: only float8_e4m3fn weights with one scale per row can be saved")
+    rows = qdata.dtype == torch.float8_e4m3fn and list(weight.block_size) == [1, qdata.shape[1]]
+    if not rows or getattr(weight, "act_quant_kwargs", None) is not None:
+        raise ValueError(f"{name}: only weight-only float8_e4m3fn weights with one scale per row can be saved")
     return qdata, scale.reshape(-1).float()
 
 
@@ -181,6 +183,8 @@ def _tinygemm_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     weight (torchao's ``Int4TilePackedTo4dTensor``). Its packing is the kernel's own, so the values are read back
     through the kernel: identity rows times the weight with unit scales and zero zeros give ``q - 8`` exactly."""
     N, K = weight.shape
+    if getattr(weight, "act_pre_scale", None) is not None:
+        raise ValueError("int4 weights with an activation pre-scale cannot be saved (only weight-only int4)")
     group = int(weight.block_size[-1])
     scale_and_zero = weight.scale_and_zero  # [K_pad / group, N_pad, 2] bf16
     k_pad = scale_and_zero.shape[0] * group
@@ -239,7 +243,10 @@ def check_saved_device(doc: dict[str, Any], device: torch.device, source: str) -
 def _saved_kinds(doc: dict[str, Any]) -> tuple[dict[str, str], dict[str, int]]:
     """(GEMM name -> saved kind, int4 GEMM name -> group) of a quantization.json document."""
     _, int4_kind, other = FORMATS[doc["format"]]
-    groups = {name: int(g) for name, g in (doc.get("int4") or {}).items()} if int4_kind else {}
+    groups = dict(doc.get("int4") or {}) if int4_kind else {}
+    bad = {name: g for name, g in groups.items() if type(g) is not int or g <= 0 or name not in doc["quantized"]}
+    if bad:
+        raise ValueError(f"bad int4 groups in {QUANT_FILE} (positive ints, for quantized GEMMs): {bad}")
     return {name: int4_kind if name in groups else other for name in doc["quantized"]}, groups
 
 
@@ -247,9 +254,9 @@ def load_saved(model: DiaModel, state: dict[str, torch.Tensor], doc: dict[str, A
     """Fill ``model`` (built on the meta device) from :func:`quantized_state`'s tensors and document: the
     full-precision ones are loaded strictly; the quantized GEMMs become :class:`Int8Linear` / :class:`Int4Linear`
     layers (CPU formats) or :class:`CudaOnlyGemm` holders holding the saved weights, scales and zeros."""
-    kinds, groups = _saved_kinds(doc)
-    cpu_kinds = {name: kind for name, kind in kinds.items() if kind in ("int8", "int4")}
     try:
+        kinds, groups = _saved_kinds(doc)
+        cpu_kinds = {name: kind for name, kind in kinds.items() if kind in ("int8", "int4")}
         layers: dict[str, nn.Module] = install_cpu_layers(model, cpu_kinds, groups)
         for name, kind in kinds.items():
             if name in cpu_kinds:
@@ -257,9 +264,15 @@ def load_saved(model: DiaModel, state: dict[str, torch.Tensor], doc: dict[str, A
             lin = model.get_submodule(name)
             if not isinstance(lin, nn.Linear):
                 raise ValueError(f"{name} is not a linear layer of this model")
-            layers[name] = CudaOnlyGemm(lin.in_features, lin.out_features, kind, groups.get(name, 0))
+            group = groups.get(name, 0)
+            if kind == "int4z" and (group not in _TINYGEMM_GROUPS or lin.in_features % group):
+                raise ValueError(
+                    f"{name}: int4 group {group} must divide its {lin.in_features} columns and be one of "
+                    f"{', '.join(map(str, _TINYGEMM_GROUPS))}"
+                )
+            layers[name] = CudaOnlyGemm(lin.in_features, lin.out_features, kind, group)
             _set_module(model, name, layers[name])
-    except ValueError as exc:
+    except (ValueError, AttributeError) as exc:  # AttributeError: a GEMM name this model does not have
         raise ValueError(f"{source}: {exc}") from None
     keys = set()
     for name, layer in layers.items():
@@ -278,6 +291,7 @@ def load_saved(model: DiaModel, state: dict[str, torch.Tensor], doc: dict[str, A
             raise ValueError(
                 f"{source}: {name} must be {dtype} {shape} with {scale_shape} scales{' and zeros' * bool(zero)}, "
                 f"got {q.dtype} {tuple(q.shape)} and {tuple(scale.shape)}"
+                + (f" and zeros {tuple(zero[0].shape)}" if zero else "")
             )
         if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
             raise ValueError(f"{source}: the scales of {name} must be positive and finite")

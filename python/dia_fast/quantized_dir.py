@@ -120,7 +120,7 @@ def quantized_state(model: DiaModel) -> tuple[dict[str, torch.Tensor], dict[str,
         raise ValueError("the model mixes the CPU's int4 layers and torchao's int4 weights; it cannot be saved")
     # an int4 model whose int4 parts were left out (int4_parts=()) has only int8 GEMMs: the CPU's int4 format
     int4_kind = next(iter(int4_kinds), "int4" if mode == "int4" else None)
-    fmt = next((f for f, (m, k4, _) in FORMATS.items() if m == mode and k4 == int4_kind), None)
+    fmt = next((f for f, (f_mode, k4, _) in FORMATS.items() if f_mode == mode and k4 == int4_kind), None)
     if fmt is None:
         raise ValueError(f"no saved format holds a {mode} model with {int4_kind or 'no'} int4 GEMMs")
     # the parameters under dia_fast's own names (state_dict() would split the self-attention QKV GEMMs)

@@ -170,10 +170,15 @@ def _check_args(args: argparse.Namespace) -> None:
         if spk.is_dir():
             example = spk / "voice.safetensors"
             raise UsageError(f"--save-speaker is a directory: {spk} (give a file name, e.g. {example})")
-        if not spk.resolve().parent.is_dir():
-            raise UsageError(f"--save-speaker: directory does not exist: {spk.resolve().parent}")
-        if not os.access(spk.resolve().parent, os.W_OK | os.X_OK):
-            raise UsageError(f"--save-speaker: cannot write in {spk.resolve().parent} (permission denied)")
+        _check_writable("--save-speaker", spk.resolve().parent)
+
+
+def _check_writable(flag: str, directory: Path) -> None:
+    """A one-line error unless ``directory`` (where ``flag`` writes) exists and can be written in."""
+    if not directory.is_dir():
+        raise UsageError(f"{flag}: directory does not exist: {directory}")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag}: cannot write in {directory} (permission denied)")
 
 
 def _log(args: argparse.Namespace, msg: str) -> None:
@@ -238,11 +243,7 @@ def _check_save_model(args: argparse.Namespace) -> Path:
     out = args.save_model.expanduser()
     if out.exists() and not out.is_dir():
         raise UsageError(f"--save-model must be a directory, {out} is a file")
-    parent = out.resolve().parent
-    if not parent.is_dir():
-        raise UsageError(f"--save-model: directory does not exist: {parent}")
-    if not os.access(out if out.is_dir() else parent, os.W_OK | os.X_OK):
-        raise UsageError(f"--save-model: cannot write in {out if out.is_dir() else parent} (permission denied)")
+    _check_writable("--save-model", out if out.is_dir() else out.resolve().parent)
     if args.model and Path(args.model).expanduser().exists():
         source = Path(args.model).expanduser().resolve()
         if out.resolve() in (source, source.parent if source.is_file() else source):
@@ -278,8 +279,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     save_to = _check_save_model(args) if args.save_model is not None else None
     if save_to is not None and args.text is None and args.text_file is None:  # only save the model
-        speech = {"--prompt-wav": args.prompt_wav, "--prompt-text": args.prompt_text}
-        speech.update({"--speaker-file": args.speaker_file, "--save-speaker": args.save_speaker})
+        speech = {
+            "--prompt-wav": args.prompt_wav,
+            "--prompt-text": args.prompt_text,
+            "--speaker-file": args.speaker_file,
+            "--save-speaker": args.save_speaker,
+        }
         given = [flag for flag, value in speech.items() if value]
         if given:
             raise UsageError(f"{', '.join(given)} needs text to speak (--save-model without text only saves)")

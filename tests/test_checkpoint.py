@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from dia_fast import DiaTTS
-from dia_fast.checkpoint import CheckpointError
+from dia_fast.checkpoint import RANDOM_WEIGHTS_KEY, CheckpointError, safetensors_metadata
 from dia_fast.config import DiaConfig
 from dia_fast.text import encode_batch
 
@@ -176,6 +177,25 @@ def test_save_pretrained_round_trip(tmp_path, layout, dec_ids):
     for (k, a), (k2, b) in zip(tts.model.state_dict().items(), back.model.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(a, b), k
     assert torch.equal(_our_logits(tts, dec_ids), _our_logits(back, dec_ids))
+
+
+@pytest.mark.parametrize("layout", ["transformers", "official"])
+def test_saved_random_weights_load_back_marked_as_a_demo(tmp_path, layout):
+    """Weights saved from DiaTTS.random carry a mark in the safetensors metadata: loading them back (the directory
+    or the weights file) warns that they are random and gives a demo model. A model of one's own with the same
+    weights is not marked, and saving it over the directory clears the mark."""
+    demo = DiaTTS.random("tiny", seed=3)
+    directory = demo.save_pretrained(tmp_path / "ckpt", layout=layout)
+    assert safetensors_metadata(directory) == {"format": "pt", RANDOM_WEIGHTS_KEY: "true"}
+    for path in (directory, directory / "model.safetensors"):
+        with pytest.warns(UserWarning, match=r"holds random weights \(saved from a dia_fast demo model"):
+            assert DiaTTS.from_pretrained(path, codec=_codec()).demo
+    DiaTTS(demo.model, demo.codec).save_pretrained(directory, layout=layout)
+    assert safetensors_metadata(directory) == {"format": "pt"}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert not DiaTTS.from_pretrained(directory, codec=_codec()).demo
+    assert not [w for w in caught if "random" in str(w.message)]
 
 
 def test_sharded_safetensors_with_index(hf_model, dec_ids, tmp_path):

@@ -75,6 +75,17 @@ def _load_codec(codec: AudioCodec | str | Path | None, device: torch.device, whe
     return load_codec(codec, device=device, search_dir=where)
 
 
+def _saved_demo(path: str | Path, stacklevel: int) -> bool:
+    """Whether a checkpoint holds a saved random-weight demo model (warns when it does, at ``stacklevel``)."""
+    demo = ckpt.has_random_weights(path)
+    if demo:
+        warnings.warn(
+            f"{path} holds random weights (saved from a dia_fast demo model, DiaTTS.random): the audio is not speech",
+            stacklevel=stacklevel + 1,
+        )
+    return demo
+
+
 class DiaTTS:
     """A Dia model ready to speak: model weights, codec and device.
 
@@ -160,7 +171,7 @@ class DiaTTS:
             load_cuda_quantized(model, tensors, quantize, dt, dev, source)
         model = _finish_model(model, dev, dt)
         release_host_memory()
-        return cls(model, _load_codec(codec, dev, root))
+        return cls(model, _load_codec(codec, dev, root), demo=_saved_demo(path, stacklevel=2))
 
     @classmethod
     def _from_quantized(
@@ -194,7 +205,7 @@ class DiaTTS:
         if dev.type == "cuda":  # the same values in CUDA's layers (CPU int4: tinygemm's, scales rounded to bf16)
             cuda_from_saved(model, dev, dt)
         model = _finish_model(model, dev, dt)
-        return cls(model, _load_codec(codec, dev, path))
+        return cls(model, _load_codec(codec, dev, path), demo=_saved_demo(path, stacklevel=3))
 
     @classmethod
     def random(
@@ -235,7 +246,9 @@ class DiaTTS:
         """Write ``config.json`` + ``model.safetensors`` in the ``"transformers"`` (default) or ``"official"``
         layout. A quantized model is written in dia_fast's quantized layout instead (the quantized weights with their
         scales, and ``quantization.json``; :mod:`dia_fast.quantized_dir`), which :meth:`from_pretrained` loads back
-        as it is: int8 and CPU int4 on either device, CUDA int4 and fp8 on CUDA."""
+        as it is: int8 and CPU int4 on either device, CUDA int4 and fp8 on CUDA. The weights of a random model
+        (:attr:`demo`) are marked as such in the safetensors metadata: loading them back warns and gives a demo
+        model again."""
         from safetensors.torch import save_file
 
         from .quantize import quantized_mode
@@ -247,7 +260,7 @@ class DiaTTS:
                 raise ValueError(f"a quantized model is saved in dia_fast's quantized layout only, not {layout!r}")
             state, doc = quantized_state(self.model)
             out.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.cpu() for k, v in state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+            save_file({k: v.cpu() for k, v in state.items()}, str(out / "model.safetensors"), metadata=self._metadata())
             (out / QUANT_FILE).write_text(json.dumps(doc, indent=2))
             (out / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
             return out
@@ -257,10 +270,14 @@ class DiaTTS:
         out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
         state = ckpt.to_transformers(state) if layout == "transformers" else ckpt.to_official(state, self.config)
-        save_file(state, str(out / "model.safetensors"))
+        save_file(state, str(out / "model.safetensors"), metadata=self._metadata())
         (out / QUANT_FILE).unlink(missing_ok=True)  # a full-precision model over a quantized one
         (out / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
         return out
+
+    def _metadata(self) -> dict[str, str]:
+        """The saved weights' safetensors metadata: random weights (:meth:`random`) are marked as such."""
+        return {"format": "pt", **({ckpt.RANDOM_WEIGHTS_KEY: "true"} if self.demo else {})}
 
     # ------------------------------------------------------------------------------ generation
     def generate(

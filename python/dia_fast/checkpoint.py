@@ -29,6 +29,11 @@ Tensors = dict[str, torch.Tensor]
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "dia-v0_1.pth", "model.pth")
 
 
+# Safetensors metadata that DiaTTS.save_pretrained writes for a random-weight model (DiaTTS.random): loading it back
+# says so, and the CLI treats it as the demo model it is.
+RANDOM_WEIGHTS_KEY = "dia_fast.random_weights"
+
+
 class CheckpointError(ValueError):
     """A checkpoint that does not match the model it is loaded into."""
 
@@ -108,8 +113,8 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def _safetensors_header(f: BinaryIO, path: Path) -> tuple[dict[str, Any], int]:
-    """(header, offset of the data) of an open safetensors file."""
+def _safetensors_header(f: BinaryIO, path: Path, metadata: dict[str, Any] | None = None) -> tuple[dict[str, Any], int]:
+    """(header, offset of the data) of an open safetensors file; its ``__metadata__`` goes into ``metadata``."""
     size = f.seek(0, 2)
     f.seek(0)
     head = f.read(8)
@@ -122,7 +127,9 @@ def _safetensors_header(f: BinaryIO, path: Path) -> tuple[dict[str, Any], int]:
         raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {exc}") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): bad header")
-    header.pop("__metadata__", None)
+    meta = header.pop("__metadata__", None)
+    if metadata is not None and isinstance(meta, dict):
+        metadata.update(meta)
     for name, info in header.items():
         ok = isinstance(info, dict) and isinstance(info.get("shape"), list)
         begin, end = info.get("data_offsets", (0, -1)) if ok else (0, -1)
@@ -172,6 +179,27 @@ def safetensors_keys(paths: Iterable[Path]) -> list[str] | None:
         with open(path, "rb") as f:
             keys.extend(_safetensors_header(f, path)[0])
     return keys
+
+
+def safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The ``__metadata__`` of a checkpoint's safetensors weight files (a directory or one file), merged; empty for
+    other formats and for paths that are not local."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        return {}
+    files = find_weights(p) if p.is_dir() else [p]
+    metadata: dict[str, str] = {}
+    for file in files:
+        if file.suffix == ".safetensors":
+            with open(file, "rb") as f:
+                _safetensors_header(f, file, metadata)
+    return metadata
+
+
+def has_random_weights(path: str | Path) -> bool:
+    """Whether ``path`` holds weights that dia_fast saved from a random-weight demo model
+    (:data:`RANDOM_WEIGHTS_KEY` in the safetensors metadata)."""
+    return safetensors_metadata(path).get(RANDOM_WEIGHTS_KEY) == "true"
 
 
 def read_all(paths: Iterable[Path]) -> Tensors:

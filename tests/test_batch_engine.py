@@ -181,6 +181,27 @@ def test_full_queue_is_an_error_and_timeouts_fail_requests(tts):
         engine.submit(TEXTS[0])
 
 
+def test_the_queue_limit_counts_requests_that_wait_for_a_slot(tts):
+    """``max_queue`` bounds the requests that wait for a slot: those the free slots take at the next step do not
+    wait, and the pieces of one long text count once. The test holds the engine's lock, so the scheduler admits
+    nothing meanwhile (every request submitted is still queued)."""
+    with BatchEngine(tts, max_slots=4, max_queue=2) as engine:
+        with engine._cv:  # (a reentrant lock: submit takes it too)
+            burst = [engine.submit(TEXTS[i % 4], max_new_tokens=30, seed=i) for i in range(6)]  # 4 slots + 2
+            assert engine.queued == 6
+            with pytest.raises(EngineBusy, match=r"queue is full \(2 of 2 waiting\)"):
+                engine.submit(TEXTS[0], max_new_tokens=30)
+            for h in burst:
+                h.cancel()
+    with BatchEngine(tts, max_slots=1, max_queue=1) as engine:
+        with engine._cv:
+            long = engine.submit("[S1] This sentence is one of many in a long text. " * 60, max_new_tokens=30)
+            assert long.pieces >= 3 and engine.queued == 1  # one request, its first piece about to run
+            with pytest.raises(EngineBusy, match="queue is full"):
+                engine.submit(TEXTS[0], max_new_tokens=30)
+            long.cancel()
+
+
 def test_close_fails_what_is_pending_or_drains_it(tts):
     engine = BatchEngine(tts, max_slots=1)
     handles = [engine.submit(TEXTS[i], max_new_tokens=200, min_new_tokens=150, seed=i) for i in range(3)]

@@ -216,7 +216,9 @@ def test_voices_round_trip(tts, base):
     assert short.status_code == 400 and "1-20 s" in short.json()["error"]["message"]
     for bad_id in ("../escape", "a/b", ".hidden", "S1", "x" * 65):
         r = httpx.post(f"{base}/v1/audio/voices", data={**form, "name": bad_id}, files=files, timeout=60)
-        assert r.status_code == 400, bad_id
+        assert r.status_code == 400 and r.json()["error"]["param"] == "name", bad_id
+    untold = httpx.post(f"{base}/v1/audio/voices", data={**form, "transcript": " "}, files=files, timeout=60)
+    assert untold.status_code == 400 and untold.json()["error"]["param"] == "transcript"
     junk = httpx.post(
         f"{base}/v1/audio/voices",
         data={**form, "name": "junk"},
@@ -326,6 +328,9 @@ def test_errors_are_openai_json_without_tracebacks(base):
         (json.dumps({"model": "tts-1", "voice": "S1", "input": "x", "bogus": 1}).encode(), 400, "bogus"),
         (json.dumps({"model": "nope", "voice": "S1", "input": "x"}).encode(), 404, "model"),
         (json.dumps({"model": "tts-1", "voice": "alloy", "input": "x"}).encode(), 400, "voice"),
+        (json.dumps({"model": "tts-1", "voice": 5, "input": "x"}).encode(), 400, "voice"),
+        (json.dumps({"model": "tts-1", "voice": {"id": "S1", "x": 1}, "input": "x"}).encode(), 400, "voice.x"),
+        (json.dumps({"model": "tts-1", "voice": {"name": "S1"}, "input": "x"}).encode(), 400, "voice.id"),
         (json.dumps({"model": "tts-1", "voice": "S1", "input": "x", "speed": 5}).encode(), 400, "speed"),
         (json.dumps({"model": "tts-1", "voice": "S1", "input": "x", "temperature": -1}).encode(), 400, "temperature"),
         (b'{"model": "tts-1", "voice": "S1", "input": "x", "top_p": NaN}', 400, "top_p"),
@@ -352,6 +357,11 @@ def test_errors_are_openai_json_without_tracebacks(base):
         assert param is None or err["param"] == param, (body[:80], err)
         assert "Traceback" not in r.text
     assert httpx.get(f"{base}/v1/nothing").json()["error"]["message"]
+    # the model ids a request may name: the served id and its aliases
+    served = httpx.get(f"{base}/v1/models").json()["data"][0]
+    for model_id in (served["id"], *served["aliases"]):
+        assert httpx.get(f"{base}/v1/models/{model_id}").json()["id"] == served["id"], model_id
+    assert httpx.get(f"{base}/v1/models/nope").status_code == 404
 
 
 def test_speed_and_sample_rate(tts, base):
@@ -422,6 +432,38 @@ def test_shutdown_drains_a_running_request(tts):
     assert not thread.is_alive()
 
 
+def _sse_events(url: str, body: dict) -> list[dict]:
+    with httpx.stream("POST", f"{url}/v1/audio/speech", json={**body, "stream_format": "sse"}, timeout=120) as r:
+        assert r.status_code == 200
+        return [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+
+
+def test_requests_still_running_at_the_shutdown_limit_get_their_error_answers(tts):
+    """At the shutdown limit, uvicorn would cancel what still runs (a bare 500, a silently closed stream): the engine
+    is closed a little before it, so a running whole-file request gets 503 JSON and a queued SSE stream an error
+    event, in time."""
+    body = {"model": "tts-1", "voice": "S1", "input": "Long.", "response_format": "wav", "temperature": 0}
+    long = {**body, "max_new_tokens": 3000, "min_new_tokens": 2950}  # many seconds on the CPU
+    settings = ServerSettings(max_batch=1, shutdown_timeout_s=2.0)
+    with serve_in_thread(create_app(settings, tts=tts), start_timeout=60) as local:
+        url = local.url
+        deadline = time.monotonic() + 60
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            whole = pool.submit(httpx.post, f"{url}/v1/audio/speech", json=long, timeout=120)
+            while _metric(url, "dia_fast_busy_slots") < 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            stream = pool.submit(_sse_events, url, long)
+            while _metric(url, "dia_fast_queue_depth") < 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            t0 = time.monotonic()
+            local.stop()
+            r, events = whole.result(timeout=60), stream.result(timeout=60)
+        stopped_s = time.monotonic() - t0
+    assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable", r.text
+    assert events and events[-1]["type"] == "error" and events[-1]["error"]["code"] == "unavailable", events
+    assert stopped_s < 30
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -471,6 +513,9 @@ def test_bad_flags_are_one_line_errors():
         ["--max-queue", "0"],
         ["--replicas", "0"],
         ["--quantize", "fp8", "--device", "cpu"],
+        ["--device", "tpu"],
+        ["--dtype", "int3"],
+        ["--model", "/no/such/checkpoint"],
     )
     for args in bad:
         r = subprocess.run([sys.executable, "-m", "dia_fast.serve", *args], capture_output=True, text=True, timeout=120)

@@ -388,13 +388,18 @@ def check_state_dict(expected: dict[str, torch.Size], state: Tensors, source: st
     raise CheckpointError(f"{source} does not match the model config; " + "; ".join(parts))
 
 
+def is_hub_id(text: str) -> bool:
+    """Whether ``text`` has the form of a Hugging Face hub id (``owner/name``)."""
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", text) is not None and not text.startswith((".", "/"))
+
+
 def resolve_path(path_or_id: str | Path) -> Path:
     """A local file/directory, or a hub id downloaded with ``huggingface_hub`` when it can be reached."""
     p = Path(path_or_id).expanduser()
     if p.exists():
         return p
     text = str(path_or_id)
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not text.startswith((".", "/")):
+    if is_hub_id(text):
         try:
             from huggingface_hub import snapshot_download
         except ImportError as exc:

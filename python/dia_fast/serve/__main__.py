@@ -62,12 +62,16 @@ def main(argv: list[str] | None = None) -> int:
             max_input_chars=args.max_input_chars,
             model_id=args.model_id,
         )
-        if settings.quantize is not None:  # a mode the device cannot run: an error before the server starts
-            from ..devices import resolve_device, resolve_dtype
-            from ..quantize import check_quantize
+        # a device, dtype or quantization mode this machine cannot run, or a checkpoint that is not there: an
+        # error before the server starts (loading itself happens at start-up)
+        from ..checkpoint import is_hub_id
+        from ..devices import resolve_device, resolve_dtype
+        from ..quantize import check_quantize
 
-            dev = resolve_device(settings.device)
-            check_quantize(settings.quantize, dev, resolve_dtype(settings.dtype, dev))
+        dev = resolve_device(settings.device)
+        check_quantize(settings.quantize, dev, resolve_dtype(settings.dtype, dev))
+        if args.model and not Path(args.model).expanduser().exists() and not is_hub_id(args.model):
+            raise ValueError(f"--model: checkpoint not found: {args.model}")
         if not 0 < args.port < 65536:
             raise ValueError(f"--port must be 1-65535, got {args.port}")
         if args.replicas < 1 or (args.max_replicas is not None and args.max_replicas < args.replicas):
@@ -89,18 +93,16 @@ def main(argv: list[str] | None = None) -> int:
             address=args.ray_address,
         )
         return 0
-    import uvicorn
-
     from . import create_app
+    from .graceful import graceful_server
 
-    uvicorn.run(
-        create_app(settings),
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        timeout_graceful_shutdown=settings.shutdown_timeout_s,
-    )
-    return 0
+    # uvicorn.run's single-process path, with the settings' shutdown limit and running requests answered before it
+    server = graceful_server(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    return 0 if server.started else 3  # 3: the start failed (uvicorn's code; the log says why)
 
 
 def _no_ray() -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -22,7 +23,7 @@ from starlette.types import Message, Receive, Scope, Send
 from .._version import __version__
 from .audio_out import FORMATS
 from .metrics import CONTENT_TYPE_LATEST
-from .service import ApiError, SpeechRequest, SpeechService, load_tts
+from .service import MODEL_ALIASES, ApiError, SpeechRequest, SpeechService, load_tts
 from .settings import ServerSettings
 from .voices import BUILTIN_VOICES, VoiceError
 
@@ -150,6 +151,7 @@ def create_app(settings: ServerSettings | None = None, *, tts: DiaTTS | None = N
             log.info("dia_fast server stopped (%d requests served)", service.engine.stats["finished"])
 
     app = FastAPI(title="dia_fast speech server", version=__version__, lifespan=lifespan)
+    app.state.settings = settings  # (dia_fast.serve.graceful reads its shutdown limit)
 
     def limit_for(path: str) -> int:
         return settings.max_voice_bytes if path.startswith("/v1/audio/voices") else settings.max_body_bytes
@@ -226,7 +228,7 @@ def create_app(settings: ServerSettings | None = None, *, tts: DiaTTS | None = N
     @app.get("/v1/models/{model_id}", dependencies=v1)
     async def model(model_id: str, request: Request) -> dict[str, Any]:
         service = service_of(request)
-        if model_id != service.model_id:
+        if model_id != service.model_id and model_id not in MODEL_ALIASES:
             raise ApiError(404, f"the model {model_id!r} does not exist", param="model", code="model_not_found")
         return service.model_card()
 
@@ -264,7 +266,8 @@ def create_app(settings: ServerSettings | None = None, *, tts: DiaTTS | None = N
                 )
             )
         except VoiceError as exc:
-            raise ApiError(exc.status, str(exc), param="file" if exc.status == 400 else "name", code=exc.code) from None
+            param = exc.param or ("file" if exc.status == 400 else "name")
+            raise ApiError(exc.status, str(exc), param=param, code=exc.code) from None
         return info.as_json()
 
     @app.delete("/v1/audio/voices/{voice_id}", dependencies=v1)
@@ -297,9 +300,19 @@ def _media_type(req: SpeechRequest) -> str:
     return FORMATS[req.response_format].media_type
 
 
+_UNION_MEMBER = re.compile(r"str|int|float|bool|list\[.*\]|dict\[.*\]|[A-Z]\w*|\w+\[.*\]")
+
+
 def _validation_error(errors: list[Any]) -> JSONResponse:
     first = errors[0] if errors else {}
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
+    # a union (voice: a name or {"id": ...}) fails once per member: report the member that got furthest
+    def field(e: Any) -> tuple:
+        return tuple(p for p in e.get("loc", ()) if p != "body")[:1]
+
+    same_field = [e for e in errors if field(e) == field(first)]
+    first = max(same_field, key=lambda e: len(e.get("loc", ())), default=first)
+    # the field's path, without pydantic's names for the members of a union ("voice.str", "voice.VoiceRef.x")
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _UNION_MEMBER.fullmatch(str(p))]
     param = ".".join(loc) or None
     message = f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid request")
     if first.get("type") == "extra_forbidden":

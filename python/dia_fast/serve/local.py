@@ -33,9 +33,9 @@ def serve_in_thread(
 ) -> Iterator[LocalServer]:
     """Run ``app`` (an ASGI app, e.g. :func:`dia_fast.serve.create_app`'s) with uvicorn in a daemon thread; yields
     once it accepts connections and stops it on exit. ``port=0`` takes a free port."""
-    import uvicorn
+    from .graceful import graceful_server
 
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+    server = graceful_server(app, host=host, port=port, log_level=log_level)
     thread = threading.Thread(target=server.run, name="dia_fast-serve", daemon=True)
     thread.start()
     deadline = time.monotonic() + start_timeout

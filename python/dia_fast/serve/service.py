@@ -10,6 +10,7 @@ import concurrent.futures
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
@@ -125,8 +126,23 @@ class SpeechService:
         )
         self.model_id = settings.served_model_id
         self.created = int(time.time())
+        self.stopping = False
+        self._stop_timer: threading.Timer | None = None
+
+    def begin_shutdown(self, fail_after_s: float | None) -> None:
+        """The server has stopped taking connections (:mod:`dia_fast.serve.graceful`): ``/health`` says "stopping",
+        and requests that still run ``fail_after_s`` seconds from now fail with :class:`EngineClosed` (answered 503,
+        an SSE ``error`` event, a cut stream with a log line), before the server's own limit would cancel them
+        without an answer. None: they may run until they end."""
+        self.stopping = True
+        if fail_after_s is not None and self._stop_timer is None:
+            self._stop_timer = threading.Timer(fail_after_s, self.engine.close)
+            self._stop_timer.daemon = True
+            self._stop_timer.start()
 
     def close(self, *, drain: bool = True) -> None:
+        if self._stop_timer is not None:
+            self._stop_timer.cancel()
         self.engine.close(drain=drain, timeout=self.settings.shutdown_timeout_s)
         self.workers.shutdown(wait=False, cancel_futures=True)
 
@@ -363,7 +379,7 @@ class SpeechService:
     def health(self) -> dict[str, Any]:
         engine = self.engine
         return {
-            "status": "ok" if engine.running else "unavailable",
+            "status": "stopping" if self.stopping else "ok" if engine.running else "unavailable",
             "model": self.model_id,
             "demo": self.settings.demo,
             "device": str(self.tts.device),

@@ -26,11 +26,14 @@ _TAG_START_RE = re.compile(r"^\s*\[S[12]\]")
 
 
 class VoiceError(ValueError):
-    """A voice request that cannot be served; ``status`` is the HTTP status it answers with."""
+    """A voice request that cannot be served; ``status`` is the HTTP status it answers with, ``param`` the request
+    field at fault when it is known."""
 
-    def __init__(self, message: str, status: int = 400, code: str = "invalid_voice") -> None:
+    def __init__(
+        self, message: str, status: int = 400, code: str = "invalid_voice", param: str | None = None
+    ) -> None:
         super().__init__(message)
-        self.status, self.code = status, code
+        self.status, self.code, self.param = status, code, param
 
 
 @dataclass
@@ -58,9 +61,9 @@ def check_voice_id(voice_id: str) -> str:
     """A stored voice's id: 1-64 letters, digits, ``_`` or ``-`` (no dots or slashes: never a path), not the
     name of a built-in voice."""
     if not isinstance(voice_id, str) or not _ID_RE.match(voice_id):
-        raise VoiceError("a voice id is 1-64 letters, digits, '_' or '-', starting with a letter or digit")
+        raise VoiceError("a voice id is 1-64 letters, digits, '_' or '-', starting with a letter or digit", param="name")
     if voice_id.lower() in BUILTIN_VOICES:
-        raise VoiceError(f"{voice_id!r} is a built-in voice")
+        raise VoiceError(f"{voice_id!r} is a built-in voice", param="name")
     return voice_id
 
 
@@ -93,7 +96,8 @@ class VoiceStore:
         try:
             speaker = CustomSpeaker.load(path, self.tts)
         except (SpeakerFileError, FileNotFoundError) as exc:
-            raise VoiceError(f"voice {voice_id!r} cannot be used: {exc}", 500, "voice_unreadable") from exc
+            reason = str(exc).replace(str(path), path.name)  # (the server's directories are not the client's business)
+            raise VoiceError(f"voice {voice_id!r} cannot be used: {reason}", 500, "voice_unreadable") from exc
         self._cache[voice_id] = (mtime, speaker)
         return speaker
 
@@ -125,7 +129,7 @@ class VoiceStore:
 
         path = self._path(voice_id)
         if not isinstance(transcript, str) or not transcript.strip():
-            raise VoiceError("a voice needs the transcript of its audio (form field 'transcript')")
+            raise VoiceError("a voice needs the transcript of its audio (form field 'transcript')", param="transcript")
         if path.exists() and not overwrite:
             raise VoiceError(f"voice {voice_id!r} exists; send overwrite=true to replace it", 409, "voice_exists")
         try:

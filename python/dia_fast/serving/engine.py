@@ -101,6 +101,7 @@ class EngineResult:
 @dataclass
 class _Request:
     id: int
+    group: int  # the id of the request's first piece: the pieces of one text share it
     text_ids: torch.Tensor
     text_mask: torch.Tensor
     prompt: torch.Tensor | None
@@ -346,12 +347,14 @@ class BatchEngine:
         pieces = self._pieces(text, transcript, P0 - 1)
         base_seed = int(torch.randint(0, 2**62, (1,)).item()) if opts.seed is None else opts.seed
         now = time.monotonic()
-        reqs = []
+        reqs: list[_Request] = []
         for i, piece in enumerate(pieces):
             ids, mask = encode_batch([prompted_text(piece, transcript)], data.text_length)
+            rid = next(self._ids)
             reqs.append(
                 _Request(
-                    id=next(self._ids),
+                    id=rid,
+                    group=reqs[0].id if reqs else rid,
                     text_ids=ids,
                     text_mask=mask,
                     prompt=prompt,
@@ -368,8 +371,9 @@ class BatchEngine:
         with self._cv:
             if self._closing or self._error is not None:
                 raise EngineClosed(f"the engine is closed{'' if self._error is None else f': {self._error}'}")
-            if len(self._queue) + len(reqs) > self.max_queue:
-                raise EngineBusy(f"the queue is full ({len(self._queue)} of {self.max_queue} waiting): try again later")
+            if self._waiting(extra=reqs) > self.max_queue:
+                waiting = self._waiting(extra=[])
+                raise EngineBusy(f"the queue is full ({waiting} of {self.max_queue} waiting): try again later")
             self._queue.extend(reqs)
             self.stats["requests"] += 1
             self._cv.notify()
@@ -432,7 +436,14 @@ class BatchEngine:
 
     @property
     def queued(self) -> int:
-        return len(self._queue)
+        """Requests waiting for a slot (a long text's waiting pieces count once)."""
+        return len({req.group for req in list(self._queue)})
+
+    def _waiting(self, extra: list[_Request]) -> int:
+        """Requests that would still wait for a slot with ``extra`` queued too, once the scheduler has moved the
+        queue's first pieces into the slots free now (first come first served): the count ``max_queue`` bounds."""
+        free = self.max_slots - self.busy_slots
+        return len({req.group for req in [*self._queue, *extra][free:]})
 
     # ------------------------------------------------------------------------------ caller-side helpers
     def _options(

@@ -29,9 +29,7 @@ class VoiceError(ValueError):
     """A voice request that cannot be served; ``status`` is the HTTP status it answers with, ``param`` the request
     field at fault when it is known."""
 
-    def __init__(
-        self, message: str, status: int = 400, code: str = "invalid_voice", param: str | None = None
-    ) -> None:
+    def __init__(self, message: str, status: int = 400, code: str = "invalid_voice", param: str | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.param = status, code, param
 
@@ -61,7 +59,9 @@ def check_voice_id(voice_id: str) -> str:
     """A stored voice's id: 1-64 letters, digits, ``_`` or ``-`` (no dots or slashes: never a path), not the
     name of a built-in voice."""
     if not isinstance(voice_id, str) or not _ID_RE.match(voice_id):
-        raise VoiceError("a voice id is 1-64 letters, digits, '_' or '-', starting with a letter or digit", param="name")
+        raise VoiceError(
+            "a voice id is 1-64 letters, digits, '_' or '-', starting with a letter or digit", param="name"
+        )
     if voice_id.lower() in BUILTIN_VOICES:
         raise VoiceError(f"{voice_id!r} is a built-in voice", param="name")
     return voice_id

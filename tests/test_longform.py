@@ -227,3 +227,16 @@ def test_generate_long_holds_every_chunk_to_min_new_tokens():
     assert min(held_frames) >= 90 - 16 and min(free) < 90 - 16  # it binds
     held, _ = generate_long(tts, " ".join(chunks), chunks=chunks, min_new_tokens=90, crossfade_ms=0.0, **kw)
     assert len(held) == sum(held_frames) * tts.codec.hop_length
+
+
+def test_cjk_sentences_end_without_a_space():
+    """Chinese and Japanese put no space after 。！？: a long text in those scripts splits there (not refused as one
+    overlong word), and the chunks still cover the text."""
+    assert split_text("你好。再见！好的？", 12) == ["你好。", "再见！", "好的？"]
+    # a closing bracket stays with its sentence, and a space after 。 stays with it as after "."
+    mixed = "「はい。」と言った。 Then English. More"
+    assert split_text(mixed, 20) == ["「はい。」", "と言った。 ", "Then English. More"]
+    text = "[S1] " + "这是一个很长的句子，我们用它来测试。" * 40  # 2,165 bytes, no spaces
+    spans = split_text_spans(text, 1024, 240)
+    assert len(spans) >= 3 and "".join(text[c.start : c.end] for c in spans) == text
+    assert all(text[c.start : c.end].endswith("。") for c in spans)

@@ -48,9 +48,10 @@ __all__ = [
 DEFAULT_CHARS_PER_SECOND = 12.0
 DEFAULT_MAX_CHUNK_SECONDS = 20.0
 
-# A sentence ends at . ! ? … (or their CJK forms), optionally followed by closing quotes/brackets,
-# then whitespace, or at a line break; the whitespace stays with the sentence before it.
-_SENTENCE_END_RE = re.compile(r"[.!?…。！？]+[\"'”’)\]]*\s+|[^\S\n]*\n\s*")
+# A sentence ends at . ! ? …, optionally followed by closing quotes/brackets, then whitespace; at their full-width
+# CJK forms 。！？ (no whitespace needed: those scripts put none between sentences); or at a line break. The
+# whitespace stays with the sentence before it.
+_SENTENCE_END_RE = re.compile(r"[.!?…]+[\"'”’)\]]*\s+|[。！？]+[」』\"'”’）)\]]*\s*|[^\S\n]*\n\s*")
 _WORD_RE = re.compile(r"\S+\s*|\s+")
 
 
@@ -146,7 +147,8 @@ def split_text_spans(
 def split_text(text: str, max_bytes: int, max_chars: int | None = None) -> list[str]:
     """Split ``text`` into chunks that each fit Dia's text and audio budgets.
 
-    Chunks end at sentence boundaries (``. ! ? …`` followed by whitespace, or a line break) or speaker turns
+    Chunks end at sentence boundaries (``. ! ? …`` followed by whitespace, ``。！？`` with or without it, or a line
+    break) or speaker turns
     (``[S1]`` / ``[S2]``) and are packed greedily: each holds as many whole sentences as fit in
     ``max_bytes`` text tokens (:func:`text_tokens`) and ``max_chars`` spoken characters
     (:func:`spoken_chars`; None = no audio budget). A chunk that starts in the middle of a turn

@@ -305,6 +305,7 @@ _UNION_MEMBER = re.compile(r"str|int|float|bool|list\[.*\]|dict\[.*\]|[A-Z]\w*|\
 
 def _validation_error(errors: list[Any]) -> JSONResponse:
     first = errors[0] if errors else {}
+
     # a union (voice: a name or {"id": ...}) fails once per member: report the member that got furthest
     def field(e: Any) -> tuple:
         return tuple(p for p in e.get("loc", ()) if p != "body")[:1]

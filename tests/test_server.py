@@ -364,6 +364,28 @@ def test_errors_are_openai_json_without_tracebacks(base):
     assert httpx.get(f"{base}/v1/models/nope").status_code == 404
 
 
+def _labeled(base: str, name: str, **labels: str) -> float:
+    """A labeled sample of /metrics (0 when it has not been counted yet)."""
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))  # (prometheus_client sorts them)
+    m = re.search(rf"^{re.escape(name)}\{{{re.escape(want)}\}} ([0-9.e+-]+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_metrics_count_speech_requests_by_format_and_other_errors_by_kind(base):
+    flac_400 = dict(format="flac", stream="none", status="400")
+    before = _labeled(base, "dia_fast_requests_total", **flac_400)
+    bad_voice = {"model": "tts-1", "voice": "alloy", "input": "x", "response_format": "flac"}
+    assert httpx.post(f"{base}/v1/audio/speech", json=bad_voice).status_code == 400
+    assert _labeled(base, "dia_fast_requests_total", **flac_400) == before + 1
+    unread = dict(format="-", stream="-", status="404")
+    missing = _labeled(base, "dia_fast_errors_total", kind="model_not_found")
+    requests_404 = _labeled(base, "dia_fast_requests_total", **unread)
+    assert httpx.get(f"{base}/v1/models/nope").status_code == 404  # not a speech request
+    assert _labeled(base, "dia_fast_errors_total", kind="model_not_found") == missing + 1
+    assert _labeled(base, "dia_fast_requests_total", **unread) == requests_404
+
+
 def test_speed_and_sample_rate(tts, base):
     client = _client(base)
     normal, rate = _decode(

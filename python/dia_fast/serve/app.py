@@ -162,8 +162,14 @@ def create_app(settings: ServerSettings | None = None, *, tts: DiaTTS | None = N
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         service: SpeechService | None = getattr(request.app.state, "service", None)
-        if service is not None:
-            service.count_error(exc)
+        if service is not None:  # speech requests count with their format (once parsed); other routes' errors only
+            speech: SpeechRequest | None = getattr(request.state, "speech", None)
+            if request.url.path != "/v1/audio/speech":
+                service.count_error(exc, request=False)
+            elif speech is None:
+                service.count_error(exc)
+            else:
+                service.count_error(exc, speech.response_format, speech.stream_format or "none")
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(_BodyTooLarge)
@@ -213,6 +219,7 @@ def create_app(settings: ServerSettings | None = None, *, tts: DiaTTS | None = N
     async def speech(request: Request) -> Response:
         service = service_of(request)
         req = _parse_speech(await request.body())
+        request.state.speech = req  # (the error handler labels the metrics with its format)
         if req.stream_format is None:
             data = await service.speech(req, request.is_disconnected)
             return Response(data, media_type=_media_type(req))

@@ -307,9 +307,10 @@ class SpeechService:
             self.metrics.add_frames(result.codes.shape[0])
             self.metrics.latency.labels(job.stream).observe(time.perf_counter() - job.started)
             self.metrics.requests.labels(req.response_format, job.stream, "200").inc()
-        except (asyncio.CancelledError, GeneratorExit):
+        except (asyncio.CancelledError, GeneratorExit):  # the client left: counted as whole-file cancels are
             self.metrics.cancelled.inc()
-            self.metrics.requests.labels(req.response_format, job.stream, "499").inc()
+            left = ApiError(499, "the request was cancelled", code="cancelled")
+            self.count_error(left, req.response_format, job.stream)
             raise
         finally:
             job.handle.cancel()
@@ -371,10 +372,12 @@ class SpeechService:
             )
         return err
 
-    def count_error(self, err: ApiError, fmt: str = "-", stream: str = "-") -> None:
-        """Count a failed request (every error answer and every stream that ended early)."""
+    def count_error(self, err: ApiError, fmt: str = "-", stream: str = "-", *, request: bool = True) -> None:
+        """Count a failure (every error answer and every stream that ended early) by kind and, for a speech request
+        (``request``), among the requests by format (``"-"``: failed before its body was read), stream and status."""
         self.metrics.errors.labels(err.code or f"http_{err.status}").inc()
-        self.metrics.requests.labels(fmt, stream, str(err.status)).inc()
+        if request:
+            self.metrics.requests.labels(fmt, stream, str(err.status)).inc()
 
     def health(self) -> dict[str, Any]:
         engine = self.engine

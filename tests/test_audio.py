@@ -186,18 +186,42 @@ def test_write_wav_is_atomic(tmp_path, monkeypatch):
     write_wav(dest, _sine(100.0, 8000, 0.1), 8000)
     before = dest.read_bytes()
 
-    def failing_write(*args, **kwargs):
-        raise OSError("disk full")
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(sf, "write", failing_write)
-    with pytest.raises(OSError, match="disk full"):
-        write_wav(dest, _sine(200.0, 8000, 0.5), 8000)
+    with monkeypatch.context() as patch:  # the data is written, then the disk says it had no room for it
+        patch.setattr(os, "fsync", disk_full)
+        with pytest.raises(OSError, match=f"cannot write {dest}: No space left on device"):
+            write_wav(dest, _sine(200.0, 8000, 0.5), 8000)
     assert dest.read_bytes() == before  # the old file is intact
     assert os.listdir(tmp_path) == ["out.wav"]  # and the temp file is gone
     with pytest.raises(ValueError, match="NaN"):
         write_wav(dest, np.array([np.nan], np.float32), 8000)
     with pytest.raises(ValueError, match="mono"):
         write_wav(dest, np.zeros((10, 2), np.float32), 8000)
+
+
+def test_writes_follow_links_and_never_replace_devices_or_pipes(tmp_path):
+    """A symbolic link keeps pointing at its target, which gets the audio; a FIFO (like /dev/null, a device) is
+    written to, not replaced by a regular file."""
+    import threading
+
+    target, link = tmp_path / "target.wav", tmp_path / "link.wav"
+    target.write_bytes(b"old")
+    link.symlink_to(target)
+    write_wav(link, _sine(100.0, 8000, 0.1), 8000)
+    assert link.is_symlink() and target.read_bytes()[:4] == b"RIFF"
+    assert sorted(os.listdir(tmp_path)) == ["link.wav", "target.wav"]
+
+    fifo = tmp_path / "pipe.wav"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    write_wav(fifo, _sine(100.0, 8000, 0.1), 8000)
+    reader.join(30)
+    assert got and got[0][:4] == b"RIFF" and len(got[0]) == 44 + 2 * 800
+    assert fifo.is_fifo()
 
 
 # ----------------------------------------------------------------------------------------- loudness

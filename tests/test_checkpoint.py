@@ -198,6 +198,37 @@ def test_saved_random_weights_load_back_marked_as_a_demo(tmp_path, layout):
     assert not [w for w in caught if "random" in str(w.message)]
 
 
+def test_save_pretrained_keeps_the_codec_and_fails_without_leaving_a_partial_model(tmp_path, monkeypatch):
+    """The codec is saved with the model (dac/), so the directory loads back speaking as the model did. A failed
+    save (a full disk) is an OSError naming the directory: a new directory is removed, an existing model is left as
+    it was."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    tts = DiaTTS.random("tiny", seed=5)
+    directory = tts.save_pretrained(tmp_path / "m")
+    assert (directory / "dac" / "config.json").is_file()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        back = DiaTTS.from_pretrained(directory)
+    assert not [w for w in caught if "codec" in str(w.message)]
+    for (k, a), (_, b) in zip(tts.codec.state_dict().items(), back.codec.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+    before = (directory / "model.safetensors").read_bytes()
+
+    def disk_full(*_a, **_k):
+        raise SafetensorError("Error while serializing: No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(OSError, match=r"cannot save the model to .*new: .*No space left on device"):
+        tts.save_pretrained(tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(OSError, match="cannot save the model"):
+        tts.save_pretrained(directory)
+    assert (directory / "model.safetensors").read_bytes() == before
+    assert not [p.name for p in directory.iterdir() if p.name.endswith(".tmp")]
+
+
 def test_sharded_safetensors_with_index(hf_model, dec_ids, tmp_path):
     state = {k: v.contiguous() for k, v in hf_model.state_dict().items()}
     keys = sorted(state)

@@ -315,13 +315,14 @@ def test_any_int_is_a_seed(tmp_path, capsys):
 def test_an_unwritable_output_names_the_users_path(tmp_path, capsys, monkeypatch):
     from dia_fast import audio
 
-    def fail(*a, **k):
-        raise PermissionError(13, "Permission denied")
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(audio.io.sf, "write", fail)
+    monkeypatch.setattr(audio.io.os, "fsync", disk_full)
     out = tmp_path / "x.wav"
     rc, _, err = _run(capsys, "[S1] Hello there.", "--out", str(out), *FAST)
-    assert rc == 2 and f"cannot write {out}: Permission denied" in err and ".tmp" not in err
+    assert rc == 2 and f"cannot write {out}: No space left on device" in err and ".tmp" not in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 2  # the demo's note and the error
     assert not list(tmp_path.iterdir())  # no temporary file left behind
 
 

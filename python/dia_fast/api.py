@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -242,38 +243,73 @@ class DiaTTS:
             codec = load_codec(None, device=dev, warn_demo=False)
         return cls(model, _load_codec(codec, dev, None), demo=True)
 
-    def save_pretrained(self, directory: str | Path, *, layout: str | None = None) -> Path:
+    def save_pretrained(self, directory: str | Path, *, layout: str | None = None, save_codec: bool = True) -> Path:
         """Write ``config.json`` + ``model.safetensors`` in the ``"transformers"`` (default) or ``"official"``
         layout. A quantized model is written in dia_fast's quantized layout instead (the quantized weights with their
         scales, and ``quantization.json``; :mod:`dia_fast.quantized_dir`), which :meth:`from_pretrained` loads back
         as it is: int8 and CPU int4 on either device, CUDA int4 and fp8 on CUDA. The weights of a random model
         (:attr:`demo`) are marked as such in the safetensors metadata: loading them back warns and gives a demo
-        model again."""
+        model again.
+
+        ``save_codec``: the codec goes to ``dac/`` (DAC) or ``codec/`` (EnCodec) inside the directory, where
+        :meth:`from_pretrained` finds it, so the directory speaks as this model does. The weights file is written
+        atomically; a failure (a full disk) is an ``OSError`` naming the directory, and a directory this call
+        created is removed again."""
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
+        from .audio.io import atomic_output, write_file_bytes
         from .quantize import quantized_mode
         from .quantized_dir import QUANT_FILE, quantized_state
 
         out = Path(directory)
-        if quantized_mode(self.model) is not None:
-            if layout is not None:
-                raise ValueError(f"a quantized model is saved in dia_fast's quantized layout only, not {layout!r}")
-            state, doc = quantized_state(self.model)
-            out.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.cpu() for k, v in state.items()}, str(out / "model.safetensors"), metadata=self._metadata())
-            (out / QUANT_FILE).write_text(json.dumps(doc, indent=2))
-            (out / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
-            return out
+        quantized = quantized_mode(self.model) is not None
+        if quantized and layout is not None:
+            raise ValueError(f"a quantized model is saved in dia_fast's quantized layout only, not {layout!r}")
         layout = layout or "transformers"
         if layout not in ("transformers", "official"):
             raise ValueError(f"layout must be 'transformers' or 'official', got {layout!r}")
-        out.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        state = ckpt.to_transformers(state) if layout == "transformers" else ckpt.to_official(state, self.config)
-        save_file(state, str(out / "model.safetensors"), metadata=self._metadata())
-        (out / QUANT_FILE).unlink(missing_ok=True)  # a full-precision model over a quantized one
-        (out / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
+        codec_dir = self._codec_dir(out) if save_codec else None
+        created = not out.exists()
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            if quantized:
+                state, doc = quantized_state(self.model)
+                state = {k: v.cpu() for k, v in state.items()}
+            else:
+                state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+                if layout == "transformers":
+                    state = ckpt.to_transformers(state)
+                else:
+                    state = ckpt.to_official(state, self.config)
+            with atomic_output(out / "model.safetensors") as tmp:
+                save_file(state, str(tmp), metadata=self._metadata())
+            del state
+            if quantized:
+                write_file_bytes(out / QUANT_FILE, json.dumps(doc, indent=2).encode())
+            else:
+                (out / QUANT_FILE).unlink(missing_ok=True)  # a full-precision model over a quantized one
+            write_file_bytes(out / "config.json", json.dumps(self.config.to_dict(), indent=2).encode())
+            if codec_dir is not None:
+                self.codec.save_pretrained(codec_dir)  # type: ignore[attr-defined]
+        except (OSError, SafetensorError) as exc:
+            if created:
+                shutil.rmtree(out, ignore_errors=True)
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise OSError(getattr(exc, "errno", None), f"cannot save the model to {out}: {reason}") from None
         return out
+
+    def _codec_dir(self, out: Path) -> Path | None:
+        """Where :meth:`save_pretrained` puts the codec (None: this codec cannot be saved)."""
+        if not hasattr(self.codec, "save_pretrained"):
+            return None
+        from .codec.dac import DacCodec
+
+        if isinstance(self.codec, DacCodec):
+            return out / "dac"
+        if (out / "dac").is_dir():  # from_pretrained would find that one first
+            raise ValueError(f"{out / 'dac'} holds another codec: remove it, or save with save_codec=False")
+        return out / "codec"
 
     def _metadata(self) -> dict[str, str]:
         """The saved weights' safetensors metadata: random weights (:meth:`random`) are marked as such."""

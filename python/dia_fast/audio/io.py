@@ -1,7 +1,8 @@
-"""Reading audio files and prompt arrays; atomic WAV writing."""
+"""Reading audio files and prompt arrays; writing audio (and any file) atomically."""
 
 from __future__ import annotations
 
+import io
 import os
 import secrets
 import sys
@@ -179,7 +180,7 @@ def write_audio(
     format or subtype, or a bad rate."""
     rate = check_rate(sample_rate, "sample_rate")
     fmt = audio_format_for(path, format)
-    container, default_subtype, rates = AUDIO_FORMATS[fmt]
+    container, default_subtype, _ = AUDIO_FORMATS[fmt]
     if subtype not in _SUBTYPES:
         raise ValueError(f"subtype must be one of {_SUBTYPES}, got {subtype!r}")
     if subtype == "FLOAT" and fmt != "wav":
@@ -191,23 +192,49 @@ def write_audio(
         raise ValueError(f"write_audio expects float samples, got dtype {arr.dtype}")
     if not np.isfinite(arr).all():
         raise ValueError("refusing to write audio with NaN or infinite samples")
-    if rates is not None and rate not in rates:
-        target = next((r for r in rates if r >= rate), rates[-1])
-        arr, rate = resample(arr, rate, target), target
+    if written_rate(rate, fmt) != rate:
+        arr, rate = resample(arr, rate, written_rate(rate, fmt)), written_rate(rate, fmt)
     if fmt == "wav":
         data = float_to_pcm16(arr) if subtype == "PCM_16" else arr.astype(np.float32, copy=False)
         sub = subtype
     else:  # libsndfile's encoders take float samples; keep them in range as the 16-bit path does
         data, sub = np.clip(arr, -1.0, 1.0).astype(np.float32, copy=False), default_subtype
 
+    # encoded in memory, then written by write_file_bytes: libsndfile's own file writes report a full disk as a
+    # failed assert or an exception inside a callback, and could not write to a pipe or a device
+    encoded = io.BytesIO()
+    sf.write(encoded, data, rate, subtype=sub, format=container)
+    return write_file_bytes(path, encoded.getbuffer())
+
+
+def written_rate(sample_rate: int, format: str) -> int:
+    """The sample rate :func:`write_audio` writes ``format`` (a name of :data:`AUDIO_FORMATS`) at for samples at
+    ``sample_rate``: the same, or for Opus and MP3 the nearest higher rate they take (48 kHz at most)."""
+    rates = AUDIO_FORMATS[format][2]
+    if rates is None or sample_rate in rates:
+        return sample_rate
+    return next((r for r in rates if r >= sample_rate), rates[-1])
+
+
+def write_file_bytes(path: PathLike, data: bytes | memoryview) -> Path:
+    """Write ``data`` to the file ``path``; returns ``path``. A regular file (or a new one) is written atomically:
+    a temporary file beside it, synced and renamed over it, so a failure (a full disk) never leaves it partial.
+    A symbolic link is followed (its target is replaced, the link kept). A device or a pipe (``/dev/null``, a
+    FIFO) is written to directly, never replaced by a regular file. Any failure is an ``OSError`` naming
+    ``path``, with nothing left behind."""
     dest = Path(os.fspath(path))
+    target = Path(os.path.realpath(dest))
     try:
-        with atomic_output(dest) as tmp:
+        if target.exists() and not target.is_file() and not target.is_dir():  # a device, FIFO or socket
+            with open(target, "wb", buffering=0) as fh:
+                fh.write(data)
+            return dest
+        with atomic_output(target) as tmp:
             # O_EXCL on the fresh name: no clash with a concurrent writer; mode 0o666 lets the umask apply
             # as for any new file (mkstemp would force 0o600).
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
             with os.fdopen(fd, "wb") as fh:
-                sf.write(fh, data, rate, subtype=sub, format=container)
+                fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
     except OSError as exc:  # name the user's path, not the hidden temporary file

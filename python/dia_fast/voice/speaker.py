@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .._version import __version__
-from ..audio.io import atomic_output
+from ..audio.io import write_file_bytes
 from ..text import SPEAKER_TAG_RE as _TAG_RE
 
 if TYPE_CHECKING:
@@ -150,8 +150,9 @@ class CustomSpeaker:
 
     # ------------------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike) -> Path:
-        """Write a ``.safetensors`` file (atomically: temp file + rename); returns the path."""
-        from safetensors.torch import save_file
+        """Write a ``.safetensors`` file (atomically: temp file + rename; :func:`~dia_fast.audio.io.write_file_bytes`);
+        returns the path. A failure is an ``OSError`` naming ``path``."""
+        from safetensors.torch import save
 
         dest = Path(path)
         metadata = {
@@ -162,9 +163,9 @@ class CustomSpeaker:
             "name": self.name,
             **self.codec,
         }
-        with atomic_output(dest) as tmp:
-            save_file({"codes": self.codes.detach().cpu().contiguous()}, str(tmp), metadata=metadata)
-        return dest
+        if dest.is_dir():
+            raise IsADirectoryError(f"cannot write the speaker file {dest}: it is a directory")
+        return write_file_bytes(dest, save({"codes": self.codes.detach().cpu().contiguous()}, metadata=metadata))
 
     @classmethod
     def load(cls, path: str | os.PathLike, pool: VoicePool | DiaTTS | None = None) -> CustomSpeaker:

@@ -166,16 +166,34 @@ def test_untagged_transcript_is_spoken_alike_with_or_without_a_saved_speaker(tmp
         (["--model", ".", "--save-model", "."], "is the --model checkpoint"),
         (["--save-model", "q8", "--prompt-wav", "v.wav"], "--prompt-wav needs text to speak"),
         (["--save-model", "q8", "--threads", "0"], "--threads must be >= 1"),
+        # outputs that would overwrite an input or each other (v.wav, ck/ and codec/ exist)
+        (["[S1] hi", "--prompt-wav", "v.wav", "--out", "v.wav"], "would overwrite the --prompt-wav input"),
+        (["[S1] hi", "--prompt-wav", "v.wav", "--prompt-text", "[S1] x", "--save-speaker", "v.wav"], "--prompt-wav"),
+        (["[S1] hi", "--prompt-wav", "v.wav", "--prompt-text", "[S1] x", "--save-speaker", "o.wav", "--out", "o.wav"],
+         "--out and --save-speaker are the same file"),  # fmt: skip
+        (["[S1] hi", "--model", "ck", "--out", "ck/old.wav"], "would overwrite the --model input"),
+        (["--codec", "codec", "--save-model", "codec"], "is the --codec checkpoint"),
+        (["--model", "ck", "--save-model", "ck/dac"], "is inside the --model checkpoint"),
+        (["--model", "ck/model.safetensors", "--save-model", "ck"], "would overwrite the --model input"),
+        (["--text-file", "t.txt", "--save-model", "m", "--out", "m/config.json", "--format", "wav"],
+         "is where --save-model writes"),  # fmt: skip
     ],
 )
 def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "file.txt").write_text("not a directory")
+    (tmp_path / "t.txt").write_text("[S1] Hello.")
+    (tmp_path / "v.wav").write_bytes(b"a voice")
+    for d in ("ck/dac", "codec", "m"):
+        (tmp_path / d).mkdir(parents=True)
+    for f in ("ck/model.safetensors", "ck/config.json", "ck/old.wav"):
+        (tmp_path / f).write_bytes(b"weights")
     rc, _, err = _run(capsys, *args, "--no-progress")
     assert rc == 2
     lines = [line for line in err.splitlines() if line.startswith("dia_fast: error:")]
     assert len(lines) == 1 and message in lines[0], err
-    assert not list(tmp_path.glob("*.wav"))  # nothing half-written
+    assert sorted(p.name for p in tmp_path.glob("*.wav")) == ["v.wav"]  # nothing half-written
+    assert (tmp_path / "v.wav").read_bytes() == b"a voice" and (tmp_path / "ck/old.wav").read_bytes() == b"weights"
 
 
 def test_save_model_writes_a_quantized_directory_that_speaks_as_the_model_did(tmp_path, capsys):

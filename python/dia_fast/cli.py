@@ -171,6 +171,7 @@ def _check_args(args: argparse.Namespace) -> None:
             example = spk / "voice.safetensors"
             raise UsageError(f"--save-speaker is a directory: {spk} (give a file name, e.g. {example})")
         _check_writable("--save-speaker", spk.resolve().parent)
+    _check_outputs_apart(args, speaking=True)
 
 
 def _check_writable(flag: str, directory: Path) -> None:
@@ -244,11 +245,52 @@ def _check_save_model(args: argparse.Namespace) -> Path:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--save-model must be a directory, {out} is a file")
     _check_writable("--save-model", out if out.is_dir() else out.resolve().parent)
-    if args.model and Path(args.model).expanduser().exists():
-        source = Path(args.model).expanduser().resolve()
-        if out.resolve() in (source, source.parent if source.is_file() else source):
-            raise UsageError(f"--save-model {out} is the --model checkpoint: give another directory")
     return out
+
+
+# what DiaTTS.save_pretrained writes in its directory
+_SAVED_ENTRIES = ("config.json", "model.safetensors", "quantization.json", "dac", "codec")
+
+
+def _check_outputs_apart(args: argparse.Namespace, speaking: bool) -> None:
+    """No output overwrites an input or another output (checked before any work): ``--out``, ``--save-speaker``
+    and what ``--save-model`` writes against ``--prompt-wav``, ``--speaker-file``, ``--text-file`` and the
+    ``--model`` / ``--codec`` checkpoints."""
+
+    def real(path: str | Path) -> Path:
+        return Path(os.path.realpath(Path(path).expanduser()))
+
+    def within(a: Path, b: Path) -> bool:
+        return a == b or b in a.parents
+
+    named = {"--prompt-wav": args.prompt_wav, "--speaker-file": args.speaker_file, "--text-file": args.text_file,
+             "--model": args.model, "--codec": args.codec}  # fmt: skip
+    if isinstance(args.codec, str) and args.codec.lower() in ("dac", "encodec"):
+        named["--codec"] = None  # a kind of random codec, not a path
+    inputs = {flag: real(p) for flag, p in named.items() if p and Path(p).expanduser().exists()}
+    files = {"--out": args.out if speaking else None, "--save-speaker": args.save_speaker}
+    outputs = {flag: real(p) for flag, p in files.items() if p}
+    for flag, path in outputs.items():
+        for other, taken in outputs.items():
+            if other < flag and path == taken:
+                raise UsageError(f"{other} and {flag} are the same file: {path}")
+        for source, src in inputs.items():
+            if path == src or (src.is_dir() and path.exists() and within(path, src)):
+                raise UsageError(f"{flag} {path} would overwrite the {source} input: give another file")
+    if args.save_model is None:
+        return
+    out = real(args.save_model)
+    written = [out / name for name in _SAVED_ENTRIES]
+    for source, src in inputs.items():
+        if src.is_dir() and out == src:
+            raise UsageError(f"--save-model {out} is the {source} checkpoint: give another directory")
+        if src.is_dir() and within(out, src):
+            raise UsageError(f"--save-model {out} is inside the {source} checkpoint {src}: give another directory")
+        if any(within(src, w) for w in written):
+            raise UsageError(f"--save-model {out} would overwrite the {source} input {src}: give another directory")
+    for flag, path in outputs.items():
+        if any(within(path, w) for w in written):
+            raise UsageError(f"{flag} {path} is where --save-model writes the model: give another file")
 
 
 def _save_model(args: argparse.Namespace, tts, out: Path) -> dict[str, Any]:
@@ -288,6 +330,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         given = [flag for flag, value in speech.items() if value]
         if given:
             raise UsageError(f"{', '.join(given)} needs text to speak (--save-model without text only saves)")
+        _check_outputs_apart(args, speaking=False)
         _set_threads(args)
         tts = _load_tts(args)
         return {"demo_model": bool(tts.demo), "device": str(tts.device), **_save_model(args, tts, save_to)}

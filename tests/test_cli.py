@@ -169,14 +169,28 @@ def test_untagged_transcript_is_spoken_alike_with_or_without_a_saved_speaker(tmp
         # outputs that would overwrite an input or each other (v.wav, ck/ and codec/ exist)
         (["[S1] hi", "--prompt-wav", "v.wav", "--out", "v.wav"], "would overwrite the --prompt-wav input"),
         (["[S1] hi", "--prompt-wav", "v.wav", "--prompt-text", "[S1] x", "--save-speaker", "v.wav"], "--prompt-wav"),
-        (["[S1] hi", "--prompt-wav", "v.wav", "--prompt-text", "[S1] x", "--save-speaker", "o.wav", "--out", "o.wav"],
-         "--out and --save-speaker are the same file"),  # fmt: skip
+        (
+            [
+                "[S1] hi",
+                "--prompt-wav",
+                "v.wav",
+                "--prompt-text",
+                "[S1] x",
+                "--save-speaker",
+                "o.wav",
+                "--out",
+                "o.wav",
+            ],
+            "--out and --save-speaker are the same file",
+        ),  # fmt: skip
         (["[S1] hi", "--model", "ck", "--out", "ck/old.wav"], "would overwrite the --model input"),
         (["--codec", "codec", "--save-model", "codec"], "is the --codec checkpoint"),
         (["--model", "ck", "--save-model", "ck/dac"], "is inside the --model checkpoint"),
         (["--model", "ck/model.safetensors", "--save-model", "ck"], "would overwrite the --model input"),
-        (["--text-file", "t.txt", "--save-model", "m", "--out", "m/config.json", "--format", "wav"],
-         "is where --save-model writes"),  # fmt: skip
+        (
+            ["--text-file", "t.txt", "--save-model", "m", "--out", "m/config.json", "--format", "wav"],
+            "is where --save-model writes",
+        ),  # fmt: skip
     ],
 )
 def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch, args, message):

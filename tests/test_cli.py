@@ -37,6 +37,19 @@ def test_demo_writes_a_real_wav(tmp_path, capsys):
     assert summary["out"] == str(out) and summary["demo_model"] and summary["sample_rate"] == 44100
 
 
+def test_a_text_file_with_a_byte_order_mark_and_the_rate_an_opus_file_is_written_at(tmp_path, capsys):
+    """The BOM some editors write is not text (no "does not start with [S1]" warning); the summary gives the rate
+    the file holds (Opus takes 48 kHz, not the codec's 44.1 kHz)."""
+    text = tmp_path / "bom.txt"
+    text.write_bytes("\ufeff[S1] Hello from a file.".encode())
+    out = tmp_path / "o.opus"
+    rc, stdout, err = _run(capsys, "--text-file", str(text), "--out", str(out), "--json", *FAST)
+    assert rc == 0, err
+    assert "warning" not in err
+    assert json.loads(stdout)["sample_rate"] == sf.info(out).samplerate == 48000
+    assert "at 48000 Hz" in err
+
+
 def test_loudness_sample_rate_and_float_output(tmp_path, capsys):
     from dia_fast.audio import integrated_loudness
 
@@ -160,6 +173,11 @@ def test_untagged_transcript_is_spoken_alike_with_or_without_a_saved_speaker(tmp
         (["[S1] hi", "--out", "x.mp3", "--float"], "--float writes WAV only"),
         (["[S1] hi", "--quantize", "fp8", "--device", "cpu"], "quantize=fp8 has no CPU kernel"),
         (["[S1] hi", "--threads", "0"], "--threads must be >= 1"),
+        (["[S1] hi", "--crossfade-ms", "nan"], "--crossfade-ms must be a finite number >= 0, got nan"),
+        (["[S1] hi", "--temperature", "1e39"], "temperature must be a finite number >= 0 (at most 3.4e+38)"),
+        (["[S1] hi", "--out", "x.mp3", "--sample-rate", "96000"], "--sample-rate 96000: mp3 takes 8000,"),
+        (["--text-file", "latin1.txt"], "--text-file latin1.txt is not UTF-8 text"),
+        (["[S1] hi", "--model", "badcfg"], "badcfg/config.json: unrecognised config format"),
         (["[S1] hi", "--min-new-tokens", "-1"], "min_new_tokens must be >= 0"),
         (["--save-model", "/no/such/dir/q8"], "--save-model: directory does not exist"),
         (["--save-model", "file.txt"], "--save-model must be a directory"),
@@ -197,6 +215,10 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch, args
     monkeypatch.chdir(tmp_path)
     (tmp_path / "file.txt").write_text("not a directory")
     (tmp_path / "t.txt").write_text("[S1] Hello.")
+    (tmp_path / "latin1.txt").write_bytes("[S1] Café.".encode("latin-1"))
+    (tmp_path / "badcfg").mkdir()
+    (tmp_path / "badcfg" / "config.json").write_text("{}")
+    (tmp_path / "badcfg" / "model.safetensors").write_bytes(b"")
     (tmp_path / "v.wav").write_bytes(b"a voice")
     for d in ("ck/dac", "codec", "m"):
         (tmp_path / d).mkdir(parents=True)

@@ -148,8 +148,12 @@ def test_chunk_budget(tts):
     assert max_bytes == data.text_length - len("_ Hi there.") - 1
     _, max_chars = chunk_budget(tts, max_chunk_seconds=20.0)
     assert max_chars == 12 * 20
-    with pytest.raises(ValueError, match="no room"):
+    with pytest.raises(ValueError, match="no room left for audio: the prompt takes"):
         chunk_budget(tts, prompt_frames=data.audio_length)
+    with pytest.raises(ValueError, match="no room left for audio: max_new_tokens=10 leaves none"):
+        chunk_budget(tts, max_new_tokens=10)
+    with pytest.raises(ValueError, match="the prompt's transcript takes 1028 of the model's 1024 text bytes"):
+        chunk_budget(tts, prompt_text="[S1] " + "x" * 1025)
 
 
 def test_generate_long_equals_chunks_generated_alone_and_joined(tts):

@@ -190,6 +190,10 @@ def test_an_int8_model_saves_and_loads_back_as_it_is(tmp_path):
     (directory / "quantization.json").write_text(json.dumps({**doc, "format": "dia_fast.dynamic-int8/1"}))
     with pytest.raises(ValueError, match="unknown quantized format 'dia_fast.dynamic-int8/1'.*quantize the full"):
         DiaTTS.from_pretrained(directory, device="cpu")
+    for garbage, match in (("not json", "quantization.json: not valid JSON"), ("[1]", "expected a JSON object")):
+        (directory / "quantization.json").write_text(garbage)
+        with pytest.raises(ValueError, match=match):
+            DiaTTS.from_pretrained(directory, device="cpu")
 
 
 @pytest.mark.parametrize("layout", ["transformers", "official"])

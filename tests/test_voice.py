@@ -314,6 +314,17 @@ def test_conversation_bad_inputs(tts, pool):
         Conversation("Hi.", mismatched, pool)
     with pytest.raises(ValueError, match="does not fit"):  # 10 characters per chunk hold no 30-letter word
         Conversation("[S1] " + "a" * 30, None, pool, chars_per_second=0.5, **GREEDY)
+    long = "[S1] " + "Many words here. " * 80  # a text that must be split: its budgets are used
+    for bad, match in (
+        (dict(crossfade_ms=float("nan")), "crossfade_ms must be a finite number >= 0"),
+        (dict(crossfade_ms=-5), "crossfade_ms must be a finite number >= 0"),
+        (dict(chars_per_second=0), "chars_per_second must be a finite number > 0"),
+        (dict(chars_per_second=float("nan")), "chars_per_second must be a finite number > 0"),
+        (dict(max_chunk_seconds=-1), "max_chunk_seconds must be a finite number > 0"),
+        (dict(max_chunk_seconds=0.01), "no room for one character"),
+    ):
+        with pytest.raises(ValueError, match=match):  # when built, not at generation
+            Conversation(long, None, pool, **bad)
     # max_new_tokens limits each generation, as in DiaTTS.generate: it splits nothing (it once cut this into words)
     text = "[S1] Wonderful weather today, isn't it?"
     assert Conversation(text, None, pool, max_new_tokens=60).chunks == [text]

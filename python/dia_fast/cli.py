@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -121,7 +122,12 @@ def _read_text(args: argparse.Namespace) -> str:
             raise UsageError("give the text either as an argument or with --text-file, not both")
         if not args.text_file.is_file():
             raise UsageError(f"text file not found: {args.text_file}")
-        return args.text_file.read_text(encoding="utf-8")
+        try:  # utf-8-sig: a byte-order mark some editors write is not text to speak
+            return args.text_file.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise UsageError(
+                f"--text-file {args.text_file} is not UTF-8 text ({exc.reason} at byte {exc.start})"
+            ) from None
     if args.text is None:
         raise UsageError('no text given: python -m dia_fast "[S1] Hello." --out hello.wav')
     if args.text == "-":
@@ -146,10 +152,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--sample-rate must be between 1000 and 384000 Hz, got {args.sample_rate}")
     if not args.no_loudness and not -70.0 <= args.loudness <= 0.0:
         raise UsageError(f"--loudness must be between -70 and 0 LUFS, got {args.loudness}")
-    if args.crossfade_ms < 0:
-        raise UsageError("--crossfade-ms must be >= 0")
+    if not math.isfinite(args.crossfade_ms) or args.crossfade_ms < 0:
+        raise UsageError(f"--crossfade-ms must be a finite number >= 0, got {args.crossfade_ms}")
     # the output is checked before any work: format, directory, permission
-    from .audio import audio_format_for
+    from .audio import AUDIO_FORMATS, audio_format_for
 
     out = args.out.expanduser()
     if out.is_dir():
@@ -160,6 +166,9 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"{exc} (or pass --format)") from None
     if args.float_wav and fmt != "wav":
         raise UsageError(f"--float writes WAV only; {out} is {fmt}")
+    rates = AUDIO_FORMATS[fmt][2]
+    if args.sample_rate is not None and rates is not None and args.sample_rate not in rates:
+        raise UsageError(f"--sample-rate {args.sample_rate}: {fmt} takes {', '.join(map(str, rates))} Hz")
     out_dir = out.resolve().parent
     if not out_dir.is_dir():
         raise UsageError(f"output directory does not exist: {out_dir}")
@@ -410,6 +419,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         subtype="FLOAT" if args.float_wav else "PCM_16",
     )
     duration = samples.shape[0] / rate
+    rate = audio.io.written_rate(rate, audio.audio_format_for(out, args.format))  # (Opus: 48 kHz for 44.1 kHz)
     summary = {
         "out": str(out),
         "seconds": round(duration, 3),

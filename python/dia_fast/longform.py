@@ -179,23 +179,40 @@ def chunk_budget(
     the delay pattern's tail of ``max_delay + 1`` steps, capped at ``max_chunk_seconds``.
     Raises ``ValueError`` when nothing is left.
     """
+    for name, value in (("chars_per_second", chars_per_second), ("max_chunk_seconds", max_chunk_seconds)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise TypeError(f"{name} must be a number, got {value!r}")
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a finite number > 0, got {value}")
     data = tts.config.data
     max_bytes = data.text_length
     if prompt_text and prompt_text.strip():
         max_bytes -= text_tokens(prompt_text.strip()) + 1
+    if max_bytes < 1:
+        raise ValueError(
+            f"no room left for text: the prompt's transcript takes {data.text_length - max_bytes} of the model's "
+            f"{data.text_length} text bytes; use a shorter transcript"
+        )
     # decoder positions after the BOS + prompt prefix; the delay pattern's last max_delay + 1 add no frame
     steps = data.audio_length - prompt_frames - 1
-    if max_new_tokens is not None:
-        steps = min(int(max_new_tokens), steps)
+    limited = max_new_tokens is not None and int(max_new_tokens) < steps
+    if limited:
+        steps = int(max_new_tokens)
     frames = steps - (data.max_delay + 1)
+    if frames < 1:
+        why = (
+            f"max_new_tokens={max_new_tokens} leaves none after the delay pattern's {data.max_delay + 1} steps"
+            if limited
+            else f"the prompt takes {prompt_frames} of the model's {data.audio_length - 1} frames; use a shorter prompt"
+        )
+        raise ValueError(f"no room left for audio: {why}")
     seconds = frames / tts.codec.frame_rate
     if max_chunk_seconds is not None:
         seconds = min(seconds, max_chunk_seconds)
     max_chars = math.floor(chars_per_second * seconds)
-    if max_bytes < 1 or max_chars < 1:
+    if max_chars < 1:
         raise ValueError(
-            f"no room left for text: the prompt uses the budget (text bytes left {max_bytes}, audio frames left "
-            f"{frames}); use a shorter prompt or a larger max_new_tokens"
+            f"no room for one character: {seconds:.3g} s of audio per chunk at chars_per_second={chars_per_second}"
         )
     return max_bytes, max_chars
 

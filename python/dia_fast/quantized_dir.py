@@ -220,7 +220,12 @@ def read_quantization(directory: Path) -> dict[str, Any] | None:
     path = Path(directory) / QUANT_FILE
     if not path.is_file():
         return None
-    doc = json.loads(path.read_text())
+    try:
+        doc = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(doc).__name__}")
     fmt = FORMATS.get(doc.get("format"))
     if fmt is None or fmt[0] != doc.get("mode"):
         raise ValueError(

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
+
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 @dataclass(frozen=True)
@@ -25,14 +28,20 @@ class SamplingConfig:
     do_sample: bool = True
 
     def __post_init__(self) -> None:
-        if not math.isfinite(self.cfg_scale) or self.cfg_scale < 0:
-            raise ValueError(f"cfg_scale must be a finite number >= 0, got {self.cfg_scale}")
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        for name in ("cfg_scale", "temperature", "top_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"{name} must be a number, got {value!r}")
+        # the settings live in float32 tensors on the device: larger values would overflow there
+        for name in ("cfg_scale", "temperature"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or not 0 <= value <= _FLOAT32_MAX:
+                raise ValueError(f"{name} must be a finite number >= 0 (at most {_FLOAT32_MAX:.3g}), got {value}")
         if not (0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.cfg_filter_top_k is not None and self.cfg_filter_top_k < 1:
-            raise ValueError(f"cfg_filter_top_k must be >= 1 (or None), got {self.cfg_filter_top_k}")
+        check_int_option("cfg_filter_top_k", self.cfg_filter_top_k, minimum=1, optional=True)
+        if not isinstance(self.do_sample, bool):
+            raise TypeError(f"do_sample must be a bool, got {self.do_sample!r}")
 
     @property
     def use_cfg(self) -> bool:

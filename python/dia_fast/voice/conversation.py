@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,6 +113,10 @@ class Conversation:
             raise TypeError(f"pool must be a VoicePool, got {type(pool).__name__}")
         self.pool = pool
         self.options = GenerationOptions(**options)
+        if isinstance(crossfade_ms, bool) or not isinstance(crossfade_ms, (int, float)):
+            raise TypeError(f"crossfade_ms must be a number, got {crossfade_ms!r}")
+        if not (math.isfinite(crossfade_ms) and crossfade_ms >= 0):
+            raise ValueError(f"crossfade_ms must be a finite number >= 0, got {crossfade_ms}")
         self.crossfade_ms = crossfade_ms
         self.speakers = _slots(speaker_or_speakers)
         custom = [(i, s) for i, s in enumerate(self.speakers) if isinstance(s, CustomSpeaker)]

@@ -37,6 +37,14 @@ def test_demo_writes_a_real_wav(tmp_path, capsys):
     assert summary["out"] == str(out) and summary["demo_model"] and summary["sample_rate"] == 44100
 
 
+@pytest.mark.parametrize("flag", ["--model", "--codec", "--out", "--save-model", "--prompt-wav", "--text-file"])
+def test_an_empty_path_is_an_error_not_the_current_directory(capsys, flag):
+    with pytest.raises(SystemExit) as exit_:
+        main(["[S1] Hi.", flag, ""])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and flag in err and err.strip().endswith("empty value"), err
+
+
 def test_a_text_file_with_a_byte_order_mark_and_the_rate_an_opus_file_is_written_at(tmp_path, capsys):
     """The BOM some editors write is not text (no "does not start with [S1]" warning); the summary gives the rate
     the file holds (Opus takes 48 kHz, not the codec's 44.1 kHz)."""
@@ -174,6 +182,7 @@ def test_untagged_transcript_is_spoken_alike_with_or_without_a_saved_speaker(tmp
         (["[S1] hi", "--quantize", "fp8", "--device", "cpu"], "quantize=fp8 has no CPU kernel"),
         (["[S1] hi", "--threads", "0"], "--threads must be >= 1"),
         (["[S1] hi", "--crossfade-ms", "nan"], "--crossfade-ms must be a finite number >= 0, got nan"),
+        (["[S1] hi", "--threads", "100000"], "is more than 4x this machine's"),
         (["[S1] hi", "--temperature", "1e39"], "temperature must be a finite number >= 0 (at most 3.4e+38)"),
         (["[S1] hi", "--out", "x.mp3", "--sample-rate", "96000"], "--sample-rate 96000: mp3 takes 8000,"),
         (["--text-file", "latin1.txt"], "--text-file latin1.txt is not UTF-8 text"),

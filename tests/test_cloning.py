@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 
 from dia_fast import DiaTTS
@@ -89,6 +90,13 @@ def test_bad_prompts_are_clear_errors(setup, tmp_path):
         tts.encode_prompt(np.zeros(44100, np.float32))
     with pytest.raises(ValueError, match="empty"):
         tts.encode_prompt(np.zeros(0, np.float32))
+    with pytest.raises(ValueError, match="holds 10 samples, less than one codec frame"):
+        tts.encode_prompt(np.full(10, 0.5, np.float32))
+    truncated = tmp_path / "truncated.wav"  # a header and a few samples of a longer recording
+    sf.write(truncated, np.full(44100, 0.5, np.float32), 44100)
+    truncated.write_bytes(truncated.read_bytes()[:64])
+    with pytest.raises(ValueError, match="less than one codec frame"):
+        tts.encode_prompt(truncated)
     with pytest.raises(FileNotFoundError):
         tts.encode_prompt(tmp_path / "missing.wav")
     corrupt = tmp_path / "corrupt.wav"

@@ -186,6 +186,8 @@ def test_an_int8_model_saves_and_loads_back_as_it_is(tmp_path):
         DiaTTS.from_pretrained(directory, device="cpu", quantize="fp8")
     with pytest.raises(ValueError, match="quantized layout only"):
         q.save_pretrained(tmp_path / "o", layout="official")
+    with pytest.raises(ValueError, match="is part of a saved quantized model: load its directory"):
+        DiaTTS.from_pretrained(directory / "model.safetensors", device="cpu")
     doc = json.loads((directory / "quantization.json").read_text())
     (directory / "quantization.json").write_text(json.dumps({**doc, "format": "dia_fast.dynamic-int8/1"}))
     with pytest.raises(ValueError, match="unknown quantized format 'dia_fast.dynamic-int8/1'.*quantize the full"):

@@ -150,10 +150,12 @@ class DiaTTS:
         never a re-quantization).
         """
         from .quantize import check_quantize, load_cuda_quantized, load_quantized
-        from .quantized_dir import read_quantization
+        from .quantized_dir import QUANT_FILE, read_quantization
 
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
+        if Path(path).is_file() and (Path(path).parent / QUANT_FILE).is_file():
+            raise ValueError(f"{path} is part of a saved quantized model: load its directory, {Path(path).parent}")
         saved = read_quantization(Path(path)) if Path(path).is_dir() else None
         if saved is not None:
             return cls._from_quantized(Path(path), saved, quantize, dev, dt, codec, config)
@@ -425,6 +427,11 @@ class DiaTTS:
             peak = float(np.max(np.abs(samples))) if samples.size else 0.0
             if peak < 1e-4:
                 raise ValueError("the audio prompt is silent (peak below -80 dBFS): give a recording of the voice")
+            if samples.shape[0] < self.codec.hop_length:
+                raise ValueError(
+                    f"the audio prompt holds {samples.shape[0]} samples, less than one codec frame "
+                    f"({self.codec.hop_length}): give a recording of the voice (5-10 s is best)"
+                )
             frames = -(-samples.shape[0] // self.codec.hop_length)
             self._check_prompt_length(frames)
             seconds = samples.shape[0] / self.codec.sample_rate

@@ -339,7 +339,9 @@ def load_config_and_tensors(
     cfg_file = (p if p.is_dir() else p.parent) / "config.json"
     if config is None:
         if not cfg_file.exists():
-            raise CheckpointError(f"no config.json next to {p}; pass config= explicitly")
+            raise CheckpointError(
+                f"no config.json next to {p}: put the checkpoint's config.json beside it (or pass config= in Python)"
+            )
         config = DiaConfig.from_json(cfg_file)
     keys = safetensors_keys(files)
     if keys is None:  # a torch pickle: read at once anyway

@@ -26,6 +26,17 @@ class UsageError(Exception):
     """A mistake in the command line: printed as one line, exit status 2."""
 
 
+def _nonempty(value: str) -> str:
+    if not value.strip():
+        raise argparse.ArgumentTypeError("empty value")
+    return value
+
+
+def _path(value: str) -> Path:
+    """A path argument (an empty one is an error, not the current directory)."""
+    return Path(_nonempty(value))
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m dia_fast",
@@ -33,11 +44,11 @@ def _parser() -> argparse.ArgumentParser:
         epilog='Example: python -m dia_fast "[S1] Hello there. [S2] Hi!" --out hello.wav',
     )
     p.add_argument("text", nargs="?", help="text to speak, with [S1]/[S2] speaker tags; '-' reads stdin")
-    p.add_argument("--text-file", type=Path, help="read the text from this UTF-8 file")
+    p.add_argument("--text-file", type=_path, help="read the text from this UTF-8 file")
     p.add_argument(
         "-o",
         "--out",
-        type=Path,
+        type=_path,
         default=Path("out.wav"),
         help="output file; its extension picks the format: .wav .flac .ogg .opus .mp3 (default: out.wav)",
     )
@@ -46,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--model",
         "--checkpoint",
+        type=_nonempty,
         dest="model",
         help="checkpoint directory/file (official or transformers layout) or hub id",
     )
@@ -58,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--codec",
         "--codec-checkpoint",
+        type=_nonempty,
         dest="codec",
         help="'dac', 'encodec' or a codec checkpoint path (default: the model's DAC)",
     )
@@ -73,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--save-model",
-        type=Path,
+        type=_path,
         metavar="DIR",
         help="save the loaded model to DIR (quantized with --quantize: loads back as it is); without text, only save",
     )
@@ -97,10 +110,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     g.add_argument("--seed", type=int, help="random seed for reproducible sampling")
     g = p.add_argument_group("voice cloning")
-    g.add_argument("--prompt-wav", type=Path, help="audio of the voice to clone (WAV/FLAC/OGG, any rate)")
+    g.add_argument("--prompt-wav", type=_path, help="audio of the voice to clone (WAV/FLAC/OGG, any rate)")
     g.add_argument("--prompt-text", help="transcript of --prompt-wav, with speaker tags, e.g. '[S1] ...'")
-    g.add_argument("--speaker-file", type=Path, help="a voice saved with --save-speaker (instead of --prompt-wav)")
-    g.add_argument("--save-speaker", type=Path, help="save the encoded --prompt-wav voice to this file for reuse")
+    g.add_argument("--speaker-file", type=_path, help="a voice saved with --save-speaker (instead of --prompt-wav)")
+    g.add_argument("--save-speaker", type=_path, help="save the encoded --prompt-wav voice to this file for reuse")
     g = p.add_argument_group("output")
     g.add_argument("--loudness", type=float, default=-23.0, metavar="LUFS", help="target loudness (default -23)")
     g.add_argument("--no-loudness", action="store_true", help="leave the loudness as generated")
@@ -164,6 +177,9 @@ def _check_args(args: argparse.Namespace) -> None:
         fmt = audio_format_for(out, args.format)
     except ValueError as exc:
         raise UsageError(f"{exc} (or pass --format)") from None
+    suffix = out.suffix.lstrip(".").lower()
+    if args.format and suffix in AUDIO_FORMATS and suffix != fmt:
+        _log(args, f"dia_fast: warning: writing {fmt} data into {out} (its extension says {suffix}; --format {fmt})")
     if args.float_wav and fmt != "wav":
         raise UsageError(f"--float writes WAV only; {out} is {fmt}")
     rates = AUDIO_FORMATS[fmt][2]
@@ -317,6 +333,9 @@ def _set_threads(args: argparse.Namespace) -> None:
     if args.threads is not None:
         if args.threads < 1:
             raise UsageError(f"--threads must be >= 1, got {args.threads}")
+        cpus = os.cpu_count() or 1
+        if args.threads > 4 * cpus:
+            raise UsageError(f"--threads {args.threads} is more than 4x this machine's {cpus} CPUs")
         import torch
 
         torch.set_num_threads(args.threads)

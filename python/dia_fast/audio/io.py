@@ -192,8 +192,9 @@ def write_audio(
         raise ValueError(f"write_audio expects float samples, got dtype {arr.dtype}")
     if not np.isfinite(arr).all():
         raise ValueError("refusing to write audio with NaN or infinite samples")
-    if written_rate(rate, fmt) != rate:
-        arr, rate = resample(arr, rate, written_rate(rate, fmt)), written_rate(rate, fmt)
+    target = written_rate(rate, fmt)
+    if target != rate:
+        arr, rate = resample(arr, rate, target), target
     if fmt == "wav":
         data = float_to_pcm16(arr) if subtype == "PCM_16" else arr.astype(np.float32, copy=False)
         sub = subtype

@@ -99,3 +99,43 @@ def test_integer_numpy_codes_are_codes_and_short_prompts_warn():
     assert torch.equal(tts.encode_prompt(codes), torch.from_numpy(codes))
     with pytest.warns(UserWarning, match="prompts under 1 s clone poorly"):
         tts.encode_prompt(0.3 * np.sin(np.arange(22050) / 9).astype(np.float32), 44100)
+
+
+def _short_budget_tts() -> DiaTTS:
+    """A tiny random model of 128 decoder positions whose channel-0 EOS logit sits just above a common token's (it
+    ends its texts on its own after 12 frames, greedy), built as a checkpoint would be (not a demo)."""
+    import dataclasses
+
+    from dia_fast.config import DiaConfig
+    from dia_fast.model import DiaModel
+
+    cfg = DiaConfig.preset("tiny")
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, audio_length=128))
+    torch.manual_seed(0)
+    model = DiaModel(cfg).eval()
+    with torch.no_grad():
+        w = model.decoder.logits_dense.weight
+        w[1024] = 1.05 * w[613]
+    return DiaTTS(model, DiaTTS.random("tiny").codec)
+
+
+def test_truncated_says_which_texts_max_new_tokens_ended():
+    """GenerationResult.truncated: the texts whose speech the limit ended. Without max_new_tokens, a text the model
+    does not end within its whole budget also warns; generate_long warns for chunks an explicit limit ended."""
+    import warnings
+
+    from dia_fast.longform import generate_long
+
+    tts = _short_budget_tts()
+    texts = ["[S1] Hello there friend.", "[S2] A second text, longer than the first one."]
+    kw = dict(do_sample=False, progress=False, decode_audio=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ended = tts.generate(texts, max_new_tokens=100, **kw)
+        assert ended.truncated == [False, False] and [c.shape[0] for c in ended.codes] == [12, 12]
+        held = tts.generate(texts, max_new_tokens=100, min_new_tokens=84, **kw)  # EOS held back to the limit
+        assert held.truncated == [True, True]
+    with pytest.warns(UserWarning, match=r"did not end the speech of text\(s\) \[0, 1\] within its whole audio"):
+        assert tts.generate(texts, min_new_tokens=110, **kw).truncated == [True, True]
+    with pytest.warns(UserWarning, match=r"max_new_tokens=100 ended the speech of chunk\(s\) \[0, 1\] of 2"):
+        generate_long(tts, texts[0], max_new_tokens=100, min_new_tokens=84, do_sample=False, progress=False)

@@ -410,3 +410,14 @@ def test_save_speaker_is_checked_before_any_work(tmp_path, capsys):
         )
         assert rc == 2 and message in err, err
     assert not (tmp_path / "x.wav").exists()
+
+
+def test_a_speech_that_max_new_tokens_ends_warns(tmp_path, capsys):
+    from .test_api import _short_budget_tts
+
+    checkpoint = _short_budget_tts().save_pretrained(tmp_path / "ck")
+    base = ["[S1] Hello friend.", "--model", str(checkpoint), "--out", str(tmp_path / "o.wav"), "--greedy"]
+    rc, _, err = _run(capsys, *base, "--max-new-tokens", "100", "--no-progress")
+    assert rc == 0 and "warning" not in err, err  # the model ends it
+    rc, _, err = _run(capsys, *base, "--max-new-tokens", "100", "--min-new-tokens", "84", "--no-progress")
+    assert rc == 0 and "--max-new-tokens 100 ended the speech before the model did" in err, err

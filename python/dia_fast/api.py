@@ -33,7 +33,8 @@ class GenerationResult:
 
     ``codes``: undelayed codec codes [T_i, C] (int64; BOS/EOS/PAD and the prompt removed);
     ``audio``: float32 mono PCM at ``sample_rate`` (empty when nothing was generated);
-    ``delayed``: the raw delayed decoder sequences [B, L, C] (prefix included).
+    ``delayed``: the raw delayed decoder sequences [B, L, C] (prefix included); ``truncated``: whether
+    ``max_new_tokens`` ended each text's speech before the model did (the audio may stop mid-word).
     """
 
     codes: list[torch.Tensor]
@@ -41,6 +42,7 @@ class GenerationResult:
     sample_rate: int
     delayed: torch.Tensor
     stats: dict[str, float] = field(default_factory=dict)
+    truncated: list[bool] = field(default_factory=list)
 
     @property
     def durations(self) -> list[float]:
@@ -338,8 +340,9 @@ class DiaTTS:
         """Speak ``text`` (one string or a batch). See :class:`GenerationResult`.
 
         ``max_new_tokens``: decoder steps (at most ``max_new_tokens - 16`` audio frames, ~86 per
-        second); default: the model's whole audio budget left after the prompt. ``min_new_tokens``: no EOS
-        before that many steps (a lower bound on the length). ``seed`` makes
+        second); default: the model's whole audio budget left after the prompt (a text the model does not end
+        within it warns). :attr:`GenerationResult.truncated` says which texts the limit ended.
+        ``min_new_tokens``: no EOS before that many steps (a lower bound on the length). ``seed`` makes
         sampling reproducible. ``progress``: a progress bar (default: when stderr is a terminal).
 
         Voice cloning: ``audio_prompt`` is an audio file path, a float array at the codec's sample
@@ -382,7 +385,16 @@ class DiaTTS:
             progress=progress,
             frame_rate=self.codec.frame_rate,
         )
-        return self._result(out, decode_audio)
+        result = self._result(out, decode_audio)
+        if max_new_tokens is None and any(result.truncated) and not self.demo:
+            cut = [i for i, t in enumerate(result.truncated) if t]
+            warnings.warn(
+                f"the model did not end the speech of text(s) {cut} within its whole audio budget "
+                f"({self.config.data.audio_length} steps): the audio stops there",
+                UserWarning,
+                stacklevel=2,
+            )
+        return result
 
     # ------------------------------------------------------------------------------ voice prompts
     def max_prompt_frames(self) -> int:
@@ -548,7 +560,7 @@ class DiaTTS:
             "cuda_graphs": float(out.cuda_graphs),
             "cpu_graph": float(out.cpu_graph),
         }
-        return GenerationResult(frames, audio, self.sample_rate, out.delayed.cpu(), stats)
+        return GenerationResult(frames, audio, self.sample_rate, out.delayed.cpu(), stats, out.truncated())
 
     def __repr__(self) -> str:
         kind = "random demo" if self.demo else "checkpoint"

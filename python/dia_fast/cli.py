@@ -423,6 +423,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             result = tts.generate(text, audio_prompt=prompt, audio_prompt_text=transcript, **options)
         samples, rate = result.audio[0], result.sample_rate
         steps_per_s = result.stats.get("steps_per_s")
+        if result.truncated[0] and args.max_new_tokens is not None and not tts.demo:
+            _log(
+                args,
+                f"dia_fast: warning: --max-new-tokens {args.max_new_tokens} ended the speech before the model did: "
+                "the audio may stop mid-word (raise it, or leave it out)",
+            )
     gen_s = time.perf_counter() - t1
     if samples.size == 0:
         raise RuntimeError("the model produced no audio (it ended right away); try another seed or --greedy")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -297,6 +298,7 @@ def generate_long(
         raise ValueError("text is empty: give at least one character to speak")
     bar = progress_bar(len(chunks), progress if len(chunks) > 1 else False, desc="long-form", unit="chunk")
     pieces: list[np.ndarray] = []
+    cut: list[int] = []  # chunks that max_new_tokens ended
     try:
         for lo in range(0, len(chunks), batch_size):
             batch: Sequence[str] = chunks[lo : lo + batch_size]
@@ -307,6 +309,7 @@ def generate_long(
                 progress=False,
                 **generate_kwargs,
             )
+            cut += [lo + k for k, t in enumerate(result.truncated) if t]
             for k, audio in enumerate(result.audio):
                 pieces.append(audio)
                 if on_chunk is not None:
@@ -316,4 +319,12 @@ def generate_long(
     finally:
         if bar is not None:
             bar.close()
+    limit = generate_kwargs.get("max_new_tokens")
+    if cut and limit is not None and not tts.demo:  # (without a limit, generate has warned)
+        warnings.warn(
+            f"max_new_tokens={limit} ended the speech of chunk(s) {cut} of {len(chunks)} before the model did: "
+            "their audio may stop mid-word (raise max_new_tokens, or leave it out)",
+            UserWarning,
+            stacklevel=2,
+        )
     return crossfade_join(pieces, tts.sample_rate, crossfade_ms), tts.sample_rate

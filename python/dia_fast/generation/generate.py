@@ -85,6 +85,11 @@ class DecodeOutput:
     batch_bucket: int = 0  # rows the step ran on (batch rounded up to a bucket by static runners)
     cpu_graph: bool = False  # whether the steps after the first replayed a CPU graph (dia_fast.ops.cpu_graph)
     cpu_graph_note: str = ""  # on the CPU without one: why ("off", or the op the step runs that it cannot replay)
+    limit_pos: int = -1  # where EOS is forced at the latest (max_new_tokens); -1: unknown
+
+    def truncated(self) -> list[bool]:
+        """Per item: whether max_new_tokens ended its speech (EOS forced at the limit) rather than the model."""
+        return [self.limit_pos >= 0 and int(e) >= self.limit_pos for e in self.eos_pos]
 
     def frames(self, config: DiaConfig) -> list[torch.Tensor]:
         """Undelayed new audio codes per item, [T_i, C] int64 (prompt, BOS, EOS, PAD removed)."""
@@ -310,8 +315,9 @@ def generate_codes(
         delayed = _to_host(host_pool, out[:B, :end])
     note = runner.cpu_graph_note if device.type == "cpu" else ""
     return DecodeOutput(
-        delayed, eos_pos, P0, steps, prefill_s, decode_s, warmup_s, runner.graphed, Bb, runner.cpu_graphed, note
-    )
+        delayed, eos_pos, P0, steps, prefill_s, decode_s, warmup_s, runner.graphed, Bb, runner.cpu_graphed, note,
+        limit_pos=L - md - 1,
+    )  # fmt: skip
 
 
 def _load(

@@ -108,6 +108,15 @@ def test_greedy_solo_run_equals_generate(tts):
         assert torch.equal(_solo(tts, dict(text=TEXTS[1], max_new_tokens=50, do_sample=False, **kw)), want)
 
 
+def test_truncated_matches_generate(tts):
+    """EngineResult.truncated: max_new_tokens ended the speech, as GenerationResult.truncated says for the same run."""
+    with BatchEngine(tts, max_slots=2) as engine:
+        for kw in (dict(max_new_tokens=300), dict(max_new_tokens=60, min_new_tokens=44)):
+            want = tts.generate(TEXTS[1], do_sample=False, progress=False, decode_audio=False, **kw).truncated[0]
+            got = engine.submit(TEXTS[1], do_sample=False, **kw).result(120, decode_audio=False).truncated
+            assert got == want == (kw["max_new_tokens"] == 60), kw
+
+
 def test_cancel_mid_run_frees_the_slot_and_the_others_still_match(tts):
     reqs = _requests()[:6]
     with BatchEngine(tts, max_slots=4, poll_every=1) as engine:

@@ -86,12 +86,14 @@ class RequestCancelled(RuntimeError):
 class EngineResult:
     """One request's output: new codec codes ``[T, C]`` (int64, CPU), float32 mono PCM (empty when not decoded)
     and timings: ``queued_s`` (submit to admission), ``prefill_s``, ``decode_s`` (admission end to finish),
-    ``steps`` (decode steps it took part in), ``batch_peak`` (most live requests in one of its steps)."""
+    ``steps`` (decode steps it took part in), ``batch_peak`` (most live requests in one of its steps).
+    ``truncated``: ``max_new_tokens`` ended the speech (of a piece) before the model did."""
 
     codes: torch.Tensor
     audio: np.ndarray
     sample_rate: int
     stats: dict[str, float] = field(default_factory=dict)
+    truncated: bool = False
 
     @property
     def duration(self) -> float:
@@ -174,7 +176,11 @@ class RequestHandle:
         stats = {k: float(sum(r.stats.get(k, 0.0) for r in parts)) for k in ("steps", "frames")}
         stats.update(pieces=float(len(parts)), batch_peak=float(max(r.stats["batch_peak"] for r in parts)))
         return EngineResult(
-            torch.cat([r.codes for r in parts]), audio if audio is not None else np.zeros(0, np.float32), rate, stats
+            torch.cat([r.codes for r in parts]),
+            audio if audio is not None else np.zeros(0, np.float32),
+            rate,
+            stats,
+            truncated=any(r.truncated for r in parts),
         )
 
     async def result_async(self, *, decode_audio: bool = True) -> EngineResult:
@@ -685,7 +691,9 @@ class BatchEngine:
                     "eos_position": float(eos[s]),
                 }
                 self.stats["finished"] += 1
-                self._settle(req, result=EngineResult(codes, np.zeros(0, np.float32), self.tts.sample_rate, stats))
+                limit = req.prefix + req.max_new_tokens - self.tts.config.data.max_delay - 1  # where EOS is forced
+                result = EngineResult(codes, np.zeros(0, np.float32), self.tts.sample_rate, stats, eos[s] >= limit)
+                self._settle(req, result=result)
         return pos
 
     def _free(self, s: int) -> None:

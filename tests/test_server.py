@@ -427,6 +427,11 @@ def test_api_key_is_required_when_set(tts):
             model="tts-1", voice="S1", input="x", response_format="wav", extra_body=GREEDY
         )
         assert ok.content[:4] == b"RIFF"
+        # this server has no --voices-dir: an upload is refused before its body is read
+        auth = {"Authorization": "Bearer s3cret"}
+        files = {"file": ("v.wav", b"x" * 1000, "audio/wav")}
+        r = httpx.post(f"{url}/v1/audio/voices", data={"name": "v", "transcript": "t"}, files=files, headers=auth)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "voice_not_found"
 
 
 def test_shutdown_drains_a_running_request(tts):

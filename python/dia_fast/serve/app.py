@@ -252,6 +252,8 @@ def create_app(settings: ServerSettings | None = None, *, tts: DiaTTS | None = N
     async def create_voice(request: Request) -> dict[str, Any]:
         service = service_of(request)
         s = settings
+        if service.voices.directory is None:  # before reading an upload that could not be stored
+            raise ApiError(404, "this server stores no voices (start it with --voices-dir)", code="voice_not_found")
         try:
             form = await request.form(max_files=1, max_fields=8)
         except _BodyTooLarge:

@@ -332,6 +332,9 @@ def test_errors_are_openai_json_without_tracebacks(base):
         (json.dumps({"model": "tts-1", "voice": {"id": "S1", "x": 1}, "input": "x"}).encode(), 400, "voice.x"),
         (json.dumps({"model": "tts-1", "voice": {"name": "S1"}, "input": "x"}).encode(), 400, "voice.id"),
         (json.dumps({"model": "tts-1", "voice": "S1", "input": "x", "speed": 5}).encode(), 400, "speed"),
+        (json.dumps({"model": "tts-1", "voice": "S1", "input": "x", "speed": "2"}).encode(), 400, "speed"),
+        (json.dumps({"model": "tts-1", "voice": "S1", "input": "x", "seed": True}).encode(), 400, "seed"),
+        (json.dumps({"model": "tts-1", "voice": "S1", "input": "x", "max_new_tokens": 30.5}).encode(), 400, None),
         (json.dumps({"model": "tts-1", "voice": "S1", "input": "x", "temperature": -1}).encode(), 400, "temperature"),
         (b'{"model": "tts-1", "voice": "S1", "input": "x", "top_p": NaN}', 400, "top_p"),
         (

@@ -71,18 +71,19 @@ class SpeechRequest(BaseModel):
     input: str
     voice: str | VoiceRef
     response_format: str = "mp3"
-    speed: float = Field(1.0, allow_inf_nan=False)
+    # numbers are strict: "2", true or 2.5 for an integer are errors, not converted (an int is a float)
+    speed: float = Field(1.0, allow_inf_nan=False, strict=True)
     stream_format: Literal["audio", "sse"] | None = None
     instructions: str | None = None
     # Dia's options
-    sample_rate: int | None = None
-    seed: int | None = None
-    temperature: float = Field(1.2, ge=0.0, allow_inf_nan=False)  # 0 = greedy
-    top_p: float = Field(0.95, gt=0.0, le=1.0, allow_inf_nan=False)
-    cfg_scale: float = Field(3.0, ge=0.0, allow_inf_nan=False)
-    cfg_filter_top_k: int | None = Field(45, ge=1)  # null = no CFG filter
-    max_new_tokens: int | None = Field(None, ge=1)
-    min_new_tokens: int = Field(0, ge=0)
+    sample_rate: int | None = Field(None, strict=True)
+    seed: int | None = Field(None, strict=True)
+    temperature: float = Field(1.2, ge=0.0, allow_inf_nan=False, strict=True)  # 0 = greedy
+    top_p: float = Field(0.95, gt=0.0, le=1.0, allow_inf_nan=False, strict=True)
+    cfg_scale: float = Field(3.0, ge=0.0, allow_inf_nan=False, strict=True)
+    cfg_filter_top_k: int | None = Field(45, ge=1, strict=True)  # null = no CFG filter
+    max_new_tokens: int | None = Field(None, ge=1, strict=True)
+    min_new_tokens: int = Field(0, ge=0, strict=True)
 
 
 @dataclass

@@ -118,6 +118,37 @@ def test_bench_rejects_bad_options(capsys):
     assert opts.batches == (1, 8) and opts.compare == () and opts.layers == 2
     assert main(["--model", "tiny", "--device", "cpu", "--steps", "5", "--compare", "none", "--quiet"]) == 2
     assert "--steps must be at least 17" in capsys.readouterr().err
+    # options that the mode would ignore, repeated batch sizes, an unusable --json: errors before any work
+    for bad, message in (
+        (["--load", "--batch", "2"], "--batch does not apply to --load"),
+        (["--load", "--quantize", "int8"], "--quantize does not apply to --load"),
+        (["--load", "--count-launches"], "--count-launches does not apply to --load"),
+        (["--requests", "3"], "--requests applies to --load only"),
+        (["--max-slots", "4"], "--max-slots applies to --load only"),
+        (["--quality-steps", "50"], "--quality-steps applies to --quantize only"),
+        (["--cuda-int8", "torchao"], "--cuda-int8 applies to --quantize only"),
+        (["--batch", "1,1"], "--batch lists a size twice"),
+        (["--chunk-frames", "0"], "--chunk-frames and --first-chunk-frames must be >= 1"),
+        (["--json", "."], "--json . is a directory"),
+        (["--threads", "100000"], "is more than 4x this machine's"),
+    ):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+        assert message in capsys.readouterr().err, bad
+    tiny = ["--model", "tiny", "--device", "cpu", "--quiet"]
+    for bad, message in (
+        (["--compare", "none", "--quantize", "int8,fp8"], "quantize=fp8 has no CPU kernel"),  # before int8 runs
+        (["--compare", "none", "--quantize", "int8", "--cuda-int8", "torchao"], "--cuda-int8 chooses CUDA's int8"),
+        (["--load", "--steps", "8"], "--steps must be at least 17"),
+    ):
+        assert main([*tiny, *bad]) == 2, bad
+        assert message in capsys.readouterr().err, bad
+
+
+def test_server_load_against_an_unreachable_server_is_a_one_line_error(capsys):
+    assert main(["--server-load", "--url", "http://127.0.0.1:9", "--requests", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot reach the server at http://127.0.0.1:9") and len(err.splitlines()) == 1
 
 
 def test_bench_runs_each_cuda_int8_kernel_as_an_engine_of_its_own(capsys):

@@ -92,6 +92,22 @@ def test_disabled_extension_falls_back():
     assert set(out["cpu"].values()) == {"torch"}
 
 
+def test_backend_environment_variable():
+    """DIA_FAST_BACKEND=torch forces the references; an unknown value warns and is ignored (never a broken import)."""
+    assert set(_probe(PKG.parent, DIA_FAST_BACKEND="torch")["cpu"].values()) == {"torch"}
+    default = _probe(PKG.parent)["cpu"]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("DIA_FAST_")}
+    res = subprocess.run(
+        [sys.executable, "-c", _PROBE, str(PKG.parent)],
+        env={**clean, "PYTHONPATH": str(PKG.parent), "OMP_NUM_THREADS": "1", "DIA_FAST_BACKEND": "bogus"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0 and "DIA_FAST_BACKEND='bogus' is not one of" in res.stderr, res.stderr[-2000:]
+    assert json.loads(res.stdout.strip().splitlines()[-1])["cpu"] == default
+
+
 def test_foreign_binary_falls_back(pkg_copy, tmp_path):
     root = tmp_path / "foreign"
     shutil.copytree(pkg_copy, root)

@@ -113,6 +113,10 @@ def test_errors_propagate(tts):
         stream_generate(tts, [TEXT, TEXT])
     with pytest.raises(ValueError, match="first_chunk_frames"):
         stream_generate(tts, TEXT, first_chunk_frames=-3, **GREEDY)
+    for bad in (dict(chunk_frames=1.5), dict(chunk_frames="4"), dict(first_chunk_frames=2.5)):
+        with pytest.raises(TypeError, match="must be an int"):  # when made, not at the first chunk
+            stream_generate(tts, TEXT, **bad, **GREEDY)
+    assert not _stream_threads()
 
 
 def test_natural_eos_mid_stream():

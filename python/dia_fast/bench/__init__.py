@@ -221,12 +221,19 @@ def _run_bench(opts: BenchOptions) -> dict[str, Any]:
     tts, model_info = build_tts(opts, log)
     if opts.threads is None and (n := use_default_cpu_threads(tts.device, tts.config.model.decoder.hidden_size)):
         log(f"torch threads: {n} (a small model; --threads to choose)")
-    if opts.load:
-        return _run_load(opts, tts, model_info, log, t0)
     device = tts.device
     md = tts.config.data.max_delay
-    if opts.steps < md + 2:
-        raise ValueError(f"--steps must be at least {md + 2} (the delay pattern needs {md + 1} steps to finish)")
+    for flag, steps in (("--steps", opts.steps), ("--quality-steps", opts.quality_steps if opts.quantize else None)):
+        if steps is not None and steps < md + 2:
+            raise ValueError(f"{flag} must be at least {md + 2} (the delay pattern needs {md + 1} steps to finish)")
+    if opts.cuda_int8 and device.type != "cuda":
+        raise ValueError(f"--cuda-int8 chooses CUDA's int8 kernel; this run is on {device.type}")
+    from ..quantize import check_quantize
+
+    for mode in opts.quantize:  # every mode checked before any is measured
+        check_quantize(mode, device, tts.dtype)
+    if opts.load:
+        return _run_load(opts, tts, model_info, log, t0)
     sampling = SamplingConfig(do_sample=opts.do_sample)
     notes: list[str] = []
     compare = list(default_compare(device) if opts.compare is None else opts.compare)
@@ -430,14 +437,15 @@ def _run_load(
     from .load import load_table, run_load
 
     rate = f"Poisson arrivals at {opts.arrival_rate}/s" if opts.arrival_rate else "all at once"
-    log(f"load: {opts.requests} requests ({rate}), distinct seeds, {opts.steps // 4}-{opts.steps} decode steps each")
+    min_tokens = max(opts.steps // 4, tts.config.data.max_delay + 2)
+    log(f"load: {opts.requests} requests ({rate}), distinct seeds, {min_tokens}-{opts.steps} decode steps each")
     sampling = {} if opts.do_sample else {"do_sample": False}
     load = run_load(
         tts,
         requests=opts.requests,
         max_slots=opts.max_slots,
         arrival_rate=opts.arrival_rate,
-        min_tokens=max(opts.steps // 4, tts.config.data.max_delay + 2),
+        min_tokens=min_tokens,
         max_tokens=opts.steps,
         sampling=sampling,
         seed=opts.seed,
@@ -502,13 +510,40 @@ def _names(text: str) -> tuple[str, ...]:
     return names
 
 
+# options that only one mode reads: given without it (or beside a mode that ignores them) they are errors
+_LOAD_ONLY = ("--requests", "--arrival-rate", "--max-slots")
+_QUANTIZE_ONLY = ("--quality-steps", "--cuda-int8", "--no-loading-memory")
+_NOT_FOR_LOAD = ("--batch", "--compare", "--quantize", "--count-launches", "--chunk-frames", "--first-chunk-frames")
+
+
+def _check_modes(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    def dest(flag: str) -> str:
+        return {"--no-loading-memory": "no_loading_memory"}.get(flag, flag[2:].replace("-", "_"))
+
+    flags = (*_LOAD_ONLY, *_QUANTIZE_ONLY, *_NOT_FOR_LOAD)
+    given = {flag for flag in flags if getattr(a, dest(flag)) != p.get_default(dest(flag))}  # set to a non-default
+    if not a.load:
+        for flag in _LOAD_ONLY:
+            if flag in given:
+                p.error(f"{flag} applies to --load only")
+    else:
+        for flag in _NOT_FOR_LOAD:
+            if flag in given:
+                p.error(f"{flag} does not apply to --load (it measures dia_fast's engines alone)")
+    if not a.quantize:
+        for flag in _QUANTIZE_ONLY:
+            if flag in given:
+                p.error(f"{flag} applies to --quantize only")
+
+
 def parse_args(argv: list[str] | None = None) -> BenchOptions:
     """Command-line options -> :class:`BenchOptions`."""
     p = argparse.ArgumentParser(
         prog="python -m dia_fast.bench",
         description="Benchmark dia_fast against transformers' Dia on identical weights (same process).",
         epilog="--compile-report [--arch sm_90] [--json F] [--quiet]: registers, spills and shared memory of every "
-        "Triton kernel, compiled for a GPU architecture without a GPU (see dia_fast.bench.compile_report).",
+        "Triton kernel, compiled for a GPU architecture without a GPU (see dia_fast.bench.compile_report). "
+        "--server-load [--url URL] [...]: HTTP requests against the speech server (--server-load --help).",
     )
     p.add_argument("--model", default="tiny", help="tiny | dia-1.6b (random weights) | PATH to a checkpoint")
     p.add_argument("--device", default=None, help="auto (default) | cpu | cuda | cuda:N | mps")
@@ -523,8 +558,9 @@ def parse_args(argv: list[str] | None = None) -> BenchOptions:
         default=None,
         help=(
             "baselines, comma-separated: transformers, transformers-compile (transformers' static cache + "
-            "torch.compile), eager; default all on CUDA, all but transformers-compile on CPU/MPS; 'none' for "
-            "dia_fast alone"
+            "torch.compile), transformers-bf16 (transformers in bfloat16), eager (dia_fast without step graphs); "
+            "default: transformers, transformers-compile and eager on CUDA, transformers and eager on CPU/MPS; "
+            "'none' for dia_fast alone"
         ),
     )
     p.add_argument("--json", dest="json_path", default=None, help="write the results as JSON to this file")
@@ -580,8 +616,23 @@ def parse_args(argv: list[str] | None = None) -> BenchOptions:
         help="--quantize: skip measuring the memory of loading the checkpoint per mode (one process each)",
     )
     a = p.parse_args(argv)
+    _check_modes(p, a)
     if a.repeat < 1:
         p.error("--repeat must be >= 1")
+    if len(set(a.batch)) != len(a.batch):
+        p.error(f"--batch lists a size twice: {','.join(map(str, a.batch))}")
+    if a.chunk_frames < 1 or a.first_chunk_frames < 1:
+        p.error("--chunk-frames and --first-chunk-frames must be >= 1")
+    if a.threads is not None and a.threads > 4 * (os.cpu_count() or 1):
+        p.error(f"--threads {a.threads} is more than 4x this machine's {os.cpu_count()} CPUs")
+    if a.json_path is not None:
+        target = Path(a.json_path).expanduser()
+        if target.is_dir():
+            p.error(f"--json {target} is a directory: give a file name")
+        if not target.resolve().parent.is_dir():
+            p.error(f"--json: directory does not exist: {target.resolve().parent}")
+        if not os.access(target.resolve().parent, os.W_OK | os.X_OK):
+            p.error(f"--json: cannot write in {target.resolve().parent} (permission denied)")
     if a.layers is not None and a.layers < 1:
         p.error("--layers must be >= 1")
     if a.requests < 1:

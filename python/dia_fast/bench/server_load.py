@@ -144,8 +144,15 @@ def main(argv: list[str] | None = None) -> int:
     if a.requests < 1 or a.concurrency < 1:
         print("error: --requests and --concurrency must be >= 1", file=sys.stderr)
         return 2
+    import httpx
     import torch
 
+    if a.url:  # reachable and answering, before any timing
+        try:
+            httpx.get(f"{a.url.rstrip('/')}/health", timeout=10)
+        except (httpx.HTTPError, ValueError) as exc:
+            print(f"error: cannot reach the server at {a.url}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 2
     with contextlib.ExitStack() as stack:
         url = a.url or stack.enter_context(_local_server(a.max_batch, a.max_queue))
         res = run_server_load(

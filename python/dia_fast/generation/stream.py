@@ -26,7 +26,7 @@ from ..codec.base import AudioCodec
 from ..text import encode_batch
 from .engine import using_device
 from .generate import DecodeOutput, generate_codes
-from .sampling import SamplingConfig, seeded_generator
+from .sampling import SamplingConfig, check_int_option, seeded_generator
 
 if TYPE_CHECKING:
     from ..api import DiaTTS
@@ -194,10 +194,8 @@ class ChunkedDecoder:
         stats: StreamStats,
         start_time: float,
     ) -> None:
-        if chunk_frames < 1:
-            raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
-        if first_chunk_frames is not None and first_chunk_frames < 1:
-            raise ValueError(f"first_chunk_frames must be >= 1 (or None), got {first_chunk_frames}")
+        check_int_option("chunk_frames", chunk_frames, minimum=1)
+        check_int_option("first_chunk_frames", first_chunk_frames, minimum=1, optional=True)
         if left_context_frames < 0 or lookahead_frames < 0:
             raise ValueError("left_context_frames and lookahead_frames must be >= 0")
         self.stats = stats

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -103,8 +104,9 @@ def set_backend(backend: str | None, op: str | None = None) -> None:
 def _env_override() -> None:
     value = os.environ.get("DIA_FAST_BACKEND", "").strip().lower()
     if value:
-        if value not in BACKENDS:
-            raise ValueError(f"DIA_FAST_BACKEND={value!r} is not one of {BACKENDS}")
+        if value not in BACKENDS:  # (at import: a warning, never a broken import)
+            warnings.warn(f"DIA_FAST_BACKEND={value!r} is not one of {BACKENDS}: ignored", UserWarning, stacklevel=2)
+            return
         _OVERRIDE.setdefault(None, value)
 
 

@@ -199,7 +199,9 @@ class Conversation:
         of ``first_chunk_frames``); the last ``crossfade_ms`` of each text chunk is held back and crossfaded
         with the start of the next, as :meth:`generate` joins them. The joined stream equals
         :meth:`generate`'s samples for the same seed (when every text chunk is longer than twice the
-        crossfade). Leaving the loop early cancels what is still running.
+        crossfade). Closing the stream cancels what is still running: breaking out of ``for chunk in
+        conv.stream()`` drops (and so closes) it; a stream kept in a variable needs ``close()`` (or
+        ``contextlib.closing``).
         """
         tts = self.pool.tts
         handles = [

@@ -208,15 +208,26 @@ def test_a_quantized_model_replays_its_step_too(mode):
     assert torch.equal(graphed.delayed, eager.delayed) and torch.equal(graphed.eos_pos, eager.eos_pos)
 
 
-def test_a_step_on_the_reference_ops_stays_eager_and_says_why(model):
+def test_a_step_on_the_reference_ops_stays_eager_and_says_why(model, monkeypatch):
+    """A refused step says why; the engine remembers it, so later calls with that step and those weights step
+    eagerly at once instead of paying for a capture that would be refused again."""
     eager = _generate(model, GREEDY, graphs=False)
+    engine = DecodeEngine(model)
     ops.set_backend("torch")
     try:
-        out = _generate(model, GREEDY, graphs=True)
+        out = _generate(model, GREEDY, graphs=True, engine=engine)
+        captures = []
+        real_capture = CpuGraph.capture
+        monkeypatch.setattr(CpuGraph, "capture", classmethod(lambda cls, fn: captures.append(1) or real_capture(fn)))
+        again = _generate(model, GREEDY, graphs=True, engine=engine)
     finally:
         ops.set_backend(None)
     assert not out.cpu_graph and "which a CPU graph does not replay" in out.cpu_graph_note
     assert torch.equal(out.delayed, eager.delayed)
+    assert not captures and again.cpu_graph_note == out.cpu_graph_note and torch.equal(again.delayed, eager.delayed)
+    if _ext.loaded():  # back on the C++ ops (a new dispatch generation): captured again
+        replayed = _generate(model, GREEDY, graphs=True, engine=engine)
+        assert captures and replayed.cpu_graph
 
 
 @needs_ext

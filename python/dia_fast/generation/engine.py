@@ -312,6 +312,8 @@ class DecodeEngine:
     warmup_steps: int = 2
     _entries: OrderedDict[tuple, StepRunner] = field(default_factory=OrderedDict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # (spec, weights key) -> why its step cannot be recorded as a CPU graph: later runners skip the capture
+    _cpu_refused: dict[tuple, str] = field(default_factory=dict, repr=False)
 
     @property
     def is_static(self) -> bool:
@@ -349,10 +351,14 @@ class DecodeEngine:
         cached and shared: hold one with ``with runner:`` around :meth:`StepRunner.prepare` and the steps."""
         graph = self.graphs_enabled(cuda_graphs)
         cpu = self.cpu_graphs_enabled(cpu_graphs)
+        weights = self._weights_key() if cpu or self.is_static else None
+        refused = self._cpu_refused.get((spec, weights)) if cpu else None
+        if refused is not None:  # this step was refused before (its ops, dtype, weights): capturing costs a step
+            cpu = False
         if not self.is_static:
             bufs = allocate_buffers(self.model, spec, max_len, text_len, self_mask)
-            return StepRunner(self.model, spec, bufs, cpu_graph=cpu)
-        key = (spec, max_len, text_len, self_mask, graph, cpu, self._weights_key())
+            return self._noted(StepRunner(self.model, spec, bufs, cpu_graph=cpu), refused)
+        key = (spec, max_len, text_len, self_mask, graph, cpu, weights)
         # Made under the lock (allocation is quick; the capture waits for the runner's first prepare()), so calls
         # of one bucket that arrive together share one runner instead of each building and capturing its own.
         with self._lock:
@@ -363,10 +369,22 @@ class DecodeEngine:
             while len(self._entries) >= self.max_entries:
                 self._entries.popitem(last=False)
             bufs = allocate_buffers(self.model, spec, max_len, text_len, self_mask)
-            run = self._entries[key] = StepRunner(
-                self.model, spec, bufs, graph=graph, warmup_steps=self.warmup_steps, cpu_graph=cpu
+            run = self._entries[key] = self._noted(
+                StepRunner(self.model, spec, bufs, graph=graph, warmup_steps=self.warmup_steps, cpu_graph=cpu), refused
             )
         return run
+
+    @staticmethod
+    def _noted(run: StepRunner, refused: str | None) -> StepRunner:
+        if refused is not None:
+            run.cpu_step.note = refused
+        return run
+
+    def remember(self, run: StepRunner) -> None:
+        """After a call: if ``run``'s step could not be recorded as a CPU graph, later runners for the same step
+        and weights do not try again (the failed capture runs, and costs, a recorded step every call)."""
+        if run.cpu_step.refused:
+            self._cpu_refused[(run.spec, self._weights_key())] = run.cpu_step.note
 
     def _weights_key(self) -> tuple:
         """Device, dtype and addresses of the decoder's tensors, and the op dispatch's generation: a captured graph
@@ -380,6 +398,7 @@ class DecodeEngine:
         """Drops every cached runner (frees their buffers and graphs)."""
         with self._lock:
             self._entries.clear()
+            self._cpu_refused.clear()
 
 
 _ENGINES_LOCK = threading.Lock()

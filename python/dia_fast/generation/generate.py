@@ -313,6 +313,7 @@ def generate_codes(
         # Items that stopped are complete up to eos + max_delay; crop to the longest.
         end = int(torch.clamp(eos_pos + md + 1, max=L).max()) if bool((eos_pos >= 0).all()) else L
         delayed = _to_host(host_pool, out[:B, :end])
+    engine.remember(runner)
     note = runner.cpu_graph_note if device.type == "cpu" else ""
     return DecodeOutput(
         delayed, eos_pos, P0, steps, prefill_s, decode_s, warmup_s, runner.graphed, Bb, runner.cpu_graphed, note,

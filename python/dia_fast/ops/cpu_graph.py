@@ -218,6 +218,7 @@ class CpuGraphStep:
         self.fn = fn
         self.graph: CpuGraph | None = None
         self.note = "" if enabled else "off"  # why no graph replays ("" while one does, or may)
+        self.refused = False  # the step could not be recorded (note: why): another try would refuse it again
         self._capture_next = enabled
 
     def __call__(self) -> None:
@@ -230,6 +231,6 @@ class CpuGraphStep:
             try:
                 self.graph = CpuGraph.capture(self.fn)
             except CaptureError as exc:
-                self.note = str(exc)
+                self.note, self.refused = str(exc), True
             return
         self.fn()

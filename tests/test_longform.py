@@ -244,3 +244,19 @@ def test_cjk_sentences_end_without_a_space():
     spans = split_text_spans(text, 1024, 240)
     assert len(spans) >= 3 and "".join(text[c.start : c.end] for c in spans) == text
     assert all(text[c.start : c.end].endswith("。") for c in spans)
+
+
+def test_doubtful_text_warnings_are_about_the_text_as_written_not_its_chunks(tts):
+    """A long text's chunks may be short or start mid-turn: generate_long checks the whole text once instead."""
+    import warnings
+
+    text = "[S1] " + "This sentence is one of many in a long text. " * 3 + "[S2] Yes."
+    budget = dict(chars_per_second=300.0)  # 48 characters in 30 steps: one sentence a chunk
+    assert split_text(text, *chunk_budget(tts, max_new_tokens=30, **budget))[-1] == "[S2] Yes."  # a short chunk
+    kw = {**GREEDY, "progress": False, "max_new_tokens": 30}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        generate_long(tts, text, **budget, **kw)
+    assert not [w for w in caught if "very short text" in str(w.message)]
+    with pytest.warns(UserWarning, match="does not start with"):  # the whole text still gets its check
+        generate_long(tts, text[5:], **budget, **kw)

@@ -14,6 +14,7 @@ per second including spaces), so that a chunk's speech fits even when the model 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import warnings
@@ -26,7 +27,7 @@ import numpy as np
 from .audio import crossfade_join
 from .progress import progress_bar
 from .text import SPEAKER_TAG_RE as _TAG_RE
-from .text import text_tokens
+from .text import text_already_checked, text_tokens, warn_doubtful_text
 
 if TYPE_CHECKING:
     import torch
@@ -299,23 +300,28 @@ def generate_long(
     bar = progress_bar(len(chunks), progress if len(chunks) > 1 else False, desc="long-form", unit="chunk")
     pieces: list[np.ndarray] = []
     cut: list[int] = []  # chunks that max_new_tokens ended
+    checked = contextlib.nullcontext()
+    if isinstance(text, str) and text.strip():  # doubts about the text as written, not about its chunks
+        warn_doubtful_text(text, stacklevel=3)
+        checked = text_already_checked()
     try:
-        for lo in range(0, len(chunks), batch_size):
-            batch: Sequence[str] = chunks[lo : lo + batch_size]
-            result = tts.generate(
-                list(batch),
-                audio_prompt=None if prompt_codes is None else [prompt_codes] * len(batch),
-                audio_prompt_text=audio_prompt_text if prompt_codes is not None else None,
-                progress=False,
-                **generate_kwargs,
-            )
-            cut += [lo + k for k, t in enumerate(result.truncated) if t]
-            for k, audio in enumerate(result.audio):
-                pieces.append(audio)
-                if on_chunk is not None:
-                    on_chunk(lo + k, audio)
-            if bar is not None:
-                bar.update(len(batch))
+        with checked:
+            for lo in range(0, len(chunks), batch_size):
+                batch: Sequence[str] = chunks[lo : lo + batch_size]
+                result = tts.generate(
+                    list(batch),
+                    audio_prompt=None if prompt_codes is None else [prompt_codes] * len(batch),
+                    audio_prompt_text=audio_prompt_text if prompt_codes is not None else None,
+                    progress=False,
+                    **generate_kwargs,
+                )
+                cut += [lo + k for k, t in enumerate(result.truncated) if t]
+                for k, audio in enumerate(result.audio):
+                    pieces.append(audio)
+                    if on_chunk is not None:
+                        on_chunk(lo + k, audio)
+                if bar is not None:
+                    bar.update(len(batch))
     finally:
         if bar is not None:
             bar.close()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextvars
 import re
 import unicodedata
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 
@@ -108,6 +110,23 @@ def text_doubts(text: str) -> list[str]:
 
 
 def warn_doubtful_text(text: str, stacklevel: int = 3) -> None:
-    """:func:`text_doubts` as ``UserWarning`` s (Python shows each distinct one once)."""
+    """:func:`text_doubts` as ``UserWarning`` s (Python shows each distinct one once); silent inside
+    :func:`text_already_checked`."""
+    if _CHECKED.get():
+        return
     for doubt in text_doubts(text):
         warnings.warn(doubt, UserWarning, stacklevel=stacklevel)
+
+
+_CHECKED: contextvars.ContextVar[bool] = contextvars.ContextVar("dia_fast_text_checked", default=False)
+
+
+@contextmanager
+def text_already_checked() -> Iterator[None]:
+    """Within the block (this thread or task only), :func:`warn_doubtful_text` is silent: the caller has checked
+    the whole text, whose chunks are spoken here (a chunk of a long text may well be short or start mid-turn)."""
+    token = _CHECKED.set(True)
+    try:
+        yield
+    finally:
+        _CHECKED.reset(token)

@@ -35,7 +35,7 @@ import torch
 from .. import ops
 from ..model import DecoderState, DiaModel, allocate_state
 from ..ops.cpu_graph import CpuGraph, CpuGraphStep
-from ..ops.reference import NOT_FORCED
+from ..ops.reference import NOT_FORCED, last_eos_position
 from .sampling import SamplingConfig
 
 __all__ = [
@@ -148,7 +148,7 @@ def allocate_buffers(model: DiaModel, spec: StepSpec, max_len: int, text_len: in
         real=per_row(True, torch.bool),
         done=torch.zeros(1, dtype=torch.bool, device=dev),
         delays=torch.tensor(cfg.data.delay_pattern, dtype=torch.long, device=dev),
-        forced_eos_pos=per_row(max_len - spec.max_delay - 1, torch.long),
+        forced_eos_pos=per_row(last_eos_position(max_len, spec.max_delay), torch.long),
         min_eos_pos=per_row(0, torch.long),
         allow_eos=per_row(True, torch.bool),
         cfg_scale=per_row(0.0, torch.float32),

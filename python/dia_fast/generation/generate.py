@@ -34,6 +34,7 @@ from .. import ops
 from ..config import DiaConfig
 from ..memory import PinnedPool, PooledBuffer, default_pool
 from ..model import DiaModel, text_lengths
+from ..ops.reference import last_eos_position
 from ..progress import progress_bar
 from .engine import NOT_FORCED, DecodeEngine, StepBuffers, StepSpec, default_sampler, engine_for, using_device
 from .sampling import SamplingConfig
@@ -317,7 +318,7 @@ def generate_codes(
     note = runner.cpu_graph_note if device.type == "cpu" else ""
     return DecodeOutput(
         delayed, eos_pos, P0, steps, prefill_s, decode_s, warmup_s, runner.graphed, Bb, runner.cpu_graphed, note,
-        limit_pos=L - md - 1,
+        limit_pos=last_eos_position(L, md),
     )  # fmt: skip
 
 
@@ -356,7 +357,7 @@ def _load(
     bufs.eos_pos.fill_(-1)
     bufs.real.copy_(torch.arange(bufs.real.shape[0], device=dev) < B)
     bufs.done.zero_()
-    bufs.forced_eos_pos.fill_(L - model.config.data.max_delay - 1)
+    bufs.forced_eos_pos.fill_(last_eos_position(L, model.config.data.max_delay))
     bufs.pos.fill_(P0)
     bufs.min_eos_pos.fill_(P0 + min_new_tokens)
     bufs.allow_eos.fill_(min_new_tokens <= 0)

@@ -513,6 +513,12 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
 NOT_FORCED = -1
 
 
+def last_eos_position(end: int, max_delay: int) -> int:
+    """The last position channel 0's EOS may take (where it is forced) so that the delay pattern's countdown of
+    ``max_delay`` more positions ends before position ``end`` (the prefix length plus ``max_new_tokens``)."""
+    return end - max_delay - 1
+
+
 def _eos_countdown(
     codes: torch.Tensor,
     p: torch.Tensor,

@@ -38,6 +38,7 @@ from ..generation.engine import bucket_batch, default_sampler, using_device
 from ..generation.sampling import SamplingConfig, check_int_option
 from ..generation.stream import ChunkedDecoder, StreamStats, codec_context_frames
 from ..ops.cpu_graph import CpuGraphStep
+from ..ops.reference import last_eos_position
 from ..text import encode_batch, prompted_text
 from .slots import SlotState, admit, allocate_slots, slot_step, undelayed_codes
 
@@ -691,7 +692,7 @@ class BatchEngine:
                     "eos_position": float(eos[s]),
                 }
                 self.stats["finished"] += 1
-                limit = req.prefix + req.max_new_tokens - self.tts.config.data.max_delay - 1  # where EOS is forced
+                limit = last_eos_position(req.prefix + req.max_new_tokens, self.tts.config.data.max_delay)
                 result = EngineResult(codes, np.zeros(0, np.float32), self.tts.sample_rate, stats, eos[s] >= limit)
                 self._settle(req, result=result)
         return pos

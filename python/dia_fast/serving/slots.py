@@ -20,7 +20,7 @@ from .. import ops
 from ..generation.generate import build_prefix
 from ..generation.sampling import SamplingConfig
 from ..model import DecoderState, DiaModel, allocate_state, text_lengths
-from ..ops.reference import NOT_FORCED
+from ..ops.reference import NOT_FORCED, last_eos_position
 
 __all__ = ["SlotState", "admit", "allocate_slots", "slot_step", "undelayed_codes"]
 
@@ -114,7 +114,7 @@ def allocate_slots(model: DiaModel, slots: int, max_len: int, text_len: int) -> 
         row_pos=torch.zeros(R, dtype=torch.long, device=dev),
         pos=per_slot(0, torch.long),
         eos_pos=per_slot(-1, torch.long),
-        forced_eos_pos=per_slot(max_len - data.max_delay - 1, torch.long),
+        forced_eos_pos=per_slot(last_eos_position(max_len, data.max_delay), torch.long),
         min_eos_pos=per_slot(0, torch.long),
         allow_eos=per_slot(True, torch.bool),
         active=per_slot(False, torch.bool),
@@ -208,7 +208,7 @@ def admit(
     model.decoder(slots.out[s : s + 1, :P0].repeat(2, 1, 1), slots.rows(s), logits_out=slots.logits[rows])
     slots.pos[s] = P0
     slots.eos_pos[s] = -1
-    slots.forced_eos_pos[s] = P0 + max_new_tokens - data.max_delay - 1
+    slots.forced_eos_pos[s] = last_eos_position(P0 + max_new_tokens, data.max_delay)
     slots.min_eos_pos[s] = P0 + min_new_tokens
     slots.allow_eos[s] = min_new_tokens <= 0
     slots.finished[s] = False

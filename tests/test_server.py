@@ -98,6 +98,13 @@ def _metric(base: str, name: str) -> float:
     return float(m.group(1))
 
 
+def _wait_for_metric(base: str, name: str, minimum: float = 1, timeout: float = 60) -> None:
+    """Poll /metrics until ``name`` reaches ``minimum`` (bounded by ``timeout`` seconds)."""
+    deadline = time.monotonic() + timeout
+    while _metric(base, name) < minimum and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def test_openai_client_gets_valid_audio_in_every_format(tts, base):
     """client.audio.speech.create answers every format with audio of the generation's length at the format's
     rate; WAV is exactly the solo run's audio in 16 bits."""
@@ -450,11 +457,9 @@ def test_shutdown_drains_a_running_request(tts):
     }
     with serve_in_thread(create_app(ServerSettings(max_batch=2), tts=tts), start_timeout=60) as local:
         url = local.url
-        deadline = time.monotonic() + 60
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             answer = pool.submit(httpx.post, f"{url}/v1/audio/speech", json=body, timeout=120)
-            while _metric(url, "dia_fast_busy_slots") < 1 and time.monotonic() < deadline:
-                time.sleep(0.02)
+            _wait_for_metric(url, "dia_fast_busy_slots")
             local.stop()
             r = answer.result(timeout=120)
         thread = local.thread
@@ -477,14 +482,11 @@ def test_requests_still_running_at_the_shutdown_limit_get_their_error_answers(tt
     settings = ServerSettings(max_batch=1, shutdown_timeout_s=2.0)
     with serve_in_thread(create_app(settings, tts=tts), start_timeout=60) as local:
         url = local.url
-        deadline = time.monotonic() + 60
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             whole = pool.submit(httpx.post, f"{url}/v1/audio/speech", json=long, timeout=120)
-            while _metric(url, "dia_fast_busy_slots") < 1 and time.monotonic() < deadline:
-                time.sleep(0.02)
+            _wait_for_metric(url, "dia_fast_busy_slots")
             stream = pool.submit(_sse_events, url, long)
-            while _metric(url, "dia_fast_queue_depth") < 1 and time.monotonic() < deadline:
-                time.sleep(0.02)
+            _wait_for_metric(url, "dia_fast_queue_depth")
             t0 = time.monotonic()
             local.stop()
             r, events = whole.result(timeout=60), stream.result(timeout=60)

@@ -517,11 +517,9 @@ _NOT_FOR_LOAD = ("--batch", "--compare", "--quantize", "--count-launches", "--ch
 
 
 def _check_modes(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
-    def dest(flag: str) -> str:
-        return {"--no-loading-memory": "no_loading_memory"}.get(flag, flag[2:].replace("-", "_"))
-
     flags = (*_LOAD_ONLY, *_QUANTIZE_ONLY, *_NOT_FOR_LOAD)
-    given = {flag for flag in flags if getattr(a, dest(flag)) != p.get_default(dest(flag))}  # set to a non-default
+    dests = {flag: flag[2:].replace("-", "_") for flag in flags}  # argparse's own naming
+    given = {flag for flag, d in dests.items() if getattr(a, d) != p.get_default(d)}  # set to a non-default
     if not a.load:
         for flag in _LOAD_ONLY:
             if flag in given:

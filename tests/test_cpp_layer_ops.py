@@ -258,3 +258,35 @@ def test_continuous_batching_step_runs_no_reference_op():
             futures = [engine.submit(text="[S1] Hello there, friend.", max_new_tokens=24, seed=i) for i in range(3)]
             results = [f.result(120, decode_audio=False) for f in futures]
     assert all(r.codes.shape[0] > 0 for r in results)
+
+
+def test_launch_counter_counts_the_cpp_kernels_of_a_cpu_step():
+    """--count-launches on a CPU: the C++ kernels a decode step runs are launches too, by name, and their
+    wrappers' allocations and the numpy views they hand over are not."""
+    from dia_fast.bench.launches import LaunchCounter, count_decode_launches
+    from dia_fast.config import DiaConfig
+    from dia_fast.model import DiaModel
+
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    with LaunchCounter() as c:
+        cpp.swiglu(x)
+    assert dict(c.cpp) == {"cpp::swiglu": 1} and c.total == 1
+    cpp.swiglu(x)  # outside the block: no longer observed
+    assert c.total == 1 and not cpp._observers
+
+    torch.manual_seed(0)
+    model = DiaModel(DiaConfig.preset("tiny").with_layers(1, 2)).eval()
+    count = count_decode_launches(model, batch=1, steps=2)
+    kernels = {k: v for k, v in count.by_op.items() if k.startswith("cpp::")}
+    # per layer: 3 add+norm, RoPE + cache write, self and cross attention, SwiGLU; outside: the embedding, the
+    # sampler, the bookkeeping and the final add+norm (the same ops as the Triton step, tests/test_launch_budget.py)
+    assert kernels == {
+        "cpp::add_rmsnorm": 3 * 2 + 1,
+        "cpp::rope_kv_write": 2,
+        "cpp::decode_attention": 2 * 2,
+        "cpp::swiglu": 2,
+        "cpp::embed_codes": 1,
+        "cpp::cfg_sample_rows": 1,
+        "cpp::step_update": 1,
+    }
+    assert count.per_layer == 13  # 7 C++ kernels + 6 GEMMs

@@ -152,6 +152,8 @@ def test_pool_construction_and_sync_generate(tts):
         VoicePool(42)  # type: ignore[arg-type]
     with pytest.raises(TypeError), VoicePool(tts) as pool:
         pool.generate_sync("[S1] Hi.", temprature=1.0)  # misspelt option
+    with pytest.warns(DeprecationWarning, match="batch_window_ms"), VoicePool(tts, batch_window_ms=5.0):
+        pass  # accepted for old callers, says that it does nothing
 
 
 # ------------------------------------------------------------------------------------------ speaker

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
+from .paths import unwritable_dir, unwritable_file
 
 
 class UsageError(Exception):
@@ -171,8 +172,7 @@ def _check_args(args: argparse.Namespace) -> None:
     from .audio import AUDIO_FORMATS, audio_format_for
 
     out = args.out.expanduser()
-    if out.is_dir():
-        raise UsageError(f"--out is a directory: {out} (give a file name, e.g. {out / 'out.wav'})")
+    _raise_if(unwritable_file("--out", out, "out.wav"))
     try:
         fmt = audio_format_for(out, args.format)
     except ValueError as exc:
@@ -185,26 +185,14 @@ def _check_args(args: argparse.Namespace) -> None:
     rates = AUDIO_FORMATS[fmt][2]
     if args.sample_rate is not None and rates is not None and args.sample_rate not in rates:
         raise UsageError(f"--sample-rate {args.sample_rate}: {fmt} takes {', '.join(map(str, rates))} Hz")
-    out_dir = out.resolve().parent
-    if not out_dir.is_dir():
-        raise UsageError(f"output directory does not exist: {out_dir}")
-    if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise UsageError(f"cannot write in the output directory (permission denied): {out_dir}")
     if args.save_speaker is not None:
-        spk = args.save_speaker.expanduser()
-        if spk.is_dir():
-            example = spk / "voice.safetensors"
-            raise UsageError(f"--save-speaker is a directory: {spk} (give a file name, e.g. {example})")
-        _check_writable("--save-speaker", spk.resolve().parent)
+        _raise_if(unwritable_file("--save-speaker", args.save_speaker.expanduser(), "voice.safetensors"))
     _check_outputs_apart(args, speaking=True)
 
 
-def _check_writable(flag: str, directory: Path) -> None:
-    """A one-line error unless ``directory`` (where ``flag`` writes) exists and can be written in."""
-    if not directory.is_dir():
-        raise UsageError(f"{flag}: directory does not exist: {directory}")
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag}: cannot write in {directory} (permission denied)")
+def _raise_if(problem: str | None) -> None:
+    if problem is not None:
+        raise UsageError(problem)
 
 
 def _log(args: argparse.Namespace, msg: str) -> None:
@@ -269,7 +257,7 @@ def _check_save_model(args: argparse.Namespace) -> Path:
     out = args.save_model.expanduser()
     if out.exists() and not out.is_dir():
         raise UsageError(f"--save-model must be a directory, {out} is a file")
-    _check_writable("--save-model", out if out.is_dir() else out.resolve().parent)
+    _raise_if(unwritable_dir("--save-model", out if out.is_dir() else out.resolve().parent))
     return out
 
 

@@ -28,6 +28,7 @@ from ..config import DiaConfig
 from ..devices import keep_torch_threads, resolve_device, resolve_dtype, use_default_cpu_threads
 from ..generation.sampling import SamplingConfig
 from ..info import _version_of
+from ..paths import unwritable_file
 from .report import add_speedups, document, table, write_json
 from .runners import (
     Case,
@@ -364,6 +365,10 @@ def _run_bench(opts: BenchOptions) -> dict[str, Any]:
         ),
         "definitions": {
             "decode_steps_per_s": "decode steps (one frame of every codebook for every item) per second after prefill",
+            "steps (per result)": (
+                "decode steps in the timed decode window (transformers: the first token comes from its prefill "
+                "forward, so one fewer than the tokens generated)"
+            ),
             "audio_tokens_per_s": "decode_steps_per_s x channels x batch",
             "realtime_factor": "decode_steps_per_s / codec frame rate (per stream)",
             "time_to_first_audio_s": "streaming, batch 1: from the call to the first PCM chunk",
@@ -623,14 +628,8 @@ def parse_args(argv: list[str] | None = None) -> BenchOptions:
         p.error("--chunk-frames and --first-chunk-frames must be >= 1")
     if a.threads is not None and a.threads > 4 * (os.cpu_count() or 1):
         p.error(f"--threads {a.threads} is more than 4x this machine's {os.cpu_count()} CPUs")
-    if a.json_path is not None:
-        target = Path(a.json_path).expanduser()
-        if target.is_dir():
-            p.error(f"--json {target} is a directory: give a file name")
-        if not target.resolve().parent.is_dir():
-            p.error(f"--json: directory does not exist: {target.resolve().parent}")
-        if not os.access(target.resolve().parent, os.W_OK | os.X_OK):
-            p.error(f"--json: cannot write in {target.resolve().parent} (permission denied)")
+    if a.json_path is not None and (problem := unwritable_file("--json", Path(a.json_path).expanduser(), "out.json")):
+        p.error(problem)
     if a.layers is not None and a.layers < 1:
         p.error("--layers must be >= 1")
     if a.requests < 1:

@@ -4,8 +4,9 @@ A CUDA graph replays one node per launch, and on a GPU each node costs ~1.5-2.5 
 the launch count of a decode step bounds its speed as surely as the bytes of weights it reads.
 :class:`LaunchCounter` counts what runs inside its block: aten ops through a
 :class:`~torch.utils._python_dispatch.TorchDispatchMode` (views and allocations excluded: they launch
-nothing and a graph has no node for them) and Triton launches by wrapping the launcher of Triton's
-``JITFunction`` (and of the interpreter's ``InterpretedFunction``). :func:`count_decode_launches` runs
+nothing and a graph has no node for them), Triton launches by wrapping the launcher of Triton's
+``JITFunction`` (and of the interpreter's ``InterpretedFunction``) and the C++ CPU kernels' calls through
+:func:`dia_fast.ops.cpp.observe_calls`. :func:`count_decode_launches` runs
 eager decode steps of a model under it and splits the count into the decoder layers (forward hooks)
 and the rest.
 """
@@ -25,6 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ..generation.engine import StepSpec, allocate_buffers, decode_step, default_sampler, using_device
 from ..generation.sampling import SamplingConfig
 from ..model import DiaModel
+from ..ops import cpp
 
 __all__ = ["LaunchCount", "LaunchCounter", "count_decode_launches"]
 
@@ -49,19 +51,20 @@ def _is_view(func: Any) -> bool:
 
 
 class LaunchCounter(TorchDispatchMode):
-    """Counts launches inside ``with LaunchCounter() as c:``: ``c.aten`` and ``c.triton`` (Counters by op /
+    """Counts launches inside ``with LaunchCounter() as c:``: ``c.aten``, ``c.triton`` and ``c.cpp`` (Counters by op /
     kernel name) and ``c.total``. Not thread-safe: count one thread's work at a time."""
 
     def __init__(self) -> None:
         super().__init__()
         self.aten: Counter[str] = Counter()
         self.triton: Counter[str] = Counter()
+        self.cpp: Counter[str] = Counter()  # the C++ extension's CPU kernels (named cpp::kernel)
         self.in_kernel = False  # inside a Triton launch: the interpreter's own tensor traffic is not counted
         self._patches: contextlib.ExitStack | None = None
 
     @property
     def total(self) -> int:
-        return sum(self.aten.values()) + sum(self.triton.values())
+        return sum(self.aten.values()) + sum(self.triton.values()) + sum(self.cpp.values())
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         name = func._schema.name
@@ -69,10 +72,15 @@ class LaunchCounter(TorchDispatchMode):
             self.aten[name] += 1
         return func(*args, **(kwargs or {}))
 
+    def _count_cpp(self, name: str) -> None:
+        if not self.in_kernel:
+            self.cpp[f"cpp::{name}"] += 1
+
     def __enter__(self) -> LaunchCounter:
         self._patches = contextlib.ExitStack()
         for cls in _triton_launcher_classes():
             self._patches.enter_context(_count_runs(cls, self))
+        self._patches.enter_context(cpp.observe_calls(self._count_cpp))
         return super().__enter__()
 
     def __exit__(self, *exc: Any) -> None:
@@ -124,7 +132,7 @@ class LaunchCount:
     outside_layers: float
     layers: int
     batch: int
-    by_op: dict[str, float] = field(default_factory=dict)  # per step, aten ops and Triton kernels by name
+    by_op: dict[str, float] = field(default_factory=dict)  # per step, aten ops, Triton and C++ kernels by name
     # CUDA only: GPU kernels (and memcpy/memset) of a step as the profiler sees them (a library call such as a
     # cuBLAS GEMM may run more than one), or why they could not be counted
     cuda_kernels_per_step: float | None = None
@@ -196,7 +204,7 @@ def count_decode_launches(
                 h.remove()
     per_step = counter.total / steps
     per_layer = max(inside, default=0) / steps
-    by_op = {k: v / steps for k, v in sorted((counter.aten + counter.triton).items())}
+    by_op = {k: v / steps for k, v in sorted((counter.aten + counter.triton + counter.cpp).items())}
     count = LaunchCount(per_step, per_layer, per_step - sum(inside) / steps, len(layers), batch, by_op)
     if model.device.type == "cuda":
         try:

@@ -27,8 +27,9 @@ if TYPE_CHECKING:
 @dataclass
 class RunResult:
     """One engine at one batch size. Rates count decode steps (one frame of all 9 codebooks for
-    every item of the batch); times in seconds; ``peak_memory_bytes`` as described by ``memory_kind``;
-    ``decode_steps_per_s`` is the fastest timed run, ``decode_steps_per_s_runs`` every timed run in order."""
+    every item of the batch) in the timed decode window, ``steps`` of them; times in seconds;
+    ``peak_memory_bytes`` as described by ``memory_kind``; ``decode_steps_per_s`` is the fastest timed run,
+    ``decode_steps_per_s_runs`` every timed run in order."""
 
     engine: str
     batch: int
@@ -353,7 +354,9 @@ class TransformersCase(Case):
             )
         total = now(device) - t
         prefill = marker.prefill_end - t
-        return _Timing(prefill, total - prefill, total, marker.steps)
+        # The first token comes out of the prefill forward (timed as prefill), so the decode window holds
+        # one forward and one sampling fewer than the tokens generated: count those, as dia_fast's steps do.
+        return _Timing(prefill, total - prefill, total, max(marker.steps - 1, 0))
 
     def _events_text(self, events: _CompileEvents) -> str:
         text = f"{events.dynamo} Dynamo compile(s)"

@@ -13,7 +13,8 @@ docstring).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -58,9 +59,37 @@ class _Recording:
         return call
 
 
+class _Observed:
+    """The extension, telling the observers (:func:`observe_calls`) the name of each kernel it runs."""
+
+    def __init__(self, lib: Any) -> None:
+        self._lib = lib
+
+    def __getattr__(self, name: str) -> Any:
+        for observer in _observers:
+            observer(name)
+        return getattr(self._lib, name)
+
+
+# told the name of every kernel call (dia_fast.bench.launches counts them); empty: no overhead but one check
+_observers: list[Callable[[str], None]] = []
+
+
+@contextlib.contextmanager
+def observe_calls(observer: Callable[[str], None]) -> Iterator[None]:
+    """Inside the block, ``observer(name)`` is called for every kernel the extension runs (any thread)."""
+    _observers.append(observer)
+    try:
+        yield
+    finally:
+        _observers.remove(observer)
+
+
 def _lib() -> Any:
     lib = _ext.module()  # raises RuntimeError with the reason when the extension is not loaded
-    return _Recording(lib) if cpu_graph.capturing() else lib
+    if cpu_graph.capturing():
+        return _Recording(lib)
+    return _Observed(lib) if _observers else lib
 
 
 def _np(t: torch.Tensor) -> np.ndarray:

@@ -8,6 +8,7 @@ gets its own result or its own error, and a seeded request's codes do not depend
 from __future__ import annotations
 
 import asyncio
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -76,8 +77,8 @@ class VoicePool:
     ``model``: a :class:`~dia_fast.DiaTTS`, or a checkpoint path / hub id loaded with
     ``DiaTTS.from_pretrained(model, device=device, dtype=dtype)``. ``max_batch``: requests decoded together at
     most (the engine's slots, rounded up to a power of two; default :func:`default_max_batch` of the device).
-    ``batch_window_ms`` is accepted for compatibility and unused: requests join a running batch at the next
-    decode step, no window is needed.
+    ``batch_window_ms`` is deprecated and has no effect (a :class:`DeprecationWarning` says so when it is
+    given): requests join a running batch at the next decode step, no window is needed.
 
     Use ``await pool.generate(text, ...)`` from asyncio tasks or ``pool.generate_sync(text, ...)`` from plain
     threads: both batch with everything else that runs. ``pool.engine`` is the
@@ -92,7 +93,7 @@ class VoicePool:
         dtype: str | torch.dtype | None = None,
         max_batch: int | None = None,
         *,
-        batch_window_ms: float = 5.0,
+        batch_window_ms: float | None = None,
     ) -> None:
         from ..api import DiaTTS
 
@@ -109,8 +110,13 @@ class VoicePool:
         self.max_batch = default_max_batch(self.tts.device) if max_batch is None else int(max_batch)
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        if not batch_window_ms >= 0:
-            raise ValueError(f"batch_window_ms must be >= 0, got {batch_window_ms}")
+        if batch_window_ms is not None:
+            warnings.warn(
+                "VoicePool(batch_window_ms=...) has no effect and is deprecated: requests join the running batch "
+                "at the next decode step",
+                DeprecationWarning,
+                stacklevel=2,
+            )
         slots = 1 << (self.max_batch - 1).bit_length()
         self.engine = BatchEngine(self.tts, max_slots=slots, max_queue=max(64, 4 * slots))
         self._closed = False

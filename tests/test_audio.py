@@ -83,6 +83,34 @@ def test_resample_matches_sine_at_target_rate():
         resample(x, 0, CODEC_RATE)
 
 
+def test_resample_takes_time_first_and_refuses_channels_first():
+    """[N, channels] is resampled per channel; a [channels, N] array (torch's layout) is an error, not N channels."""
+    left, right = _sine(440.0, 16_000, 0.5), _sine(660.0, 16_000, 0.5, amp=0.3)
+    y = resample(np.stack([left, right], axis=1), 16_000, 8_000)
+    assert y.shape == (4_000, 2)
+    np.testing.assert_array_equal(y[:, 1], resample(right, 16_000, 8_000))
+    with pytest.raises(ValueError, match=r"got shape \(2, 8000\): more channels than samples.*pass x\.T"):
+        resample(np.stack([left, right]), 16_000, 8_000)
+    assert resample(np.zeros((0, 2), np.float32), 16_000, 8_000).shape == (0, 2)  # empty stereo is fine
+
+
+@pytest.mark.parametrize("backend", ["numpy", "cpp"])
+def test_pcm16_seed_is_any_int_modulo_2_64_on_both_backends(backend):
+    """Both backends take the same seeds: any int, -1 meaning 2**64 - 1; a seed that is not an int is a TypeError."""
+    from dia_fast.audio import cpp_pcm_available, float_to_pcm16
+
+    if backend == "cpp" and cpp_pcm_available():
+        pytest.skip(cpp_pcm_available())
+    x = _sine(440.0, 16_000, 0.05)
+    a = float_to_pcm16(x, dither=True, seed=-1, backend=backend)
+    np.testing.assert_array_equal(a, float_to_pcm16(x, dither=True, seed=2**64 - 1, backend=backend))
+    np.testing.assert_array_equal(a, float_to_pcm16(x, dither=True, seed=np.int64(-1), backend=backend))
+    assert not np.array_equal(a, float_to_pcm16(x, dither=True, seed=1, backend=backend))
+    for bad in (1.5, "1", True):
+        with pytest.raises(TypeError, match="seed must be an int or None"):
+            float_to_pcm16(x, dither=True, seed=bad, backend=backend)
+
+
 @pytest.mark.parametrize(
     ("fmt", "subtype", "atol"),
     [("WAV", "PCM_16", 1 / 32767), ("WAV", "PCM_24", 1e-6), ("WAV", "FLOAT", 0.0), ("FLAC", "PCM_16", 1 / 32767)],
@@ -335,5 +363,8 @@ def test_crossfade_join_edge_cases():
     assert len(out) == 4 + 2 + 4 - 1 - 1
     with pytest.raises(ValueError, match="crossfade_ms"):
         crossfade_join([x], 1000, -1.0)
+    for bad in ("10", True, None):
+        with pytest.raises(TypeError, match="crossfade_ms must be a number"):
+            crossfade_join([x], 1000, bad)
     with pytest.raises(ValueError, match="1-D"):
         crossfade_join([np.zeros((2, 2), np.float32)], 1000)

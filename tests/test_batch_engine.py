@@ -134,6 +134,78 @@ def test_cancel_mid_run_frees_the_slot_and_the_others_still_match(tts):
         assert torch.equal(c, _solo(tts, r))
 
 
+def test_cancelling_the_awaiting_task_frees_the_slot(tts):
+    """``await engine.generate(...)`` and ``await handle.result_async()`` in a task that is cancelled: the request
+    leaves its slot (asyncio's cancellation reaching the future must not settle it behind the engine's back)."""
+    with BatchEngine(tts, max_slots=2, poll_every=1) as engine:
+
+        async def cancelled_while_running(make) -> None:
+            task = asyncio.create_task(make())
+            deadline = time.monotonic() + 30
+            while engine.busy_slots == 0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
+            assert engine.busy_slots == 1
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            while engine.busy_slots and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
+            assert engine.busy_slots == 0 and engine.queued == 0
+
+        long = dict(max_new_tokens=400, min_new_tokens=350, seed=7)
+        asyncio.run(cancelled_while_running(lambda: engine.generate(TEXTS[0], **long)))
+        asyncio.run(cancelled_while_running(lambda: engine.submit(TEXTS[0], **long).result_async()))
+        steps = engine.stats["steps"]
+        assert steps < 2 * 400  # neither ran to its end
+        assert engine.submit(TEXTS[2], max_new_tokens=30, seed=1).result(60, decode_audio=False).codes.shape[0] > 0
+
+
+def test_a_list_of_texts_is_one_request_of_those_pieces(tts):
+    """``submit([t0, t1])``: the pieces as given (seeded seed + k), joined with the request's crossfade; the stream
+    crossfades them the same way, so it joins to the result's audio."""
+    from dia_fast.audio import crossfade_join
+
+    texts = ["[S1] Hello there, how are you?", "[S2] Fine, thanks! And you?"]
+    opts = dict(max_new_tokens=40, seed=21, temperature=0.9)
+    with BatchEngine(tts, max_slots=2) as engine:
+        handle = engine.submit(texts, crossfade_ms=10.0, stream=True, chunk_frames=4, **opts)
+        assert handle.pieces == 2
+        streamed = np.concatenate(list(handle))
+        parts = handle.results()
+        whole = handle.result()
+    for k, text in enumerate(texts):
+        torch.testing.assert_close(parts[k].codes, _solo(tts, dict(opts, text=text, seed=21 + k)), rtol=0, atol=0)
+    expected = crossfade_join([p.audio for p in parts], tts.sample_rate, 10.0)
+    np.testing.assert_allclose(whole.audio, expected, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(streamed, whole.audio, rtol=0, atol=1e-5)
+    assert whole.truncated == handle.truncated == any(p.truncated for p in parts)
+
+
+def test_bad_requests_name_their_option(tts):
+    """Errors raised at submit carry ``param`` (the speech server answers it); NumPy integers are integers; a top-k
+    over the vocabulary keeps every id, however large."""
+    with BatchEngine(tts, max_slots=1) as engine:
+        for kw, error, param in (
+            (dict(text=[]), TypeError, "text"),
+            (dict(text=["[S1] Hi there.", " "]), TypeError, "text"),
+            (dict(text="x" * 5000), ValueError, "text"),
+            (dict(text="[S1] Hi.", max_new_tokens=5), ValueError, "max_new_tokens"),
+            (dict(text="[S1] Hi.", max_new_tokens=40, min_new_tokens=30), ValueError, "min_new_tokens"),
+            (dict(text="[S1] Hi.", crossfade_ms=float("nan")), ValueError, "crossfade_ms"),
+            (dict(text="[S1] Hi.", temperature=1e39), ValueError, "temperature"),
+            (dict(text="[S1] Hi.", seed=1.5), TypeError, "seed"),
+            (dict(text="[S1] Hi.", cfg_filter_top_k=0), ValueError, "cfg_filter_top_k"),
+        ):
+            with pytest.raises(error) as caught:
+                engine.submit(**kw)
+            assert caught.value.param == param, kw
+        base = dict(text="[S1] Hello there, how are you?", max_new_tokens=24, seed=np.int64(4))
+        huge = engine.submit(**base, cfg_filter_top_k=2**63).result(60, decode_audio=False).codes
+        k = tts.config.model.decoder.vocab_size
+        vocab = engine.submit(**base, cfg_filter_top_k=k).result(60, decode_audio=False).codes
+        torch.testing.assert_close(huge, vocab, rtol=0, atol=0)
+
+
 def test_a_request_that_fails_fails_alone(tts, monkeypatch):
     """An error while a request is prefilled fails that request; the others complete with their solo codes.
     Bad options fail in the caller, before anything is queued."""

@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dia_fast import DiaTTS
@@ -242,6 +243,35 @@ def test_sharded_safetensors_with_index(hf_model, dec_ids, tmp_path):
     tts = DiaTTS.from_pretrained(tmp_path, codec=_codec())
     ref = _hf_logits(hf_model, dec_ids)
     torch.testing.assert_close(_our_logits(tts, dec_ids), ref, rtol=0, atol=1e-4 * float(ref.abs().max()))
+
+
+def test_save_pretrained_over_a_sharded_checkpoint_loads_what_was_saved(tmp_path):
+    """A sharded checkpoint's index is preferred when loading: saving over one removes the index and the shards it
+    names (and nothing else), so the model just saved is what loads back, not the old shards."""
+    old, new = DiaTTS.random("tiny", seed=1), DiaTTS.random("tiny", seed=2)
+
+    def loaded(directory):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (random weights)
+            return DiaTTS.from_pretrained(directory, codec=old.codec).model.state_dict()
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
+
+    directory = old.save_pretrained(tmp_path / "ckpt")
+    shard = "model-00001-of-00001.safetensors"
+    (directory / "model.safetensors").rename(directory / shard)
+    with safe_open(str(directory / shard), "pt") as f:
+        weight_map = dict.fromkeys(f.keys(), shard)
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (directory / "notes.safetensors").write_bytes(b"not named by the index")
+    assert same(loaded(directory), old.model.state_dict())
+
+    new.save_pretrained(directory)
+    kept = ["config.json", "dac", "model.safetensors", "notes.safetensors"]
+    assert sorted(p.name for p in directory.iterdir()) == kept
+    assert same(loaded(directory), new.model.state_dict())
+    assert not same(new.model.state_dict(), old.model.state_dict())
 
 
 def _write(tmp_path, state):

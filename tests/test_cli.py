@@ -175,6 +175,7 @@ def test_untagged_transcript_is_spoken_alike_with_or_without_a_saved_speaker(tmp
         (["[S1] hi", "--model", "no/such/dir/anywhere"], "checkpoint not found"),
         (["[S1] hi", "--max-new-tokens", "5"], "max_new_tokens=5 is too small"),
         (["[S1] hi", "--out", "/no/such/dir/x.wav"], "--out: directory does not exist"),
+        (["[S1] hi", "--out", "/proc/x.wav"], "--out: cannot write in /proc"),  # (as root too: a file is tried)
         (["[S1] hi", "--temperature", "-1"], "temperature"),
         (["[S1] hi", "--out", "x.aiff"], "supported are wav, flac, ogg, opus, mp3"),
         (["[S1] hi", "--out", "."], "--out is a directory"),

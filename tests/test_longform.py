@@ -260,3 +260,43 @@ def test_doubtful_text_warnings_are_about_the_text_as_written_not_its_chunks(tts
     assert not [w for w in caught if "very short text" in str(w.message)]
     with pytest.warns(UserWarning, match="does not start with"):  # the whole text still gets its check
         generate_long(tts, text[5:], **budget, **kw)
+
+
+SAME = "[S1] This is a sentence that talks about nothing much."
+
+
+def test_chunk_k_is_seeded_seed_plus_k(tts):
+    """Chunks of the same text do not repeat one audio: with batch_size=1 chunk k is generate(chunk, seed=seed + k);
+    in batches, the call that starts at chunk k is seeded seed + k (its first chunk is that generate's audio)."""
+    kw = dict(seed=5, max_new_tokens=40, crossfade_ms=0.0, progress=False)
+    alone = [tts.generate(SAME, seed=5 + k, max_new_tokens=40, progress=False).audio[0] for k in range(4)]
+    assert not np.array_equal(alone[0], alone[1])
+    for batch_size, exact in ((1, [0, 1, 2, 3]), (2, [0, 2])):
+        got: dict[int, np.ndarray] = {}
+        generate_long(tts, None, chunks=[SAME] * 4, batch_size=batch_size, on_chunk=got.__setitem__, **kw)
+        assert len(got) == 4 and not np.array_equal(got[0], got[1])
+        for k in exact:
+            np.testing.assert_array_equal(got[k], alone[k])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        (dict(chunks=SAME), TypeError, "chunks must be a sequence of str .* got a str"),
+        (dict(chunks=[SAME, 3]), TypeError, "chunks must be a sequence of str"),
+        (dict(batch_size=2.0), TypeError, "batch_size must be an int, got 2.0"),
+        (dict(batch_size="2"), TypeError, "batch_size must be an int, got '2'"),
+        (dict(batch_size=True), TypeError, "batch_size must be an int, got True"),
+        (dict(batch_size=0), ValueError, "batch_size must be >= 1, got 0"),
+        (dict(crossfade_ms=float("nan")), ValueError, "crossfade_ms must be a finite number >= 0, got nan"),
+        (dict(crossfade_ms=-1), ValueError, "crossfade_ms must be a finite number >= 0, got -1"),
+        (dict(crossfade_ms="10"), TypeError, "crossfade_ms must be a number"),
+        (dict(seed=1.5), TypeError, "seed must be an int or None, got 1.5"),
+    ],
+)
+def test_generate_long_checks_its_options_before_any_chunk_is_generated(tts, monkeypatch, kwargs, error, message):
+    calls: list[object] = []
+    monkeypatch.setattr(tts, "generate", lambda *a, **k: calls.append(a))
+    with pytest.raises(error, match=message):
+        generate_long(tts, SAME + " " + SAME, **{**GREEDY, "progress": False, **kwargs})
+    assert calls == []

@@ -8,6 +8,7 @@ import concurrent.futures
 import contextlib
 import io
 import json
+import logging
 import os
 import re
 import signal
@@ -329,6 +330,7 @@ def test_full_queue_is_429_with_retry_after_and_a_disconnect_frees_the_slot(tts)
 
 
 def test_errors_are_openai_json_without_tracebacks(base):
+    speak = {"model": "tts-1", "voice": "S1", "input": "x"}
     cases = [
         (b"{not json", 400, None),
         (json.dumps([1, 2]).encode(), 400, None),
@@ -358,6 +360,22 @@ def test_errors_are_openai_json_without_tracebacks(base):
         ),
         (json.dumps({"model": "tts-1", "voice": "S1", "input": "x" * 4097}).encode(), 400, "input"),
         (json.dumps({"model": "tts-1", "voice": "S1", "input": "x" * 2_000_000}).encode(), 413, None),
+        # text that cannot be spoken: a lone surrogate, a word too long for one generation
+        (json.dumps({"model": "tts-1", "voice": "S1", "input": "\ud800 hi"}).encode(), 400, "input"),
+        (json.dumps({"model": "tts-1", "voice": "S1", "input": "x" * 4096}).encode(), 400, "input"),
+        # integers out of range, checked here or by the engine: each names its field
+        *[
+            (json.dumps({**speak, field: value}).encode(), 400, field)
+            for field, value in (
+                ("max_new_tokens", 5),
+                ("max_new_tokens", 2**64),
+                ("min_new_tokens", 2**63),
+                ("cfg_filter_top_k", 0),
+                ("cfg_filter_top_k", 2**31),
+                ("cfg_filter_top_k", 2**63),
+            )
+        ],
+        (json.dumps({**speak, "max_new_tokens": 40, "min_new_tokens": 39}).encode(), 400, "min_new_tokens"),
     ]
     for body, status, param in cases:
         r = httpx.post(f"{base}/v1/audio/speech", content=body, headers={"content-type": "application/json"})
@@ -372,6 +390,34 @@ def test_errors_are_openai_json_without_tracebacks(base):
     for model_id in (served["id"], *served["aliases"]):
         assert httpx.get(f"{base}/v1/models/{model_id}").json()["id"] == served["id"], model_id
     assert httpx.get(f"{base}/v1/models/nope").status_code == 404
+
+
+def test_bodies_json_cannot_read_are_400_without_a_traceback(base, caplog):
+    """Valid-looking JSON that Python's parser refuses (an integer over its 4,300-digit limit, arrays nested past
+    its recursion limit) is invalid JSON, answered as such; nothing is logged as an unexpected error."""
+    fields = '"model": "tts-1", "voice": "S1", "input": "x", "response_format": "wav"'
+    bodies = [
+        "{" + fields + ', "seed": ' + "9" * 5000 + "}",
+        "{" + fields + ', "x": ' + "[" * 100_000 + "]" * 100_000 + "}",
+    ]
+    with caplog.at_level(logging.WARNING, logger="dia_fast"):
+        for body in bodies:
+            r = httpx.post(f"{base}/v1/audio/speech", content=body, headers={"content-type": "application/json"})
+            assert r.status_code == 400, r.text
+            err = r.json()["error"]
+            assert err["message"].startswith("the body is not valid JSON") and err["param"] is None, err
+    assert not [rec for rec in caplog.records if rec.exc_info], caplog.text
+
+
+def test_a_top_k_above_the_vocabulary_keeps_every_token(base):
+    """cfg_filter_top_k up to 2**31-1 is accepted; any k from the vocabulary size (1028) up gives the same audio."""
+    body = {"model": "tts-1", "voice": "S1", "input": "Top k.", "response_format": "wav", "seed": 3, "temperature": 1.0}
+    answers = [
+        httpx.post(f"{base}/v1/audio/speech", json={**body, "max_new_tokens": 30, "cfg_filter_top_k": k}, timeout=120)
+        for k in (1028, 5000, 2**31 - 1)
+    ]
+    assert all(a.status_code == 200 for a in answers), [a.text[:200] for a in answers]
+    assert answers[0].content[:4] == b"RIFF" and answers[0].content == answers[1].content == answers[2].content
 
 
 def _labeled(base: str, name: str, **labels: str) -> float:
@@ -394,6 +440,68 @@ def test_metrics_count_speech_requests_by_format_and_other_errors_by_kind(base):
     assert httpx.get(f"{base}/v1/models/nope").status_code == 404  # not a speech request
     assert _labeled(base, "dia_fast_errors_total", kind="model_not_found") == missing + 1
     assert _labeled(base, "dia_fast_requests_total", **unread) == requests_404
+
+
+def _errors_total(base: str) -> float:
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    return sum(float(v) for v in re.findall(r"^dia_fast_errors_total\{[^}]*\} (\S+)$", text, re.M))
+
+
+def test_metrics_count_every_error_answer_with_bounded_labels(base, monkeypatch):
+    """Every error answer counts in errors_total (unknown route, wrong method, too large by its length or while
+    it arrives, invalid JSON, an internal error), a speech request's also in requests_total: with its body's format
+    and stream once the body was read and is a JSON object, else "-"; a format or stream the server does not
+    know is labelled "invalid", so clients cannot add series."""
+    url = f"{base}/v1/audio/speech"
+    json_type = {"content-type": "application/json"}
+    unread = dict(format="-", stream="-")
+    body = {"model": "tts-1", "voice": "S1", "input": "x", **GREEDY}
+    before_errors = _errors_total(base)
+    before_413 = _labeled(base, "dia_fast_requests_total", **unread, status="413")
+    before_400 = _labeled(base, "dia_fast_requests_total", **unread, status="400")
+    before_500 = _labeled(base, "dia_fast_requests_total", format="wav", stream="none", status="500")
+
+    def chunked_body() -> Iterator[bytes]:
+        yield b'{"input": "'
+        for _ in range(3):
+            yield b"x" * (1 << 19)
+
+    assert httpx.get(f"{base}/v1/nothing").status_code == 404
+    assert httpx.get(url).status_code == 405
+    assert httpx.post(url, content=b"{" + b" " * (2 << 20) + b"}", headers=json_type).status_code == 413
+    assert httpx.post(url, content=chunked_body(), headers=json_type).status_code == 413
+    assert httpx.post(url, content=b"{not json", headers=json_type).status_code == 400
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("dia_fast.serve.service.AudioPipeline", broken)
+    r = httpx.post(url, json={**body, "response_format": "wav"})
+    assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error" and "a bug" not in r.text
+    monkeypatch.undo()
+    assert _errors_total(base) == before_errors + 6
+    assert _labeled(base, "dia_fast_requests_total", **unread, status="413") == before_413 + 2
+    assert _labeled(base, "dia_fast_requests_total", **unread, status="400") == before_400 + 1
+    assert _labeled(base, "dia_fast_requests_total", format="wav", stream="none", status="500") == before_500 + 1
+
+    # failing validation after the body was read: the body's (valid) format and stream
+    wav_audio_400 = dict(format="wav", stream="audio", status="400")
+    before = _labeled(base, "dia_fast_requests_total", **wav_audio_400)
+    bad_speed = {**body, "response_format": "wav", "stream_format": "audio", "speed": "2"}
+    assert httpx.post(url, json=bad_speed).status_code == 400
+    assert _labeled(base, "dia_fast_requests_total", **wav_audio_400) == before + 1
+
+    # unknown formats and streams: one label, however many there are
+    invalid = dict(format="invalid", stream="none", status="400")
+    before = _labeled(base, "dia_fast_requests_total", **invalid)
+    before_streams = _labeled(base, "dia_fast_requests_total", format="mp3", stream="invalid", status="400")
+    for i in range(5):
+        assert httpx.post(url, json={**body, "response_format": f"fmt-{i}"}).status_code == 400
+    assert httpx.post(url, json={**body, "stream_format": "stream-0"}).status_code == 400
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    assert "fmt-" not in text and "stream-0" not in text
+    assert _labeled(base, "dia_fast_requests_total", **invalid) == before + 5
+    assert _labeled(base, "dia_fast_requests_total", format="mp3", stream="invalid", status="400") == before_streams + 1
 
 
 def test_speed_and_sample_rate(tts, base):
@@ -422,6 +530,24 @@ def test_speed_and_sample_rate(tts, base):
         "flac",
     )
     assert low_rate == 16000 and abs(len(low) / 16000 - len(normal) / rate) < 0.01
+
+
+def test_speed_keeps_all_of_a_short_generation_whole_and_streamed(base):
+    """One codec frame of audio (512 samples) at 0.5x and 2x: 1024 and 256 samples, in a whole file and in a
+    stream (headerless PCM at the model's rate: the samples are the body)."""
+    body = {"model": "tts-1", "voice": "S1", "input": "Hi.", "response_format": "pcm", "sample_rate": 44100}
+    body |= {"temperature": 0, "max_new_tokens": 17, "min_new_tokens": 1}  # exactly one frame
+    url = f"{base}/v1/audio/speech"
+    normal = httpx.post(url, json=body, timeout=120)
+    assert normal.status_code == 200 and len(normal.content) == 2 * 512
+    for speed in (0.5, 2.0):
+        whole = httpx.post(url, json={**body, "speed": speed}, timeout=120)
+        streamed = httpx.post(url, json={**body, "speed": speed, "stream_format": "audio"}, timeout=120)
+        for r in (whole, streamed):
+            assert r.status_code == 200 and len(r.content) == 2 * round(512 / speed), (speed, len(r.content))
+    mp3 = httpx.post(url, json={**body, "speed": 2.0, "response_format": "mp3", "stream_format": "audio"}, timeout=120)
+    audio, rate = _decode(mp3.content, "mp3")
+    assert rate == 44100 and 256 <= len(audio) <= 256 + 2 * 1152 + 1105  # LAME's delay and padding, a frame or two
 
 
 def test_api_key_is_required_when_set(tts):
@@ -538,7 +664,9 @@ def test_the_command_serves_the_demo_model_and_stops_on_sigterm(tmp_path):
     assert "demo model" in out and "server stopped" in out and "Traceback" not in out
 
 
-def test_bad_flags_are_one_line_errors():
+def test_bad_flags_are_one_line_errors(tmp_path):
+    a_file = tmp_path / "voices"
+    a_file.write_text("not a directory")
     bad = (
         ["--port", "70000"],
         ["--max-batch", "3"],
@@ -548,6 +676,8 @@ def test_bad_flags_are_one_line_errors():
         ["--device", "tpu"],
         ["--dtype", "int3"],
         ["--model", "/no/such/checkpoint"],
+        ["--codec", "/no/such/codec"],
+        ["--voices-dir", str(a_file)],
     )
     for args in bad:
         r = subprocess.run([sys.executable, "-m", "dia_fast.serve", *args], capture_output=True, text=True, timeout=120)

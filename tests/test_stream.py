@@ -104,19 +104,67 @@ def test_dropped_stream_stops_its_thread(tts):
     assert not thread.is_alive()
 
 
-def test_errors_propagate(tts):
-    stream = stream_generate(tts, TEXT, max_new_tokens=5, **GREEDY)  # too few steps for one frame
-    with pytest.raises(ValueError, match="max_new_tokens"):
+def test_errors_propagate(tts, monkeypatch):
+    """An error in the worker thread is raised from next(), and the thread is gone."""
+    import dia_fast.generation.stream as stream_mod
+
+    def failing_generate(*args, **kwargs):
+        raise RuntimeError("decoder failed")
+
+    monkeypatch.setattr(stream_mod, "generate_codes", failing_generate)
+    stream = stream_generate(tts, TEXT, max_new_tokens=60, **GREEDY)
+    with pytest.raises(RuntimeError, match="decoder failed"):
         next(stream)
     assert not _stream_threads()
-    with pytest.raises(TypeError):
-        stream_generate(tts, [TEXT, TEXT])
-    with pytest.raises(ValueError, match="first_chunk_frames"):
-        stream_generate(tts, TEXT, first_chunk_frames=-3, **GREEDY)
-    for bad in (dict(chunk_frames=1.5), dict(chunk_frames="4"), dict(first_chunk_frames=2.5)):
-        with pytest.raises(TypeError, match="must be an int"):  # when made, not at the first chunk
-            stream_generate(tts, TEXT, **bad, **GREEDY)
-    assert not _stream_threads()
+
+
+BAD_STREAM_INPUTS = [
+    ("", {}, ValueError, "text is empty"),
+    ([TEXT, TEXT], {}, TypeError, "one text"),
+    (TEXT, dict(max_new_tokens=30.5), TypeError, "max_new_tokens must be an int"),
+    (TEXT, dict(max_new_tokens=5), ValueError, "max_new_tokens=5 is too small"),
+    (TEXT, dict(max_new_tokens=40, min_new_tokens=30), ValueError, "min_new_tokens must be in"),
+    (TEXT, dict(min_new_tokens=-1), ValueError, "min_new_tokens must be >= 0"),
+    (TEXT, dict(temprature=1.0), TypeError, "unexpected keyword argument 'temprature'"),
+    (TEXT, dict(decode_audio=False), TypeError, "unexpected keyword argument 'decode_audio'"),
+    (TEXT, dict(seed="a"), TypeError, "seed must be an int or None"),
+    (TEXT, dict(top_p=2.0), ValueError, "top_p"),
+    (TEXT, dict(chunk_frames=0), ValueError, "chunk_frames must be >= 1"),
+    (TEXT, dict(chunk_frames=1.5), TypeError, "chunk_frames must be an int"),
+    (TEXT, dict(chunk_frames="4"), TypeError, "chunk_frames must be an int"),
+    (TEXT, dict(first_chunk_frames=-3), ValueError, "first_chunk_frames must be >= 1"),
+    (TEXT, dict(first_chunk_frames=2.5), TypeError, "first_chunk_frames must be an int"),
+    (TEXT, dict(left_context_frames=-1), ValueError, "left_context_frames must be >= 0"),
+    (TEXT, dict(lookahead_frames=2.5), TypeError, "lookahead_frames must be an int"),
+    (TEXT, dict(sync_every=0), ValueError, "sync_every must be >= 1"),
+    (TEXT, dict(cuda_graphs="yes"), TypeError, "cuda_graphs must be a bool or None"),
+    (TEXT, dict(audio_prompt=[None]), TypeError, "one audio prompt"),
+    (TEXT, dict(audio_prompt_text="[S1] Hi there."), ValueError, "without an audio_prompt"),
+]
+
+
+@pytest.mark.parametrize(("text", "kw", "error", "message"), BAD_STREAM_INPUTS)
+def test_bad_input_is_an_error_when_called_before_any_thread(tts, monkeypatch, text, kw, error, message):
+    """Every input that generate() refuses is refused by generate_stream() itself, not at the first next(), and no
+    worker thread is started for it."""
+    import dia_fast.generation.stream as stream_mod
+
+    started: list[object] = []
+    monkeypatch.setattr(stream_mod, "_worker", lambda *args: started.append(args))
+    with pytest.raises(error, match=message):
+        tts.generate_stream(text, **kw)
+    with pytest.raises(error, match=message):
+        stream_generate(tts, text, **kw)
+    assert started == [] and not _stream_threads()
+
+
+def test_stream_warns_about_doubtful_text_as_generate_does(tts, monkeypatch):
+    import dia_fast.generation.stream as stream_mod
+
+    monkeypatch.setattr(stream_mod, "_worker", lambda *args: None)  # the warnings come before any work
+    with pytest.warns(UserWarning, match="does not start with") as caught:
+        tts.generate_stream("Hello there, no speaker tag here at all.", max_new_tokens=60)
+    assert caught[0].filename == __file__  # pointing at the caller, as generate's warnings do
 
 
 def test_natural_eos_mid_stream():

@@ -278,7 +278,8 @@ def test_long_conversation_is_chunked_and_batched(tts, pool):
     conv = Conversation(text, None, pool, chars_per_second=1.0, max_chunk_seconds=25.0, crossfade_ms=20.0, **GREEDY)
     assert conv.chunks == ["[S1] Hello there.", "[S1] How are you today?", "[S2] Fine, thanks. And you?"]
     audio = conv.generate_sync()
-    assert pool.stats["requests"] == 3 and pool.stats["largest_batch"] == 3
+    # one request of the engine (counted once in its queue) whose three pieces decode side by side
+    assert pool.stats["requests"] == 1 and pool.stats["largest_batch"] == 3
     singles = [_single(tts, c) for c in conv.chunks]
     for got, want in zip(audio.codes, singles, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
@@ -373,7 +374,7 @@ def test_conversation_stream_joins_to_generate():
     joined = np.concatenate(pieces)
     assert joined.shape == whole.shape
     np.testing.assert_allclose(joined, whole, rtol=0, atol=1e-5 * max(1.0, float(np.abs(whole).max())))
-    assert pool.stats["requests"] == before["requests"] + 2
+    assert pool.stats["requests"] == before["requests"] + 1  # one request, its two chunks as pieces
     assert pool.stats["batched_steps"] > before["batched_steps"]
     stream = conv.stream(chunk_frames=8)
     next(stream)
@@ -405,10 +406,61 @@ def test_options_are_checked_when_a_conversation_or_request_is_built():
             (dict(max_new_tokens=-3), ValueError),
             (dict(max_new_tokens=2.5), TypeError),
             (dict(seed="x"), TypeError),
+            # against the model, when built: the delay pattern needs 17 steps; the tiny model's audio length
+            (dict(max_new_tokens=10), ValueError),
+            (dict(max_new_tokens=99999), ValueError),
+            (dict(min_new_tokens=39, max_new_tokens=40), ValueError),
         ):
-            with pytest.raises(error):
+            name = next(iter(bad))
+            with pytest.raises(error, match=name) as caught:
                 Conversation("[S1] Hello there, my friend.", None, pool, **bad)
-            with pytest.raises(error):
+            assert getattr(caught.value, "param", None) == name  # what the server answers as the error's param
+            with pytest.raises(error, match=name):
                 pool.submit("[S1] Hello there, my friend.", **bad)
+        # NumPy integers are integers
+        conv = Conversation("[S1] Hello there.", None, pool, max_new_tokens=np.int64(40), seed=np.int32(3))
+        assert type(conv.options.max_new_tokens) is int and type(conv.options.seed) is int
     finally:
         pool.close()
+
+
+def test_conversation_chunks_are_one_request_with_its_own_settings(tts):
+    """Its chunks run as the pieces of one engine request: split once, with the conversation's settings (not again
+    by the engine's defaults), counted once in the queue (a conversation longer than the queue still runs), with
+    its crossfade and seeds seed + k; and max_new_tokens cutting a chunk shows as truncated."""
+    with VoicePool(tts, max_batch=1) as small:
+        sentence = "[S1] This is a sentence of a long talk, and it goes on. "
+        conv = Conversation(sentence * 10, None, small, chars_per_second=30.0, max_new_tokens=24, seed=5)
+        assert len(conv.chunks) == 1  # 30 characters a second: the whole text fits one generation
+        handle = conv._submit()
+        assert handle.pieces == 1  # the engine's default 12 characters a second would have split it in three
+        handle.cancel()
+        # 80 chunks, one slot and a queue of 64: one request, so not EngineBusy
+        many = Conversation(sentence * 80, None, small, chars_per_second=10.0, max_chunk_seconds=6.0, **GREEDY)
+        assert len(many.chunks) == 80  # a sentence (56 characters, 5.6 s) each
+        stream = many.stream()
+        first = next(stream)
+        assert first.size > 0
+        stream.close()  # cancels the rest
+        deadline = time.monotonic() + 30
+        while (small.engine.busy_slots or small.engine.queued) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert small.engine.busy_slots == 0 and small.engine.queued == 0
+
+    with VoicePool(tts, max_batch=2) as pool:
+        conv = Conversation("[S1] Hello there. [S2] Hi, how are you?", None, pool, max_chunk_seconds=None,
+                            chars_per_second=0.5, crossfade_ms=15.0, **GREEDY)  # fmt: skip
+        assert len(conv.chunks) == 2
+        audio = conv.generate_sync()
+        singles = [_single(tts, c) for c in conv.chunks]
+        expected = crossfade_join([tts.decode(c) for c in singles], tts.sample_rate, 15.0)
+        np.testing.assert_allclose(audio.samples, expected, atol=1e-6)  # its own crossfade, not the engine's 40 ms
+        # max_new_tokens=40 on a random model that never stops: every chunk was cut
+        assert audio.truncated and audio.normalized(-20.0).truncated
+        seeded = Conversation("[S1] Hello there. [S2] Hi, how are you?", None, pool, max_chunk_seconds=None,
+                              chars_per_second=0.5, max_new_tokens=40, seed=11)  # fmt: skip
+        codes = seeded.generate_sync().codes
+        for k, chunk in enumerate(seeded.chunks):  # chunk k: seed 11 + k, as a request of its own
+            alone = pool.generate_sync(chunk, max_new_tokens=40, seed=11 + k)
+            torch.testing.assert_close(codes[k], alone.codes, rtol=0, atol=0)
+            assert alone.truncated

@@ -4,26 +4,31 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 import torch
 
 from . import checkpoint as ckpt
+from .codec import check_codec_spec
 from .codec.base import AudioCodec
 from .config import DiaConfig
 from .devices import release_host_memory, resolve_device, resolve_dtype
-from .generation.generate import DecodeOutput, generate_codes
+from .generation.generate import DecodeOutput, check_step_budget, generate_codes
 from .generation.sampling import SamplingConfig, check_int_option, seeded_generator
 from .model import DiaModel, RMSNorm
-from .text import encode_batch, prompted_text, warn_doubtful_text
+from .text import encode_batch, encode_text, prompted_text, warn_doubtful_text
 
-# An audio prompt: a file path or open binary file, float samples (numpy / torch) or codec codes [T, C]
-# (an integer tensor).
+if TYPE_CHECKING:
+    from .generation.stream import AudioStream
+
+# An audio prompt: a file path or open binary file, samples (numpy / torch; float, or integer PCM) or codec codes
+# [T, C] (integer; see DiaTTS.encode_prompt).
 PromptLike = str | Path | BinaryIO | np.ndarray | torch.Tensor | None
 
 
@@ -47,6 +52,17 @@ class GenerationResult:
     @property
     def durations(self) -> list[float]:
         return [len(a) / self.sample_rate for a in self.audio]
+
+
+@dataclass(frozen=True)
+class _Request:
+    """A generation request's checked options (:meth:`DiaTTS._check_request`)."""
+
+    texts: list[str]
+    max_new_tokens: int | None
+    min_new_tokens: int
+    sampling: SamplingConfig
+    generator: torch.Generator | None
 
 
 def _finish_model(model: DiaModel, device: torch.device, dtype: torch.dtype) -> DiaModel:
@@ -76,6 +92,37 @@ def _load_codec(codec: AudioCodec | str | Path | None, device: torch.device, whe
     from .codec import load_codec
 
     return load_codec(codec, device=device, search_dir=where)
+
+
+def _is_prompt_codes(audio: object, channels: int) -> bool:
+    """Whether an audio prompt array / tensor holds codec codes: integer and ``[T, channels]``, or int64 (the codes'
+    dtype: no audio file holds int64 samples). Other integer samples are PCM (int16, int32, uint8)."""
+    if isinstance(audio, torch.Tensor):
+        integer = not (audio.is_floating_point() or audio.is_complex() or audio.dtype == torch.bool)
+        int64 = audio.dtype == torch.int64
+    elif isinstance(audio, np.ndarray):
+        integer, int64 = audio.dtype.kind in "iu", audio.dtype == np.int64
+    else:
+        return False
+    return integer and (int64 or (audio.ndim == 2 and audio.shape[1] == channels))
+
+
+def _remove_sharded_weights(directory: Path) -> None:
+    """Remove a sharded checkpoint's ``model.safetensors.index.json`` from ``directory`` and the shard files it names
+    (files directly in ``directory`` whose names end in ``.safetensors``; nothing else), so that the
+    ``model.safetensors`` just written there is what loads (:func:`~dia_fast.checkpoint.find_weights` prefers an
+    index)."""
+    index = directory / ckpt.SHARD_INDEX
+    if not index.is_file():
+        return
+    try:
+        names = set(json.loads(index.read_text()).get("weight_map", {}).values())
+    except (OSError, ValueError, AttributeError):
+        names = set()  # an unreadable index: it goes, its shards are no longer found by name
+    index.unlink()
+    for name in map(str, names):
+        if Path(name).name == name and name.endswith(".safetensors") and name != "model.safetensors":
+            (directory / name).unlink(missing_ok=True)
 
 
 def _saved_demo(path: str | Path, stacklevel: int) -> bool:
@@ -154,6 +201,11 @@ class DiaTTS:
         from .quantize import check_quantize, load_cuda_quantized, load_quantized
         from .quantized_dir import QUANT_FILE, read_quantization
 
+        if not isinstance(path, (str, Path)):
+            raise TypeError(f"path must be a str or Path (a checkpoint directory or file, or a hub id), got {path!r}")
+        if not str(path).strip():
+            raise ValueError("path is empty: give a checkpoint directory or file (or a hub id)")
+        check_codec_spec(codec)
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         if Path(path).is_file() and (Path(path).parent / QUANT_FILE).is_file():
@@ -225,15 +277,25 @@ class DiaTTS:
     ) -> DiaTTS:
         """Random weights (deterministic for ``seed``): presets ``"tiny"`` and ``"dia-1.6b"``.
 
+        ``config_or_preset``: a :class:`DiaConfig` or a preset name. ``seed``: any int (reduced modulo 2**64).
         Without ``codec`` a small random DAC is used: the audio is a demonstration, not speech.
         ``quantize``: as in :meth:`from_pretrained`.
         """
         from .quantize import check_quantize, quantize_decoder
 
-        cfg = DiaConfig.preset(config_or_preset) if isinstance(config_or_preset, str) else config_or_preset
+        if isinstance(config_or_preset, str):
+            cfg = DiaConfig.preset(config_or_preset)
+        elif isinstance(config_or_preset, DiaConfig):
+            cfg = config_or_preset
+        else:
+            raise TypeError(
+                f"config_or_preset must be a DiaConfig or a preset name ('tiny', 'dia-1.6b'), got {config_or_preset!r}"
+            )
+        seed = check_int_option("seed", seed) % (1 << 64)
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         quantize = check_quantize(quantize, dev, dt)
+        check_codec_spec(codec)
         with torch.device("meta"):
             model = DiaModel(cfg)
         model.to_empty(device="cpu")
@@ -289,6 +351,7 @@ class DiaTTS:
             with atomic_output(out / "model.safetensors") as tmp:
                 save_file(state, str(tmp), metadata=self._metadata())
             del state
+            _remove_sharded_weights(out)  # an older sharded checkpoint here would be loaded instead
             if quantized:
                 write_file_bytes(out / QUANT_FILE, json.dumps(doc, indent=2).encode())
             else:
@@ -351,40 +414,16 @@ class DiaTTS:
         ``"[S1] Hello, this is my voice."``); it is put in front of the text, as the model
         expects. The returned audio and codes exclude the prompt.
         """
-        if isinstance(text, str):
-            texts = [text]
-        elif isinstance(text, Sequence) and all(isinstance(t, str) for t in text):
-            texts = list(text)
-        else:
-            raise TypeError(f"text must be a str or a sequence of str, got {type(text).__name__}")
-        if not texts:
-            raise ValueError("no texts given")
-        check_int_option("max_new_tokens", max_new_tokens, minimum=1, optional=True)
-        check_int_option("min_new_tokens", min_new_tokens, minimum=0)
-        for t in texts:
-            warn_doubtful_text(t)
-        prompts, texts = self._prepare_prompts(texts, audio_prompt, audio_prompt_text)
-        sampling = SamplingConfig(
+        sampling = dict(
             cfg_scale=cfg_scale,
             temperature=temperature,
             top_p=top_p,
             cfg_filter_top_k=cfg_filter_top_k,
             do_sample=do_sample,
         )
-        ids, mask = encode_batch(texts, self.config.data.text_length)
-        generator = seeded_generator(seed, self.device)
-        out = generate_codes(
-            self.model,
-            ids,
-            mask,
-            prompts=prompts,
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=min_new_tokens,
-            sampling=sampling,
-            generator=generator,
-            progress=progress,
-            frame_rate=self.codec.frame_rate,
-        )
+        request = self._check_request(text, max_new_tokens, min_new_tokens, sampling, seed)
+        inputs = self._prompted_batch(request, audio_prompt, audio_prompt_text)
+        out = generate_codes(self.model, progress=progress, frame_rate=self.codec.frame_rate, **inputs)
         result = self._result(out, decode_audio)
         if max_new_tokens is None and any(result.truncated) and not self.demo:
             cut = [i for i, t in enumerate(result.truncated) if t]
@@ -395,6 +434,60 @@ class DiaTTS:
                 stacklevel=2,
             )
         return result
+
+    def _check_request(
+        self,
+        text: object,
+        max_new_tokens: object,
+        min_new_tokens: object,
+        sampling: dict[str, object],
+        seed: object,
+    ) -> _Request:
+        """The checks :meth:`generate` and :meth:`generate_stream` make before any work: the texts (each one
+        non-empty and within the text budget by itself), the step counts, the sampling options and the seed; then the
+        doubts about each text as ``UserWarning`` s (pointing at the caller of the public method)."""
+        if isinstance(text, str):
+            texts = [text]
+        elif isinstance(text, Sequence) and all(isinstance(t, str) for t in text):
+            texts = list(text)
+        else:
+            raise TypeError(f"text must be a str or a sequence of str, got {type(text).__name__}")
+        if not texts:
+            raise ValueError("no texts given")
+        request = _Request(
+            texts,
+            check_int_option("max_new_tokens", max_new_tokens, minimum=1, optional=True),
+            check_int_option("min_new_tokens", min_new_tokens, minimum=0),
+            SamplingConfig(**sampling),  # type: ignore[arg-type]
+            seeded_generator(seed, self.device),  # type: ignore[arg-type]
+        )
+        for t in texts:
+            encode_text(t, self.config.data.text_length)  # empty or too long: before a prompt is encoded
+        for t in texts:
+            warn_doubtful_text(t, stacklevel=4)
+        return request
+
+    def _prompted_batch(
+        self,
+        request: _Request,
+        audio_prompt: PromptLike | Sequence[PromptLike],
+        audio_prompt_text: str | Sequence[str | None] | None,
+    ) -> dict[str, Any]:
+        """The prompts encoded, the texts (transcripts in front) tokenized and the step counts checked against the
+        audio budget left after the prompts: :func:`generate_codes`' arguments for ``request``."""
+        prompts, texts = self._prepare_prompts(request.texts, audio_prompt, audio_prompt_text)
+        ids, mask = encode_batch(texts, self.config.data.text_length)
+        frames = max(0 if p is None else int(p.shape[0]) for p in prompts or [None])
+        check_step_budget(self.config.data, frames, request.max_new_tokens, request.min_new_tokens)
+        return dict(
+            text_ids=ids,
+            text_mask=mask,
+            prompts=prompts,
+            max_new_tokens=request.max_new_tokens,
+            min_new_tokens=request.min_new_tokens,
+            sampling=request.sampling,
+            generator=request.generator,
+        )
 
     # ------------------------------------------------------------------------------ voice prompts
     def max_prompt_frames(self) -> int:
@@ -407,22 +500,21 @@ class DiaTTS:
 
         ``audio``: a file path or an open binary file (WAV/FLAC/OGG/MP3, any rate and channel count: mixed to
         mono and resampled with soxr), an array/tensor of samples (``sample_rate`` defaults to the codec's),
-        or already encoded codes ``[T, C]`` (an integer tensor, or an integer numpy array of that shape; checked and
-        returned; other integer arrays are PCM). A prompt under 1 s warns (it clones poorly).
+        or already encoded codes ``[T, C]`` (checked and returned). A numpy array and a torch tensor are read alike:
+        integer samples are codes when they are ``[T, C]`` or int64 (the codes' dtype), else integer PCM
+        (int16 / int32 scaled to [-1, 1), uint8 centred on 128; e.g. a 1-D int16 recording). A prompt under 1 s warns
+        (it clones poorly).
         Raises ValueError for empty, silent, too long or malformed prompts.
         """
         data = self.config.data
-        if (
-            isinstance(audio, np.ndarray)
-            and audio.dtype.kind in "iu"
-            and audio.ndim == 2
-            and audio.shape[1] == (data.channels)
-        ):  # integer [T, C]: codec codes, as an integer tensor is (integer PCM has 1 or 2 channels)
-            audio = torch.from_numpy(audio.astype(np.int64))
-        if isinstance(audio, torch.Tensor) and not audio.is_floating_point():
-            codes = audio.detach().to("cpu", torch.long)
+        if _is_prompt_codes(audio, data.channels):
+            codes = torch.as_tensor(audio.astype(np.int64) if isinstance(audio, np.ndarray) else audio)
+            codes = codes.detach().to("cpu", torch.long)
             if codes.ndim != 2 or codes.shape[1] != data.channels:
-                raise ValueError(f"prompt codes must be [T, {data.channels}], got shape {tuple(codes.shape)}")
+                raise ValueError(
+                    f"prompt codes must be [T, {data.channels}], got shape {tuple(codes.shape)} (an int64 array or "
+                    "tensor is read as codec codes; integer PCM samples are int16 or int32)"
+                )
             if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codec.codebook_size):
                 raise ValueError(f"prompt codes must lie in 0..{self.codec.codebook_size - 1}")
         else:
@@ -510,7 +602,7 @@ class DiaTTS:
                 warnings.warn(
                     "an audio prompt was given without its transcript (audio_prompt_text): Dia continues the "
                     "prompt's speech from the text, so cloning quality suffers badly without it",
-                    stacklevel=3,
+                    stacklevel=4,
                 )
                 out_texts.append(text)
             else:
@@ -522,21 +614,71 @@ class DiaTTS:
         text: str,
         *,
         chunk_frames: int = 43,
+        first_chunk_frames: int | None = None,
         left_context_frames: int | None = None,
-        **kwargs: object,
-    ) -> Iterator[np.ndarray]:
-        """Speak one ``text`` as float32 PCM chunks at :attr:`sample_rate`, yielded while generating.
+        lookahead_frames: int | None = None,
+        max_new_tokens: int | None = None,
+        min_new_tokens: int = 0,
+        cfg_scale: float = 3.0,
+        temperature: float = 1.2,
+        top_p: float = 0.95,
+        cfg_filter_top_k: int | None = 45,
+        do_sample: bool = True,
+        seed: int | None = None,
+        progress: bool | None = False,
+        audio_prompt: PromptLike = None,
+        audio_prompt_text: str | None = None,
+        **engine_options: Any,
+    ) -> AudioStream:
+        """Speak one ``text`` as float32 PCM chunks at :attr:`sample_rate`, yielded while generating (batch 1).
 
-        Chunks of ``chunk_frames`` codec frames (43 ≈ 0.5 s); the joined chunks equal the one-shot
-        audio. The returned stream has ``.stats`` (time to first audio, ...) and ``.close()``.
-        ``left_context_frames`` (default: the codec's receptive field) and the other keywords
-        (``first_chunk_frames``, ``lookahead_frames``, ``max_new_tokens``, sampling, ``seed``,
-        ``audio_prompt``, ``audio_prompt_text``) are those of
-        :func:`dia_fast.generation.stream.stream_generate`.
+        Chunks of ``chunk_frames`` codec frames (43 ≈ 0.5 s with DAC), ``first_chunk_frames`` for the first one
+        (smaller = earlier first audio); the joined chunks equal the one-shot audio of :meth:`generate`.
+        ``left_context_frames`` / ``lookahead_frames``: codec frames decoded before / after each chunk so that its
+        audio is exact; by default the codec's receptive field
+        (:func:`~dia_fast.generation.stream.codec_context_frames`). A chunk is ready once its frames plus the
+        lookahead are final, i.e. ``max_delay`` decode steps after the last of them was sampled.
+
+        ``max_new_tokens``, ``min_new_tokens``, the sampling options, ``seed``, ``progress`` and the voice prompt
+        (``audio_prompt``: one prompt; encoded before the stream starts, its audio is not streamed) are those of
+        :meth:`generate`, checked as it checks them (the same errors and text warnings) when this is called, before
+        the stream's worker thread starts. ``engine_options``: ``cuda_graphs``, ``cpu_graphs``, ``sync_every`` of
+        :func:`~dia_fast.generation.generate.generate_codes`; any other keyword is a ``TypeError``.
+
+        Returns an :class:`~dia_fast.generation.stream.AudioStream`: an iterator with ``.stats`` (time to first
+        audio, ...) and ``.close()`` (also a context manager). Errors during generation are raised from ``next()``.
         """
-        from .generation.stream import stream_generate
+        from .generation.stream import AudioStream, check_engine_options, check_stream_frames, codec_context_frames
 
-        return stream_generate(self, text, chunk_frames=chunk_frames, left_context_frames=left_context_frames, **kwargs)
+        if not isinstance(text, str):
+            raise TypeError(f"streaming takes one text (batch 1): text must be a str, got {type(text).__name__}")
+        if isinstance(audio_prompt, (list, tuple)):
+            raise TypeError("streaming takes one audio prompt (batch 1), got a list")
+        check_stream_frames(chunk_frames, first_chunk_frames, left_context_frames, lookahead_frames)
+        check_engine_options(engine_options)
+        sampling = dict(
+            cfg_scale=cfg_scale,
+            temperature=temperature,
+            top_p=top_p,
+            cfg_filter_top_k=cfg_filter_top_k,
+            do_sample=do_sample,
+        )
+        request = self._check_request(text, max_new_tokens, min_new_tokens, sampling, seed)
+        if left_context_frames is None or lookahead_frames is None:  # measured once per codec, then cached
+            left, right = codec_context_frames(self.codec, self.device)
+            left_context_frames = left if left_context_frames is None else left_context_frames
+            lookahead_frames = right if lookahead_frames is None else lookahead_frames
+        t0 = time.perf_counter()  # time to first audio counts from here (prompt encoding included)
+        inputs = self._prompted_batch(request, audio_prompt, audio_prompt_text)
+        return AudioStream(
+            self,
+            start_time=t0,
+            chunk_frames=chunk_frames,
+            first_chunk_frames=first_chunk_frames,
+            left_context_frames=left_context_frames,
+            lookahead_frames=lookahead_frames,
+            generate_kwargs=dict(progress=progress, **inputs, **engine_options),
+        )
 
     def decode(self, codes: torch.Tensor) -> np.ndarray:
         """Codec codes [T, C] -> float32 PCM at :attr:`sample_rate`."""

@@ -27,6 +27,7 @@ from .config import DiaConfig
 Tensors = dict[str, torch.Tensor]
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "dia-v0_1.pth", "model.pth")
+SHARD_INDEX = "model.safetensors.index.json"  # a sharded checkpoint's index: preferred to the files above
 
 
 # Safetensors metadata that DiaTTS.save_pretrained writes for a random-weight model (DiaTTS.random): loading it back
@@ -43,7 +44,7 @@ class CheckpointError(ValueError):
 
 def find_weights(directory: Path) -> list[Path]:
     """Weight files of a checkpoint directory: one file, or the shards of an index."""
-    index = directory / "model.safetensors.index.json"
+    index = directory / SHARD_INDEX
     if index.exists():
         weight_map = json.loads(index.read_text())["weight_map"]
         return [directory / name for name in sorted(set(weight_map.values()))]

@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .audio import crossfade_join
+from .audio import check_crossfade_ms, crossfade_join
+from .generation.sampling import check_int_option
 from .progress import progress_bar
 from .text import SPEAKER_TAG_RE as _TAG_RE
 from .text import text_already_checked, text_tokens, warn_doubtful_text
@@ -264,19 +265,33 @@ def generate_long(
 
     Every chunk is spoken with the same voice: the same ``audio_prompt`` (a path, samples at the
     codec rate or codes ``[T, C]``; encoded once) and ``audio_prompt_text``, or no prompt.
-    ``batch_size`` chunks are generated per ``tts.generate`` call (faster on a GPU; the same
-    result with greedy decoding). Neighbouring chunks are joined with ``crossfade_ms``
+    ``batch_size`` chunks (an int >= 1) are generated per ``tts.generate`` call (faster on a GPU; the same
+    result with greedy decoding). Neighbouring chunks are joined with ``crossfade_ms`` (a number >= 0)
     equal-power crossfades. ``progress``: a per-chunk progress bar (default: when stderr is a
     terminal; never for a single chunk). ``on_chunk(i, audio)`` is called as each chunk is done.
-    ``chunks``: an already split text (e.g. :func:`split_text` with budgets of your own); ``text``
-    is then ignored.
+    ``chunks``: an already split text, a sequence of str (e.g. :func:`split_text` with budgets of your own);
+    ``text`` is then ignored.
     Other keyword arguments (``max_new_tokens``, ``cfg_scale``, ``temperature``, ``seed``,
     ``do_sample``, ...) go to :meth:`DiaTTS.generate` for every chunk.
 
-    Returns ``(samples, sample_rate)``: float32 mono PCM at the codec's rate.
+    ``seed``: the ``tts.generate`` call that starts at chunk ``k`` is seeded ``seed + k`` (as
+    :class:`~dia_fast.voice.Conversation` and the batching engine number their pieces), so chunks of the same
+    text do not repeat the same audio. With ``batch_size=1`` chunk ``k`` is exactly
+    ``tts.generate(chunk_k, seed=seed + k)``. In a batch the chunks after the first draw their sampling keys from
+    that call's generator by their place in the batch, so sampled audio depends on ``batch_size`` (greedy
+    decoding does not); keep ``batch_size`` fixed to reproduce a result.
+
+    Returns ``(samples, sample_rate)``: float32 mono PCM at the codec's rate. Bad options (``batch_size``,
+    ``crossfade_ms``, ``chunks``, ``seed``) raise ``TypeError`` / ``ValueError`` before any work.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batch_size = check_int_option("batch_size", batch_size, minimum=1)
+    crossfade_ms = check_crossfade_ms(crossfade_ms)
+    seed = check_int_option("seed", generate_kwargs.pop("seed", None), optional=True)
+    if chunks is not None and (
+        isinstance(chunks, str) or not isinstance(chunks, Sequence) or not all(isinstance(c, str) for c in chunks)
+    ):
+        got = "a str (give one text as text=)" if isinstance(chunks, str) else type(chunks).__name__
+        raise TypeError(f"chunks must be a sequence of str (one text per chunk), got {got}")
     if "decode_audio" in generate_kwargs:  # (text and progress are parameters of their own)
         raise TypeError("generate_long() got an unexpected keyword argument 'decode_audio'")
     prompt_codes: torch.Tensor | None = None
@@ -313,6 +328,7 @@ def generate_long(
                     audio_prompt=None if prompt_codes is None else [prompt_codes] * len(batch),
                     audio_prompt_text=audio_prompt_text if prompt_codes is not None else None,
                     progress=False,
+                    seed=None if seed is None else seed + lo,
                     **generate_kwargs,
                 )
                 cut += [lo + k for k, t in enumerate(result.truncated) if t]

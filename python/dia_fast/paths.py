@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 
 def unwritable_dir(flag: str, directory: Path) -> str | None:
-    """Why ``flag`` cannot create files in ``directory`` (missing, or no permission), or None."""
+    """Why ``flag`` cannot create files in ``directory`` (missing, no permission, or a file system that takes no
+    files such as /proc), or None. A file is created there and removed: permission bits alone say yes to root."""
     if not directory.is_dir():
         return f"{flag}: directory does not exist: {directory}"
     if not os.access(directory, os.W_OK | os.X_OK):
         return f"{flag}: cannot write in {directory} (permission denied)"
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".dia_fast-write-check-"):
+            pass
+    except OSError as exc:
+        return f"{flag}: cannot write in {directory} ({exc.strerror or exc})"
     return None
 
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from numbers import Real
 
 import numpy as np
 
 from .resample import check_rate
 
-__all__ = ["crossfade_join"]
+__all__ = ["check_crossfade_ms", "crossfade_join"]
 
 _CURVES = ("equal_power", "linear")
 
@@ -21,6 +22,16 @@ def _fades(n: int, curve: str) -> tuple[np.ndarray, np.ndarray]:
         return t, 1.0 - t
     # equal power: squared gains sum to 1, constant loudness for uncorrelated signals (speech)
     return np.sin(t * (math.pi / 2)), np.cos(t * (math.pi / 2))
+
+
+def check_crossfade_ms(crossfade_ms: object) -> float:
+    """``crossfade_ms`` as a float: a real number (not a bool), finite and >= 0; else a TypeError / ValueError."""
+    if isinstance(crossfade_ms, bool) or not isinstance(crossfade_ms, Real):
+        raise TypeError(f"crossfade_ms must be a number, got {crossfade_ms!r}")
+    value = float(crossfade_ms)
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"crossfade_ms must be a finite number >= 0, got {crossfade_ms!r}")
+    return value
 
 
 def crossfade_join(
@@ -36,8 +47,7 @@ def crossfade_join(
     are skipped; no chunks gives an empty array. Returns float32.
     """
     sr = check_rate(sample_rate, "sample_rate")
-    if not (math.isfinite(crossfade_ms) and crossfade_ms >= 0):
-        raise ValueError(f"crossfade_ms must be finite and >= 0, got {crossfade_ms!r}")
+    crossfade_ms = check_crossfade_ms(crossfade_ms)
     if curve not in _CURVES:
         raise ValueError(f"curve must be one of {_CURVES}, got {curve!r}")
     arrays = [np.asarray(c) for c in chunks]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
 from .. import _ext
@@ -56,17 +58,22 @@ def float_to_pcm16(
 
     ``dither=True`` adds TPDF dither (the sum of two uniform [-0.5, 0.5) LSB noises) before
     rounding, which changes each sample by at most 1 LSB relative to plain rounding.
-    ``seed`` makes the dither reproducible; ``None`` draws fresh noise.
+    ``seed`` makes the dither reproducible: any int (not a bool), reduced modulo 2**64 by both backends, so
+    ``-1`` and ``2**64 - 1`` are the same seed; ``None`` draws fresh noise.
 
     ``backend``: ``"numpy"`` (the reference), ``"cpp"`` (``dia_fast._C.float_to_pcm16``; raises
     ``RuntimeError`` when it is not available) or ``None`` (the C++ one for dithered conversion
     when available, else numpy). The two agree exactly without dither; with dither they use
     different random streams.
 
-    Raises ``ValueError`` for NaN/inf samples.
+    Raises ``ValueError`` for NaN/inf samples, ``TypeError`` for a seed that is not an int.
     """
     if backend not in (None, *_BACKENDS):
         raise ValueError(f"backend must be one of {_BACKENDS} or None, got {backend!r}")
+    if seed is not None:
+        if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral):
+            raise TypeError(f"seed must be an int or None, got {seed!r}")
+        seed = int(seed) % (1 << 64)  # one seed space for both backends (the C++ one wraps the same way)
     arr = np.asarray(x)
     if arr.dtype.kind != "f":
         raise TypeError(f"float_to_pcm16 expects float samples, got dtype {arr.dtype}")

@@ -28,12 +28,13 @@ def check_rate(rate: object, name: str = "sample rate") -> int:
 def resample(x: np.ndarray, from_rate: int, to_rate: int, *, quality: str = "HQ") -> np.ndarray:
     """Resample ``x`` from ``from_rate`` to ``to_rate`` Hz with soxr (``quality`` "HQ" or "VHQ").
 
-    ``x`` is 1-D [N] or 2-D [N, channels] (time first, as soundfile returns it). The result is
-    float32 with about ``round(N * to_rate / from_rate)`` samples. When the rates are equal this
+    ``x`` is 1-D [N] or 2-D [N, channels] (time first, as soundfile returns it; torch's channels-first
+    [channels, N] must be transposed, ``x.T``: a 2-D array with more columns than rows is refused as such).
+    The result is float32 with about ``round(N * to_rate / from_rate)`` samples. When the rates are equal this
     is the identity: ``x`` comes back as float32 without a copy when it already is float32.
 
-    Raises ``ValueError`` for a rate that is not a positive integer, an unknown quality or input
-    of another rank.
+    Raises ``ValueError`` for a rate that is not a positive integer, an unknown quality, input
+    of another rank, or a 2-D input with more channels than samples.
     """
     if quality not in _QUALITIES:
         raise ValueError(f"quality must be one of {_QUALITIES}, got {quality!r}")
@@ -42,6 +43,11 @@ def resample(x: np.ndarray, from_rate: int, to_rate: int, *, quality: str = "HQ"
     arr = np.asarray(x)
     if arr.ndim not in (1, 2):
         raise ValueError(f"resample expects [N] or [N, channels], got shape {arr.shape}")
+    if arr.ndim == 2 and 0 < arr.shape[0] < arr.shape[1]:
+        raise ValueError(
+            f"resample expects [N, channels] (time first), got shape {arr.shape}: more channels than samples, "
+            "which looks like [channels, N]; pass x.T"
+        )
     arr = arr.astype(np.float32, copy=False)
     if src == dst or arr.shape[0] == 0:
         return arr

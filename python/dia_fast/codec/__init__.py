@@ -10,7 +10,7 @@ import torch
 
 from .base import AudioCodec
 
-__all__ = ["AudioCodec", "codec_kind", "load_codec"]
+__all__ = ["AudioCodec", "check_codec_spec", "codec_kind", "load_codec"]
 
 _DEMO_WARNING = (
     "no codec checkpoint given: using a small random {kind} codec, so the audio is a demonstration, not speech "
@@ -47,6 +47,19 @@ def random_codec(kind: str, seed: int = 0) -> AudioCodec:
     raise ValueError(f"unknown codec {kind!r}; expected 'dac' or 'encodec'")
 
 
+def check_codec_spec(spec: object) -> None:
+    """What :func:`load_codec` accepts, checked without loading anything: an :class:`AudioCodec`, a non-empty
+    checkpoint path, ``"dac"`` / ``"encodec"``, or None; a TypeError / ValueError naming ``codec`` otherwise."""
+    if spec is None or isinstance(spec, Path):
+        return
+    if isinstance(spec, str):
+        if not spec.strip():
+            raise ValueError("codec is an empty path: give a codec checkpoint path, 'dac', 'encodec' or None")
+        return
+    if not isinstance(spec, AudioCodec):
+        raise TypeError(f"codec must be an AudioCodec, a codec checkpoint path, 'dac', 'encodec' or None, got {spec!r}")
+
+
 def load_codec(
     spec: AudioCodec | str | Path | None,
     *,
@@ -57,6 +70,7 @@ def load_codec(
     """Resolve a codec: an instance; a checkpoint path (DAC or EnCodec, detected); ``"dac"`` or
     ``"encodec"`` (a random demo codec, with a warning); or None (a ``dac/`` or ``codec/``
     directory inside ``search_dir`` when there is one, else the random demo DAC)."""
+    check_codec_spec(spec)
     if spec is not None and not isinstance(spec, (str, Path)):
         return spec
     if spec is None and search_dir is not None:

@@ -31,13 +31,13 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
-from ..config import DiaConfig
+from ..config import DataConfig, DiaConfig
 from ..memory import PinnedPool, PooledBuffer, default_pool
 from ..model import DiaModel, text_lengths
 from ..ops.reference import last_eos_position
 from ..progress import progress_bar
 from .engine import NOT_FORCED, DecodeEngine, StepBuffers, StepSpec, default_sampler, engine_for, using_device
-from .sampling import SamplingConfig
+from .sampling import SamplingConfig, check_int_option, named
 
 
 @dataclass
@@ -69,6 +69,43 @@ def build_prefix(config: DiaConfig, prompts: Sequence[torch.Tensor | None], devi
     forced = torch.where(delayed == pad, torch.full_like(delayed, NOT_FORCED), delayed)
     mask = None if bool(self_mask.all()) else self_mask.to(device)
     return Prefix(forced.to(device), P0, mask, frames)
+
+
+def check_step_budget(data: DataConfig, prompt_frames: int, max_new_tokens: object, min_new_tokens: object) -> int:
+    """The decode steps a generation after a voice prompt of ``prompt_frames`` frames may take: ``max_new_tokens``,
+    or what the model's audio length leaves when None. It must give the delay pattern its steps to finish one frame
+    and fit the audio length; ``min_new_tokens`` (EOS held back until then) must leave room before it. Else a
+    TypeError / ValueError naming the option (its ``param``)."""
+    max_new = check_int_option("max_new_tokens", max_new_tokens, minimum=1, optional=True)
+    min_new = check_int_option("min_new_tokens", min_new_tokens, minimum=0)
+    md, prefix = data.max_delay, prompt_frames + 1
+    budget = data.audio_length - prefix
+    steps = budget if max_new is None else max_new
+    if steps < md + 2:
+        raise named(
+            ValueError(
+                f"max_new_tokens={steps} is too small: the delay pattern needs {md + 1} steps to finish, "
+                f"so at least {md + 2} are needed for one audio frame"
+            ),
+            "max_new_tokens",
+        )
+    if steps > budget:
+        raise named(
+            ValueError(
+                f"max_new_tokens={steps} plus the {prefix} prefix positions exceeds the model's audio length "
+                f"{data.audio_length} (at most {budget} new tokens here)"
+            ),
+            "max_new_tokens",
+        )
+    if min_new > steps - md - 1:
+        raise named(
+            ValueError(
+                f"min_new_tokens must be in [0, max_new_tokens - {md + 1}] = [0, {steps - md - 1}] "
+                f"(EOS is held back until then), got {min_new}"
+            ),
+            "min_new_tokens",
+        )
+    return steps
 
 
 @dataclass
@@ -232,24 +269,8 @@ def generate_codes(
 
     frames = [0 if p is None else int(p.shape[0]) for p in prompts]
     P0, md = max(frames) + 1, data.max_delay
-    budget = data.audio_length - P0
-    if max_new_tokens is None:
-        max_new_tokens = budget
-    if max_new_tokens < md + 2:
-        raise ValueError(
-            f"max_new_tokens={max_new_tokens} is too small: the delay pattern needs {md + 1} steps to finish, "
-            f"so at least {md + 2} are needed for one audio frame"
-        )
-    if max_new_tokens > budget:
-        raise ValueError(
-            f"max_new_tokens={max_new_tokens} plus the {P0} prefix positions exceeds the model's audio length "
-            f"{data.audio_length} (at most {budget} new tokens here)"
-        )
-    if not isinstance(min_new_tokens, int) or not 0 <= min_new_tokens <= max_new_tokens - md - 1:
-        raise ValueError(
-            f"min_new_tokens must be an int in [0, max_new_tokens - {md + 1}] = [0, {max_new_tokens - md - 1}] "
-            f"(EOS is held back until then), got {min_new_tokens!r}"
-        )
+    max_new_tokens = check_step_budget(data, P0 - 1, max_new_tokens, min_new_tokens)
+    min_new_tokens = int(min_new_tokens)
     L = P0 + max_new_tokens
     Bb, Lb, Tb = engine.shapes(B, L, text_ids.shape[1])
     text_ids, text_mask, prompts = _pad_batch(text_ids.cpu(), text_mask.cpu(), prompts, Bb)

@@ -15,7 +15,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -23,15 +23,22 @@ import torch
 
 from .. import ops
 from ..codec.base import AudioCodec
-from ..text import encode_batch
 from .engine import using_device
 from .generate import DecodeOutput, generate_codes
-from .sampling import SamplingConfig, check_int_option, seeded_generator
+from .sampling import check_int_option
 
 if TYPE_CHECKING:
     from ..api import DiaTTS
 
-__all__ = ["AudioStream", "ChunkedDecoder", "StreamStats", "codec_context_frames", "stream_generate"]
+__all__ = [
+    "AudioStream",
+    "ChunkedDecoder",
+    "StreamStats",
+    "check_engine_options",
+    "check_stream_frames",
+    "codec_context_frames",
+    "stream_generate",
+]
 
 _CONTEXT_MARGIN = 2  # frames added to the measured receptive field (transposed-conv edge effects)
 _context_cache: weakref.WeakKeyDictionary[Any, tuple[int, int]] = weakref.WeakKeyDictionary()
@@ -90,7 +97,7 @@ def codec_context_frames(codec: AudioCodec, device: torch.device | str | None = 
 
 @dataclass
 class StreamStats:
-    """Timings of one stream (seconds; wall clock from the :func:`stream_generate` call, after the
+    """Timings of one stream (seconds; wall clock from the :meth:`DiaTTS.generate_stream` call, after the
     one-time measurement of the codec's context).
 
     ``time_to_first_audio_s`` is None until the first chunk has been returned. ``prefill_s``,
@@ -116,27 +123,20 @@ class _Cancelled(Exception):
 
 
 _CODES, _DONE, _ERROR = "codes", "done", "error"
+_ENGINE_OPTIONS = ("cuda_graphs", "cpu_graphs", "sync_every")
 
 
 def _worker(
     out_queue: queue.Queue[tuple[str, Any]],
     cancel: threading.Event,
     tts: DiaTTS,
-    text: str,
     kw: dict[str, Any],
     first_need: int,
     chunk: int,
 ) -> None:
-    """Run the decode loop; send final delayed positions whenever the consumer can use them."""
+    """Run the decode loop (``kw``: :func:`generate_codes`' checked arguments); send final delayed positions
+    whenever the consumer can use them."""
     try:
-        device = tts.device  # generate_codes makes it the current device itself
-        kw = dict(kw)
-        prompt = kw.pop("prompt", None)
-        seed = kw.pop("seed", None)
-        progress = kw.pop("progress", False)
-        sampling = SamplingConfig(**{f.name: kw.pop(f.name) for f in fields(SamplingConfig) if f.name in kw})
-        generator = seeded_generator(seed, device)
-        ids, mask = encode_batch([text], tts.config.data.text_length)
         md = tts.config.data.max_delay
         first = sent = -1  # first generated position (the prefix length), first position not yet sent
         need = first_need  # new frames the consumer needs for its next chunk
@@ -152,23 +152,42 @@ def _worker(
                 sent = p + 1
                 need += chunk
 
-        result = generate_codes(
-            tts.model,
-            ids,
-            mask,
-            prompts=None if prompt is None else [prompt],
-            sampling=sampling,
-            generator=generator,
-            progress=progress,
-            frame_rate=tts.codec.frame_rate,
-            on_step=on_step,
-            **kw,
-        )
+        result = generate_codes(tts.model, frame_rate=tts.codec.frame_rate, on_step=on_step, **kw)
         out_queue.put((_DONE, result))
     except _Cancelled:
         out_queue.put((_DONE, None))
     except BaseException as exc:  # noqa: BLE001 - handed to the consumer thread, raised there
         out_queue.put((_ERROR, exc))
+
+
+def check_stream_frames(
+    chunk_frames: object,
+    first_chunk_frames: object = None,
+    left_context_frames: object = None,
+    lookahead_frames: object = None,
+) -> None:
+    """A stream's chunk sizes (ints >= 1; ``first_chunk_frames`` may be None) and codec context (ints >= 0, or
+    None for the codec's own): a TypeError / ValueError naming the option otherwise."""
+    check_int_option("chunk_frames", chunk_frames, minimum=1)
+    check_int_option("first_chunk_frames", first_chunk_frames, minimum=1, optional=True)
+    check_int_option("left_context_frames", left_context_frames, minimum=0, optional=True)
+    check_int_option("lookahead_frames", lookahead_frames, minimum=0, optional=True)
+
+
+def check_engine_options(options: dict[str, Any]) -> None:
+    """The :func:`generate_codes` options a stream passes on (``cuda_graphs``, ``cpu_graphs``: bool or None;
+    ``sync_every``: an int >= 1); any other name is a TypeError, as an unknown keyword is."""
+    for name, value in options.items():
+        if name not in _ENGINE_OPTIONS:
+            hint = " (a stream always yields audio)" if name == "decode_audio" else ""
+            raise TypeError(
+                f"generate_stream() got an unexpected keyword argument {name!r}{hint}; it takes generate()'s options "
+                f"and {', '.join(_ENGINE_OPTIONS)}"
+            )
+        if name == "sync_every":
+            check_int_option(name, value, minimum=1)
+        elif value is not None and not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool or None, got {value!r}")
 
 
 class ChunkedDecoder:
@@ -194,10 +213,9 @@ class ChunkedDecoder:
         stats: StreamStats,
         start_time: float,
     ) -> None:
-        check_int_option("chunk_frames", chunk_frames, minimum=1)
-        check_int_option("first_chunk_frames", first_chunk_frames, minimum=1, optional=True)
-        if left_context_frames < 0 or lookahead_frames < 0:
-            raise ValueError("left_context_frames and lookahead_frames must be >= 0")
+        check_stream_frames(chunk_frames, first_chunk_frames)
+        check_int_option("left_context_frames", left_context_frames, minimum=0)
+        check_int_option("lookahead_frames", lookahead_frames, minimum=0)
         self.stats = stats
         self._t0 = start_time
         self._codec = tts.codec
@@ -294,9 +312,10 @@ class ChunkedDecoder:
 
 
 class AudioStream(Iterator[np.ndarray]):
-    """Iterator of float32 PCM chunks (at ``sample_rate``) for one text; see :func:`stream_generate`.
+    """Iterator of float32 PCM chunks (at ``sample_rate``) for one text; see :meth:`DiaTTS.generate_stream`.
 
-    Generation starts as soon as the stream is created. ``close()`` (or leaving a ``with`` block,
+    ``generate_kwargs`` are :func:`generate_codes`' arguments, already checked (the stream's worker thread makes no
+    checks of its own). Generation starts as soon as the stream is created. ``close()`` (or leaving a ``with`` block,
     or dropping the iterator) stops the worker thread. Exceptions in generation are raised from
     ``next()``. Timings are in :attr:`stats`.
     """
@@ -304,7 +323,6 @@ class AudioStream(Iterator[np.ndarray]):
     def __init__(
         self,
         tts: DiaTTS,
-        text: str,
         *,
         chunk_frames: int,
         first_chunk_frames: int | None,
@@ -334,7 +352,7 @@ class AudioStream(Iterator[np.ndarray]):
         first_need = self._chunks.first + self._chunks.lookahead
         self._thread = threading.Thread(
             target=_worker,
-            args=(self._queue, self._cancel, tts, text, generate_kwargs, first_need, chunk_frames),
+            args=(self._queue, self._cancel, tts, generate_kwargs, first_need, chunk_frames),
             name="dia_fast-stream",
             daemon=True,
         )
@@ -425,52 +443,11 @@ class AudioStream(Iterator[np.ndarray]):
             pass
 
 
-def stream_generate(
-    tts: DiaTTS,
-    text: str,
-    *,
-    chunk_frames: int = 43,
-    left_context_frames: int | None = None,
-    lookahead_frames: int | None = None,
-    first_chunk_frames: int | None = None,
-    audio_prompt: Any = None,
-    audio_prompt_text: str | None = None,
-    **generate_kwargs: Any,
-) -> AudioStream:
-    """Speak ``text`` as a stream of float32 PCM chunks (batch 1).
+def stream_generate(tts: DiaTTS, text: str, **kwargs: Any) -> AudioStream:
+    """:meth:`DiaTTS.generate_stream` of ``tts``: ``text`` as a stream of float32 PCM chunks (batch 1).
 
-    ``chunk_frames`` codec frames per chunk (43 ≈ 0.5 s with DAC), ``first_chunk_frames`` for the
-    first one (smaller = earlier first audio). ``left_context_frames`` / ``lookahead_frames``: codec
-    frames decoded before / after each chunk so that its audio is exact; by default the codec's
-    receptive field (:func:`codec_context_frames`). A chunk is ready once its frames plus the
-    lookahead are final, i.e. ``max_delay`` decode steps after the last of them was sampled.
-
-    ``audio_prompt`` / ``audio_prompt_text``: voice cloning, as in :meth:`DiaTTS.generate` (the prompt
-    is encoded before the stream starts; its audio is not streamed). ``generate_kwargs``:
-    ``max_new_tokens``, ``cfg_scale``, ``temperature``, ``top_p``, ``cfg_filter_top_k``,
-    ``do_sample``, ``seed``, and the other keywords of
-    :func:`~dia_fast.generation.generate.generate_codes` (e.g. ``cuda_graphs``).
-    Time to first audio and the generation timings are in the returned stream's ``stats``.
+    The keywords (chunk sizes, codec context, ``max_new_tokens``, sampling, ``seed``, ``audio_prompt``, ...) are
+    checked when this is called, before any work. Time to first audio and the generation timings are in the
+    returned stream's ``stats``.
     """
-    if not isinstance(text, str):
-        raise TypeError("streaming takes one text (batch 1)")
-    if isinstance(audio_prompt, (list, tuple)):
-        raise TypeError("streaming takes one audio prompt (batch 1)")
-    if left_context_frames is None or lookahead_frames is None:  # measured once per codec, then cached
-        left, right = codec_context_frames(tts.codec, tts.device)
-        left_context_frames = left if left_context_frames is None else left_context_frames
-        lookahead_frames = right if lookahead_frames is None else lookahead_frames
-    t0 = time.perf_counter()  # time to first audio counts from here (prompt encoding included)
-    prompts, texts = tts._prepare_prompts([text], audio_prompt, audio_prompt_text)
-    if prompts is not None:
-        generate_kwargs["prompt"] = prompts[0]
-    return AudioStream(
-        tts,
-        texts[0],
-        start_time=t0,
-        chunk_frames=chunk_frames,
-        first_chunk_frames=first_chunk_frames,
-        left_context_frames=left_context_frames,
-        lookahead_frames=lookahead_frames,
-        generate_kwargs=generate_kwargs,
-    )
+    return tts.generate_stream(text, **kwargs)

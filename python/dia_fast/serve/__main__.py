@@ -72,6 +72,16 @@ def main(argv: list[str] | None = None) -> int:
         check_quantize(settings.quantize, dev, resolve_dtype(settings.dtype, dev))
         if args.model and not Path(args.model).expanduser().exists() and not is_hub_id(args.model):
             raise ValueError(f"--model: checkpoint not found: {args.model}")
+        codec = args.codec
+        if codec and codec.lower() not in ("dac", "encodec") and not Path(codec).expanduser().exists():
+            raise ValueError(f"--codec: codec checkpoint not found: {codec} (a path, 'dac' or 'encodec')")
+        if args.voices_dir is not None:
+            if args.voices_dir.exists() and not args.voices_dir.is_dir():
+                raise ValueError(f"--voices-dir: {args.voices_dir} is not a directory")
+            try:  # (the server would create it at start-up)
+                args.voices_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ValueError(f"--voices-dir: cannot create {args.voices_dir}: {exc.strerror}") from None
         if not 0 < args.port < 65536:
             raise ValueError(f"--port must be 1-65535, got {args.port}")
         if args.replicas < 1 or (args.max_replicas is not None and args.max_replicas < args.replicas):

@@ -23,7 +23,7 @@ from starlette.types import Message, Receive, Scope, Send
 from .._version import __version__
 from .audio_out import FORMATS
 from .metrics import CONTENT_TYPE_LATEST
-from .service import MODEL_ALIASES, ApiError, SpeechRequest, SpeechService, load_tts
+from .service import MODEL_ALIASES, ApiError, SpeechRequest, SpeechService, load_tts, metric_labels
 from .settings import ServerSettings
 from .voices import BUILTIN_VOICES, VoiceError
 
@@ -44,10 +44,20 @@ def _error(
     param: str | None = None,
     code: str | None = None,
     headers: dict[str, str] | None = None,
-) -> JSONResponse:
+) -> ApiError:
     kind = _STATUS_KIND.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return ApiError(status, message, param=param, code=code, kind=kind, headers=headers)
+
+
+def _answer(scope: Scope, err: ApiError) -> JSONResponse:
+    """The JSON answer of an error, counted: every one by kind, a speech request's also among the requests (with
+    its body's format and stream once it was read, else ``-``)."""
+    service: SpeechService | None = getattr(getattr(scope.get("app"), "state", None), "service", None)
+    if service is not None:
+        speech = scope.get("method") == "POST" and scope.get("path") == "/v1/audio/speech"
+        labels = (scope.get("state") or {}).get("speech_labels", ("-", "-"))
+        service.count_error(err, *labels, request=speech)
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
 class _BodyTooLarge(Exception):
@@ -73,12 +83,13 @@ class BodyLimit:
             try:
                 too_big = int(length) > limit
             except ValueError:
-                await _error(400, "the Content-Length header is not a number")(scope, receive, send)
+                await _answer(scope, _error(400, "the Content-Length header is not a number"))(scope, receive, send)
                 return
             if too_big:
-                await _error(
+                err = _error(
                     413, f"the request body is over this server's limit of {limit} bytes", code="request_too_large"
-                )(scope, receive, send)
+                )
+                await _answer(scope, err)(scope, receive, send)
                 return
         seen = 0
 
@@ -158,38 +169,29 @@ def create_app(settings: ServerSettings | None = None, *, tts: DiaTTS | None = N
 
     app.add_middleware(BodyLimit, limit_for=limit_for)
 
-    # ------------------------------------------------------------------------------ errors
+    # ------------------------------------------------------------------------------ errors (each counted)
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        service: SpeechService | None = getattr(request.app.state, "service", None)
-        if service is not None:  # speech requests count with their format (once parsed); other routes' errors only
-            speech: SpeechRequest | None = getattr(request.state, "speech", None)
-            if request.url.path != "/v1/audio/speech":
-                service.count_error(exc, request=False)
-            elif speech is None:
-                service.count_error(exc)
-            else:
-                service.count_error(exc, speech.response_format, speech.stream_format or "none")
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+        return _answer(request.scope, exc)
 
     @app.exception_handler(_BodyTooLarge)
-    async def _too_large(_: Request, exc: _BodyTooLarge) -> JSONResponse:
-        return _error(
-            413, f"the request body is over this server's limit of {exc.limit} bytes", code="request_too_large"
-        )
+    async def _too_large(request: Request, exc: _BodyTooLarge) -> JSONResponse:
+        msg = f"the request body is over this server's limit of {exc.limit} bytes"
+        return _answer(request.scope, _error(413, msg, code="request_too_large"))
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return _validation_error(exc.errors())
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _answer(request.scope, _validation_error(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        err = _error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+        return _answer(request.scope, err)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.error("unhandled error", exc_info=(type(exc), exc, exc.__traceback__))
-        return _error(500, "internal server error (see the server log)", code="internal_error")
+        return _answer(request.scope, _error(500, "internal server error (see the server log)", code="internal_error"))
 
     # ------------------------------------------------------------------------------ auth
     async def authorize(request: Request) -> None:
@@ -218,8 +220,9 @@ def create_app(settings: ServerSettings | None = None, *, tts: DiaTTS | None = N
     @app.post("/v1/audio/speech", dependencies=v1)
     async def speech(request: Request) -> Response:
         service = service_of(request)
-        req = _parse_speech(await request.body())
-        request.state.speech = req  # (the error handler labels the metrics with its format)
+        data = _parse_json(await request.body())
+        request.state.speech_labels = metric_labels(data)  # (errors from here on are counted with them)
+        req = _parse_speech(data)
         if req.stream_format is None:
             data = await service.speech(req, request.is_disconnected)
             return Response(data, media_type=_media_type(req))
@@ -312,7 +315,7 @@ def _media_type(req: SpeechRequest) -> str:
 _UNION_MEMBER = re.compile(r"str|int|float|bool|list\[.*\]|dict\[.*\]|[A-Z]\w*|\w+\[.*\]")
 
 
-def _validation_error(errors: list[Any]) -> JSONResponse:
+def _validation_error(errors: list[Any]) -> ApiError:
     first = errors[0] if errors else {}
 
     # a union (voice: a name or {"id": ...}) fails once per member: report the member that got furthest
@@ -332,16 +335,18 @@ def _validation_error(errors: list[Any]) -> JSONResponse:
     return _error(400, message, param=param, code="invalid_value")
 
 
-def _parse_speech(body: bytes) -> SpeechRequest:
+def _parse_json(body: bytes) -> dict[str, Any]:
     try:
         data = json.loads(body or b"null")
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad JSON or bytes, an integer over 4300 digits, too deep
         raise ApiError(400, f"the body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the body must be a JSON object")
+    return data
+
+
+def _parse_speech(data: dict[str, Any]) -> SpeechRequest:
     try:
         return SpeechRequest.model_validate(data)
     except ValidationError as exc:
-        resp = _validation_error(exc.errors())
-        err = json.loads(resp.body)["error"]
-        raise ApiError(400, err["message"], param=err["param"], code=err["code"]) from None
+        raise _validation_error(exc.errors()) from None

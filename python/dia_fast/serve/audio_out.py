@@ -74,14 +74,18 @@ def output_rate(fmt: str, model_rate: int, requested: int | None) -> int:
 
 
 class _TimeStretch:
-    """Tempo change without a pitch change: ffmpeg's ``atempo`` (chained below 0.5x), fed piece by piece."""
+    """Tempo change without a pitch change: ffmpeg's ``atempo`` (chained below 0.5x), fed piece by piece.
+
+    atempo drops up to a window of its input's end when it is flushed (all of an input shorter than a window), so
+    ``finish`` pushes the input's end, mirrored, after it and cuts the output at ``round(n_in / speed)`` samples:
+    the whole input, stretched."""
 
     def __init__(self, rate: int, speed: float) -> None:
         import av
         from av.filter import Graph
 
         self._av = av
-        self.rate = rate
+        self.rate, self.speed = rate, speed
         self.graph = Graph()
         tb = fractions.Fraction(1, rate)
         self.src = self.graph.add_abuffer(format="flt", sample_rate=rate, layout="mono", time_base=tb)
@@ -96,7 +100,10 @@ class _TimeStretch:
         for a, b in zip(nodes, nodes[1:], strict=False):
             a.link_to(b)
         self.graph.configure()
-        self.pts = 0
+        self.pts = 0  # samples pushed
+        self.out = 0  # samples out
+        self.held = np.zeros(0, np.float32)
+        self.last = np.zeros(0, np.float32)  # the input's last 250 ms
 
     def _drain(self) -> np.ndarray:
         out = []
@@ -108,17 +115,33 @@ class _TimeStretch:
             out.append(frame.to_ndarray().reshape(-1).astype(np.float32, copy=False))
         return np.concatenate(out) if out else np.zeros(0, np.float32)
 
+    def _push(self, pcm: np.ndarray) -> None:
+        frame = self._av.AudioFrame.from_ndarray(pcm[None, :], format="flt", layout="mono")
+        frame.sample_rate, frame.pts, frame.time_base = self.rate, self.pts, fractions.Fraction(1, self.rate)
+        self.pts += pcm.size
+        self.src.push(frame)
+
     def feed(self, pcm: np.ndarray) -> np.ndarray:
-        if pcm.size:
-            frame = self._av.AudioFrame.from_ndarray(pcm[None, :], format="flt", layout="mono")
-            frame.sample_rate, frame.pts, frame.time_base = self.rate, self.pts, fractions.Fraction(1, self.rate)
-            self.pts += pcm.size
-            self.src.push(frame)
-        return self._drain()
+        # tiny frames are held back: atempo fails (ENOMEM) on a 1-sample frame above 2x
+        self.held = np.concatenate([self.held, pcm]) if self.held.size else pcm
+        self.last = np.concatenate([self.last, pcm])[-(self.rate // 4) :]
+        if self.held.size >= 256:
+            self._push(self.held)
+            self.held = np.zeros(0, np.float32)
+        y = self._drain()
+        self.out += y.size
+        return y
 
     def finish(self) -> np.ndarray:
+        n_in = self.pts + self.held.size
+        if n_in:  # the input's end mirrored pushes the kept tail out (~42 ms per atempo window; 250 ms is ample)
+            pad = np.pad(self.last, (0, self.rate // 4), mode="symmetric")[self.last.size :]
+            self._push(np.concatenate([self.held, pad]))
         self.src.push(None)
-        return self._drain()
+        want = round(n_in / self.speed) - self.out  # what the input still owes
+        y = self._drain()[: max(want, 0)]
+        self.out += y.size
+        return y
 
 
 class _Resample:

@@ -28,12 +28,15 @@ from .voices import VoiceError, VoiceStore, resolve_voice
 if TYPE_CHECKING:
     from ..api import DiaTTS
 
-__all__ = ["ApiError", "SpeechRequest", "SpeechService", "load_tts"]
+__all__ = ["ApiError", "SpeechRequest", "SpeechService", "load_tts", "metric_labels"]
 
 log = logging.getLogger("dia_fast.serve")
 
 # names OpenAI clients send; each means the one model this server runs
 MODEL_ALIASES = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts", "dia", "dia-1.6b")
+_INT32_MAX = 2**31 - 1  # the bound of the integer options that count steps or tokens
+# the engine's names for the request's fields, where they differ
+_ENGINE_PARAMS = {"text": "input", "audio_prompt": "voice", "audio_prompt_text": "voice"}
 
 
 class ApiError(Exception):
@@ -81,9 +84,20 @@ class SpeechRequest(BaseModel):
     temperature: float = Field(1.2, ge=0.0, allow_inf_nan=False, strict=True)  # 0 = greedy
     top_p: float = Field(0.95, gt=0.0, le=1.0, allow_inf_nan=False, strict=True)
     cfg_scale: float = Field(3.0, ge=0.0, allow_inf_nan=False, strict=True)
-    cfg_filter_top_k: int | None = Field(45, ge=1, strict=True)  # null = no CFG filter
-    max_new_tokens: int | None = Field(None, ge=1, strict=True)
-    min_new_tokens: int = Field(0, ge=0, strict=True)
+    # null = no CFG filter; a k at or above the vocabulary size (1028 for Dia) acts as that size (every token kept)
+    cfg_filter_top_k: int | None = Field(45, ge=1, le=_INT32_MAX, strict=True)
+    max_new_tokens: int | None = Field(None, ge=1, le=_INT32_MAX, strict=True)
+    min_new_tokens: int = Field(0, ge=0, le=_INT32_MAX, strict=True)
+
+
+def metric_labels(body: dict[str, Any]) -> tuple[str, str]:
+    """The ``format`` and ``stream`` labels of a speech request's JSON body: its values where they are valid (the
+    defaults where absent), else ``"invalid"`` (a client's strings never become label values)."""
+    fmt = body.get("response_format", "mp3")
+    stream = body.get("stream_format")
+    fmt_label = fmt if isinstance(fmt, str) and fmt in FORMATS else "invalid"
+    stream_label = "none" if stream is None else stream if stream in ("audio", "sse") else "invalid"
+    return fmt_label, stream_label
 
 
 @dataclass
@@ -93,6 +107,12 @@ class _Job:
     started: float
     stream: str
     input_bytes: int
+
+
+def _param(exc: BaseException) -> str | None:
+    """The request field an engine or sampling error names (its ``param`` attribute), in the request's terms."""
+    param = getattr(exc, "param", None)
+    return _ENGINE_PARAMS.get(param, param) if isinstance(param, str) else None
 
 
 def load_tts(settings: ServerSettings) -> DiaTTS:
@@ -178,6 +198,12 @@ class SpeechService:
         text = req.input
         if not text.strip():
             raise ApiError(400, "input is empty: give some text to speak", param="input")
+        try:
+            input_bytes = len(text.encode("utf-8"))
+        except UnicodeEncodeError as exc:  # a lone surrogate ("\ud800"): valid JSON, not text
+            raise ApiError(
+                400, f"input is not valid Unicode text: {exc.reason} at character {exc.start}", param="input"
+            ) from None
         if len(text) > s.max_input_chars:
             raise ApiError(
                 400,
@@ -241,8 +267,8 @@ class SpeechService:
         except EngineClosed:
             raise ApiError(503, "the server is shutting down", code="unavailable", kind="server_error") from None
         except (ValueError, TypeError) as exc:
-            raise ApiError(400, str(exc), code="invalid_value") from None
-        return _Job(handle, pipeline, time.perf_counter(), req.stream_format or "none", len(text.encode()))
+            raise ApiError(400, str(exc), param=_param(exc), code="invalid_value") from None
+        return _Job(handle, pipeline, time.perf_counter(), req.stream_format or "none", input_bytes)
 
     def _retry_after(self) -> int:
         """Seconds a client should wait after a 429: about one request's decode (at least 1)."""
@@ -362,7 +388,7 @@ class SpeechService:
         elif isinstance(exc, EngineClosed):
             err = ApiError(503, "the server is shutting down", code="unavailable", kind="server_error")
         elif isinstance(exc, ValueError):
-            err = ApiError(422, str(exc), code="unprocessable")
+            err = ApiError(422, str(exc), param=_param(exc), code="unprocessable")
         else:
             log.error("request failed", exc_info=(type(exc), exc, exc.__traceback__))
             err = ApiError(
@@ -375,7 +401,8 @@ class SpeechService:
 
     def count_error(self, err: ApiError, fmt: str = "-", stream: str = "-", *, request: bool = True) -> None:
         """Count a failure (every error answer and every stream that ended early) by kind and, for a speech request
-        (``request``), among the requests by format (``"-"``: failed before its body was read), stream and status."""
+        (``request``), among the requests by format and stream (:func:`metric_labels`; ``"-"``: its body was not
+        read or not a JSON object) and status."""
         self.metrics.errors.labels(err.code or f"http_{err.status}").inc()
         if request:
             self.metrics.requests.labels(fmt, stream, str(err.status)).inc()

@@ -24,7 +24,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -32,10 +32,11 @@ import numpy as np
 import torch
 
 from .. import ops
-from ..audio import crossfade_join
+from ..audio import check_crossfade_ms, crossfade_join
 from ..devices import set_thread_cpu_threads
 from ..generation.engine import bucket_batch, default_sampler, using_device
-from ..generation.sampling import SamplingConfig, check_int_option
+from ..generation.generate import check_step_budget
+from ..generation.sampling import SamplingConfig, check_int_option, named
 from ..generation.stream import ChunkedDecoder, StreamStats, codec_context_frames
 from ..ops.cpu_graph import CpuGraphStep
 from ..ops.reference import last_eos_position
@@ -101,6 +102,15 @@ class EngineResult:
         return len(self.audio) / self.sample_rate
 
 
+def _running_future() -> concurrent.futures.Future:
+    """A future that only the engine settles: marked running, so that ``Future.cancel()`` (which
+    ``asyncio.wrap_future`` calls when the awaiting task is cancelled) cannot settle it behind the engine's
+    back and leave the request in its slot; :meth:`RequestHandle.cancel` is the way to cancel."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
+    future.set_running_or_notify_cancel()
+    return future
+
+
 @dataclass
 class _Request:
     id: int
@@ -114,7 +124,7 @@ class _Request:
     seed: int
     deadline: float | None
     submitted: float
-    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    future: concurrent.futures.Future = field(default_factory=_running_future)
     chunks: queue.Queue | None = None  # delayed positions for a stream, ("codes", t) / ("end", n) / ("error", e)
     cancelled: bool = False
     slot: int = -1
@@ -132,13 +142,22 @@ class RequestHandle:
     ``stream=True``), ``cancel()`` frees its slot at the next step boundary.
 
     A text over one generation's budget is spoken as several generations (``pieces``, split as
-    :func:`dia_fast.longform.generate_long` splits): they run side by side, ``result()`` joins their codes
-    and crossfades their audio, and a stream yields them one after the other (without the crossfade)."""
+    :func:`dia_fast.longform.generate_long` splits, or given as a list of texts): they run side by side,
+    ``results()`` gives each one's result, ``result()`` joins their codes and crossfades their audio, and a
+    stream yields them in order, crossfaded as ``result()`` joins them (the joined stream equals its audio when
+    every piece is longer than twice the crossfade)."""
 
-    def __init__(self, engine: BatchEngine, requests: list[_Request], decoders: list[ChunkedDecoder] | None) -> None:
+    def __init__(
+        self,
+        engine: BatchEngine,
+        requests: list[_Request],
+        decoders: list[ChunkedDecoder] | None,
+        crossfade_ms: float,
+    ) -> None:
         self._engine = engine
         self._reqs = requests
         self._decoders = decoders
+        self._crossfade_ms = crossfade_ms
         self.stats = decoders[0].stats if decoders else StreamStats()
 
     @property
@@ -158,9 +177,15 @@ class RequestHandle:
         unless it had finished already."""
         return any([self._engine._cancel(r) for r in self._reqs])
 
-    def result(self, timeout: float | None = None, *, decode_audio: bool = True) -> EngineResult:
-        """The request's codes and audio; raises its error (``RequestCancelled``, ``TimeoutError``, an
-        invalid-input error, ...) or ``concurrent.futures.TimeoutError`` when ``timeout`` passes first."""
+    @property
+    def truncated(self) -> bool:
+        """Whether ``max_new_tokens`` ended the speech of a piece before the model did (False until done)."""
+        return any(r.future.done() and r.future.exception() is None and r.future.result().truncated
+                   for r in self._reqs)  # fmt: skip
+
+    def results(self, timeout: float | None = None, *, decode_audio: bool = True) -> list[EngineResult]:
+        """Each piece's codes and audio, in order (one result unless the request runs as several pieces); raises
+        as :meth:`result` does."""
         deadline = None if timeout is None else time.monotonic() + timeout
         parts: list[EngineResult] = []
         for req in self._reqs:
@@ -170,10 +195,16 @@ class RequestHandle:
             for res in parts:
                 if res.audio.size == 0 and res.codes.shape[0]:
                     res.audio = self._engine.tts.decode(res.codes)
+        return parts
+
+    def result(self, timeout: float | None = None, *, decode_audio: bool = True) -> EngineResult:
+        """The request's codes and audio; raises its error (``RequestCancelled``, ``TimeoutError``, an
+        invalid-input error, ...) or ``concurrent.futures.TimeoutError`` when ``timeout`` passes first."""
+        parts = self.results(timeout, decode_audio=decode_audio)
         if len(parts) == 1:
             return parts[0]
         rate = parts[0].sample_rate
-        audio = crossfade_join([r.audio for r in parts], rate, self._engine.crossfade_ms) if decode_audio else None
+        audio = crossfade_join([r.audio for r in parts], rate, self._crossfade_ms) if decode_audio else None
         stats = {k: float(sum(r.stats.get(k, 0.0) for r in parts)) for k in ("steps", "frames")}
         stats.update(pieces=float(len(parts)), batch_peak=float(max(r.stats["batch_peak"] for r in parts)))
         return EngineResult(
@@ -184,33 +215,78 @@ class RequestHandle:
             truncated=any(r.truncated for r in parts),
         )
 
+    async def _settled(self) -> None:
+        """Wait for every piece; cancelling the awaiting task cancels the request."""
+        try:
+            for req in self._reqs:
+                await asyncio.wrap_future(req.future)
+        except asyncio.CancelledError:
+            self.cancel()
+            raise
+
     async def result_async(self, *, decode_audio: bool = True) -> EngineResult:
-        """:meth:`result` for asyncio (the audio is decoded in a worker thread)."""
-        for req in self._reqs:
-            await asyncio.wrap_future(req.future)
+        """:meth:`result` for asyncio (the audio is decoded in a worker thread); cancelling the awaiting task
+        cancels the request."""
+        await self._settled()
         return await asyncio.to_thread(self.result, 0, decode_audio=decode_audio)
 
+    async def results_async(self, *, decode_audio: bool = True) -> list[EngineResult]:
+        """:meth:`results` for asyncio (the audio is decoded in a worker thread); cancelling the awaiting task
+        cancels the request."""
+        await self._settled()
+        return await asyncio.to_thread(self.results, 0, decode_audio=decode_audio)
+
     def __iter__(self) -> Iterator[np.ndarray]:
-        """PCM chunks (float32, ``sample_rate``) as frames become final; for one generation the joined chunks
-        equal the audio of :meth:`result`. Needs ``stream=True`` at submit."""
+        """PCM chunks (float32, ``sample_rate``) as frames become final; the joined chunks equal the audio of
+        :meth:`result` (for several pieces: when each is longer than twice the crossfade, as the end of each piece
+        is held back to crossfade it with the start of the next). Needs ``stream=True`` at submit."""
         if self._decoders is None:
             raise RuntimeError("submit(..., stream=True) to iterate over audio chunks")
-        for req, dec in zip(self._reqs, self._decoders, strict=True):
-            assert req.chunks is not None
-            while True:
-                pcm = dec.next_chunk()
-                if pcm is not None:
-                    yield pcm
-                    continue
-                if dec.done:
-                    break
-                kind, payload = req.chunks.get()
-                if kind == "error":
-                    raise payload
-                if kind == "end":
-                    dec.end(payload)
-                else:
-                    dec.push(payload)
+        rate = self._engine.tts.sample_rate
+        fade_n = int(round(self._crossfade_ms * rate / 1000.0))
+        last = len(self._reqs) - 1
+        tail = np.zeros(0, np.float32)  # held-back end of the previous piece
+        for k in range(len(self._reqs)):
+            keep = 0 if k == last else fade_n
+            pending = np.zeros(0, np.float32)
+            for pcm in self._piece_chunks(k):
+                pending = np.concatenate([pending, pcm])
+                if tail.size:
+                    if pending.size < tail.size:
+                        continue
+                    n = tail.size
+                    yield crossfade_join([tail, pending[:n]], rate, self._crossfade_ms)
+                    tail, pending = tail[:0], pending[n:]
+                if pending.size > keep:
+                    yield pending[: pending.size - keep]
+                    pending = pending[pending.size - keep :]
+            if tail.size:  # this piece was shorter than the crossfade: mix what there is
+                n = min(tail.size, pending.size)
+                mixed = crossfade_join([tail[tail.size - n :], pending[:n]], rate, self._crossfade_ms)
+                pending = np.concatenate([tail[: tail.size - n], mixed, pending[n:]])
+            tail = pending if keep else np.zeros(0, np.float32)
+            if not keep and pending.size:
+                yield pending
+
+    def _piece_chunks(self, k: int) -> Iterator[np.ndarray]:
+        """Piece ``k``'s PCM chunks as its frames become final."""
+        assert self._decoders is not None
+        req, dec = self._reqs[k], self._decoders[k]
+        assert req.chunks is not None
+        while True:
+            pcm = dec.next_chunk()
+            if pcm is not None:
+                yield pcm
+                continue
+            if dec.done:
+                return
+            kind, payload = req.chunks.get()
+            if kind == "error":
+                raise payload
+            if kind == "end":
+                dec.end(payload)
+            else:
+                dec.push(payload)
 
 
 @dataclass
@@ -268,7 +344,8 @@ class BatchEngine:
             self.cpu_threads = max(1, torch.get_num_threads() - 1) if cpu_threads is None else cpu_threads
         data = tts.config.data
         self.max_slots, self.max_queue, self.poll_every = slots, max_queue, poll_every
-        self.chunk_frames, self.first_chunk_frames, self.crossfade_ms = chunk_frames, first_chunk_frames, crossfade_ms
+        self.chunk_frames, self.first_chunk_frames = chunk_frames, first_chunk_frames
+        self.crossfade_ms = check_crossfade_ms(crossfade_ms)
         self.stats = {
             "requests": 0,
             "finished": 0,
@@ -302,7 +379,7 @@ class BatchEngine:
     # ------------------------------------------------------------------------------ public API
     def submit(
         self,
-        text: str,
+        text: str | Sequence[str],
         *,
         audio_prompt: Any = None,
         audio_prompt_text: str | None = None,
@@ -318,45 +395,56 @@ class BatchEngine:
         stream: bool = False,
         chunk_frames: int | None = None,
         first_chunk_frames: int | None = None,
+        crossfade_ms: float | None = None,
     ) -> RequestHandle:
         """Queue one text; returns at once. Bad input raises here (in the caller), a full queue raises
         :class:`EngineBusy`. ``seed``: any int (None: drawn from torch's global generator); the request's codes
         depend on it and on its inputs only. ``timeout`` seconds from now (queueing included): the request then
         fails with ``TimeoutError``. ``stream=True``: the handle yields audio chunks as frames become final,
-        ``chunk_frames`` codec frames each after a first of ``first_chunk_frames`` (default: the engine's)."""
-        if not isinstance(text, str):
-            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        ``chunk_frames`` codec frames each after a first of ``first_chunk_frames`` (default: the engine's).
+
+        A text over one generation's budget runs as several pieces (:func:`dia_fast.longform.pieces`); a list of
+        texts is spoken as the given pieces, in order, each within one generation (as ``Conversation`` splits
+        with its own settings). Piece ``i`` draws with seed ``seed + i``; the pieces count once against
+        ``max_queue`` and are joined with a ``crossfade_ms`` crossfade (default: the engine's)."""
+        if isinstance(text, str):
+            texts = None
+        elif isinstance(text, Sequence) and text and all(isinstance(t, str) and t.strip() for t in text):
+            texts = list(text)
+        else:
+            raise named(TypeError(f"text must be a str or a non-empty list of texts, got {text!r:.80}"), "text")
         opts = self._options(max_new_tokens, min_new_tokens, cfg_scale, temperature, top_p, cfg_filter_top_k,
                              do_sample, seed)  # fmt: skip
         if audio_prompt_text and audio_prompt is None:
-            raise ValueError("audio_prompt_text was given without an audio_prompt")
+            raise named(ValueError("audio_prompt_text was given without an audio_prompt"), "audio_prompt_text")
         prompt = None if audio_prompt is None else self.tts.encode_prompt(audio_prompt)
         if timeout is not None and not timeout > 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+            raise named(ValueError(f"timeout must be > 0 seconds, got {timeout}"), "timeout")
         chunk = self.chunk_frames if chunk_frames is None else chunk_frames
         first = self.first_chunk_frames if first_chunk_frames is None else first_chunk_frames
         for name, v in (("chunk_frames", chunk), ("first_chunk_frames", first)):
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+                raise named(ValueError(f"{name} must be an int >= 1, got {v!r}"), name)
+        try:
+            fade = check_crossfade_ms(self.crossfade_ms if crossfade_ms is None else crossfade_ms)
+        except (TypeError, ValueError) as exc:
+            raise named(exc, "crossfade_ms") from None
         data = self.tts.config.data
         P0 = 1 + (0 if prompt is None else int(prompt.shape[0]))
-        budget = data.audio_length - P0
-        max_new = budget if opts.max_new_tokens is None else opts.max_new_tokens
-        if max_new < data.max_delay + 2 or max_new > budget:
-            raise ValueError(
-                f"max_new_tokens={max_new} is out of range: at least {data.max_delay + 2} (the delay pattern needs "
-                f"{data.max_delay + 1} steps to finish) and at most {budget} (the model's audio length "
-                f"{data.audio_length} minus the {P0} prefix positions)"
-            )
-        if opts.min_new_tokens > max_new - data.max_delay - 1:
-            raise ValueError(f"min_new_tokens={opts.min_new_tokens} leaves no room before max_new_tokens={max_new}")
+        max_new = self.check_lengths(P0 - 1, opts.max_new_tokens, opts.min_new_tokens)
         transcript = audio_prompt_text if prompt is not None else None
-        pieces = self._pieces(text, transcript, P0 - 1)
+        try:
+            pieces = self._pieces(text, transcript, P0 - 1) if texts is None else texts
+        except (TypeError, ValueError) as exc:
+            raise named(exc, "text") from None
         base_seed = int(torch.randint(0, 2**62, (1,)).item()) if opts.seed is None else opts.seed
         now = time.monotonic()
         reqs: list[_Request] = []
         for i, piece in enumerate(pieces):
-            ids, mask = encode_batch([prompted_text(piece, transcript)], data.text_length)
+            try:
+                ids, mask = encode_batch([prompted_text(piece, transcript)], data.text_length)
+            except (TypeError, ValueError) as exc:
+                raise named(exc, "text") from None
             rid = next(self._ids)
             reqs.append(
                 _Request(
@@ -384,7 +472,12 @@ class BatchEngine:
             self._queue.extend(reqs)
             self.stats["requests"] += 1
             self._cv.notify()
-        return RequestHandle(self, reqs, decoders)
+        return RequestHandle(self, reqs, decoders, fade)
+
+    def check_lengths(self, prompt_frames: int, max_new_tokens: int | None, min_new_tokens: int) -> int:
+        """The decode steps a request may take after a voice prompt of ``prompt_frames`` frames
+        (:func:`~dia_fast.generation.generate.check_step_budget`: an error naming the option when out of range)."""
+        return check_step_budget(self.tts.config.data, prompt_frames, max_new_tokens, min_new_tokens)
 
     def _pieces(self, text: str, transcript: str | None, prompt_frames: int) -> list[str]:
         """The generations a text takes (:func:`dia_fast.longform.pieces`: itself unless it does not fit one)."""
@@ -394,12 +487,7 @@ class BatchEngine:
 
     async def generate(self, text: str, **options: Any) -> EngineResult:
         """``await`` one request (keywords of :meth:`submit`); cancelling the awaiting task cancels it."""
-        handle = self.submit(text, **options)
-        try:
-            return await handle.result_async()
-        except asyncio.CancelledError:
-            handle.cancel()
-            raise
+        return await self.submit(text, **options).result_async()
 
     async def stream(self, text: str, **options: Any) -> AsyncIterator[np.ndarray]:
         """``async for chunk in engine.stream(text, ...)``: PCM chunks as frames become final (each decoded in a
@@ -466,11 +554,12 @@ class BatchEngine:
     ) -> _Options:
         # cfg_scale 0 makes the guided logits the conditional ones: the engine runs both rows all the same
         sampling = SamplingConfig(cfg_scale, temperature, top_p, cfg_filter_top_k, do_sample)
-        check_int_option("max_new_tokens", max_new_tokens, minimum=1, optional=True)
-        check_int_option("min_new_tokens", min_new_tokens, minimum=0)
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-            raise TypeError(f"seed must be an int or None, got {seed!r}")
-        return _Options(max_new_tokens, min_new_tokens, sampling, seed)
+        return _Options(
+            check_int_option("max_new_tokens", max_new_tokens, minimum=1, optional=True),
+            check_int_option("min_new_tokens", min_new_tokens, minimum=0),
+            sampling,
+            check_int_option("seed", seed, optional=True),
+        )
 
     def _chunked_decoder(self, chunk_frames: int, first_chunk_frames: int | None) -> ChunkedDecoder:
         left, right = codec_context_frames(self.tts.codec, self.tts.device)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,8 +11,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..audio import crossfade_join, normalize_loudness, write_audio
+from ..audio import check_crossfade_ms, crossfade_join, normalize_loudness, write_audio
 from ..longform import DEFAULT_CHARS_PER_SECOND, DEFAULT_MAX_CHUNK_SECONDS, pieces
+from ..serving import RequestHandle
 from ..text import SPEAKER_TAG_RE as _TAG_RE
 from .pool import GenerationOptions, VoicePool
 from .speaker import CustomSpeaker, Speaker
@@ -26,11 +26,13 @@ Turn = tuple[Speaker | CustomSpeaker | str | int, str]
 
 @dataclass(frozen=True)
 class Audio:
-    """Generated speech: float32 mono ``samples`` at ``sample_rate`` (and the codes of each chunk)."""
+    """Generated speech: float32 mono ``samples`` at ``sample_rate`` (and the codes of each chunk).
+    ``truncated``: ``max_new_tokens`` ended a chunk's speech before the model did."""
 
     samples: np.ndarray
     sample_rate: int
     codes: tuple[torch.Tensor, ...] = field(default=(), repr=False)
+    truncated: bool = False
 
     @property
     def duration(self) -> float:
@@ -44,7 +46,7 @@ class Audio:
         :func:`dia_fast.audio.normalize_loudness`).
         """
         samples = normalize_loudness(self.samples, self.sample_rate, target_lufs, peak_ceiling_db=peak_ceiling_db)
-        return Audio(samples, self.sample_rate, self.codes)
+        return Audio(samples, self.sample_rate, self.codes, self.truncated)
 
     def save(self, path: str | Path, *, format: str | None = None, subtype: str = "PCM_16") -> Path:
         """Write the audio atomically in the format ``format`` or the extension names (.wav, .flac, .ogg, .opus,
@@ -113,11 +115,7 @@ class Conversation:
             raise TypeError(f"pool must be a VoicePool, got {type(pool).__name__}")
         self.pool = pool
         self.options = GenerationOptions(**options)
-        if isinstance(crossfade_ms, bool) or not isinstance(crossfade_ms, (int, float)):
-            raise TypeError(f"crossfade_ms must be a number, got {crossfade_ms!r}")
-        if not (math.isfinite(crossfade_ms) and crossfade_ms >= 0):
-            raise ValueError(f"crossfade_ms must be a finite number >= 0, got {crossfade_ms}")
-        self.crossfade_ms = crossfade_ms
+        self.crossfade_ms = check_crossfade_ms(crossfade_ms)
         self.speakers = _slots(speaker_or_speakers)
         custom = [(i, s) for i, s in enumerate(self.speakers) if isinstance(s, CustomSpeaker)]
         for _, s in custom:
@@ -138,6 +136,12 @@ class Conversation:
             prompt_frames=0 if self.prompt is None else int(self.prompt.shape[0]),
             chars_per_second=chars_per_second,
             max_chunk_seconds=max_chunk_seconds,
+        )
+        # the length limits against the model and the prompt, now rather than at generation
+        pool.engine.check_lengths(
+            0 if self.prompt is None else int(self.prompt.shape[0]),
+            self.options.max_new_tokens,
+            self.options.min_new_tokens,
         )
 
     def _build_text(self, text_or_turns: str | Sequence[Turn], default_tag: str) -> str:
@@ -169,27 +173,26 @@ class Conversation:
             raise ValueError(f"{who!r} speaks a turn but is not one of the conversation's speakers")
         return Speaker.parse(who).tag
 
-    def _chunk_options(self, k: int) -> dict[str, Any]:
-        """Text chunk ``k``'s generation options: the conversation's, with seed ``seed + k`` (each chunk its own
-        random stream, as :meth:`dia_fast.serving.BatchEngine.submit` seeds the pieces of a long text)."""
-        opts = self.options.kwargs()
-        if opts["seed"] is not None:
-            opts["seed"] += k
-        return opts
+    def _submit(self, **stream: Any) -> RequestHandle:
+        """The conversation as one request of the pool's engine: its text chunks are the request's pieces (chunk
+        ``k`` seeded ``seed + k``), decoded side by side, counted once in the queue and joined with the
+        conversation's crossfade."""
+        return self.pool.submit(
+            self.chunks,
+            audio_prompt=self.prompt,
+            audio_prompt_text=self.prompt_text,
+            crossfade_ms=self.crossfade_ms,
+            **stream,
+            **self.options.kwargs(),
+        )
 
     async def generate(self) -> Audio:
-        """Speak the conversation; its text chunks, and concurrent calls, decode side by side in the pool."""
-        results = await asyncio.gather(
-            *(
-                self.pool.generate(
-                    chunk, audio_prompt=self.prompt, audio_prompt_text=self.prompt_text, **self._chunk_options(k)
-                )
-                for k, chunk in enumerate(self.chunks)
-            )
-        )
+        """Speak the conversation; its text chunks, and concurrent calls, decode side by side in the pool.
+        Cancelling the awaiting task cancels what still runs."""
+        results = await self._submit().results_async()
         rate = self.pool.sample_rate
         samples = crossfade_join([r.audio for r in results], rate, self.crossfade_ms)
-        return Audio(samples, rate, tuple(r.codes for r in results))
+        return Audio(samples, rate, tuple(r.codes for r in results), any(r.truncated for r in results))
 
     def stream(self, *, chunk_frames: int = 43, first_chunk_frames: int | None = None) -> Iterator[np.ndarray]:
         """Speak the conversation as a stream of float32 PCM chunks (at ``pool.sample_rate``).
@@ -203,46 +206,11 @@ class Conversation:
         conv.stream()`` drops (and so closes) it; a stream kept in a variable needs ``close()`` (or
         ``contextlib.closing``).
         """
-        tts = self.pool.tts
-        handles = [
-            self.pool.submit(
-                chunk,
-                audio_prompt=self.prompt,
-                audio_prompt_text=self.prompt_text,
-                stream=True,
-                chunk_frames=chunk_frames,
-                first_chunk_frames=first_chunk_frames,
-                **self._chunk_options(k),
-            )
-            for k, chunk in enumerate(self.chunks)
-        ]
-        fade_n = int(round(self.crossfade_ms * tts.sample_rate / 1000.0))
-        tail = np.zeros(0, np.float32)  # held-back end of the previous text chunk
+        handle = self._submit(stream=True, chunk_frames=chunk_frames, first_chunk_frames=first_chunk_frames)
         try:
-            for k, handle in enumerate(handles):
-                keep = 0 if k == len(handles) - 1 else fade_n
-                pending = np.zeros(0, np.float32)
-                for piece in handle:
-                    pending = np.concatenate([pending, piece])
-                    if tail.size:
-                        if pending.size < tail.size:
-                            continue
-                        n = tail.size
-                        yield crossfade_join([tail, pending[:n]], tts.sample_rate, self.crossfade_ms)
-                        tail, pending = tail[:0], pending[n:]
-                    if pending.size > keep:
-                        yield pending[: pending.size - keep]
-                        pending = pending[pending.size - keep :]
-                if tail.size:  # this text chunk was shorter than the crossfade: mix what there is
-                    n = min(tail.size, pending.size)
-                    mixed = crossfade_join([tail[tail.size - n :], pending[:n]], tts.sample_rate, self.crossfade_ms)
-                    pending = np.concatenate([tail[: tail.size - n], mixed, pending[n:]])
-                tail = pending if keep else np.zeros(0, np.float32)
-                if not keep and pending.size:
-                    yield pending
+            yield from handle
         finally:
-            for handle in handles:
-                handle.cancel()
+            handle.cancel()
 
     def generate_sync(self) -> Audio:
         """Blocking :meth:`generate` (not from inside a running event loop: ``await generate()`` there)."""

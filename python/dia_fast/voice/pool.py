@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,12 +48,17 @@ class GenerationOptions:
     min_new_tokens: int = 0
 
     def __post_init__(self) -> None:
-        # checked when built (a Conversation or a request), not at generation
-        SamplingConfig(self.cfg_scale, self.temperature, self.top_p, self.cfg_filter_top_k, self.do_sample)
-        check_int_option("max_new_tokens", self.max_new_tokens, minimum=1, optional=True)
-        check_int_option("min_new_tokens", self.min_new_tokens, minimum=0)
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise TypeError(f"seed must be an int or None, got {self.seed!r}")
+        # checked when built (a Conversation or a request), not at generation; NumPy integers become ints
+        sampling = SamplingConfig(self.cfg_scale, self.temperature, self.top_p, self.cfg_filter_top_k, self.do_sample)
+        checked = {
+            "cfg_filter_top_k": sampling.cfg_filter_top_k,
+            "do_sample": sampling.do_sample,
+            "max_new_tokens": check_int_option("max_new_tokens", self.max_new_tokens, minimum=1, optional=True),
+            "min_new_tokens": check_int_option("min_new_tokens", self.min_new_tokens, minimum=0),
+            "seed": check_int_option("seed", self.seed, optional=True),
+        }
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
 
     def kwargs(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,11 +66,13 @@ class GenerationOptions:
 
 @dataclass(frozen=True)
 class PoolResult:
-    """One request's output: codes ``[T, C]`` (prompt excluded) and float32 mono PCM."""
+    """One request's output: codes ``[T, C]`` (prompt excluded) and float32 mono PCM. ``truncated``:
+    ``max_new_tokens`` ended the speech before the model did."""
 
     codes: torch.Tensor
     audio: np.ndarray
     sample_rate: int
+    truncated: bool = False
 
     @property
     def duration(self) -> float:
@@ -141,14 +149,18 @@ class VoicePool:
         return {k: st[k] for k in ("requests", "steps", "batched_steps", "largest_batch")}
 
     # ------------------------------------------------------------------------------ requests
-    def _submit_kwargs(self, text: str, audio_prompt: Any, audio_prompt_text: str | None, options: dict) -> dict:
-        """Checks in the caller: one request is one generation (``Conversation`` splits long texts itself)."""
+    def _submit_kwargs(
+        self, text: str | Sequence[str], audio_prompt: Any, audio_prompt_text: str | None, options: dict
+    ) -> dict:
+        """Checks in the caller: a text is one generation (``Conversation`` splits long texts itself, and hands
+        the pieces over as a list)."""
         if self._closed:
             raise RuntimeError("this VoicePool is closed")
         opts = GenerationOptions(**options)
         if audio_prompt_text and audio_prompt is None:
             raise ValueError("audio_prompt_text was given without an audio_prompt")
-        encode_text(prompted_text(text, audio_prompt_text), self.tts.config.data.text_length)
+        for piece in [text] if isinstance(text, str) else text:
+            encode_text(prompted_text(piece, audio_prompt_text), self.tts.config.data.text_length)
         return dict(text=text, audio_prompt=audio_prompt, audio_prompt_text=audio_prompt_text, **opts.kwargs())
 
     async def generate(
@@ -168,23 +180,32 @@ class VoicePool:
         if audio_prompt is not None and not isinstance(audio_prompt, torch.Tensor):  # encoding a file takes time
             kw["audio_prompt"] = await asyncio.to_thread(self.tts.encode_prompt, audio_prompt)
         res = await self.engine.generate(**kw)
-        return PoolResult(res.codes, res.audio, res.sample_rate)
+        return PoolResult(res.codes, res.audio, res.sample_rate, res.truncated)
 
     def submit(
         self,
-        text: str,
+        text: str | Sequence[str],
         *,
         audio_prompt: Any = None,
         audio_prompt_text: str | None = None,
         stream: bool = False,
         chunk_frames: int | None = None,
         first_chunk_frames: int | None = None,
+        crossfade_ms: float | None = None,
         **options: Any,
     ) -> RequestHandle:
         """Queue one text on the engine and return its :class:`~dia_fast.serving.RequestHandle` at once
-        (``stream=True``: iterate it for audio chunks of ``chunk_frames`` codec frames)."""
+        (``stream=True``: iterate it for audio chunks of ``chunk_frames`` codec frames). A list of texts is one
+        request spoken as those pieces, joined with a ``crossfade_ms`` crossfade
+        (:meth:`~dia_fast.serving.BatchEngine.submit`)."""
         kw = self._submit_kwargs(text, audio_prompt, audio_prompt_text, options)
-        return self.engine.submit(**kw, stream=stream, chunk_frames=chunk_frames, first_chunk_frames=first_chunk_frames)
+        return self.engine.submit(
+            **kw,
+            stream=stream,
+            chunk_frames=chunk_frames,
+            first_chunk_frames=first_chunk_frames,
+            crossfade_ms=crossfade_ms,
+        )
 
     def generate_sync(
         self,
@@ -196,7 +217,7 @@ class VoicePool:
     ) -> PoolResult:
         """Blocking :meth:`generate` for one text; safe to call from several threads (they batch together)."""
         res = self.engine.submit(**self._submit_kwargs(text, audio_prompt, audio_prompt_text, options)).result()
-        return PoolResult(res.codes, res.audio, res.sample_rate)
+        return PoolResult(res.codes, res.audio, res.sample_rate, res.truncated)
 
     # ------------------------------------------------------------------------------ lifetime
     def close(self) -> None:

@@ -181,6 +181,23 @@ def test_a_list_of_texts_is_one_request_of_those_pieces(tts):
     assert whole.truncated == handle.truncated == any(p.truncated for p in parts)
 
 
+def test_generate_codes_with_seeds_draws_as_the_engine_does(tts):
+    """``generate_codes(..., seeds=[s0, s1])``: item i draws exactly as an engine request with seed s_i (sampled)."""
+    from dia_fast.generation.generate import generate_codes
+    from dia_fast.generation.sampling import SamplingConfig
+    from dia_fast.text import encode_batch
+
+    texts = [TEXTS[1], TEXTS[3]]
+    ids, mask = encode_batch(texts, tts.config.data.text_length)
+    sampling = SamplingConfig(temperature=0.9, top_p=0.9)
+    out = generate_codes(tts.model, ids, mask, max_new_tokens=40, sampling=sampling, seeds=[7, 2**70], progress=False)
+    for text, seed, codes in zip(texts, (7, 2**70), out.frames(tts.config), strict=True):
+        solo = _solo(tts, dict(text=text, max_new_tokens=40, temperature=0.9, top_p=0.9, seed=seed))
+        torch.testing.assert_close(codes, solo, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="1 seeds for 2 texts"):
+        generate_codes(tts.model, ids, mask, max_new_tokens=40, seeds=[1], progress=False)
+
+
 def test_bad_requests_name_their_option(tts):
     """Errors raised at submit carry ``param`` (the speech server answers it); NumPy integers are integers; a top-k
     over the vocabulary keeps every id, however large."""
@@ -238,6 +255,12 @@ def test_a_request_that_fails_fails_alone(tts, monkeypatch):
                 engine.submit(TEXTS[0], **kwargs)
         with pytest.raises(ValueError, match="empty"):
             engine.submit("   ")
+        # a request of two pieces whose first fails: the request has failed, its second piece stops too
+        two = engine.submit(["[S1] This one breaks.", TEXTS[1]], max_new_tokens=300, min_new_tokens=250, seed=3)
+        with pytest.raises(RuntimeError, match="planted"):
+            two.result(60)
+        with pytest.raises(RequestCancelled):
+            two._reqs[1].future.result(30)  # (left alone it would have run its 250 steps and succeeded)
     monkeypatch.setattr(engine_module, "admit", real_admit)
     for r, c in zip(reqs, codes, strict=True):
         assert torch.equal(c, _solo(tts, r))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -194,6 +195,9 @@ def test_untagged_transcript_is_spoken_alike_with_or_without_a_saved_speaker(tmp
         (["--model", ".", "--save-model", "."], "is the --model checkpoint"),
         (["--save-model", "q8", "--prompt-wav", "v.wav"], "--prompt-wav needs text to speak"),
         (["--save-model", "q8", "--threads", "0"], "--threads must be >= 1"),
+        # save-only mode: what only speaking uses is an error, even at its default value
+        (["--save-model", "q8", "--out", "out.wav"], "--out needs text to speak"),
+        (["--save-model", "q8", "--cfg-scale", "3.0", "--float"], "--cfg-scale, --float need text to speak"),
         # outputs that would overwrite an input or each other (v.wav, ck/ and codec/ exist)
         (["[S1] hi", "--prompt-wav", "v.wav", "--out", "v.wav"], "would overwrite the --prompt-wav input"),
         (["[S1] hi", "--prompt-wav", "v.wav", "--prompt-text", "[S1] x", "--save-speaker", "v.wav"], "--prompt-wav"),
@@ -422,3 +426,64 @@ def test_a_speech_that_max_new_tokens_ends_warns(tmp_path, capsys):
     assert rc == 0 and "warning" not in err, err  # the model ends it
     rc, _, err = _run(capsys, *base, "--max-new-tokens", "100", "--min-new-tokens", "84", "--no-progress")
     assert rc == 0 and "--max-new-tokens 100 ended the speech before the model did" in err, err
+
+
+def _stdin(monkeypatch, data: bytes) -> None:
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
+
+
+def test_stdin_is_read_as_a_text_file_is(tmp_path, capsys, monkeypatch):
+    """'-' reads stdin's bytes as --text-file reads a file: UTF-8, a byte-order mark dropped (the demo's length
+    follows the text: the same audio as the text given as an argument, and no "does not start with [S1]" warning);
+    bytes that are not UTF-8 are an error naming stdin and the byte, before the model loads."""
+    common = ["--greedy", "--no-progress"]
+    arg, piped = tmp_path / "arg.wav", tmp_path / "piped.wav"
+    assert _run(capsys, "[S1] Hello from stdin.", "--out", str(arg), *common)[0] == 0
+    _stdin(monkeypatch, b"\xef\xbb\xbf[S1] Hello from stdin.")
+    rc, _, err = _run(capsys, "-", "--out", str(piped), *common)
+    assert rc == 0 and "warning" not in err, err
+    assert np.array_equal(sf.read(arg)[0], sf.read(piped)[0])
+    for data, reason in (
+        (b"[S1] Caf\xe9.", "invalid continuation byte"),
+        (b"\xef\xbb\xbf[S1] \xff", "invalid start byte"),
+    ):
+        _stdin(monkeypatch, data)
+        rc, _, err = _run(capsys, "-", "--out", str(tmp_path / "bad.wav"), *common)
+        assert rc == 2 and err == f"dia_fast: error: stdin is not UTF-8 text ({reason} at byte 8)\n", err
+
+
+def test_each_chunk_of_a_long_demo_text_has_its_own_length(tmp_path, capsys):
+    """The demo's length rule (~14 characters per second + 1 s) holds for each chunk of a long text: a short chunk is
+    not held to a long one's length."""
+    first = "[S1] " + " ".join(["This is one sentence of the first turn."] * 6)  # 239 spoken characters
+    text = first + " [S2] Yes."  # 244: over a chunk's 240 (12 characters per second, 20 s)
+    out = tmp_path / "two.wav"
+    rc, _, err = _run(capsys, text, "--out", str(out), "--no-progress", "--seed", "0")
+    assert rc == 0 and "speaking it in 2 chunks" in err, err
+    expected = (len(first) / 14 + 1) + (len("[S2] Yes.") / 14 + 1) - 0.040  # joined with a 40 ms crossfade
+    assert abs(sf.info(out).duration - expected) < 0.05
+
+
+def test_a_prompt_that_leaves_too_little_audio_for_the_text_is_an_error_about_the_prompt(tmp_path, capsys):
+    """A prompt within the model's prompt limit that leaves too little audio to speak the text: the error says the
+    prompt is too long and how long it may be (not that a word of the text does not fit)."""
+    import torch
+
+    from dia_fast import DiaTTS
+    from dia_fast.voice import CustomSpeaker, codec_description
+
+    tts = DiaTTS.random("tiny")
+
+    def speaker(frames: int) -> str:
+        path = tmp_path / f"{frames}.safetensors"
+        codes = torch.zeros(frames, tts.config.data.channels, dtype=torch.long)
+        CustomSpeaker(codes, "[S1] A voice.", codec_description(tts.codec)).save(path)
+        return str(path)
+
+    # "Hi": 2 spoken characters at 12 per second need 1/6 s, 15 frames at 44100/512 per second; the 3071 steps
+    # after BOS less the delay pattern's 16 leave 3055 frames: a prompt of at most 3040 frames (35.29 s)
+    base = ["[S1] Hi", "--out", str(tmp_path / "hi.wav"), "--no-progress", "--greedy"]
+    rc, _, err = _run(capsys, *base, "--speaker-file", speaker(3041))
+    assert rc == 2 and "the audio prompt is too long for this text" in err and "at most 35.2 s" in err, err
+    rc, _, err = _run(capsys, *base, "--speaker-file", speaker(3040))
+    assert rc == 0, err

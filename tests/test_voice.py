@@ -464,3 +464,14 @@ def test_conversation_chunks_are_one_request_with_its_own_settings(tts):
             alone = pool.generate_sync(chunk, max_new_tokens=40, seed=11 + k)
             torch.testing.assert_close(codes[k], alone.codes, rtol=0, atol=0)
             assert alone.truncated
+
+
+def test_a_seed_speaks_the_same_in_generate_and_in_the_pool(tts):
+    """Sampled with a seed: DiaTTS.generate's text i (seed + i) gives exactly the codes of a pool request with that
+    seed, so the library, the pool and the server agree on what a seed says."""
+    texts = ["[S1] Hello there, how are you?", "[S2] Fine, thanks! And you, my friend?"]
+    batch = tts.generate(texts, seed=41, max_new_tokens=40, temperature=0.9, progress=False, decode_audio=False)
+    with VoicePool(tts, max_batch=2) as pool:
+        for i, text in enumerate(texts):
+            alone = pool.generate_sync(text, seed=41 + i, max_new_tokens=40, temperature=0.9)
+            torch.testing.assert_close(batch.codes[i], alone.codes, rtol=0, atol=0)

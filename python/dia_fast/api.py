@@ -20,7 +20,7 @@ from .codec.base import AudioCodec
 from .config import DiaConfig
 from .devices import release_host_memory, resolve_device, resolve_dtype
 from .generation.generate import DecodeOutput, check_step_budget, generate_codes
-from .generation.sampling import SamplingConfig, check_int_option, seeded_generator
+from .generation.sampling import SamplingConfig, check_int_option
 from .model import DiaModel, RMSNorm
 from .text import encode_batch, encode_text, prompted_text, warn_doubtful_text
 
@@ -62,7 +62,7 @@ class _Request:
     max_new_tokens: int | None
     min_new_tokens: int
     sampling: SamplingConfig
-    generator: torch.Generator | None
+    seed: int | None
 
 
 def _finish_model(model: DiaModel, device: torch.device, dtype: torch.dtype) -> DiaModel:
@@ -205,6 +205,8 @@ class DiaTTS:
             raise TypeError(f"path must be a str or Path (a checkpoint directory or file, or a hub id), got {path!r}")
         if not str(path).strip():
             raise ValueError("path is empty: give a checkpoint directory or file (or a hub id)")
+        if not (isinstance(path, str) and ckpt.is_hub_id(path)):
+            path = Path(path).expanduser()  # once, for every check below (not only the weights' loader)
         check_codec_spec(codec)
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
@@ -405,8 +407,11 @@ class DiaTTS:
         ``max_new_tokens``: decoder steps (at most ``max_new_tokens - 16`` audio frames, ~86 per
         second); default: the model's whole audio budget left after the prompt (a text the model does not end
         within it warns). :attr:`GenerationResult.truncated` says which texts the limit ended.
-        ``min_new_tokens``: no EOS before that many steps (a lower bound on the length). ``seed`` makes
-        sampling reproducible. ``progress``: a progress bar (default: when stderr is a terminal).
+        ``min_new_tokens``: no EOS before that many steps (a lower bound on the length). ``seed`` (any int) makes
+        sampling reproducible: text ``i`` of a batch draws with ``seed + i``, exactly as a
+        :class:`~dia_fast.VoicePool` / :class:`~dia_fast.serving.BatchEngine` request (or the speech server) with
+        that seed draws, so the same seed speaks the same audio there. ``progress``: a progress bar (default: when
+        stderr is a terminal).
 
         Voice cloning: ``audio_prompt`` is an audio file path, a float array at the codec's sample
         rate, or codec codes ``[T, C]`` (from :meth:`encode_prompt`), or a list of those (one per
@@ -459,7 +464,7 @@ class DiaTTS:
             check_int_option("max_new_tokens", max_new_tokens, minimum=1, optional=True),
             check_int_option("min_new_tokens", min_new_tokens, minimum=0),
             SamplingConfig(**sampling),  # type: ignore[arg-type]
-            seeded_generator(seed, self.device),  # type: ignore[arg-type]
+            check_int_option("seed", seed, optional=True),
         )
         for t in texts:
             encode_text(t, self.config.data.text_length)  # empty or too long: before a prompt is encoded
@@ -486,7 +491,8 @@ class DiaTTS:
             max_new_tokens=request.max_new_tokens,
             min_new_tokens=request.min_new_tokens,
             sampling=request.sampling,
-            generator=request.generator,
+            # text i draws with seed + i (as the batching engine's request with that seed), or from torch's RNG
+            seeds=None if request.seed is None else [request.seed + i for i in range(len(request.texts))],
         )
 
     # ------------------------------------------------------------------------------ voice prompts

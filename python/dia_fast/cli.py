@@ -8,6 +8,7 @@ options) print one line and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import math
 import os
@@ -34,8 +35,10 @@ def _nonempty(value: str) -> str:
 
 
 def _path(value: str) -> Path:
-    """A path argument (an empty one is an error, not the current directory)."""
-    return Path(_nonempty(value))
+    """A path argument, ``~`` expanded (``--out=~/x.wav`` gets no shell expansion); an empty one is an error,
+    not the current directory. Every path option goes through here; --model and --codec, which may also be
+    names, are expanded by their loaders."""
+    return Path(_nonempty(value)).expanduser()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Speak text with the Dia TTS model (or a random demo model) and write a WAV file.",
         epilog='Example: python -m dia_fast "[S1] Hello there. [S2] Hi!" --out hello.wav',
     )
-    p.add_argument("text", nargs="?", help="text to speak, with [S1]/[S2] speaker tags; '-' reads stdin")
+    p.add_argument("text", nargs="?", help="text to speak, with [S1]/[S2] speaker tags; '-' reads stdin (UTF-8)")
     p.add_argument("--text-file", type=_path, help="read the text from this UTF-8 file")
     p.add_argument(
         "-o",
@@ -89,7 +92,8 @@ def _parser() -> argparse.ArgumentParser:
         "--save-model",
         type=_path,
         metavar="DIR",
-        help="save the loaded model to DIR (quantized with --quantize: loads back as it is); without text, only save",
+        help="save the loaded model to DIR (quantized with --quantize: loads back as it is); without text, only save "
+        "(the options for speaking are then an error)",
     )
     g = p.add_argument_group("generation")
     g.add_argument(
@@ -102,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--min-new-tokens",
         type=int,
-        help="no end of speech before this many decoder steps (default 0; the demo model: its whole length)",
+        help="no end of speech before this many decoder steps (default 0; the demo model: its whole length, per chunk)",
     )
     g.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance scale (default 3.0)")
     g.add_argument("--temperature", type=float, default=1.2, help="sampling temperature (default 1.2)")
@@ -130,22 +134,32 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _decode_text(data: bytes, source: str) -> str:
+    """Text read from a file or stdin: UTF-8 (else a UsageError naming ``source`` and the byte), without the
+    byte-order mark some editors write (it is not text to speak), line ends read as Python's text files read them."""
+    bom = data.startswith(codecs.BOM_UTF8)
+    try:
+        text = data[len(codecs.BOM_UTF8) if bom else 0 :].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        at = exc.start + (len(codecs.BOM_UTF8) if bom else 0)
+        raise UsageError(f"{source} is not UTF-8 text ({exc.reason} at byte {at})") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def _read_text(args: argparse.Namespace) -> str:
     if args.text_file is not None:
         if args.text is not None:
             raise UsageError("give the text either as an argument or with --text-file, not both")
         if not args.text_file.is_file():
             raise UsageError(f"text file not found: {args.text_file}")
-        try:  # utf-8-sig: a byte-order mark some editors write is not text to speak
-            return args.text_file.read_text(encoding="utf-8-sig")
-        except UnicodeDecodeError as exc:
-            raise UsageError(
-                f"--text-file {args.text_file} is not UTF-8 text ({exc.reason} at byte {exc.start})"
-            ) from None
+        return _decode_text(args.text_file.read_bytes(), f"--text-file {args.text_file}")
     if args.text is None:
         raise UsageError('no text given: python -m dia_fast "[S1] Hello." --out hello.wav')
-    if args.text == "-":
-        return sys.stdin.read()
+    if args.text == "-":  # the bytes, as --text-file reads them (not the locale's decoding of them)
+        if sys.stdin is None:
+            raise UsageError("text '-' reads stdin, but there is no stdin")
+        stdin = getattr(sys.stdin, "buffer", None)
+        return _decode_text(stdin.read(), "stdin") if stdin is not None else sys.stdin.read().removeprefix("\ufeff")
     return args.text
 
 
@@ -171,7 +185,7 @@ def _check_args(args: argparse.Namespace) -> None:
     # the output is checked before any work: format, directory, permission
     from .audio import AUDIO_FORMATS, audio_format_for
 
-    out = args.out.expanduser()
+    out = args.out
     _raise_if(unwritable_file("--out", out, "out.wav"))
     try:
         fmt = audio_format_for(out, args.format)
@@ -186,7 +200,7 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.sample_rate is not None and rates is not None and args.sample_rate not in rates:
         raise UsageError(f"--sample-rate {args.sample_rate}: {fmt} takes {', '.join(map(str, rates))} Hz")
     if args.save_speaker is not None:
-        _raise_if(unwritable_file("--save-speaker", args.save_speaker.expanduser(), "voice.safetensors"))
+        _raise_if(unwritable_file("--save-speaker", args.save_speaker, "voice.safetensors"))
     _check_outputs_apart(args, speaking=True)
 
 
@@ -254,7 +268,7 @@ def _voice(args: argparse.Namespace, tts) -> tuple[Any, str | None]:
 def _check_save_model(args: argparse.Namespace) -> Path:
     """The --save-model directory, checked before anything loads: not a file, its parent there and writable, and
     not the --model checkpoint itself (saving there would overwrite the weights it was loaded from)."""
-    out = args.save_model.expanduser()
+    out = args.save_model
     if out.exists() and not out.is_dir():
         raise UsageError(f"--save-model must be a directory, {out} is a file")
     _raise_if(unwritable_dir("--save-model", out if out.is_dir() else out.resolve().parent))
@@ -329,23 +343,51 @@ def _set_threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
+# options that only speaking uses: an error in save-only mode (--save-model without text), where they would do
+# nothing; the model options and --no-progress, --quiet, --json apply there too
+_SPEAKING_OPTIONS = {
+    "out": "--out",
+    "format": "--format",
+    "max_new_tokens": "--max-new-tokens",
+    "min_new_tokens": "--min-new-tokens",
+    "cfg_scale": "--cfg-scale",
+    "temperature": "--temperature",
+    "top_p": "--top-p",
+    "cfg_filter_top_k": "--cfg-filter-top-k",
+    "greedy": "--greedy",
+    "seed": "--seed",
+    "prompt_wav": "--prompt-wav",
+    "prompt_text": "--prompt-text",
+    "speaker_file": "--speaker-file",
+    "save_speaker": "--save-speaker",
+    "loudness": "--loudness",
+    "no_loudness": "--no-loudness",
+    "sample_rate": "--sample-rate",
+    "float_wav": "--float",
+    "crossfade_ms": "--crossfade-ms",
+}
+
+
+def _given_options(parser: argparse.ArgumentParser, argv: list[str] | None, args: argparse.Namespace) -> set[str]:
+    """The options (dests) that the command line gives, whether or not at their default values."""
+    unset = object()  # argparse leaves an attribute that is already there when its option is not given
+    again = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), unset)))
+    return {dest for dest, value in vars(again).items() if value is not unset}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Execute a parsed command line; returns the summary printed with ``--json``."""
+    """Execute a parsed command line (``args.given``: the options it gives, see :func:`main`); returns the summary
+    printed with ``--json``."""
     import numpy as np
 
     from . import audio
 
     save_to = _check_save_model(args) if args.save_model is not None else None
     if save_to is not None and args.text is None and args.text_file is None:  # only save the model
-        speech = {
-            "--prompt-wav": args.prompt_wav,
-            "--prompt-text": args.prompt_text,
-            "--speaker-file": args.speaker_file,
-            "--save-speaker": args.save_speaker,
-        }
-        given = [flag for flag, value in speech.items() if value]
+        given = [flag for dest, flag in _SPEAKING_OPTIONS.items() if dest in args.given]
         if given:
-            raise UsageError(f"{', '.join(given)} needs text to speak (--save-model without text only saves)")
+            needs = "needs" if len(given) == 1 else "need"
+            raise UsageError(f"{', '.join(given)} {needs} text to speak (--save-model without text only saves)")
         _check_outputs_apart(args, speaking=False)
         _set_threads(args)
         tts = _load_tts(args)
@@ -367,23 +409,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if prompt is not None and not transcript:
         _log(args, "dia_fast: warning: no --prompt-text: cloning quality suffers without the prompt's transcript")
 
-    from .longform import chunk_budget, generate_long, split_text
+    from .longform import generate_long
 
     data = tts.config.data
     prompt_frames = 0 if prompt is None else int(prompt.shape[0])
-    # chunks sized by the model's budgets (an explicit --max-new-tokens caps each chunk's audio)
-    max_bytes, max_chars = chunk_budget(tts, prompt_text=transcript, prompt_frames=prompt_frames)
-    chunks = split_text(text, max_bytes, max_chars)
-    max_new, min_new = args.max_new_tokens, args.min_new_tokens
-    if max_new is None and tts.demo:
-        budget = data.audio_length - 1 - prompt_frames
-        max_new = demo_max_new_tokens(max(chunks, key=len), tts.codec.frame_rate, data.max_delay, budget)
-    if min_new is None:
-        # a random demo model may stop at any step: hold it to its length, so the audio follows the text
-        min_new = max(max_new - data.max_delay - 1, 0) if tts.demo and max_new is not None else 0
+    chunks = _chunks(tts, text, transcript, prompt_frames)
+
+    def lengths(chunk: str) -> dict[str, int | None]:
+        """Decoder steps for one generation: the options', else for the demo model the length of its text, held to
+        it (a random model may stop at any step: so the audio follows the text)."""
+        max_new, min_new = args.max_new_tokens, args.min_new_tokens
+        if max_new is None and tts.demo:
+            budget = data.audio_length - 1 - prompt_frames
+            max_new = demo_max_new_tokens(chunk, tts.codec.frame_rate, data.max_delay, budget)
+        if min_new is None:
+            min_new = max(max_new - data.max_delay - 1, 0) if tts.demo and max_new is not None else 0
+        return {"max_new_tokens": max_new, "min_new_tokens": min_new}
+
     options = dict(
-        max_new_tokens=max_new,
-        min_new_tokens=min_new,
         cfg_scale=args.cfg_scale,
         temperature=args.temperature,
         top_p=args.top_p,
@@ -403,12 +446,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 audio_prompt_text=transcript,
                 crossfade_ms=args.crossfade_ms,
                 chunks=chunks,
+                chunk_kwargs=lengths,  # each chunk its own demo length
                 **options,
             )
         steps_per_s = None
     else:
         with _quiet_transcript_warning():
-            result = tts.generate(text, audio_prompt=prompt, audio_prompt_text=transcript, **options)
+            result = tts.generate(text, audio_prompt=prompt, audio_prompt_text=transcript, **options, **lengths(text))
         samples, rate = result.audio[0], result.sample_rate
         steps_per_s = result.stats.get("steps_per_s")
         if result.truncated[0] and args.max_new_tokens is not None and not tts.demo:
@@ -425,7 +469,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not args.no_loudness:
         samples = audio.normalize_loudness(samples, rate, args.loudness)
     out = audio.write_audio(
-        args.out.expanduser(),
+        args.out,
         np.asarray(samples, np.float32),
         rate,
         format=args.format,
@@ -450,6 +494,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
+def _chunks(tts, text: str, transcript: str | None, prompt_frames: int) -> list[str]:
+    """``text`` in chunks that fit the model's budgets after the prompt (an explicit --max-new-tokens caps each
+    chunk's audio, it does not split; a prompt too long for the text is a ValueError that says so)."""
+    from .longform import chunk_budget, split_after_prompt, split_text
+
+    def split(frames: int) -> list[str]:
+        return split_text(text, *chunk_budget(tts, prompt_text=transcript, prompt_frames=frames))
+
+    return split_after_prompt(tts, prompt_frames, split)
+
+
 @contextmanager
 def _quiet_transcript_warning() -> Iterator[None]:
     """The CLI already printed its own warning about a missing transcript."""
@@ -460,7 +515,9 @@ def _quiet_transcript_warning() -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m dia_fast`` and the ``dia-fast`` script; returns the exit status."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    args.given = _given_options(parser, argv, args)
     if args.info:
         from .info import info
 

@@ -38,11 +38,13 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_CHARS_PER_SECOND",
     "DEFAULT_MAX_CHUNK_SECONDS",
+    "PromptTooLong",
     "TextChunk",
     "chunk_budget",
     "generate_long",
     "pieces",
     "spoken_chars",
+    "split_after_prompt",
     "split_text",
     "split_text_spans",
     "text_tokens",
@@ -220,6 +222,39 @@ def chunk_budget(
     return max_bytes, max_chars
 
 
+class PromptTooLong(ValueError):
+    """A voice prompt that leaves too little of the model's audio budget to speak the text."""
+
+
+def split_after_prompt(tts: DiaTTS, prompt_frames: int, split: Callable[[int], list[str]]) -> list[str]:
+    """``split(prompt_frames)``: a text split with the budgets left after a voice prompt of that many frames. A text
+    that splits without the prompt but not after it fails because of the prompt, which leaves too little audio: the
+    error (:class:`PromptTooLong`) says so, and how long a prompt this text allows."""
+
+    def splits(frames: int) -> bool:
+        try:
+            split(frames)
+        except ValueError:
+            return False
+        return True
+
+    try:
+        return split(prompt_frames)
+    except ValueError:
+        if prompt_frames == 0 or not splits(0):
+            raise  # the text's own problem (a word too long), prompt or not
+    lo, hi = 0, prompt_frames  # the text splits after a prompt of lo frames, not of hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if splits(mid) else (lo, mid)
+    rate = tts.codec.frame_rate
+    raise PromptTooLong(
+        f"the audio prompt is too long for this text: its {prompt_frames / rate:.1f} s leave too little of the "
+        f"model's audio budget to speak it; use a prompt of at most {math.floor(lo / rate * 10) / 10:.1f} s "
+        "(5-10 s is best)"
+    )
+
+
 def pieces(
     tts: DiaTTS,
     text: str,
@@ -238,12 +273,16 @@ def pieces(
     """
     if not text.strip():
         raise ValueError("text is empty: give at least one character to speak")
-    kw = dict(prompt_text=prompt_text, prompt_frames=prompt_frames, chars_per_second=chars_per_second)
-    max_bytes, whole_budget_chars = chunk_budget(tts, max_chunk_seconds=None, **kw)
-    if text_tokens(text.strip()) <= max_bytes and spoken_chars(text) <= whole_budget_chars:
-        return [text.strip()]
-    max_bytes, max_chars = chunk_budget(tts, max_chunk_seconds=max_chunk_seconds, **kw)
-    return [c.strip() for c in split_text(text, max_bytes, max_chars) if c.strip()]
+
+    def split(frames: int) -> list[str]:
+        kw = dict(prompt_text=prompt_text, prompt_frames=frames, chars_per_second=chars_per_second)
+        max_bytes, whole_budget_chars = chunk_budget(tts, max_chunk_seconds=None, **kw)
+        if text_tokens(text.strip()) <= max_bytes and spoken_chars(text) <= whole_budget_chars:
+            return [text.strip()]
+        max_bytes, max_chars = chunk_budget(tts, max_chunk_seconds=max_chunk_seconds, **kw)
+        return [c.strip() for c in split_text(text, max_bytes, max_chars) if c.strip()]
+
+    return split_after_prompt(tts, prompt_frames, split)
 
 
 def generate_long(
@@ -259,6 +298,7 @@ def generate_long(
     progress: bool | None = None,
     on_chunk: Callable[[int, np.ndarray], None] | None = None,
     chunks: Sequence[str] | None = None,
+    chunk_kwargs: Callable[[str], dict[str, Any]] | None = None,
     **generate_kwargs: Any,
 ) -> tuple[np.ndarray, int]:
     """Speak a text of any length: split it (:func:`split_text`), generate each chunk, crossfade.
@@ -270,21 +310,22 @@ def generate_long(
     equal-power crossfades. ``progress``: a per-chunk progress bar (default: when stderr is a
     terminal; never for a single chunk). ``on_chunk(i, audio)`` is called as each chunk is done.
     ``chunks``: an already split text, a sequence of str (e.g. :func:`split_text` with budgets of your own);
-    ``text`` is then ignored.
+    ``text`` is then ignored. ``chunk_kwargs(chunk)``: keyword arguments for that chunk's generation alone, over
+    the others (e.g. a length of its own: ``max_new_tokens``, ``min_new_tokens``); it needs ``batch_size=1``.
     Other keyword arguments (``max_new_tokens``, ``cfg_scale``, ``temperature``, ``seed``,
     ``do_sample``, ...) go to :meth:`DiaTTS.generate` for every chunk.
 
     ``seed``: the ``tts.generate`` call that starts at chunk ``k`` is seeded ``seed + k`` (as
     :class:`~dia_fast.voice.Conversation` and the batching engine number their pieces), so chunks of the same
-    text do not repeat the same audio. With ``batch_size=1`` chunk ``k`` is exactly
-    ``tts.generate(chunk_k, seed=seed + k)``. In a batch the chunks after the first draw their sampling keys from
-    that call's generator by their place in the batch, so sampled audio depends on ``batch_size`` (greedy
-    decoding does not); keep ``batch_size`` fixed to reproduce a result.
+    text do not repeat the same audio; as ``tts.generate`` seeds text ``i`` of a batch ``seed + i``, chunk ``k`` is
+    exactly ``tts.generate(chunk_k, seed=seed + k)`` whatever ``batch_size``.
 
     Returns ``(samples, sample_rate)``: float32 mono PCM at the codec's rate. Bad options (``batch_size``,
     ``crossfade_ms``, ``chunks``, ``seed``) raise ``TypeError`` / ``ValueError`` before any work.
     """
     batch_size = check_int_option("batch_size", batch_size, minimum=1)
+    if chunk_kwargs is not None and batch_size != 1:
+        raise ValueError(f"chunk_kwargs needs batch_size=1 (one generation per chunk), got batch_size={batch_size}")
     crossfade_ms = check_crossfade_ms(crossfade_ms)
     seed = check_int_option("seed", generate_kwargs.pop("seed", None), optional=True)
     if chunks is not None and (
@@ -300,15 +341,19 @@ def generate_long(
     elif audio_prompt_text:
         raise ValueError("audio_prompt_text was given without an audio_prompt")
     if chunks is None:
-        max_bytes, max_chars = chunk_budget(
-            tts,
-            prompt_text=audio_prompt_text if prompt_codes is not None else None,
-            prompt_frames=0 if prompt_codes is None else int(prompt_codes.shape[0]),
-            max_new_tokens=generate_kwargs.get("max_new_tokens"),
-            chars_per_second=chars_per_second,
-            max_chunk_seconds=max_chunk_seconds,
-        )
-        chunks = split_text(text, max_bytes, max_chars)
+
+        def split(frames: int) -> list[str]:
+            max_bytes, max_chars = chunk_budget(
+                tts,
+                prompt_text=audio_prompt_text if prompt_codes is not None else None,
+                prompt_frames=frames,
+                max_new_tokens=generate_kwargs.get("max_new_tokens"),
+                chars_per_second=chars_per_second,
+                max_chunk_seconds=max_chunk_seconds,
+            )
+            return split_text(text, max_bytes, max_chars)
+
+        chunks = split_after_prompt(tts, 0 if prompt_codes is None else int(prompt_codes.shape[0]), split)
     chunks = [c.strip() for c in chunks if c.strip()]
     if not chunks:
         raise ValueError("text is empty: give at least one character to speak")
@@ -323,15 +368,17 @@ def generate_long(
         with checked:
             for lo in range(0, len(chunks), batch_size):
                 batch: Sequence[str] = chunks[lo : lo + batch_size]
+                kwargs = generate_kwargs if chunk_kwargs is None else {**generate_kwargs, **chunk_kwargs(batch[0])}
                 result = tts.generate(
                     list(batch),
                     audio_prompt=None if prompt_codes is None else [prompt_codes] * len(batch),
                     audio_prompt_text=audio_prompt_text if prompt_codes is not None else None,
                     progress=False,
                     seed=None if seed is None else seed + lo,
-                    **generate_kwargs,
+                    **kwargs,
                 )
-                cut += [lo + k for k, t in enumerate(result.truncated) if t]
+                if kwargs.get("max_new_tokens") is not None:  # (without a limit, generate has warned)
+                    cut += [lo + k for k, t in enumerate(result.truncated) if t]
                 for k, audio in enumerate(result.audio):
                     pieces.append(audio)
                     if on_chunk is not None:
@@ -341,10 +388,10 @@ def generate_long(
     finally:
         if bar is not None:
             bar.close()
-    limit = generate_kwargs.get("max_new_tokens")
-    if cut and limit is not None and not tts.demo:  # (without a limit, generate has warned)
+    limit = "max_new_tokens" if chunk_kwargs is not None else f"max_new_tokens={generate_kwargs.get('max_new_tokens')}"
+    if cut and not tts.demo:
         warnings.warn(
-            f"max_new_tokens={limit} ended the speech of chunk(s) {cut} of {len(chunks)} before the model did: "
+            f"{limit} ended the speech of chunk(s) {cut} of {len(chunks)} before the model did: "
             "their audio may stop mid-word (raise max_new_tokens, or leave it out)",
             UserWarning,
             stacklevel=2,

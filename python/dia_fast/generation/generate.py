@@ -232,6 +232,7 @@ def generate_codes(
     min_new_tokens: int = 0,
     sampling: SamplingConfig | None = None,
     generator: torch.Generator | None = None,
+    seeds: Sequence[int] | None = None,
     progress: bool | None = None,
     frame_rate: float = 44100 / 512,
     sync_every: int = 8,
@@ -252,7 +253,9 @@ def generate_codes(
     change). ``on_step(out, p)`` is called after step ``p`` with the [B, L, C] output buffer (on the device,
     possibly still being written by queued work on CUDA): ``out[:, :p + 1]`` is final. ``pool``: the
     :class:`~dia_fast.memory.PinnedPool` for host<->device copies (True: the default pool; False/None:
-    plain copies). ``engine``: the :class:`DecodeEngine` (default: the model's shared one).
+    plain copies). ``engine``: the :class:`DecodeEngine` (default: the model's shared one). ``seeds``: one int per
+    text, the Philox key of its draws (as a :class:`~dia_fast.serving.BatchEngine` request with that seed draws);
+    without them each row's key is drawn from ``generator``.
     """
     sampling = sampling or SamplingConfig()
     if sync_every < 1:
@@ -264,6 +267,10 @@ def generate_codes(
     prompts = list(prompts) if prompts is not None else [None] * B
     if len(prompts) != B:
         raise ValueError(f"got {len(prompts)} prompts for {B} texts")
+    if seeds is not None:
+        seeds = [check_int_option("seeds", s) for s in seeds]
+        if len(seeds) != B:
+            raise ValueError(f"got {len(seeds)} seeds for {B} texts")
     host_pool: PinnedPool | None = default_pool() if pool is True else (pool or None)
     engine = engine or engine_for(model)
 
@@ -292,15 +299,18 @@ def generate_codes(
         max_delay=md,
         sampler=default_sampler(device),
     )
-    # One Philox key per row, drawn from the caller's generator (the steps themselves draw no torch numbers).
-    seeds = torch.zeros(Bb, dtype=torch.long)
-    if not sampling.greedy:
-        seeds = torch.randint(0, 2**62, (Bb,), generator=generator, device=generator.device if generator else "cpu")
+    # One Philox key per row: the caller's seeds, or drawn from the caller's generator (the steps themselves draw
+    # no torch numbers)
+    keys = torch.zeros(Bb, dtype=torch.long)
+    if seeds is not None:
+        keys[:B] = torch.tensor([ops.seed_from_int(s) for s in seeds], dtype=torch.long)
+    elif not sampling.greedy:
+        keys = torch.randint(0, 2**62, (Bb,), generator=generator, device=generator.device if generator else "cpu")
     runner = engine.runner(spec, Lb, Tb, prefix.self_mask is not None or engine.is_static, cuda_graphs, cpu_graphs)
     with runner:
         warmup_s = runner.prepare()  # CUDA-graph warm-up + capture, the first time this runner is used
         bufs = runner.bufs
-        _load(model, bufs, enc_out, enc_mask, prefix, L, B, host_pool, sampling, seeds, min_new_tokens)
+        _load(model, bufs, enc_out, enc_mask, prefix, L, B, host_pool, sampling, keys, min_new_tokens)
         # Prefill: the decoder over the prefix fills the caches and the logits of position P0.
         out = bufs.out
         model.decoder(out[:, :P0].repeat(rows, 1, 1), bufs.state, logits_out=bufs.logits)

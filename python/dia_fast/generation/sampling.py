@@ -69,15 +69,6 @@ class SamplingConfig:
         return not self.do_sample or self.temperature == 0
 
 
-def seeded_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
-    """A generator on ``device`` seeded with ``seed``: any Python int, reduced modulo 2**64 (so every int in
-    torch's own range seeds as ``manual_seed`` does, and larger ones still work); None for None."""
-    seed = check_int_option("seed", seed, optional=True)
-    if seed is None:
-        return None
-    return torch.Generator(device=device).manual_seed(seed % (1 << 64))
-
-
 @overload
 def check_int_option(
     name: str, value: object, *, minimum: int | None = None, optional: Literal[False] = False

@@ -38,6 +38,7 @@ from ..generation.engine import bucket_batch, default_sampler, using_device
 from ..generation.generate import check_step_budget
 from ..generation.sampling import SamplingConfig, check_int_option, named
 from ..generation.stream import ChunkedDecoder, StreamStats, codec_context_frames
+from ..longform import PromptTooLong
 from ..ops.cpu_graph import CpuGraphStep
 from ..ops.reference import last_eos_position
 from ..text import encode_batch, prompted_text
@@ -190,7 +191,13 @@ class RequestHandle:
         parts: list[EngineResult] = []
         for req in self._reqs:
             left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-            parts.append(req.future.result(left))
+            try:
+                parts.append(req.future.result(left))
+            except concurrent.futures.TimeoutError:
+                raise  # (not the request's failure: it runs on, and can be waited for again)
+            except BaseException:
+                self.cancel()  # a piece failed: the request has failed, its other pieces need not run
+                raise
         if decode_audio:
             for res in parts:
                 if res.audio.size == 0 and res.codes.shape[0]:
@@ -216,11 +223,11 @@ class RequestHandle:
         )
 
     async def _settled(self) -> None:
-        """Wait for every piece; cancelling the awaiting task cancels the request."""
+        """Wait for every piece; cancelling the awaiting task cancels the request, as a piece's failure does."""
         try:
             for req in self._reqs:
                 await asyncio.wrap_future(req.future)
-        except asyncio.CancelledError:
+        except BaseException:  # cancelled, or a piece failed: the other pieces need not run
             self.cancel()
             raise
 
@@ -436,7 +443,7 @@ class BatchEngine:
         try:
             pieces = self._pieces(text, transcript, P0 - 1) if texts is None else texts
         except (TypeError, ValueError) as exc:
-            raise named(exc, "text") from None
+            raise named(exc, "audio_prompt" if isinstance(exc, PromptTooLong) else "text") from None
         base_seed = int(torch.randint(0, 2**62, (1,)).item()) if opts.seed is None else opts.seed
         now = time.monotonic()
         reqs: list[_Request] = []

@@ -384,7 +384,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     save_to = _check_save_model(args) if args.save_model is not None else None
     if save_to is not None and args.text is None and args.text_file is None:  # only save the model
-        given = [flag for dest, flag in _SPEAKING_OPTIONS.items() if dest in args.given]
+        given = [flag for dest, flag in _SPEAKING_OPTIONS.items() if dest in getattr(args, "given", ())]
         if given:
             needs = "needs" if len(given) == 1 else "need"
             raise UsageError(f"{', '.join(given)} {needs} text to speak (--save-model without text only saves)")

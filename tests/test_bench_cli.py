@@ -116,8 +116,11 @@ def test_bench_rejects_bad_options(capsys):
             parse_args(bad)
     opts = parse_args(["--batch", "1,8", "--compare", "none", "--layers", "2"])
     assert opts.batches == (1, 8) and opts.compare == () and opts.layers == 2
-    assert main(["--model", "tiny", "--device", "cpu", "--steps", "5", "--compare", "none", "--quiet"]) == 2
+    with pytest.raises(SystemExit):  # the preset's config is known: checked when parsing, before any build
+        main(["--model", "tiny", "--device", "cpu", "--steps", "5", "--compare", "none", "--quiet"])
     assert "--steps must be at least 17" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--steps must be at least 17"):  # and by run_bench (the Python API)
+        run_bench(BenchOptions(model="tiny", device="cpu", steps=5, compare=(), quiet=True))
     # options that the mode would ignore, repeated batch sizes, an unusable --json: errors before any work
     for bad, message in (
         (["--load", "--batch", "2"], "--batch does not apply to --load"),
@@ -131,6 +134,7 @@ def test_bench_rejects_bad_options(capsys):
         (["--chunk-frames", "0"], "--chunk-frames and --first-chunk-frames must be >= 1"),
         (["--json", "."], "--json is a directory: ."),
         (["--threads", "100000"], "is more than 4x this machine's"),
+        (["--load", "--steps", "8"], "--steps must be at least 17"),
     ):
         with pytest.raises(SystemExit):
             parse_args(bad)
@@ -139,7 +143,6 @@ def test_bench_rejects_bad_options(capsys):
     for bad, message in (
         (["--compare", "none", "--quantize", "int8,fp8"], "quantize=fp8 has no CPU kernel"),  # before int8 runs
         (["--compare", "none", "--quantize", "int8", "--cuda-int8", "torchao"], "--cuda-int8 chooses CUDA's int8"),
-        (["--load", "--steps", "8"], "--steps must be at least 17"),
     ):
         assert main([*tiny, *bad]) == 2, bad
         assert message in capsys.readouterr().err, bad

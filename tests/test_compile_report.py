@@ -96,7 +96,10 @@ def test_every_kernel_is_in_the_report(report: list[dict]) -> None:
 
 @pytest.mark.slow
 def test_cli_writes_json_and_table(report: list[dict], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    out = tmp_path / "sub" / "report.json"
+    with pytest.raises(SystemExit) as caught:  # a --json in a missing directory: refused before the report runs
+        bench_main(["--compile-report", "--json", str(tmp_path / "missing" / "report.json")])
+    assert caught.value.code == 2 and "directory does not exist" in capsys.readouterr().err
+    out = tmp_path / "report.json"
     assert bench_main(["--compile-report", "--arch", "sm_90", "--json", str(out)]) == 0
     assert json.loads(out.read_text()) == report
     printed = capsys.readouterr().out

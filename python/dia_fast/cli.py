@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
-from .paths import unwritable_dir, unwritable_file
+from .paths import real_path, unwritable_dir, unwritable_file
 
 
 class UsageError(Exception):
@@ -284,8 +284,7 @@ def _check_outputs_apart(args: argparse.Namespace, speaking: bool) -> None:
     and what ``--save-model`` writes against ``--prompt-wav``, ``--speaker-file``, ``--text-file`` and the
     ``--model`` / ``--codec`` checkpoints."""
 
-    def real(path: str | Path) -> Path:
-        return Path(os.path.realpath(Path(path).expanduser()))
+    real = real_path
 
     def within(a: Path, b: Path) -> bool:
         return a == b or b in a.parents

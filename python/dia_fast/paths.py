@@ -28,3 +28,23 @@ def unwritable_file(flag: str, path: Path, example: str) -> str | None:
     if path.is_dir():
         return f"{flag} is a directory: {path} (give a file name, e.g. {path / example})"
     return unwritable_dir(flag, path.resolve().parent)
+
+
+def real_path(path: str | Path) -> Path:
+    """``path`` with ``~`` expanded and every link resolved (it need not exist)."""
+    return Path(os.path.realpath(Path(path).expanduser()))
+
+
+def overwrites_input(flag: str, out: str | Path, inputs: dict[str, str | Path | None]) -> str | None:
+    """Why writing the file ``out`` would overwrite one of ``inputs`` (``{flag: path}``; a missing or None path is
+    skipped), or None: ``out`` is that input file, or lies anywhere inside that input directory (a checkpoint)."""
+    target = real_path(out)
+    for source, path in inputs.items():
+        if not path or not Path(path).expanduser().exists():
+            continue
+        src = real_path(path)
+        if target == src:
+            return f"{flag} {target} would overwrite the {source} input: give another file"
+        if src.is_dir() and src in target.parents:
+            return f"{flag} {target} is inside the {source} input {src}: give a file outside it"
+    return None

@@ -8,13 +8,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import importlib.util
 import os
 import platform
 import sys
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,11 +26,11 @@ import torch
 from .. import ops
 from .._version import __version__
 from ..codec import AudioCodec, load_codec
-from ..config import DiaConfig
+from ..config import DataConfig, DiaConfig
 from ..devices import keep_torch_threads, resolve_device, resolve_dtype, use_default_cpu_threads
 from ..generation.sampling import SamplingConfig
 from ..info import _version_of
-from ..paths import unwritable_file
+from ..paths import overwrites_input, unwritable_file
 from .report import add_speedups, document, table, write_json
 from .runners import (
     Case,
@@ -147,6 +149,38 @@ def _codec(kind: str, seed: int, device: torch.device) -> tuple[AudioCodec, str]
 PRESET_NAMES = ("tiny", "dia-1.6b", "dia", "1.6b")  # --model values that build a preset with random weights
 
 
+def is_preset(model: str) -> bool:
+    """Whether ``--model`` names a preset (built with random weights): one of :data:`PRESET_NAMES` that is not an
+    existing file or folder (an existing path always wins: ``--model tiny`` loads a checkpoint folder ./tiny)."""
+    return model.lower() in PRESET_NAMES and not Path(model).expanduser().exists()
+
+
+def model_data_config(model: str) -> DataConfig | None:
+    """The data settings (audio length, delays) of ``--model``, read without building it: a preset's, or a local
+    checkpoint's ``config.json``; None for a hub id or a config the build will report."""
+    if is_preset(model):
+        return DiaConfig.preset(model.lower()).data
+    path = Path(model).expanduser()
+    config = (path if path.is_dir() else path.parent) / "config.json"
+    if not path.exists() or not config.is_file():
+        return None
+    try:
+        return DiaConfig.from_json(config).data
+    except (OSError, ValueError):  # ConfigError is a ValueError: the build reports it
+        return None
+
+
+def steps_problem(flag: str, steps: int, data: DataConfig) -> str | None:
+    """Why ``flag`` (decode steps per call) does not fit the model, or None: at least the delay pattern's steps
+    plus one, at most the audio length minus the BOS position."""
+    low, high = data.max_delay + 2, data.audio_length - 1
+    if steps < low:
+        return f"{flag} must be at least {low} (the delay pattern needs {low - 1} steps to finish), got {steps}"
+    if steps > high:
+        return f"{flag} must be at most {high} (the model's audio length is {data.audio_length}), got {steps}"
+    return None
+
+
 def build_tts(opts: BenchOptions, log: Callable[[str], None]) -> tuple[DiaTTS, dict[str, Any]]:
     """The dia_fast model: a preset with seeded random weights (optionally fewer layers), or a checkpoint."""
     from ..api import DiaTTS
@@ -154,7 +188,7 @@ def build_tts(opts: BenchOptions, log: Callable[[str], None]) -> tuple[DiaTTS, d
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
     key = opts.model.lower()
-    if key in PRESET_NAMES:
+    if is_preset(opts.model):
         cfg = DiaConfig.preset(key)
         if opts.layers is not None:
             cfg = cfg.with_layers(opts.layers, opts.layers)
@@ -197,6 +231,15 @@ def _device_name(device: torch.device) -> str:
     return f"{cpu}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}"
 
 
+def _check_steps(opts: BenchOptions, data: DataConfig | None) -> None:
+    """``--steps`` (and ``--quality-steps`` with ``--quantize``) against the model's delays and audio length."""
+    if data is None:
+        return
+    for flag, steps in (("--steps", opts.steps), ("--quality-steps", opts.quality_steps if opts.quantize else None)):
+        if steps is not None and (problem := steps_problem(flag, steps, data)):
+            raise ValueError(problem)
+
+
 def run_bench(opts: BenchOptions) -> dict[str, Any]:
     """Run the bench and return its JSON document (also printed as a table and written to ``json_path``).
     torch's thread count is restored afterwards (``--threads`` and the small-model default apply to the run)."""
@@ -219,14 +262,12 @@ def _run_bench(opts: BenchOptions) -> dict[str, Any]:
         _check_compare(opts.compare)
     if not opts.batches or min(opts.batches) < 1:
         raise ValueError(f"batch sizes must be >= 1, got {opts.batches}")
+    _check_steps(opts, model_data_config(opts.model))  # before the build where the config is known without it
     tts, model_info = build_tts(opts, log)
     if opts.threads is None and (n := use_default_cpu_threads(tts.device, tts.config.model.decoder.hidden_size)):
         log(f"torch threads: {n} (a small model; --threads to choose)")
     device = tts.device
-    md = tts.config.data.max_delay
-    for flag, steps in (("--steps", opts.steps), ("--quality-steps", opts.quality_steps if opts.quantize else None)):
-        if steps is not None and steps < md + 2:
-            raise ValueError(f"{flag} must be at least {md + 2} (the delay pattern needs {md + 1} steps to finish)")
+    _check_steps(opts, tts.config.data)
     if opts.cuda_int8 and device.type != "cuda":
         raise ValueError(f"--cuda-int8 chooses CUDA's int8 kernel; this run is on {device.type}")
     from ..quantize import check_quantize
@@ -270,36 +311,43 @@ def _run_bench(opts: BenchOptions) -> dict[str, Any]:
     if "eager" in compare and device.type not in ("cuda", "cpu"):
         notes.append(f"dia_fast-eager: step graphs exist on CUDA and the CPU, so on {device.type} it runs as dia_fast")
 
-    results: list[RunResult] = []
     channels, rate = tts.config.data.channels, tts.codec.frame_rate
-    for batch in opts.batches:
+
+    def make_cases(batch: int, steps: int) -> list[Case]:
         texts = [TEXTS[i % len(TEXTS)] for i in range(batch)]
-        free_engine_caches(tts.model)
-        cases: list[Case] = [DiaFastCase(tts, texts, opts.steps, sampling, graphs=None, engine="dia_fast")]
+        cases: list[Case] = [DiaFastCase(tts, texts, steps, sampling, graphs=None, engine="dia_fast")]
         if "eager" in compare:
-            cases.append(DiaFastCase(tts, texts, opts.steps, sampling, graphs=False, engine="dia_fast-eager"))
+            cases.append(DiaFastCase(tts, texts, steps, sampling, graphs=False, engine="dia_fast-eager"))
         for mode, qtts in quantized.items():
-            cases.append(DiaFastCase(qtts, texts, opts.steps, sampling, graphs=None, engine=f"dia_fast-{mode}"))
+            cases.append(DiaFastCase(qtts, texts, steps, sampling, graphs=None, engine=f"dia_fast-{mode}"))
         if hf_bf16 is not None:
             cases.append(
                 TransformersCase(
-                    *hf_bf16,
-                    texts,
-                    opts.steps,
-                    sampling,
-                    channels=channels,
-                    frame_rate=rate,
-                    engine="transformers-bf16",
+                    *hf_bf16, texts, steps, sampling, channels=channels, frame_rate=rate, engine="transformers-bf16"
                 )
             )
         for name in ("transformers", "transformers-compile"):
             if hf is not None and name in compare:
                 compiled = name == "transformers-compile"
                 cases.append(
-                    TransformersCase(
-                        *hf, texts, opts.steps, sampling, channels=channels, frame_rate=rate, compiled=compiled
-                    )
+                    TransformersCase(*hf, texts, steps, sampling, channels=channels, frame_rate=rate, compiled=compiled)
                 )
+        return cases
+
+    # One short untimed call of each engine (batch 1) before anything is measured: the one-time costs of a first
+    # call (imports, lazy set-up, thread pools, library workspaces) then land in no batch size's warm-up, so that
+    # peak_memory_bytes does not depend on the order of --batch. transformers-compile is left out: its warm-up is
+    # where it compiles (warmup_s), and the eager transformers call has done the rest.
+    log("one short untimed call per engine (first-call costs out of the measurements)")
+    for case in make_cases(1, tts.config.data.max_delay + 2):
+        if case.engine != "transformers-compile":
+            case.prime()
+    results: list[RunResult] = []
+    for batch in opts.batches:
+        texts = [TEXTS[i % len(TEXTS)] for i in range(batch)]
+        for model in (tts.model, *(q.model for q in quantized.values())):
+            free_engine_caches(model)
+        cases = make_cases(batch, opts.steps)
         # transformers-compile last: its warm-up records CUDA graphs of its own (torch.compile's cudagraph trees),
         # and on an H200 a dia_fast graph captured before them and replayed after them faulted once (RESULTS.md)
         groups = [[c for c in cases if c.engine != "transformers-compile"]]
@@ -356,12 +404,17 @@ def _run_bench(opts: BenchOptions) -> dict[str, Any]:
         "compare": compare,
         "sampling": asdict(sampling),
         "repeat": opts.repeat,
-        "timing": "one warm-up call per engine, then the engines' timed calls interleaved; the fastest decode kept",
+        "timing": (
+            "one short untimed call per engine before any batch size, then per batch size one warm-up call per "
+            "engine and the engines' timed calls interleaved; the fastest decode kept"
+        ),
         "streaming": {"chunk_frames": opts.chunk_frames, "first_chunk_frames": opts.first_chunk_frames, "batch": 1},
         "memory": (
-            "peak_memory_bytes = the model's weights + the peak above what was allocated before its warm-up "
-            "(CUDA: torch.cuda.max_memory_allocated; CPU: peak resident set, Linux VmHWM) during generation, "
-            "codec excluded"
+            "peak_memory_bytes = the model's weights + the peak above what was in use just before the engine's "
+            "warm-up call at this batch size (CUDA: torch.cuda.max_memory_allocated; CPU: peak resident set, "
+            "Linux VmHWM, after the C heap's free pages are handed back), during that call: its buffers, "
+            "activations, graph capture (transformers-compile: its compile); one-time costs of a first call were "
+            "paid before any measurement; codec excluded"
         ),
         "definitions": {
             "decode_steps_per_s": "decode steps (one frame of every codebook for every item) per second after prefill",
@@ -420,7 +473,7 @@ def _loading_memory(opts: BenchOptions, tts: DiaTTS, log: Callable[[str], None])
     modes = ["none", *opts.quantize]
     with tempfile.TemporaryDirectory(prefix="dia_fast_bench_") as tmp:
         path: str | Path = opts.model
-        if opts.model.lower() in PRESET_NAMES:
+        if is_preset(opts.model):
             path = tts.save_pretrained(Path(tmp) / "checkpoint")
         log(f"memory while loading the checkpoint: {', '.join(modes)} (one process each)")
         out = measure_loading(path, modes, str(tts.device))
@@ -441,7 +494,10 @@ def _run_load(
     """``--load``: continuous batching vs static batches vs one at a time (:mod:`dia_fast.bench.load`)."""
     from .load import load_table, run_load
 
-    rate = f"Poisson arrivals at {opts.arrival_rate}/s" if opts.arrival_rate else "all at once"
+    rate = "all at once"
+    if opts.arrival_rate:
+        span = opts.requests / opts.arrival_rate
+        rate = f"Poisson arrivals at {opts.arrival_rate:g}/s, over about {span:.0f} s per mode and round"
     min_tokens = max(opts.steps // 4, tts.config.data.max_delay + 2)
     log(f"load: {opts.requests} requests ({rate}), distinct seeds, {min_tokens}-{opts.steps} decode steps each")
     sampling = {} if opts.do_sample else {"do_sample": False}
@@ -512,13 +568,34 @@ def _names(text: str) -> tuple[str, ...]:
         _check_compare(names)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    if twice := _repeated(names):
+        raise argparse.ArgumentTypeError(f"lists {twice} twice")
     return names
+
+
+def _repeated(items: tuple[str, ...]) -> str | None:
+    """The first item listed more than once, or None."""
+    return next((x for i, x in enumerate(items) if x in items[:i]), None)
+
+
+# --arrival-rate: below, a run would sleep for minutes between arrivals; above, arrivals are all at once anyway
+ARRIVAL_RATE_RANGE = (0.1, 1e6)
 
 
 # options that only one mode reads: given without it (or beside a mode that ignores them) they are errors
 _LOAD_ONLY = ("--requests", "--arrival-rate", "--max-slots")
 _QUANTIZE_ONLY = ("--quality-steps", "--cuda-int8", "--no-loading-memory")
 _NOT_FOR_LOAD = ("--batch", "--compare", "--quantize", "--count-launches", "--chunk-frames", "--first-chunk-frames")
+
+
+def _inputs(model: str, codec: str) -> dict[str, str | Path | None]:
+    """The files and folders a bench run reads (``{flag: path}``; a missing one is skipped by the checks)."""
+    out: dict[str, str | Path | None] = {"--model": None if is_preset(model) else model}
+    path = Path(model).expanduser()
+    if path.is_file():  # a weights file: its config.json beside it is read too
+        out["--model (config.json)"] = path.parent / "config.json"
+    out["--codec"] = None if codec in ("auto", "tiny", "44khz") else codec
+    return out
 
 
 def _check_modes(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
@@ -628,14 +705,22 @@ def parse_args(argv: list[str] | None = None) -> BenchOptions:
         p.error("--chunk-frames and --first-chunk-frames must be >= 1")
     if a.threads is not None and a.threads > 4 * (os.cpu_count() or 1):
         p.error(f"--threads {a.threads} is more than 4x this machine's {os.cpu_count()} CPUs")
-    if a.json_path is not None and (problem := unwritable_file("--json", Path(a.json_path).expanduser(), "out.json")):
-        p.error(problem)
+    if a.json_path is not None:
+        a.json_path = str(Path(a.json_path).expanduser())  # once, here: every later use takes it as it is
+        if problem := unwritable_file("--json", Path(a.json_path), "out.json") or overwrites_input(
+            "--json", a.json_path, _inputs(a.model, a.codec)
+        ):
+            p.error(problem)
     if a.layers is not None and a.layers < 1:
         p.error("--layers must be >= 1")
     if a.requests < 1:
         p.error("--requests must be >= 1")
-    if a.arrival_rate is not None and not a.arrival_rate > 0:
-        p.error("--arrival-rate must be > 0 requests per second")
+    low, high = ARRIVAL_RATE_RANGE
+    if a.arrival_rate is not None and not low <= a.arrival_rate <= high:
+        p.error(
+            f"--arrival-rate must be between {low:g} and {high:.0f} requests per second, got {a.arrival_rate:g} "
+            "(leave it out for all requests at once)"
+        )
     if a.max_slots is not None and (a.max_slots < 1 or a.max_slots & (a.max_slots - 1)):
         p.error("--max-slots must be a power of two >= 1")
     if a.threads is not None and a.threads < 1:
@@ -644,12 +729,20 @@ def parse_args(argv: list[str] | None = None) -> BenchOptions:
     bad = [m for m in modes if m not in ("int8", "fp8", "int4")]
     if bad:
         p.error(f"--quantize: unknown mode(s) {', '.join(bad)}; valid: int8, fp8, int4")
+    if twice := _repeated(modes):
+        p.error(f"--quantize lists {twice} twice: {a.quantize}")
     from ..quantize import CUDA_INT8_KERNELS
 
     cuda_int8 = tuple(k.strip() for k in a.cuda_int8.split(",") if k.strip())
     bad = [k for k in cuda_int8 if k not in CUDA_INT8_KERNELS]
     if bad:
         p.error(f"--cuda-int8: unknown kernel(s) {', '.join(bad)}; valid: {', '.join(CUDA_INT8_KERNELS)}")
+    if twice := _repeated(cuda_int8):
+        p.error(f"--cuda-int8 lists {twice} twice: {a.cuda_int8}")
+    if (data := model_data_config(a.model)) is not None:  # before anything is built or run
+        for flag, steps in (("--steps", a.steps), ("--quality-steps", a.quality_steps if modes else None)):
+            if steps is not None and (problem := steps_problem(flag, steps, data)):
+                p.error(problem)
     return BenchOptions(
         model=a.model,
         device=a.device,
@@ -679,21 +772,38 @@ def parse_args(argv: list[str] | None = None) -> BenchOptions:
     )
 
 
+@contextlib.contextmanager
+def one_line_warnings() -> Iterator[None]:
+    """Show each Python warning raised inside the block as one line, ``dia_fast.bench: warning: MESSAGE`` on
+    stderr (no source line), as the main CLI does; the warning filters still decide which are shown."""
+
+    def show(message: Warning | str, *args: object, **kwargs: object) -> None:
+        print(f"dia_fast.bench: warning: {message}", file=sys.stderr, flush=True)
+
+    with warnings.catch_warnings():  # restores the previous showwarning afterwards
+        warnings.showwarning = show
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m dia_fast.bench``."""
+    """Entry point of ``python -m dia_fast.bench``. Ctrl-C: "interrupted", exit 130 (the JSON keeps what was
+    written: the bench writes it after every batch size)."""
     args = sys.argv[1:] if argv is None else argv
-    if "--compile-report" in args:  # a report of its own: dia_fast.bench.compile_report
-        from .compile_report import main as compile_report_main
+    with one_line_warnings():
+        try:
+            if "--compile-report" in args:  # a report of its own: dia_fast.bench.compile_report
+                from .compile_report import main as compile_report_main
 
-        return compile_report_main(args)
-    if "--server-load" in args:  # HTTP requests against the speech server: dia_fast.bench.server_load
-        from .server_load import main as server_load_main
+                return compile_report_main(args)
+            if "--server-load" in args:  # HTTP requests against the speech server: dia_fast.bench.server_load
+                from .server_load import main as server_load_main
 
-        return server_load_main(args)
-    opts = parse_args(argv)
-    try:
-        run_bench(opts)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+                return server_load_main(args)
+            run_bench(parse_args(argv))
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("dia_fast.bench: interrupted", file=sys.stderr)
+            return 130
     return 0

@@ -42,7 +42,9 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-__all__ = ["ARCHS", "Arch", "compile_report", "main", "parse_arch", "table"]
+from ..paths import unwritable_file
+
+__all__ = ["ARCHS", "Arch", "compile_report", "main", "parse_arch", "parse_args", "table"]
 
 
 @dataclass(frozen=True)
@@ -670,11 +672,8 @@ def _child(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m dia_fast.bench --compile-report [--arch sm_90] [--json F] [--quiet] [--strict]`` (also
-    ``python -m dia_fast.bench.compile_report``): print the table, write the rows as JSON. Exit status 2 on
-    a bad option or a failed recording; with ``--strict``, 1 when a kernel fails, spills or exceeds the
-    shared memory per block."""
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options of :func:`main`, checked before any compile (one-line errors, exit 2)."""
     p = argparse.ArgumentParser(
         prog="python -m dia_fast.bench --compile-report",
         description="Registers, spills and shared memory of every Triton kernel dia_fast launches at Dia-1.6B "
@@ -690,6 +689,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--strict", action="store_true", help="exit 1 if a kernel fails, spills or exceeds shared memory")
     p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.json_path is not None:  # checked before the compiles; ~ expanded once, here
+        a.json_path = str(Path(a.json_path).expanduser())
+        if problem := unwritable_file("--json", Path(a.json_path), "compile_report.json"):
+            p.error(problem)
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m dia_fast.bench --compile-report [--arch sm_90] [--json F] [--quiet] [--strict]`` (also
+    ``python -m dia_fast.bench.compile_report``): print the table, write the rows as JSON. Exit status 2 on
+    a bad option or a failed recording; with ``--strict``, 1 when a kernel fails, spills or exceeds the
+    shared memory per block."""
+    a = parse_args(argv)
     try:
         if a.child_out:
             return _child(a)
@@ -698,9 +710,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if a.json_path:
-        path = Path(a.json_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(rows, indent=1) + "\n")
+        from .report import write_json
+
+        write_json(a.json_path, rows, indent=1)
     bad = [r for r in rows if not r["compiled"] or r["spill_store_bytes"] or r["spill_load_bytes"]]
     bad += [r for r in rows if r["compiled"] and r["shared_bytes"] > r["smem_limit_bytes"]]
     if not a.quiet:

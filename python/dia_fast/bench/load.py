@@ -18,6 +18,7 @@ arrival); latency = finish - arrival; p50/p95 over the requests.
 
 from __future__ import annotations
 
+import math
 import statistics
 import threading
 import time
@@ -200,6 +201,8 @@ def run_load(
         raise ValueError(f"requests must be >= 1, got {requests}")
     if repeat < 1:
         raise ValueError(f"repeat must be >= 1, got {repeat}")
+    if arrival_rate is not None and not 0 < arrival_rate < math.inf:
+        raise ValueError(f"arrival_rate must be a finite number > 0 (requests per second) or None, got {arrival_rate}")
     slots = default_max_slots(tts.device) if max_slots is None else max_slots
     reqs = load_requests(
         tts, requests, arrival_rate=arrival_rate, min_tokens=min_tokens, max_tokens=max_tokens, seed=seed

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import resource
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -45,11 +49,31 @@ def _reset_peak_rss() -> bool:
     return True
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None (another C library or OS)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_free_heap() -> None:
+    """Hand the C heap's free pages back to the OS (glibc ``malloc_trim``; nothing elsewhere), so that memory
+    freed earlier in the process counts again in the resident set when it is used again."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 class PeakMemory:
     """Peak memory used while the ``with`` block runs, above what was in use when it started.
 
     CUDA: ``torch.cuda.max_memory_allocated`` (tensors, not the allocator's cache). CPU: the
-    process's peak resident set (Linux VmHWM, reset on entry through ``/proc/self/clear_refs``;
+    process's peak resident set (Linux VmHWM, reset on entry through ``/proc/self/clear_refs``, after the C heap's
+    free pages are handed back by :func:`release_free_heap`, so that reused freed memory is counted;
     ``ru_maxrss`` elsewhere, which cannot be reset and may then under-report). ``kind`` says which.
     ``after_bytes``: what is still in use at the end, above the same start (CUDA: allocated; CPU: VmRSS, 0 where
     there is none).
@@ -67,7 +91,9 @@ class PeakMemory:
             self.kind = "cuda_max_memory_allocated"
             self._base = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-        elif _reset_peak_rss() and _status_kib("VmHWM") is not None:
+            return self
+        release_free_heap()
+        if _reset_peak_rss() and _status_kib("VmHWM") is not None:
             self.kind = "cpu_peak_rss_vmhwm"
             self._base = (_status_kib("VmRSS") or 0) * 1024
         else:

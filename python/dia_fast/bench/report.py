@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -84,8 +86,29 @@ def document(meta: dict[str, Any], results: list[RunResult]) -> dict[str, Any]:
     return {"meta": meta, "results": [r.as_dict() for r in results]}
 
 
-def write_json(path: str | Path, doc: dict[str, Any]) -> Path:
+def finite(obj: Any) -> Any:
+    """``obj`` with every non-finite float (inf, -inf, NaN) replaced by None, in nested dicts, lists and tuples:
+    JSON has no such numbers (docs/bench.md says what each null means)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def write_json(path: str | Path, doc: Any, indent: int = 2) -> Path:
+    """Write ``doc`` as strict JSON (non-finite numbers as null) to ``path``, used as given (the command lines
+    expand ``~`` when they parse it). The file is replaced at once: an interrupted write leaves the old one."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    text = json.dumps(finite(doc), indent=indent, default=str, allow_nan=False) + "\n"
+    real = Path(os.path.realpath(out))  # a link is written through, not replaced
+    tmp = real.with_name(f".{real.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, real)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out

@@ -92,6 +92,10 @@ class Case:
             self._warm = self._call().total
         self._mem = mem
 
+    def prime(self) -> None:
+        """One call that is neither timed nor measured (the bench's first-call pass: one-time costs)."""
+        self._call()
+
     def run(self) -> None:
         self._runs.append(self._call())
 

@@ -17,9 +17,11 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from .._version import __version__
+from ..paths import unwritable_file
 from .report import write_json
 
 __all__ = ["main", "run_server_load"]
@@ -66,6 +68,7 @@ def run_server_load(
 
     if requests < 1 or concurrency < 1:
         raise ValueError("requests and concurrency must be >= 1")
+    url = url.rstrip("/")  # the base URL: paths are appended to it
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     def one(i: int, client: httpx.Client) -> dict[str, Any]:
@@ -126,7 +129,11 @@ def run_server_load(
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dia_fast.bench --server-load", description=__doc__.split("\n\n")[0])
     p.add_argument("--server-load", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--url", help="a running server (default: start one with the tiny demo model on 127.0.0.1)")
+    p.add_argument(
+        "--url",
+        help="base URL of a running server, e.g. http://127.0.0.1:8000 (default: start one with the tiny "
+        "demo model on 127.0.0.1)",
+    )
     p.add_argument("--requests", type=int, default=32, help="requests in all (default 32)")
     p.add_argument("--concurrency", type=int, default=16, help="requests in flight at once (default 16)")
     p.add_argument("--max-new-tokens", type=int, default=120, help="decoder steps per request (default 120)")
@@ -139,20 +146,61 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    a = _parser().parse_args(argv)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options, checked before any work (one-line errors, exit 2); ``url`` without a trailing slash and
+    ``json_path`` with ``~`` expanded."""
+    p = _parser()
+    a = p.parse_args(argv)
     if a.requests < 1 or a.concurrency < 1:
-        print("error: --requests and --concurrency must be >= 1", file=sys.stderr)
-        return 2
+        p.error("--requests and --concurrency must be >= 1")
+    if a.max_batch is not None and (a.max_batch < 1 or a.max_batch & (a.max_batch - 1)):
+        p.error(f"--max-batch must be a power of two >= 1, got {a.max_batch}")
+    if a.max_queue < 1:
+        p.error(f"--max-queue must be >= 1, got {a.max_queue}")
+    if a.url is not None:
+        for flag, value, default in (("--max-batch", a.max_batch, None), ("--max-queue", a.max_queue, 64)):
+            if value != default:
+                p.error(f"{flag} applies to the local server only (without --url)")
+        a.url = a.url.strip().rstrip("/")
+        if not a.url.startswith(("http://", "https://")):
+            p.error(f"--url must start with http:// or https://, got {a.url!r}")
+    if a.json_path is not None:
+        a.json_path = str(Path(a.json_path).expanduser())
+        if problem := unwritable_file("--json", Path(a.json_path), "server_load.json"):
+            p.error(problem)
+    return a
+
+
+def _health_problem(url: str) -> str | None:
+    """Why ``url`` is not the base URL of a dia_fast speech server that takes requests, or None: its ``/health``
+    must answer 200, or 503 with status "starting" (the model is loading)."""
     import httpx
+
+    try:
+        resp = httpx.get(f"{url}/health", timeout=10)
+    except (httpx.HTTPError, ValueError) as exc:
+        return f"cannot reach the server at {url}: {type(exc).__name__}: {exc}"
+    try:
+        body = resp.json()
+    except ValueError:
+        body = None
+    status = body.get("status") if isinstance(body, dict) else None
+    if (resp.status_code == 200 and status is not None) or (resp.status_code == 503 and status == "starting"):
+        return None
+    said = f"status {status!r}" if status is not None else "no dia_fast health status"
+    return (
+        f"{url} is not a dia_fast speech server ready for requests: GET {url}/health answered "
+        f"{resp.status_code} ({said}); give the server's base URL, e.g. http://127.0.0.1:8000"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
     import torch
 
-    if a.url:  # reachable and answering, before any timing
-        try:
-            httpx.get(f"{a.url.rstrip('/')}/health", timeout=10)
-        except (httpx.HTTPError, ValueError) as exc:
-            print(f"error: cannot reach the server at {a.url}: {type(exc).__name__}: {exc}", file=sys.stderr)
-            return 2
+    if a.url and (problem := _health_problem(a.url)):  # reachable and answering, before any timing
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     with contextlib.ExitStack() as stack:
         url = a.url or stack.enter_context(_local_server(a.max_batch, a.max_queue))
         res = run_server_load(

@@ -162,6 +162,22 @@ def test_bench_runs_quantized_engines_beside_the_full_precision_one(tmp_path):
     assert all(row["peak_bytes"] >= row["after_bytes"] >= 0 and row["load_s"] > 0 for row in loading.values())
 
 
+def test_bench_of_a_saved_quantized_directory(tmp_path):
+    """--model a saved quantized directory: transformers cannot load its weights, so the default baselines leave
+    it out (with a note), asking for it or for --quantize is a one-line error."""
+    from dia_fast.bench import BenchOptions, run_bench
+
+    directory = DiaTTS.random("tiny", seed=0, quantize="int8").save_pretrained(tmp_path / "q")
+    base = dict(model=str(directory), device="cpu", steps=24, repeat=1, quiet=True, batches=(1,))
+    with pytest.raises(ValueError, match="holds int8-quantized weights, which transformers cannot load"):
+        run_bench(BenchOptions(**base, compare=("transformers",)))
+    with pytest.raises(ValueError, match="already int8-quantized: --quantize needs full precision"):
+        run_bench(BenchOptions(**base, compare=("eager",), quantize=("int4",)))
+    doc = run_bench(BenchOptions(**base))
+    assert {r["engine"] for r in doc["results"]} == {"dia_fast", "dia_fast-eager"}
+    assert any("int8-quantized checkpoint: no transformers baselines" in n for n in doc["meta"]["notes"])
+
+
 def test_an_int8_model_saves_and_loads_back_as_it_is(tmp_path):
     """save_pretrained of an int8 model writes int8 weights with their scales (and quantization.json); from_pretrained
     loads them back without re-quantizing: the same greedy codes. A mismatched quantize= is an error."""
@@ -379,3 +395,77 @@ def test_int4_quantizes_a_full_precision_checkpoint_tensor_by_tensor(tmp_path, m
     want = DiaTTS.random("tiny", seed=3, quantize="int4").model.state_dict()
     got = q.model.state_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[k], v) for k, v in want.items())
+
+
+def test_a_damaged_quantized_directory_is_a_one_line_error_and_loads_by_plain_reads(tmp_path):
+    """A saved int8 directory whose quantization.json, weights file or full-precision tensors are damaged: a
+    ValueError naming the directory, never a traceback from deep inside; a loaded model does not read its file again
+    (plain reads: rewriting the file leaves it as it was)."""
+    from safetensors.torch import load_file, save_file
+
+    q = DiaTTS.random("tiny", seed=0, quantize="int8")
+    directory = q.save_pretrained(tmp_path / "q")
+    weights, qjson = directory / "model.safetensors", directory / "quantization.json"
+    doc, state = json.loads(qjson.read_text()), load_file(str(weights))
+    meta = {"format": "pt"}
+
+    loaded = DiaTTS.from_pretrained(directory, device="cpu", codec=q.codec)
+    before = loaded.model.decoder.layers[0].mlp.down_proj.weight_int8.clone()
+    changed = dict(state)
+    changed["decoder.layers.0.mlp.down_proj.weight_int8"] = torch.zeros_like(before)
+    save_file(changed, str(weights), metadata=meta)  # the file changes under the loaded model
+    assert torch.equal(loaded.model.decoder.layers[0].mlp.down_proj.weight_int8, before)
+    save_file(state, str(weights), metadata=meta)
+
+    for bad, match in (
+        ({k: v for k, v in doc.items() if k != "quantized"}, r"missing or malformed quantized \(list\)"),
+        ({**doc, "quantized": None}, r"missing or malformed quantized"),
+        ({**doc, "format": ["x"]}, r"missing or malformed format \(str\)"),
+        ({**doc, "quantized": [1, 2]}, r"quantized \(a list of GEMM names\)"),
+        ({**doc, "int4": [64]}, r"int4 \(an object"),
+    ):
+        qjson.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=match):
+            DiaTTS.from_pretrained(directory, device="cpu")
+    qjson.write_text(json.dumps(doc))
+
+    norm = "decoder.norm.weight"
+    for tensors, error, match in (
+        ({**state, norm: torch.full_like(state[norm], float("nan"))}, CheckpointError, "holds NaN or infinite"),
+        ({**state, norm: state[norm][:-1].clone()}, CheckpointError, "does not match the model config"),
+        ({**state, norm: state[norm].to(torch.int32)}, CheckpointError, "not floating point"),
+        ({k: v for k, v in state.items() if k != norm}, CheckpointError, f"missing.*{norm}"),
+    ):
+        save_file(tensors, str(weights), metadata=meta)
+        with pytest.raises(error, match=match) as caught:
+            DiaTTS.from_pretrained(directory, device="cpu")
+        assert str(directory) in str(caught.value)
+    save_file(state, str(weights), metadata=meta)
+    weights.write_bytes(weights.read_bytes()[:-1000])  # truncated
+    with pytest.raises(CheckpointError, match="truncated"):
+        DiaTTS.from_pretrained(directory, device="cpu")
+
+
+def test_non_finite_or_tiny_weights_quantize_clearly():
+    """NaN or infinite weights cannot be quantized: a ValueError naming the layer, the model left as it was. Rows of
+    tiny weights keep a positive scale, so that the saved model loads back."""
+    from dia_fast.model.int4 import quantize_groups
+    from dia_fast.model.int8 import quantize_rows
+
+    tts = DiaTTS.random("tiny", seed=0)
+    name = "decoder.layers.0.mlp.down_proj"
+    with torch.no_grad():
+        tts.model.get_submodule(name).weight[3, 5] = float("nan")
+    with pytest.raises(ValueError, match=f"{name}: the weight holds NaN or infinite values"):
+        quantize_decoder(tts.model, "int8")
+    assert quantized_mode(tts.model) is None and isinstance(tts.model.get_submodule(name), torch.nn.Linear)
+    for value in (float("inf"), float("nan")):
+        w = torch.ones(4, 64)
+        w[2, 7] = value
+        with pytest.raises(ValueError, match="row 2"):
+            quantize_rows(w)
+        with pytest.raises(ValueError, match="row 2"):
+            quantize_groups(w, 64)
+    tiny = torch.full((2, 64), 1e-43)
+    for _q, scale in (quantize_rows(tiny), quantize_groups(tiny, 64)):
+        assert bool((scale > 0).all()) and bool(torch.isfinite(scale).all())

@@ -244,8 +244,6 @@ class DiaTTS:
         config: DiaConfig | None,
     ) -> DiaTTS:
         """A directory that :meth:`save_pretrained` wrote from a quantized model: loaded as it is, not re-quantized."""
-        from safetensors.torch import load_file
-
         from .quantize import check_quantize
         from .quantized_dir import check_saved_device, cuda_from_saved, load_saved
 
@@ -260,7 +258,10 @@ class DiaTTS:
         cfg = config or DiaConfig.from_json(path / "config.json")
         with torch.device("meta"):
             model = DiaModel(cfg)
-        load_saved(model, load_file(str(path / "model.safetensors")), saved, str(path))
+        # plain reads (not a memory map: the loaded model must not change with the file, nor fault if it shrinks);
+        # a truncated or corrupt file is a CheckpointError
+        state = dict(ckpt.iter_tensors([path / "model.safetensors"], check=False))
+        load_saved(model, state, saved, str(path))
         if dev.type == "cuda":  # the same values in CUDA's layers (CPU int4: tinygemm's, scales rounded to bf16)
             cuda_from_saved(model, dev, dt)
         model = _finish_model(model, dev, dt)

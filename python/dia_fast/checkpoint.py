@@ -142,8 +142,9 @@ def _safetensors_header(f: BinaryIO, path: Path, metadata: dict[str, Any] | None
     return header, 8 + n
 
 
-def iter_tensors(paths: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(name, tensor)`` of the weight files one tensor at a time, each checked as :func:`check_weights` does.
+def iter_tensors(paths: Iterable[Path], *, check: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` of the weight files one tensor at a time, each checked as :func:`check_weights` does
+    (``check=False``: not checked, e.g. a quantized directory's integer tensors, which its loader checks).
     A safetensors file is read with plain reads, one tensor after the other (a memory map would count the whole
     file in the process's resident memory): only the tensor being handled is in memory. A ``.pth`` is read at
     once."""
@@ -166,7 +167,7 @@ def iter_tensors(paths: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                     raise CheckpointError(f"{path}: not a readable safetensors file (truncated?): tensor {name}")
                 tensor = raw.view(dtype).reshape(shape)
                 del raw
-                yield name, check_weights({name: tensor}, path)[name]
+                yield name, check_weights({name: tensor}, path)[name] if check else tensor
                 del tensor  # before the next one is read: one tensor in memory at a time
 
 

@@ -176,6 +176,9 @@ def quantize_decoder(
     targets = _targets(model, tuple(parts))
     before = sum(getattr(p, n).weight.numel() * getattr(p, n).weight.element_size() for p, n in targets)
     kinds = gemm_kinds(model, mode, tuple(parts), tuple(int4_parts))
+    for name in kinds:  # before any layer is replaced: a failure leaves the model as it was
+        if not bool(torch.isfinite(model.get_submodule(name).weight).all()):
+            raise ValueError(f"{name}: the weight holds NaN or infinite values: it cannot be quantized")
     if model.device.type == "cpu":
         for name, kind in kinds.items():
             layer_class = Int8Linear if kind == "int8" else Int4Linear

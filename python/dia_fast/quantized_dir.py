@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .checkpoint import CheckpointError, check_weights
 from .model.int4 import Int4Linear
 from .model.int8 import Int8Linear
 from .ops.reference import unpack_int4
@@ -226,7 +227,15 @@ def read_quantization(directory: Path) -> dict[str, Any] | None:
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(doc, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(doc).__name__}")
-    fmt = FORMATS.get(doc.get("format"))
+    kinds = {"format": str, "mode": str, "quantized": list}
+    bad = [f"{key} ({kind.__name__})" for key, kind in kinds.items() if not isinstance(doc.get(key), kind)]
+    if not all(isinstance(name, str) for name in doc.get("quantized") or []):
+        bad.append("quantized (a list of GEMM names)")
+    if doc.get("int4") is not None and not isinstance(doc["int4"], dict):
+        bad.append("int4 (an object of GEMM name -> group)")
+    if bad:
+        raise ValueError(f"{path}: missing or malformed {', '.join(bad)} (save the quantized model again)")
+    fmt = FORMATS.get(doc["format"])
     if fmt is None or fmt[0] != doc.get("mode"):
         raise ValueError(
             f"{path}: unknown quantized format {doc.get('format')!r} for mode {doc.get('mode')!r} (this dia_fast reads "
@@ -307,10 +316,18 @@ def load_saved(model: DiaModel, state: dict[str, torch.Tensor], doc: dict[str, A
         else:
             setattr(layer, suffix, q.contiguous())
         layer.weight_scale = scale.float().contiguous()
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    # the full-precision tensors: floating point and finite, with the names and shapes the model expects
+    check_weights(state, Path(source))
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as exc:  # mis-shaped: torch lists every one over many lines
+        shapes = "; ".join(line.strip() for line in str(exc).splitlines()[1:] if line.strip())
+        raise CheckpointError(f"{source} does not match the model config: {shapes}") from None
     missing = sorted(set(missing) - keys)
     if missing or unexpected:
-        raise ValueError(f"{source} does not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
+        raise CheckpointError(
+            f"{source} does not match the model config: missing {missing[:8]}, unexpected {unexpected[:8]}"
+        )
     model._dia_fast_quantized = doc["mode"]  # noqa: SLF001 - read by quantized_mode()
 
 

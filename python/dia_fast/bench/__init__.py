@@ -270,7 +270,7 @@ def _run_bench(opts: BenchOptions) -> dict[str, Any]:
     _check_steps(opts, tts.config.data)
     if opts.cuda_int8 and device.type != "cuda":
         raise ValueError(f"--cuda-int8 chooses CUDA's int8 kernel; this run is on {device.type}")
-    from ..quantize import check_quantize
+    from ..quantize import check_quantize, quantized_mode
 
     for mode in opts.quantize:  # every mode checked before any is measured
         check_quantize(mode, device, tts.dtype)
@@ -284,6 +284,18 @@ def _run_bench(opts: BenchOptions) -> dict[str, Any]:
     if any(c.startswith("transformers") for c in compare) and importlib.util.find_spec("transformers") is None:
         notes.append("transformers is not installed: no transformers baselines")
         compare = [c for c in compare if not c.startswith("transformers")]
+    if (saved_mode := quantized_mode(tts.model)) is not None:  # a saved quantized directory: no weights to share
+        asked = [c for c in compare if c.startswith("transformers")] if opts.compare is not None else []
+        if asked:
+            raise ValueError(
+                f"--model {opts.model} holds {saved_mode}-quantized weights, which {', '.join(asked)} cannot load: "
+                f"bench its full-precision checkpoint with --quantize {saved_mode}, or --compare none / eager"
+            )
+        if any(c.startswith("transformers") for c in compare):
+            notes.append(f"a {saved_mode}-quantized checkpoint: no transformers baselines (they need its weights)")
+            compare = [c for c in compare if not c.startswith("transformers")]
+        if opts.quantize:
+            raise ValueError(f"--model {opts.model} is already {saved_mode}-quantized: --quantize needs full precision")
     from ..api import DiaTTS
 
     hf = hf_bf16 = None

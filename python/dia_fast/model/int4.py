@@ -11,7 +11,7 @@ import torch
 
 from .. import ops
 from ..ops.reference import INT4_BLOCK, pack_int4
-from .int8 import WeightOnlyLinear
+from .int8 import _TINY, WeightOnlyLinear, check_finite
 
 __all__ = ["INT4_LEVELS", "Int4Linear", "default_group", "quantize_groups"]
 
@@ -29,8 +29,9 @@ def quantize_groups(
     weight: torch.Tensor, group: int, chunk_elements: int = 1 << 22
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(packed uint8 [N, K / 2], fp32 scale [N, K / group]) with ``weight ≈ w * scale`` per group: scale = max |group|
-    / 7, values rounded half to even into [-7, 7]. An all-zero group gets scale 1 (and zeros). Works through
-    ``chunk_elements`` at a time (loading quantizes tensor by tensor)."""
+    / 7 (at least the smallest normal float32), values rounded half to even into [-7, 7]. An all-zero group gets
+    scale 1 (and zeros); NaN or infinite weights are a ValueError. Works through ``chunk_elements`` at a time
+    (loading quantizes tensor by tensor)."""
     N, K = weight.shape
     if group <= 0 or K % group or group % INT4_BLOCK:
         raise ValueError(f"the group must divide {K} columns and be a multiple of {INT4_BLOCK}, got {group}")
@@ -41,7 +42,8 @@ def quantize_groups(
         w = weight[r0 : r0 + rows].detach().float()
         g = w.view(w.shape[0], K // group, group)
         amax = g.abs().amax(dim=2)
-        s = torch.where(amax > 0, amax / INT4_LEVELS, torch.ones_like(amax))
+        check_finite(amax, r0)
+        s = torch.where(amax > 0, (amax / INT4_LEVELS).clamp_min(_TINY), torch.ones_like(amax))
         q = torch.round(g / s[..., None]).clamp_(-INT4_LEVELS, INT4_LEVELS).to(torch.int8).view(w.shape[0], K)
         packed[r0 : r0 + rows] = pack_int4(q)
         scale[r0 : r0 + rows] = s

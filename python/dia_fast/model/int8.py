@@ -15,9 +15,21 @@ from .. import ops
 __all__ = ["Int8Linear", "WeightOnlyLinear", "quantize_rows"]
 
 
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def check_finite(amax: torch.Tensor, first_row: int) -> None:
+    """A ValueError naming the first row whose largest magnitude (``amax``, per row or group) is NaN or infinite."""
+    bad = ~torch.isfinite(amax)
+    if bool(bad.any()):
+        row = first_row + int(bad.nonzero()[0, 0])
+        raise ValueError(f"the weight holds NaN or infinite values (row {row}): it cannot be quantized")
+
+
 def quantize_rows(weight: torch.Tensor, chunk_elements: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 [N, K], fp32 scale [N]) with ``weight ≈ q * scale[:, None]``: scale = max |row| / 127, values rounded
-    half to even into [-127, 127]. A zero row gets scale 1 (and zeros). Works through ``chunk_elements`` at a time,
+    """(int8 [N, K], fp32 scale [N]) with ``weight ≈ q * scale[:, None]``: scale = max |row| / 127 (at least the
+    smallest normal float32, so that it stays positive), values rounded half to even into [-127, 127]. A zero row
+    gets scale 1 (and zeros); NaN or infinite weights are a ValueError. Works through ``chunk_elements`` at a time,
     so that its temporaries stay small next to a large weight (loading quantizes tensor by tensor)."""
     N, K = weight.shape
     q = torch.empty((N, K), dtype=torch.int8, device=weight.device)
@@ -26,7 +38,8 @@ def quantize_rows(weight: torch.Tensor, chunk_elements: int = 1 << 22) -> tuple[
     for r0 in range(0, N, rows):
         w = weight[r0 : r0 + rows].detach().float()
         amax = w.abs().amax(dim=1)
-        s = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+        check_finite(amax, r0)
+        s = torch.where(amax > 0, (amax / 127.0).clamp_min(_TINY), torch.ones_like(amax))
         q[r0 : r0 + rows] = torch.round(w / s[:, None]).clamp_(-127, 127).to(torch.int8)
         scale[r0 : r0 + rows] = s
     return q, scale

@@ -85,7 +85,7 @@ BENCH=($PY -m dia_fast.bench --model dia-1.6b --device cuda --dtype bfloat16)
 stage quick 100 "${BENCH[@]}" --batch 1,8 --steps "$STEPS" --compare none --count-launches --json "$OUTDIR/quick.json"
 grep -E "^(engine|dia_fast|launches)" "$OUTDIR/quick.log" | awk '!seen[$0]++' >>"$summary"
 
-stage pytest 150 $PY -m pytest -m gpu -q -p no:cacheprovider tests/ --no-header -rfE --timeout 90
+stage pytest 150 $PY -m pytest -m gpu -q -p no:cacheprovider tests/ --no-header -rfE  # (the stage's limit bounds it)
 tail -n 4 "$OUTDIR/pytest.log" >>"$summary"
 
 stage load 75 "${BENCH[@]}" --load --requests 16 --steps 128 --repeat 1 --json "$OUTDIR/load.json"

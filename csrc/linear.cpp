@@ -9,6 +9,9 @@
 // int16 x int16 products) accumulated in int32, flushed to fp32 every kChunk columns so that
 // no int32 sum can overflow. Activations are never rounded to 8 bits: this is weight-only int8.
 //
+// Each output is (integer sum * scale[n]) * the row's scale: the weight scale first, so that large activations
+// (up to FLT_MAX) give the finite result of x @ (w * scale).T instead of overflowing in the unscaled sum.
+//
 // Blocks of up to kRowBlock rows of w x kMBlock rows of x share every weight load. The SIMD
 // versions are compiled for their ISA with target attributes and chosen at run time
 // (__builtin_cpu_supports), so the wheel needs no -march flag and runs on any x86-64; other
@@ -39,6 +42,7 @@ constexpr int64_t kChunk = 2048;
 struct LinearArgs {
   const int16_t* xq;  // [M, Kp] rounded activations, zero past K
   const float* xs;    // [M] their scales (0: a zero row)
+  const float* unscale;  // [M] 1, or 2^-64 for tiny rows (act_round.hpp)
   int64_t M, K, Kp;
   const int8_t* w;
   const float* scale;
@@ -58,7 +62,7 @@ void block_portable(const LinearArgs& a, int64_t n0, int nb, int64_t m0, int mb)
         for (int64_t k = k0, end = std::min(a.K, k0 + kChunk); k < end; ++k) part += int32_t(xr[k]) * int32_t(wr[k]);
         acc += float(part);
       }
-      a.out[(m0 + i) * a.ldo + n0 + r] = acc * a.xs[m0 + i] * a.scale[n0 + r];
+      a.out[(m0 + i) * a.ldo + n0 + r] = acc * a.scale[n0 + r] * a.xs[m0 + i] * a.unscale[m0 + i];
     }
   }
 }
@@ -101,7 +105,8 @@ void block_portable(const LinearArgs& a, int64_t n0, int nb, int64_t m0, int mb)
     }                                                                                                              \
     for (int i = 0; i < MB; ++i)                                                                                   \
       for (int r = 0; r < NB; ++r)                                                                                 \
-        a.out[(m0 + i) * a.ldo + n0 + r] = _mm512_reduce_add_ps(accf[i][r]) * a.xs[m0 + i] * a.scale[n0 + r];     \
+        a.out[(m0 + i) * a.ldo + n0 + r] =                                                                         \
+            _mm512_reduce_add_ps(accf[i][r]) * a.scale[n0 + r] * a.xs[m0 + i] * a.unscale[m0 + i];                \
   }
 
 #define DIA_FAST_MADD_ADD(acc, x, w) _mm512_add_epi32(acc, _mm512_madd_epi16(x, w))
@@ -150,7 +155,7 @@ __attribute__((target("avx2,fma"))) void block_avx2(const LinearArgs& a, int64_t
   for (int i = 0; i < MB; ++i)
     for (int r = 0; r < NB; ++r)
       a.out[(m0 + i) * a.ldo + n0 + r] =
-          (hsum256(accf[i][r]) + float(tail[i][r])) * a.xs[m0 + i] * a.scale[n0 + r];
+          (hsum256(accf[i][r]) + float(tail[i][r])) * a.scale[n0 + r] * a.xs[m0 + i] * a.unscale[m0 + i];
 }
 
 using BlockFn = void (*)(const LinearArgs&, int64_t, int64_t);
@@ -196,7 +201,7 @@ void int8_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t
   // get scale 0 here and are computed in fp32 below (so that NaN and inf propagate as in fp32).
   const RoundedRows rr = round_rows(x, M, K, ldx, 32);
   const std::vector<int64_t>& special = rr.special;
-  const LinearArgs a{rr.xq.data(), rr.xs.data(), M, K, rr.Kp, w, scale, N, out, ldo};
+  const LinearArgs a{rr.xq.data(), rr.xs.data(), rr.unscale.data(), M, K, rr.Kp, w, scale, N, out, ldo};
   const int64_t row_blocks = (N + kRowBlock - 1) / kRowBlock;
   // Split the rows of w over the threads (each streams its own contiguous part of the weights).
 #pragma omp parallel for schedule(static) if (N * K >= kParallelMinElements)

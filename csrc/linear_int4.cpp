@@ -4,7 +4,8 @@
 // Half the bytes of int8 per weight (plus one fp32 scale per `group` weights), for the same reason int8 exists: a
 // decode step reads every weight once, so bytes set its speed. The activations are rounded per row to int16 as
 // for int8 (act_round.hpp), so each group's sum is an exact integer dot product (pmaddwd / vpdpwssd), scaled and
-// added in fp32 once per group.
+// added in fp32 once per group, or once per kChunk columns of larger groups (so that no int32 sum can overflow).
+// The row's scale comes last, so large activations (up to FLT_MAX) give the finite result of x @ W.T.
 //
 // Packing (ops.reference.pack_int4 defines it): a row of K weights is stored as K / 2 bytes in blocks of 64
 // columns; byte j of block b holds w[64b + j] + 8 in its low nibble and w[64b + 32 + j] + 8 in its high nibble.
@@ -25,10 +26,14 @@ namespace {
 
 constexpr int kRowBlock = 4;  // rows of w per block (a thread's unit of work)
 constexpr int kMBlock = 2;    // rows of x per block
+// columns per int32 sum (a multiple of 64): at most 8192 products of |x| <= 32767 and |w| <= 8, 2147418112 < 2^31
+// (a SIMD lane sums 8 or 16 times fewer). Groups are 64-256 columns in practice: one chunk.
+constexpr int64_t kChunk = 8192;
 
 struct Int4Args {
   const int16_t* xq;  // [M, K] rounded activations
   const float* xs;    // [M] their scales (0: a zero row)
+  const float* unscale;  // [M] 1, or 2^-64 for tiny rows (act_round.hpp)
   int64_t M, K;
   const uint8_t* w;  // [N, K / 2] packed
   const float* scale;  // [N, K / group]
@@ -51,11 +56,14 @@ void block_portable(const Int4Args& a, int64_t n0, int nb, int64_t m0, int mb) {
       const int16_t* xr = a.xq + (m0 + i) * a.K;
       float acc = 0.0f;
       for (int64_t g = 0; g < groups; ++g) {
-        int32_t part = 0;  // at most group x 32767 x 7: fits for any group below 9000 columns
-        for (int64_t k = g * a.group; k < (g + 1) * a.group; ++k) part += int32_t(xr[k]) * weight_at(wr, k);
-        acc += float(part) * sr[g];
+        for (int64_t k0 = g * a.group, end = k0 + a.group; k0 < end; k0 += kChunk) {
+          int32_t part = 0;  // at most kChunk products: fits (see kChunk)
+          const int64_t kend = std::min(end, k0 + kChunk);
+          for (int64_t k = k0; k < kend; ++k) part += int32_t(xr[k]) * weight_at(wr, k);
+          acc += float(part) * sr[g];
+        }
       }
-      a.out[(m0 + i) * a.ldo + n0 + r] = acc * a.xs[m0 + i];
+      a.out[(m0 + i) * a.ldo + n0 + r] = acc * a.xs[m0 + i] * a.unscale[m0 + i];
     }
   }
 }
@@ -76,11 +84,12 @@ void block_portable(const Int4Args& a, int64_t n0, int nb, int64_t m0, int mb) {
     const int16_t* xr[MB];                                                                                         \
     for (int i = 0; i < MB; ++i) xr[i] = a.xq + (m0 + i) * a.K;                                                    \
     const __m512i low = _mm512_set1_epi16(0xF), eight = _mm512_set1_epi16(8);                                      \
-    for (int64_t g = 0; g < groups; ++g) {                                                                         \
+    for (int64_t g = 0; g < groups; ++g)                                                                           \
+    for (int64_t k0 = g * a.group, gend = k0 + a.group; k0 < gend; k0 += kChunk) { /* int32 sums per chunk */      \
       __m512i acc[MB][NB];                                                                                         \
       for (int i = 0; i < MB; ++i)                                                                                 \
         for (int r = 0; r < NB; ++r) acc[i][r] = _mm512_setzero_si512();                                           \
-      for (int64_t k = g * a.group; k < (g + 1) * a.group; k += 64) {                                              \
+      for (int64_t k = k0, kend = std::min(gend, k0 + kChunk); k < kend; k += 64) {                               \
         if ((k & 127) == 0) {                                                                                      \
           for (int r = 0; r < NB; ++r) _mm_prefetch(reinterpret_cast<const char*>(wr[r] + ahead + k / 2), _MM_HINT_T0);     \
         }                                                                                                          \
@@ -102,7 +111,8 @@ void block_portable(const Int4Args& a, int64_t n0, int nb, int64_t m0, int mb) {
       }                                                                                                            \
     }                                                                                                              \
     for (int i = 0; i < MB; ++i)                                                                                   \
-      for (int r = 0; r < NB; ++r) a.out[(m0 + i) * a.ldo + n0 + r] = _mm512_reduce_add_ps(accf[i][r]) * a.xs[m0 + i]; \
+      for (int r = 0; r < NB; ++r)                                                                                 \
+        a.out[(m0 + i) * a.ldo + n0 + r] = _mm512_reduce_add_ps(accf[i][r]) * a.xs[m0 + i] * a.unscale[m0 + i];  \
   }
 
 #define DIA_FAST_MADD_ADD(acc, x, w) _mm512_add_epi32(acc, _mm512_madd_epi16(x, w))
@@ -125,11 +135,12 @@ __attribute__((target("avx2,fma"))) void block_avx2(const Int4Args& a, int64_t n
   const int16_t* xr[MB];
   for (int i = 0; i < MB; ++i) xr[i] = a.xq + (m0 + i) * a.K;
   const __m256i low = _mm256_set1_epi16(0xF), eight = _mm256_set1_epi16(8);
-  for (int64_t g = 0; g < groups; ++g) {
+  for (int64_t g = 0; g < groups; ++g)
+  for (int64_t k0 = g * a.group, gend = k0 + a.group; k0 < gend; k0 += kChunk) {  // int32 sums per chunk
     __m256i acc[MB][NB];
     for (int i = 0; i < MB; ++i)
       for (int r = 0; r < NB; ++r) acc[i][r] = _mm256_setzero_si256();
-    for (int64_t k = g * a.group; k < (g + 1) * a.group; k += 64) {
+    for (int64_t k = k0, kend = std::min(gend, k0 + kChunk); k < kend; k += 64) {
       if ((k & 127) == 0) {
         for (int r = 0; r < NB; ++r) _mm_prefetch(reinterpret_cast<const char*>(wr[r] + ahead + k / 2), _MM_HINT_T0);
       }
@@ -156,7 +167,8 @@ __attribute__((target("avx2,fma"))) void block_avx2(const Int4Args& a, int64_t n
     }
   }
   for (int i = 0; i < MB; ++i)
-    for (int r = 0; r < NB; ++r) a.out[(m0 + i) * a.ldo + n0 + r] = hsum256(accf[i][r]) * a.xs[m0 + i];
+    for (int r = 0; r < NB; ++r)
+      a.out[(m0 + i) * a.ldo + n0 + r] = hsum256(accf[i][r]) * a.xs[m0 + i] * a.unscale[m0 + i];
 }
 
 using BlockFn = void (*)(const Int4Args&, int64_t, int64_t);
@@ -188,7 +200,7 @@ constexpr BlockFn kTable[kMBlock][kRowBlock] = {
 void int4_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* w, const float* scale,
                  int64_t group, int64_t N, float* out, int64_t ldo, int isa) {
   const RoundedRows rr = round_rows(x, M, K, ldx, 64);  // K is a multiple of 64: Kp == K
-  const Int4Args a{rr.xq.data(), rr.xs.data(), M, K, w, scale, group, N, out, ldo};
+  const Int4Args a{rr.xq.data(), rr.xs.data(), rr.unscale.data(), M, K, w, scale, group, N, out, ldo};
   const int64_t row_blocks = (N + kRowBlock - 1) / kRowBlock;
 #pragma omp parallel for schedule(static) if (N * K >= kParallelMinElements)
   for (int64_t b = 0; b < row_blocks; ++b) {

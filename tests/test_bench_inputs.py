@@ -237,7 +237,8 @@ def test_server_load_requires_a_dia_fast_health_answer(stub, capsys, status, bod
     else:
         assert rc == 2 and handler.paths == ["/health"]  # no request sent
         lines = err.splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: ") and f"answered {status}" in lines[0], err
+        assert len(lines) == 1 and lines[0].startswith("dia_fast.bench: error: "), err
+        assert f"answered {status}" in lines[0], err
 
 
 # -------------------------------------------------------------------------- 7. sub-modes: one-line errors, Ctrl-C

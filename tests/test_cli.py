@@ -487,3 +487,45 @@ def test_a_prompt_that_leaves_too_little_audio_for_the_text_is_an_error_about_th
     assert rc == 2 and "the audio prompt is too long for this text" in err and "at most 35.2 s" in err, err
     rc, _, err = _run(capsys, *base, "--speaker-file", speaker(3040))
     assert rc == 0, err
+
+
+@pytest.mark.parametrize(
+    ("module", "args", "start"),
+    [
+        ("dia_fast", ["[S1] Hi.", "--threads", "abc"], "dia_fast: error: argument --threads: invalid int value"),
+        ("dia_fast", ["[S1] Hi.", "--no-such-flag"], "dia_fast: error: unrecognized arguments: --no-such-flag"),
+        ("dia_fast.bench", ["--batch", "x"], "dia_fast.bench: error: argument --batch"),
+        ("dia_fast.serve", ["--port", "abc"], "dia_fast.serve: error: argument --port: invalid int value"),
+    ],
+)
+def test_argparse_mistakes_are_one_line_too(module, args, start):
+    """What argparse itself refuses (a bad type, an unknown flag) is one line and exit 2, in every program, as their
+    own checks are (not argparse's usage block)."""
+    r = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(start) and lines[0].endswith("(see --help)"), r.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--top-p", "2"], "top_p must be in (0, 1]"),
+        (["--temperature", "1e39"], "temperature must be a finite number >= 0"),
+        (["--cfg-filter-top-k", "0"], "cfg_filter_top_k must be >= 1"),
+        (["--max-new-tokens", "5"], "max_new_tokens=5 is too small"),
+        (["--max-new-tokens", "99999"], "exceeds the model's audio length"),
+        (["--min-new-tokens", "40", "--max-new-tokens", "40"], "min_new_tokens must be in [0, max_new_tokens - 16]"),
+    ],
+)
+def test_generation_options_are_checked_before_the_model_loads(tmp_path, capsys, args, message):
+    """Against the checkpoint's config.json, before its weights are read: a checkpoint whose weights file is garbage
+    still gets the option's error (loading it would fail first otherwise)."""
+    from dia_fast import DiaTTS
+
+    ck = DiaTTS.random("tiny", seed=0).save_pretrained(tmp_path / "ck", save_codec=False)
+    (ck / "model.safetensors").write_bytes(b"not weights")
+    rc, _, err = _run(capsys, "[S1] Hello there.", "--model", str(ck), "--out", str(tmp_path / "o.wav"), *args)
+    assert rc == 2 and "dia_fast: error:" in err and message in err, err
+    rc, _, err = _run(capsys, "[S1] Hello there.", "--out", str(tmp_path / "o.wav"), *args)  # the demo model too
+    assert rc == 2 and message in err and "random-weight" not in err, err  # (before the demo is built)

@@ -3,6 +3,8 @@ ISA this CPU runs against the PyTorch reference over ragged shapes, group sizes,
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -141,13 +143,12 @@ def test_batched_strided_and_empty_inputs():
 
 
 @needs_ext
-def test_shapes_the_kernel_does_not_take_run_the_reference():
-    """Groups of 32 columns (the kernel's blocks are 64), other dtypes, autograd: the reference's result."""
+def test_inputs_the_kernel_does_not_take_run_the_reference():
+    """Other dtypes: the reference's result; mismatched shapes and ISAs: errors."""
     g = torch.Generator().manual_seed(8)
     q = torch.randint(-7, 8, (5, 128), generator=g, dtype=torch.int8)
-    w, scale = reference.pack_int4(q), torch.rand(5, 4, generator=g) + 0.1  # 4 groups of 32
+    w, scale = reference.pack_int4(q), torch.rand(5, 2, generator=g) + 0.1
     x = torch.randn(2, 128, generator=g)
-    assert torch.equal(cpp.int4_linear(x, w, scale), reference.int4_linear(x, w, scale))
     xd = x.double()
     assert cpp.int4_linear(xd, w, scale).dtype == torch.float64
     with pytest.raises(ValueError, match="x has 64 features, the weight 128"):
@@ -182,3 +183,114 @@ def test_int4_linear_layer_matches_the_dequantized_linear():
     _close(ops.int4_linear(x, layer.weight_int4, layer.weight_scale, backend="torch"), x @ dense.t())
     layer.to(torch.float64)  # nn.Module casts float buffers: the scales stay fp32
     assert layer.weight_scale.dtype == torch.float32 and layer.weight_int4.dtype == torch.uint8
+
+
+@pytest.mark.parametrize(("K", "groups"), [(96, 3), (96, 1), (32, 1), (160, 1), (128, 4), (192, 2)])
+def test_k_and_the_group_must_be_multiples_of_64_on_every_backend(K, groups):
+    """The packing's blocks and the kernel's are 64 columns: any other K or group is the same ValueError from the
+    op, its C++ wrapper and the reference (the wrapper hands these to the reference, which checks)."""
+    g = torch.Generator().manual_seed(16)
+    w = torch.randint(0, 256, (3, K // 2), generator=g, dtype=torch.uint8)
+    scale, x = torch.rand(3, groups, generator=g) + 0.1, torch.randn(2, K, generator=g)
+    message = f"int4_linear: K and the group must be multiples of 64, got K {K} in {groups} groups of {K // groups}"
+    backends = [reference.int4_linear, cpp.int4_linear, ops.int4_linear]
+    backends.append(lambda *args: ops.int4_linear(*args, backend="torch"))
+    for fn in backends:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            fn(x, w, scale)
+    if K % 64:
+        with pytest.raises(ValueError, match=f"multiple of 64 columns, got {K}"):
+            reference.unpack_int4(w)
+
+
+@needs_ext
+@pytest.mark.parametrize("isa", [0, 1, 2, 3])
+@pytest.mark.parametrize(
+    ("lead", "K", "N", "groups"),
+    [((0,), 128, 5, 2), ((2, 0), 64, 3, 1), ((3,), 128, 0, 2), ((3,), 0, 4, 1), ((2, 3), 0, 2, 1), ((0,), 0, 0, 1)],
+)
+def test_empty_shapes_and_no_columns(lead, K, N, groups, isa):
+    """M, N or K = 0, with and without out= (prefilled with NaN): the reference's result. K = 0 is an empty sum,
+    zeros, which the kernel is never called for (the output must still be written)."""
+    if isa not in _isas():
+        pytest.skip(f"this CPU does not run ISA {isa}")
+    g = torch.Generator().manual_seed(17)
+    x = torch.randn(*lead, K, generator=g)
+    w = reference.pack_int4(torch.randint(-8, 8, (N, K), generator=g, dtype=torch.int8))
+    scale = torch.rand(N, groups, generator=g) + 0.5
+    want = reference.int4_linear(x, w, scale)
+    assert want.shape == (*lead, N) and (K or bool((want == 0).all()))
+    got = cpp.int4_linear(x, w, scale, isa=isa)
+    assert got.shape == want.shape and got.dtype == want.dtype and torch.equal(got, want)
+    out = torch.full(want.shape, float("nan"))
+    assert cpp.int4_linear(x, w, scale, out=out, isa=isa) is out and torch.equal(out, want)
+    strided = torch.full((*lead, 2 * N), float("nan"))[..., ::2]  # not contiguous (when not empty): copied into
+    assert cpp.int4_linear(x, w, scale, out=strided, isa=isa) is strided and torch.equal(strided, want)
+
+
+def _exact(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The reference's definition, x @ W.T with W the dequantized weights, in float64, rounded once to fp32."""
+    dense = reference.unpack_int4(w).double() * scale.double().repeat_interleave(w.shape[1] * 2 // scale.shape[1], 1)
+    return (x.double() @ dense.t()).float()
+
+
+@needs_ext
+@pytest.mark.parametrize("isa", [0, 1, 2, 3])
+@pytest.mark.parametrize(
+    ("K", "groups"),
+    [
+        (8192, 1),  # the largest int32 chunk: 8192 x 32767 x 8 = 2147418112 < 2^31
+        (8256, 1),  # one chunk and 64 columns: the portable sum overflowed int32 here
+        (9600, 1),
+        (16512, 2),  # chunks that start inside a group, each group with its own scale
+        (65600, 1),  # past 65536: an AVX2 lane's int32 sum overflowed
+        (131136, 1),  # past 131072: an AVX-512 lane's
+    ],
+)
+def test_large_groups_do_not_overflow_the_integer_sums(K, groups, isa):
+    """Every product at its largest (x at its row max, so rounded to +-32767, times w = -8) in groups of up to 2^17
+    columns: the int32 sums are flushed every 8192 columns, so none can wrap."""
+    if isa not in _isas():
+        pytest.skip(f"this CPU does not run ISA {isa}")
+    x = torch.ones(3, K)
+    x[1] = -1.0
+    x[2, 1::2] = -1.0  # a row whose sums cancel: exactly 0 per group
+    q = torch.full((3, K), -8, dtype=torch.int8)
+    q[2] = 7
+    w = reference.pack_int4(q)
+    scale = torch.rand(3, groups, generator=torch.Generator().manual_seed(18)) + 0.5
+    want = _exact(x, w, scale)
+    torch.testing.assert_close(cpp.int4_linear(x, w, scale, isa=isa), want, rtol=1e-6, atol=0)
+    _close(reference.int4_linear(x, w, scale), want)
+
+
+@needs_ext
+@pytest.mark.parametrize("isa", [0, 1, 2, 3])
+@pytest.mark.parametrize(
+    ("amax", "scale_size"),
+    [
+        ([1.0, 2.0**-64, 2.0**-64 * (1 - 2.0**-24), 1e-36, 1e-40, 2.0**-149 * 1000, 2.0**-149], 1.0),
+        ([1e37, 3.0e38, 1.0], 1e-6),
+    ],
+)
+def test_tiny_large_and_subnormal_rows(amax, scale_size, isa):
+    """Rows with a tiny max |x| (down to the smallest subnormal) keep their relative accuracy; rows so large that
+    the unscaled sums would overflow fp32 give the finite result of the dequantized weights (the group scales are
+    applied before the row's), as does the fp32 reference."""
+    if isa not in _isas():
+        pytest.skip(f"this CPU does not run ISA {isa}")
+    K, N, group = 256, 7, 128
+    g = torch.Generator().manual_seed(19)
+    base = torch.randn(len(amax), K, generator=g, dtype=torch.float64)
+    x = (base / base.abs().amax(dim=1, keepdim=True) * torch.tensor(amax, dtype=torch.float64)[:, None]).float()
+    w = reference.pack_int4(torch.randint(-8, 8, (N, K), generator=g, dtype=torch.int8))
+    scale = (torch.rand(N, K // group, generator=g) * 0.5 + 0.5) * scale_size
+    want = _exact(x, w, scale)
+    assert bool(want.isfinite().all()) and bool((want != 0).any(dim=1).all())
+    got = cpp.int4_linear(x, w, scale, isa=isa)
+    for m in range(len(amax)):
+        atol = float(want[m].abs().max()) * 1e-4 + 2.0**-149  # plus one subnormal rounding
+        torch.testing.assert_close(got[m], want[m], rtol=1e-4, atol=atol, msg=f"row {m}: max|x| {amax[m]}")
+    if scale_size < 1:  # x @ the unscaled weights overflows fp32; the fp32 reference dequantizes first
+        assert not bool((x.double() @ reference.unpack_int4(w).double().t()).abs().max() < 3.4e38)
+        _close(reference.int4_linear(x, w, scale), want)

@@ -178,3 +178,87 @@ def test_int8_linear_layer_matches_the_dequantized_linear():
     torch.testing.assert_close(ops.int8_linear(x, layer.weight_int8, layer.weight_scale, backend="torch"), x @ deq.t())
     layer.to(torch.bfloat16)  # a model-wide cast keeps the scales in fp32
     assert layer.weight_scale.dtype == torch.float32 and layer.weight_int8.dtype == torch.int8
+
+
+@needs_ext
+@pytest.mark.parametrize("isa", [0, 1, 2, 3])
+@pytest.mark.parametrize(
+    ("lead", "K", "N"),
+    [((0,), 40, 6), ((2, 0), 40, 6), ((3,), 40, 0), ((3,), 0, 6), ((2, 3), 0, 5), ((1,), 0, 1), ((0,), 0, 0)],
+)
+def test_empty_shapes_and_no_columns(lead, K, N, isa):
+    """M, N or K = 0, with and without out= (prefilled with NaN): the reference's result. K = 0 is an empty sum,
+    zeros, which the kernel is never called for (the output must still be written)."""
+    if isa not in _isas():
+        pytest.skip(f"this CPU does not run ISA {isa}")
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(*lead, K, generator=g)
+    w = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+    scale = torch.rand(N, generator=g) + 0.5
+    want = reference.int8_linear(x, w, scale)
+    assert want.shape == (*lead, N) and (K or bool((want == 0).all()))
+    got = cpp.int8_linear(x, w, scale, isa=isa)
+    assert got.shape == want.shape and got.dtype == want.dtype and torch.equal(got, want)
+    out = torch.full(want.shape, float("nan"))
+    assert cpp.int8_linear(x, w, scale, out=out, isa=isa) is out and torch.equal(out, want)
+    strided = torch.full((*lead, 2 * N), float("nan"))[..., ::2]  # not contiguous (when not empty): copied into
+    assert cpp.int8_linear(x, w, scale, out=strided, isa=isa) is strided and torch.equal(strided, want)
+
+
+def _exact(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The reference's definition, x @ (w * scale).T, in float64, rounded once to fp32 (reference.int8_linear
+    computes in fp32: its products of subnormal x round, and x @ w.T can overflow before the scale)."""
+    return (x.double() @ (w.double() * scale.double()[:, None]).t()).float()
+
+
+def _rows_scaled_to(amax: list[float], K: int, seed: int) -> torch.Tensor:
+    """fp32 rows of random values whose max |x| is each of ``amax`` (computed in float64, then rounded)."""
+    base = torch.randn(len(amax), K, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    base = base / base.abs().amax(dim=1, keepdim=True)
+    return (base * torch.tensor(amax, dtype=torch.float64)[:, None]).float()
+
+
+# max |x| of rows around the kernel's tiny-row threshold (2^-64), below ~9.6e-35 (where 32767 / max|x| overflows
+# fp32), subnormal, and the smallest subnormal (its row holds only 0 and +-2^-149)
+TINY_ROWS = [1.0, 2.0**-64, 2.0**-64 * (1 - 2.0**-24), 1e-30, 1e-36, 1e-40, 2.0**-149 * 1000, 2.0**-149]
+SUBNORMAL_ULP = 2.0**-149
+
+
+@needs_ext
+@pytest.mark.parametrize("isa", [0, 1, 2, 3])
+def test_tiny_and_subnormal_rows_keep_their_relative_accuracy(isa):
+    """Rows with a tiny max |x| are scaled up by 2^64 before rounding (exact), then the output back down: each row
+    is within the kernel's tolerance of its own scale (plus one subnormal rounding), not 0."""
+    if isa not in _isas():
+        pytest.skip(f"this CPU does not run ISA {isa}")
+    K, N = 100, 9
+    x = _rows_scaled_to(TINY_ROWS, K, seed=12)
+    g = torch.Generator().manual_seed(13)
+    w = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+    scale = torch.rand(N, generator=g) * 0.5 + 0.5
+    want = _exact(x, w, scale)
+    assert bool((want != 0).any(dim=1).all())
+    got = cpp.int8_linear(x, w, scale, isa=isa)
+    for m in range(len(TINY_ROWS)):
+        atol = float(want[m].abs().max()) * 1e-4 + SUBNORMAL_ULP
+        torch.testing.assert_close(got[m], want[m], rtol=1e-4, atol=atol, msg=f"row {m}: max|x| {TINY_ROWS[m]}")
+
+
+@needs_ext
+@pytest.mark.parametrize("isa", [0, 1, 2, 3])
+def test_large_activations_give_the_finite_result_of_the_dequantized_weights(isa):
+    """x @ weight.T alone overflows fp32 here, x @ (weight * scale).T does not: the kernel applies the weight scale
+    before the row's scale, and the fp32 reference dequantizes first, so both are finite and agree."""
+    if isa not in _isas():
+        pytest.skip(f"this CPU does not run ISA {isa}")
+    K, N = 64, 5
+    x = _rows_scaled_to([1e37, 3.0e38, 1.0], K, seed=14)
+    w = torch.full((N, K), 127, dtype=torch.int8)
+    w[1::2] = torch.randint(-128, 128, (N // 2, K), generator=torch.Generator().manual_seed(15), dtype=torch.int8)
+    scale = torch.full((N,), 1e-6)
+    want = _exact(x, w, scale)
+    assert bool(want.isfinite().all()) and not bool((x[1].double() @ w.double().t()).abs().max() < 3.4e38)
+    _close(reference.int8_linear(x, w, scale), want)
+    got = cpp.int8_linear(x, w, scale, isa=isa)
+    for m in range(3):
+        torch.testing.assert_close(got[m], want[m], rtol=1e-4, atol=float(want[m].abs().max()) * 1e-4)

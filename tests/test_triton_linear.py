@@ -99,6 +99,32 @@ def test_int8_linear_keeps_leading_dims_and_writes_out():
     assert empty.shape == (0, 48)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    ("lead", "N", "K"), [((0,), 8, 32), ((2, 0), 8, 32), ((3,), 0, 32), ((3,), 8, 0), ((2, 3), 5, 0), ((0,), 0, 0)]
+)
+def test_empty_shapes_and_no_columns(lead, N, K, dtype):
+    """M, N or K = 0 launch nothing: the reference's empty result, or zeros for K = 0 (an empty sum), also into
+    out= (prefilled with NaN)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(*lead, K, generator=g).to(dtype).to(DEVICE)
+    w = torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8).to(DEVICE)
+    s = (torch.rand(N, generator=g) + 0.5).to(DEVICE)
+    want = ref.int8_linear(x, w, s)
+    assert want.shape == (*lead, N) and (K or bool((want == 0).all()))
+    got = tl_lin.int8_linear(x, w, s)
+    assert got.shape == want.shape and got.dtype == want.dtype and torch.equal(got, want)
+    out = torch.full(want.shape, float("nan"), dtype=dtype, device=DEVICE)
+    assert tl_lin.int8_linear(x, w, s, out=out) is out and torch.equal(out, want)
+
+
+@pytest.mark.parametrize(("m_blocks", "n", "k"), [(0, 8, 128), (1, 0, 1024), (1, 8, 0), (0, 0, 0)])
+def test_the_split_count_of_empty_shapes_is_a_power_of_two(m_blocks, n, k):
+    """No programs (N or M = 0) or no K blocks: still a valid split count (such shapes are not launched)."""
+    splits = tl_lin.int8_linear_splits(m_blocks, n, k, 4)
+    assert 1 <= splits <= tl_lin.DEFAULT_CONFIG.max_splits and splits & (splits - 1) == 0
+
+
 def test_int8_linear_rejects_bad_input():
     x, w, s = _case(2, 8, 32, torch.float32)
     with pytest.raises(ValueError, match="int8 \\[N, K\\] weights"):

@@ -328,6 +328,11 @@ def test_conversation_bad_inputs(tts, pool):
     ):
         with pytest.raises(ValueError, match=match):  # when built, not at generation
             Conversation(long, None, pool, **bad)
+    for bad in (dict(max_chunk_seconds=-1), dict(max_chunk_seconds=float("nan")), dict(chars_per_second=0)):
+        with pytest.raises(ValueError, match="must be a finite number > 0"):  # a short text too (it needs no split)
+            Conversation("[S1] Hello there.", None, pool, **bad)
+    with pytest.raises(TypeError, match="max_chunk_seconds must be a number"):
+        Conversation("[S1] Hello there.", None, pool, max_chunk_seconds="x")
     # max_new_tokens limits each generation, as in DiaTTS.generate: it splits nothing (it once cut this into words)
     text = "[S1] Wonderful weather today, isn't it?"
     assert Conversation(text, None, pool, max_new_tokens=60).chunks == [text]

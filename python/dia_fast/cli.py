@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
+from .cliparse import OneLineParser
 from .paths import real_path, unwritable_dir, unwritable_file
 
 
@@ -42,7 +43,8 @@ def _path(value: str) -> Path:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
+        error_prefix="dia_fast",
         prog="python -m dia_fast",
         description="Speak text with the Dia TTS model (or a random demo model) and write a WAV file.",
         epilog='Example: python -m dia_fast "[S1] Hello there. [S2] Hi!" --out hello.wav',
@@ -182,6 +184,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--loudness must be between -70 and 0 LUFS, got {args.loudness}")
     if not math.isfinite(args.crossfade_ms) or args.crossfade_ms < 0:
         raise UsageError(f"--crossfade-ms must be a finite number >= 0, got {args.crossfade_ms}")
+    _check_generation_options(args)
     # the output is checked before any work: format, directory, permission
     from .audio import AUDIO_FORMATS, audio_format_for
 
@@ -202,6 +205,26 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.save_speaker is not None:
         _raise_if(unwritable_file("--save-speaker", args.save_speaker, "voice.safetensors"))
     _check_outputs_apart(args, speaking=True)
+
+
+def _check_generation_options(args: argparse.Namespace) -> None:
+    """The sampling and length options, before the model loads (the errors generate would give after it): the
+    lengths against the model's delay pattern and audio length, read from the preset or the checkpoint's
+    config.json (without a voice prompt, which only shortens the budget: generate checks the rest)."""
+    from .config import DiaConfig
+    from .generation.generate import check_step_budget
+    from .generation.sampling import SamplingConfig
+
+    SamplingConfig(args.cfg_scale, args.temperature, args.top_p, args.cfg_filter_top_k, not args.greedy)
+    if args.model is None:
+        data = DiaConfig.preset(args.demo_preset).data
+    else:
+        path = Path(args.model).expanduser()
+        config = (path if path.is_dir() else path.parent) / "config.json"
+        if not config.is_file():  # a hub id, or a checkpoint the loader reports on
+            return
+        data = DiaConfig.from_json(config).data
+    check_step_budget(data, 0, args.max_new_tokens, 0 if args.min_new_tokens is None else args.min_new_tokens)
 
 
 def _raise_if(problem: str | None) -> None:

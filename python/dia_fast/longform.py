@@ -167,6 +167,18 @@ def split_text(text: str, max_bytes: int, max_chars: int | None = None) -> list[
     return [c.text for c in split_text_spans(text, max_bytes, max_chars)]
 
 
+def _check_rates(chars_per_second: object, max_chunk_seconds: object) -> None:
+    """``chars_per_second`` a finite number > 0, ``max_chunk_seconds`` one too or None: else a TypeError /
+    ValueError naming it."""
+    for name, value in (("chars_per_second", chars_per_second), ("max_chunk_seconds", max_chunk_seconds)):
+        if value is None and name == "max_chunk_seconds":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a number, got {value!r}")
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a finite number > 0, got {value}")
+
+
 def chunk_budget(
     tts: DiaTTS,
     *,
@@ -184,11 +196,7 @@ def chunk_budget(
     the delay pattern's tail of ``max_delay + 1`` steps, capped at ``max_chunk_seconds``.
     Raises ``ValueError`` when nothing is left.
     """
-    for name, value in (("chars_per_second", chars_per_second), ("max_chunk_seconds", max_chunk_seconds)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise TypeError(f"{name} must be a number, got {value!r}")
-        if value is not None and not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    _check_rates(chars_per_second, max_chunk_seconds)
     data = tts.config.data
     max_bytes = data.text_length
     if prompt_text and prompt_text.strip():
@@ -273,6 +281,7 @@ def pieces(
     """
     if not text.strip():
         raise ValueError("text is empty: give at least one character to speak")
+    _check_rates(chars_per_second, max_chunk_seconds)  # also when the text needs no split
 
     def split(frames: int) -> list[str]:
         kw = dict(prompt_text=prompt_text, prompt_frames=frames, chars_per_second=chars_per_second)

@@ -25,6 +25,7 @@ import torch
 
 from .. import ops
 from .._version import __version__
+from ..cliparse import OneLineParser
 from ..codec import AudioCodec, load_codec
 from ..config import DataConfig, DiaConfig
 from ..devices import keep_torch_threads, resolve_device, resolve_dtype, use_default_cpu_threads
@@ -630,7 +631,8 @@ def _check_modes(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
 
 def parse_args(argv: list[str] | None = None) -> BenchOptions:
     """Command-line options -> :class:`BenchOptions`."""
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
+        error_prefix="dia_fast.bench",
         prog="python -m dia_fast.bench",
         description="Benchmark dia_fast against transformers' Dia on identical weights (same process).",
         epilog="--compile-report [--arch sm_90] [--json F] [--quiet]: registers, spills and shared memory of every "
@@ -813,7 +815,7 @@ def main(argv: list[str] | None = None) -> int:
                 return server_load_main(args)
             run_bench(parse_args(argv))
         except (ValueError, FileNotFoundError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"dia_fast.bench: error: {exc}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print("dia_fast.bench: interrupted", file=sys.stderr)

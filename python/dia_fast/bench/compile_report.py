@@ -42,6 +42,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from ..cliparse import OneLineParser
 from ..paths import unwritable_file
 
 __all__ = ["ARCHS", "Arch", "compile_report", "main", "parse_arch", "parse_args", "table"]
@@ -674,7 +675,8 @@ def _child(args: argparse.Namespace) -> int:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The options of :func:`main`, checked before any compile (one-line errors, exit 2)."""
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
+        error_prefix="dia_fast.bench",
         prog="python -m dia_fast.bench --compile-report",
         description="Registers, spills and shared memory of every Triton kernel dia_fast launches at Dia-1.6B "
         "shapes, compiled for a GPU architecture (no GPU needed).",
@@ -707,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
             return _child(a)
         rows = compile_report(a.arch, sm_count=a.sm_count, dtype=a.dtype, jobs=a.jobs, verbose=not a.quiet)
     except (ValueError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"dia_fast.bench: error: {exc}", file=sys.stderr)
         return 2
     if a.json_path:
         from .report import write_json

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .._version import __version__
+from ..cliparse import OneLineParser
 from ..paths import unwritable_file
 from .report import write_json
 
@@ -127,7 +128,11 @@ def run_server_load(
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dia_fast.bench --server-load", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(
+        error_prefix="dia_fast.bench",
+        prog="python -m dia_fast.bench --server-load",
+        description=__doc__.split("\n\n")[0],
+    )
     p.add_argument("--server-load", action="store_true", help=argparse.SUPPRESS)
     p.add_argument(
         "--url",
@@ -199,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     if a.url and (problem := _health_problem(a.url)):  # reachable and answering, before any timing
-        print(f"error: {problem}", file=sys.stderr)
+        print(f"dia_fast.bench: error: {problem}", file=sys.stderr)
         return 2
     with contextlib.ExitStack() as stack:
         url = a.url or stack.enter_context(_local_server(a.max_batch, a.max_queue))

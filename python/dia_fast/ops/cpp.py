@@ -277,11 +277,12 @@ def int8_linear(
     """:func:`dia_fast.ops.reference.int8_linear` in C++ for float32 CPU activations (others: the reference).
 
     Each row of ``x`` is rounded to 16-bit integers against its own max |x| inside the kernel (relative error
-    at most 2^-16 of that max) and the products are summed exactly in integers, so the result differs from the
-    reference's fp32 sum by about 3e-5 of the output's scale (csrc/linear.cpp). Rows holding NaN or inf are
-    computed in fp32. ``out``: as in the reference (an fp32 CPU tensor of the result's shape; written directly
-    when it is contiguous, else copied into). ``isa``: -1 the best this CPU runs, 0 portable, 1 AVX2, 2 AVX-512,
-    3 AVX-512 VNNI (tests).
+    at most 2^-16 of that max, also for tiny and subnormal rows) and the products are summed exactly in integers,
+    then scaled by ``scale``, then by the row's scale (finite wherever the result is), so the result differs from
+    the reference's fp32 sum by about 3e-5 of the output's scale (csrc/linear.cpp). Rows holding NaN or inf are
+    computed in fp32. K = 0 gives zeros. ``out``: as in the reference (an fp32 CPU tensor of the result's shape;
+    written directly when it is contiguous, else copied into). ``isa``: -1 the best this CPU runs, 0 portable,
+    1 AVX2, 2 AVX-512, 3 AVX-512 VNNI (tests).
     """
     if not _weight_only_args(x, weight, torch.int8, scale):
         return reference.int8_linear(x, weight, scale, out=out)
@@ -301,13 +302,14 @@ def int4_linear(
     """:func:`dia_fast.ops.reference.int4_linear` in C++ for float32 CPU activations (others: the reference).
 
     As :func:`int8_linear`: each row of ``x`` is rounded to 16-bit integers against its max |x|, each group's
-    products are summed exactly in integers, then scaled in fp32 (about 3e-5 of the output's scale from the
-    reference). The kernel takes K and the group as multiples of 64; other shapes run the reference."""
+    products are summed exactly in integers (in chunks of 8192 columns for larger groups), then scaled in fp32
+    (about 3e-5 of the output's scale from the reference). K and the group must be multiples of 64 (the
+    reference's error otherwise, as on every backend)."""
     if not _weight_only_args(x, weight, torch.uint8, scale) or scale.ndim != 2 or scale.shape[0] != weight.shape[0]:
         return reference.int4_linear(x, weight, scale, out=out)
     N, K, groups = weight.shape[0], 2 * weight.shape[1], scale.shape[1]
     if x.shape[-1] != K or groups == 0 or K % groups or (K // groups) % reference.INT4_BLOCK:
-        return reference.int4_linear(x, weight, scale, out=out)  # raises for a mismatch; odd groups: the reference
+        return reference.int4_linear(x, weight, scale, out=out)  # raises its error
 
     def call(x_ptr: int, M: int, w_ptr: int, s_ptr: int, y_ptr: int, kernel_isa: int) -> None:
         _lib().int4_linear(x_ptr, M, K, w_ptr, s_ptr, K // groups, N, y_ptr, kernel_isa)
@@ -354,6 +356,8 @@ def _weight_only_gemm(
     M = x2.numel() // K if K else 0
     if M and N:
         call(x2.data_ptr(), M, w.data_ptr(), s.data_ptr(), y.data_ptr(), best if isa < 0 else isa)
+    elif K == 0:
+        y.zero_()  # no columns: empty sums (the kernel is not called)
     return out.copy_(y) if out is not None and not direct else y
 
 

@@ -631,7 +631,8 @@ def int8_linear(
 ) -> torch.Tensor:
     """Weight-only int8 linear: ``x @ (weight * scale[:, None]).T`` with ``weight`` int8 [N, K] and ``scale``
     fp32 [N] (one per output row); ``x`` [..., K] in any float dtype, result in ``x``'s dtype (written into ``out``
-    and returned when it is given: the result's shape and dtype). Dequantizes the whole weight for each call: the
+    and returned when it is given: the result's shape and dtype). Dequantizes the whole weight for each call, in fp32
+    (so the result is finite wherever ``x @ W.T`` is, even when ``x @ weight.T`` alone would overflow): the
     definition, not a fast path."""
     if weight.dtype != torch.int8 or weight.ndim != 2 or scale.shape != (weight.shape[0],):
         raise ValueError(
@@ -640,8 +641,8 @@ def int8_linear(
         )
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"int8_linear: x has {x.shape[-1]} features, the weight {weight.shape[1]}")
-    result = (torch.nn.functional.linear(x.float(), weight.float()) * scale.float()).to(x.dtype)
-    return _into(out, result, "int8_linear")
+    dense = weight.float().mul_(scale.float()[:, None])
+    return _into(out, torch.nn.functional.linear(x.float(), dense).to(x.dtype), "int8_linear")
 
 
 def _into(out: torch.Tensor | None, result: torch.Tensor, op: str) -> torch.Tensor:
@@ -672,6 +673,8 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """The inverse of :func:`pack_int4`: uint8 [N, K / 2] -> int8 [N, K] in [-8, 7]."""
     N, half = packed.shape
+    if half % (INT4_BLOCK // 2):
+        raise ValueError(f"int4 packing needs a multiple of {INT4_BLOCK} columns, got {2 * half}")
     blocks = packed.view(N, half // (INT4_BLOCK // 2), 1, INT4_BLOCK // 2)
     u = torch.cat([blocks & 0xF, blocks >> 4], dim=2)
     return (u.to(torch.int16) - 8).to(torch.int8).reshape(N, 2 * half)
@@ -684,7 +687,8 @@ def int4_linear(
     scale[n, k // group]``, ``weight`` the packed int4 values ([N, K / 2] uint8, :func:`pack_int4`), ``scale`` fp32
     [N, K / group] (the group is K over its columns). ``x`` [..., K] in any float dtype, result in ``x``'s dtype
     (written into ``out`` and returned when it is given). Dequantizes the whole weight for each call: the
-    definition, not a fast path."""
+    definition, not a fast path. K and the group must be multiples of 64 (:func:`pack_int4`'s blocks, the C++
+    kernel's): every backend falls back to this function, so this is the op's one check."""
     if weight.dtype != torch.uint8 or weight.ndim != 2 or scale.ndim != 2 or scale.shape[0] != weight.shape[0]:
         raise ValueError(
             f"int4_linear takes packed uint8 [N, K/2] weights and [N, groups] scales, got {weight.dtype} "
@@ -694,6 +698,11 @@ def int4_linear(
     if x.shape[-1] != K or scale.shape[1] == 0 or K % scale.shape[1]:
         raise ValueError(
             f"int4_linear: x has {x.shape[-1]} features, the weight {K} in {scale.shape[1]} groups of scales"
+        )
+    if (K // scale.shape[1]) % INT4_BLOCK:  # K too, as a multiple of the group
+        raise ValueError(
+            f"int4_linear: K and the group must be multiples of {INT4_BLOCK}, got K {K} in {scale.shape[1]} groups "
+            f"of {K // scale.shape[1]}"
         )
     dense = unpack_int4(weight).float() * scale.float().repeat_interleave(K // scale.shape[1], dim=1)
     return _into(out, torch.nn.functional.linear(x.float(), dense).to(x.dtype), "int4_linear")

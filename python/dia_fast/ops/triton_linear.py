@@ -14,10 +14,14 @@ output columns alone make too few programs to fill the GPU, the columns' sums ar
 summed in a fixed order by a second launch: deterministic, and with no host sync, so a decode step with it can be
 captured in a CUDA graph. Runs on CUDA and, for tests, on CPU tensors in the Triton interpreter
 (``TRITON_INTERPRET=1``), where fp32 and fp16 ``tl.dot`` are exact and bf16 is not: bf16 is tested on a GPU. Every
-load and store is masked, so any M, N and K work."""
+load and store is masked, so any M, N and K work (empty shapes and K = 0 return the reference's empty or zero result
+without a launch). The sums ``x @ weight.T`` are scaled after they are summed (scaled weights would round to the
+activations' dtype in ``tl.dot``): fp32 / bf16 activations so large that a sum overflows fp32 (|x| above about
+3e38 / (128 K)) give inf where the reference, which dequantizes first, can be finite."""
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -114,7 +118,7 @@ def int8_linear_splits(m_blocks: int, n: int, k: int, sm_count: int, config: Int
     """Splits of K: enough programs for about two waves of ``sm_count`` SMs, each split at least one K block,
     a power of two, at most ``config.max_splits``. Depends on shapes only (a captured step replays the same
     launches)."""
-    programs = m_blocks * triton.cdiv(n, config.block_n)
+    programs = max(1, m_blocks * triton.cdiv(n, config.block_n))  # 0 for empty shapes (never launched)
     want = max(1, (2 * sm_count) // programs)
     splits = 1
     while splits * 2 <= min(want, config.max_splits, triton.cdiv(k, config.block_k)):
@@ -131,8 +135,9 @@ def int8_linear(
     config: Int8LinearConfig | None = None,
 ) -> torch.Tensor:
     """Weight-only int8 linear ``x @ (weight * scale[:, None]).T`` (int8 [N, K] weights, fp32 scale per row),
-    result in ``x``'s dtype; the semantics of :func:`dia_fast.ops.reference.int8_linear` (fp32 sums, then the
-    scale), for any number of rows. ``config``: launch settings (benchmarks)."""
+    result in ``x``'s dtype; the semantics of :func:`dia_fast.ops.reference.int8_linear` (here fp32 sums, then the
+    scale: see the module's note on overflow), for any number of rows, columns and K. ``config``: launch settings
+    (benchmarks)."""
     cfg = DEFAULT_CONFIG if config is None else config
     bad_weight = weight.dtype != torch.int8 or weight.ndim != 2 or scale.shape != weight.shape[:1]
     if bad_weight or x.shape[-1] != weight.shape[1]:
@@ -142,10 +147,10 @@ def int8_linear(
         raise ValueError(f"int8_linear: x must be float32, float16 or bfloat16, got {x.dtype}")
     if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("Triton int8_linear runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)")
-    x2 = x.reshape(-1, K)
-    M = x2.shape[0]
-    if M == 0 or K == 0:
-        return reference.int8_linear(x, weight, scale, out=out)
+    M = x.numel() // K if K else math.prod(x.shape[:-1])
+    if M == 0 or N == 0 or K == 0:
+        return reference.int8_linear(x, weight, scale, out=out)  # nothing to launch: empty, or zeros (no columns)
+    x2 = x.reshape(M, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     w = weight if weight.stride(-1) == 1 else weight.contiguous()

@@ -7,11 +7,13 @@ import logging
 import sys
 from pathlib import Path
 
+from ..cliparse import OneLineParser
 from .settings import ServerSettings
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
+        error_prefix="dia_fast.serve",
         prog="python -m dia_fast.serve",
         description="OpenAI-compatible speech server for Dia with continuous batching and streaming.",
         epilog="Without --model it serves a random-weight tiny demo model (the audio is not speech).",
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.replicas < 1 or (args.max_replicas is not None and args.max_replicas < args.replicas):
             raise ValueError("--replicas must be >= 1 and --max-replicas >= --replicas")
     except ValueError as exc:
-        print(f"python -m dia_fast.serve: {exc}", file=sys.stderr)
+        print(f"dia_fast.serve: error: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.ray:

@@ -1,0 +1,21 @@
+"""argparse for the command-line programs: a usage mistake is one line, ``PROGRAM: error: MESSAGE``, and exit 2
+(argparse's own error prints the whole usage block first)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import NoReturn
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors print ``{error_prefix}: error: {message} (see --help)`` on one line and exit
+    with status 2, as the programs' own checks do."""
+
+    def __init__(self, *args: object, error_prefix: str, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.error_prefix = error_prefix
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.error_prefix}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)

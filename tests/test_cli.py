@@ -43,7 +43,7 @@ def test_an_empty_path_is_an_error_not_the_current_directory(capsys, flag):
     with pytest.raises(SystemExit) as exit_:
         main(["[S1] Hi.", flag, ""])
     err = capsys.readouterr().err
-    assert exit_.value.code == 2 and flag in err and err.strip().endswith("empty value"), err
+    assert exit_.value.code == 2 and flag in err and "empty value" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_a_text_file_with_a_byte_order_mark_and_the_rate_an_opus_file_is_written_at(tmp_path, capsys):

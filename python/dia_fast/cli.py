@@ -184,7 +184,6 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--loudness must be between -70 and 0 LUFS, got {args.loudness}")
     if not math.isfinite(args.crossfade_ms) or args.crossfade_ms < 0:
         raise UsageError(f"--crossfade-ms must be a finite number >= 0, got {args.crossfade_ms}")
-    _check_generation_options(args)
     # the output is checked before any work: format, directory, permission
     from .audio import AUDIO_FORMATS, audio_format_for
 
@@ -205,6 +204,7 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.save_speaker is not None:
         _raise_if(unwritable_file("--save-speaker", args.save_speaker, "voice.safetensors"))
     _check_outputs_apart(args, speaking=True)
+    _check_generation_options(args)
 
 
 def _check_generation_options(args: argparse.Namespace) -> None:

@@ -368,3 +368,44 @@ def test_crossfade_join_edge_cases():
             crossfade_join([x], 1000, bad)
     with pytest.raises(ValueError, match="1-D"):
         crossfade_join([np.zeros((2, 2), np.float32)], 1000)
+
+
+def test_write_audio_refuses_what_no_reader_or_encoder_takes(tmp_path):
+    """No samples (FLAC, MP3 and Opus would write unreadable files), and rates over a format's highest (libvorbis
+    kills the process above 200 kHz): a ValueError before anything is written."""
+    from dia_fast.audio import MAX_RATES, write_audio
+
+    tone = np.zeros(1000, np.float32)
+    for name, top in MAX_RATES.items():
+        if name == "wav":
+            continue  # (its bound is the header field's; a file that large is not a test's)
+        with pytest.raises(ValueError, match=f"{name} takes sample rates up to {top} Hz"):
+            write_audio(tmp_path / f"x.{name}", tone, top + 1)
+        write_audio(tmp_path / f"ok.{name}", tone, top)  # the bound itself is written
+    for name in ("wav", "flac", "ogg", "opus", "mp3"):
+        with pytest.raises(ValueError, match="no samples"):
+            write_audio(tmp_path / f"e.{name}", np.zeros(0, np.float32), 44100)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.flac", "ok.ogg"]
+
+
+def test_a_replaced_file_keeps_its_permissions(tmp_path):
+    import stat
+
+    from dia_fast.audio import write_audio
+
+    path = tmp_path / "private.wav"
+    write_audio(path, np.zeros(100, np.float32), 16000)
+    os.chmod(path, 0o600)
+    write_audio(path, np.ones(100, np.float32) * 0.5, 16000)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_reading_a_few_samples_at_a_lower_rate_is_an_error_not_empty(tmp_path):
+    from dia_fast.audio import AudioFormatError, read_audio
+
+    path = tmp_path / "one.wav"
+    sf.write(path, np.full(1, 0.5, np.float32), 48000)
+    with pytest.raises(AudioFormatError, match="has no samples at 16000 Hz"):
+        read_audio(path, target_rate=16000)
+    samples, rate = read_audio(path)
+    assert samples.shape == (1,) and rate == 48000

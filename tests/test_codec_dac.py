@@ -298,6 +298,27 @@ def test_descript_strict_keys(hf_tiny, tmp_path: Path) -> None:
         DacCodec.from_pretrained(tmp_path / "broken.pth")
 
 
+def test_descript_weights_are_checked_before_they_are_folded(hf_tiny, tmp_path: Path) -> None:
+    """A weight-norm gain that is not one value per output channel (it would fold into a weight of the right shape,
+    or make torch read past it), and NaN or integer tensors in a .pth: a CheckpointError naming the tensor."""
+    hf, _ = hf_tiny
+    _write_descript_pth(hf, tmp_path / "weights.pth")
+    good = torch.load(tmp_path / "weights.pth", weights_only=True)
+    key = "encoder.block.0.weight_g"
+    channels = good["state_dict"]["encoder.block.0.weight_v"].shape[0]
+    for value, match in (
+        (torch.ones(1, 1, 1), rf"{key} is \(1, 1, 1\), not \({channels}, 1, \.\.\.\)"),
+        (torch.ones(channels), rf"{key} is \({channels},\)"),
+        (good["state_dict"]["encoder.block.0.weight_v"].clone(), f"{key} is"),
+        (torch.full_like(good["state_dict"][key], float("nan")), f"tensor {key} holds NaN or infinite values"),
+        (good["state_dict"][key].to(torch.int64), f"tensor {key} is int64, not floating point"),
+    ):
+        broken = {**good, "state_dict": {**good["state_dict"], key: value}}
+        torch.save(broken, tmp_path / "broken.pth")
+        with pytest.raises(CheckpointError, match=match):
+            DacCodec.from_pretrained(tmp_path / "broken.pth")
+
+
 # --- input checks, random codec, dtypes ------------------------------------------------------
 
 

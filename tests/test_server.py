@@ -222,11 +222,16 @@ def test_voices_round_trip(tts, base):
         timeout=60,
     )
     assert short.status_code == 400 and "1-20 s" in short.json()["error"]["message"]
-    for bad_id in ("../escape", "a/b", ".hidden", "S1", "x" * 65):
+    for bad_id in ("../escape", "a/b", ".hidden", "S1", "x" * 65, "nl\n", "S1\n"):
         r = httpx.post(f"{base}/v1/audio/voices", data={**form, "name": bad_id}, files=files, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["param"] == "name", bad_id
     untold = httpx.post(f"{base}/v1/audio/voices", data={**form, "transcript": " "}, files=files, timeout=60)
     assert untold.status_code == 400 and untold.json()["error"]["param"] == "transcript"
+    # a transcript over the text budget would make every use of the voice fail: refused at upload
+    wordy = httpx.post(f"{base}/v1/audio/voices", data={**form, "name": "wordy", "transcript": "word " * 2000},
+                       files=files, timeout=60)  # fmt: skip
+    assert wordy.status_code == 400 and wordy.json()["error"]["param"] == "transcript", wordy.text
+    assert "transcript is too long" in wordy.json()["error"]["message"]
     junk = httpx.post(
         f"{base}/v1/audio/voices",
         data={**form, "name": "junk"},
@@ -718,3 +723,64 @@ def test_the_server_can_serve_an_int8_model():
             model="tts-1", voice="S1", input="Quantized.", response_format="wav", extra_body=GREEDY
         )
         assert r.content[:4] == b"RIFF"
+
+
+def test_an_engine_failure_is_a_500_with_its_cause_in_the_log(tts, monkeypatch, caplog):
+    """A step that raises stops the engine: the request running is answered 500 internal_error (not "shutting
+    down"), so are later ones, /health says 503, and the error is logged once with its traceback."""
+    import logging
+
+    from dia_fast.serving import engine as engine_module
+
+    real_step, calls = engine_module.BatchEngine._step, [0]
+
+    def failing_step(self, n, view):
+        calls[0] += 1
+        if calls[0] > 3:
+            raise RuntimeError("planted device-side assert")
+        return real_step(self, n, view)
+
+    monkeypatch.setattr(engine_module.BatchEngine, "_step", failing_step)
+    caplog.set_level(logging.ERROR, logger="dia_fast.serving")
+    body = {"model": "tts-1", "input": "[S1] Hello there.", "voice": "S1", "response_format": "wav",
+            "max_new_tokens": 200, "min_new_tokens": 150}  # fmt: skip
+    with serve(tts, max_batch=1) as url:
+        first = httpx.post(f"{url}/v1/audio/speech", json=body, timeout=60)
+        later = httpx.post(f"{url}/v1/audio/speech", json=body, timeout=60)
+        health = httpx.get(f"{url}/health", timeout=10)
+    for r in (first, later):
+        assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error", r.text
+        assert "engine failed" in r.json()["error"]["message"]
+    assert health.status_code == 503
+    failures = [rec for rec in caplog.records if "batching engine failed" in rec.getMessage()]
+    assert len(failures) == 1 and "planted device-side assert" in str(failures[0].exc_info[1])
+
+
+def test_serve_config_arguments_are_converted_by_their_setting_type():
+    """``serve run dia_fast.serve.ray_app:app_builder key=value`` and YAML configs: each value becomes its setting's
+    type, and a bad one is an error naming the key (checked without Ray: the conversion comes first)."""
+    import pathlib
+    import typing
+
+    from dia_fast.serve.ray_app import _convert, app_builder
+
+    hints = typing.get_type_hints(ServerSettings)
+    given = {"chunk_frames": "20", "max_voice_seconds": "15", "shutdown_timeout_s": "10", "request_timeout_s": "none",
+             "api_key": 12345, "voices_dir": "v", "max_body_bytes": 2048}  # fmt: skip
+    converted = {k: _convert(k, v, hints[k]) for k, v in given.items()}
+    assert converted == {"chunk_frames": 20, "max_voice_seconds": 15.0, "shutdown_timeout_s": 10.0,
+                         "request_timeout_s": None, "api_key": "12345", "voices_dir": pathlib.Path("v"),
+                         "max_body_bytes": 2048}  # fmt: skip
+    assert ServerSettings(**converted).shutdown_timeout_s == 10.0
+    for args, match in (
+        ({"max_batch": True}, "max_batch must be an int, got True"),
+        ({"chunk_frames": "x"}, "chunk_frames must be an int, got 'x'"),
+        ({"max_queue": "none"}, "max_queue must be an int, got 'none'"),
+        ({"replicas": "two"}, "replicas must be an int, got 'two'"),
+        ({"replicas": "2", "max_replicas": "1"}, "max_replicas >= replicas"),
+        ({"nonsense": "1"}, "unknown server settings"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            app_builder(args)
+    with pytest.raises(ValueError, match="shutdown_timeout_s must be a number"):
+        ServerSettings(shutdown_timeout_s="10")  # type: ignore[arg-type]

@@ -85,7 +85,7 @@ def read_tensors(path: Path) -> Tensors:
     return check_weights(obj, path)
 
 
-def check_weights(tensors: Tensors, path: Path) -> Tensors:
+def check_weights(tensors: Tensors, path: str | Path) -> Tensors:
     """Every weight must be floating point and finite: a one-line :class:`CheckpointError` naming the file and the
     first tensor that is not (a NaN weight would otherwise give seconds of constant audio, silently)."""
     for name, t in tensors.items():

@@ -185,7 +185,7 @@ def _check_args(args: argparse.Namespace) -> None:
     if not math.isfinite(args.crossfade_ms) or args.crossfade_ms < 0:
         raise UsageError(f"--crossfade-ms must be a finite number >= 0, got {args.crossfade_ms}")
     # the output is checked before any work: format, directory, permission
-    from .audio import AUDIO_FORMATS, audio_format_for
+    from .audio import AUDIO_FORMATS, MAX_RATES, audio_format_for
 
     out = args.out
     _raise_if(unwritable_file("--out", out, "out.wav"))
@@ -198,6 +198,8 @@ def _check_args(args: argparse.Namespace) -> None:
         _log(args, f"dia_fast: warning: writing {fmt} data into {out} (its extension says {suffix}; --format {fmt})")
     if args.float_wav and fmt != "wav":
         raise UsageError(f"--float writes WAV only; {out} is {fmt}")
+    if args.sample_rate is not None and args.sample_rate > MAX_RATES.get(fmt, args.sample_rate):
+        raise UsageError(f"--sample-rate {args.sample_rate}: {fmt} takes up to {MAX_RATES[fmt]} Hz")
     rates = AUDIO_FORMATS[fmt][2]
     if args.sample_rate is not None and rates is not None and args.sample_rate not in rates:
         raise UsageError(f"--sample-rate {args.sample_rate}: {fmt} takes {', '.join(map(str, rates))} Hz")

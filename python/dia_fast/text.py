@@ -95,7 +95,10 @@ def text_doubts(text: str) -> list[str]:
         doubts.append(f"unknown speaker tag(s) {', '.join(unknown)}: Dia knows [S1] and [S2] only (read as text)")
     control = sorted({f"U+{ord(c):04X}" for c in text if unicodedata.category(c) == "Cc" and c not in "\n\t\r"})
     if control:
-        doubts.append(f"the text contains control characters ({', '.join(control)}): they are spoken as bytes")
+        doubts.append(
+            f"the text contains control characters ({', '.join(control)}): Dia reads bytes, so U+0001 and U+0002 "
+            "are the [S1] and [S2] speaker changes and U+0000 is padding; the others are spoken as bytes"
+        )
     spoken = SPEAKER_TAG_RE.sub("", text).strip()
     if text.strip() and not spoken:
         doubts.append("the text is only speaker tags: there is nothing to speak")

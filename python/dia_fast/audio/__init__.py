@@ -6,7 +6,16 @@ torch tensors are accepted where noted but torch is never needed.
 
 from __future__ import annotations
 
-from .io import AUDIO_FORMATS, AudioFormatError, audio_format_for, load_prompt_audio, read_audio, write_audio, write_wav
+from .io import (
+    AUDIO_FORMATS,
+    MAX_RATES,
+    AudioFormatError,
+    audio_format_for,
+    load_prompt_audio,
+    read_audio,
+    write_audio,
+    write_wav,
+)
 from .join import check_crossfade_ms, crossfade_join
 from .loudness import LoudnessGain, integrated_loudness, loudness_gain, normalize_loudness
 from .pcm import cpp_pcm_available, float_to_pcm16
@@ -14,6 +23,7 @@ from .resample import resample
 
 __all__ = [
     "AUDIO_FORMATS",
+    "MAX_RATES",
     "AudioFormatError",
     "audio_format_for",
     "check_crossfade_ms",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import secrets
+import stat
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -80,6 +81,8 @@ def read_audio(
     if target_rate is not None and target_rate != rate:
         out = resample(out, rate, target_rate)
         rate = target_rate
+        if out.shape[0] == 0:  # a few samples resampled to a lower rate: none left
+            raise AudioFormatError(f"audio file {name} has no samples at {target_rate} Hz")
     return np.ascontiguousarray(out), int(rate)
 
 
@@ -155,6 +158,9 @@ AUDIO_FORMATS: dict[str, tuple[str, str, tuple[int, ...] | None]] = {
     "opus": ("OGG", "OPUS", (8000, 12000, 16000, 24000, 48000)),
     "mp3": ("MP3", "MPEG_LAYER_III", (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)),
 }
+# the highest sample rate each format with free rates takes: FLAC's header limit; libvorbis crashes the process
+# above 200 kHz (192 kHz, the highest common rate, is the bound); WAV's header field
+MAX_RATES = {"wav": 2**31 - 1, "flac": 655350, "ogg": 192000}
 
 
 def audio_format_for(path: PathLike, format: str | None = None) -> str:
@@ -176,10 +182,12 @@ def write_audio(
     ``subtype``: ``"PCM_16"`` (16-bit, clipped, never wrapped) or, for WAV only, ``"FLOAT"`` (32-bit float).
     Opus and MP3 take a few sample rates: other rates are resampled (soxr) to the nearest higher one they take
     (48 kHz at most). The data goes to a temporary file beside ``path`` that is then renamed over it, so a
-    failure never leaves a partial file. Raises ``ValueError`` for NaN/inf samples, non-1-D input, an unknown
-    format or subtype, or a bad rate."""
+    failure never leaves a partial file. Raises ``ValueError`` for no samples, NaN/inf samples, non-1-D input, an
+    unknown format or subtype, or a bad rate (above :data:`MAX_RATES` for WAV, FLAC and Ogg Vorbis)."""
     rate = check_rate(sample_rate, "sample_rate")
     fmt = audio_format_for(path, format)
+    if rate > MAX_RATES.get(fmt, rate):
+        raise ValueError(f"{fmt} takes sample rates up to {MAX_RATES[fmt]} Hz, got {rate} (resample first)")
     container, default_subtype, _ = AUDIO_FORMATS[fmt]
     if subtype not in _SUBTYPES:
         raise ValueError(f"subtype must be one of {_SUBTYPES}, got {subtype!r}")
@@ -190,6 +198,8 @@ def write_audio(
         raise ValueError(f"write_audio expects mono samples [N], got shape {arr.shape}")
     if arr.dtype.kind != "f":
         raise ValueError(f"write_audio expects float samples, got dtype {arr.dtype}")
+    if arr.size == 0:  # (FLAC, MP3 and Opus would write files that no reader opens)
+        raise ValueError("refusing to write audio with no samples")
     if not np.isfinite(arr).all():
         raise ValueError("refusing to write audio with NaN or infinite samples")
     target = written_rate(rate, fmt)
@@ -251,11 +261,18 @@ def write_wav(path: PathLike, samples: np.ndarray | Any, sample_rate: int, *, su
 @contextmanager
 def atomic_output(path: PathLike) -> Iterator[Path]:
     """A fresh temporary path beside ``path`` to write to: renamed over ``path`` (``os.replace``) when
-    the block succeeds, removed when it fails, so ``path`` is never left partial or truncated."""
+    the block succeeds, removed when it fails, so ``path`` is never left partial or truncated. A file replaced
+    keeps its permission bits (a private file stays private); a second hard link to it keeps the old content."""
     dest = Path(os.fspath(path))
     tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(6)}.tmp")
     try:
         yield tmp
+        try:
+            mode = stat.S_IMODE(os.stat(dest).st_mode)
+        except OSError:
+            mode = None  # a new file: the umask decides, as for any new file
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, dest)
     except BaseException:
         try:

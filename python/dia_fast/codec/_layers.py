@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointError
+from ..checkpoint import CheckpointError, check_weights
 
 
 def snake(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
@@ -60,8 +60,12 @@ _WEIGHT_NORM_PAIRS = {
 
 def fold_weight_norms(state: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
     """``state`` with every weight-norm pair (``weight_g``/``weight_v``, or
-    ``parametrizations.weight.original0/1``) replaced by the plain ``weight``. An unpaired key raises
-    :class:`~dia_fast.checkpoint.CheckpointError` (``what`` names the checkpoint)."""
+    ``parametrizations.weight.original0/1``) replaced by the plain ``weight``. Every tensor must be floating point
+    and finite, and each gain one value per output channel (``[C_out, 1, ...]`` of its direction's rank); else a
+    :class:`~dia_fast.checkpoint.CheckpointError` naming the tensor (``what`` names the checkpoint), as for an
+    unpaired key. (The shapes are checked here: a mis-shaped gain would fold into a weight of the right shape, and
+    ``torch._weight_norm`` reads past a gain too small.)"""
+    check_weights(state, what)
     out = dict(state)
     for key in state:
         for g_suffix, v_suffix in _WEIGHT_NORM_PAIRS.items():
@@ -69,6 +73,12 @@ def fold_weight_norms(state: dict[str, torch.Tensor], what: str) -> dict[str, to
                 prefix = key[: -len(g_suffix)]
                 if prefix + v_suffix not in state:
                     raise CheckpointError(f"{what}: {key} has no matching {prefix + v_suffix}")
+                g, v = state[key], state[prefix + v_suffix]
+                if v.dim() < 1 or tuple(g.shape) != (v.shape[0], *([1] * (v.dim() - 1))):
+                    raise CheckpointError(
+                        f"{what}: {key} is {tuple(g.shape)}, not ({v.shape[0] if v.dim() else '?'}, 1, ...) for "
+                        f"{prefix + v_suffix} {tuple(v.shape)}"
+                    )
                 out[prefix + ".weight"] = fold_weight_norm(out.pop(key), out.pop(prefix + v_suffix))
     for key in out:
         if key.endswith(tuple(_WEIGHT_NORM_PAIRS.values())):

@@ -370,7 +370,7 @@ def _read_checkpoint(path: Path) -> tuple[DacCodecConfig, dict[str, torch.Tensor
     if path.is_dir():
         if (path / "config.json").exists():
             cfg = DacCodecConfig.from_hf_dict(json.loads((path / "config.json").read_text()))
-            return cfg, fold_weight_norms(read_all(find_weights(path)), "DAC checkpoint")
+            return cfg, fold_weight_norms(read_all(find_weights(path)), f"DAC checkpoint {path}")
         pths = sorted(path.glob("*.pth"))
         preferred = [p for p in pths if p.name == "weights.pth"]
         if len(preferred) == 1 or len(pths) == 1:
@@ -390,12 +390,12 @@ def _read_checkpoint(path: Path) -> tuple[DacCodecConfig, dict[str, torch.Tensor
         if not isinstance(kwargs, dict):
             raise ValueError(f"{path}: descript checkpoint without metadata['kwargs'] (the DAC(...) arguments)")
         cfg = DacCodecConfig.from_descript_kwargs(kwargs)
-        return cfg, _rename_descript(fold_weight_norms(obj["state_dict"], "DAC checkpoint"), cfg)
+        return cfg, _rename_descript(fold_weight_norms(obj["state_dict"], f"DAC checkpoint {path}"), cfg)
     if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
         if not (path.parent / "config.json").exists():
             raise FileNotFoundError(f"{path}: a plain DAC state dict needs a config.json next to it")
         cfg = DacCodecConfig.from_hf_dict(json.loads((path.parent / "config.json").read_text()))
-        return cfg, fold_weight_norms(obj, "DAC checkpoint")
+        return cfg, fold_weight_norms(obj, f"DAC checkpoint {path}")
     raise ValueError(f"{path}: not a DAC checkpoint (expected descript's weights.pth or a state dict)")
 
 

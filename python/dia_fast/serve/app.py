@@ -23,7 +23,7 @@ from starlette.types import Message, Receive, Scope, Send
 from .._version import __version__
 from .audio_out import FORMATS
 from .metrics import CONTENT_TYPE_LATEST
-from .service import MODEL_ALIASES, ApiError, SpeechRequest, SpeechService, load_tts, metric_labels
+from .service import MODEL_ALIASES, ApiError, SpeechRequest, SpeechService, engine_failed, load_tts, metric_labels
 from .settings import ServerSettings
 from .voices import BUILTIN_VOICES, VoiceError
 
@@ -210,6 +210,8 @@ def create_app(settings: ServerSettings | None = None, *, tts: DiaTTS | None = N
 
     def service_of(request: Request) -> SpeechService:
         service: SpeechService | None = getattr(request.app.state, "service", None)
+        if service is not None and service.engine.failed is not None:
+            raise engine_failed()
         if service is None or not service.engine.running:
             raise ApiError(503, "the server is starting or shutting down", code="unavailable", kind="server_error")
         return service

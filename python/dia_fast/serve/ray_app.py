@@ -9,6 +9,7 @@ it on an existing cluster (docs/server.md)."""
 from __future__ import annotations
 
 import dataclasses
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -60,27 +61,50 @@ def build_application(
     return DiaSpeech.bind()
 
 
-_INT, _FLOAT = {"max_batch", "max_queue", "max_input_chars", "demo_seed"}, {"request_timeout_s"}
+def _convert(key: str, value: Any, hint: Any) -> Any:
+    """A ``key=value`` argument (a string from ``serve run``, or a YAML value from a config file) as the type its
+    setting has (``hint``: the field's annotation); "none"/"null" is None where the setting may be None."""
+    text = str(value).strip()
+    optional = type(None) in typing.get_args(hint)
+    kinds = [k for k in (typing.get_args(hint) or (hint,)) if k is not type(None)]
+    kind = kinds[0] if kinds else str
+    if value is None or (optional and text.lower() in ("none", "null", "")):
+        if optional:
+            return None
+        raise ValueError(f"{key} cannot be None")
+    what = {int: "an int", float: "a number"}.get(kind, "a string")
+    if isinstance(value, bool) and kind is not bool:
+        raise ValueError(f"{key} must be {what}, got {value!r}")
+    try:
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return float(text)
+    except ValueError:
+        raise ValueError(f"{key} must be {what}, got {value!r}") from None
+    if kind is Path:
+        return Path(text)
+    return str(value)
 
 
-def app_builder(args: dict[str, str]) -> Any:
+def app_builder(args: dict[str, Any]) -> Any:
     """For ``serve run dia_fast.serve.ray_app:app_builder key=value ...`` and Serve config files: ``args`` are
-    :class:`ServerSettings` fields plus ``replicas``, ``max_replicas``, ``gpus_per_replica``."""
+    :class:`ServerSettings` fields plus ``replicas``, ``max_replicas``, ``gpus_per_replica``; each is converted to
+    its setting's type (an error names the key)."""
     args = dict(args)
     deploy = {k: args.pop(k) for k in ("replicas", "max_replicas", "gpus_per_replica") if k in args}
+    hints = typing.get_type_hints(ServerSettings)
     names = {f.name for f in dataclasses.fields(ServerSettings)}
     unknown = sorted(set(args) - names)
     if unknown:
         raise ValueError(f"unknown server settings {unknown}; known: {sorted(names)}")
-    kw: dict[str, Any] = {}
-    for k, v in args.items():
-        kw[k] = int(v) if k in _INT else float(v) if k in _FLOAT else Path(v) if k == "voices_dir" else v
-    return build_application(
-        ServerSettings(**kw),
-        replicas=int(deploy.get("replicas", 1)),
-        max_replicas=int(deploy["max_replicas"]) if "max_replicas" in deploy else None,
-        gpus_per_replica=float(deploy.get("gpus_per_replica", 0.0)),
-    )
+    kw = {k: _convert(k, v, hints[k]) for k, v in args.items()}
+    replicas = _convert("replicas", deploy.get("replicas", 1), int)
+    max_replicas = _convert("max_replicas", deploy["max_replicas"], int) if "max_replicas" in deploy else None
+    gpus = _convert("gpus_per_replica", deploy.get("gpus_per_replica", 0.0), float)
+    if replicas < 1 or (max_replicas is not None and max_replicas < replicas) or gpus < 0:
+        raise ValueError("replicas must be >= 1, max_replicas >= replicas and gpus_per_replica >= 0")
+    return build_application(ServerSettings(**kw), replicas=replicas, max_replicas=max_replicas, gpus_per_replica=gpus)
 
 
 def run_ray(

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..serving import BatchEngine, EngineBusy, EngineClosed, RequestCancelled, RequestHandle
+from ..serving import BatchEngine, EngineBusy, EngineClosed, EngineFailed, RequestCancelled, RequestHandle
 from .audio_out import FORMATS, MAX_SPEED, MIN_SPEED, AudioPipeline, output_rate
 from .metrics import ServerMetrics
 from .settings import ServerSettings
@@ -107,6 +107,11 @@ class _Job:
     started: float
     stream: str
     input_bytes: int
+
+
+def engine_failed() -> ApiError:
+    """The answer while the batching engine is stopped by an error (logged once, with its traceback, by the engine)."""
+    return ApiError(500, "the speech engine failed (see the server log)", code="internal_error", kind="server_error")
 
 
 def _param(exc: BaseException) -> str | None:
@@ -264,6 +269,8 @@ class SpeechService:
                 kind="rate_limit_error",
                 headers={"Retry-After": str(self._retry_after())},
             ) from None
+        except EngineFailed:
+            raise engine_failed() from None
         except EngineClosed:
             raise ApiError(503, "the server is shutting down", code="unavailable", kind="server_error") from None
         except (ValueError, TypeError) as exc:
@@ -385,6 +392,8 @@ class SpeechService:
                 code="timeout",
                 kind="server_error",
             )
+        elif isinstance(exc, EngineFailed):
+            err = engine_failed()
         elif isinstance(exc, EngineClosed):
             err = ApiError(503, "the server is shutting down", code="unavailable", kind="server_error")
         elif isinstance(exc, ValueError):

@@ -54,6 +54,16 @@ class ServerSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        numbers = ("max_voice_seconds", "min_voice_seconds", "shutdown_timeout_s", "request_timeout_s", "max_batch")
+        for name in numbers:
+            value, kind = getattr(self, name), int if name == "max_batch" else (int, float)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+                raise ValueError(f"{name} must be {'an int' if kind is int else 'a number'}, got {value!r}")
+        if not self.shutdown_timeout_s >= 0:
+            raise ValueError(f"shutdown_timeout_s must be >= 0, got {self.shutdown_timeout_s}")
+        for name in ("model", "codec", "device", "dtype", "quantize", "api_key", "model_id"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
         if self.max_batch is not None and (self.max_batch < 1 or self.max_batch & (self.max_batch - 1)):
             raise ValueError(f"max_batch must be a power of two >= 1, got {self.max_batch}")
         if not 0 < self.min_voice_seconds <= self.max_voice_seconds:

@@ -58,7 +58,7 @@ class VoiceInfo:
 def check_voice_id(voice_id: str) -> str:
     """A stored voice's id: 1-64 letters, digits, ``_`` or ``-`` (no dots or slashes: never a path), not the
     name of a built-in voice."""
-    if not isinstance(voice_id, str) or not _ID_RE.match(voice_id):
+    if not isinstance(voice_id, str) or not _ID_RE.fullmatch(voice_id):
         raise VoiceError(
             "a voice id is 1-64 letters, digits, '_' or '-', starting with a letter or digit", param="name"
         )
@@ -107,7 +107,7 @@ class VoiceStore:
         out = []
         for path in sorted(self.directory.glob("*.safetensors")):
             voice_id = path.stem
-            if not _ID_RE.match(voice_id):
+            if not _ID_RE.fullmatch(voice_id):
                 continue
             try:
                 out.append(self._info(voice_id, self.get(voice_id), path))
@@ -126,10 +126,15 @@ class VoiceStore:
     ) -> VoiceInfo:
         """Encode ``audio`` (a WAV/FLAC/OGG/MP3 file's bytes) once and store it with its transcript."""
         from ..audio import AudioFormatError, read_audio
+        from ..longform import chunk_budget
 
         path = self._path(voice_id)
         if not isinstance(transcript, str) or not transcript.strip():
             raise VoiceError("a voice needs the transcript of its audio (form field 'transcript')", param="transcript")
+        try:  # the transcript goes in front of every text this voice speaks: it must leave room for one
+            chunk_budget(self.tts, prompt_text=transcript)
+        except ValueError as exc:
+            raise VoiceError(f"the transcript is too long for this model: {exc}", param="transcript") from None
         if path.exists() and not overwrite:
             raise VoiceError(f"voice {voice_id!r} exists; send overwrite=true to replace it", 409, "voice_exists")
         try:
@@ -175,7 +180,7 @@ def resolve_voice(voice: str, text: str, store: VoiceStore) -> dict[str, Any]:
         return {"text": _tagged(text, BUILTIN_VOICES[key]), "audio_prompt": None, "audio_prompt_text": None}
     if key == "dialogue":
         return {"text": _tagged(text, "[S1]"), "audio_prompt": None, "audio_prompt_text": None}
-    if not isinstance(voice, str) or not _ID_RE.match(voice):
+    if not isinstance(voice, str) or not _ID_RE.fullmatch(voice):
         raise VoiceError(f"unknown voice {voice!r}: use S1, S2, dialogue or a stored voice id (GET /v1/audio/voices)")
     try:
         speaker = store.get(voice)

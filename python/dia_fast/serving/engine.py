@@ -19,6 +19,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -51,6 +52,7 @@ __all__ = [
     "BatchEngine",
     "EngineBusy",
     "EngineClosed",
+    "EngineFailed",
     "EngineResult",
     "RequestCancelled",
     "RequestHandle",
@@ -58,6 +60,7 @@ __all__ = [
 ]
 
 _DEFAULT_SLOTS = {"cuda": 16, "mps": 4, "cpu": 8}
+log = logging.getLogger("dia_fast.serving")
 _ENGINES: weakref.WeakSet[BatchEngine] = weakref.WeakSet()
 
 
@@ -79,6 +82,10 @@ class EngineBusy(RuntimeError):
 
 class EngineClosed(RuntimeError):
     """The engine was closed before the request finished (or was submitted after)."""
+
+
+class EngineFailed(EngineClosed):
+    """The engine stopped because a step failed (its error is logged once, and is this exception's cause)."""
 
 
 class RequestCancelled(RuntimeError):
@@ -471,8 +478,10 @@ class BatchEngine:
             )
         decoders = [self._chunked_decoder(chunk, first) for _ in reqs] if stream else None
         with self._cv:
-            if self._closing or self._error is not None:
-                raise EngineClosed(f"the engine is closed{'' if self._error is None else f': {self._error}'}")
+            if self._error is not None:
+                raise EngineFailed(f"the engine failed: {self._error!r}") from self._error
+            if self._closing:
+                raise EngineClosed("the engine is closed")
             if self._waiting(extra=reqs) > self.max_queue:
                 waiting = self._waiting(extra=[])
                 raise EngineBusy(f"the queue is full ({waiting} of {self.max_queue} waiting): try again later")
@@ -526,6 +535,11 @@ class BatchEngine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @property
+    def failed(self) -> BaseException | None:
+        """The error that stopped the scheduler (None while it runs, and after a plain close)."""
+        return self._error
 
     @property
     def running(self) -> bool:
@@ -641,6 +655,7 @@ class BatchEngine:
                     self._compact(self._collect(n))
         except BaseException as exc:  # noqa: BLE001 - a broken step fails every request, never hangs one
             self._error = exc
+            log.error("the batching engine failed: every running and queued request fails", exc_info=exc)
         finally:
             self._fail_all(self._error)
 
@@ -809,7 +824,8 @@ class BatchEngine:
             req.future.set_result(result)
 
     def _fail_all(self, error: BaseException | None) -> None:
-        exc = EngineClosed("the engine was closed" if error is None else f"the engine stopped: {error!r}")
+        exc = EngineClosed("the engine was closed") if error is None else EngineFailed(f"the engine failed: {error!r}")
+        exc.__cause__ = error
         with self._cv:
             self._closing = True
             pending = list(self._queue)

@@ -784,3 +784,14 @@ def test_serve_config_arguments_are_converted_by_their_setting_type():
             app_builder(args)
     with pytest.raises(ValueError, match="shutdown_timeout_s must be a number"):
         ServerSettings(shutdown_timeout_s="10")  # type: ignore[arg-type]
+
+
+def test_a_stream_whose_bytes_all_come_at_the_end_has_a_time_to_first_audio(tts):
+    """A one-frame mp3 stream's bytes all come from the encoder's tail: its time to first audio is observed too."""
+    body = {"model": "tts-1", "input": "[S1] Hi there.", "voice": "S1", "response_format": "mp3",
+            "stream_format": "audio", "max_new_tokens": 17}  # fmt: skip
+    with serve(tts, max_batch=2) as url:
+        for _ in range(2):
+            r = httpx.post(f"{url}/v1/audio/speech", json=body, timeout=60)
+            assert r.status_code == 200 and r.content
+        assert _metric(url, 'dia_fast_time_to_first_audio_seconds_count{stream="audio"}') == 2

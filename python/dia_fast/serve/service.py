@@ -336,6 +336,8 @@ class SpeechService:
                     yield data
             tail = await self._run(job.pipeline.finish)
             if tail:
+                if first:  # all of a short output's bytes can come from the encoder's tail
+                    self.metrics.ttfa.labels(job.stream).observe(time.perf_counter() - job.started)
                 yield tail
             result = job.handle.result(0, decode_audio=False)
             self.metrics.add_frames(result.codes.shape[0])

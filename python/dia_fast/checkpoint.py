@@ -392,6 +392,17 @@ def check_state_dict(expected: dict[str, torch.Size], state: Tensors, source: st
     raise CheckpointError(f"{source} does not match the model config; " + "; ".join(parts))
 
 
+def local_config(path_or_id: str | Path) -> DiaConfig | None:
+    """The config of a local checkpoint (a directory, or the folder of a weights file), read without its weights;
+    None where there is no local ``config.json`` (a hub id, a missing path). A config that cannot be read raises
+    (:class:`~dia_fast.config.ConfigError` / ``OSError``), naming the file."""
+    path = Path(path_or_id).expanduser()
+    config = (path if path.is_dir() else path.parent) / "config.json"
+    if not path.exists() or not config.is_file():
+        return None
+    return DiaConfig.from_json(config)
+
+
 def is_hub_id(text: str) -> bool:
     """Whether ``text`` has the form of a Hugging Face hub id (``owner/name``)."""
     return re.fullmatch(r"[\w.-]+/[\w.-]+", text) is not None and not text.startswith((".", "/"))

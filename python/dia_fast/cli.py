@@ -213,20 +213,16 @@ def _check_generation_options(args: argparse.Namespace) -> None:
     """The sampling and length options, before the model loads (the errors generate would give after it): the
     lengths against the model's delay pattern and audio length, read from the preset or the checkpoint's
     config.json (without a voice prompt, which only shortens the budget: generate checks the rest)."""
+    from .checkpoint import local_config
     from .config import DiaConfig
     from .generation.generate import check_step_budget
     from .generation.sampling import SamplingConfig
 
     SamplingConfig(args.cfg_scale, args.temperature, args.top_p, args.cfg_filter_top_k, not args.greedy)
-    if args.model is None:
-        data = DiaConfig.preset(args.demo_preset).data
-    else:
-        path = Path(args.model).expanduser()
-        config = (path if path.is_dir() else path.parent) / "config.json"
-        if not config.is_file():  # a hub id, or a checkpoint the loader reports on
-            return
-        data = DiaConfig.from_json(config).data
-    check_step_budget(data, 0, args.max_new_tokens, 0 if args.min_new_tokens is None else args.min_new_tokens)
+    config = DiaConfig.preset(args.demo_preset) if args.model is None else local_config(args.model)
+    if config is None:  # a hub id, or a path the loader reports on
+        return
+    check_step_budget(config.data, 0, args.max_new_tokens, 0 if args.min_new_tokens is None else args.min_new_tokens)
 
 
 def _raise_if(problem: str | None) -> None:

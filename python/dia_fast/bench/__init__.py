@@ -25,6 +25,7 @@ import torch
 
 from .. import ops
 from .._version import __version__
+from ..checkpoint import local_config
 from ..cliparse import OneLineParser
 from ..codec import AudioCodec, load_codec
 from ..config import DataConfig, DiaConfig
@@ -161,14 +162,11 @@ def model_data_config(model: str) -> DataConfig | None:
     checkpoint's ``config.json``; None for a hub id or a config the build will report."""
     if is_preset(model):
         return DiaConfig.preset(model.lower()).data
-    path = Path(model).expanduser()
-    config = (path if path.is_dir() else path.parent) / "config.json"
-    if not path.exists() or not config.is_file():
-        return None
     try:
-        return DiaConfig.from_json(config).data
+        config = local_config(model)
     except (OSError, ValueError):  # ConfigError is a ValueError: the build reports it
         return None
+    return None if config is None else config.data
 
 
 def steps_problem(flag: str, steps: int, data: DataConfig) -> str | None:

@@ -319,6 +319,29 @@ def test_close_fails_what_is_pending_or_drains_it(tts):
     assert all(h.result(0, decode_audio=False).codes.shape[1] == 9 for h in handles)
 
 
+@pytest.mark.parametrize(
+    "options, error, match",
+    [
+        (dict(max_slots=3), ValueError, "max_slots must be a power of two"),
+        (dict(max_slots=2.0), TypeError, "max_slots must be an int"),
+        (dict(max_queue=0), ValueError, "max_queue must be >= 1"),
+        (dict(max_queue="8"), TypeError, "max_queue must be an int"),
+        (dict(poll_every=1.5), TypeError, "poll_every must be an int"),
+        (dict(cpu_threads=0), ValueError, "cpu_threads must be >= 1"),
+        (dict(chunk_frames=0), ValueError, "chunk_frames must be >= 1"),
+        (dict(first_chunk_frames="4"), TypeError, "first_chunk_frames must be an int"),
+    ],
+)
+def test_engine_options_are_checked_when_it_is_built(tts, options, error, match):
+    """A bad engine option is an error naming it before any thread starts (a float max_slots was truncated, a
+    bad chunk size failed only the first stream)."""
+    before = threading.active_count()
+    with pytest.raises(error, match=match) as info:
+        BatchEngine(tts, **options)
+    assert info.value.param == next(iter(options))
+    assert threading.active_count() == before
+
+
 def test_min_new_tokens_holds_eos_back():
     tts = _tts(eos_token=250)  # every request would stop within a few steps
     with BatchEngine(tts, max_slots=2) as engine:

@@ -324,6 +324,7 @@ def test_load_bench_cli_writes_json_for_every_mode(tmp_path):
     assert "continuous-stream" in proc.stdout and "sequential" in proc.stdout  # the table
     doc = json.loads(out.read_text())
     meta, results = doc["meta"], doc["results"]
+    assert "partial" not in meta  # the partial JSON written after each mode was replaced by the whole
     assert meta["load"]["max_slots"] == 2 and len(meta["load"]["requests"]) == 3
     assert len({r["seed"] for r in meta["load"]["requests"]}) == 3  # distinct seeds
     assert meta["torch_threads"] >= 1
@@ -353,6 +354,7 @@ def test_run_load_with_poisson_arrivals_and_bad_input():
     times = [r.arrival_s for r in a]
     assert times == sorted(times) and times[0] > 0
     assert all(20 <= r.max_new_tokens <= 40 for r in a)
+    partials: list[dict] = []
     doc = run_load(
         tts,
         requests=2,
@@ -361,8 +363,17 @@ def test_run_load_with_poisson_arrivals_and_bad_input():
         min_tokens=20,
         max_tokens=30,
         modes=("continuous", "sequential"),
+        repeat=2,
+        on_progress=partials.append,
     )
-    assert [r["mode"] for r in doc["results"]] == ["continuous", "sequential"]
+    assert [r["mode"] for r in doc["results"]] == ["continuous", "sequential"] and "partial" not in doc
+    # what a run stopped early keeps: after each mode's run but the last, the modes measured so far
+    assert [[r["mode"] for r in p["results"]] for p in partials] == [["continuous"]] + [
+        ["continuous", "sequential"]
+    ] * 2
+    assert all(p["partial"] for p in partials) and partials[0]["results"][0]["frames_per_s_runs"] == [
+        doc["results"][0]["frames_per_s_runs"][0]
+    ]
     with pytest.raises(ValueError, match="unknown load modes"):
         run_load(tts, modes=("batched",))
     with pytest.raises(ValueError, match="requests"):

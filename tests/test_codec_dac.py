@@ -131,6 +131,9 @@ def test_input_layouts(codec: DacCodec) -> None:
     assert torch.equal(codec.encode(padded), codes)
     assert torch.equal(codec.decode(codes[0].int()), codec.decode(codes))
     assert codec.decode(torch.zeros(1, 0, 9, dtype=torch.long)).shape == (1, 0)
+    for bad, error in ((0, ValueError), (True, TypeError), (2.5, TypeError)):
+        with pytest.raises(error, match="chunk_frames must be"):
+            codec.decode(codes, chunk_frames=bad)  # also when the codes are shorter than a chunk
     with torch.inference_mode():
         assert torch.equal(codec.decode(codes), codec.decode(codes.clone()))
         assert torch.equal(codec.encode(wav), codes)
@@ -210,7 +213,10 @@ def _write_descript_pth(hf, path: Path) -> None:
 def test_descript_weights_pth(hf_tiny, codec: DacCodec, tmp_path: Path) -> None:
     hf, _ = hf_tiny
     _write_descript_pth(hf, tmp_path / "weights.pth")
-    for source in (tmp_path / "weights.pth", tmp_path):
+    (tmp_path / "beside").mkdir()  # a descript download kept beside a config.json (e.g. of another layout)
+    _write_descript_pth(hf, tmp_path / "beside" / "weights.pth")
+    (tmp_path / "beside" / "config.json").write_text(json.dumps(hf.config.to_dict()))
+    for source in (tmp_path / "weights.pth", tmp_path, tmp_path / "beside"):
         loaded = DacCodec.from_pretrained(source)
         assert loaded.config == codec.config
         for name, value in hf.state_dict().items():

@@ -236,6 +236,9 @@ def test_pcm16_matches_numpy_reference():
     want = np.clip(np.rint(x.astype(np.float64) * 32767.0), -32768, 32767).astype(np.int16)
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(float_to_pcm16(x.reshape(1, -1)[:, ::-1], backend="cpp"), want[::-1][None])
+    for backend in ("numpy", "cpp"):  # one sample as a 0-d array or a NumPy scalar keeps its (empty) shape
+        assert float_to_pcm16(np.array(0.5, np.float32), backend=backend) == np.array(16384, np.int16)
+        assert float_to_pcm16(np.float64(-2.0), backend=backend).shape == ()
 
 
 def test_pcm16_dither(ext):

@@ -193,6 +193,13 @@ def test_voices_round_trip(tts, base):
     assert replaced.status_code == 201
     listed = httpx.get(f"{base}/v1/audio/voices", timeout=10).json()["data"]
     assert {"S1", "S2", "dialogue", "narrator_1"} <= {v["id"] for v in listed}
+    one = httpx.get(f"{base}/v1/audio/voices/narrator_1", timeout=10)
+    assert one.status_code == 200 and one.json() == next(v for v in listed if v["id"] == "narrator_1")
+    assert httpx.get(f"{base}/v1/audio/voices/s2", timeout=10).json() == {"id": "S2", "object": "voice",
+                                                                           "type": "builtin"}  # fmt: skip
+    missing = httpx.get(f"{base}/v1/audio/voices/nobody", timeout=10)
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
+    assert missing.json()["error"]["code"] == "voice_not_found" and missing.json()["error"]["param"] == "voice_id"
     # the stored voice speaks: as a string and as OpenAI's {"id": ...} object, equal to a solo run with its prompt
     client = _client(base)
     got = client.audio.speech.create(
@@ -240,10 +247,30 @@ def test_voices_round_trip(tts, base):
     )
     assert junk.status_code == 400 and "cannot be read" in junk.json()["error"]["message"]
     assert httpx.delete(f"{base}/v1/audio/voices/narrator_1", timeout=10).status_code == 200
-    assert httpx.delete(f"{base}/v1/audio/voices/narrator_1", timeout=10).status_code == 404
+    deleted_twice = httpx.delete(f"{base}/v1/audio/voices/narrator_1", timeout=10)
+    assert deleted_twice.status_code == 404 and deleted_twice.json()["error"]["type"] == "not_found_error"
     assert httpx.delete(f"{base}/v1/audio/voices/..%2Fescape", timeout=10).status_code in (400, 404)
     gone = httpx.post(f"{base}/v1/audio/speech", json={"model": "tts-1", "voice": "narrator_1", "input": "x"})
     assert gone.status_code == 400 and gone.json()["error"]["param"] == "voice"
+
+
+def test_a_voices_directory_that_fails_is_a_named_500(tts, tmp_path):
+    """The directory itself failing (here: replaced by a file while the server runs) answers a 500 that names
+    the OS error without the server's path; listing leaves it out, and the server keeps serving."""
+    voices = tmp_path / "voices"
+    files = {"file": ("voice.wav", _wav_bytes(2.0), "audio/wav")}
+    form = {"name": "narrator", "transcript": "The words of the prompt."}
+    with serve(tts, max_batch=1, voices_dir=voices) as url:
+        voices.rmdir()
+        voices.write_bytes(b"not a directory")
+        r = httpx.post(f"{url}/v1/audio/voices", data=form, files=files, timeout=60)
+        err = r.json()["error"]
+        assert r.status_code == 500 and err["code"] == "voice_storage_error" and err["type"] == "server_error"
+        assert "Not a directory" in err["message"] and str(tmp_path) not in err["message"], err
+        removed = httpx.delete(f"{url}/v1/audio/voices/narrator", timeout=10)
+        assert removed.status_code == 500 and removed.json()["error"]["code"] == "voice_storage_error"
+        assert [v["type"] for v in httpx.get(f"{url}/v1/audio/voices", timeout=10).json()["data"]] == ["builtin"] * 3
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
 
 
 LOAD_TEXTS = [

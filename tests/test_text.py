@@ -45,6 +45,9 @@ def test_batch_is_right_padded_with_a_mask(tokenizer):
 def test_pad_to_multiple_keeps_the_mask():
     ids, mask = encode_batch(["abc"], pad_to_multiple=8)
     assert ids.shape == (1, 8) and mask.sum() == 3 and ids[0, 3:].eq(0).all()
+    for bad, error in ((0, ValueError), (-8, ValueError), (8.0, TypeError)):  # 0 divided by zero
+        with pytest.raises(error, match="pad_to_multiple must be"):
+            encode_batch(["abc"], pad_to_multiple=bad)
 
 
 @pytest.mark.parametrize("bad", ["", "   \n"])

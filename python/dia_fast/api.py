@@ -20,8 +20,9 @@ from .codec.base import AudioCodec
 from .config import DiaConfig
 from .devices import release_host_memory, resolve_device, resolve_dtype
 from .generation.generate import DecodeOutput, check_step_budget, generate_codes
-from .generation.sampling import SamplingConfig, check_int_option
+from .generation.sampling import SamplingConfig
 from .model import DiaModel, RMSNorm
+from .options import check_int_option
 from .text import encode_batch, encode_text, prompted_text, warn_doubtful_text
 
 if TYPE_CHECKING:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .audio import check_crossfade_ms, crossfade_join
-from .generation.sampling import check_int_option
+from .options import check_int_option
 from .progress import progress_bar
 from .text import SPEAKER_TAG_RE as _TAG_RE
 from .text import text_already_checked, text_tokens, warn_doubtful_text

@@ -11,6 +11,8 @@ from contextlib import contextmanager
 
 import torch
 
+from .options import check_int_option
+
 SPEAKER_TOKENS = {b"[S1]": 1, b"[S2]": 2}
 SPEAKER_TAG_RE = re.compile(r"\[S[12]\]")  # the tags of SPEAKER_TOKENS in a str
 PAD_ID = 0
@@ -55,6 +57,7 @@ def encode_batch(
         texts = [texts]
     if len(texts) == 0:
         raise ValueError("no texts given")
+    pad_to_multiple = check_int_option("pad_to_multiple", pad_to_multiple, minimum=1)
     encoded = [encode_text(t, max_length) for t in texts]
     longest = max(len(e) for e in encoded)
     T = min(max_length, -(-longest // pad_to_multiple) * pad_to_multiple)

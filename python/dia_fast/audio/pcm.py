@@ -26,7 +26,8 @@ def cpp_pcm_available() -> str:
 def _numpy_pcm16(x: np.ndarray, dither: bool, seed: int | None) -> np.ndarray:
     # via float32 like the C++ path (same inputs -> same outputs), then exact float64 arithmetic:
     # a float32 times 32767 fits in a double's mantissa, so no rounding happens before np.rint
-    y = x.astype(np.float32, copy=False).astype(np.float64) * _SCALE
+    y = x.astype(np.float32, copy=False).astype(np.float64)  # a new array, also for 0-d input
+    y *= _SCALE
     if dither:
         rng = np.random.default_rng(seed)
         # TPDF: the sum of two independent uniform [-0.5, 0.5) LSB noises (triangular on (-1, 1))

@@ -512,6 +512,34 @@ def _run_load(
     min_tokens = max(opts.steps // 4, tts.config.data.max_delay + 2)
     log(f"load: {opts.requests} requests ({rate}), distinct seeds, {min_tokens}-{opts.steps} decode steps each")
     sampling = {} if opts.do_sample else {"do_sample": False}
+
+    def document_of(load: dict[str, Any]) -> dict[str, Any]:
+        meta = {
+            "dia_fast": __version__,
+            "torch": torch.__version__,
+            "device": str(tts.device),
+            "device_name": _device_name(tts.device),
+            "dtype": str(tts.dtype).replace("torch.", ""),
+            **model_info,
+            "load": {k: v for k, v in load.items() if k not in ("results", "partial")},
+            "torch_threads": torch.get_num_threads(),
+            "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            "sampling": sampling or {"do_sample": True},
+            "definitions": {
+                "frames_per_s": "codec frames of all requests / (last finish - first arrival)",
+                "latency": "finish - arrival per request (p50, p95)",
+                "ttfa": "continuous-stream: arrival to the first streamed PCM chunk; other modes: to the finish",
+            },
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "wall_s": time.perf_counter() - t0,
+            **({"partial": True} if load.get("partial") else {}),
+        }
+        return {"meta": meta, "results": load["results"]}
+
+    def progress(load: dict[str, Any]) -> None:  # a run stopped early keeps the modes it measured
+        if opts.json_path:
+            write_json(opts.json_path, document_of(load))
+
     load = run_load(
         tts,
         requests=opts.requests,
@@ -522,27 +550,10 @@ def _run_load(
         sampling=sampling,
         seed=opts.seed,
         repeat=opts.repeat,
+        on_progress=progress,
     )
-    meta = {
-        "dia_fast": __version__,
-        "torch": torch.__version__,
-        "device": str(tts.device),
-        "device_name": _device_name(tts.device),
-        "dtype": str(tts.dtype).replace("torch.", ""),
-        **model_info,
-        "load": {k: v for k, v in load.items() if k != "results"},
-        "torch_threads": torch.get_num_threads(),
-        "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "sampling": sampling or {"do_sample": True},
-        "definitions": {
-            "frames_per_s": "codec frames of all requests / (last finish - first arrival)",
-            "latency": "finish - arrival per request (p50, p95)",
-            "ttfa": "continuous-stream: arrival to the first streamed PCM chunk; other modes: to the finish",
-        },
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "wall_s": time.perf_counter() - t0,
-    }
-    doc = {"meta": meta, "results": load["results"]}
+    doc = document_of(load)
+    meta = doc["meta"]
     if not opts.quiet:
         print(f"dia_fast {__version__} load bench: {opts.model} on {meta['device_name']} ({meta['dtype']}), {rate}")
         print(load_table(load["results"]))

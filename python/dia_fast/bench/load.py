@@ -22,6 +22,7 @@ import math
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -186,12 +187,15 @@ def run_load(
     sampling: dict[str, Any] | None = None,
     seed: int = 0,
     repeat: int = 1,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run the load in each of ``modes`` on ``tts`` and return ``{"requests": [...], "results": [...]}``
     (each result: throughput, latency and time-to-first-audio percentiles; ``speedup_vs_sequential``).
 
     ``repeat``: rounds, each running every mode once (interleaved, so that a change in the machine's load
-    hits every mode alike); each mode reports its fastest round and lists every round's ``frames_per_s_runs``."""
+    hits every mode alike); each mode reports its fastest round and lists every round's ``frames_per_s_runs``.
+    ``on_progress``: called after every mode's run with the same dict over the runs so far (``"partial": True``),
+    so that a run stopped early keeps what it measured."""
     from ..serving import default_max_slots
 
     bad = [m for m in modes if m not in MODES]
@@ -209,30 +213,38 @@ def run_load(
     )
     sampling = dict(sampling or {})
     runs: dict[str, list[dict]] = {m: [] for m in modes}
-    for _ in range(repeat):
+
+    def summary() -> dict[str, Any]:
+        results = []
         for mode in modes:
+            if not runs[mode]:
+                continue
+            best = dict(max(runs[mode], key=lambda r: r["frames_per_s"]))
+            best["frames_per_s_runs"] = [r["frames_per_s"] for r in runs[mode]]
+            results.append(best)
+        seq = next((r for r in results if r["mode"] == "sequential"), None)
+        for r in results:
+            if seq is not None:
+                r["speedup_vs_sequential"] = r["frames_per_s"] / max(seq["frames_per_s"], 1e-12)
+        return {
+            "requests": [vars(r) for r in reqs],
+            "results": results,
+            "max_slots": slots,
+            "arrival_rate": arrival_rate,
+            "repeat": repeat,
+        }
+
+    for round_ in range(repeat):
+        for i, mode in enumerate(modes):
             if mode.startswith("continuous"):
                 runs[mode].append(_continuous(tts, reqs, slots, sampling, stream=mode == "continuous-stream"))
             elif mode == "static":
                 runs[mode].append(_batches(tts, reqs, slots, sampling, "static"))
             else:
                 runs[mode].append(_batches(tts, reqs, 1, sampling, "sequential"))
-    results = []
-    for mode in modes:
-        best = max(runs[mode], key=lambda r: r["frames_per_s"])
-        best["frames_per_s_runs"] = [r["frames_per_s"] for r in runs[mode]]
-        results.append(best)
-    seq = next((r for r in results if r["mode"] == "sequential"), None)
-    for r in results:
-        if seq is not None:
-            r["speedup_vs_sequential"] = r["frames_per_s"] / max(seq["frames_per_s"], 1e-12)
-    return {
-        "requests": [vars(r) for r in reqs],
-        "results": results,
-        "max_slots": slots,
-        "arrival_rate": arrival_rate,
-        "repeat": repeat,
-    }
+            if on_progress is not None and (round_, i) != (repeat - 1, len(modes) - 1):
+                on_progress({**summary(), "partial": True})
+    return summary()
 
 
 def load_table(results: list[dict[str, Any]]) -> str:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import check_state_dict, find_weights, read_all
+from ..options import check_int_option
 from ._layers import Snake, fold_weight_norms
 from .base import ConfigCodecProperties, as_mono_batch, check_codes
 
@@ -369,8 +370,11 @@ def _read_checkpoint(path: Path) -> tuple[DacCodecConfig, dict[str, torch.Tensor
     """(config, state dict in our names with weight norm folded) for any supported layout."""
     if path.is_dir():
         if (path / "config.json").exists():
+            files = find_weights(path)
+            if len(files) == 1 and files[0].suffix == ".pth":  # descript's weights.pth keeps its own names
+                return _read_checkpoint(files[0])
             cfg = DacCodecConfig.from_hf_dict(json.loads((path / "config.json").read_text()))
-            return cfg, fold_weight_norms(read_all(find_weights(path)), f"DAC checkpoint {path}")
+            return cfg, fold_weight_norms(read_all(files), f"DAC checkpoint {path}")
         pths = sorted(path.glob("*.pth"))
         preferred = [p for p in pths if p.name == "weights.pth"]
         if len(preferred) == 1 or len(pths) == 1:
@@ -489,6 +493,7 @@ class DacCodec(ConfigCodecProperties, nn.Module):
         stages hold [B, 96, samples] activations) and matches whole decoding up to rounding.
         ``chunk_frames=None`` decodes in one go.
         """
+        chunk_frames = check_int_option("chunk_frames", chunk_frames, minimum=1, optional=True)
         codes = check_codes(codes, self, self.device)
         b, t = codes.shape[:2]
         if t == 0:
@@ -496,8 +501,6 @@ class DacCodec(ConfigCodecProperties, nn.Module):
         latent = self.quantizer.dequantize(codes)
         if chunk_frames is None or t <= chunk_frames:
             return self.decode_latent(latent)
-        if chunk_frames <= 0:
-            raise ValueError(f"chunk_frames must be positive or None, got {chunk_frames}")
         hop, ctx = self.hop_length, self.context_frames
         out = torch.empty(b, t * hop, device=self.device)
         for start in range(0, t, chunk_frames):

@@ -371,9 +371,10 @@ class EncodecCodec(ConfigCodecProperties, nn.Module):
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Int codes [B, T, n_codebooks] (or [T, n_codebooks]) -> float32 PCM [B, T * hop_length]."""
-        codes = check_codes(codes, self, self._param().device)
-        if codes.numel() == 0:
-            raise ValueError(f"codes are empty (shape {tuple(codes.shape)})")
+        device = self._param().device
+        codes = check_codes(codes, self, device)
+        if codes.numel() == 0:  # no frames: no samples, as DacCodec.decode
+            return torch.zeros(codes.shape[0], 0, device=device)
         audio = self.decoder(self.quantizer.decode(codes))
         return audio[:, 0].float()
 

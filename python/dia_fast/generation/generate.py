@@ -35,9 +35,10 @@ from ..config import DataConfig, DiaConfig
 from ..memory import PinnedPool, PooledBuffer, default_pool
 from ..model import DiaModel, text_lengths
 from ..ops.reference import last_eos_position
+from ..options import check_int_option, named
 from ..progress import progress_bar
 from .engine import NOT_FORCED, DecodeEngine, StepBuffers, StepSpec, default_sampler, engine_for, using_device
-from .sampling import SamplingConfig, check_int_option, named
+from .sampling import SamplingConfig
 
 
 @dataclass

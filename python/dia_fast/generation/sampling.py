@@ -5,22 +5,14 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Literal, TypeVar, overload
 
 import numpy as np
 import torch
 
+from ..options import check_int_option, named
+
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 _INT32_MAX = 2**31 - 1
-
-E = TypeVar("E", bound=Exception)
-
-
-def named(exc: E, param: str) -> E:
-    """``exc`` with a ``param`` attribute: the option it is about (the speech server answers it as the error's
-    ``param``)."""
-    exc.param = param  # type: ignore[attr-defined]
-    return exc
 
 
 @dataclass(frozen=True)
@@ -67,27 +59,3 @@ class SamplingConfig:
     @property
     def greedy(self) -> bool:
         return not self.do_sample or self.temperature == 0
-
-
-@overload
-def check_int_option(
-    name: str, value: object, *, minimum: int | None = None, optional: Literal[False] = False
-) -> int: ...
-
-
-@overload
-def check_int_option(name: str, value: object, *, minimum: int | None = None, optional: bool) -> int | None: ...
-
-
-def check_int_option(name: str, value: object, *, minimum: int | None = None, optional: bool = False) -> int | None:
-    """``value`` as a Python int: it must be an integer (``int`` or a NumPy integer, not a bool) >= ``minimum``
-    (or None when ``optional``), else a TypeError or ValueError naming ``name`` (its ``param``)."""
-    if value is None and optional:
-        return None
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        kind = "an int or None" if optional else "an int"
-        raise named(TypeError(f"{name} must be {kind}, got {value!r}"), name)
-    value = int(value)
-    if minimum is not None and value < minimum:
-        raise named(ValueError(f"{name} must be >= {minimum}, got {value}"), name)
-    return value

@@ -23,9 +23,9 @@ import torch
 
 from .. import ops
 from ..codec.base import AudioCodec
+from ..options import check_int_option
 from .engine import using_device
 from .generate import DecodeOutput, generate_codes
-from .sampling import check_int_option
 
 if TYPE_CHECKING:
     from ..api import DiaTTS

@@ -25,7 +25,7 @@ from .audio_out import FORMATS
 from .metrics import CONTENT_TYPE_LATEST
 from .service import MODEL_ALIASES, ApiError, SpeechRequest, SpeechService, engine_failed, load_tts, metric_labels
 from .settings import ServerSettings
-from .voices import BUILTIN_VOICES, VoiceError
+from .voices import BUILTIN_VOICES, VoiceError, builtin_voice_json
 
 if TYPE_CHECKING:
     from ..api import DiaTTS
@@ -33,20 +33,6 @@ if TYPE_CHECKING:
 __all__ = ["create_app"]
 
 log = logging.getLogger("dia_fast.serve")
-
-_STATUS_KIND = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}
-
-
-def _error(
-    status: int,
-    message: str,
-    *,
-    param: str | None = None,
-    code: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> ApiError:
-    kind = _STATUS_KIND.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return ApiError(status, message, param=param, code=code, kind=kind, headers=headers)
 
 
 def _answer(scope: Scope, err: ApiError) -> JSONResponse:
@@ -83,10 +69,10 @@ class BodyLimit:
             try:
                 too_big = int(length) > limit
             except ValueError:
-                await _answer(scope, _error(400, "the Content-Length header is not a number"))(scope, receive, send)
+                await _answer(scope, ApiError(400, "the Content-Length header is not a number"))(scope, receive, send)
                 return
             if too_big:
-                err = _error(
+                err = ApiError(
                     413, f"the request body is over this server's limit of {limit} bytes", code="request_too_large"
                 )
                 await _answer(scope, err)(scope, receive, send)
@@ -177,7 +163,7 @@ def create_app(settings: ServerSettings | None = None, *, tts: DiaTTS | None = N
     @app.exception_handler(_BodyTooLarge)
     async def _too_large(request: Request, exc: _BodyTooLarge) -> JSONResponse:
         msg = f"the request body is over this server's limit of {exc.limit} bytes"
-        return _answer(request.scope, _error(413, msg, code="request_too_large"))
+        return _answer(request.scope, ApiError(413, msg, code="request_too_large"))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -185,13 +171,14 @@ def create_app(settings: ServerSettings | None = None, *, tts: DiaTTS | None = N
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        err = _error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+        err = ApiError(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
         return _answer(request.scope, err)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.error("unhandled error", exc_info=(type(exc), exc, exc.__traceback__))
-        return _answer(request.scope, _error(500, "internal server error (see the server log)", code="internal_error"))
+        err = ApiError(500, "internal server error (see the server log)", code="internal_error")
+        return _answer(request.scope, err)
 
     # ------------------------------------------------------------------------------ auth
     async def authorize(request: Request) -> None:
@@ -205,7 +192,6 @@ def create_app(settings: ServerSettings | None = None, *, tts: DiaTTS | None = N
                 401,
                 "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
                 code="invalid_api_key",
-                kind="authentication_error",
             )
 
     def service_of(request: Request) -> SpeechService:
@@ -213,7 +199,7 @@ def create_app(settings: ServerSettings | None = None, *, tts: DiaTTS | None = N
         if service is not None and service.engine.failed is not None:
             raise engine_failed()
         if service is None or not service.engine.running:
-            raise ApiError(503, "the server is starting or shutting down", code="unavailable", kind="server_error")
+            raise ApiError(503, "the server is starting or shutting down", code="unavailable")
         return service
 
     v1 = [Depends(authorize)]
@@ -247,9 +233,7 @@ def create_app(settings: ServerSettings | None = None, *, tts: DiaTTS | None = N
     @app.get("/v1/audio/voices", dependencies=v1)
     async def list_voices(request: Request) -> dict[str, Any]:
         service = service_of(request)
-        builtin = [
-            {"id": v.upper() if v != "dialogue" else v, "object": "voice", "type": "builtin"} for v in BUILTIN_VOICES
-        ]
+        builtin = [builtin_voice_json(v) for v in BUILTIN_VOICES]
         stored = await anyio.to_thread.run_sync(service.voices.list)
         return {"object": "list", "data": builtin + [v.as_json() for v in stored]}
 
@@ -282,6 +266,17 @@ def create_app(settings: ServerSettings | None = None, *, tts: DiaTTS | None = N
         except VoiceError as exc:
             param = exc.param or ("file" if exc.status == 400 else "name")
             raise ApiError(exc.status, str(exc), param=param, code=exc.code) from None
+        return info.as_json()
+
+    @app.get("/v1/audio/voices/{voice_id}", dependencies=v1)
+    async def get_voice(voice_id: str, request: Request) -> dict[str, Any]:
+        service = service_of(request)
+        if voice_id.lower() in BUILTIN_VOICES:
+            return builtin_voice_json(voice_id.lower())
+        try:
+            info = await anyio.to_thread.run_sync(service.voices.info, voice_id)
+        except VoiceError as exc:
+            raise ApiError(exc.status, str(exc), param="voice_id", code=exc.code) from None
         return info.as_json()
 
     @app.delete("/v1/audio/voices/{voice_id}", dependencies=v1)
@@ -334,7 +329,7 @@ def _validation_error(errors: list[Any]) -> ApiError:
         message = f"unknown parameter {param!r}"
     elif first.get("type") == "missing":
         message = f"missing required parameter {param!r}"
-    return _error(400, message, param=param, code="invalid_value")
+    return ApiError(400, message, param=param, code="invalid_value")
 
 
 def _parse_json(body: bytes) -> dict[str, Any]:

@@ -39,8 +39,13 @@ _INT32_MAX = 2**31 - 1  # the bound of the integer options that count steps or t
 _ENGINE_PARAMS = {"text": "input", "audio_prompt": "voice", "audio_prompt_text": "voice"}
 
 
+_STATUS_KIND = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}
+
+
 class ApiError(Exception):
-    """An error answered as OpenAI's error JSON: ``{"error": {"message", "type", "param", "code"}}``."""
+    """An error answered as OpenAI's error JSON: ``{"error": {"message", "type", "param", "code"}}``. The
+    ``type`` (``kind``) follows the status unless given: ``authentication_error`` (401), ``not_found_error`` (404),
+    ``rate_limit_error`` (429), ``server_error`` (5xx), else ``invalid_request_error``."""
 
     def __init__(
         self,
@@ -49,10 +54,12 @@ class ApiError(Exception):
         *,
         param: str | None = None,
         code: str | None = None,
-        kind: str = "invalid_request_error",
+        kind: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
+        if kind is None:
+            kind = _STATUS_KIND.get(status, "server_error" if status >= 500 else "invalid_request_error")
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
         self.headers = headers or {}
 
@@ -111,7 +118,7 @@ class _Job:
 
 def engine_failed() -> ApiError:
     """The answer while the batching engine is stopped by an error (logged once, with its traceback, by the engine)."""
-    return ApiError(500, "the speech engine failed (see the server log)", code="internal_error", kind="server_error")
+    return ApiError(500, "the speech engine failed (see the server log)", code="internal_error")
 
 
 def _param(exc: BaseException) -> str | None:
@@ -243,7 +250,6 @@ class SpeechService:
                 str(exc),
                 param="voice",
                 code=exc.code,
-                kind="server_error" if exc.status >= 500 else "invalid_request_error",
             ) from None
         options = dict(
             cfg_scale=req.cfg_scale,
@@ -266,13 +272,12 @@ class SpeechService:
                 429,
                 f"the server is busy: {exc}",
                 code="rate_limit_exceeded",
-                kind="rate_limit_error",
                 headers={"Retry-After": str(self._retry_after())},
             ) from None
         except EngineFailed:
             raise engine_failed() from None
         except EngineClosed:
-            raise ApiError(503, "the server is shutting down", code="unavailable", kind="server_error") from None
+            raise ApiError(503, "the server is shutting down", code="unavailable") from None
         except (ValueError, TypeError) as exc:
             raise ApiError(400, str(exc), param=_param(exc), code="invalid_value") from None
         return _Job(handle, pipeline, time.perf_counter(), req.stream_format or "none", input_bytes)
@@ -392,12 +397,11 @@ class SpeechService:
                 504,
                 f"the request took longer than {self.settings.request_timeout_s:g} s",
                 code="timeout",
-                kind="server_error",
             )
         elif isinstance(exc, EngineFailed):
             err = engine_failed()
         elif isinstance(exc, EngineClosed):
-            err = ApiError(503, "the server is shutting down", code="unavailable", kind="server_error")
+            err = ApiError(503, "the server is shutting down", code="unavailable")
         elif isinstance(exc, ValueError):
             err = ApiError(422, str(exc), param=_param(exc), code="unprocessable")
         else:
@@ -405,7 +409,6 @@ class SpeechService:
             err = ApiError(
                 500,
                 "internal error while generating speech (see the server log)",
-                kind="server_error",
                 code="internal_error",
             )
         return err

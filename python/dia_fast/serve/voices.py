@@ -5,8 +5,12 @@
 from __future__ import annotations
 
 import io
+import logging
+import os
 import re
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,7 +22,9 @@ from ..voice.speaker import CustomSpeaker, SpeakerFileError
 if TYPE_CHECKING:
     from ..api import DiaTTS
 
-__all__ = ["BUILTIN_VOICES", "VoiceError", "VoiceStore", "resolve_voice"]
+__all__ = ["BUILTIN_VOICES", "VoiceError", "VoiceStore", "builtin_voice_json", "resolve_voice"]
+
+log = logging.getLogger("dia_fast.serve")
 
 BUILTIN_VOICES = {"s1": "[S1]", "s2": "[S2]", "dialogue": None}
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -67,8 +73,28 @@ def check_voice_id(voice_id: str) -> str:
     return voice_id
 
 
+def builtin_voice_json(voice: str) -> dict[str, Any]:
+    """A built-in voice as the API lists it (``S1``, ``S2``, ``dialogue``)."""
+    return {"id": voice.upper() if voice != "dialogue" else voice, "object": "voice", "type": "builtin"}
+
+
+@contextmanager
+def _storage(action: str, voice_id: str) -> Iterator[None]:
+    """A failure of the voices directory itself (permissions, a full disk, ...) while doing ``action``: a
+    VoiceError 500 ``voice_storage_error`` that names the OS error but not the server's paths, logged in full."""
+    try:
+        yield
+    except OSError as exc:
+        if isinstance(exc, FileNotFoundError) and action != "store":
+            raise
+        log.error("voice store: cannot %s voice %r", action, voice_id, exc_info=True)
+        reason = os.strerror(exc.errno) if exc.errno else type(exc).__name__  # (strerror may hold the path)
+        raise VoiceError(f"cannot {action} voice {voice_id!r}: {reason}", 500, "voice_storage_error") from None
+
+
 class VoiceStore:
-    """Voices in ``directory`` (created when missing). Thread-safe; files are written atomically."""
+    """Voices in ``directory`` (created when missing). Thread-safe; files are written atomically. A failure of the
+    directory itself is a :class:`VoiceError` 500 (``voice_storage_error``)."""
 
     def __init__(self, directory: Path | None, tts: DiaTTS) -> None:
         self.directory = directory
@@ -87,7 +113,8 @@ class VoiceStore:
         """The stored voice ``voice_id`` (checked against the model's codec); VoiceError 404 when missing."""
         path = self._path(voice_id)
         try:
-            mtime = path.stat().st_mtime
+            with _storage("read", voice_id):
+                mtime = path.stat().st_mtime
         except FileNotFoundError:
             raise VoiceError(f"voice {voice_id!r} not found", 404, "voice_not_found") from None
         cached = self._cache.get(voice_id)
@@ -101,18 +128,27 @@ class VoiceStore:
         self._cache[voice_id] = (mtime, speaker)
         return speaker
 
+    def info(self, voice_id: str) -> VoiceInfo:
+        """What :meth:`list` says of the stored voice ``voice_id``; VoiceError 404 when missing."""
+        speaker = self.get(voice_id)
+        with _storage("read", voice_id):
+            return self._info(voice_id, speaker, self._path(voice_id))
+
     def list(self) -> list[VoiceInfo]:
+        """The readable stored voices, by id (files that cannot be read are left out)."""
         if self.directory is None:
             return []
         out = []
-        for path in sorted(self.directory.glob("*.safetensors")):
+        with _storage("list", "*"):
+            paths = sorted(self.directory.glob("*.safetensors"))
+        for path in paths:
             voice_id = path.stem
             if not _ID_RE.fullmatch(voice_id):
                 continue
             try:
                 out.append(self._info(voice_id, self.get(voice_id), path))
-            except VoiceError:
-                continue  # an unreadable file is left alone and not offered
+            except (VoiceError, OSError):
+                continue  # an unreadable (or just deleted) file is left alone and not offered
         return out
 
     def _info(self, voice_id: str, speaker: CustomSpeaker, path: Path) -> VoiceInfo:
@@ -135,7 +171,9 @@ class VoiceStore:
             chunk_budget(self.tts, prompt_text=transcript)
         except ValueError as exc:
             raise VoiceError(f"the transcript is too long for this model: {exc}", param="transcript") from None
-        if path.exists() and not overwrite:
+        with _storage("read", voice_id):
+            exists = path.exists()
+        if exists and not overwrite:
             raise VoiceError(f"voice {voice_id!r} exists; send overwrite=true to replace it", 409, "voice_exists")
         try:
             samples, _ = read_audio(io.BytesIO(audio), target_rate=self.tts.codec.sample_rate, mono=True)
@@ -148,18 +186,19 @@ class VoiceStore:
             speaker = CustomSpeaker.from_audio(samples, transcript, self.tts, self.tts.codec.sample_rate, name=voice_id)
         except ValueError as exc:
             raise VoiceError(f"the uploaded audio cannot be used as a voice: {exc}") from exc
-        with self._lock:
+        with self._lock, _storage("store", voice_id):
             if path.exists() and not overwrite:
                 raise VoiceError(f"voice {voice_id!r} exists; send overwrite=true to replace it", 409, "voice_exists")
             speaker.save(path)
             self._cache.pop(voice_id, None)
-        return self._info(voice_id, speaker, path)
+            return self._info(voice_id, speaker, path)
 
     def delete(self, voice_id: str) -> None:
         path = self._path(voice_id)
         with self._lock:
             try:
-                path.unlink()
+                with _storage("delete", voice_id):
+                    path.unlink()
             except FileNotFoundError:
                 raise VoiceError(f"voice {voice_id!r} not found", 404, "voice_not_found") from None
             self._cache.pop(voice_id, None)

@@ -37,11 +37,12 @@ from ..audio import check_crossfade_ms, crossfade_join
 from ..devices import set_thread_cpu_threads
 from ..generation.engine import bucket_batch, default_sampler, using_device
 from ..generation.generate import check_step_budget
-from ..generation.sampling import SamplingConfig, check_int_option, named
-from ..generation.stream import ChunkedDecoder, StreamStats, codec_context_frames
+from ..generation.sampling import SamplingConfig
+from ..generation.stream import ChunkedDecoder, StreamStats, check_stream_frames, codec_context_frames
 from ..longform import PromptTooLong
 from ..ops.cpu_graph import CpuGraphStep
 from ..ops.reference import last_eos_position
+from ..options import check_int_option, named
 from ..text import encode_batch, prompted_text
 from .slots import SlotState, admit, allocate_slots, slot_step, undelayed_codes
 
@@ -344,14 +345,14 @@ class BatchEngine:
         self.tts = tts
         model = tts.model
         dev = model.device
-        slots = default_max_slots(dev) if max_slots is None else int(max_slots)
-        if slots < 1 or slots & (slots - 1):
-            raise ValueError(f"max_slots must be a power of two >= 1, got {max_slots}")
-        if max_queue < 1 or poll_every < 1:
-            raise ValueError("max_queue and poll_every must be >= 1")
-        if cpu_threads is not None and (not isinstance(cpu_threads, int) or isinstance(cpu_threads, bool)
-                                        or cpu_threads < 1):  # fmt: skip
-            raise ValueError(f"cpu_threads must be an int >= 1, got {cpu_threads!r}")
+        slots = check_int_option("max_slots", max_slots, minimum=1, optional=True)
+        slots = default_max_slots(dev) if slots is None else slots
+        if slots & (slots - 1):
+            raise named(ValueError(f"max_slots must be a power of two >= 1, got {max_slots}"), "max_slots")
+        max_queue = check_int_option("max_queue", max_queue, minimum=1)
+        poll_every = check_int_option("poll_every", poll_every, minimum=1)
+        cpu_threads = check_int_option("cpu_threads", cpu_threads, minimum=1, optional=True)
+        check_stream_frames(chunk_frames, first_chunk_frames)
         self.cpu_threads: int | None = None  # the steps' intra-op threads on the CPU
         if dev.type == "cpu":
             # by default one of torch's threads is left to the callers, who decode audio (docs/serving.md)
@@ -436,9 +437,7 @@ class BatchEngine:
             raise named(ValueError(f"timeout must be > 0 seconds, got {timeout}"), "timeout")
         chunk = self.chunk_frames if chunk_frames is None else chunk_frames
         first = self.first_chunk_frames if first_chunk_frames is None else first_chunk_frames
-        for name, v in (("chunk_frames", chunk), ("first_chunk_frames", first)):
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                raise named(ValueError(f"{name} must be an int >= 1, got {v!r}"), name)
+        check_stream_frames(chunk, first)
         try:
             fade = check_crossfade_ms(self.crossfade_ms if crossfade_ms is None else crossfade_ms)
         except (TypeError, ValueError) as exc:

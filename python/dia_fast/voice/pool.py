@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..generation.sampling import SamplingConfig, check_int_option
+from ..generation.sampling import SamplingConfig
+from ..options import check_int_option
 from ..serving import BatchEngine, RequestHandle, default_max_slots
 from ..text import encode_text, prompted_text
 

@@ -4,7 +4,8 @@
 #
 #   bash benchmarks/gpu_check.sh [OUTDIR]        (default OUTDIR: gpu_check_out)
 #
-# Where one command may run 10 minutes at most, run it as two: the first six stages' limits add up to 565 s,
+# Where one command may run 10 minutes at most, run it as two: the first six stages' limits add up to 550 s
+# (580 s with the 5 s each stage may take to stop),
 #   GPU_CHECK_SKIP="bench compile kernels prefill" bash benchmarks/gpu_check.sh out1
 #   GPU_CHECK_SKIP="env quick pytest load quant gemm" bash benchmarks/gpu_check.sh out2
 #
@@ -64,7 +65,7 @@ stage() {  # stage NAME DEFAULT_SECONDS CMD...: CMD under a time limit, its outp
     return 0
   fi
   local t0=$SECONDS
-  timeout --kill-after=10 "$limit" "$@" >"$OUTDIR/$name.log" 2>&1
+  timeout --kill-after=5 "$limit" "$@" >"$OUTDIR/$name.log" 2>&1
   local rc=$?
   note "stage $name: exit $rc after $((SECONDS - t0)) s$([ $rc -eq 124 ] && echo " (time limit $limit s)")"
 }
@@ -85,7 +86,7 @@ BENCH=($PY -m dia_fast.bench --model dia-1.6b --device cuda --dtype bfloat16)
 stage quick 100 "${BENCH[@]}" --batch 1,8 --steps "$STEPS" --compare none --count-launches --json "$OUTDIR/quick.json"
 grep -E "^(engine|dia_fast|launches)" "$OUTDIR/quick.log" | awk '!seen[$0]++' >>"$summary"
 
-stage pytest 150 $PY -m pytest -m gpu -q -p no:cacheprovider tests/ --no-header -rfE  # (the stage's limit bounds it)
+stage pytest 140 $PY -m pytest -m gpu -q -p no:cacheprovider tests/ --no-header -rfE  # (the stage's limit bounds it)
 tail -n 4 "$OUTDIR/pytest.log" >>"$summary"
 
 stage load 75 "${BENCH[@]}" --load --requests 16 --steps 128 --repeat 1 --json "$OUTDIR/load.json"
@@ -95,7 +96,7 @@ stage quant 120 "${BENCH[@]}" --batch 1,8 --steps 128 --compare none --quantize 
   --cuda-int8 torchao,dia_fast --no-loading-memory --json "$OUTDIR/quant.json"
 grep -E "^(engine|dia_fast)|error" "$OUTDIR/quant.log" | awk '!seen[$0]++' >>"$summary"
 
-stage gemm 90 $PY -m pytest -q -p no:cacheprovider benchmarks/test_bench_linear_gpu.py -k "not prefill" \
+stage gemm 85 $PY -m pytest -q -p no:cacheprovider benchmarks/test_bench_linear_gpu.py -k "not prefill" \
   --benchmark-columns=min,rounds --benchmark-json "$OUTDIR/gemm.json"
 bench_summary gemm us_per_call us GBps GB/s
 

@@ -545,6 +545,9 @@ class _FakeCuda:
             def wait_stream(self, other) -> None:
                 fake.log.append(("wait_stream", self.name, other.name))
 
+            def synchronize(self) -> None:
+                fake.log.append(("stream_synchronize", self.name))
+
         class Graph:
             def __init__(self) -> None:
                 self.fn = None
@@ -579,6 +582,10 @@ class _FakeCuda:
         }.items():
             monkeypatch.setattr(torch.cuda, name, value)
         monkeypatch.setattr(engine, "using_device", device)
+        # (absent from CPU builds of torch)
+        monkeypatch.setattr(
+            torch._C, "_cuda_clearCublasWorkspaces", lambda: fake.log.append(("clear_workspaces",)), raising=False
+        )
 
 
 def test_capture_is_lazy_and_on_the_models_device(model, monkeypatch):
@@ -599,13 +606,19 @@ def test_capture_is_lazy_and_on_the_models_device(model, monkeypatch):
         assert runner.prepare() > 0 and runner.graphed
         (g,) = fake.graphs
         assert torch.equal(torch.get_rng_state(), rng)  # nothing drawn from torch's generators
+        # cuBLAS's workspaces are dropped around the capture (the graph allocates its own in its pool), after the
+        # warm-up's GEMMs are done with them; only streams are synchronized, never the whole device (another
+        # thread's capture would break)
         assert fake.log == [
             ("device", model.device),
             ("wait_stream", "side", "current"),
-            ("stream", "side"),
-            ("wait_stream", "current", "side"),
+            ("stream", "side"),  # the warm-up steps
+            ("stream_synchronize", "side"),
+            ("stream", "side"),  # the position put back
+            ("clear_workspaces",),
             ("graph", "side", "thread_local", True),
-            ("synchronize", model.device),
+            ("clear_workspaces",),
+            ("stream_synchronize", "side"),
         ]
         # warm-up steps restart at the same position; the (fake) capture ran one more step from it
         assert int(bufs.pos) == 4

@@ -94,6 +94,26 @@ def test_cuda_modes_quantize_every_target_and_keep_the_measured_quality(mode, ma
 
 
 @pytest.mark.parametrize("mode", ["int8", "fp8", "int4"])
+def test_a_replaced_torchao_weight_makes_new_decode_runners(mode):
+    """torchao's weights report ``data_ptr() == 0``: the key under which captured steps are reused reads the
+    addresses of the tensors inside them, so a replaced quantized weight is never read through a stale graph."""
+    from dia_fast.generation.engine import engine_for
+
+    tts = DiaTTS.random("tiny", seed=0, dtype=torch.bfloat16)
+    name = target_names(tts.model)[0]
+    with cpu_tinygemm():
+        quantize_cuda(tts.model, gemm_kinds(tts.model, mode, PARTS, INT4_PARTS))
+        assert tts.model.get_submodule(name).weight.data_ptr() == 0  # (why the key looks inside)
+        engine = engine_for(tts.model)
+        before = engine._weights_key()
+        assert before == engine._weights_key()  # nothing replaced: the same key
+        layer = tts.model.get_submodule(name)
+        other = copy.deepcopy(layer)  # the same values in new memory
+        tts.model.get_submodule(name.rsplit(".", 1)[0]).register_module(name.rsplit(".", 1)[1], other)
+        assert engine._weights_key() != before
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8", "int4"])
 def test_the_torchao_loader_quantizes_each_gemm_as_its_weight_arrives(tmp_path, monkeypatch, mode):
     """The CUDA modes' loader (load_cuda_quantized): it reads the checkpoint one tensor at a time and gives
     exactly the model that quantizing after a full-precision load gives."""

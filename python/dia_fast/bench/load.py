@@ -98,7 +98,15 @@ def _continuous(tts: DiaTTS, reqs: list[LoadRequest], max_slots: int, sampling: 
     finish = [0.0] * len(reqs)
     first = [0.0] * len(reqs)
     with BatchEngine(tts, max_slots=max_slots, max_queue=max(64, len(reqs))) as engine:
-        engine.submit(reqs[0].text, max_new_tokens=md + 2, seed=0).result()  # warm-up (CUDA graphs, kernels)
+        # warm-up of every bucket (CUDA graphs are captured when the engine starts; kernels compile and CPU graphs
+        # record on a bucket's first step): requests of staggered lengths, so the running batch passes through
+        # every power of two up to max_slots as they end
+        warm = [
+            engine.submit(reqs[0].text, max_new_tokens=n, min_new_tokens=n - md - 1, seed=i, **sampling)
+            for i, n in enumerate(md + 2 + 2 * engine.poll_every * k for k in range(engine.max_slots))
+        ]
+        for handle in warm:
+            handle.result()
         steps0, batched0 = engine.stats["steps"], engine.stats["batched_steps"]
         handles: list[Any] = [None] * len(reqs)
         submitted = [threading.Event() for _ in reqs]
@@ -154,9 +162,12 @@ def _continuous(tts: DiaTTS, reqs: list[LoadRequest], max_slots: int, sampling: 
 def _batches(tts: DiaTTS, reqs: list[LoadRequest], size: int, sampling: dict, name: str) -> dict:
     md = tts.config.data.max_delay
     finish = [0.0] * len(reqs)
-    tts.generate(reqs[0].text, max_new_tokens=md + 2, progress=False)  # warm-up
-    t0 = time.perf_counter()
     order = sorted(range(len(reqs)), key=lambda i: reqs[i].arrival_s)
+    # warm-up of every batch size the groups have (on CUDA each bucket captures its graph on first use, and
+    # Triton compiles per batch shape: none of that inside the timed window)
+    for n in sorted({len(order[lo : lo + size]) for lo in range(0, len(order), size)}):
+        tts.generate([reqs[0].text] * n, max_new_tokens=md + 2, progress=False, **sampling)
+    t0 = time.perf_counter()
     for lo in range(0, len(order), size):
         group = order[lo : lo + size]
         _wait_until(t0, max(reqs[i].arrival_s for i in group))  # a static batch starts when it is full

@@ -27,6 +27,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
@@ -46,6 +47,7 @@ __all__ = [
     "StepSpec",
     "allocate_buffers",
     "bucket_batch",
+    "capture_cuda_graph",
     "decode_step",
     "engine_for",
     "using_device",
@@ -59,6 +61,48 @@ def using_device(device: torch.device) -> AbstractContextManager[object]:
     kernels on the current device (not on their tensors'), and a graph capture allocates on the current
     device: work on a model that is not on the current device needs this around it."""
     return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
+
+
+def _clear_cublas_workspaces() -> None:
+    """Drops cuBLAS's cached workspaces (as torch.compile's CUDA graphs do around each capture): a workspace made
+    outside a capture lives in the ordinary memory pool, and a graph that captured GEMMs using it would keep its
+    raw address after anything (torch.compile, a destroyed graph, ``empty_cache``) frees it; cleared first, the
+    capture allocates its own in the graph's private pool."""
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None:
+        clear()
+
+
+def capture_cuda_graph(
+    device: torch.device, step: Callable[[], None], warmup_steps: int, reset: Callable[[], None] | None = None
+) -> torch.cuda.CUDAGraph:
+    """Warms ``step`` up ``warmup_steps`` times on a side stream (Triton compiles, the allocator settles) and
+    captures one more call of it as a CUDA graph; ``reset`` (if given) runs before each warm-up step and before the
+    capture (e.g. to restore a position that the steps advance).
+
+    One capture at a time in the process (torch's rule: runners of other buckets, and engines, capture in other
+    threads), with ``device`` current. The capture uses its own stream and ``capture_error_mode="thread_local"``:
+    other threads may keep using the GPU (allocating, querying events, decoding audio); they must not synchronize
+    the whole device meanwhile (dia_fast synchronizes streams, never the device, outside benchmarks)."""
+    with _CAPTURE_LOCK, using_device(device):
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup_steps):
+                if reset is not None:
+                    reset()
+                step()
+        side.synchronize()  # the warm-up's GEMMs are done with their workspaces before these are dropped
+        if reset is not None:
+            with torch.cuda.stream(side):
+                reset()
+        _clear_cublas_workspaces()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
+            step()
+        _clear_cublas_workspaces()  # (the graph's own workspace stays in its pool)
+        side.synchronize()
+    return graph
 
 
 def bucket_batch(batch: int) -> int:
@@ -262,28 +306,10 @@ class StepRunner:
             self.cpu_step()  # eager, or replayed from a CPU graph
 
     def _capture(self, warmup_steps: int) -> None:
-        dev = self.model.device
         pos0 = self.bufs.pos.clone()
-        # One capture at a time in the process (torch's rule; runners of other buckets capture in other threads),
-        # with the model's device current.
-        with _CAPTURE_LOCK, using_device(dev):
-            side = torch.cuda.Stream(dev)
-            side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side):  # warm-up off the capture (Triton compiles, allocator settles)
-                for _ in range(warmup_steps):
-                    self.bufs.pos.copy_(pos0)
-                    self._eager()
-            torch.cuda.current_stream(dev).wait_stream(side)
-            self.bufs.pos.copy_(pos0)
-            graph = torch.cuda.CUDAGraph()
-            # The capture stream is `side` (torch's shared default capture stream lives on whichever device first
-            # made it). "thread_local": other threads may keep using the GPU (allocating, querying the pool's
-            # events, decoding audio) while this one captures; under "global" their calls would fail and void
-            # the capture.
-            with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
-                self._eager()
-            torch.cuda.synchronize(dev)
-        self.graph = graph
+        self.graph = capture_cuda_graph(
+            self.model.device, self._eager, warmup_steps, reset=lambda: self.bufs.pos.copy_(pos0)
+        )
 
     def __enter__(self) -> StepRunner:
         self._lock.acquire()
@@ -291,6 +317,15 @@ class StepRunner:
 
     def __exit__(self, *exc: object) -> None:
         self._lock.release()
+
+
+def _addresses(tensor: torch.Tensor) -> tuple[int, ...]:
+    """The memory a graph reads for ``tensor``: its data address, or for a tensor subclass (torchao's quantized
+    weights, whose own ``data_ptr()`` is 0) those of the tensors inside it."""
+    if hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return tuple(a for n in names if getattr(tensor, n) is not None for a in _addresses(getattr(tensor, n)))
+    return (tensor.data_ptr(),)
 
 
 @dataclass
@@ -391,7 +426,7 @@ class DecodeEngine:
         reads those addresses and calls the kernels chosen when it was captured, so a runner is reused only while
         they hold (``model.to(...)``, replaced parameters or ``ops.set_backend`` make new runners)."""
         dec = self.model.decoder
-        ptrs = tuple(t.data_ptr() for t in (*dec.parameters(), *dec.buffers()))
+        ptrs = tuple(_addresses(t) for t in (*dec.parameters(), *dec.buffers()))
         return (self.model.device, self.model.dtype, ptrs, ops.dispatch_generation())
 
     def clear(self) -> None:

@@ -316,7 +316,8 @@ def generate_codes(
         out = bufs.out
         model.decoder(out[:, :P0].repeat(rows, 1, 1), bufs.state, logits_out=bufs.logits)
         if device.type == "cuda":
-            torch.cuda.synchronize(device)  # honest prefill timing (once per call)
+            # honest prefill timing (once per call); the stream, not the device: another thread may be capturing
+            torch.cuda.current_stream(device).synchronize()
         prefill_s = time.perf_counter() - t0 - warmup_s
 
         out_view = out[:B, :L]

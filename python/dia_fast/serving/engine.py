@@ -35,7 +35,7 @@ import torch
 from .. import ops
 from ..audio import check_crossfade_ms, crossfade_join
 from ..devices import set_thread_cpu_threads
-from ..generation.engine import bucket_batch, default_sampler, using_device
+from ..generation.engine import bucket_batch, capture_cuda_graph, default_sampler, using_device
 from ..generation.generate import check_step_budget
 from ..generation.sampling import SamplingConfig
 from ..generation.stream import ChunkedDecoder, StreamStats, check_stream_frames, codec_context_frames
@@ -609,22 +609,12 @@ class BatchEngine:
         """Warm up and capture one CUDA graph per bucket on the empty state (no slot is live: the warm-up steps
         change nothing that a request will read)."""
         model, dev = self.tts.model, self.tts.model.device
-        with using_device(dev), torch.inference_mode():
-            side = torch.cuda.Stream(dev)
-            side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.inference_mode():
             n = 1
             while n <= self.max_slots:
                 view = self._slots.view(n)
-                with torch.cuda.stream(side):
-                    for _ in range(2):
-                        slot_step(model, view, self._sampler)
-                torch.cuda.current_stream(dev).wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
-                    slot_step(model, view, self._sampler)
-                self._graphs[n] = graph
+                self._graphs[n] = capture_cuda_graph(dev, lambda v=view: slot_step(model, v, self._sampler), 2)
                 n *= 2
-            torch.cuda.synchronize(dev)
 
     def _run(self) -> None:
         model = self.tts.model
@@ -645,6 +635,11 @@ class BatchEngine:
                         continue
                     n = bucket_batch(max(live) + 1)
                     view = self._views.get(n) or self._views.setdefault(n, self._slots.view(n))
+                    if self._graphs and self._dispatch_generation != ops.dispatch_generation():
+                        # ops.set_backend since the capture: the graphs would call the old kernels, and a new
+                        # capture's warm-up would step the live slots: the engine steps eagerly from here on
+                        log.warning("the op backends changed: this engine's CUDA graphs are dropped (eager steps)")
+                        self._graphs.clear()
                     for _ in range(self.poll_every):
                         if n in self._graphs:
                             self._graphs[n].replay()
@@ -659,8 +654,9 @@ class BatchEngine:
             self._fail_all(self._error)
 
     def _step(self, n: int, view: SlotState) -> None:
-        """One step of bucket ``n`` on the CPU or MPS; on the CPU its first one records a CPU graph that the later ones
-        replay (a bucket whose step cannot be recorded steps eagerly: :attr:`cpu_graph_notes`)."""
+        """One step of bucket ``n`` on the CPU or MPS, or on CUDA once its graphs were dropped; on the CPU its first
+        one records a CPU graph that the later ones replay (a bucket whose step cannot be recorded steps eagerly:
+        :attr:`cpu_graph_notes`)."""
         if self._dispatch_generation != ops.dispatch_generation():  # ops.set_backend: the graphs call old kernels
             self._dispatch_generation = ops.dispatch_generation()
             self._cpu_steps.clear()

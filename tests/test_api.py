@@ -42,6 +42,27 @@ def test_batched_greedy_equals_one_by_one(tts):
         assert torch.equal(batch.codes[i], one.codes[0])
 
 
+def test_sampled_batch_with_prompts_of_different_lengths_draws_as_each_text_alone(tts):
+    """Rows with shorter (or no) voice prompts are left-padded in a batch; each still draws at its own positions,
+    so text ``i`` with ``seed + i`` gives the codes of its solo run and of a BatchEngine request with that seed
+    (they drew at the batch's position, and differed)."""
+    from dia_fast.serving import BatchEngine
+
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 1024, (4, 9), generator=g), None, torch.randint(0, 1024, (20, 9), generator=g)]
+    transcripts = ["[S1] A prompt.", None, "[S2] Another prompt."]
+    texts = ["[S1] First one here.", "[S2] The second, with no prompt.", "[S1] And a third."]
+    opts = dict(max_new_tokens=60, temperature=1.0, decode_audio=False)
+    batch = tts.generate(texts, audio_prompt=prompts, audio_prompt_text=transcripts, seed=11, **opts)
+    with BatchEngine(tts, max_slots=1) as engine:
+        for i, text in enumerate(texts):
+            one = tts.generate(text, audio_prompt=prompts[i], audio_prompt_text=transcripts[i], seed=11 + i, **opts)
+            assert torch.equal(batch.codes[i], one.codes[0]), i
+            queued = engine.submit(text, audio_prompt=prompts[i], audio_prompt_text=transcripts[i], seed=11 + i,
+                                   max_new_tokens=60, temperature=1.0)  # fmt: skip
+            assert torch.equal(queued.result(60, decode_audio=False).codes, one.codes[0]), i
+
+
 def test_no_cfg_runs_without_unconditional_rows(tts):
     res = tts.generate("[S1] No guidance.", max_new_tokens=32, cfg_scale=0.0, do_sample=False)
     assert res.codes[0].shape[1] == 9

@@ -106,6 +106,11 @@ def test_greedy_solo_run_equals_generate(tts):
     for kw in (dict(), dict(audio_prompt=prompt, audio_prompt_text="[S1] Prompt words.")):
         want = tts.generate(TEXTS[1], max_new_tokens=50, do_sample=False, progress=False, **kw).codes[0]
         assert torch.equal(_solo(tts, dict(text=TEXTS[1], max_new_tokens=50, do_sample=False, **kw)), want)
+    # a text is spoken as given, outer whitespace included, by both (the engine stripped it and differed)
+    text = " " + TEXTS[1] + "\n"
+    want = tts.generate(text, max_new_tokens=50, do_sample=False, progress=False).codes[0]
+    assert not torch.equal(want, tts.generate(TEXTS[1], max_new_tokens=50, do_sample=False).codes[0])
+    assert torch.equal(_solo(tts, dict(text=text, max_new_tokens=50, do_sample=False)), want)
 
 
 def test_truncated_matches_generate(tts):
@@ -504,3 +509,94 @@ def test_the_steps_thread_count_is_set_for_the_scheduler_thread_only(tts):
         engine.submit(TEXTS[2], max_new_tokens=20, seed=1).result(60, decode_audio=False)
         assert engine.cpu_threads == (1 if seen["ok"] else before)
     assert torch.get_num_threads() == before
+
+
+def test_leaving_a_stream_early_cancels_it_and_a_failed_stream_fails_again(tts):
+    """``break`` out of a stream (closing its iterator) cancels the request, so what waits behind it runs at once;
+    iterating the cancelled stream again raises its error again instead of waiting forever."""
+    with BatchEngine(tts, max_slots=1, chunk_frames=4, first_chunk_frames=2) as engine:
+        handle = engine.submit(TEXTS[1], max_new_tokens=1000, min_new_tokens=900, seed=1, stream=True)
+        chunks = iter(handle)
+        assert next(chunks).size
+        chunks.close()  # what leaving a for loop does once the generator is collected
+        with pytest.raises(RequestCancelled):
+            handle.result(30)
+        behind = engine.submit(TEXTS[2], max_new_tokens=30, seed=2).result(60, decode_audio=False)
+        assert behind.stats["queued_s"] < 30
+        done = threading.Event()
+        errors: list[BaseException] = []
+
+        def again() -> None:
+            try:
+                list(handle)
+            except BaseException as exc:  # noqa: BLE001 - the test looks at it
+                errors.append(exc)
+            done.set()
+
+        threading.Thread(target=again, daemon=True).start()
+        assert done.wait(30) and isinstance(errors[0], RequestCancelled)
+
+
+def test_a_stream_that_has_ended_has_its_result(tts, monkeypatch):
+    """The result is settled before the stream's end goes out: right after the iteration, ``result(0)`` answers
+    (the server read it so and answered a finished stream as a 504 timeout). A slow scheduler is simulated between
+    the two: a finished request's bookkeeping takes 0.3 s."""
+    slow = engine_module.last_eos_position
+
+    def slow_last_eos_position(*args):
+        time.sleep(0.3)
+        return slow(*args)
+
+    monkeypatch.setattr(engine_module, "last_eos_position", slow_last_eos_position)
+    with BatchEngine(tts, max_slots=1, chunk_frames=8) as engine:
+        handle = engine.submit(TEXTS[0], max_new_tokens=40, seed=3, stream=True)
+        audio = np.concatenate(list(handle))
+        np.testing.assert_allclose(handle.result(0).audio, audio, atol=1e-5)
+
+
+def test_asyncio_streams_wait_in_the_engines_own_threads(tts):
+    """``engine.stream`` waits for its chunks in the engine's threads, not in the event loop's default executor
+    (whose few threads every other ``to_thread`` of the program needs), and ``engine.generate`` submits off the
+    loop (a prompt is encoded there)."""
+    import concurrent.futures
+
+    class Recording(concurrent.futures.ThreadPoolExecutor):
+        def __init__(self) -> None:
+            super().__init__(2)
+            self.calls: list[object] = []
+
+        def submit(self, fn, /, *args, **kwargs):  # noqa: ANN001, ANN202
+            self.calls.append(getattr(fn, "func", fn))
+            return super().submit(fn, *args, **kwargs)
+
+    default = Recording()
+
+    async def main() -> tuple[list[np.ndarray], object]:
+        asyncio.get_running_loop().set_default_executor(default)
+        with BatchEngine(tts, max_slots=2, chunk_frames=8) as engine:
+            chunks = [c async for c in engine.stream(TEXTS[0], max_new_tokens=40, seed=4)]
+            result = await engine.generate(TEXTS[0], max_new_tokens=40, seed=4)
+        return chunks, result
+
+    chunks, result = asyncio.run(main())
+    np.testing.assert_allclose(np.concatenate(chunks), result.audio, atol=1e-5)
+    assert next not in default.calls  # no chunk was waited for there
+    assert BatchEngine.submit in [getattr(c, "__func__", c) for c in default.calls]  # submitted off the loop
+
+
+def test_a_dropped_voice_pool_finishes_its_requests_then_stops(tts):
+    """A VoicePool dropped without close(): its engine finishes the request it was given, then its scheduler
+    thread ends (it kept the engine, caches and model alive until the process ended)."""
+    import gc
+
+    from dia_fast import VoicePool
+
+    def submit() -> tuple[object, threading.Thread]:
+        pool = VoicePool(tts, max_batch=1)
+        return pool.submit(TEXTS[0], max_new_tokens=30, seed=5), pool.engine._thread
+
+    handle, thread = submit()
+    gc.collect()
+    assert handle.result(60, decode_audio=False).codes.shape[0] > 0  # not failed by the pool's end
+    thread.join(30)
+    assert not thread.is_alive()

@@ -124,6 +124,8 @@ def test_bench_rejects_bad_options(capsys):
     # options that the mode would ignore, repeated batch sizes, an unusable --json: errors before any work
     for bad, message in (
         (["--load", "--batch", "2"], "--batch does not apply to --load"),
+        (["--load", "--batch", "1"], "--batch does not apply to --load"),  # also at its default value
+        (["--requests", "16"], "--requests applies to --load only"),
         (["--load", "--quantize", "int8"], "--quantize does not apply to --load"),
         (["--load", "--count-launches"], "--count-launches does not apply to --load"),
         (["--requests", "3"], "--requests applies to --load only"),
@@ -412,3 +414,14 @@ def test_bench_records_threads_and_machine_load(tmp_path, monkeypatch):
     assert meta["machine_load_at_start"] == {"loadavg_1m": 7.5, "cpus": os.cpu_count(), "busy": os.cpu_count() < 15}
     with pytest.raises(SystemExit):
         parse_args(["--threads", "0"])
+
+
+def test_cfg_scales_map_to_transformers_guidance_or_are_refused():
+    """Same formula, different off switch: dia_fast's 0 is transformers' None; transformers turns guidance off at
+    exactly 1 (and refuses 0-1), so those scales would compare different work and are refused."""
+    from dia_fast.bench.runners import transformers_guidance
+
+    assert transformers_guidance(3.0) == 3.0 and transformers_guidance(0.0) is None
+    for scale in (0.5, 1.0):
+        with pytest.raises(ValueError, match="no transformers equivalent"):
+            transformers_guidance(scale)

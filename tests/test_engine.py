@@ -74,8 +74,9 @@ def _prompts(config: DiaConfig) -> list[torch.Tensor | None]:
 @torch.inference_mode()
 def _reference_loop(model, texts, prompts, max_new_tokens, sampling, generator=None):
     """Plain generation loop: full caches, one decoder call per step, the reference's seeded draws (one Philox
-    key per item from ``generator``, the position as the counter), and Dia's EOS countdown written out item by
-    item. Returns the whole delayed sequences [B, L, C] and EOS positions."""
+    key per item from ``generator``, the item's own position as the counter: the batch position less the item's
+    left padding, i.e. where it would be alone), and Dia's EOS countdown written out item by item. Returns the
+    whole delayed sequences [B, L, C] and EOS positions."""
     cfg = model.config
     data = cfg.data
     ids, mask = encode_batch(texts)
@@ -109,7 +110,7 @@ def _reference_loop(model, texts, prompts, max_new_tokens, sampling, generator=N
             eos_id=data.audio_eos_value,
             do_sample=not sampling.greedy,
             seed=seeds,
-            offset=p,
+            offset=torch.tensor([p - (P0 - 1 - f) for f in prefix.prompt_frames]),
         )
         for b in range(B):
             if eos[b] < 0 and (int(codes[b, 0]) == data.audio_eos_value or p >= L - md - 1):

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
-from .cliparse import OneLineParser
+from .cliparse import OneLineParser, given_options
 from .paths import real_path, unwritable_dir, unwritable_file
 
 
@@ -388,13 +388,6 @@ _SPEAKING_OPTIONS = {
 }
 
 
-def _given_options(parser: argparse.ArgumentParser, argv: list[str] | None, args: argparse.Namespace) -> set[str]:
-    """The options (dests) that the command line gives, whether or not at their default values."""
-    unset = object()  # argparse leaves an attribute that is already there when its option is not given
-    again = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), unset)))
-    return {dest for dest, value in vars(again).items() if value is not unset}
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Execute a parsed command line (``args.given``: the options it gives, see :func:`main`); returns the summary
     printed with ``--json``."""
@@ -537,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m dia_fast`` and the ``dia-fast`` script; returns the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
-    args.given = _given_options(parser, argv, args)
+    args.given = given_options(parser, argv, args)
     if args.info:
         from .info import info
 

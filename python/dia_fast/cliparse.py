@@ -19,3 +19,11 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         print(f"{self.error_prefix}: error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
+
+
+def given_options(parser: argparse.ArgumentParser, argv: list[str] | None, args: argparse.Namespace) -> set[str]:
+    """The options (dests) that the command line ``argv`` gives, whether or not at their default values (``args``:
+    what ``parser`` made of it)."""
+    unset = object()  # argparse leaves an attribute that is already there when its option is not given
+    again = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), unset)))
+    return {dest for dest, value in vars(again).items() if value is not unset}

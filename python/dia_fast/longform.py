@@ -272,7 +272,8 @@ def pieces(
     chars_per_second: float = DEFAULT_CHARS_PER_SECOND,
     max_chunk_seconds: float | None = DEFAULT_MAX_CHUNK_SECONDS,
 ) -> list[str]:
-    """``text`` as the generations it takes: itself when it fits one, else :func:`split_text`'s chunks.
+    """``text`` as the generations it takes: itself (unchanged) when it fits one, else :func:`split_text`'s chunks
+    (stripped).
 
     It fits when its tokens (after the prompt's transcript) are within ``text_length`` and its spoken characters
     within ``chars_per_second`` times the model's whole audio budget after the prompt (~35 s without one). A
@@ -286,8 +287,8 @@ def pieces(
     def split(frames: int) -> list[str]:
         kw = dict(prompt_text=prompt_text, prompt_frames=frames, chars_per_second=chars_per_second)
         max_bytes, whole_budget_chars = chunk_budget(tts, max_chunk_seconds=None, **kw)
-        if text_tokens(text.strip()) <= max_bytes and spoken_chars(text) <= whole_budget_chars:
-            return [text.strip()]
+        if text_tokens(text) <= max_bytes and spoken_chars(text) <= whole_budget_chars:
+            return [text]  # as given, as DiaTTS.generate speaks it (outer whitespace included)
         max_bytes, max_chars = chunk_budget(tts, max_chunk_seconds=max_chunk_seconds, **kw)
         return [c.strip() for c in split_text(text, max_bytes, max_chars) if c.strip()]
 

@@ -26,7 +26,7 @@ import torch
 from .. import ops
 from .._version import __version__
 from ..checkpoint import local_config
-from ..cliparse import OneLineParser
+from ..cliparse import OneLineParser, given_options
 from ..codec import AudioCodec, load_codec
 from ..config import DataConfig, DiaConfig
 from ..devices import keep_torch_threads, resolve_device, resolve_dtype, use_default_cpu_threads
@@ -622,10 +622,12 @@ def _inputs(model: str, codec: str) -> dict[str, str | Path | None]:
     return out
 
 
-def _check_modes(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+def _check_modes(p: argparse.ArgumentParser, a: argparse.Namespace, argv: list[str] | None) -> None:
+    """An option the chosen mode would ignore is an error, even at its default value."""
     flags = (*_LOAD_ONLY, *_QUANTIZE_ONLY, *_NOT_FOR_LOAD)
     dests = {flag: flag[2:].replace("-", "_") for flag in flags}  # argparse's own naming
-    given = {flag for flag, d in dests.items() if getattr(a, d) != p.get_default(d)}  # set to a non-default
+    on_line = given_options(p, argv, a)
+    given = {flag for flag, d in dests.items() if d in on_line}
     if not a.load:
         for flag in _LOAD_ONLY:
             if flag in given:
@@ -721,7 +723,7 @@ def parse_args(argv: list[str] | None = None) -> BenchOptions:
         help="--quantize: skip measuring the memory of loading the checkpoint per mode (one process each)",
     )
     a = p.parse_args(argv)
-    _check_modes(p, a)
+    _check_modes(p, a, argv)
     if a.repeat < 1:
         p.error("--repeat must be >= 1")
     if len(set(a.batch)) != len(a.batch):

@@ -176,7 +176,7 @@ def count_decode_launches(
     )
     bufs = allocate_buffers(model, spec, max(64, data.max_delay + 8), 32, self_mask=True)
     bufs.set_sampling(sampling)
-    bufs.pos.fill_(1)
+    bufs.positions.fill_(1)
     layers = model.decoder.layers
     inside = [0] * len(layers)
     counter = LaunchCounter()

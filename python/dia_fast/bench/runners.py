@@ -290,6 +290,21 @@ def _step_marker_type() -> type:
     return StepMarker
 
 
+def transformers_guidance(cfg_scale: float) -> float | None:
+    """transformers' ``guidance_scale`` for dia_fast's ``cfg_scale``: the same formula, cond + s * (cond - uncond),
+    but transformers turns guidance off at exactly 1 (and refuses 0 < s < 1) where dia_fast turns it off at 0. So 0
+    is None (no unconditional rows in either), and a scale in (0, 1] has no transformers equivalent: an error rather
+    than a comparison of different work."""
+    if cfg_scale == 0:
+        return None
+    if cfg_scale <= 1:
+        raise ValueError(
+            f"cfg_scale={cfg_scale:g} has no transformers equivalent (its guidance_scale is off at 1 and refuses "
+            "0-1): compare at 0 (no CFG) or above 1"
+        )
+    return float(cfg_scale)
+
+
 class TransformersCase(Case):
     """``generate(**processor(text), max_new_tokens=steps, guidance_scale=..., top_k=...)`` timed from
     outside; a never-stopping stopping criterion counts the steps and marks the end of prefill (the
@@ -328,7 +343,9 @@ class TransformersCase(Case):
             warnings.simplefilter("ignore")
             self._inputs = {k: v.to(device) for k, v in processor(text=texts, padding=True).items()}
         self._kwargs: dict[str, Any] = dict(
-            max_new_tokens=steps, guidance_scale=sampling.cfg_scale, top_k=sampling.cfg_filter_top_k
+            max_new_tokens=steps,
+            guidance_scale=transformers_guidance(sampling.cfg_scale),
+            top_k=sampling.cfg_filter_top_k,
         )
         if sampling.greedy:
             self._kwargs["do_sample"] = False

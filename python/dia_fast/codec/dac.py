@@ -469,6 +469,9 @@ class DacCodec(ConfigCodecProperties, nn.Module):
         """Quantized latent [B, hidden_size, T] -> float32 PCM [B, T * hop_length] in [-1, 1]."""
         return self.decoder(latent.to(device=self.device, dtype=self.dtype)).squeeze(1).float()
 
+    # a decode window at the start needs no frames beyond its lookahead (zero-padded convolutions)
+    min_window_frames = 1
+
     @property
     def context_frames(self) -> int:
         """Frames of context on each side that decide one output frame (the decoder's receptive field,

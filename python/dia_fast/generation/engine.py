@@ -135,7 +135,11 @@ class StepBuffers:
 
     state: DecoderState  # KV caches [n, R, H, L, D], cross K/V, masks, text lengths, semaphores
     logits: torch.Tensor  # [R, C, V] in the model's dtype: logits for position `pos`
-    pos: torch.Tensor  # [1] int64: the position sampled by the next step
+    positions: torch.Tensor  # [1 + B] int64: `pos` then `draw_pos` (one add moves them all)
+    pos: torch.Tensor  # [1] int64 (a view of `positions`): the position sampled by the next step
+    # [B] int64 (a view of `positions`): each row's own position at `pos`, the counter of its draws: rows with a
+    # shorter voice prompt are left-padded in the batch, and draw as they would alone (and in BatchEngine)
+    draw_pos: torch.Tensor
     out: torch.Tensor  # [B, L, C] int64: delayed codes (prefix, then generated; PAD after the end)
     forced: torch.Tensor  # [B, L, C] int64: value forced at each position, NOT_FORCED elsewhere
     tokens: torch.Tensor  # [R, 1, C] int64: the decoder input of the step (the codes just written)
@@ -164,7 +168,7 @@ class StepBuffers:
         """Device memory these buffers hold."""
         tensors = [v for v in vars(self).values() if isinstance(v, torch.Tensor)]
         tensors += [v for v in vars(self.state).values() if isinstance(v, torch.Tensor)]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in tensors if t._base is None)  # (views counted once)
 
 
 def allocate_buffers(model: DiaModel, spec: StepSpec, max_len: int, text_len: int, self_mask: bool) -> StepBuffers:
@@ -181,10 +185,13 @@ def allocate_buffers(model: DiaModel, spec: StepSpec, max_len: int, text_len: in
     def per_row(value: float | int, dtype: torch.dtype) -> torch.Tensor:
         return torch.full((B,), value, dtype=dtype, device=dev)
 
+    positions = torch.zeros(1 + B, dtype=torch.long, device=dev)
     return StepBuffers(
         state=state,
         logits=torch.zeros(R, C, dec.vocab_size, **kw),
-        pos=torch.zeros(1, dtype=torch.long, device=dev),
+        positions=positions,
+        pos=positions[:1],
+        draw_pos=positions[1:],
         out=torch.full((B, max_len, C), spec.pad_value, dtype=torch.long, device=dev),
         forced=torch.full((B, max_len, C), NOT_FORCED, dtype=torch.long, device=dev),
         tokens=torch.zeros(R, 1, C, dtype=torch.long, device=dev),
@@ -216,7 +223,7 @@ def decode_step(model: DiaModel, spec: StepSpec, bufs: StepBuffers) -> None:
         top_k=bufs.top_k,
         eos_id=spec.eos_value,
         seed=bufs.seeds,
-        offset=bufs.pos,
+        offset=bufs.draw_pos,
         allow_eos=bufs.allow_eos,
         backend=spec.sampler,
     )
@@ -237,7 +244,7 @@ def decode_step(model: DiaModel, spec: StepSpec, bufs: StepBuffers) -> None:
         pad_value=spec.pad_value,
     )
     model.decoder(bufs.tokens, bufs.state, bufs.pos, logits_out=bufs.logits)
-    bufs.pos.add_(1)
+    bufs.positions.add_(1)
 
 
 class StepRunner:
@@ -306,9 +313,9 @@ class StepRunner:
             self.cpu_step()  # eager, or replayed from a CPU graph
 
     def _capture(self, warmup_steps: int) -> None:
-        pos0 = self.bufs.pos.clone()
+        positions0 = self.bufs.positions.clone()
         self.graph = capture_cuda_graph(
-            self.model.device, self._eager, warmup_steps, reset=lambda: self.bufs.pos.copy_(pos0)
+            self.model.device, self._eager, warmup_steps, reset=lambda: self.bufs.positions.copy_(positions0)
         )
 
     def __enter__(self) -> StepRunner:

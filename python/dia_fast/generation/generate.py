@@ -392,6 +392,9 @@ def _load(
     bufs.done.zero_()
     bufs.forced_eos_pos.fill_(last_eos_position(L, model.config.data.max_delay))
     bufs.pos.fill_(P0)
+    # each row draws at its own position: P0 less its left padding (1 + its prompt's frames), as alone
+    own = [1 + f for f in prefix.prompt_frames] + [P0] * (bufs.draw_pos.shape[0] - len(prefix.prompt_frames))
+    bufs.draw_pos.copy_(_to_device(host_pool, torch.tensor(own, dtype=torch.long), dev))
     bufs.min_eos_pos.fill_(P0 + min_new_tokens)
     bufs.allow_eos.fill_(min_new_tokens <= 0)
     bufs.set_sampling(sampling)

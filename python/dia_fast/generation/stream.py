@@ -37,6 +37,7 @@ __all__ = [
     "check_engine_options",
     "check_stream_frames",
     "codec_context_frames",
+    "codec_min_window_frames",
     "stream_generate",
 ]
 
@@ -90,6 +91,52 @@ def codec_context_frames(codec: AudioCodec, device: torch.device | str | None = 
         frames *= 2
     try:
         _context_cache[codec] = result
+    except TypeError:
+        pass
+    return result
+
+
+_window_cache: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+
+
+@torch.inference_mode()
+def codec_min_window_frames(codec: AudioCodec, device: torch.device | str | None = None) -> int:
+    """The fewest frames a decode window that starts at the first frame needs for exact audio (past the lookahead).
+
+    A codec may declare it (``min_window_frames``, as :class:`~dia_fast.codec.dac.DacCodec` does: 1); otherwise it
+    is measured once per codec (and cached): windows ``[0, n)`` of random codes are decoded and compared with the
+    whole decode over their first ``n - lookahead`` frames. EnCodec needs 7: its reflect padding extends a shorter
+    input with zeros first, so a stream's small first chunk decoded alone came out wrong."""
+    declared = getattr(codec, "min_window_frames", None)
+    if declared is not None:
+        return int(declared)
+    try:
+        return _window_cache[codec]
+    except (KeyError, TypeError):
+        pass
+    _, right = codec_context_frames(codec, device)
+    if device is None:
+        params = getattr(codec, "parameters", None)
+        first = next(iter(params()), None) if callable(params) else None
+        device = first.device if first is not None else "cpu"
+    hop, limit = codec.hop_length, right + 64
+    codes = torch.randint(
+        0, codec.codebook_size, (1, limit, codec.n_codebooks), generator=torch.Generator().manual_seed(1)
+    )
+    whole = codec.decode(codes.to(device))[0].float().cpu()
+    scale = max(float(whole.abs().max()), 1e-12)
+    result, exact_run = 1, 0
+    for n in range(right + 1, limit):
+        k = (n - right) * hop
+        part = codec.decode(codes[:, :n].to(device))[0].float().cpu()
+        if float((part[:k] - whole[:k]).abs().max()) > 1e-4 * scale:  # (chunked decodes differ by rounding only)
+            result, exact_run = n + 1, 0
+        else:
+            exact_run += 1
+            if exact_run == 4:
+                break
+    try:
+        _window_cache[codec] = result
     except TypeError:
         pass
     return result
@@ -230,6 +277,7 @@ class ChunkedDecoder:
         self.first = chunk_frames if first_chunk_frames is None else first_chunk_frames
         self._left = left_context_frames
         self.lookahead = lookahead_frames
+        self._min_window = codec_min_window_frames(tts.codec, tts.device)
         self._delayed: list[torch.Tensor] = []  # delayed positions received, in arrival order
         self._positions = 0  # delayed positions received
         self._total: int | None = None  # number of new frames, once known (EOS seen or generation done)
@@ -240,6 +288,11 @@ class ChunkedDecoder:
     def positions(self) -> int:
         """Delayed positions received so far."""
         return self._positions
+
+    @property
+    def first_need(self) -> int:
+        """New frames whose codes must be final before the first chunk can be decoded."""
+        return max(self.first + self.lookahead, self._min_window)
 
     @property
     def done(self) -> bool:
@@ -279,13 +332,14 @@ class ChunkedDecoder:
             if end <= self._emitted:
                 return None
             stop = end
+            start = max(self._emitted - self._left, 0)
         else:
             size = self.first if self._emitted == 0 else self.chunk
-            if ready - self.lookahead - self._emitted < size:
-                return None
             end = self._emitted + size
-            stop = end + self.lookahead
-        start = max(self._emitted - self._left, 0)
+            start = max(self._emitted - self._left, 0)
+            stop = max(end + self.lookahead, start + self._min_window)  # (a window shorter than that is not exact)
+            if ready < stop:
+                return None
         return self._decode(start, self._emitted, end, stop)
 
     def _decode(self, start: int, emit_from: int, emit_to: int, stop: int) -> np.ndarray:
@@ -349,7 +403,7 @@ class AudioStream(Iterator[np.ndarray]):
         self._closed = False
         self._finished = False
         # the worker holds no reference to the stream, so dropping the stream can stop it
-        first_need = self._chunks.first + self._chunks.lookahead
+        first_need = self._chunks.first_need
         self._thread = threading.Thread(
             target=_worker,
             args=(self._queue, self._cancel, tts, generate_kwargs, first_need, chunk_frames),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import functools
 import itertools
 import logging
 import queue
@@ -257,6 +258,13 @@ class RequestHandle:
         is held back to crossfade it with the start of the next). Needs ``stream=True`` at submit."""
         if self._decoders is None:
             raise RuntimeError("submit(..., stream=True) to iterate over audio chunks")
+        try:
+            yield from self._chunks()
+        except BaseException:  # left early (break, close(), an error): the request need not run on
+            self.cancel()
+            raise
+
+    def _chunks(self) -> Iterator[np.ndarray]:
         rate = self._engine.tts.sample_rate
         fade_n = int(round(self._crossfade_ms * rate / 1000.0))
         last = len(self._reqs) - 1
@@ -295,6 +303,8 @@ class RequestHandle:
                 continue
             if dec.done:
                 return
+            if req.future.done() and req.future.exception() is not None and req.chunks.empty():
+                raise req.future.exception()  # (its message was taken by an earlier iteration)
             kind, payload = req.chunks.get()
             if kind == "error":
                 raise payload
@@ -380,6 +390,7 @@ class BatchEngine:
         self._closing = False
         self._drain = False
         self._error: BaseException | None = None
+        self._waiters: concurrent.futures.ThreadPoolExecutor | None = None
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._use_graphs = dev.type == "cuda" and (cuda_graphs is None or bool(cuda_graphs))
         self._use_cpu_graphs = dev.type == "cpu" and (cpu_graphs is None or bool(cpu_graphs))
@@ -500,24 +511,45 @@ class BatchEngine:
 
         return pieces(self.tts, text, prompt_text=transcript, prompt_frames=prompt_frames)
 
-    async def generate(self, text: str, **options: Any) -> EngineResult:
-        """``await`` one request (keywords of :meth:`submit`); cancelling the awaiting task cancels it."""
-        return await self.submit(text, **options).result_async()
+    async def _submit_async(self, text: str | Sequence[str], **options: Any) -> RequestHandle:
+        """:meth:`submit` in a worker thread (it may encode an audio prompt and split a long text: not on the event
+        loop); a request whose awaiting task is cancelled meanwhile is cancelled once it is queued."""
+        submitted = asyncio.get_running_loop().run_in_executor(None, functools.partial(self.submit, text, **options))
+        try:
+            return await asyncio.shield(submitted)
+        except asyncio.CancelledError:
+            submitted.add_done_callback(lambda f: f.cancelled() or f.exception() or f.result().cancel())
+            raise
 
-    async def stream(self, text: str, **options: Any) -> AsyncIterator[np.ndarray]:
-        """``async for chunk in engine.stream(text, ...)``: PCM chunks as frames become final (each decoded in a
-        worker thread); leaving the loop early cancels the request."""
-        handle = self.submit(text, stream=True, **options)
+    async def generate(self, text: str | Sequence[str], **options: Any) -> EngineResult:
+        """``await`` one request (keywords of :meth:`submit`); cancelling the awaiting task cancels it."""
+        return await (await self._submit_async(text, **options)).result_async()
+
+    async def stream(self, text: str | Sequence[str], **options: Any) -> AsyncIterator[np.ndarray]:
+        """``async for chunk in engine.stream(text, ...)``: PCM chunks as frames become final (each waited for and
+        decoded in a thread of the engine's own, so open streams never hold the event loop's default executor);
+        leaving the loop early cancels the request."""
+        handle = await self._submit_async(text, stream=True, **options)
         it = iter(handle)
         done = object()
+        loop = asyncio.get_running_loop()
         try:
             while True:
-                chunk = await asyncio.to_thread(next, it, done)
+                chunk = await loop.run_in_executor(self._stream_waiters(), next, it, done)
                 if chunk is done:
                     return
                 yield chunk
         finally:
             handle.cancel()
+
+    def _stream_waiters(self) -> concurrent.futures.ThreadPoolExecutor:
+        """The threads that wait for :meth:`stream`'s chunks (one per open stream at most; made when first used)."""
+        with self._cv:
+            if self._waiters is None:
+                self._waiters = concurrent.futures.ThreadPoolExecutor(
+                    self.max_slots + self.max_queue, thread_name_prefix="dia_fast-stream"
+                )
+            return self._waiters
 
     def close(self, *, drain: bool = False, timeout: float | None = None) -> None:
         """Stop the scheduler. ``drain=True``: let queued and running requests finish first (new ones are
@@ -528,6 +560,8 @@ class BatchEngine:
             self._cv.notify_all()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout)
+        if self._waiters is not None:  # (their streams got their end or error: the threads are free or freeing)
+            self._waiters.shutdown(wait=False)
 
     def __enter__(self) -> BatchEngine:
         return self
@@ -785,8 +819,6 @@ class BatchEngine:
             if finished[s]:
                 codes = undelayed_codes(self.tts.model, self._slots.out[s], eos[s], req.prefix)
                 self._free(s)
-                if req.chunks is not None:
-                    req.chunks.put(("end", max(eos[s] - req.prefix, 0)))
                 stats = {
                     "queued_s": req.admitted - req.submitted,
                     "prefill_s": req.prefill_s,
@@ -801,6 +833,8 @@ class BatchEngine:
                 limit = last_eos_position(req.prefix + req.max_new_tokens, self.tts.config.data.max_delay)
                 result = EngineResult(codes, np.zeros(0, np.float32), self.tts.sample_rate, stats, eos[s] >= limit)
                 self._settle(req, result=result)
+                if req.chunks is not None:  # after the result: a stream that has ended can take it at once
+                    req.chunks.put(("end", max(eos[s] - req.prefix, 0)))
         return pos
 
     def _free(self, s: int) -> None:
@@ -810,11 +844,12 @@ class BatchEngine:
     def _settle(self, req: _Request, *, result: EngineResult | None = None, exc: BaseException | None = None) -> None:
         if req.future.done():
             return
+        # the future first, then the stream's message: a stream that has ended can take the result at once
         if exc is not None:
             self.stats["failed"] += 1
+            req.future.set_exception(exc)
             if req.chunks is not None:
                 req.chunks.put(("error", exc))
-            req.future.set_exception(exc)
         else:
             req.future.set_result(result)
 

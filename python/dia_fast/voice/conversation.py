@@ -42,8 +42,8 @@ class Audio:
     def normalized(self, target_lufs: float = -23.0, *, peak_ceiling_db: float = -1.0) -> Audio:
         """A copy at ``target_lufs`` integrated loudness (ITU-R BS.1770), peaks kept below the ceiling.
 
-        Silent audio and audio shorter than 400 ms come back unchanged (see
-        :func:`dia_fast.audio.normalize_loudness`).
+        Silent audio and audio shorter than 400 ms keep their loudness; only a peak above the ceiling is lowered
+        (see :func:`dia_fast.audio.normalize_loudness`).
         """
         samples = normalize_loudness(self.samples, self.sample_rate, target_lufs, peak_ceiling_db=peak_ceiling_db)
         return Audio(samples, self.sample_rate, self.codes, self.truncated)

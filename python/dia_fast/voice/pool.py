@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import warnings
+import weakref
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -92,7 +93,8 @@ class VoicePool:
     Use ``await pool.generate(text, ...)`` from asyncio tasks or ``pool.generate_sync(text, ...)`` from plain
     threads: both batch with everything else that runs. ``pool.engine`` is the
     :class:`~dia_fast.serving.BatchEngine`; ``pool.stats`` counts requests, decode steps, steps that ran more
-    than one request and the largest batch. ``close()`` (or ``with VoicePool(...)``) stops the engine.
+    than one request and the largest batch. ``close()`` (or ``with VoicePool(...)``) stops the engine; a pool that
+    is dropped without it lets its engine finish the requests it was given, then stop.
     """
 
     def __init__(
@@ -116,9 +118,8 @@ class VoicePool:
             self.tts = DiaTTS.from_pretrained(model, device=device, dtype=dtype)
         else:
             raise TypeError(f"model must be a DiaTTS or a checkpoint path, got {type(model).__name__}")
-        self.max_batch = default_max_batch(self.tts.device) if max_batch is None else int(max_batch)
-        if self.max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        max_batch = check_int_option("max_batch", max_batch, minimum=1, optional=True)
+        self.max_batch = default_max_batch(self.tts.device) if max_batch is None else max_batch
         if batch_window_ms is not None:
             warnings.warn(
                 "VoicePool(batch_window_ms=...) has no effect and is deprecated: requests join the running batch "
@@ -129,6 +130,9 @@ class VoicePool:
         slots = 1 << (self.max_batch - 1).bit_length()
         self.engine = BatchEngine(self.tts, max_slots=slots, max_queue=max(64, 4 * slots))
         self._closed = False
+        # a pool dropped without close(): its engine finishes what it was given, then stops (its thread would
+        # otherwise keep the engine, its caches and the model alive until the process ends)
+        weakref.finalize(self, self.engine.close, drain=True, timeout=0)
 
     # ------------------------------------------------------------------------------ properties
     @property

@@ -600,3 +600,19 @@ def test_a_dropped_voice_pool_finishes_its_requests_then_stops(tts):
     assert handle.result(60, decode_audio=False).codes.shape[0] > 0  # not failed by the pool's end
     thread.join(30)
     assert not thread.is_alive()
+
+
+def test_an_asyncio_stream_of_a_closed_engine_ends_with_its_error(tts):
+    """Closing the engine while an asyncio stream is read (its waiting threads shut down with it): the stream
+    ends with EngineClosed, not with the executor's 'cannot schedule new futures'."""
+
+    async def main() -> BaseException:
+        engine = BatchEngine(tts, max_slots=1, chunk_frames=2, first_chunk_frames=2)
+        try:
+            async for _ in engine.stream(TEXTS[1], max_new_tokens=1000, min_new_tokens=900, seed=6):
+                await asyncio.to_thread(engine.close)
+        except BaseException as exc:  # noqa: BLE001 - the test looks at it
+            return exc
+        raise AssertionError("the stream of a closed engine ended without an error")
+
+    assert isinstance(asyncio.run(asyncio.wait_for(main(), 60)), EngineClosed)

@@ -690,3 +690,16 @@ def test_min_new_tokens_holds_eos_back(early_model):
     for bad in (-1, 80 - 15):
         with pytest.raises(ValueError, match="min_new_tokens"):
             generate_codes(early_model, ids, mask, max_new_tokens=80, min_new_tokens=bad, sampling=GREEDY)
+
+
+def test_refused_cpu_graph_captures_are_remembered_up_to_a_bound(model, monkeypatch):
+    """A long process meets many batch sizes (and backend switches): the refusals kept are bounded, oldest first."""
+    from types import SimpleNamespace
+
+    from dia_fast.generation import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_MAX_REFUSED", 3)
+    eng = DecodeEngine(model)
+    for batch in range(1, 8):
+        eng.remember(SimpleNamespace(spec=_spec(model, batch), cpu_step=SimpleNamespace(refused=True, note="sort")))
+    assert [key[0].batch for key in eng._cpu_refused] == [5, 6, 7]

@@ -465,6 +465,32 @@ def test_emulated_decode_attention(emu, B, Hq, Hkv, L, D):
     torch.testing.assert_close(out.float(), want, atol=4e-3, rtol=4e-3)
 
 
+def test_decode_steps_sample_without_reading_settings_back(fake_lib, monkeypatch):
+    """A decode step passes its settings as per-row tensors (with seeds and allow_eos): they go to the reference,
+    which reads nothing back, instead of being read to the host (each read waits for the GPU) and then sampled by
+    the reference anyway. Python-number settings still launch the kernel."""
+    cond = torch.randn(2, 9, 1028)
+    reads: list[str] = []
+    monkeypatch.setattr(reference, "host_params", lambda *a: reads.append("host_params"))  # would read back
+    rows = dict(cfg_scale=torch.full((2,), 3.0), temperature=torch.zeros(2), top_p=torch.ones(2),
+                top_k=torch.full((2,), 45, dtype=torch.int32))  # fmt: skip
+    seeded = dict(seed=torch.tensor([1, 2]), offset=torch.tensor([5, 7]), allow_eos=torch.ones(2, dtype=torch.bool))
+    assert torch.equal(metal.cfg_sample(cond, cond.clone(), **rows, **seeded),
+                       reference.cfg_sample(cond, cond.clone(), **rows, **seeded))  # fmt: skip
+    assert not fake_lib.calls and not reads
+
+
+def test_emulated_cfg_sample_edges_follow_the_reference(emu):
+    """A temperature <= 0 is greedy and a top-p <= 0 keeps only the top candidate, as in the reference (the
+    kernel divided by a negative temperature, and dropped the top candidate too)."""
+    cond, uncond = torch.randn(2, 9, 1028) * 3, torch.randn(2, 9, 1028) * 3
+    greedy = reference.cfg_sample(cond, uncond, do_sample=False)
+    assert torch.equal(emu.cfg_sample(cond, uncond, temperature=-1.0, generator=torch.Generator()), greedy)
+    for top_p in (0.0, -0.5):  # only the top candidate survives: the greedy code, whatever the uniform
+        drawn = emu.cfg_sample(cond, uncond, top_p=top_p, generator=torch.Generator().manual_seed(3))
+        assert torch.equal(drawn, greedy)
+
+
 @pytest.mark.parametrize("V,top_k", [(1028, 45), (1028, None), (40, 4), (12, 1)])
 def test_emulated_cfg_sample(emu, V, top_k):
     from dia_fast.ops import cpp

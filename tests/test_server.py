@@ -822,3 +822,39 @@ def test_a_stream_whose_bytes_all_come_at_the_end_has_a_time_to_first_audio(tts)
             r = httpx.post(f"{url}/v1/audio/speech", json=body, timeout=60)
             assert r.status_code == 200 and r.content
         assert _metric(url, 'dia_fast_time_to_first_audio_seconds_count{stream="audio"}') == 2
+
+
+def test_the_frames_window_keeps_only_its_window_when_nobody_scrapes(monkeypatch):
+    """frames/s counts the last window_s seconds; the requests older than that are dropped as new ones come, not
+    only when /metrics is scraped (an unscraped server kept every request's entry for its whole life)."""
+    from dia_fast.serve import metrics as metrics_module
+
+    now = [1000.0]
+    monkeypatch.setattr(metrics_module.time, "monotonic", lambda: now[0])
+    m = metrics_module.ServerMetrics(window_s=10.0)
+    for _ in range(500):
+        m.add_frames(86)
+        now[0] += 0.5
+    assert len(m._recent) <= 21  # 10 s of entries, one every 0.5 s
+    assert m._frames_per_s() == pytest.approx(86 * len(m._recent) / 10.0)
+
+
+def test_the_voice_cache_forgets_voices_deleted_elsewhere_and_is_bounded(tts, tmp_path, monkeypatch):
+    """Two stores on one directory (Ray replicas): a voice deleted through one is dropped from the other's cache at
+    its next use (404), and the cache holds at most _CACHED_VOICES voices (the files stay the truth)."""
+    from dia_fast.serve import voices as voices_module
+    from dia_fast.serve.voices import VoiceError, VoiceStore
+
+    a, b = VoiceStore(tmp_path, tts), VoiceStore(tmp_path, tts)
+    wav = _wav_bytes(1.5)
+    a.create("narrator", wav, "[S1] The words.", overwrite=False, min_s=1.0, max_s=20.0)
+    assert a.get("narrator").frames > 0 and "narrator" in a._cache
+    b.delete("narrator")
+    with pytest.raises(VoiceError, match="not found"):
+        a.get("narrator")
+    assert "narrator" not in a._cache
+    monkeypatch.setattr(voices_module, "_CACHED_VOICES", 2)
+    for name in ("v1", "v2", "v3"):
+        a.create(name, wav, "[S1] The words.", overwrite=False, min_s=1.0, max_s=20.0)
+        a.get(name)
+    assert list(a._cache) == ["v2", "v3"] and a.get("v1").frames > 0  # v1 read from its file again

@@ -53,6 +53,7 @@ __all__ = [
     "using_device",
 ]
 
+_MAX_REFUSED = 64  # refused CPU-graph captures remembered at most (the oldest is forgotten first)
 _CAPTURE_LOCK = threading.Lock()  # torch.cuda.graph: one capture underway at a time in the process
 
 
@@ -426,7 +427,10 @@ class DecodeEngine:
         """After a call: if ``run``'s step could not be recorded as a CPU graph, later runners for the same step
         and weights do not try again (the failed capture runs, and costs, a recorded step every call)."""
         if run.cpu_step.refused:
-            self._cpu_refused[(run.spec, self._weights_key())] = run.cpu_step.note
+            with self._lock:
+                if len(self._cpu_refused) >= _MAX_REFUSED:  # (a long process meets many batch sizes and backends)
+                    self._cpu_refused.pop(next(iter(self._cpu_refused)))
+                self._cpu_refused[(run.spec, self._weights_key())] = run.cpu_step.note
 
     def _weights_key(self) -> tuple:
         """Device, dtype and addresses of the decoder's tensors, and the op dispatch's generation: a captured graph

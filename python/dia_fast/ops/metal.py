@@ -139,6 +139,24 @@ def _library() -> Any:
     return torch.mps.compile_shader(load_sources())
 
 
+@functools.lru_cache(maxsize=1)
+def _built() -> tuple[bool, str]:
+    """Compiles the library and builds every kernel's pipeline once (a failure is cached too, not retried per
+    check): torch builds a pipeline, and checks the group size against it, only at a kernel's first launch, which
+    would otherwise fail inside a decode loop instead of making the backend unavailable."""
+    try:
+        lib = _library()
+        for name, sig in SIGNATURES.items():
+            fn = getattr(lib, name)
+            most = getattr(fn, "max_threads_per_threadgroup", None)
+            group = sig.get("group_size")
+            if group is not None and most is not None and int(most) < group:
+                return False, f"{name} needs {group} threads per threadgroup, this GPU allows {most} for it"
+    except Exception as exc:  # a shader that fails to compile must not break the package
+        return False, f"shader compilation failed: {type(exc).__name__}: {exc}"
+    return True, "Metal kernels compiled"
+
+
 def available() -> tuple[bool, str]:
     """(available, reason) for the Metal kernels on this machine (compiles them on first call)."""
     mps = getattr(torch.backends, "mps", None)
@@ -148,11 +166,7 @@ def available() -> tuple[bool, str]:
         return False, f"torch {torch.__version__} has no torch.mps.compile_shader"
     if kernel_dir() is None:
         return False, "the .metal sources are not installed"
-    try:
-        _library()
-    except Exception as exc:  # a shader that fails to compile must not break the package
-        return False, f"shader compilation failed: {type(exc).__name__}: {exc}"
-    return True, "Metal kernels compiled"
+    return _built()
 
 
 def _check_arg(kernel: str, i: int, ctype: str, name: str, value: Any) -> None:
@@ -300,15 +314,17 @@ def cfg_sample(
     Greedy mode picks the reference's codes (up to float rounding of the guided logits). Sampling
     inverts the CDF of the filtered distribution with one ``torch.rand`` uniform per row drawn
     from ``generator`` on the device: same distribution, reproducible, not ``torch.multinomial``'s
-    draws. Settings that differ per row, seeded draws (``seed``) and an ``allow_eos`` that holds a False run
-    the reference.
+    draws. Settings given as tensors (per row, as every decode step passes them), seeded draws (``seed``) and
+    ``allow_eos`` run the reference, which reads nothing back to the host: the kernel would need the settings on
+    the host, and each read waits for the GPU.
     """
     B, C, V = cond.shape
+    settings = (cfg_scale, temperature, top_p, top_k)
+    on_device = allow_eos is not None or any(isinstance(x, torch.Tensor) for x in settings)
     shape_ok = V <= SAMPLE_MAX_VOCAB and cond.shape == uncond.shape
-    hp = reference.host_params(cfg_scale, temperature, top_p, top_k) if shape_ok else None
-    greedy = (not do_sample) or (hp is not None and hp.temperature == 0)
-    blocked_eos = allow_eos is not None and not bool(allow_eos.all())
-    if hp is None or (not greedy and seed is not None) or blocked_eos:
+    hp = reference.host_params(*settings) if shape_ok and not on_device else None
+    greedy = (not do_sample) or (hp is not None and hp.temperature <= 0)  # (as the reference: T <= 0 is greedy)
+    if hp is None or (not greedy and seed is not None):
         return reference.cfg_sample(cond, uncond, cfg_scale=cfg_scale, temperature=temperature, top_p=top_p,
                                     top_k=top_k, eos_id=eos_id, do_sample=do_sample, generator=generator,
                                     seed=seed, offset=offset, allow_eos=allow_eos)  # fmt: skip
@@ -325,5 +341,6 @@ def cfg_sample(
     )
     out = torch.empty((B, C), dtype=torch.int64, device=cond.device)
     _launch("dia_cfg_sample_f32", c, u, uniforms, out, C, V, max(hp.top_k, 0), int(eos_id), int(greedy),
-            hp.cfg_scale, hp.temperature, hp.top_p, threads=B * C * SAMPLE_GROUP, group_size=SAMPLE_GROUP)  # fmt: skip
+            hp.cfg_scale, hp.temperature, max(hp.top_p, 0.0), threads=B * C * SAMPLE_GROUP,
+            group_size=SAMPLE_GROUP)  # fmt: skip
     return out

@@ -70,14 +70,19 @@ class ServerMetrics:
         if n <= 0:
             return
         self.frames.inc(n)
+        now = time.monotonic()
         with self._lock:
-            self._recent.append((time.monotonic(), n))
+            self._recent.append((now, n))
+            self._expire(now)  # also here: a server that nobody scrapes keeps only the window
+
+    def _expire(self, now: float) -> None:
+        cutoff = now - self._window_s
+        while self._recent and self._recent[0][0] < cutoff:
+            self._recent.popleft()
 
     def _frames_per_s(self) -> float:
-        cutoff = time.monotonic() - self._window_s
         with self._lock:
-            while self._recent and self._recent[0][0] < cutoff:
-                self._recent.popleft()
+            self._expire(time.monotonic())
             return sum(n for _, n in self._recent) / self._window_s
 
     def render(self) -> bytes:

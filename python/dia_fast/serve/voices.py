@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ __all__ = ["BUILTIN_VOICES", "VoiceError", "VoiceStore", "builtin_voice_json", "
 log = logging.getLogger("dia_fast.serve")
 
 BUILTIN_VOICES = {"s1": "[S1]", "s2": "[S2]", "dialogue": None}
+_CACHED_VOICES = 256  # stored voices kept decoded in memory at most (a 20 s voice: ~120 KB of codes)
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _TAG_START_RE = re.compile(r"^\s*\[S[12]\]")
 
@@ -100,7 +102,9 @@ class VoiceStore:
         self.directory = directory
         self.tts = tts
         self._lock = threading.Lock()
-        self._cache: dict[str, tuple[float, CustomSpeaker]] = {}
+        # id -> (file mtime, speaker), least recently used first; the files are the truth (another replica, or an
+        # operator, may change or delete them), the cache only saves re-reading them
+        self._cache: OrderedDict[str, tuple[float, CustomSpeaker]] = OrderedDict()
         if directory is not None:
             directory.mkdir(parents=True, exist_ok=True)
 
@@ -116,16 +120,29 @@ class VoiceStore:
             with _storage("read", voice_id):
                 mtime = path.stat().st_mtime
         except FileNotFoundError:
+            with self._lock:
+                self._cache.pop(voice_id, None)  # (deleted by another replica or by hand)
             raise VoiceError(f"voice {voice_id!r} not found", 404, "voice_not_found") from None
-        cached = self._cache.get(voice_id)
-        if cached is not None and cached[0] == mtime:
-            return cached[1]
+        with self._lock:
+            cached = self._cache.get(voice_id)
+            if cached is not None and cached[0] == mtime:
+                self._cache.move_to_end(voice_id)
+                return cached[1]
         try:
             speaker = CustomSpeaker.load(path, self.tts)
         except (SpeakerFileError, FileNotFoundError) as exc:
             reason = str(exc).replace(str(path), path.name)  # (the server's directories are not the client's business)
             raise VoiceError(f"voice {voice_id!r} cannot be used: {reason}", 500, "voice_unreadable") from exc
-        self._cache[voice_id] = (mtime, speaker)
+        with self._lock:
+            try:  # kept only while the file is still the one read (a delete or replace meanwhile wins)
+                current = path.stat().st_mtime
+            except OSError:
+                current = None
+            if current == mtime:
+                self._cache[voice_id] = (mtime, speaker)
+                self._cache.move_to_end(voice_id)
+                while len(self._cache) > _CACHED_VOICES:
+                    self._cache.popitem(last=False)
         return speaker
 
     def info(self, voice_id: str) -> VoiceInfo:

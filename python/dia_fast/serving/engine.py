@@ -535,7 +535,11 @@ class BatchEngine:
         loop = asyncio.get_running_loop()
         try:
             while True:
-                chunk = await loop.run_in_executor(self._stream_waiters(), next, it, done)
+                try:
+                    waiting = loop.run_in_executor(self._stream_waiters(), next, it, done)
+                except RuntimeError:  # the engine was closed (its threads with it): the end or error comes at once
+                    waiting = asyncio.ensure_future(asyncio.to_thread(next, it, done))
+                chunk = await waiting
                 if chunk is done:
                     return
                 yield chunk

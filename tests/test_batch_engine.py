@@ -616,3 +616,29 @@ def test_an_asyncio_stream_of_a_closed_engine_ends_with_its_error(tts):
         raise AssertionError("the stream of a closed engine ended without an error")
 
     assert isinstance(asyncio.run(asyncio.wait_for(main(), 60)), EngineClosed)
+
+
+def test_an_engine_dropped_without_close_is_freed_once_its_requests_are_done(tts):
+    """The scheduler holds the engine only while it has work: an engine nobody references (nor its handles) is
+    collected once idle, and its thread ends (it kept the engine, its caches and the model alive for good)."""
+    import gc
+    import weakref
+
+    engine = BatchEngine(tts, max_slots=2)
+    thread, ref = engine._thread, weakref.ref(engine)
+    engine.submit(TEXTS[0], max_new_tokens=30, seed=1).result(60, decode_audio=False)
+    del engine
+    gc.collect()
+    thread.join(30)
+    assert not thread.is_alive() and ref() is None
+    # a request still running keeps its engine (through the scheduler) until it is done
+    engine = BatchEngine(tts, max_slots=1)
+    thread, ref = engine._thread, weakref.ref(engine)
+    handle = engine.submit(TEXTS[1], max_new_tokens=60, min_new_tokens=40, seed=2)
+    del engine
+    gc.collect()
+    assert handle.result(60, decode_audio=False).codes.shape[0] >= 40
+    del handle
+    gc.collect()
+    thread.join(30)
+    assert not thread.is_alive() and ref() is None

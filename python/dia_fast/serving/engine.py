@@ -66,6 +66,48 @@ log = logging.getLogger("dia_fast.serving")
 _ENGINES: weakref.WeakSet[BatchEngine] = weakref.WeakSet()
 
 
+def _wake(cv: threading.Condition) -> None:
+    """An engine was collected: its scheduler thread, waiting for work, wakes up to end."""
+    with cv:
+        cv.notify_all()
+
+
+def _schedule(ref: weakref.ref[BatchEngine], cv: threading.Condition) -> None:
+    """The scheduler thread of the engine ``ref``: works while there are requests, waits on ``cv`` (the engine's)
+    holding no reference to the engine, and ends when it is closed (after draining, if asked) or collected."""
+    engine = ref()
+    if engine is None:
+        return
+    if engine.cpu_threads is not None and not set_thread_cpu_threads(engine.cpu_threads):
+        engine.cpu_threads = torch.get_num_threads()  # what the steps really run on
+    device = engine.tts.model.device
+    try:
+        with using_device(device), torch.inference_mode():
+            while True:
+                with cv:
+                    while True:
+                        if engine is None:
+                            engine = ref()
+                            if engine is None:
+                                return  # collected while idle: nothing was left to run
+                        if engine._should_stop():
+                            return
+                        if not engine._idle():
+                            break
+                        engine = None  # idle: the engine may be collected meanwhile (its finalizer wakes us)
+                        if ref() is None:
+                            return
+                        cv.wait()
+                engine._work()
+    except BaseException as exc:  # noqa: BLE001 - a broken step fails every request, never hangs one
+        if engine is not None:
+            engine._error = exc
+        log.error("the batching engine failed: every running and queued request fails", exc_info=exc)
+    finally:
+        if engine is not None:
+            engine._fail_all(engine._error)
+
+
 @atexit.register
 def _close_engines() -> None:
     """Stop every engine's scheduler before the interpreter tears torch down under it."""
@@ -398,7 +440,12 @@ class BatchEngine:
         self._dispatch_generation = ops.dispatch_generation()
         if self._use_graphs:
             self._capture_all()
-        self._thread = threading.Thread(target=self._run, name="dia_fast-batch-engine", daemon=True)
+        # the scheduler holds the engine only while it has work: an engine dropped without close() is freed (its
+        # caches with it) once idle, and the finalizer wakes the thread to end
+        self._thread = threading.Thread(
+            target=_schedule, args=(weakref.ref(self), self._cv), name="dia_fast-batch-engine", daemon=True
+        )
+        weakref.finalize(self, _wake, self._cv)
         self._thread.start()
         _ENGINES.add(self)
 
@@ -654,42 +701,35 @@ class BatchEngine:
                 self._graphs[n] = capture_cuda_graph(dev, lambda v=view: slot_step(model, v, self._sampler), 2)
                 n *= 2
 
-    def _run(self) -> None:
-        model = self.tts.model
-        if self.cpu_threads is not None and not set_thread_cpu_threads(self.cpu_threads):
-            self.cpu_threads = torch.get_num_threads()  # what the steps really run on
-        try:
-            with using_device(model.device), torch.inference_mode():
-                while True:
-                    with self._cv:
-                        while not self._queue and not any(self._owner) and not self._closing:
-                            self._cv.wait()
-                        if self._closing and (not self._drain or (not self._queue and not any(self._owner))):
-                            break
-                    self._expire()
-                    self._admit()
-                    live = [s for s, r in enumerate(self._owner) if r is not None]
-                    if not live:
-                        continue
-                    n = bucket_batch(max(live) + 1)
-                    view = self._views.get(n) or self._views.setdefault(n, self._slots.view(n))
-                    if self._graphs and self._dispatch_generation != ops.dispatch_generation():
-                        # ops.set_backend since the capture: the graphs would call the old kernels, and a new
-                        # capture's warm-up would step the live slots: the engine steps eagerly from here on
-                        log.warning("the op backends changed: this engine's CUDA graphs are dropped (eager steps)")
-                        self._graphs.clear()
-                    for _ in range(self.poll_every):
-                        if n in self._graphs:
-                            self._graphs[n].replay()
-                        else:
-                            self._step(n, view)
-                    self._count_steps(live)
-                    self._compact(self._collect(n))
-        except BaseException as exc:  # noqa: BLE001 - a broken step fails every request, never hangs one
-            self._error = exc
-            log.error("the batching engine failed: every running and queued request fails", exc_info=exc)
-        finally:
-            self._fail_all(self._error)
+    def _idle(self) -> bool:
+        return not self._queue and not any(self._owner)
+
+    def _should_stop(self) -> bool:
+        """Closing, and (unless draining) nothing left to finish (call holding ``_cv``)."""
+        return self._closing and (not self._drain or self._idle())
+
+    def _work(self) -> None:
+        """One round of the scheduler: expire and admit requests, ``poll_every`` steps of the live slots' bucket,
+        then collect what finished."""
+        self._expire()
+        self._admit()
+        live = [s for s, r in enumerate(self._owner) if r is not None]
+        if not live:
+            return
+        n = bucket_batch(max(live) + 1)
+        view = self._views.get(n) or self._views.setdefault(n, self._slots.view(n))
+        if self._graphs and self._dispatch_generation != ops.dispatch_generation():
+            # ops.set_backend since the capture: the graphs would call the old kernels, and a new capture's warm-up
+            # would step the live slots: the engine steps eagerly from here on
+            log.warning("the op backends changed: this engine's CUDA graphs are dropped (eager steps)")
+            self._graphs.clear()
+        for _ in range(self.poll_every):
+            if n in self._graphs:
+                self._graphs[n].replay()
+            else:
+                self._step(n, view)
+        self._count_steps(live)
+        self._compact(self._collect(n))
 
     def _step(self, n: int, view: SlotState) -> None:
         """One step of bucket ``n`` on the CPU or MPS, or on CUDA once its graphs were dropped; on the CPU its first

@@ -385,6 +385,9 @@ def test_write_audio_refuses_what_no_reader_or_encoder_takes(tmp_path):
     for name in ("wav", "flac", "ogg", "opus", "mp3"):
         with pytest.raises(ValueError, match="no samples"):
             write_audio(tmp_path / f"e.{name}", np.zeros(0, np.float32), 44100)
+    for name in ("opus", "mp3"):  # one sample at 192 kHz is none at the format's rate (a 0-byte or broken file)
+        with pytest.raises(ValueError, match="no samples at"):
+            write_audio(tmp_path / f"one.{name}", np.full(1, 0.1, np.float32), 192000)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.flac", "ok.ogg"]
 
 
@@ -409,3 +412,7 @@ def test_reading_a_few_samples_at_a_lower_rate_is_an_error_not_empty(tmp_path):
         read_audio(path, target_rate=16000)
     samples, rate = read_audio(path)
     assert samples.shape == (1,) and rate == 48000
+    # a short multichannel file (fewer samples than channels) resamples as what it is, [N, channels]
+    sf.write(tmp_path / "six.wav", np.full((4, 6), 0.25, np.float32), 8000)
+    samples, rate = read_audio(tmp_path / "six.wav", target_rate=16000, mono=False)
+    assert samples.shape[1] == 6 and samples.shape[0] >= 4 and rate == 16000

@@ -107,6 +107,18 @@ def test_long_sentence_splits_between_words_and_carries_the_tag():
     assert all(text_tokens(c) <= 20 for c in chunks)
 
 
+def test_a_long_sentence_is_never_cut_inside_a_non_verbal_tag():
+    """Split between words, "(clears throat)" stays one word at every budget (the model read "(clears" and
+    "throat)" as words); a long parenthetical aside still splits between its words."""
+    text = "[S1] well I was going to say something about that but then (clears throat) I forgot what it was entirely"
+    for budget in range(20, 100):
+        chunks = split_text(text, 1024, budget)
+        assert all(("(clears" in c) == ("throat)" in c) for c in chunks), (budget, chunks)
+        assert "".join(re.sub(r"\[S1\] ", "", c) for c in chunks) == text.removeprefix("[S1] ")
+    aside = "[S1] and then (" + "a very long aside that goes on and on " * 3 + ") it ended"
+    assert len(split_text(aside, 1024, 40)) > 2
+
+
 def test_byte_budget_counts_utf8_bytes_and_tags_as_one():
     assert text_tokens("[S1] é") == 1 + 1 + 2
     assert spoken_chars("[S1]  Hi   there [S2] x") == len("Hi there x")
@@ -323,3 +335,19 @@ def test_a_prompt_that_leaves_too_little_audio_is_blamed_not_the_text(tts):
     with BatchEngine(tts, max_slots=1) as engine, pytest.raises(PromptTooLong) as caught:
         engine.submit(text, audio_prompt=codes, audio_prompt_text="[S1] Hi.", max_new_tokens=20)
     assert caught.value.param == "audio_prompt"  # (the server answers param "voice")
+
+
+def test_chunk_kwargs_give_a_chunk_its_own_length_or_seed(tts):
+    """``chunk_kwargs``: a chunk's own options over the others, ``seed`` included (it clashed with the seed that
+    generate_long passes); the whole text's prompt and progress cannot be set per chunk."""
+    chunks = ["[S1] The first chunk of speech.", "[S2] And the second one here."]
+    got: dict[int, np.ndarray] = {}
+    own = {chunks[0]: {"seed": 77, "max_new_tokens": 40}, chunks[1]: {"max_new_tokens": 30}}
+    generate_long(tts, "", chunks=chunks, seed=5, chunk_kwargs=own.__getitem__, progress=False,
+                  on_chunk=lambda i, audio: got.__setitem__(i, audio))  # fmt: skip
+    first = tts.generate(chunks[0], seed=77, max_new_tokens=40).audio[0]
+    second = tts.generate(chunks[1], seed=5 + 1, max_new_tokens=30).audio[0]
+    np.testing.assert_array_equal(got[0], first)
+    np.testing.assert_array_equal(got[1], second)
+    with pytest.raises(TypeError, match="chunk_kwargs cannot set progress"):
+        generate_long(tts, "", chunks=chunks, chunk_kwargs=lambda c: {"progress": True})

@@ -249,6 +249,9 @@ def test_conversation_text_from_turns_and_speakers(tts, pool):
     assert conv.text == "[S1] Hello. [S2] Hi!"
     assert conv.prompt_text == "[S1] Hi, I am Alice."
     assert Conversation("Just me.", Speaker.S2, pool, **GREEDY, **LONGFORM).text == "[S2] Just me."
+    for name in ("[S2]", "S2", "s2"):  # a built-in voice by name (a string was taken as a list of 4 speakers)
+        assert Conversation("Just me.", name, pool, **GREEDY, **LONGFORM).text == "[S2] Just me."
+    assert Speaker.parse(np.int64(1)) is Speaker.S2
     assert Conversation("Just me.", alice, pool, **GREEDY, **LONGFORM).text == "[S1] Just me."
     bob = CustomSpeaker.from_audio(_voice_sample(tts, freq=150.0), "I am Bob.", tts, sample_rate=tts.sample_rate)
     both = Conversation("[S1] Hi. [S2] Yo.", [alice, bob], pool, **GREEDY, **LONGFORM)
@@ -480,3 +483,36 @@ def test_a_seed_speaks_the_same_in_generate_and_in_the_pool(tts):
         for i, text in enumerate(texts):
             alone = pool.generate_sync(text, seed=41 + i, max_new_tokens=40, temperature=0.9)
             torch.testing.assert_close(batch.codes[i], alone.codes, rtol=0, atol=0)
+
+
+def test_conversations_and_pool_requests_warn_about_doubtful_text_as_generate_does(tts, pool):
+    """An unknown speaker tag warns in a Conversation and a VoicePool request too (only DiaTTS.generate did)."""
+    text = "[S1] Hello there my friend. [S3] Who is speaking now?"
+    with pytest.warns(UserWarning, match=r"\[S3\]"):
+        Conversation(text, None, pool, **GREEDY, **LONGFORM)
+    with pytest.warns(UserWarning, match=r"\[S3\]"):
+        pool.submit(text, **GREEDY).cancel()
+
+
+def test_a_custom_speaker_is_checked_as_its_file_would_be(tts, tmp_path):
+    """What load() refuses, the constructor refuses too (codes outside the codebook, codebooks that differ from the
+    codec's, a name that is not a str), and load() checks every number of the codec description."""
+    from dia_fast.voice.speaker import codec_description
+
+    codec = codec_description(tts.codec)
+    codes = tts.encode_prompt(_voice_sample(tts))
+    for bad, error, match in (
+        (dict(codes=codes.clone().fill_(5000)), ValueError, "outside the codebook"),
+        (dict(codes=codes[:, :4]), ValueError, "4 codebooks, the codec 9"),
+        (dict(name=None), TypeError, "name must be a str"),
+        (dict(codec={**codec, "hop_length": "512.0"}), ValueError, "hop_length must be a whole number"),
+    ):
+        kw = dict(codes=codes, transcript="Hi.", codec=codec, name="x") | bad
+        with pytest.raises(error, match=match):
+            CustomSpeaker(**kw)
+    path = CustomSpeaker(codes, "Hi.", codec, "x").save(tmp_path / "x.safetensors")
+    meta = {"format": "dia_fast.speaker", "format_version": "1", "transcript": "Hi.", "name": "x", **codec,
+            "sample_rate": "abc"}  # fmt: skip
+    save_file({"codes": codes.contiguous()}, str(path), metadata=meta)
+    with pytest.raises(SpeakerFileError, match="bad codec metadata"):
+        CustomSpeaker.load(path)

@@ -57,7 +57,9 @@ DEFAULT_MAX_CHUNK_SECONDS = 20.0
 # CJK forms 。！？ (no whitespace needed: those scripts put none between sentences); or at a line break. The
 # whitespace stays with the sentence before it.
 _SENTENCE_END_RE = re.compile(r"[.!?…]+[\"'”’)\]]*\s+|[。！？]+[」』\"'”’）)\]]*\s*|[^\S\n]*\n\s*")
-_WORD_RE = re.compile(r"\S+\s*|\s+")
+# a word: a short parenthesised group such as "(clears throat)" (a non-verbal tag, never cut; a longer aside is
+# words like the rest) or a run without whitespace
+_WORD_RE = re.compile(r"\([^()\s][^()\n]{0,40}\)[^\s(]*\s*|\S+\s*|\s+")
 
 
 def spoken_chars(text: str) -> int:
@@ -321,7 +323,8 @@ def generate_long(
     terminal; never for a single chunk). ``on_chunk(i, audio)`` is called as each chunk is done.
     ``chunks``: an already split text, a sequence of str (e.g. :func:`split_text` with budgets of your own);
     ``text`` is then ignored. ``chunk_kwargs(chunk)``: keyword arguments for that chunk's generation alone, over
-    the others (e.g. a length of its own: ``max_new_tokens``, ``min_new_tokens``); it needs ``batch_size=1``.
+    the others (e.g. a length of its own: ``max_new_tokens``, ``min_new_tokens``, or a ``seed`` of its own in place of
+    ``seed + k``); it needs ``batch_size=1``, and the prompt and progress are the whole text's (a TypeError).
     Other keyword arguments (``max_new_tokens``, ``cfg_scale``, ``temperature``, ``seed``,
     ``do_sample``, ...) go to :meth:`DiaTTS.generate` for every chunk.
 
@@ -378,13 +381,17 @@ def generate_long(
         with checked:
             for lo in range(0, len(chunks), batch_size):
                 batch: Sequence[str] = chunks[lo : lo + batch_size]
-                kwargs = generate_kwargs if chunk_kwargs is None else {**generate_kwargs, **chunk_kwargs(batch[0])}
+                own = {} if chunk_kwargs is None else dict(chunk_kwargs(batch[0]))
+                if fixed := sorted(own.keys() & {"audio_prompt", "audio_prompt_text", "progress", "text"}):
+                    raise TypeError(f"chunk_kwargs cannot set {', '.join(fixed)}: they are the whole text's")
+                chunk_seed = own.pop("seed") if "seed" in own else (None if seed is None else seed + lo)
+                kwargs = {**generate_kwargs, **own}
                 result = tts.generate(
                     list(batch),
                     audio_prompt=None if prompt_codes is None else [prompt_codes] * len(batch),
                     audio_prompt_text=audio_prompt_text if prompt_codes is not None else None,
                     progress=False,
-                    seed=None if seed is None else seed + lo,
+                    seed=chunk_seed,
                     **kwargs,
                 )
                 if kwargs.get("max_new_tokens") is not None:  # (without a limit, generate has warned)

@@ -79,7 +79,7 @@ def read_audio(
         raise AudioFormatError(f"audio file {name} contains NaN or infinite samples")
     out = _mixdown(data, mono)
     if target_rate is not None and target_rate != rate:
-        out = resample(out, rate, target_rate)
+        out = resample(out, rate, target_rate, time_first=True)  # (soundfile's layout: a short file is no doubt)
         rate = target_rate
         if out.shape[0] == 0:  # a few samples resampled to a lower rate: none left
             raise AudioFormatError(f"audio file {name} has no samples at {target_rate} Hz")
@@ -205,6 +205,8 @@ def write_audio(
     target = written_rate(rate, fmt)
     if target != rate:
         arr, rate = resample(arr, rate, target), target
+        if arr.size == 0:  # a few samples at a higher rate than the format's: none left at its rate
+            raise ValueError(f"refusing to write audio with no samples at {fmt}'s {target} Hz")
     if fmt == "wav":
         data = float_to_pcm16(arr) if subtype == "PCM_16" else arr.astype(np.float32, copy=False)
         sub = subtype

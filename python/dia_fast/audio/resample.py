@@ -25,7 +25,9 @@ def check_rate(rate: object, name: str = "sample rate") -> int:
     return int(value)
 
 
-def resample(x: np.ndarray, from_rate: int, to_rate: int, *, quality: str = "HQ") -> np.ndarray:
+def resample(
+    x: np.ndarray, from_rate: int, to_rate: int, *, quality: str = "HQ", time_first: bool = False
+) -> np.ndarray:
     """Resample ``x`` from ``from_rate`` to ``to_rate`` Hz with soxr (``quality`` "HQ" or "VHQ").
 
     ``x`` is 1-D [N] or 2-D [N, channels] (time first, as soundfile returns it; torch's channels-first
@@ -34,7 +36,8 @@ def resample(x: np.ndarray, from_rate: int, to_rate: int, *, quality: str = "HQ"
     is the identity: ``x`` comes back as float32 without a copy when it already is float32.
 
     Raises ``ValueError`` for a rate that is not a positive integer, an unknown quality, input
-    of another rank, or a 2-D input with more channels than samples.
+    of another rank, or a 2-D input with more channels than samples (unless ``time_first=True`` says that the
+    layout is known to be [N, channels], as for a very short multichannel file).
     """
     if quality not in _QUALITIES:
         raise ValueError(f"quality must be one of {_QUALITIES}, got {quality!r}")
@@ -43,7 +46,7 @@ def resample(x: np.ndarray, from_rate: int, to_rate: int, *, quality: str = "HQ"
     arr = np.asarray(x)
     if arr.ndim not in (1, 2):
         raise ValueError(f"resample expects [N] or [N, channels], got shape {arr.shape}")
-    if arr.ndim == 2 and 0 < arr.shape[0] < arr.shape[1]:
+    if arr.ndim == 2 and 0 < arr.shape[0] < arr.shape[1] and not time_first:
         raise ValueError(
             f"resample expects [N, channels] (time first), got shape {arr.shape}: more channels than samples, "
             "which looks like [channels, N]; pass x.T"

@@ -15,6 +15,7 @@ from ..audio import check_crossfade_ms, crossfade_join, normalize_loudness, writ
 from ..longform import DEFAULT_CHARS_PER_SECOND, DEFAULT_MAX_CHUNK_SECONDS, pieces
 from ..serving import RequestHandle
 from ..text import SPEAKER_TAG_RE as _TAG_RE
+from ..text import warn_doubtful_text
 from .pool import GenerationOptions, VoicePool
 from .speaker import CustomSpeaker, Speaker
 
@@ -58,6 +59,8 @@ def _slots(speaker_or_speakers: SpeakerLike | Sequence[SpeakerLike] | None) -> l
     """The voice of each tag: slot 0 speaks [S1], slot 1 speaks [S2]."""
     if speaker_or_speakers is None:
         return [Speaker.S1, Speaker.S2]
+    if isinstance(speaker_or_speakers, str):  # "[S2]", "S2": a built-in voice by name
+        speaker_or_speakers = Speaker.parse(speaker_or_speakers)
     if isinstance(speaker_or_speakers, Speaker):
         return [Speaker.S1, Speaker.S2]  # a built-in voice: the text's tags decide
     if isinstance(speaker_or_speakers, CustomSpeaker):
@@ -75,6 +78,8 @@ def _slots(speaker_or_speakers: SpeakerLike | Sequence[SpeakerLike] | None) -> l
 
 
 def _default_tag(speaker_or_speakers: object) -> str:
+    if isinstance(speaker_or_speakers, str):
+        speaker_or_speakers = Speaker.parse(speaker_or_speakers)
     return speaker_or_speakers.tag if isinstance(speaker_or_speakers, Speaker) else Speaker.S1.tag
 
 
@@ -121,6 +126,7 @@ class Conversation:
         for _, s in custom:
             s.check_compatible(pool)
         self.text = self._build_text(text_or_turns, _default_tag(speaker_or_speakers))
+        warn_doubtful_text(self.text, stacklevel=2)  # (as DiaTTS.generate: an unknown tag, a control character)
         self.prompt: torch.Tensor | None = None
         self.prompt_text: str | None = None
         if custom:

@@ -7,12 +7,14 @@ the transcript, codec description and dia_fast version as metadata) and checked 
 
 from __future__ import annotations
 
+import numbers
 import os
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from .._version import __version__
@@ -53,7 +55,7 @@ class Speaker(str, Enum):
         """A ``Speaker`` from itself, ``"[S1]"``, ``"S1"``/``"s1"`` or the slot index 0 / 1."""
         if isinstance(value, Speaker):
             return value
-        if isinstance(value, int) and not isinstance(value, bool):
+        if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
             if value in (0, 1):
                 return cls.S1 if value == 0 else cls.S2
             raise ValueError(f"speaker index must be 0 ([S1]) or 1 ([S2]), got {value}")
@@ -69,6 +71,9 @@ def _tts_of(pool_or_tts: VoicePool | DiaTTS) -> DiaTTS:
     if not hasattr(tts, "encode_prompt") or not hasattr(tts, "codec"):
         raise TypeError(f"expected a VoicePool or DiaTTS, got {type(pool_or_tts).__name__}")
     return tts
+
+
+_CODEC_NUMBERS = ("sample_rate", "n_codebooks", "codebook_size", "hop_length")
 
 
 def codec_description(codec: Any) -> dict[str, str]:
@@ -104,6 +109,19 @@ class CustomSpeaker:
             raise ValueError("a custom speaker needs the transcript of its audio prompt")
         if self.codes.ndim != 2 or self.codes.dtype != torch.long or self.codes.shape[0] == 0:
             raise ValueError(f"speaker codes must be a non-empty int64 [T, C] tensor, got {tuple(self.codes.shape)}")
+        if not isinstance(self.name, str):
+            raise TypeError(f"a speaker's name must be a str, got {type(self.name).__name__}")
+        given: dict[str, int] = {}
+        for key in _CODEC_NUMBERS:  # (what the codec description holds of them: whole numbers > 0)
+            if key in self.codec:
+                value = str(self.codec[key])
+                if not value.isdecimal() or int(value) <= 0:
+                    raise ValueError(f"the codec's {key} must be a whole number > 0, got {self.codec[key]!r}")
+                given[key] = int(value)
+        if "n_codebooks" in given and self.codes.shape[1] != given["n_codebooks"]:
+            raise ValueError(f"speaker codes have {self.codes.shape[1]} codebooks, the codec {given['n_codebooks']}")
+        if "codebook_size" in given and (int(self.codes.min()) < 0 or int(self.codes.max()) >= given["codebook_size"]):
+            raise ValueError(f"speaker codes outside the codebook 0..{given['codebook_size'] - 1}")
 
     # ------------------------------------------------------------------------------ building
     @classmethod
@@ -141,6 +159,8 @@ class CustomSpeaker:
         """Raise :class:`SpeakerFileError` if these codes were made with another codec than the pool's."""
         expected = codec_description(_tts_of(pool).codec)
         diff = {k: (self.codec.get(k), v) for k, v in expected.items() if self.codec.get(k) != v}
+        if self.codes.shape[1] != int(expected["n_codebooks"]):  # (the codes themselves, not only what they claim)
+            diff["codes' codebooks"] = (str(self.codes.shape[1]), expected["n_codebooks"])
         if diff:
             details = ", ".join(f"{k}: speaker {a} vs model {b}" for k, (a, b) in diff.items())
             raise SpeakerFileError(
@@ -198,11 +218,10 @@ class CustomSpeaker:
         missing = [k for k in required if k not in metadata]
         if missing:
             raise SpeakerFileError(f"{src}: metadata lacks {missing}")
-        codec = {k: metadata[k] for k in ("codec", "sample_rate", "n_codebooks", "codebook_size", "hop_length")}
-        try:
-            n_codebooks, codebook_size = int(codec["n_codebooks"]), int(codec["codebook_size"])
-        except ValueError as exc:
-            raise SpeakerFileError(f"{src}: bad codec metadata {codec}") from exc
+        codec = {k: metadata[k] for k in ("codec", *_CODEC_NUMBERS)}
+        if not all(codec[k].isdecimal() and int(codec[k]) > 0 for k in _CODEC_NUMBERS):
+            raise SpeakerFileError(f"{src}: bad codec metadata {codec} (whole numbers > 0 expected)")
+        n_codebooks, codebook_size = int(codec["n_codebooks"]), int(codec["codebook_size"])
         if codes.dtype != torch.long or codes.ndim != 2 or codes.shape[1] != n_codebooks or codes.shape[0] == 0:
             raise SpeakerFileError(
                 f"{src}: codes must be int64 [T, {n_codebooks}] with T > 0, got {codes.dtype} {tuple(codes.shape)}"

@@ -391,6 +391,24 @@ def test_write_audio_refuses_what_no_reader_or_encoder_takes(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.flac", "ok.ogg"]
 
 
+def test_a_new_file_gets_the_umasks_permissions_whatever_its_writer_made(tmp_path):
+    """safetensors creates its files 0600: a saved model was unreadable by the server's user; a new file now gets
+    what the umask gives any new file."""
+    import stat
+
+    from dia_fast.audio.io import atomic_output
+
+    old = os.umask(0o022)
+    try:
+        with atomic_output(tmp_path / "model.safetensors") as tmp:
+            tmp.write_bytes(b"weights")
+            os.chmod(tmp, 0o600)  # as safetensors does
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "model.safetensors").st_mode) == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]  # (no probe left behind)
+
+
 def test_a_replaced_file_keeps_its_permissions(tmp_path):
     import stat
 

@@ -375,3 +375,11 @@ def test_bad_weights_are_errors_naming_the_file_and_tensor(tmp_path, poison, mes
     save_file(state, str(weights))
     with pytest.raises(CheckpointError, match=f"tensor {name} {message}|tensor {name} is int32, {message}"):
         DiaTTS.from_pretrained(directory, device="cpu")
+
+
+def test_an_official_kernel_of_too_few_dimensions_is_a_checkpoint_error():
+    """A 1-D attention kernel in the official layout named the tensor in a CheckpointError (it was an IndexError)."""
+    from dia_fast.checkpoint import from_official
+
+    with pytest.raises(CheckpointError, match=r"decoder.layers.0.self_attention.o_proj.weight: .* shape \(4,\)"):
+        from_official({"decoder.layers.0.self_attention.o_proj.weight": torch.zeros(4)})

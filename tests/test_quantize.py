@@ -3,6 +3,7 @@ the measured quality against the full-precision model on the same weights (tiny 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import torch
 from dia_fast import DiaTTS
 from dia_fast.bench.quality import quantization_quality
 from dia_fast.checkpoint import CheckpointError
+from dia_fast.config import DiaConfig
 from dia_fast.model.int4 import Int4Linear
 from dia_fast.model.int8 import Int8Linear
 from dia_fast.quantize import check_quantize, quantize_decoder, quantized_mode, target_names
@@ -469,3 +471,54 @@ def test_non_finite_or_tiny_weights_quantize_clearly():
     tiny = torch.full((2, 64), 1e-43)
     for _q, scale in (quantize_rows(tiny), quantize_groups(tiny, 64)):
         assert bool((scale > 0).all()) and bool(torch.isfinite(scale).all())
+
+
+def test_a_saved_quantized_model_loads_by_hub_id(tmp_path, monkeypatch):
+    """A quantized directory on the hub: quantization.json is fetched with the weights, and the id loads as the
+    directory does (it was fetched without it and read as a full-precision checkpoint of int8 tensors). The
+    download is simulated by copying what the allow patterns select (no network in tests)."""
+    import fnmatch
+    import shutil
+
+    import huggingface_hub
+
+    q = DiaTTS.random("tiny", seed=0, quantize="int8")
+    repo = q.save_pretrained(tmp_path / "repo")
+
+    def snapshot_download(repo_id: str, allow_patterns: list[str]) -> str:
+        snap = tmp_path / "snapshot"
+        for f in repo.rglob("*"):
+            rel = f.relative_to(repo).as_posix()
+            if f.is_file() and any(fnmatch.fnmatch(rel, p) for p in allow_patterns):
+                (snap / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(f, snap / rel)
+        return str(snap)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    loaded = DiaTTS.from_pretrained("someone/dia-int8", device="cpu")
+    assert (tmp_path / "snapshot" / "quantization.json").is_file()
+    for name, value in q.model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], value), name
+
+
+def test_a_failed_quantization_leaves_the_model_as_it_was(tmp_path):
+    """int4 needs columns in multiples of 64: a model with one GEMM that has not fails before any layer is
+    replaced (it was left half-quantized, with no mode, and saved as an unloadable checkpoint); hand-made
+    quantized layers are refused by save_pretrained."""
+    tiny = DiaConfig.preset("tiny")  # with an MLP whose down GEMM has 96 columns
+    decoder = dataclasses.replace(tiny.model.decoder, intermediate_size=96)
+    cfg = dataclasses.replace(tiny, model=dataclasses.replace(tiny.model, decoder=decoder))
+    tts = DiaTTS.random(cfg, seed=0)
+    before = {k: v.clone() for k, v in tts.model.state_dict().items()}
+    with pytest.raises(ValueError, match="down_proj"):
+        quantize_decoder(tts.model, "int4")
+    assert quantized_mode(tts.model) is None
+    assert not any(isinstance(m, Int8Linear) for m in tts.model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in tts.model.state_dict().items())
+    quantize_decoder(tts.model, "int8")  # and it can still be quantized otherwise
+    name = "decoder.layers.0.mlp.down_proj"
+    plain = DiaTTS.random("tiny", seed=0)
+    parent, _, attr = name.rpartition(".")
+    setattr(plain.model.get_submodule(parent), attr, Int8Linear.from_weight(plain.model.get_submodule(name).weight))
+    with pytest.raises(ValueError, match="not quantized by dia_fast"):
+        plain.save_pretrained(tmp_path / "hand")

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 import torch
+from torch import nn
 
 from . import checkpoint as ckpt
 from .codec import check_codec_spec
@@ -208,6 +209,8 @@ class DiaTTS:
             raise ValueError("path is empty: give a checkpoint directory or file (or a hub id)")
         if not (isinstance(path, str) and ckpt.is_hub_id(path)):
             path = Path(path).expanduser()  # once, for every check below (not only the weights' loader)
+        elif not Path(path).expanduser().exists():  # a hub id: fetched first, so that a saved quantized model is seen
+            path = ckpt.resolve_path(path)
         check_codec_spec(codec)
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
@@ -334,6 +337,13 @@ class DiaTTS:
 
         out = Path(directory)
         quantized = quantized_mode(self.model) is not None
+        foreign = [n for n, m in self.model.named_modules() if not quantized and not isinstance(m, nn.Linear)
+                   and isinstance(getattr(m, "weight_scale", None), torch.Tensor)]  # fmt: skip
+        if foreign:  # quantized layers put in by hand (or left by a failed quantize_decoder): no readable layout
+            raise ValueError(
+                f"the model holds quantized layers ({foreign[0]}, ...) but was not quantized by dia_fast "
+                "(DiaTTS.from_pretrained(..., quantize=) or quantize.quantize_decoder): it cannot be saved"
+            )
         if quantized and layout is not None:
             raise ValueError(f"a quantized model is saved in dia_fast's quantized layout only, not {layout!r}")
         layout = layout or "transformers"
@@ -412,7 +422,9 @@ class DiaTTS:
         ``min_new_tokens``: no EOS before that many steps (a lower bound on the length). ``seed`` (any int) makes
         sampling reproducible: text ``i`` of a batch draws with ``seed + i``, exactly as a
         :class:`~dia_fast.VoicePool` / :class:`~dia_fast.serving.BatchEngine` request (or the speech server) with
-        that seed draws, so the same seed speaks the same audio there. ``progress``: a progress bar (default: when
+        that seed draws, so the same seed speaks the same audio there (in full precision; a quantized model rounds
+        each activation row against its own range, which magnifies the text encoder's batch-size-dependent
+        rounding, so a batch can differ from solo runs in a few codes). ``progress``: a progress bar (default: when
         stderr is a terminal).
 
         Voice cloning: ``audio_prompt`` is an audio file path, a float array at the codec's sample

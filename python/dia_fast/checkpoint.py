@@ -165,10 +165,13 @@ def iter_tensors(paths: Iterable[Path], *, check: bool = True) -> Iterator[tuple
                 f.seek(data + begin)
                 if f.readinto(memoryview(raw.numpy())) != end - begin:
                     raise CheckpointError(f"{path}: not a readable safetensors file (truncated?): tensor {name}")
-                tensor = raw.view(dtype).reshape(shape)
+                held = [raw.view(dtype).reshape(shape)]
                 del raw
-                yield name, check_weights({name: tensor}, path)[name] if check else tensor
-                del tensor  # before the next one is read: one tensor in memory at a time
+                if check:  # (it may cast: float64 becomes float32)
+                    held.append(check_weights({name: held.pop()}, path)[name])
+                # handed over without a reference left here: while the caller converts and quantizes it, this
+                # frame holds nothing (one tensor in memory at a time, plus what the caller makes of it)
+                yield name, held.pop()
 
 
 def safetensors_keys(paths: Iterable[Path]) -> list[str] | None:
@@ -256,22 +259,26 @@ def from_official(state: Tensors) -> Tensors:
     out: Tensors = {}
     embeds: dict[int, torch.Tensor] = {}
     for k, w in state.items():
-        m = re.fullmatch(r"decoder\.embeddings\.(\d+)\.weight", k)
-        if m:
-            embeds[int(m.group(1))] = w
-        elif _DENSE.search(k):
-            if k.endswith("o_proj.weight"):  # (H, D, out)
-                out[k] = w.reshape(w.shape[0] * w.shape[1], -1).t().contiguous()
-            else:  # (in, H, D)
+        try:
+            m = re.fullmatch(r"decoder\.embeddings\.(\d+)\.weight", k)
+            if m:
+                embeds[int(m.group(1))] = w
+            elif _DENSE.search(k):
+                if k.endswith("o_proj.weight"):  # (H, D, out)
+                    out[k] = w.reshape(w.shape[0] * w.shape[1], -1).t().contiguous()
+                else:  # (in, H, D)
+                    out[k] = w.reshape(w.shape[0], -1).t().contiguous()
+            elif k.endswith(".mlp.wi_fused.weight"):  # (in, 2, I): [gate | up]
+                out[k.replace("wi_fused", "gate_up_proj")] = w.reshape(w.shape[0], -1).t().contiguous()
+            elif k.endswith(".mlp.wo.weight"):  # (I, out)
+                out[k.replace(".wo.", ".down_proj.")] = w.t().contiguous()
+            elif k == "decoder.logits_dense.weight":  # (D, C, V)
                 out[k] = w.reshape(w.shape[0], -1).t().contiguous()
-        elif k.endswith(".mlp.wi_fused.weight"):  # (in, 2, I): [gate | up]
-            out[k.replace("wi_fused", "gate_up_proj")] = w.reshape(w.shape[0], -1).t().contiguous()
-        elif k.endswith(".mlp.wo.weight"):  # (I, out)
-            out[k.replace(".wo.", ".down_proj.")] = w.t().contiguous()
-        elif k == "decoder.logits_dense.weight":  # (D, C, V)
-            out[k] = w.reshape(w.shape[0], -1).t().contiguous()
-        else:
-            out[k] = w
+            else:
+                out[k] = w
+        except (IndexError, RuntimeError) as exc:  # a kernel of too few dimensions, or of the wrong size
+            shape = tuple(w.shape)
+            raise CheckpointError(f"{k}: not an official DenseGeneral kernel of shape {shape} ({exc})") from None
     if embeds:
         if sorted(embeds) != list(range(len(embeds))):
             raise CheckpointError(f"decoder.embeddings: channels {sorted(embeds)} are not 0..{len(embeds) - 1}")
@@ -424,7 +431,15 @@ def resolve_path(path_or_id: str | Path) -> Path:
             ) from exc
         try:
             local = snapshot_download(
-                text, allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json", "*.pth"]
+                text,
+                allow_patterns=[
+                    "config.json",
+                    "*/config.json",  # (a saved codec's)
+                    "quantization.json",  # (a saved quantized model's)
+                    "*.safetensors",
+                    "*.safetensors.index.json",
+                    "*.pth",
+                ],
             )
         except Exception as exc:
             raise CheckpointError(

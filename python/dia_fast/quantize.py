@@ -180,9 +180,15 @@ def quantize_decoder(
         if not bool(torch.isfinite(model.get_submodule(name).weight).all()):
             raise ValueError(f"{name}: the weight holds NaN or infinite values: it cannot be quantized")
     if model.device.type == "cpu":
+        built = {}  # every layer first: one that cannot be quantized (a shape) leaves the model as it was
         for name, kind in kinds.items():
             layer_class = Int8Linear if kind == "int8" else Int4Linear
-            _set_module(model, name, layer_class.from_weight(model.get_submodule(name).weight))
+            try:
+                built[name] = layer_class.from_weight(model.get_submodule(name).weight)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+        for name, layer in built.items():
+            _set_module(model, name, layer)
         after = sum(_buffer_bytes(getattr(p, n)) for p, n in targets)
     else:  # CUDA: torchao weight-only (int8: or dia_fast's Int8Linear)
         quantize_cuda(model, kinds, int8_kernel)
@@ -251,6 +257,12 @@ def torchao_quantized(linear: nn.Linear, kind: str, name: str = "linear") -> nn.
 def quantize_cuda(model: DiaModel, kinds: dict[str, str], int8_kernel: str | None = None) -> None:
     """Quantize the GEMMs of ``model`` named in ``kinds`` (name -> kind, :func:`gemm_kinds`) in place as the CUDA
     modes do (:func:`cuda_layer`; torchao's CPU tensors run the same code on the CPU)."""
+    for name, kind in kinds.items():  # shapes a mode cannot take, before torchao changes any layer in place
+        if not (kind == "int8" and _int8_kernel(int8_kernel) == "dia_fast"):
+            try:
+                torchao_config(kind, model.get_submodule(name).in_features)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
     for name, kind in kinds.items():
         _set_module(model, name, cuda_layer(model.get_submodule(name), kind, name, int8_kernel))
 
@@ -309,21 +321,22 @@ def target_names(model: DiaModel, parts: tuple[str, ...] = DEFAULT_PARTS) -> lis
 
 
 def install_cpu_layers(
-    model: DiaModel, kinds: dict[str, str], groups: dict[str, int] | None = None
+    model: DiaModel, kinds: dict[str, str], groups: dict[str, int] | None = None, device: str = "cpu"
 ) -> dict[str, nn.Module]:
     """Replace the GEMMs of a meta-device ``model`` named in ``kinds`` with empty CPU :class:`Int8Linear` or
     :class:`Int4Linear` layers (as ``kinds[name]`` says; int4: ``groups[name]`` columns per scale, by default
-    :func:`~dia_fast.model.int4.default_group`)."""
+    :func:`~dia_fast.model.int4.default_group`). ``device="meta"``: placeholders whose tensors the caller assigns
+    (a saved directory's), never allocated."""
     layers: dict[str, nn.Module] = {}
     for name, kind in kinds.items():
         lin = model.get_submodule(name)
         if not isinstance(lin, nn.Linear) or lin.bias is not None:
             raise ValueError(f"{name} is not a bias-free linear layer of this model")
         if kind == "int8":
-            layer: nn.Module = Int8Linear(lin.in_features, lin.out_features, device="cpu")
+            layer: nn.Module = Int8Linear(lin.in_features, lin.out_features, device=device)
         else:
             try:
-                layer = Int4Linear(lin.in_features, lin.out_features, (groups or {}).get(name), device="cpu")
+                layer = Int4Linear(lin.in_features, lin.out_features, (groups or {}).get(name), device=device)
             except ValueError as exc:
                 raise ValueError(f"{name}: {exc}") from None
         _set_module(model, name, layer)

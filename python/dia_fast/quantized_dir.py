@@ -271,7 +271,8 @@ def load_saved(model: DiaModel, state: dict[str, torch.Tensor], doc: dict[str, A
     try:
         kinds, groups = _saved_kinds(doc)
         cpu_kinds = {name: kind for name, kind in kinds.items() if kind in ("int8", "int4")}
-        layers: dict[str, nn.Module] = install_cpu_layers(model, cpu_kinds, groups)
+        # placeholders on the meta device: the saved tensors are assigned below (no second copy is allocated)
+        layers: dict[str, nn.Module] = install_cpu_layers(model, cpu_kinds, groups, device="meta")
         for name, kind in kinds.items():
             if name in cpu_kinds:
                 continue

@@ -260,6 +260,18 @@ def write_wav(path: PathLike, samples: np.ndarray | Any, sample_rate: int, *, su
     return write_audio(path, samples, sample_rate, format="wav", subtype=subtype)
 
 
+def _new_file_mode(directory: Path) -> int:
+    """The permission bits a new file gets in ``directory`` under the process's umask (read from a file made
+    there: ``os.umask`` can only be read by changing it, for every thread)."""
+    probe = directory / f".{secrets.token_hex(6)}.mode"
+    fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    try:
+        return stat.S_IMODE(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
+        probe.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_output(path: PathLike) -> Iterator[Path]:
     """A fresh temporary path beside ``path`` to write to: renamed over ``path`` (``os.replace``) when
@@ -271,10 +283,9 @@ def atomic_output(path: PathLike) -> Iterator[Path]:
         yield tmp
         try:
             mode = stat.S_IMODE(os.stat(dest).st_mode)
-        except OSError:
-            mode = None  # a new file: the umask decides, as for any new file
-        if mode is not None:
-            os.chmod(tmp, mode)
+        except OSError:  # a new file: the umask decides, as for any new file (a writer may have made it 0600)
+            mode = _new_file_mode(dest.parent)
+        os.chmod(tmp, mode)
         os.replace(tmp, dest)
     except BaseException:
         try:

@@ -59,8 +59,6 @@ def _slots(speaker_or_speakers: SpeakerLike | Sequence[SpeakerLike] | None) -> l
     """The voice of each tag: slot 0 speaks [S1], slot 1 speaks [S2]."""
     if speaker_or_speakers is None:
         return [Speaker.S1, Speaker.S2]
-    if isinstance(speaker_or_speakers, str):  # "[S2]", "S2": a built-in voice by name
-        speaker_or_speakers = Speaker.parse(speaker_or_speakers)
     if isinstance(speaker_or_speakers, Speaker):
         return [Speaker.S1, Speaker.S2]  # a built-in voice: the text's tags decide
     if isinstance(speaker_or_speakers, CustomSpeaker):
@@ -78,8 +76,6 @@ def _slots(speaker_or_speakers: SpeakerLike | Sequence[SpeakerLike] | None) -> l
 
 
 def _default_tag(speaker_or_speakers: object) -> str:
-    if isinstance(speaker_or_speakers, str):
-        speaker_or_speakers = Speaker.parse(speaker_or_speakers)
     return speaker_or_speakers.tag if isinstance(speaker_or_speakers, Speaker) else Speaker.S1.tag
 
 
@@ -121,6 +117,8 @@ class Conversation:
         self.pool = pool
         self.options = GenerationOptions(**options)
         self.crossfade_ms = check_crossfade_ms(crossfade_ms)
+        if isinstance(speaker_or_speakers, str):  # "[S2]", "S2": a built-in voice by name
+            speaker_or_speakers = Speaker.parse(speaker_or_speakers)
         self.speakers = _slots(speaker_or_speakers)
         custom = [(i, s) for i, s in enumerate(self.speakers) if isinstance(s, CustomSpeaker)]
         for _, s in custom:

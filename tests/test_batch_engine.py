@@ -616,6 +616,12 @@ def test_an_asyncio_stream_of_a_closed_engine_ends_with_its_error(tts):
         raise AssertionError("the stream of a closed engine ended without an error")
 
     assert isinstance(asyncio.run(asyncio.wait_for(main(), 60)), EngineClosed)
+    # a stream whose first wait comes after close() makes no pool that nobody would shut down
+    engine = BatchEngine(tts, max_slots=1)
+    engine.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        engine._stream_waiters()
+    assert engine._waiters is None
 
 
 def test_an_engine_dropped_without_close_is_freed_once_its_requests_are_done(tts):

@@ -180,16 +180,19 @@ def _worker(
     kw: dict[str, Any],
     first_need: int,
     chunk: int,
+    chunk_need: int,
 ) -> None:
     """Run the decode loop (``kw``: :func:`generate_codes`' checked arguments); send final delayed positions
-    whenever the consumer can use them."""
+    whenever the consumer can use them: ``first_need`` new frames for its first chunk, then ``chunk`` more each
+    after ``chunk_need`` (the first chunk and its lookahead: ``first_need`` may be more, the codec's shortest
+    exact window)."""
     try:
         md = tts.config.data.max_delay
         first = sent = -1  # first generated position (the prefix length), first position not yet sent
         need = first_need  # new frames the consumer needs for its next chunk
 
         def on_step(out: torch.Tensor, p: int) -> None:
-            nonlocal first, sent, need
+            nonlocal first, sent, need, chunk_need
             if cancel.is_set():
                 raise _Cancelled
             if first < 0:
@@ -197,7 +200,8 @@ def _worker(
             if p - md - first + 1 >= need:  # new frames that are final after this step
                 out_queue.put((_CODES, out[0, sent : p + 1].clone()))
                 sent = p + 1
-                need += chunk
+                chunk_need += chunk
+                need = chunk_need
 
         result = generate_codes(tts.model, frame_rate=tts.codec.frame_rate, on_step=on_step, **kw)
         out_queue.put((_DONE, result))
@@ -406,7 +410,15 @@ class AudioStream(Iterator[np.ndarray]):
         first_need = self._chunks.first_need
         self._thread = threading.Thread(
             target=_worker,
-            args=(self._queue, self._cancel, tts, generate_kwargs, first_need, chunk_frames),
+            args=(
+                self._queue,
+                self._cancel,
+                tts,
+                generate_kwargs,
+                first_need,
+                chunk_frames,
+                self._chunks.first + self._chunks.lookahead,
+            ),  # fmt: skip
             name="dia_fast-stream",
             daemon=True,
         )

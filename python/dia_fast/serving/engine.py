@@ -596,6 +596,8 @@ class BatchEngine:
     def _stream_waiters(self) -> concurrent.futures.ThreadPoolExecutor:
         """The threads that wait for :meth:`stream`'s chunks (one per open stream at most; made when first used)."""
         with self._cv:
+            if self._closing:  # (close() shuts the pool down: one made now would be left running)
+                raise RuntimeError("the engine is closed")
             if self._waiters is None:
                 self._waiters = concurrent.futures.ThreadPoolExecutor(
                     self.max_slots + self.max_queue, thread_name_prefix="dia_fast-stream"
@@ -611,8 +613,10 @@ class BatchEngine:
             self._cv.notify_all()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout)
-        if self._waiters is not None:  # (their streams got their end or error: the threads are free or freeing)
-            self._waiters.shutdown(wait=False)
+        with self._cv:
+            waiters = self._waiters
+        if waiters is not None:  # (their streams got their end or error: the threads are free or freeing)
+            waiters.shutdown(wait=False)
 
     def __enter__(self) -> BatchEngine:
         return self

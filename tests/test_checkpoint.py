@@ -321,6 +321,11 @@ def test_hub_id_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CheckpointError, match="could not be fetched from the Hugging Face hub"):
         DiaTTS.from_pretrained("nari-labs/definitely-not-cached-dia")
+    # the arguments are checked before anything is fetched
+    with pytest.raises(ValueError, match="device"):
+        DiaTTS.from_pretrained("nari-labs/definitely-not-cached-dia", device="bogus")
+    with pytest.raises(ValueError, match="quantize"):
+        DiaTTS.from_pretrained("nari-labs/definitely-not-cached-dia", quantize="int9")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -117,6 +117,10 @@ def test_a_long_sentence_is_never_cut_inside_a_non_verbal_tag():
         assert "".join(re.sub(r"\[S1\] ", "", c) for c in chunks) == text.removeprefix("[S1] ")
     aside = "[S1] and then (" + "a very long aside that goes on and on " * 3 + ") it ended"
     assert len(split_text(aside, 1024, 40)) > 2
+    # a tag longer than the chunk budget still splits, between its words (it was an error)
+    tight = split_text("He stopped. (clears his throat and sighs) Then he went on.", 1024, 20)
+    assert "".join(tight) == "He stopped. (clears his throat and sighs) Then he went on."
+    assert all(spoken_chars(c) <= 20 for c in tight)
 
 
 def test_byte_budget_counts_utf8_bytes_and_tags_as_one():
@@ -351,3 +355,17 @@ def test_chunk_kwargs_give_a_chunk_its_own_length_or_seed(tts):
     np.testing.assert_array_equal(got[1], second)
     with pytest.raises(TypeError, match="chunk_kwargs cannot set progress"):
         generate_long(tts, "", chunks=chunks, chunk_kwargs=lambda c: {"progress": True})
+
+
+def test_a_prompted_text_that_fits_once_stripped_is_one_piece(tts):
+    """With a voice prompt the text is encoded stripped (prompted_text): a trailing newline must not make a text
+    that fits into two generations."""
+    from dia_fast.longform import chunk_budget, pieces
+
+    prompt_text = "[S1] The words of the prompt."
+    max_bytes, _ = chunk_budget(tts, prompt_text=prompt_text, prompt_frames=10, max_chunk_seconds=None,
+                                chars_per_second=1000.0)  # fmt: skip
+    text = "[S1] " + "word " * ((max_bytes - 5) // 5 - 1) + "end."
+    assert text_tokens(text) <= max_bytes < text_tokens(text + "\n" * 8)
+    got = pieces(tts, text + "\n" * 8, prompt_text=prompt_text, prompt_frames=10, chars_per_second=1000.0)
+    assert got == [text + "\n" * 8]

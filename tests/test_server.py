@@ -858,3 +858,22 @@ def test_the_voice_cache_forgets_voices_deleted_elsewhere_and_is_bounded(tts, tm
         a.create(name, wav, "[S1] The words.", overwrite=False, min_s=1.0, max_s=20.0)
         a.get(name)
     assert list(a._cache) == ["v2", "v3"] and a.get("v1").frames > 0  # v1 read from its file again
+
+
+def test_a_voice_deleted_while_it_is_described_is_a_404(tts, tmp_path, monkeypatch):
+    """GET /v1/audio/voices/{id} racing a delete (here: the file gone between reading the voice and describing it):
+    a 404 VoiceError, not an escaped FileNotFoundError (a 500)."""
+    from dia_fast.serve.voices import VoiceError, VoiceStore
+
+    store = VoiceStore(tmp_path, tts)
+    store.create("narrator", _wav_bytes(1.5), "[S1] The words.", overwrite=False, min_s=1.0, max_s=20.0)
+    real_info = store._info
+
+    def deleted_first(voice_id, speaker, path):  # noqa: ANN001, ANN202
+        path.unlink()
+        return real_info(voice_id, speaker, path)
+
+    monkeypatch.setattr(store, "_info", deleted_first)
+    with pytest.raises(VoiceError, match="not found") as info:
+        store.info("narrator")
+    assert info.value.status == 404

@@ -209,11 +209,12 @@ class DiaTTS:
             raise ValueError("path is empty: give a checkpoint directory or file (or a hub id)")
         if not (isinstance(path, str) and ckpt.is_hub_id(path)):
             path = Path(path).expanduser()  # once, for every check below (not only the weights' loader)
-        elif not Path(path).expanduser().exists():  # a hub id: fetched first, so that a saved quantized model is seen
-            path = ckpt.resolve_path(path)
         check_codec_spec(codec)
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
+        if isinstance(path, str) and not Path(path).expanduser().exists():
+            check_quantize(quantize, dev, dt)  # (the arguments before a download)
+            path = ckpt.resolve_path(path)  # a hub id, fetched first: a saved quantized model is then seen as one
         if Path(path).is_file() and (Path(path).parent / QUANT_FILE).is_file():
             raise ValueError(f"{path} is part of a saved quantized model: load its directory, {Path(path).parent}")
         saved = read_quantization(Path(path)) if Path(path).is_dir() else None

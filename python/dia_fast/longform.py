@@ -60,6 +60,7 @@ _SENTENCE_END_RE = re.compile(r"[.!?…]+[\"'”’)\]]*\s+|[。！？]+[」』\
 # a word: a short parenthesised group such as "(clears throat)" (a non-verbal tag, never cut; a longer aside is
 # words like the rest) or a run without whitespace
 _WORD_RE = re.compile(r"\([^()\s][^()\n]{0,40}\)[^\s(]*\s*|\S+\s*|\s+")
+_PLAIN_WORD_RE = re.compile(r"\S+\s*|\s+")  # (a group that does not fit a chunk is split into these)
 
 
 def spoken_chars(text: str) -> int:
@@ -125,7 +126,12 @@ def split_text_spans(
         if fits(prefix_for(speaker, starts_turn), start, end):
             pieces.append((start, end, prefix_for(speaker, starts_turn)))
             continue
-        words = [(m.start(), m.end()) for m in _WORD_RE.finditer(text, start, end)]
+        words = []
+        for m in _WORD_RE.finditer(text, start, end):
+            if text[m.start()] == "(" and not fits(prefix_for(speaker, False), m.start(), m.end()):
+                words += [(w.start(), w.end()) for w in _PLAIN_WORD_RE.finditer(text, m.start(), m.end())]
+            else:
+                words.append((m.start(), m.end()))
         if starts_turn and len(words) > 1 and _TAG_RE.fullmatch(text[words[0][0] : words[0][1]].strip()):
             words[:2] = [(words[0][0], words[1][1])]  # the turn's tag stays with its first word
         for k, (lo, hi) in enumerate(words):
@@ -289,7 +295,8 @@ def pieces(
     def split(frames: int) -> list[str]:
         kw = dict(prompt_text=prompt_text, prompt_frames=frames, chars_per_second=chars_per_second)
         max_bytes, whole_budget_chars = chunk_budget(tts, max_chunk_seconds=None, **kw)
-        if text_tokens(text) <= max_bytes and spoken_chars(text) <= whole_budget_chars:
+        encoded = text.strip() if prompt_text and prompt_text.strip() else text  # (prompted_text strips it)
+        if text_tokens(encoded) <= max_bytes and spoken_chars(text) <= whole_budget_chars:
             return [text]  # as given, as DiaTTS.generate speaks it (outer whitespace included)
         max_bytes, max_chars = chunk_budget(tts, max_chunk_seconds=max_chunk_seconds, **kw)
         return [c.strip() for c in split_text(text, max_bytes, max_chars) if c.strip()]

@@ -180,15 +180,16 @@ def quantize_decoder(
         if not bool(torch.isfinite(model.get_submodule(name).weight).all()):
             raise ValueError(f"{name}: the weight holds NaN or infinite values: it cannot be quantized")
     if model.device.type == "cpu":
-        built = {}  # every layer first: one that cannot be quantized (a shape) leaves the model as it was
-        for name, kind in kinds.items():
+        for name, kind in kinds.items():  # shapes first: one that int4 cannot take leaves the model as it was
+            if kind == "int4":
+                lin = model.get_submodule(name)
+                try:
+                    Int4Linear(lin.in_features, lin.out_features, device="meta")
+                except ValueError as exc:
+                    raise ValueError(f"{name}: {exc}") from None
+        for name, kind in kinds.items():  # then one at a time (each full-precision weight freed as it goes)
             layer_class = Int8Linear if kind == "int8" else Int4Linear
-            try:
-                built[name] = layer_class.from_weight(model.get_submodule(name).weight)
-            except ValueError as exc:
-                raise ValueError(f"{name}: {exc}") from None
-        for name, layer in built.items():
-            _set_module(model, name, layer)
+            _set_module(model, name, layer_class.from_weight(model.get_submodule(name).weight))
         after = sum(_buffer_bytes(getattr(p, n)) for p, n in targets)
     else:  # CUDA: torchao weight-only (int8: or dia_fast's Int8Linear)
         quantize_cuda(model, kinds, int8_kernel)

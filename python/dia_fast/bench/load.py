@@ -101,9 +101,13 @@ def _continuous(tts: DiaTTS, reqs: list[LoadRequest], max_slots: int, sampling: 
         # warm-up of every bucket (CUDA graphs are captured when the engine starts; kernels compile and CPU graphs
         # record on a bucket's first step): requests of staggered lengths, so the running batch passes through
         # every power of two up to max_slots as they end
+        # (lengths staggered per bucket, not per request: a few distinct lengths whatever max_slots is; the requests
+        # in the high slots end first, so the batch shrinks through max_slots, max_slots / 2, ..., 1)
+        bits = (engine.max_slots - 1).bit_length()
+        lengths = [md + 2 + 2 * engine.poll_every * (bits - k.bit_length()) for k in range(engine.max_slots)]
         warm = [
             engine.submit(reqs[0].text, max_new_tokens=n, min_new_tokens=n - md - 1, seed=i, **sampling)
-            for i, n in enumerate(md + 2 + 2 * engine.poll_every * k for k in range(engine.max_slots))
+            for i, n in enumerate(lengths)
         ]
         for handle in warm:
             handle.result()

@@ -148,8 +148,11 @@ class VoiceStore:
     def info(self, voice_id: str) -> VoiceInfo:
         """What :meth:`list` says of the stored voice ``voice_id``; VoiceError 404 when missing."""
         speaker = self.get(voice_id)
-        with _storage("read", voice_id):
-            return self._info(voice_id, speaker, self._path(voice_id))
+        try:
+            with _storage("read", voice_id):
+                return self._info(voice_id, speaker, self._path(voice_id))
+        except FileNotFoundError:  # deleted since get() read it
+            raise VoiceError(f"voice {voice_id!r} not found", 404, "voice_not_found") from None
 
     def list(self) -> list[VoiceInfo]:
         """The readable stored voices, by id (files that cannot be read are left out)."""

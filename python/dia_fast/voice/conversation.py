@@ -124,7 +124,7 @@ class Conversation:
         for _, s in custom:
             s.check_compatible(pool)
         self.text = self._build_text(text_or_turns, _default_tag(speaker_or_speakers))
-        warn_doubtful_text(self.text, stacklevel=2)  # (as DiaTTS.generate: an unknown tag, a control character)
+        warn_doubtful_text(self.text, stacklevel=3)  # (as DiaTTS.generate: an unknown tag, a control character)
         self.prompt: torch.Tensor | None = None
         self.prompt_text: str | None = None
         if custom:

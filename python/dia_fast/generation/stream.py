@@ -42,6 +42,17 @@ __all__ = [
 ]
 
 _CONTEXT_MARGIN = 2  # frames added to the measured receptive field (transposed-conv edge effects)
+
+
+def _codec_device(codec: AudioCodec, device: torch.device | str | None) -> torch.device | str:
+    """``device``, or where the codec's parameters are (the CPU for a codec without parameters)."""
+    if device is not None:
+        return device
+    params = getattr(codec, "parameters", None)
+    first = next(iter(params()), None) if callable(params) else None
+    return first.device if first is not None else "cpu"
+
+
 _context_cache: weakref.WeakKeyDictionary[Any, tuple[int, int]] = weakref.WeakKeyDictionary()
 
 
@@ -62,10 +73,7 @@ def codec_context_frames(codec: AudioCodec, device: torch.device | str | None = 
         return _context_cache[codec]
     except (KeyError, TypeError):
         pass
-    if device is None:
-        params = getattr(codec, "parameters", None)
-        first = next(iter(params()), None) if callable(params) else None
-        device = first.device if first is not None else "cpu"
+    device = _codec_device(codec, device)
     gen = torch.Generator().manual_seed(0)
     hop, n_cb, size = codec.hop_length, codec.n_codebooks, codec.codebook_size
     frames = 32
@@ -115,10 +123,7 @@ def codec_min_window_frames(codec: AudioCodec, device: torch.device | str | None
     except (KeyError, TypeError):
         pass
     _, right = codec_context_frames(codec, device)
-    if device is None:
-        params = getattr(codec, "parameters", None)
-        first = next(iter(params()), None) if callable(params) else None
-        device = first.device if first is not None else "cpu"
+    device = _codec_device(codec, device)
     hop, limit = codec.hop_length, right + 64
     codes = torch.randint(
         0, codec.codebook_size, (1, limit, codec.n_codebooks), generator=torch.Generator().manual_seed(1)

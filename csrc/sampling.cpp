@@ -39,12 +39,20 @@ inline int64_t argmax_of(const float* row, const std::vector<int64_t>& cand) {
   int64_t best_id = 0;
   float best = -std::numeric_limits<float>::infinity();
   for (int64_t id : cand) {
+    if (std::isnan(row[id])) return id;  // NaN is the maximum, as in torch.argmax (the first one wins)
     if (row[id] > best) {  // strict: ties keep the lower id
       best = row[id];
       best_id = id;
     }
   }
   return best_id;
+}
+
+inline bool has_nan(const float* row, const std::vector<int64_t>& cand) {
+  for (int64_t id : cand) {
+    if (std::isnan(row[id])) return true;
+  }
+  return false;
 }
 
 // Special tokens among the candidates (ids ascending): ids above EOS never; EOS only where the row may end
@@ -109,7 +117,9 @@ int64_t sample_row(const float* cr, const float* ur, int64_t V, int64_t channel,
   //    candidate when it is the argmax, else it is masked.
   restrict_special(cr, P.eos_id, channel == 0, cand);
 
-  if (uniform == nullptr) return argmax_of(cr, cand);
+  // Greedy, or a NaN among the candidates: the reference's argmax picks the first NaN (and a NaN weight would break
+  // the top-p sort's ordering, which std::sort needs to stay within bounds).
+  if (uniform == nullptr || has_nan(cr, cand)) return argmax_of(cr, cand);
 
   // 3. temperature, softmax weights (in double), top-p, inverse-CDF draw.
   const size_t n = cand.size();
@@ -179,7 +189,7 @@ int64_t sample_row_seeded(const float* cr, const float* ur, int64_t V, int64_t c
   const bool may_end = p.allow_eos == nullptr || p.allow_eos[b] != 0;
   restrict_special(x, p.eos_id, channel == 0 && may_end, cand);
   const float temp = p.temperature[b];
-  if (!(temp > 0.0f)) return argmax_of(x, cand);
+  if (!(temp > 0.0f) || has_nan(x, cand)) return argmax_of(x, cand);  // greedy; or NaN: the first NaN, as torch
 
   const size_t n = cand.size();
   s.weight.resize(n);

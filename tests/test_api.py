@@ -79,6 +79,7 @@ def test_half_precision_generation_on_cpu(dtype):
     "kwargs, message",
     [
         ({"temperature": -1.0}, "temperature"),
+        ({"temperature": 1e-38}, "temperature must be 0 \\(greedy\\) or at least 1e-06, got 1e-38"),
         ({"top_p": 0.0}, "top_p"),
         ({"cfg_scale": float("nan")}, "cfg_scale"),
         ({"cfg_filter_top_k": 0}, "cfg_filter_top_k"),

@@ -97,6 +97,19 @@ def test_empty_text_with_a_prompt_is_an_error_before_the_prompt_is_encoded(tts, 
     assert encoded == []
 
 
+def test_transcript_and_text_too_long_together_is_an_error_before_the_prompt_is_encoded(tts, monkeypatch):
+    """Each fits alone (602 tokens: [S1] is one), not together (1205 with the joining space): one error naming both
+    parts, and no prompt is encoded first."""
+    encoded: list[object] = []
+    monkeypatch.setattr(tts, "encode_prompt", lambda audio, *a: encoded.append(audio))
+    text, transcript = "[S1] " + "a" * 600, "[S1] " + "b" * 600
+    for stream in (False, True):
+        with pytest.raises(ValueError, match=r"transcript \(602 bytes\) and the text \(602 bytes\) are 1205 bytes"):
+            kw = dict(audio_prompt=np.zeros(44100, np.float32), audio_prompt_text=transcript)
+            next(iter(tts.generate_stream(text, **kw))) if stream else tts.generate(text, **kw)
+    assert encoded == []
+
+
 def test_numpy_integer_step_counts_are_accepted(tts):
     kw = dict(do_sample=False, progress=False, decode_audio=False)
     a = tts.generate(TEXT, max_new_tokens=np.int64(60), min_new_tokens=np.int64(40), **kw)

@@ -186,6 +186,7 @@ def test_untagged_transcript_is_spoken_alike_with_or_without_a_saved_speaker(tmp
         (["[S1] hi", "--crossfade-ms", "nan"], "--crossfade-ms must be a finite number >= 0, got nan"),
         (["[S1] hi", "--threads", "100000"], "is more than 4x this machine's"),
         (["[S1] hi", "--temperature", "1e39"], "temperature must be a finite number >= 0 (at most 3.4e+38)"),
+        (["[S1] hi", "--temperature", "1e-40"], "temperature must be 0 (greedy) or at least 1e-06, got 1e-40"),
         (["[S1] hi", "--out", "x.mp3", "--sample-rate", "96000"], "--sample-rate 96000: mp3 takes 8000,"),
         (["[S1] hi", "--out", "x.ogg", "--sample-rate", "384000"], "--sample-rate 384000: ogg takes up to 192000 Hz"),
         (["--text-file", "latin1.txt"], "--text-file latin1.txt is not UTF-8 text"),

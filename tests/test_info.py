@@ -137,3 +137,25 @@ def test_reload_honours_disable(monkeypatch):
     finally:
         monkeypatch.delenv("DIA_FAST_DISABLE_EXT")
         assert _ext.reload() is was
+
+
+def test_a_choice_made_across_set_backend_is_not_remembered(monkeypatch):
+    """A selection that started before ``set_backend`` (another thread's) and ended after it must not be kept: later
+    calls would go on using the old backend although the override says otherwise."""
+    from dia_fast.ops import _dispatch
+
+    real_select = _dispatch._select
+
+    def select_racing_set_backend(op: str, device_type: str) -> str:
+        chosen = real_select(op, device_type)  # the choice before the override...
+        ops.set_backend("torch")  # ...and the override, made while this selection was running
+        return chosen
+
+    _dispatch.invalidate()
+    monkeypatch.setattr(_dispatch, "_select", select_racing_set_backend)
+    try:
+        ops.select_backend("apply_delay", "cpu")
+        monkeypatch.setattr(_dispatch, "_select", real_select)
+        assert ops.select_backend("apply_delay", "cpu") == "torch"
+    finally:
+        ops.set_backend(None)

@@ -172,6 +172,17 @@ def test_out_receives_the_result():
         cpp.int4_linear(x, w, scale, out=torch.empty(3, 7))
 
 
+@needs_ext
+def test_out_may_be_x_itself():
+    """In place (N == K, out=x): the result of the unaliased call, non-finite rows included."""
+    x, w, scale = _case(3, 128, 128, 64, seed=10)
+    x[1, 5], x[2, 0] = float("inf"), float("nan")
+    want = cpp.int4_linear(x, w, scale)
+    assert cpp.int4_linear(x, w, scale, out=x) is x
+    assert torch.equal(x.isinf(), want.isinf()) and torch.equal(x.isnan(), want.isnan()) and bool(x[1].isinf().any())
+    assert torch.equal(x[0], want[0])
+
+
 def test_int4_linear_layer_matches_the_dequantized_linear():
     g = torch.Generator().manual_seed(10)
     weight = torch.randn(24, 256, generator=g)

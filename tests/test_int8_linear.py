@@ -154,6 +154,18 @@ def test_out_receives_the_result():
             cpp.int8_linear(x, w, scale, out=bad)
 
 
+@needs_ext
+def test_out_may_be_x_itself():
+    """In place (N == K, out=x): the result of the unaliased call, non-finite rows included (the kernel re-reads
+    those rows of x in fp32 after it wrote out's)."""
+    x, w, scale = _case(3, 64, 64, seed=8)
+    x[1, 5], x[2, 0] = float("inf"), float("nan")
+    want = cpp.int8_linear(x, w, scale)
+    assert cpp.int8_linear(x, w, scale, out=x) is x
+    assert torch.equal(x.isinf(), want.isinf()) and torch.equal(x.isnan(), want.isnan()) and bool(x[1].isinf().any())
+    assert torch.equal(x[0], want[0])
+
+
 def test_quantize_rows_is_symmetric_per_row_and_bounded():
     g = torch.Generator().manual_seed(5)
     weight = torch.randn(7, 50, generator=g)

@@ -111,6 +111,9 @@ def test_delay_validation_and_fallback():
     assert torch.equal(
         ops.apply_delay(small, [0, 1, 2], 3, 4, backend="cpp"), reference.apply_delay(small, [0, 1, 2], 3, 4)
     )
+    for bos, pad in ((2**31, 0), (0, -(2**31) - 1)):  # values int32 cannot hold: the reference's error, no wrap
+        with pytest.raises(RuntimeError, match="overflow"):
+            ops.apply_delay(codes.int(), [0, 1, 2], bos, pad, backend="cpp")
 
 
 def test_extension_rejects_bad_buffers(ext):
@@ -213,6 +216,28 @@ def test_cfg_sample_args(ext):
     out = np.empty((1, 9), dtype=np.int64)
     with pytest.raises(ValueError, match="shape"):
         ext.cfg_sample(cond.numpy(), uncond.numpy(), out, 3.0, 1.0, 1.0, 0, 60, np.zeros(3, dtype=np.float32))
+
+
+def test_cfg_sample_edge_inputs_as_the_reference(ext):
+    """Without a seed: a negative temperature is greedy (not a flipped distribution), an empty batch is an empty
+    result; a NaN logit is picked as torch's argmax picks it (the first NaN), greedy or seeded."""
+    cond, uncond = _logits(2, 9, 64, 61)
+    greedy = reference.cfg_sample(cond, uncond, eos_id=60, do_sample=False)
+    for temperature in (-1.0, -1e-3, 0.0):
+        kw = dict(eos_id=60, temperature=temperature, generator=torch.Generator(), backend="cpp")
+        got = ops.cfg_sample(cond, uncond, **kw)
+        assert torch.equal(got, greedy), temperature
+    empty = cond[:0]
+    for kw in (dict(generator=torch.Generator()), dict(do_sample=False), dict(seed=torch.zeros(0, dtype=torch.long))):
+        assert ops.cfg_sample(empty, empty, eos_id=60, backend="cpp", **kw).shape == (0, 9)
+    cond = cond.clone()
+    cond[0, 1, 5] = cond[1, 2, 7] = cond[1, 2, 9] = float("nan")
+    for kw in (dict(do_sample=False), dict(seed=torch.tensor([1, 2])), dict(seed=torch.tensor([3, 4]), top_k=None)):
+        want = reference.cfg_sample(cond, uncond, eos_id=60, **kw)
+        assert want[0, 1] == 5 and want[1, 2] == 7
+        assert torch.equal(ops.cfg_sample(cond, uncond, eos_id=60, backend="cpp", **kw), want), kw
+    got = ops.cfg_sample(cond, uncond, eos_id=60, generator=torch.Generator().manual_seed(0), backend="cpp")
+    assert got[0, 1] == 5 and got[1, 2] == 7  # (the reference's multinomial refuses NaN probabilities here)
 
 
 # --- float -> PCM16 ---------------------------------------------------------------------------

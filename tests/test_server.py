@@ -377,6 +377,7 @@ def test_errors_are_openai_json_without_tracebacks(base):
         (json.dumps({"model": "tts-1", "voice": "S1", "input": "x", "seed": True}).encode(), 400, "seed"),
         (json.dumps({"model": "tts-1", "voice": "S1", "input": "x", "max_new_tokens": 30.5}).encode(), 400, None),
         (json.dumps({"model": "tts-1", "voice": "S1", "input": "x", "temperature": -1}).encode(), 400, "temperature"),
+        (json.dumps({**speak, "temperature": 1e-30}).encode(), 400, "temperature"),
         (b'{"model": "tts-1", "voice": "S1", "input": "x", "top_p": NaN}', 400, "top_p"),
         (
             json.dumps(

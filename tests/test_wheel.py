@@ -105,6 +105,11 @@ def _smoke(py: Path, cwd: Path) -> dict:
     return info
 
 
+def _dist_info(wheel: Path) -> str:
+    name, version = wheel.name.split("-")[:2]
+    return f"{name}-{version}.dist-info"
+
+
 def _check_cli_exists(src: Path) -> None:
     if not (src / "python" / "dia_fast" / "__main__.py").is_file():
         pytest.skip("dia_fast/__main__.py (the CLI) does not exist yet")
@@ -116,6 +121,7 @@ def test_wheel_with_extension(source_copy, tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert any(n.startswith("dia_fast/_C") and n.endswith((".so", ".pyd")) for n in names), names
     assert {"dia_fast/kernels/delay.metal", "dia_fast/kernels/cfg_sample.metal"} <= set(names)
+    assert _dist_info(wheel) + "/licenses/LICENSE" in names
     py = _venv_with_wheel(tmp_path / "venv", wheel)
     info = _smoke(py, tmp_path)
     assert info["extension"]["loaded"] is True, info["extension"]
@@ -126,9 +132,12 @@ def test_wheel_with_extension(source_copy, tmp_path):
 def test_wheel_without_extension(source_copy, tmp_path):
     _check_cli_exists(source_copy)
     wheel = _build_wheel(source_copy, tmp_path / "dist", DIA_FAST_NO_EXT="1")
+    assert wheel.name.endswith("-py3-none-any.whl"), wheel.name  # installs on any Python and platform
+    assert "Root-Is-Purelib: true" in zipfile.ZipFile(wheel).read(_dist_info(wheel) + "/WHEEL").decode()
     names = zipfile.ZipFile(wheel).namelist()
     assert not any(n.startswith("dia_fast/_C") for n in names), names
     assert "dia_fast/kernels/delay.metal" in names  # the Metal sources ship either way
+    assert _dist_info(wheel) + "/licenses/LICENSE" in names
     py = _venv_with_wheel(tmp_path / "venv", wheel)
     info = _smoke(py, tmp_path)
     assert info["extension"]["loaded"] is False
@@ -144,7 +153,7 @@ def test_sdist_has_native_sources(source_copy, tmp_path):
     name = _run([sys.executable, "-c", code], cwd=source_copy, env=_clean_env()).strip().splitlines()[-1]
     with tarfile.open(out / name) as tar:
         members = {m.split("/", 1)[1] for m in tar.getnames() if "/" in m}
-    assert {"CMakeLists.txt", "pyproject.toml", "csrc/module.cpp", "csrc/kernels.hpp"} <= members
+    assert {"CMakeLists.txt", "pyproject.toml", "LICENSE", "csrc/module.cpp", "csrc/kernels.hpp"} <= members
     assert {f"kernels/{n}" for n in ("delay.metal", "decode_attention.metal", "cfg_sample.metal")} <= members
     assert "python/dia_fast/_ext.py" in members
     assert not any(m.endswith((".so", ".pyd")) for m in members)

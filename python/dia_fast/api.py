@@ -24,7 +24,7 @@ from .generation.generate import DecodeOutput, check_step_budget, generate_codes
 from .generation.sampling import SamplingConfig
 from .model import DiaModel, RMSNorm
 from .options import check_int_option
-from .text import encode_batch, encode_text, prompted_text, warn_doubtful_text
+from .text import encode_batch, encode_text, prompted_text, text_tokens, warn_doubtful_text
 
 if TYPE_CHECKING:
     from .generation.stream import AudioStream
@@ -605,29 +605,34 @@ class DiaTTS:
             transcripts = list(audio_prompt_text)
             if len(transcripts) != n:
                 raise ValueError(f"got {len(transcripts)} prompt transcripts for {n} texts")
-        cache: dict[int, torch.Tensor] = {}
-        prompts: list[torch.Tensor | None] = []
         out_texts = []
         for text, prompt, transcript in zip(texts, prompts_in, transcripts, strict=True):
             if prompt is None:
                 if transcript:
                     raise ValueError("audio_prompt_text was given without an audio_prompt")
-                prompts.append(None)
                 out_texts.append(text)
-                continue
-            key = id(prompt)
-            if key not in cache:  # one prompt shared by the batch is encoded once
-                cache[key] = self.encode_prompt(prompt)
-            prompts.append(cache[key])
-            if transcript is None or not transcript.strip():
+            elif transcript is None or not transcript.strip():
                 warnings.warn(
                     "an audio prompt was given without its transcript (audio_prompt_text): Dia continues the "
                     "prompt's speech from the text, so cloning quality suffers badly without it",
                     stacklevel=4,
                 )
                 out_texts.append(text)
-            else:
+            else:  # the transcript is read in front of the text: both must fit, checked before any prompt is encoded
                 out_texts.append(prompted_text(text, transcript))
+                tokens, limit = text_tokens(out_texts[-1]), self.config.data.text_length
+                if tokens > limit:
+                    raise ValueError(
+                        f"the audio prompt's transcript ({text_tokens(transcript.strip())} bytes) and the text "
+                        f"({text_tokens(text.strip())} bytes) are {tokens} bytes together, but the model reads at "
+                        f"most {limit}: use a shorter text or a shorter prompt and transcript"
+                    )
+        cache: dict[int, torch.Tensor] = {}
+        prompts: list[torch.Tensor | None] = []
+        for prompt in prompts_in:
+            if prompt is not None and id(prompt) not in cache:  # one prompt shared by the batch is encoded once
+                cache[id(prompt)] = self.encode_prompt(prompt)
+            prompts.append(None if prompt is None else cache[id(prompt)])
         return prompts, out_texts
 
     def generate_stream(

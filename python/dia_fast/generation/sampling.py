@@ -13,6 +13,9 @@ from ..options import check_int_option, named
 
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 _INT32_MAX = 2**31 - 1
+# The smallest sampled temperature: logits of size up to 1e30 divided by it stay finite in float32 (at 1e-38, a logit of
+# 4 already overflows to inf, and the draw then picks the lowest id among the infinities, not the most likely code).
+MIN_TEMPERATURE = 1e-6
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,14 @@ class SamplingConfig:
                 raise named(
                     ValueError(f"{name} must be a finite number >= 0 (at most {_FLOAT32_MAX:.3g}), got {value}"), name
                 )
+        if 0 < self.temperature < MIN_TEMPERATURE:  # logits / T would overflow float32 to inf (and pick ids by order)
+            raise named(
+                ValueError(
+                    f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {self.temperature:g}: "
+                    "below that, dividing the logits overflows float32"
+                ),
+                "temperature",
+            )
         if not (0.0 < self.top_p <= 1.0):
             raise named(ValueError(f"top_p must be in (0, 1], got {self.top_p}"), "top_p")
         top_k = check_int_option("cfg_filter_top_k", self.cfg_filter_top_k, minimum=1, optional=True)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import threading
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -49,11 +50,15 @@ _SELECTED: dict[tuple[str, str], str] = {}
 _GENERATION = 0  # bumped whenever the choices may change: captured step graphs key on it
 
 
+_SELECTED_LOCK = threading.Lock()  # a choice made before an invalidate() must not be stored after it
+
+
 def invalidate() -> None:
     """Forget the remembered choices (after something that changes a backend's availability)."""
     global _GENERATION
-    _SELECTED.clear()
-    _GENERATION += 1
+    with _SELECTED_LOCK:
+        _SELECTED.clear()
+        _GENERATION += 1
 
 
 def generation() -> int:
@@ -129,7 +134,11 @@ def select_backend(op: str, device: torch.device | str | None) -> str:
     key = (op, dtype_)
     chosen = _SELECTED.get(key)
     if chosen is None:
-        chosen = _SELECTED[key] = _select(op, dtype_)
+        before = _GENERATION
+        chosen = _select(op, dtype_)  # (not under the lock: it may import a backend)
+        with _SELECTED_LOCK:
+            if _GENERATION == before:  # else set_backend() ran meanwhile: this choice may be stale, don't keep it
+                _SELECTED[key] = chosen
     return chosen
 
 

@@ -109,7 +109,7 @@ def apply_delay(
     codes: torch.Tensor, delay_pattern: Sequence[int] | torch.Tensor, bos_value: int, pad_value: int
 ) -> torch.Tensor:
     """:func:`dia_fast.ops.reference.apply_delay` in C++ (int32 / int64 codes on the CPU)."""
-    if not _codes_ok(codes):
+    if not _codes_ok(codes) or not reference.fits_dtype(codes.dtype, bos_value, pad_value):  # (the reference's error)
         return reference.apply_delay(codes, delay_pattern, bos_value, pad_value)
     codes = codes.contiguous()
     delays = _delays_np(delay_pattern, codes.shape[2])
@@ -193,11 +193,13 @@ def cfg_sample(
     if not 0 <= eos_id < V:
         raise ValueError(f"eos_id {eos_id} is outside the vocabulary [0, {V})")
     out = torch.empty((B, C), dtype=torch.long)
+    if out.numel() == 0:  # nothing to sample (an empty array's strides would fail the kernel's layout checks)
+        return out
     if seed is not None:  # a decode step's call: the per-row kernel, no settings read on the host
         greedy, hp = not do_sample, None
     else:
         hp = reference.host_params(cfg_scale, temperature, top_p, top_k)
-        greedy = not do_sample or (hp is not None and hp.temperature == 0)
+        greedy = not do_sample or (hp is not None and not hp.temperature > 0)  # as the reference: T <= 0 is greedy
     if seed is not None or greedy or hp is None or allow_eos is not None:
         if seed is None:  # keys for the sampled rows (a greedy call draws nothing from the generator)
             seed = torch.zeros(B, dtype=torch.long) if greedy else torch.randint(0, 2**62, (B,), generator=generator)
@@ -350,7 +352,11 @@ def _weight_only_gemm(
         return fallback(x, weight, scale, out=out)  # says why it cannot (or copies to the device)
     x2 = x.contiguous()  # read through its address: no autograd here (x.requires_grad ran the reference)
     w, s = weight.contiguous(), scale.contiguous()
-    direct = out is not None and out.is_contiguous()
+    # written directly only when out shares no storage with x: the kernel re-reads x's non-finite rows after it wrote
+    # out's (an in-place out=x would read its own output there)
+    direct = (
+        out is not None and out.is_contiguous() and out.untyped_storage().data_ptr() != x2.untyped_storage().data_ptr()
+    )
     y = out if direct else torch.empty(shape, dtype=_F32)
     K = x.shape[-1]
     M = x2.numel() // K if K else 0

@@ -29,6 +29,15 @@ def _check_codes(codes: torch.Tensor) -> None:
         raise ValueError(f"codes must be [B, T, C], got shape {tuple(codes.shape)}")
 
 
+def fits_dtype(dtype: torch.dtype, *values: int) -> bool:
+    """Whether an integer ``dtype`` holds every value (kernels would wrap the others around: the backends hand such
+    values to :func:`apply_delay` here, whose error names them). Other dtypes: True (nothing wraps)."""
+    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+        return True
+    limits = torch.iinfo(dtype)
+    return all(limits.min <= int(v) <= limits.max for v in values)
+
+
 def apply_delay(codes: torch.Tensor, delay_pattern: DelayPattern, bos_value: int, pad_value: int) -> torch.Tensor:
     """Shift channel ``c`` of ``codes`` [B, T, C] right by ``delay_pattern[c]`` frames.
 

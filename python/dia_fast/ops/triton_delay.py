@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import reference
 from .reference import _check_codes
 
 __all__ = ["apply_delay", "embed_codes", "embed_delayed_codes", "revert_delay", "undelay_codes"]
@@ -147,6 +148,8 @@ def apply_delay(
     Same as :func:`dia_fast.ops.reference.apply_delay`; output contiguous, dtype of ``codes``.
     """
     _check_codes(codes)
+    if not reference.fits_dtype(codes.dtype, bos_value, pad_value):
+        return reference.apply_delay(codes, delay_pattern, bos_value, pad_value)  # (its error, or its result)
     delays, _ = _pattern(delay_pattern, codes.shape[2], codes.device)
     out = torch.empty(codes.shape, dtype=codes.dtype, device=codes.device)
     return _launch_delay(

@@ -1,5 +1,7 @@
 """Settings for tests/ and benchmarks/: offline hub, the Triton interpreter on CPU-only machines
-(set before triton is imported), GPU/MPS-marked tests skipped without the device, a fixed seed.
+(set before triton is imported), GPU/MPS-marked tests skipped without the device, a fixed seed; in CI
+(``CI`` set) a test may skip only for a missing device: any other skip (a test extra that does not import, the C++
+extension not built, no cmake) is a failure, since ``.[test]`` installs all of it.
 
 Benchmarks: ``PYTHONPATH=python python -m pytest benchmarks/ --benchmark-columns=mean,stddev,rounds``.
 """
@@ -37,3 +39,32 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+_IN_CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+_DEVICE_SKIPS = ("needs a CUDA GPU", "needs an Apple GPU")  # the only reasons a test may skip in CI
+
+
+def _fail_skips_in_ci(report: pytest.TestReport | pytest.CollectReport) -> None:
+    if not (_IN_CI and report.skipped) or hasattr(report, "wasxfail"):
+        return
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+    reason = reason.removeprefix("Skipped: ")
+    if not reason.startswith(_DEVICE_SKIPS):
+        report.outcome = "failed"
+        report.longrepr = f"skipped in CI ({reason}): there, only a missing GPU may skip a test (CI sets CI=true)"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> pytest.TestReport:
+    report = yield
+    _fail_skips_in_ci(report)
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> pytest.CollectReport:
+    report = yield
+    _fail_skips_in_ci(report)
+    return report

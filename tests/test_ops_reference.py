@@ -1,5 +1,6 @@
 """The PyTorch reference delay ops against transformers' DiaProcessor delay helpers and a plain
-index-gather reference, over ragged shapes; ``delayed_view`` against ``apply_delay``."""
+index-gather reference, over ragged shapes; ``delayed_view`` against ``apply_delay``; the sampled distribution
+against transformers' Dia logits processors."""
 
 from __future__ import annotations
 
@@ -155,3 +156,74 @@ def test_triton_ops_launch_on_the_tensors_cuda_device(monkeypatch):
     assert fn(Fake("cuda:1"), y=2) == "ok" and entered == [torch.device("cuda:1")]
     assert fn(Fake("cuda:0")) == "ok" and fn(Fake("cpu")) == "ok" and len(entered) == 1
     assert [d.type for d, _ in seen] == ["cuda", "cuda", "cpu"]
+
+
+# --- the sampled distribution against transformers' Dia logits processors --------------------------------------------
+
+
+def _hf_probabilities(
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    *,
+    cfg_scale: float,
+    top_k: int,
+    temperature: float,
+    top_p: float,
+    eos: int,
+) -> torch.Tensor:
+    """The probabilities transformers' Dia generation samples from, built from its own processors in its order
+    (``DiaForConditionalGeneration._get_logits_processor``): CFG with its top-k on the guided logits, temperature,
+    the EOS channel filter, top-k, top-p. Rows are (item, channel); conditional rows first, as transformers lays out
+    the CFG batch."""
+    from transformers.generation.logits_process import (
+        DiaClassifierFreeGuidanceLogitsProcessor,
+        DiaEOSChannelFilterLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    B, C, V = cond.shape
+    scores = torch.cat([cond.reshape(B * C, V), uncond.reshape(B * C, V)])
+    input_ids = torch.zeros(B * C, 1, dtype=torch.long)  # (read for its batch size only)
+    processors = [
+        DiaClassifierFreeGuidanceLogitsProcessor(guidance_scale=cfg_scale, guidance_top_k=top_k),
+        TemperatureLogitsWarper(temperature),
+        DiaEOSChannelFilterLogitsProcessor(num_channels=C, eos_token_id=eos),
+        TopKLogitsWarper(top_k),
+        TopPLogitsWarper(top_p),
+    ]
+    for processor in processors:
+        scores = processor(input_ids, scores)
+    return scores.softmax(-1).reshape(B, C, V)
+
+
+@pytest.mark.parametrize(
+    ("cfg_scale", "top_k", "temperature", "top_p"),
+    [(3.0, 45, 1.2, 0.95), (1.5, 2, 1.0, 0.5), (2.0, 200, 0.7, 0.8), (4.0, 45, 1.8, 1.0)],
+)
+def test_sampled_distribution_equals_transformers_processors(cfg_scale, top_k, temperature, top_p):
+    """What the sampled draw picks from (the reference's CFG filter and special-token rules, temperature, top-p) is
+    transformers' distribution, computed by its processors: an independent implementation of the same rules. Rows
+    cover EOS as channel 0's argmax (it alone stays), EOS elsewhere (masked), and large logits on the ids above EOS
+    (never sampled)."""
+    g = torch.Generator().manual_seed(11)
+    B, C, V, eos = 4, 9, 1028, 1024
+    cond = torch.randn(B, C, V, generator=g) * 3
+    uncond = cond + torch.randn(B, C, V, generator=g)
+    cond[0, 0, eos] = uncond[0, 0, eos] = 40.0  # item 0: EOS is channel 0's argmax
+    cond[1, 0, eos] = 5.0  # item 1: EOS high but not the argmax on channel 0
+    cond[2, :, eos + 1 :] = uncond[2, :, eos + 1 :] = 8.0  # item 2: PAD/BOS above EOS among the largest (in the top-k)
+    cond[3, 4, eos] = 60.0  # item 3: EOS on a channel other than 0
+    guided = cond + cfg_scale * (cond - uncond)
+    in_top_k = (guided[2] >= guided[2].topk(top_k).values[..., -1:])[:, eos + 1 :].any()
+    assert bool(in_top_k) == (top_k >= 45)  # (at k = 2 they would leave no candidate: a degenerate row in both)
+    logits = ref.filter_cfg_logits(cond, uncond, cfg_scale=cfg_scale, top_k=top_k, eos_id=eos)
+    ours = ref.top_p_filter(logits / temperature, top_p).softmax(-1)
+    theirs = _hf_probabilities(
+        cond, uncond, cfg_scale=cfg_scale, top_k=top_k, temperature=temperature, top_p=top_p, eos=eos
+    )
+    assert not ours.isnan().any()  # (every row keeps a candidate)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert float(ours[0, 0, eos]) == 1.0 and float(ours[3, 4, eos]) == 0.0 and float(ours[2, :, eos + 1 :].sum()) == 0
+    assert bool((ours[1, 0] > 0).sum() >= 1) and float(ours[1, 0, eos]) == 0.0

@@ -52,7 +52,8 @@ def test_quality_of_int8_against_full_precision_on_the_same_weights():
     q = DiaTTS.random("tiny", seed=0, quantize="int8")
     quality = quantization_quality(ref, q, steps=200)
     assert quality["teacher_forced_positions"] >= 200
-    assert quality["rel_logit_error"] < 0.015  # measured 0.0065 (docs/quantization.md)
+    # measured 0.0065 (docs/quantization.md); the lower bound shows the quantized model is what was measured
+    assert 1e-4 < quality["rel_logit_error"] < 0.015
     assert min(quality["top1_agreement"]) > 0.95 and len(quality["top1_agreement"]) == 9
     assert 0.0 <= quality["greedy_code_agreement"] <= 1.0
     same = quantization_quality(ref, DiaTTS.random("tiny", seed=0), steps=40)  # the measure itself: 0 error
@@ -328,7 +329,7 @@ def test_quality_of_int4_against_full_precision_on_the_same_weights():
     """Teacher-forced over 200 steps on the tiny preset (docs/quantization.md: measured 0.014 and 0.973)."""
     ref = DiaTTS.random("tiny", seed=0)
     quality = quantization_quality(ref, DiaTTS.random("tiny", seed=0, quantize="int4"), steps=200)
-    assert quality["rel_logit_error"] < 0.03
+    assert 1e-3 < quality["rel_logit_error"] < 0.03  # (above 0: the int4 model, not the reference, was measured)
     assert min(quality["top1_agreement"]) > 0.93
 
 

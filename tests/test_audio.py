@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import warnings
@@ -24,6 +25,7 @@ from dia_fast.audio import (
     resample,
     write_wav,
 )
+from dia_fast.audio.io import AudioTooLongError
 
 CODEC_RATE = 44_100
 
@@ -165,6 +167,77 @@ def test_corrupt_missing_and_empty_files_give_clear_errors(tmp_path):
     sf.write(empty, np.zeros(0, np.float32), 8000)
     with pytest.raises(AudioFormatError, match="no samples"):
         read_audio(empty)
+
+
+def _flac(x: np.ndarray, rate: int, *, length_told: bool = True) -> bytes:
+    """16-bit FLAC bytes of ``x``; with ``length_told=False`` its STREAMINFO says no length (total_samples 0), as a
+    streamed FLAC's does (the encoder cannot go back to write it)."""
+    buf = io.BytesIO()
+    sf.write(buf, x, rate, format="FLAC", subtype="PCM_16")
+    data = bytearray(buf.getvalue())
+    assert data[:4] == b"fLaC" and data[4] & 0x7F == 0  # STREAMINFO first: 4-byte header, then 34 bytes
+    if not length_told:  # total_samples: the low 36 bits of STREAMINFO's bytes 10-17
+        word = int.from_bytes(data[18:26], "big") & ~((1 << 36) - 1)
+        data[18:26] = word.to_bytes(8, "big")
+    return bytes(data)
+
+
+def _count_frames_read(monkeypatch) -> list[int]:
+    """Frames soundfile decodes from now on (sf.read reads through SoundFile.read too)."""
+    counted, real = [0], sf.SoundFile.read
+
+    def read(self, frames=-1, *args, **kwargs):
+        out = real(self, frames, *args, **kwargs)
+        counted[0] += len(out)
+        return out
+
+    monkeypatch.setattr(sf.SoundFile, "read", read)
+    return counted
+
+
+def test_max_seconds_refuses_long_audio_without_decoding_it_whole(monkeypatch):
+    """A small upload of long silence (FLAC compresses it ~1000x) is refused from its header with nothing decoded,
+    or, when its header does not say its length, after at most max_seconds and one frame of it."""
+    rate, limit = 8000, 20
+    silence = np.zeros(60 * rate, np.float32)
+    told, untold = _flac(silence, rate), _flac(silence, rate, length_told=False)
+    assert len(told) < 60 * rate * 4 / 100  # (the bomb: over 100x smaller than its decoded samples)
+    with sf.SoundFile(io.BytesIO(untold)) as f:
+        assert f.frames == 2**63 - 1  # libsndfile's "unknown"
+    frames = _count_frames_read(monkeypatch)
+    with pytest.raises(AudioTooLongError, match="lasts 60.00 s, over the limit of 20 s") as info:
+        read_audio(io.BytesIO(told), max_seconds=limit)
+    assert info.value.seconds == 60.0 and frames[0] == 0
+    with pytest.raises(AudioTooLongError, match="lasts more than the limit of 20 s") as info:
+        read_audio(io.BytesIO(untold), max_seconds=limit)
+    assert info.value.seconds is None and 0 < frames[0] <= limit * rate + 1
+    # the limit itself is fine, one frame more is not
+    exact = np.zeros(limit * rate, np.float32)
+    assert read_audio(io.BytesIO(_flac(exact, rate, length_told=False)), max_seconds=limit)[0].shape == (limit * rate,)
+    with pytest.raises(AudioTooLongError):
+        read_audio(
+            io.BytesIO(_flac(np.zeros(limit * rate + 1, np.float32), rate, length_told=False)), max_seconds=limit
+        )
+    for bad in (0, -1.0, math.inf, math.nan, True):
+        with pytest.raises(ValueError, match="max_seconds"):
+            read_audio(io.BytesIO(told), max_seconds=bad)
+
+
+def test_max_seconds_reads_audio_under_the_limit_as_a_plain_read_does():
+    """Under the limit a bounded read returns what a plain read does (mixed down, resampled, or every channel), also
+    for a stream that does not say its length (which soundfile cannot read whole: "array is too big")."""
+    rate = 22050
+    rng = np.random.default_rng(0)
+    stereo = (0.1 * rng.standard_normal((int(3.3 * rate), 2))).astype(np.float32)  # (not a multiple of a block)
+    told = _flac(stereo, rate)
+    for kw in ({}, {"mono": False}, {"target_rate": 16000}):
+        want, want_rate = read_audio(io.BytesIO(told), **kw)
+        for length_told in (True, False):
+            got, got_rate = read_audio(io.BytesIO(_flac(stereo, rate, length_told=length_told)), max_seconds=20, **kw)
+            assert got_rate == want_rate and got.dtype == np.float32
+            np.testing.assert_array_equal(got, want)
+    # and they are the samples written (16-bit: within one step)
+    np.testing.assert_allclose(read_audio(io.BytesIO(told), mono=False, max_seconds=20)[0], stereo, atol=1 / 32767)
 
 
 def test_load_prompt_audio_arrays_and_layouts(tmp_path):

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import typing
 from collections.abc import Iterator
 
 import numpy as np
@@ -878,3 +879,159 @@ def test_a_voice_deleted_while_it_is_described_is_a_404(tts, tmp_path, monkeypat
     with pytest.raises(VoiceError, match="not found") as info:
         store.info("narrator")
     assert info.value.status == 404
+
+
+def _frames_decoded(monkeypatch) -> list[int]:
+    """Frames soundfile decodes from now on, in any thread (sf.read reads through SoundFile.read too)."""
+    counted, real = [0], sf.SoundFile.read
+
+    def read(self, frames=-1, *args, **kwargs):  # noqa: ANN001, ANN202
+        out = real(self, frames, *args, **kwargs)
+        counted[0] += len(out)
+        return out
+
+    monkeypatch.setattr(sf.SoundFile, "read", read)
+    return counted
+
+
+def test_a_voice_upload_of_long_compressed_silence_is_refused_before_it_is_decoded(tts, base, monkeypatch):
+    """FLAC compresses silence ~1000x, so a voice upload under the 16 MiB limit could decode to tens of GB: a file
+    over the 20 s limit is refused from its header with nothing decoded, and a stream that does not say its length
+    (the server's own streamed FLAC) after at most 20 s of it. Such a stream within the limit is a fine voice."""
+    from dia_fast.serve.audio_out import AudioPipeline
+
+    rate = tts.sample_rate
+    form = {"transcript": "The words of the prompt."}
+
+    def streamed_flac(x: np.ndarray) -> bytes:
+        pipeline = AudioPipeline("flac", rate, rate, streaming=True)
+        data = b"".join(pipeline.feed(x[i : i + rate]) for i in range(0, len(x), rate)) + pipeline.finish()
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            assert f.frames == 2**63 - 1  # (libsndfile: length unknown)
+        return data
+
+    told = io.BytesIO()
+    sf.write(told, np.zeros(60 * rate, np.float32), rate, format="FLAC", subtype="PCM_16")
+    untold = streamed_flac(np.zeros(60 * rate, np.float32))
+    frames = _frames_decoded(monkeypatch)
+    r = httpx.post(f"{base}/v1/audio/voices", data={**form, "name": "bomb"},
+                   files={"file": ("v.flac", told.getvalue(), "audio/flac")}, timeout=60)  # fmt: skip
+    assert r.status_code == 400 and r.json()["error"]["message"] == "the voice audio must last 1-20 s, got 60.00 s"
+    assert frames[0] == 0
+    r = httpx.post(f"{base}/v1/audio/voices", data={**form, "name": "bomb"},
+                   files={"file": ("v.flac", untold, "audio/flac")}, timeout=60)  # fmt: skip
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"] == "the voice audio must last 1-20 s, got more than 20 s"
+    assert 0 < frames[0] <= 20 * rate + 1
+    tone = (0.3 * np.sin(2 * np.pi * 220 * np.arange(2 * rate) / rate)).astype(np.float32)
+    r = httpx.post(f"{base}/v1/audio/voices", data={**form, "name": "from_a_stream"},
+                   files={"file": ("v.flac", streamed_flac(tone), "audio/flac")}, timeout=60)  # fmt: skip
+    assert r.status_code == 201 and abs(r.json()["duration_s"] - 2.0) < 0.05, r.text
+    assert httpx.delete(f"{base}/v1/audio/voices/from_a_stream", timeout=10).status_code == 200
+
+
+def test_unknown_fields_are_named_whatever_their_names(base):
+    """An unknown field is named as sent, also when capitalised or named like a type (pydantic's names for the
+    members of the voice union are only left out right after "voice")."""
+    speak = {"model": "tts-1", "voice": "S1", "input": "x"}
+    cases = [
+        ({"Voice": "S1"}, "Voice"),
+        ({"Speed": 1.0}, "Speed"),
+        ({"str": 1}, "str"),
+        ({"VoiceRef": 1}, "VoiceRef"),
+        ({"body": 1}, "body"),
+        ({"voice": {"id": "S1", "Name": "x"}}, "voice.Name"),
+        ({"voice": {"id": "S1", "str": "x"}}, "voice.str"),
+        ({"voice": {"id": "S1", "VoiceRef": "x"}}, "voice.VoiceRef"),
+    ]
+    for extra, param in cases:
+        r = httpx.post(f"{base}/v1/audio/speech", json={**speak, **extra}, timeout=30)
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["param"] == param, (extra, err)
+        assert err["message"] == f"unknown parameter {param!r}", (extra, err)
+
+
+def test_a_client_that_leaves_mid_body_is_a_cancel_and_a_500_is_logged_once(tts, tmp_path, monkeypatch, caplog):
+    """A client hanging up while its body arrives is counted as a cancel (499), with one info line and no
+    traceback; an unexpected error is answered 500 and logged once with its traceback (not again by uvicorn)."""
+    caplog.set_level(logging.INFO, logger="dia_fast")
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    with serve(tts, max_batch=1, voices_dir=tmp_path) as url:
+        uvicorn_log.addHandler(caplog.handler)  # (uvicorn's loggers do not reach the root logger)
+        try:
+            host, port = url.removeprefix("http://").rsplit(":", 1)
+            starts = {  # the first bytes of 100,000 promised
+                "/v1/audio/speech": ("application/json", b'{"model": "tts-1", '),
+                "/v1/audio/voices": ("multipart/form-data; boundary=XX", b"--XX\r\nContent-Disposition: form-data; "),
+            }
+            for path, (ctype, start) in starts.items():
+                with socket.create_connection((host, int(port))) as sock:
+                    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\nContent-Length: 100000\r\n\r\n"
+                    sock.sendall(head.encode() + start)
+                    time.sleep(0.3)
+            _wait_for_metric(url, "dia_fast_cancelled_requests_total", 2, timeout=30)
+            assert _metric(url, "dia_fast_cancelled_requests_total") == 2
+            assert _labeled(url, "dia_fast_errors_total", kind="cancelled") == 2
+            assert _labeled(url, "dia_fast_errors_total", kind="internal_error") == 0
+            assert _labeled(url, "dia_fast_requests_total", format="-", stream="-", status="499") == 1  # (speech)
+            left = [rec for rec in caplog.records if "left while sending its body" in rec.getMessage()]
+            assert [rec.levelno for rec in left] == [logging.INFO] * 2
+            assert not [rec for rec in caplog.records if rec.exc_info], caplog.text
+
+            def broken(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+                raise RuntimeError("a planted bug")
+
+            monkeypatch.setattr("dia_fast.serve.service.AudioPipeline", broken)
+            r = httpx.post(f"{url}/v1/audio/speech", json={"model": "tts-1", "voice": "S1", "input": "x"}, timeout=30)
+            assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
+            time.sleep(0.3)  # (uvicorn would log after the answer went out)
+            traced = [rec for rec in caplog.records if rec.exc_info]
+            assert len(traced) == 1 and "a planted bug" in str(traced[0].exc_info[1]), caplog.text
+        finally:
+            uvicorn_log.removeHandler(caplog.handler)
+
+
+def _literals(t: object) -> list[str]:
+    """The values of a Literal, also inside a Union (openai's SpeechModel is one or the other across versions)."""
+    if typing.get_origin(t) is typing.Literal:
+        return list(typing.get_args(t))
+    return [v for arg in typing.get_args(t) for v in _literals(arg)]
+
+
+def test_every_speech_model_id_of_the_openai_package_is_accepted(base):
+    from openai.types.audio.speech_model import SpeechModel
+
+    ids = _literals(SpeechModel)
+    assert "tts-1" in ids
+    client = _client(base)
+    for model_id in ids:
+        assert httpx.get(f"{base}/v1/models/{model_id}", timeout=10).status_code == 200, model_id
+        audio = client.audio.speech.create(
+            model=model_id, voice="S1", input="Hi.", response_format="wav", extra_body=GREEDY
+        )
+        assert audio.content[:4] == b"RIFF", model_id
+
+
+def test_the_openai_client_creates_and_deletes_a_voice(base):
+    """openai's client.audio.voices.create sends audio_sample, consent and name: the audio is taken, the consent id
+    ignored, Dia's transcript comes in extra_body; voices from a prompt are refused."""
+    client = _client(base)
+    sample = ("narrator.wav", _wav_bytes(2.0), "audio/wav")
+    voice = client.audio.voices.create(
+        audio_sample=sample, consent="cons_1234", name="openai_voice", extra_body={"transcript": "The words."}
+    )
+    assert voice.id == "openai_voice" and voice.name == "openai_voice"
+    listed = {v["id"] for v in httpx.get(f"{base}/v1/audio/voices", timeout=10).json()["data"]}
+    assert "openai_voice" in listed
+    spoken = client.audio.speech.create(
+        model="tts-1", voice="openai_voice", input="Hi.", response_format="wav", extra_body=GREEDY
+    )
+    assert spoken.content[:4] == b"RIFF"
+    with pytest.raises(openai.BadRequestError) as untold:
+        client.audio.voices.create(audio_sample=sample, consent="cons_1234", name="no_transcript")
+    assert untold.value.body["param"] == "transcript"
+    with pytest.raises(openai.BadRequestError) as prompt:
+        client.audio.voices.create(name="described", prompt="a warm, low voice", type="prompt")
+    assert prompt.value.body["param"] == "type"
+    assert client.audio.voices.delete("openai_voice").deleted is True
+    assert httpx.get(f"{base}/v1/audio/voices/openai_voice", timeout=10).status_code == 404

@@ -228,6 +228,23 @@ def test_measured_context_covers_the_receptive_field(tts, one_shot):
     _close_to(np.concatenate(list(stream)), one_shot)
 
 
+def test_a_context_longer_than_the_probe_warns():
+    """A decoder whose every output depends on every frame (a running sum: unbounded memory) has no finite context:
+    the measurement stops at its longest probe and says that the joins may not be exact, instead of returning the
+    probe's reach as if it were the codec's."""
+
+    class RunningSum:
+        hop_length, n_codebooks, codebook_size, sample_rate = 4, 2, 16, 64
+
+        def decode(self, codes: torch.Tensor) -> torch.Tensor:
+            frames = codes.float().sum(-1).cumsum(-1)  # [B, T]: each frame changes everything after it
+            return frames.repeat_interleave(self.hop_length, dim=-1)
+
+    with pytest.warns(RuntimeWarning, match="one frame still changes the audio 512 frames away"):
+        left, right = codec_context_frames(RunningSum(), "cpu")
+    assert left > 500 and right >= 0
+
+
 @pytest.mark.parametrize(("chunk", "first"), [(1, None), (5, 3), (16, 1)])
 def test_encodec_streams_with_small_first_chunks_equal_one_shot(chunk, first):
     """EnCodec's reflect padding extends an input shorter than the pad with zeros first, so a first window of a

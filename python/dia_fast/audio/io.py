@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 import secrets
 import stat
@@ -18,13 +19,23 @@ import soundfile as sf
 from .pcm import float_to_pcm16
 from .resample import check_rate, resample
 
-__all__ = ["AudioFormatError", "load_prompt_audio", "read_audio", "write_wav"]
+__all__ = ["AudioFormatError", "AudioTooLongError", "load_prompt_audio", "read_audio", "write_wav"]
 
 PathLike = str | os.PathLike
 
 
 class AudioFormatError(ValueError):
     """An audio file that cannot be decoded (corrupt, unsupported, empty) or holds NaN/inf samples."""
+
+
+class AudioTooLongError(AudioFormatError):
+    """An audio file over :func:`read_audio`'s ``max_seconds``. ``seconds``: its duration when its header says it
+    (None for a stream that does not say its length), ``limit``: the ``max_seconds`` it is over."""
+
+    def __init__(self, name: str, seconds: float | None, limit: float) -> None:
+        told = "lasts more than" if seconds is None else f"lasts {seconds:.2f} s, over"
+        super().__init__(f"audio file {name} {told} the limit of {limit:g} s")
+        self.seconds, self.limit = seconds, limit
 
 
 def _describe(src: Any) -> str:
@@ -43,7 +54,11 @@ def _mixdown(data: np.ndarray, mono: bool) -> np.ndarray:
 
 
 def read_audio(
-    path_or_file: PathLike | BinaryIO, *, target_rate: int | None = None, mono: bool = True
+    path_or_file: PathLike | BinaryIO,
+    *,
+    target_rate: int | None = None,
+    mono: bool = True,
+    max_seconds: float | None = None,
 ) -> tuple[np.ndarray, int]:
     """Read an audio file (WAV, FLAC, OGG/Vorbis/Opus, MP3, ... whatever libsndfile decodes).
 
@@ -52,11 +67,17 @@ def read_audio(
     the result is float32 [N]; with ``mono=False`` it is float32 [N, channels] (time first, as
     soundfile returns it). With ``target_rate`` the audio is resampled (soxr "HQ") to that rate.
 
+    ``max_seconds`` bounds what is decoded, for files from untrusted sources (a few MB of FLAC
+    silence decode to GBs): a file whose header says it is longer is refused before any decoding,
+    and one that does not say its length (a streamed FLAC) is decoded in blocks, at most
+    ``max_seconds`` and one frame of it (so such a stream is read, as it is not without a limit).
+
     Returns ``(samples, rate)`` where ``rate`` is ``target_rate`` if given, else the file's rate.
 
     Raises ``FileNotFoundError`` for a missing path, ``AudioFormatError`` (a ``ValueError``)
     naming the file for data libsndfile cannot decode, for audio with no samples and for
-    NaN/inf samples.
+    NaN/inf samples, and ``AudioTooLongError`` (an ``AudioFormatError``) for audio over
+    ``max_seconds``.
     """
     name = _describe(path_or_file)
     if isinstance(path_or_file, (str, os.PathLike)):
@@ -66,8 +87,13 @@ def read_audio(
             raise IsADirectoryError(f"expected an audio file, got a directory: {name}")
     if target_rate is not None:
         target_rate = check_rate(target_rate, "target_rate")
+    if max_seconds is not None and (isinstance(max_seconds, bool) or not 0 < float(max_seconds) < math.inf):
+        raise ValueError(f"max_seconds must be a positive finite number, got {max_seconds!r}")
     try:
-        data, rate = sf.read(path_or_file, dtype="float32", always_2d=True)
+        if max_seconds is None:
+            data, rate = sf.read(path_or_file, dtype="float32", always_2d=True)
+        else:
+            data, rate = _read_at_most(path_or_file, max_seconds, name, mono)
     except (sf.SoundFileError, RuntimeError, TypeError) as exc:
         # LibsndfileError (a RuntimeError) carries libsndfile's reason; TypeError is raised for
         # headerless (RAW) data, which needs a rate and format nobody gave.
@@ -84,6 +110,46 @@ def read_audio(
         if out.shape[0] == 0:  # a few samples resampled to a lower rate: none left
             raise AudioFormatError(f"audio file {name} has no samples at {target_rate} Hz")
     return np.ascontiguousarray(out), int(rate)
+
+
+_UNKNOWN_FRAMES = 2**63 - 1  # libsndfile's frame count of a stream that does not say its length (streamed FLAC)
+_BLOCK_SAMPLES = 1 << 20  # samples (frames x channels) decoded at a time by a bounded read: 4 MiB
+
+
+def _read_at_most(src: PathLike | BinaryIO, max_seconds: float, name: str, mono: bool) -> tuple[np.ndarray, int]:
+    """:func:`read_audio`'s bounded read: float32 [N, channels] ([N, 1] already mixed down when ``mono``, so that
+    only one channel is kept) and the rate; AudioTooLongError past ``max_seconds``."""
+    with sf.SoundFile(src) as f:
+        rate, channels, frames = f.samplerate, f.channels, f.frames
+        limit = math.ceil(max_seconds * rate)
+        told = frames != _UNKNOWN_FRAMES
+        if told and frames > limit:  # the header says so: nothing is decoded
+            raise AudioTooLongError(name, frames / rate, max_seconds)
+        block = max(1, _BLOCK_SAMPLES // max(channels, 1))
+        parts, total, end = [], 0, False
+        while total <= limit and not end:  # (one frame past the limit tells a file over it)
+            want = min(block, limit + 1 - total)
+            out = np.full((want, channels), np.nan, np.float32)
+            try:
+                got = f.read(want, dtype="float32", always_2d=True, out=out)
+            except RuntimeError:
+                if told:
+                    raise
+                # at the end of a stream of unknown length libsndfile reads its last frames, then soundfile's seek
+                # to the new position fails: the frames read are the rows it filled (NaN rows never come from
+                # integer formats, the only ones written this way; a float file's NaN is an error anyway)
+                filled = ~np.isnan(out).all(axis=1)
+                got = out[: want if filled.all() else int(filled.argmin())]
+                end = True
+            end = end or got.shape[0] < want
+            if got.shape[0]:
+                mix = mono and channels > 1
+                parts.append(got.mean(axis=1, keepdims=True, dtype=np.float64).astype(np.float32) if mix else got)
+                total += got.shape[0]
+        if total > limit:
+            raise AudioTooLongError(name, None, max_seconds)
+    data = np.concatenate(parts) if parts else np.zeros((0, 1 if mono else channels), np.float32)
+    return data, rate
 
 
 def _array_to_numpy(x: Any) -> np.ndarray:

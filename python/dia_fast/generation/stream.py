@@ -13,6 +13,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -56,6 +57,9 @@ def _codec_device(codec: AudioCodec, device: torch.device | str | None) -> torch
 _context_cache: weakref.WeakKeyDictionary[Any, tuple[int, int]] = weakref.WeakKeyDictionary()
 
 
+_MAX_PROBE_FRAMES = 1024  # the longest probe codec_context_frames decodes (twice)
+
+
 @torch.inference_mode()
 def codec_context_frames(codec: AudioCodec, device: torch.device | str | None = None) -> tuple[int, int]:
     """(left, right) frames of context the codec decoder needs around a frame for exact audio.
@@ -90,7 +94,15 @@ def codec_context_frames(codec: AudioCodec, device: torch.device | str | None = 
             result = (0, 0)
             break
         s0, s1 = int(idx[0]), int(idx[-1])
-        if (s0 > 0 and s1 < frames * hop - 1) or frames >= 1024:
+        if (s0 > 0 and s1 < frames * hop - 1) or frames >= _MAX_PROBE_FRAMES:
+            if not (s0 > 0 and s1 < frames * hop - 1):
+                warnings.warn(
+                    f"{type(codec).__name__}: one frame still changes the audio {_MAX_PROBE_FRAMES // 2} frames away "
+                    "(the longest probe): streamed audio may differ from the one-shot decode at chunk joins; declare "
+                    "the codec's context_frames to stream it exactly",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             reach_left = mid - s0 // hop  # output frames before `mid` that it changes
             reach_right = s1 // hop - mid
             # output frame j depends on inputs j - reach_right .. j + reach_left

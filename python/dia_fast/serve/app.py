@@ -7,7 +7,6 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -18,12 +17,22 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import Message, Receive, Scope, Send
 
 from .._version import __version__
 from .audio_out import FORMATS
 from .metrics import CONTENT_TYPE_LATEST
-from .service import MODEL_ALIASES, ApiError, SpeechRequest, SpeechService, engine_failed, load_tts, metric_labels
+from .service import (
+    MODEL_ALIASES,
+    ApiError,
+    SpeechRequest,
+    SpeechService,
+    VoiceRef,
+    engine_failed,
+    load_tts,
+    metric_labels,
+)
 from .settings import ServerSettings
 from .voices import BUILTIN_VOICES, VoiceError, builtin_voice_json
 
@@ -91,6 +100,36 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
+class CatchAll:
+    """ASGI middleware: an unexpected exception is logged once, with its traceback, and answered 500 internal_error.
+    (Starlette's handler for ``Exception`` re-raises it after answering, so that the ASGI server logs it again.)
+    Once a response has started it can only be cut: the exception goes on to the ASGI server, which logs it and
+    closes the connection."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watched(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception as exc:
+            if started:
+                raise
+            log.error("unhandled error", exc_info=(type(exc), exc, exc.__traceback__))
+            err = ApiError(500, "internal server error (see the server log)", code="internal_error")
+            await _answer(scope, err)(scope, receive, send)
+
+
 class _CancellableStream(StreamingResponse):
     """A streamed body that stops (and so cancels its request) as soon as the client leaves, and is always closed,
     whatever the ASGI server's spec version."""
@@ -153,7 +192,8 @@ def create_app(settings: ServerSettings | None = None, *, tts: DiaTTS | None = N
     def limit_for(path: str) -> int:
         return settings.max_voice_bytes if path.startswith("/v1/audio/voices") else settings.max_body_bytes
 
-    app.add_middleware(BodyLimit, limit_for=limit_for)
+    app.add_middleware(CatchAll)
+    app.add_middleware(BodyLimit, limit_for=limit_for)  # (outside CatchAll: it answers its own errors)
 
     # ------------------------------------------------------------------------------ errors (each counted)
     @app.exception_handler(ApiError)
@@ -167,18 +207,24 @@ def create_app(settings: ServerSettings | None = None, *, tts: DiaTTS | None = N
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _answer(request.scope, _validation_error(exc.errors()))
+        # (FastAPI's locations start with where the value was: "body", "query", "path", ...)
+        errors = [{**e, "loc": tuple(e.get("loc", ()))[1:]} for e in exc.errors()]
+        return _answer(request.scope, _validation_error(errors))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         err = ApiError(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
         return _answer(request.scope, err)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.error("unhandled error", exc_info=(type(exc), exc, exc.__traceback__))
-        err = ApiError(500, "internal server error (see the server log)", code="internal_error")
-        return _answer(request.scope, err)
+    @app.exception_handler(ClientDisconnect)
+    async def _left(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        # the client hung up while its body arrived: a cancel, counted as the server counts the others (the
+        # answer goes nowhere)
+        service: SpeechService | None = getattr(request.app.state, "service", None)
+        if service is not None:
+            service.metrics.cancelled.inc()
+        log.info("%s %s: the client left while sending its body", request.method, request.url.path)
+        return _answer(request.scope, ApiError(499, "the request was cancelled", code="cancelled"))
 
     # ------------------------------------------------------------------------------ auth
     async def authorize(request: Request) -> None:
@@ -245,16 +291,24 @@ def create_app(settings: ServerSettings | None = None, *, tts: DiaTTS | None = N
             raise ApiError(404, "this server stores no voices (start it with --voices-dir)", code="voice_not_found")
         try:
             form = await request.form(max_files=1, max_fields=8)
-        except _BodyTooLarge:
+        except (_BodyTooLarge, ClientDisconnect):
             raise
         except Exception as exc:  # noqa: BLE001 - any malformed upload is the client's error
             raise ApiError(400, f"expected a multipart form (file, name, transcript): {exc}") from None
-        upload = form.get("file") or form.get("audio")
+        # the audio as "file" (or "audio"), or as OpenAI's clients send it: "audio_sample" (with a "consent"
+        # recording id, which this server does not need and ignores)
+        upload = form.get("file") or form.get("audio") or form.get("audio_sample")
         name, transcript = form.get("name"), form.get("transcript")
+        if form.get("type", "audio_sample") != "audio_sample":
+            raise ApiError(400, "only voices from an audio sample can be created here", param="type")
         if upload is None or isinstance(upload, str):
-            raise ApiError(400, "the form needs an audio file in the field 'file'", param="file")
-        if not isinstance(name, str) or not isinstance(transcript, str):
-            raise ApiError(400, "the form needs the fields 'name' (the voice id) and 'transcript'", param="name")
+            raise ApiError(400, "the form needs an audio file in the field 'file' (or 'audio_sample')", param="file")
+        if not isinstance(name, str):
+            raise ApiError(400, "the form needs the field 'name' (the voice id)", param="name")
+        if not isinstance(transcript, str):  # (OpenAI's clients send it with extra_body={"transcript": ...})
+            raise ApiError(
+                400, "the form needs the field 'transcript' (the words spoken in the audio)", param="transcript"
+            )
         overwrite = str(form.get("overwrite", "false")).lower() in ("1", "true", "yes")
         audio = await upload.read()
         try:
@@ -309,21 +363,30 @@ def _media_type(req: SpeechRequest) -> str:
     return FORMATS[req.response_format].media_type
 
 
-_UNION_MEMBER = re.compile(r"str|int|float|bool|list\[.*\]|dict\[.*\]|[A-Z]\w*|\w+\[.*\]")
+# pydantic's tags for the members of the request's unions, which it puts right after the union field in an error's
+# location (("voice", "VoiceRef", "id")); nowhere else is a part of a location a tag (a field may be named "str")
+_UNION_MEMBERS = {"voice": ("str", VoiceRef.__name__)}
+
+
+def _field_path(loc: Any) -> list[str]:
+    """An error location as the request's field path: ``["voice", "id"]`` for ``("voice", "VoiceRef", "id")``."""
+    path = [str(p) for p in loc or ()]
+    if len(path) > 1 and path[1] in _UNION_MEMBERS.get(path[0], ()):
+        del path[1]
+    return path
 
 
 def _validation_error(errors: list[Any]) -> ApiError:
+    """The 400 of a body's validation errors (locations relative to the body)."""
     first = errors[0] if errors else {}
 
     # a union (voice: a name or {"id": ...}) fails once per member: report the member that got furthest
     def field(e: Any) -> tuple:
-        return tuple(p for p in e.get("loc", ()) if p != "body")[:1]
+        return tuple(_field_path(e.get("loc")))[:1]
 
     same_field = [e for e in errors if field(e) == field(first)]
     first = max(same_field, key=lambda e: len(e.get("loc", ())), default=first)
-    # the field's path, without pydantic's names for the members of a union ("voice.str", "voice.VoiceRef.x")
-    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _UNION_MEMBER.fullmatch(str(p))]
-    param = ".".join(loc) or None
+    param = ".".join(_field_path(first.get("loc"))) or None
     message = f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid request")
     if first.get("type") == "extra_forbidden":
         message = f"unknown parameter {param!r}"

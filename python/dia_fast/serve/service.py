@@ -32,8 +32,9 @@ __all__ = ["ApiError", "SpeechRequest", "SpeechService", "load_tts", "metric_lab
 
 log = logging.getLogger("dia_fast.serve")
 
-# names OpenAI clients send; each means the one model this server runs
-MODEL_ALIASES = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts", "dia", "dia-1.6b")
+# names OpenAI clients send (every id of openai's SpeechModel, as of openai 3.57), then Dia's; each means the one
+# model this server runs
+MODEL_ALIASES = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts", "gpt-4o-mini-tts-2025-12-15", "dia", "dia-1.6b")
 _INT32_MAX = 2**31 - 1  # the bound of the integer options that count steps or tokens
 # the engine's names for the request's fields, where they differ
 _ENGINE_PARAMS = {"text": "input", "audio_prompt": "voice", "audio_prompt_text": "voice"}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import re
 import threading
@@ -182,6 +183,7 @@ class VoiceStore:
     ) -> VoiceInfo:
         """Encode ``audio`` (a WAV/FLAC/OGG/MP3 file's bytes) once and store it with its transcript."""
         from ..audio import AudioFormatError, read_audio
+        from ..audio.io import AudioTooLongError
         from ..longform import chunk_budget
 
         path = self._path(voice_id)
@@ -195,15 +197,20 @@ class VoiceStore:
             exists = path.exists()
         if exists and not overwrite:
             raise VoiceError(f"voice {voice_id!r} exists; send overwrite=true to replace it", 409, "voice_exists")
-        try:
-            samples, _ = read_audio(io.BytesIO(audio), target_rate=self.tts.codec.sample_rate, mono=True)
+        rate = self.tts.codec.sample_rate
+        try:  # bounded: a few MB of compressed silence must not decode to GBs before its length is checked
+            bound = max_s if math.isfinite(max_s) else None  # (an operator's max_voice_seconds=inf: no bound)
+            samples, _ = read_audio(io.BytesIO(audio), target_rate=rate, mono=True, max_seconds=bound)
+        except AudioTooLongError as exc:
+            got = f"{exc.seconds:.2f} s" if exc.seconds is not None else f"more than {max_s:g} s"
+            raise VoiceError(f"the voice audio must last {min_s:g}-{max_s:g} s, got {got}") from None
         except (AudioFormatError, ValueError, RuntimeError) as exc:
             raise VoiceError(f"the uploaded audio cannot be read: {exc}") from exc
-        seconds = samples.shape[0] / self.tts.codec.sample_rate
+        seconds = samples.shape[0] / rate
         if not min_s <= seconds <= max_s:
             raise VoiceError(f"the voice audio must last {min_s:g}-{max_s:g} s, got {seconds:.2f} s")
         try:
-            speaker = CustomSpeaker.from_audio(samples, transcript, self.tts, self.tts.codec.sample_rate, name=voice_id)
+            speaker = CustomSpeaker.from_audio(samples, transcript, self.tts, rate, name=voice_id)
         except ValueError as exc:
             raise VoiceError(f"the uploaded audio cannot be used as a voice: {exc}") from exc
         with self._lock, _storage("store", voice_id):

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from dia_fast import DiaTTS
 from dia_fast.checkpoint import RANDOM_WEIGHTS_KEY, CheckpointError, safetensors_metadata
@@ -335,6 +335,13 @@ def test_load_in_half_precision_keeps_norms_fp32(tmp_path, dtype, dec_ids):
     half = DiaTTS.from_pretrained(tmp_path, dtype=dtype, codec=_codec())
     assert half.dtype == dtype
     assert half.model.decoder.norm.weight.dtype == torch.float32
+    # the checkpoint's fp32 values, not rounded to the load dtype on the way (1 + 0.1 * randn: not representable)
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    norms = [k for k in saved if k.endswith("norm.weight")]
+    assert len(norms) == 2 * 2 + 3 * 2 + 2
+    for key in norms:
+        assert torch.equal(half.model.get_parameter(key.removeprefix("model.")), saved[key]), key
+    assert not torch.equal(saved["model.decoder.norm.weight"].to(dtype).float(), saved["model.decoder.norm.weight"])
     ref = _our_logits(tts, dec_ids)
     got = _our_logits(half, dec_ids).float()
     assert got.dtype == torch.float32 and torch.isfinite(got).all()
@@ -388,3 +395,187 @@ def test_an_official_kernel_of_too_few_dimensions_is_a_checkpoint_error():
 
     with pytest.raises(CheckpointError, match=r"decoder.layers.0.self_attention.o_proj.weight: .* shape \(4,\)"):
         from_official({"decoder.layers.0.self_attention.o_proj.weight": torch.zeros(4)})
+
+
+@pytest.fixture(scope="module")
+def v01_checkpoint(hf_model, tmp_path_factory):
+    """An official v0.1 checkpoint (Dia-1.6B's format: v0.1 config.json, DenseGeneral kernels in dia-v0_1.pth),
+    whose cross-attention applies RoPE."""
+    directory = tmp_path_factory.mktemp("v01")
+    config = DiaConfig.preset("tiny")
+    (directory / "config.json").write_text(json.dumps(_official_config(config)))
+    torch.save(_hf_to_nari(hf_model.state_dict(), config), directory / "dia-v0_1.pth")
+    return directory
+
+
+@pytest.mark.parametrize(("layout", "quantize"), [("transformers", None), ("official", None), (None, "int8")])
+def test_a_v01_model_saved_and_loaded_back_keeps_cross_attention_rope(
+    v01_checkpoint, tmp_path, dec_ids, layout, quantize
+):
+    """Saving a v0.1 model kept its weights but lost the cross-attention RoPE (the saved copy was another model):
+    the official layout now writes the v0.1 config format, the transformers and quantized layouts a 'dia_fast' block
+    (the transformers layout warning that transformers cannot run it)."""
+    tts = DiaTTS.from_pretrained(v01_checkpoint, codec=_codec(), quantize=quantize)
+    assert tts.config.model.cross_attention_rope
+    if layout == "transformers":
+        with pytest.warns(UserWarning, match="transformers' Dia does not implement"):
+            tts.save_pretrained(tmp_path / "saved", layout=layout, save_codec=False)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            tts.save_pretrained(tmp_path / "saved", layout=layout, save_codec=False)
+    written = json.loads((tmp_path / "saved" / "config.json").read_text())
+    if layout == "official":
+        assert written["version"] == "0.1"  # what the official v0.1 code reads
+    else:
+        assert written["dia_fast"] == {"cross_attention_rope": True}
+    back = DiaTTS.from_pretrained(tmp_path / "saved", codec=_codec())
+    assert back.config == tts.config
+    assert torch.equal(_our_logits(back, dec_ids), _our_logits(tts, dec_ids))
+    if layout == "transformers":  # (the RoPE matters: without it the same weights give other logits)
+        plain = DiaConfig.from_dict({k: v for k, v in written.items() if k != "dia_fast"})
+        other = DiaTTS.from_pretrained(tmp_path / "saved", codec=_codec(), config=plain)
+        assert not torch.allclose(_our_logits(other, dec_ids), _our_logits(tts, dec_ids), atol=1e-3)
+
+
+def _hf_dia_sub_configs(enc_kw: dict, dec_kw: dict, top_kw: dict, seed: int = 4):
+    """A tiny transformers Dia built from its own config classes (not from dia_fast's to_dict), random weights."""
+    from transformers import DiaConfig as HFDiaConfig
+    from transformers import DiaDecoderConfig, DiaEncoderConfig, DiaForConditionalGeneration
+
+    enc = DiaEncoderConfig(
+        num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=4, head_dim=16,
+        intermediate_size=128, **enc_kw,
+    )  # fmt: skip
+    dec = DiaDecoderConfig(
+        num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        intermediate_size=128, cross_num_attention_heads=4, cross_head_dim=16, cross_num_key_value_heads=4,
+        cross_hidden_size=64, **dec_kw,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = DiaForConditionalGeneration(HFDiaConfig(encoder_config=enc, decoder_config=dec, **top_kw)).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return model
+
+
+def _rope(theta: float) -> dict:
+    return {"rope_parameters": {"rope_type": "default", "rope_theta": theta}}
+
+
+@pytest.mark.parametrize(
+    ("enc_kw", "dec_kw"),
+    [
+        ({"norm_eps": 1e-2, **_rope(500.0)}, {"norm_eps": 1e-5, **_rope(10000.0)}),
+        ({"norm_eps": 1e-6, **_rope(10000.0)}, {"norm_eps": 3e-2, **_rope(300.0)}),
+    ],
+)
+def test_encoder_and_decoder_eps_and_theta_match_transformers(tmp_path, enc_kw, dec_kw):
+    """transformers' Dia takes each sub-config's norm_eps and RoPE theta (and ignores the top-level norm_eps): a
+    checkpoint whose encoder and decoder differ gives transformers' logits (dia_fast took the top-level eps and the
+    decoder's theta for both)."""
+    hf = _hf_dia_sub_configs(enc_kw, dec_kw, {"norm_eps": 0.3})
+    hf.save_pretrained(tmp_path)
+    tts = DiaTTS.from_pretrained(tmp_path, codec=_codec())
+    ids, mask = encode_batch(["[S1] A text long enough that the positions of its bytes matter. [S2] Yes."])
+    codes = torch.randint(0, 1024, (1, 40, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask.long(), decoder_input_ids=codes).logits
+        ref = ref.view(1, 9, 40, -1).transpose(1, 2)
+        got = tts.model(ids, mask, codes)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-4 * float(ref.abs().max()))
+
+
+def test_unsupported_rope_type_in_a_checkpoint_is_a_config_error(tmp_path):
+    from dia_fast.config import ConfigError
+
+    rope = {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}}
+    _hf_dia_sub_configs(rope, rope, {}).save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match=r"config\.json: encoder_config\.rope_type='linear' is not supported"):
+        DiaTTS.from_pretrained(tmp_path, codec=_codec())
+
+
+def test_a_random_codec_saved_with_a_real_model_is_marked_and_warns_again(hf_model, tmp_path, dec_ids):
+    """A real checkpoint without a codec gets the random demo DAC (with a warning). Saving it wrote that DAC into
+    dac/ unmarked, and the saved directory then loaded it silently as if real: its weights are now marked as random
+    (as a demo model's are) and loading them warns again. The model is not a demo; a codec of one's own is not
+    marked."""
+    from dia_fast.codec.dac import DacCodec
+
+    hf_model.save_pretrained(tmp_path / "real")
+    with pytest.warns(UserWarning, match="no codec checkpoint given"):
+        tts = DiaTTS.from_pretrained(tmp_path / "real")
+    directory = tts.save_pretrained(tmp_path / "saved")
+    assert safetensors_metadata(directory / "dac") == {"format": "pt", RANDOM_WEIGHTS_KEY: "true"}
+    assert safetensors_metadata(directory) == {"format": "pt"}  # (the model's weights are real)
+    with pytest.warns(UserWarning, match=r"saved.dac holds a random codec .* not speech") as caught:
+        back = DiaTTS.from_pretrained(directory)
+    assert not [w for w in caught if "holds random weights" in str(w.message)]
+    assert not back.demo
+    for (k, a), (_, b) in zip(tts.codec.state_dict().items(), back.codec.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+    # saved again from the reloaded model: still marked
+    back.save_pretrained(tmp_path / "again")
+    assert safetensors_metadata(tmp_path / "again" / "dac")[RANDOM_WEIGHTS_KEY] == "true"
+    # a codec of one's own (not the demo codec) is saved and loaded without a mark or a warning
+    DiaTTS(tts.model, DacCodec.random("tiny", seed=7)).save_pretrained(tmp_path / "own")
+    assert safetensors_metadata(tmp_path / "own" / "dac") == {"format": "pt"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DiaTTS.from_pretrained(tmp_path / "own")
+
+
+def test_save_pretrained_expands_the_tilde(tmp_path, monkeypatch):
+    """from_pretrained expanded ``~`` but save_pretrained (and the codecs') wrote into a ``~`` folder of the cwd."""
+    from dia_fast.codec import random_codec
+
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    tts = DiaTTS.random("tiny", seed=1)
+    assert tts.save_pretrained("~/saved model") == home / "saved model"
+    assert (home / "saved model" / "model.safetensors").is_file() and (home / "saved model" / "dac").is_dir()
+    random_codec("dac").save_pretrained("~/dac")
+    random_codec("encodec").save_pretrained("~/encodec")
+    assert (home / "dac" / "model.safetensors").is_file() and (home / "encodec" / "model.safetensors").is_file()
+    assert list(cwd.iterdir()) == []
+    with pytest.warns(UserWarning, match="holds random weights"):
+        DiaTTS.from_pretrained("~/saved model")
+
+
+@pytest.mark.parametrize(
+    ("index", "message"),
+    [
+        ('{"metadata": {}}', "no 'weight_map'"),
+        ("{not json", "not a readable shard index"),
+        ('["a list"]', "not a readable shard index"),
+        ('{"weight_map": {"x": "model-00009-of-00009.safetensors"}}', "names shard files that are not in"),
+    ],
+)
+def test_a_malformed_shard_index_is_an_error_naming_it(tmp_path, index, message):
+    (tmp_path / "config.json").write_text(json.dumps(DiaConfig.preset("tiny").to_dict()))
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "model-00001-of-00001.safetensors"))
+    (tmp_path / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors\.index\.json: {message}") as err:
+        DiaTTS.from_pretrained(tmp_path, codec=_codec())
+    assert "\n" not in str(err.value)
+
+
+def test_a_weights_file_path_finds_the_codec_beside_it(tmp_path):
+    """from_pretrained(dir/model.safetensors) ignored dir/dac/ (the demo codec, with a warning, instead)."""
+    from dia_fast.codec.dac import DacCodec
+
+    tts = DiaTTS(DiaTTS.random("tiny", seed=2).model, DacCodec.random("tiny", seed=7))  # (not a demo: no warning)
+    directory = tts.save_pretrained(tmp_path / "m")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        back = DiaTTS.from_pretrained(directory / "model.safetensors")
+    for (k, a), (_, b) in zip(tts.codec.state_dict().items(), back.codec.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k

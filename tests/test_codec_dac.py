@@ -150,6 +150,28 @@ def test_chunked_decode_matches_whole(codec: DacCodec) -> None:
     assert (cut - whole).abs().max() > 1e-3
 
 
+def test_odd_upsampling_ratios_keep_the_frame_contract(tmp_path: Path) -> None:
+    """Descript's 16/24 kHz layout (ratios 8, 5, 4, 2): each odd transposed convolution is one sample short, so the
+    references decode T * hop - 8 samples. dia_fast gives those same samples and zeros for the missing end (T * hop
+    in all), so that chunked decoding (and decode() past 1024 frames) works and matches the whole decode."""
+    hf = _hf_dac(
+        seed=4, encoder_hidden_size=8, decoder_hidden_size=32, downsampling_ratios=[2, 4, 5, 8],
+        upsampling_ratios=[8, 5, 4, 2], hop_length=320,
+    )  # fmt: skip
+    hf.save_pretrained(tmp_path)
+    codec = DacCodec.from_pretrained(tmp_path)
+    assert codec.hop_length == 320
+    codes = torch.randint(0, 1024, (2, 30, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = hf.decode(audio_codes=codes.transpose(1, 2)).audio_values
+    assert ref.shape == (2, 30 * 320 - 8)
+    whole = codec.decode(codes, chunk_frames=None)
+    assert whole.shape == (2, 30 * 320) and bool((whole[:, -8:] == 0).all())
+    torch.testing.assert_close(whole[:, :-8], ref, atol=5e-5, rtol=1e-4)
+    for chunk in (4, 7, 29):
+        torch.testing.assert_close(codec.decode(codes, chunk_frames=chunk), whole, atol=1e-5, rtol=1e-5)
+
+
 # --- checkpoint layouts ----------------------------------------------------------------------
 
 
@@ -421,3 +443,23 @@ def test_full_size_44khz_decode(tmp_path: Path) -> None:
     out = codec.decode(codes)
     assert ref.std() > 0.05
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-3)
+
+
+def test_a_random_codec_saves_marked_and_warns_when_loaded(tmp_path: Path) -> None:
+    """The demo codec (codec.random_codec) is marked random in the saved safetensors metadata, and loading it back
+    warns (the directory or its weights file); a codec of one's own is not marked."""
+    import warnings
+
+    from dia_fast.checkpoint import RANDOM_WEIGHTS_KEY, safetensors_metadata
+    from dia_fast.codec import random_codec
+
+    random_codec("dac").save_pretrained(tmp_path / "demo")
+    assert safetensors_metadata(tmp_path / "demo" / "model.safetensors") == {"format": "pt", RANDOM_WEIGHTS_KEY: "true"}
+    for path in (tmp_path / "demo", tmp_path / "demo" / "model.safetensors"):
+        with pytest.warns(UserWarning, match="holds a random codec"):
+            assert load_codec(path).random_weights
+    DacCodec.random("tiny", seed=2).save_pretrained(tmp_path / "own")
+    assert safetensors_metadata(tmp_path / "own" / "model.safetensors") == {"format": "pt"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not load_codec(tmp_path / "own").random_weights

@@ -391,3 +391,23 @@ def test_cuda_matches_transformers_on_cuda(hf_model: EncodecModel, hf_dir: Path)
         )
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+def test_a_random_codec_saves_marked_and_warns_when_loaded(tmp_path: Path) -> None:
+    """The demo codec (codec.random_codec) is marked random in the saved safetensors metadata, and loading it back
+    warns; EncodecCodec.random called directly (a codec of one's own) is not marked."""
+    import warnings
+
+    from dia_fast.checkpoint import RANDOM_WEIGHTS_KEY, safetensors_metadata
+    from dia_fast.codec import random_codec
+
+    demo = random_codec("encodec")
+    demo.save_pretrained(tmp_path / "demo")
+    assert safetensors_metadata(tmp_path / "demo" / "model.safetensors") == {"format": "pt", RANDOM_WEIGHTS_KEY: "true"}
+    with pytest.warns(UserWarning, match="demo.* holds a random codec"):
+        assert load_codec(tmp_path / "demo").random_weights
+    EncodecCodec.random("tiny", seed=2).save_pretrained(tmp_path / "own")
+    assert safetensors_metadata(tmp_path / "own" / "model.safetensors") == {"format": "pt"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not load_codec(tmp_path / "own").random_weights

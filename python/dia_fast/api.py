@@ -18,7 +18,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from .codec import check_codec_spec
 from .codec.base import AudioCodec
-from .config import DiaConfig
+from .config import ConfigError, DiaConfig
 from .devices import release_host_memory, resolve_device, resolve_dtype
 from .generation.generate import DecodeOutput, check_step_budget, generate_codes
 from .generation.sampling import SamplingConfig
@@ -68,12 +68,12 @@ class _Request:
 
 
 def _finish_model(model: DiaModel, device: torch.device, dtype: torch.dtype) -> DiaModel:
-    """Move/cast once at load: weights in ``dtype``, norm weights in fp32 (the RoPE tables stay fp32 by
-    themselves)."""
+    """Move/cast once at load: weights in ``dtype``, norm weights in fp32 with the values they had (a cast through
+    ``dtype`` and back would round them; the RoPE tables stay fp32 by themselves)."""
+    norms = [(m, m.weight.detach()) for m in model.modules() if isinstance(m, RMSNorm)]
     model.to(device=device, dtype=dtype)
-    for m in model.modules():
-        if isinstance(m, RMSNorm):
-            m.float()
+    for m, weight in norms:
+        m.weight.data = weight.to(device=device, dtype=torch.float32)
     return model.eval().requires_grad_(False)
 
 
@@ -90,10 +90,14 @@ def init_random_weights(model: DiaModel, seed: int, std: float = 0.02) -> None:
             p.copy_(values.to(p.dtype))
 
 
-def _load_codec(codec: AudioCodec | str | Path | None, device: torch.device, where: Path | None) -> AudioCodec:
+def _load_codec(
+    codec: AudioCodec | str | Path | None, device: torch.device, where: Path | None, *, demo: bool = False
+) -> AudioCodec:
+    """The codec of a model loaded from ``where`` (its ``dac/`` or ``codec/``, else ``codec``'s). A random codec (the
+    default demo DAC, or one saved from it) warns, except for a demo model (``demo``), which warned already."""
     from .codec import load_codec
 
-    return load_codec(codec, device=device, search_dir=where)
+    return load_codec(codec, device=device, search_dir=where, warn_demo=not demo)
 
 
 def _is_prompt_codes(audio: object, channels: int) -> bool:
@@ -221,7 +225,7 @@ class DiaTTS:
         if saved is not None:
             return cls._from_quantized(Path(path), saved, quantize, dev, dt, codec, config)
         quantize = check_quantize(quantize, dev, dt)
-        root = Path(path) if Path(path).is_dir() else None
+        root = Path(path) if Path(path).is_dir() else Path(path).parent  # a weights file: its codec is beside it
         # read and placed one tensor at a time: the checkpoint is never in memory next to the model
         cfg, tensors, layout = ckpt.load_config_and_tensors(path, config)
         with torch.device("meta"):
@@ -235,7 +239,8 @@ class DiaTTS:
             load_cuda_quantized(model, tensors, quantize, dt, dev, source)
         model = _finish_model(model, dev, dt)
         release_host_memory()
-        return cls(model, _load_codec(codec, dev, root), demo=_saved_demo(path, stacklevel=2))
+        demo = _saved_demo(path, stacklevel=2)
+        return cls(model, _load_codec(codec, dev, root, demo=demo), demo=demo)
 
     @classmethod
     def _from_quantized(
@@ -270,7 +275,8 @@ class DiaTTS:
         if dev.type == "cuda":  # the same values in CUDA's layers (CPU int4: tinygemm's, scales rounded to bf16)
             cuda_from_saved(model, dev, dt)
         model = _finish_model(model, dev, dt)
-        return cls(model, _load_codec(codec, dev, path), demo=_saved_demo(path, stacklevel=3))
+        demo = _saved_demo(path, stacklevel=3)
+        return cls(model, _load_codec(codec, dev, path, demo=demo), demo=demo)
 
     @classmethod
     def random(
@@ -323,12 +329,14 @@ class DiaTTS:
         scales, and ``quantization.json``; :mod:`dia_fast.quantized_dir`), which :meth:`from_pretrained` loads back
         as it is: int8 and CPU int4 on either device, CUDA int4 and fp8 on CUDA. The weights of a random model
         (:attr:`demo`) are marked as such in the safetensors metadata: loading them back warns and gives a demo
-        model again.
+        model again. A model with cross-attention RoPE (official v0.1 weights) keeps it (see :meth:`_config_doc`;
+        the transformers layout warns that transformers cannot run it). ``directory`` may start with ``~``.
 
         ``save_codec``: the codec goes to ``dac/`` (DAC) or ``codec/`` (EnCodec) inside the directory, where
-        :meth:`from_pretrained` finds it, so the directory speaks as this model does. The weights file is written
-        atomically; a failure (a full disk) is an ``OSError`` naming the directory, and a directory this call
-        created is removed again."""
+        :meth:`from_pretrained` finds it, so the directory speaks as this model does; a random codec (the demo
+        codec a checkpoint without one got) is marked as random there too, and loading it back warns again as the
+        first load did. The weights file is written atomically; a failure (a full disk) is an ``OSError`` naming the
+        directory, and a directory this call created is removed again."""
         from safetensors import SafetensorError
         from safetensors.torch import save_file
 
@@ -336,7 +344,7 @@ class DiaTTS:
         from .quantize import quantized_mode
         from .quantized_dir import QUANT_FILE, quantized_state
 
-        out = Path(directory)
+        out = Path(directory).expanduser()
         quantized = quantized_mode(self.model) is not None
         foreign = [n for n, m in self.model.named_modules() if not quantized and not isinstance(m, nn.Linear)
                    and isinstance(getattr(m, "weight_scale", None), torch.Tensor)]  # fmt: skip
@@ -350,6 +358,7 @@ class DiaTTS:
         layout = layout or "transformers"
         if layout not in ("transformers", "official"):
             raise ValueError(f"layout must be 'transformers' or 'official', got {layout!r}")
+        config_doc = self._config_doc(layout, quantized)
         codec_dir = self._codec_dir(out) if save_codec else None
         created = not out.exists()
         try:
@@ -371,7 +380,7 @@ class DiaTTS:
                 write_file_bytes(out / QUANT_FILE, json.dumps(doc, indent=2).encode())
             else:
                 (out / QUANT_FILE).unlink(missing_ok=True)  # a full-precision model over a quantized one
-            write_file_bytes(out / "config.json", json.dumps(self.config.to_dict(), indent=2).encode())
+            write_file_bytes(out / "config.json", json.dumps(config_doc, indent=2).encode())
             if codec_dir is not None:
                 self.codec.save_pretrained(codec_dir)  # type: ignore[attr-defined]
         except (OSError, SafetensorError) as exc:
@@ -380,6 +389,33 @@ class DiaTTS:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise OSError(getattr(exc, "errno", None), f"cannot save the model to {out}: {reason}") from None
         return out
+
+    def _config_doc(self, layout: str, quantized: bool) -> dict[str, Any]:
+        """The ``config.json`` that :meth:`save_pretrained` writes. A model with cross-attention RoPE (the official
+        v0.1 weights, Dia-1.6B) keeps it: the official layout gets the v0.1 config format (what the official v0.1
+        code reads), the others the transformers format with a ``"dia_fast"`` block that dia_fast reads back (with
+        a warning for the transformers layout: transformers' Dia has no cross-attention RoPE, so it would load
+        another model)."""
+        if not self.config.model.cross_attention_rope or quantized:
+            return self.config.to_dict()
+        if layout == "official":
+            try:
+                return self.config.to_official_v01_dict()
+            except ConfigError as exc:
+                warnings.warn(
+                    f"{exc}: written in the transformers format with a 'dia_fast' block instead, which dia_fast "
+                    "reads back as saved but the official code does not",
+                    stacklevel=3,
+                )
+                return self.config.to_dict()
+        warnings.warn(
+            "this model applies RoPE in cross-attention (an official v0.1 checkpoint, Dia-1.6B), which transformers' "
+            "Dia does not implement: transformers would load the saved checkpoint as a different model. dia_fast "
+            "reads it back as saved (config.json's 'dia_fast' block); save with layout='official' for the official "
+            "v0.1 format",
+            stacklevel=3,
+        )
+        return self.config.to_dict()
 
     def _codec_dir(self, out: Path) -> Path | None:
         """Where :meth:`save_pretrained` puts the codec (None: this codec cannot be saved)."""

@@ -31,7 +31,7 @@ SHARD_INDEX = "model.safetensors.index.json"  # a sharded checkpoint's index: pr
 
 
 # Safetensors metadata that DiaTTS.save_pretrained writes for a random-weight model (DiaTTS.random): loading it back
-# says so, and the CLI treats it as the demo model it is.
+# says so, and the CLI treats it as the demo model it is. A saved random codec (the demo codec) carries it too.
 RANDOM_WEIGHTS_KEY = "dia_fast.random_weights"
 
 
@@ -46,8 +46,7 @@ def find_weights(directory: Path) -> list[Path]:
     """Weight files of a checkpoint directory: one file, or the shards of an index."""
     index = directory / SHARD_INDEX
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [directory / name for name in sorted(set(weight_map.values()))]
+        return _index_shards(index)
     for name in WEIGHT_FILES:
         if (directory / name).exists():
             return [directory / name]
@@ -59,6 +58,25 @@ def find_weights(directory: Path) -> list[Path]:
     if not found:
         raise CheckpointError(f"{directory}: no weights found (expected one of {', '.join(WEIGHT_FILES)})")
     raise CheckpointError(f"{directory}: several weight files and no index: {[p.name for p in found]}")
+
+
+def _index_shards(index: Path) -> list[Path]:
+    """The shard files a sharded checkpoint's index names; :class:`CheckpointError` naming the index when it is not
+    JSON, has no ``weight_map`` of file names, or names a shard that is not there."""
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (ValueError, UnicodeDecodeError, AttributeError) as exc:  # (AttributeError: JSON, not an object)
+        raise CheckpointError(
+            f"{index}: not a readable shard index (expected a JSON object with 'weight_map'): {exc}"
+        ) from None
+    names = set(weight_map.values()) if isinstance(weight_map, dict) else set()
+    if not names or not all(isinstance(n, str) and n and Path(n).name == n for n in names):
+        raise CheckpointError(f"{index}: no 'weight_map' of tensor name -> shard file name in the shard index")
+    shards = [index.parent / name for name in sorted(names)]
+    missing = [p.name for p in shards if not p.is_file()]
+    if missing:
+        raise CheckpointError(f"{index}: names shard files that are not in {index.parent}: {', '.join(missing)}")
+    return shards
 
 
 def read_tensors(path: Path) -> Tensors:
@@ -205,6 +223,13 @@ def has_random_weights(path: str | Path) -> bool:
     """Whether ``path`` holds weights that dia_fast saved from a random-weight demo model
     (:data:`RANDOM_WEIGHTS_KEY` in the safetensors metadata)."""
     return safetensors_metadata(path).get(RANDOM_WEIGHTS_KEY) == "true"
+
+
+def random_weights_metadata(module: object) -> dict[str, str]:
+    """The safetensors metadata for saving ``module``: marked as random (:data:`RANDOM_WEIGHTS_KEY`) when its
+    ``random_weights`` attribute says so (a codec made by :func:`dia_fast.codec.random_codec`, or loaded from one
+    saved marked)."""
+    return {"format": "pt", **({RANDOM_WEIGHTS_KEY: "true"} if getattr(module, "random_weights", False) else {})}
 
 
 def read_all(paths: Iterable[Path]) -> Tensors:
@@ -458,15 +483,20 @@ def fill_model(
     sinks: dict[str, tuple[torch.Size, Callable[[torch.Tensor], None]]] | None = None,
 ) -> None:
     """Fill a model built on the meta device from dia_fast-layout ``(name, tensor)`` pairs, one tensor at a time:
-    its parameters get their own storage in ``dtype`` on the CPU and each arriving tensor is copied into its place
-    (the self-attention's q, k and v into their rows of the fused QKV weight), then dropped. ``sinks``: names
-    handled by a callable instead, with the shape they must have (quantizing loaders). Strict: missing,
-    unexpected and mis-shaped tensors raise one :class:`CheckpointError`, after the whole checkpoint was read."""
+    its parameters get their own storage in ``dtype`` (the norm weights: fp32) on the CPU and each arriving tensor is
+    copied into its place (the self-attention's q, k and v into their rows of the fused QKV weight), then dropped.
+    ``sinks``: names handled by a callable instead, with the shape they must have (quantizing loaders). Strict:
+    missing, unexpected and mis-shaped tensors raise one :class:`CheckpointError`, after the whole checkpoint was
+    read."""
+    from .model.layers import RMSNorm
+
     sinks = dict(sinks or {})
     for pname, param in list(model.named_parameters()):
         owner, _, attr = pname.rpartition(".")
-        fresh = torch.nn.Parameter(torch.empty(param.shape, dtype=dtype), requires_grad=False)
-        setattr(model.get_submodule(owner), attr, fresh)
+        module = model.get_submodule(owner)
+        # norm weights stay fp32 whatever ``dtype`` (the norms compute in fp32): the checkpoint's values, not rounded
+        kind = torch.float32 if isinstance(module, RMSNorm) else dtype
+        setattr(module, attr, torch.nn.Parameter(torch.empty(param.shape, dtype=kind), requires_grad=False))
     dest = dict(model.published_parameters())  # the q/k/v entries are views into the fused weight
     expected = {k: v.shape for k, v in dest.items()} | {k: shape for k, (shape, _) in sinks.items()}
     seen: dict[str, torch.Tensor] = {}

@@ -3,15 +3,21 @@
 ``DiaConfig.from_dict`` / ``from_json`` read the three ``config.json`` formats in use:
 the official nari-labs format of Dia-1.6B (``"version": "0.1"``, ``model``/``data`` blocks),
 the current official format of Dia-1.6B-0626 and transformers' ``DiaConfig`` (both with
-``encoder_config``/``decoder_config``). ``to_dict`` writes the transformers format.
+``encoder_config``/``decoder_config``). ``to_dict`` writes the transformers format, plus a ``"dia_fast"`` block
+for what that format cannot say (the v0.1 models' cross-attention RoPE); ``to_official_v01_dict`` writes the v0.1
+format.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+# The block of a transformers-layout config.json with what that layout cannot say (DiaConfig.to_dict)
+DIA_FAST_KEY = "dia_fast"
 
 
 class ConfigError(ValueError):
@@ -29,6 +35,8 @@ class EncoderConfig:
     n_kv_head: int = 16
     head_dim: int = 128
     vocab_size: int = 256
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
 
 
 @dataclass(frozen=True)
@@ -45,14 +53,15 @@ class DecoderConfig:
     cross_n_kv_head: int = 16
     cross_head_dim: int = 128
     vocab_size: int = 1028
+    norm_eps: float = 1e-5
+    # also the cross-attention RoPE's of v0.1 models (their config has one theta)
+    rope_theta: float = 10000.0
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
     # Old (v0.1) checkpoints apply RoPE in cross-attention too; current ones do not.
     cross_attention_rope: bool = False
 
@@ -107,6 +116,10 @@ class DiaConfig:
                 )
             if sub.head_dim % 2:
                 raise ConfigError(f"model.{name}.head_dim must be even for RoPE, got {sub.head_dim}")
+            if not (math.isfinite(sub.norm_eps) and sub.norm_eps >= 0):
+                raise ConfigError(f"model.{name}.norm_eps must be finite and non-negative, got {sub.norm_eps}")
+            if not (math.isfinite(sub.rope_theta) and sub.rope_theta > 0):
+                raise ConfigError(f"model.{name}.rope_theta must be finite and positive, got {sub.rope_theta}")
         if self.model.cross_attention_rope and dec.cross_head_dim % 2:
             raise ConfigError(f"model.decoder.cross_head_dim must be even for RoPE, got {dec.cross_head_dim}")
         if dec.cross_n_head % dec.cross_n_kv_head:
@@ -200,14 +213,15 @@ class DiaConfig:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """The transformers ``DiaConfig`` layout (what ``save_pretrained`` writes)."""
+        """The transformers ``DiaConfig`` layout (what ``save_pretrained`` writes). A model with cross-attention
+        RoPE (v0.1) also gets ``"dia_fast": {"cross_attention_rope": true}``, which :meth:`from_dict` reads back;
+        transformers keeps the key but its Dia has no cross-attention RoPE (it would run another model)."""
         enc, dec, data = self.model.encoder, self.model.decoder, self.data
-        rope = {"rope_theta": self.model.rope_theta, "rope_type": "default"}
-        return {
+        out: dict[str, Any] = {
             "architectures": ["DiaForConditionalGeneration"],
             "model_type": "dia",
             "is_encoder_decoder": True,
-            "norm_eps": self.model.norm_eps,
+            "norm_eps": dec.norm_eps,  # (unused by transformers: each sub-config has its own)
             "delay_pattern": list(data.delay_pattern),
             "bos_token_id": data.audio_bos_value,
             "eos_token_id": data.audio_eos_value,
@@ -222,9 +236,9 @@ class DiaConfig:
                 "head_dim": enc.head_dim,
                 "vocab_size": enc.vocab_size,
                 "max_position_embeddings": data.text_length,
-                "norm_eps": self.model.norm_eps,
+                "norm_eps": enc.norm_eps,
                 "hidden_act": "silu",
-                "rope_parameters": rope,
+                "rope_parameters": {"rope_theta": enc.rope_theta, "rope_type": "default"},
             },
             "decoder_config": {
                 "model_type": "dia_decoder",
@@ -241,12 +255,75 @@ class DiaConfig:
                 "vocab_size": dec.vocab_size,
                 "num_channels": data.channels,
                 "max_position_embeddings": data.audio_length,
-                "norm_eps": self.model.norm_eps,
+                "norm_eps": dec.norm_eps,
                 "hidden_act": "silu",
-                "rope_parameters": rope,
+                "rope_parameters": {"rope_theta": dec.rope_theta, "rope_type": "default"},
                 "pad_token_id": data.audio_pad_value,
                 "eos_token_id": data.audio_eos_value,
                 "bos_token_id": data.audio_bos_value,
+            },
+        }
+        if self.model.cross_attention_rope:
+            out[DIA_FAST_KEY] = {"cross_attention_rope": True}
+        return out
+
+    def to_official_v01_dict(self) -> dict[str, Any]:
+        """The official v0.1 ``config.json`` (Dia-1.6B's format, which implies cross-attention RoPE): what
+        ``save_pretrained(layout="official")`` writes for a model with cross-attention RoPE. :class:`ConfigError`
+        for a config that format cannot hold (it has one norm eps and one RoPE theta, no key/value head counts for the
+        encoder and the cross-attention, and lengths in multiples of 128)."""
+        enc, dec, data = self.model.encoder, self.model.decoder, self.data
+        problems = []
+        if not self.model.cross_attention_rope:
+            problems.append("no cross-attention RoPE (the v0.1 code always applies it)")
+        if enc.n_kv_head != enc.n_head:
+            problems.append(f"encoder n_kv_head {enc.n_kv_head} != n_head {enc.n_head}")
+        if dec.cross_n_kv_head != dec.cross_n_head:
+            problems.append(f"decoder cross_n_kv_head {dec.cross_n_kv_head} != cross_n_head {dec.cross_n_head}")
+        if enc.norm_eps != dec.norm_eps or enc.rope_theta != dec.rope_theta:
+            problems.append("different encoder and decoder norm_eps / rope_theta")
+        if data.text_length % 128 or data.audio_length % 128:
+            problems.append(f"text/audio lengths {data.text_length}/{data.audio_length} not multiples of 128")
+        if problems:
+            raise ConfigError(f"the official v0.1 config format cannot hold this config: {'; '.join(problems)}")
+        return {
+            "version": "0.1",
+            "model": {
+                "encoder": {
+                    "n_layer": enc.n_layer,
+                    "n_embd": enc.hidden_size,
+                    "n_hidden": enc.intermediate_size,
+                    "n_head": enc.n_head,
+                    "head_dim": enc.head_dim,
+                },
+                "decoder": {
+                    "n_layer": dec.n_layer,
+                    "n_embd": dec.hidden_size,
+                    "n_hidden": dec.intermediate_size,
+                    "gqa_query_heads": dec.n_head,
+                    "kv_heads": dec.n_kv_head,
+                    "gqa_head_dim": dec.head_dim,
+                    "cross_query_heads": dec.cross_n_head,
+                    "cross_head_dim": dec.cross_head_dim,
+                },
+                "src_vocab_size": enc.vocab_size,
+                "tgt_vocab_size": dec.vocab_size,
+                "dropout": 0.0,
+                "normalization_layer_epsilon": dec.norm_eps,
+                "weight_dtype": "float32",
+                "rope_min_timescale": 1,
+                "rope_max_timescale": int(dec.rope_theta) if float(dec.rope_theta).is_integer() else dec.rope_theta,
+            },
+            "training": {},
+            "data": {
+                "text_length": data.text_length,
+                "audio_length": data.audio_length,
+                "channels": data.channels,
+                "text_pad_value": data.text_pad_value,
+                "audio_eos_value": data.audio_eos_value,
+                "audio_pad_value": data.audio_pad_value,
+                "audio_bos_value": data.audio_bos_value,
+                "delay_pattern": list(data.delay_pattern),
             },
         }
 
@@ -260,11 +337,29 @@ def _get(d: dict[str, Any], key: str, where: str) -> Any:
     return d[key]
 
 
-def _rope_theta(sub: dict[str, Any], default: float = 10000.0) -> float:
-    params = sub.get("rope_parameters") or {}
-    if "rope_theta" in params:
-        return float(params["rope_theta"])
-    return float(sub.get("rope_theta", default))
+def _rope_theta(sub: dict[str, Any], where: str) -> float:
+    """The RoPE theta of a transformers / current official sub-config (``rope_parameters``, the older
+    ``rope_scaling`` dict, or a plain ``rope_theta``, in transformers' order). Only plain RoPE is supported: another
+    ``rope_type`` or a partial rotary factor is a :class:`ConfigError` (the model would differ silently)."""
+    params = sub.get("rope_scaling") or sub.get("rope_parameters") or {}  # transformers prefers rope_scaling
+    if not isinstance(params, dict):
+        raise ConfigError(f"{where}rope_parameters / rope_scaling must be an object, got {params!r}")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default":
+        raise ConfigError(f"{where}rope_type={rope_type!r} is not supported (Dia uses plain RoPE, 'default')")
+    if float(params.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ConfigError(f"{where}partial_rotary_factor={params['partial_rotary_factor']} is not supported (Dia: 1.0)")
+    theta = params.get("rope_theta", sub.get("rope_theta", 10000.0))
+    return float(10000.0 if theta is None else theta)
+
+
+def _dia_fast_block(raw: dict[str, Any]) -> bool:
+    """``cross_attention_rope`` of the ``"dia_fast"`` block that :meth:`DiaConfig.to_dict` writes (False without)."""
+    block = raw.get(DIA_FAST_KEY) or {}
+    value = block.get("cross_attention_rope", False) if isinstance(block, dict) else None
+    if not isinstance(value, bool):
+        raise ConfigError(f"'{DIA_FAST_KEY}' must be an object with a boolean cross_attention_rope, got {block!r}")
+    return value
 
 
 def _check_act(sub: dict[str, Any], where: str) -> None:
@@ -285,6 +380,9 @@ def _from_hf(raw: dict[str, Any]) -> DiaConfig:
         n_kv_head=int(e.get("num_key_value_heads", e["num_attention_heads"])),
         head_dim=int(_get(e, "head_dim", "encoder_config.")),
         vocab_size=int(e.get("vocab_size", 256)),
+        # each sub-config's own (transformers' layers read these; the top-level norm_eps is unused)
+        norm_eps=float(e.get("norm_eps", 1e-5)),
+        rope_theta=_rope_theta(e, "encoder_config."),
     )
     dec = DecoderConfig(
         n_layer=int(_get(d, "num_hidden_layers", "decoder_config.")),
@@ -297,6 +395,8 @@ def _from_hf(raw: dict[str, Any]) -> DiaConfig:
         cross_n_kv_head=int(d.get("cross_num_key_value_heads", d["cross_num_attention_heads"])),
         cross_head_dim=int(_get(d, "cross_head_dim", "decoder_config.")),
         vocab_size=int(d.get("vocab_size", 1028)),
+        norm_eps=float(d.get("norm_eps", 1e-5)),
+        rope_theta=_rope_theta(d, "decoder_config."),
     )
 
     def special(name: str, default: int) -> int:
@@ -317,13 +417,7 @@ def _from_hf(raw: dict[str, Any]) -> DiaConfig:
         audio_pad_value=special("pad_token_id", 1025),
         audio_bos_value=special("bos_token_id", 1026),
     )
-    model = ModelConfig(
-        encoder=enc,
-        decoder=dec,
-        norm_eps=float(raw.get("norm_eps", d.get("norm_eps", 1e-5))),
-        rope_theta=_rope_theta(d),
-        cross_attention_rope=False,
-    )
+    model = ModelConfig(encoder=enc, decoder=dec, cross_attention_rope=_dia_fast_block(raw))
     return DiaConfig(model=model, data=data)
 
 
@@ -331,6 +425,11 @@ def _from_official_v01(raw: dict[str, Any]) -> DiaConfig:
     m = raw["model"]
     e, d = _get(m, "encoder", "model."), _get(m, "decoder", "model.")
     data_raw = raw.get("data", {})
+    min_ts = float(m.get("rope_min_timescale", 1))
+    if min_ts != 1:
+        raise ConfigError(f"model.rope_min_timescale={min_ts} is not supported (Dia uses 1)")
+    eps = float(m.get("normalization_layer_epsilon", 1e-5))  # one for both (and one theta)
+    theta = float(m.get("rope_max_timescale", 10000))
     enc = EncoderConfig(
         n_layer=int(_get(e, "n_layer", "model.encoder.")),
         hidden_size=int(_get(e, "n_embd", "model.encoder.")),
@@ -339,6 +438,8 @@ def _from_official_v01(raw: dict[str, Any]) -> DiaConfig:
         n_kv_head=int(e["n_head"]),
         head_dim=int(_get(e, "head_dim", "model.encoder.")),
         vocab_size=int(m.get("src_vocab_size", 256)),
+        norm_eps=eps,
+        rope_theta=theta,
     )
     cross_heads = int(_get(d, "cross_query_heads", "model.decoder."))
     dec = DecoderConfig(
@@ -352,6 +453,8 @@ def _from_official_v01(raw: dict[str, Any]) -> DiaConfig:
         cross_n_kv_head=cross_heads,
         cross_head_dim=int(_get(d, "cross_head_dim", "model.decoder.")),
         vocab_size=int(m.get("tgt_vocab_size", 1028)),
+        norm_eps=eps,
+        rope_theta=theta,
     )
 
     def round128(x: int) -> int:  # the official validator rounds lengths up to a multiple of 128
@@ -367,14 +470,5 @@ def _from_official_v01(raw: dict[str, Any]) -> DiaConfig:
         audio_pad_value=int(data_raw.get("audio_pad_value", 1025)),
         audio_bos_value=int(data_raw.get("audio_bos_value", 1026)),
     )
-    min_ts = float(m.get("rope_min_timescale", 1))
-    if min_ts != 1:
-        raise ConfigError(f"model.rope_min_timescale={min_ts} is not supported (Dia uses 1)")
-    model = ModelConfig(
-        encoder=enc,
-        decoder=dec,
-        norm_eps=float(m.get("normalization_layer_epsilon", 1e-5)),
-        rope_theta=float(m.get("rope_max_timescale", 10000)),
-        cross_attention_rope=True,
-    )
+    model = ModelConfig(encoder=enc, decoder=dec, cross_attention_rope=True)
     return DiaConfig(model=model, data=data)

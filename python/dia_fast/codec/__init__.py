@@ -16,6 +16,11 @@ _DEMO_WARNING = (
     "no codec checkpoint given: using a small random {kind} codec, so the audio is a demonstration, not speech "
     "(pass a codec checkpoint: descript's DAC 44.1 kHz weights, or an EnCodec 24 kHz checkpoint)"
 )
+# a codec checkpoint saved from the random codec (marked in its safetensors metadata)
+_SAVED_DEMO_WARNING = (
+    "{path} holds a random codec (saved from dia_fast's demo codec), so the audio is a demonstration, not speech "
+    "(pass a real codec checkpoint: descript's DAC 44.1 kHz weights, or an EnCodec 24 kHz checkpoint)"
+)
 
 
 def codec_kind(path: Path) -> str:
@@ -35,16 +40,20 @@ def codec_kind(path: Path) -> str:
 
 
 def random_codec(kind: str, seed: int = 0) -> AudioCodec:
-    """A small random codec of ``kind`` (``"dac"`` or ``"encodec"``) for tests and the demo."""
+    """A small random codec of ``kind`` (``"dac"`` or ``"encodec"``) for tests and the demo, marked as random
+    (``random_weights``: its ``save_pretrained`` marks the saved weights, and loading them back warns)."""
     if kind == "dac":
         from .dac import DacCodec
 
-        return DacCodec.random("tiny", seed=seed)
-    if kind == "encodec":
+        codec: AudioCodec = DacCodec.random("tiny", seed=seed)
+    elif kind == "encodec":
         from .encodec import EncodecCodec
 
-        return EncodecCodec.random("tiny", seed=seed)
-    raise ValueError(f"unknown codec {kind!r}; expected 'dac' or 'encodec'")
+        codec = EncodecCodec.random("tiny", seed=seed)
+    else:
+        raise ValueError(f"unknown codec {kind!r}; expected 'dac' or 'encodec'")
+    codec.random_weights = True  # type: ignore[attr-defined]
+    return codec
 
 
 def check_codec_spec(spec: object) -> None:
@@ -69,7 +78,8 @@ def load_codec(
 ) -> AudioCodec:
     """Resolve a codec: an instance; a checkpoint path (DAC or EnCodec, detected); ``"dac"`` or
     ``"encodec"`` (a random demo codec, with a warning); or None (a ``dac/`` or ``codec/``
-    directory inside ``search_dir`` when there is one, else the random demo DAC)."""
+    directory inside ``search_dir`` when there is one, else the random demo DAC). A checkpoint saved from a random
+    codec warns as the random codec does (``warn_demo=False``: neither warns)."""
     check_codec_spec(spec)
     if spec is not None and not isinstance(spec, (str, Path)):
         return spec
@@ -95,4 +105,6 @@ def load_codec(
             from .dac import DacCodec
 
             codec = DacCodec.from_pretrained(path)
+        if warn_demo and getattr(codec, "random_weights", False):
+            warnings.warn(_SAVED_DEMO_WARNING.format(path=path), stacklevel=3)
     return codec.to(device) if isinstance(codec, torch.nn.Module) else codec

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import check_state_dict, find_weights, read_all
+from ..checkpoint import check_state_dict, find_weights, has_random_weights, random_weights_metadata, read_all
 from ..options import check_int_option
 from ._layers import Snake, fold_weight_norms
 from .base import ConfigCodecProperties, as_mono_batch, check_codes
@@ -466,8 +466,14 @@ class DacCodec(ConfigCodecProperties, nn.Module):
 
     @torch.no_grad()
     def decode_latent(self, latent: torch.Tensor) -> torch.Tensor:
-        """Quantized latent [B, hidden_size, T] -> float32 PCM [B, T * hop_length] in [-1, 1]."""
-        return self.decoder(latent.to(device=self.device, dtype=self.dtype)).squeeze(1).float()
+        """Quantized latent [B, hidden_size, T] -> float32 PCM [B, T * hop_length] in [-1, 1].
+
+        An odd upsampling ratio (descript's 16 and 24 kHz models: 8, 5, 4, 2) makes its transposed convolution one
+        sample short (descript's code and transformers' too: T * hop - 8 there); the missing end is zeros here, so
+        that every DAC keeps the codec contract of ``T * hop_length`` samples and chunks join."""
+        wav = self.decoder(latent.to(device=self.device, dtype=self.dtype)).squeeze(1).float()
+        short = latent.shape[-1] * self.hop_length - wav.shape[-1]
+        return F.pad(wav, (0, short)) if short > 0 else wav
 
     # a decode window at the start needs no frames beyond its lookahead (zero-padded convolutions)
     min_window_frames = 1
@@ -569,14 +575,18 @@ class DacCodec(ConfigCodecProperties, nn.Module):
         check_state_dict({k: v.shape for k, v in model.state_dict().items()}, state, f"DAC checkpoint {path}")
         state = {k: v.float().contiguous() for k, v in state.items()}
         model.load_state_dict(state, strict=True, assign=True)
+        weights = path / "model.safetensors" if path.is_dir() else path
+        model.random_weights = weights.suffix == ".safetensors" and weights.is_file() and has_random_weights(weights)
         return model.to(device=device, dtype=dtype).eval()
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write transformers' layout: ``config.json`` (model_type ``"dac"``) + ``model.safetensors``."""
+        """Write transformers' layout: ``config.json`` (model_type ``"dac"``) + ``model.safetensors``. A random
+        codec (``random_weights``: the demo codec) is marked so in the safetensors metadata, as the model's random
+        weights are (:data:`~dia_fast.checkpoint.RANDOM_WEIGHTS_KEY`)."""
         from safetensors.torch import save_file
 
-        out = Path(directory)
+        out = Path(directory).expanduser()
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(self.config.to_hf_dict(), indent=2) + "\n")
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+        save_file(state, str(out / "model.safetensors"), metadata=random_weights_metadata(self))

@@ -30,7 +30,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..checkpoint import CheckpointError, check_state_dict, read_tensors, resolve_path
+from ..checkpoint import (
+    CheckpointError,
+    check_state_dict,
+    has_random_weights,
+    random_weights_metadata,
+    read_tensors,
+    resolve_path,
+)
 from ._layers import fold_weight_norms, unfold_weight_norm
 from .base import ConfigCodecProperties, as_mono_batch, check_codes
 
@@ -428,16 +435,19 @@ class EncodecCodec(ConfigCodecProperties, nn.Module):
         expected = {k: v.shape for k, v in codec.state_dict().items()}
         check_state_dict(expected, state, str(weights))
         codec.load_state_dict({k: v.float().contiguous() for k, v in state.items()}, assign=True)
+        codec.random_weights = weights.suffix == ".safetensors" and has_random_weights(weights)
         return codec.eval()
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` in transformers' ``EncodecModel`` layout."""
+        """Write ``config.json`` + ``model.safetensors`` in transformers' ``EncodecModel`` layout. A random codec
+        (``random_weights``: the demo codec) is marked so in the safetensors metadata, as the model's random weights
+        are (:data:`~dia_fast.checkpoint.RANDOM_WEIGHTS_KEY`)."""
         from safetensors.torch import save_file
 
-        out = Path(directory)
+        out = Path(directory).expanduser()
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-        save_file(to_transformers(self.state_dict()), str(out / "model.safetensors"))
+        save_file(to_transformers(self.state_dict()), str(out / "model.safetensors"), random_weights_metadata(self))
         return out
 
 

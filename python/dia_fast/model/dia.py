@@ -27,7 +27,7 @@ from .layers import CrossAttention, GatedMLP, RMSNorm, RotaryEmbedding, SelfAtte
 class EncoderLayer(nn.Module):
     def __init__(self, config: DiaConfig) -> None:
         super().__init__()
-        enc, eps = config.model.encoder, config.model.norm_eps
+        enc, eps = config.model.encoder, config.model.encoder.norm_eps
         self.pre_sa_norm = RMSNorm(enc.hidden_size, eps)
         self.self_attention = SelfAttention(enc.hidden_size, enc.hidden_size, enc.n_head, enc.n_kv_head, enc.head_dim)
         self.post_sa_norm = RMSNorm(enc.hidden_size, eps)  # really the pre-MLP norm
@@ -53,8 +53,8 @@ class Encoder(nn.Module):
         enc = config.model.encoder
         self.embedding = nn.Embedding(enc.vocab_size, enc.hidden_size)
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(enc.n_layer))
-        self.norm = RMSNorm(enc.hidden_size, config.model.norm_eps)
-        self.rotary = RotaryEmbedding(enc.head_dim, config.model.rope_theta, config.data.text_length)
+        self.norm = RMSNorm(enc.hidden_size, enc.norm_eps)
+        self.rotary = RotaryEmbedding(enc.head_dim, enc.rope_theta, config.data.text_length)
 
     def forward(self, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """text_ids [R, T] (0 = pad, T <= text_length), text_mask [R, T] bool -> hidden states [R, T, D]."""
@@ -153,7 +153,7 @@ def semaphores_for(config: DiaConfig, rows: int, device: torch.device) -> torch.
 class DecoderLayer(nn.Module):
     def __init__(self, config: DiaConfig) -> None:
         super().__init__()
-        dec, enc, eps = config.model.decoder, config.model.encoder, config.model.norm_eps
+        dec, enc, eps = config.model.decoder, config.model.encoder, config.model.decoder.norm_eps
         D = dec.hidden_size
         self.pre_sa_norm = RMSNorm(D, eps)
         self.self_attention = SelfAttention(D, D, dec.n_head, dec.n_kv_head, dec.head_dim)
@@ -242,13 +242,11 @@ class Decoder(nn.Module):
         self.channels, self.vocab = config.data.channels, dec.vocab_size
         self.embeddings = MultiChannelEmbedding(self.channels, dec.vocab_size, dec.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(dec.n_layer))
-        self.norm = RMSNorm(dec.hidden_size, config.model.norm_eps)
+        self.norm = RMSNorm(dec.hidden_size, dec.norm_eps)
         self.logits_dense = nn.Linear(dec.hidden_size, self.channels * dec.vocab_size, bias=False)
-        self.rotary = RotaryEmbedding(dec.head_dim, config.model.rope_theta, config.data.audio_length)
+        self.rotary = RotaryEmbedding(dec.head_dim, dec.rope_theta, config.data.audio_length)
         self.cross_rotary = (
-            RotaryEmbedding(
-                dec.cross_head_dim, config.model.rope_theta, max(config.data.audio_length, config.data.text_length)
-            )
+            RotaryEmbedding(dec.cross_head_dim, dec.rope_theta, max(config.data.audio_length, config.data.text_length))
             if config.model.cross_attention_rope
             else None
         )

@@ -95,6 +95,22 @@ def test_every_kernel_is_in_the_report(report: list[dict]) -> None:
 
 
 @pytest.mark.slow
+def test_the_report_compiles_the_supported_edges(report: list[dict]) -> None:
+    """Configurations the generations do not reach are compiled too (and so held to no spills): the slot step at
+    every max_slots bucket up to 128 (one warp spilled from 32 slots), fp32 decode attention at Dia's head dim and
+    prefill attention at head dim 256."""
+
+    def rows(kernel: str, scenario: str) -> list[dict]:
+        return [r for r in report if r["kernel"] == kernel and any(s.startswith(scenario) for s in r["scenarios"])]
+
+    assert {r["constexprs"]["BLOCK_S"] for r in rows("_slot_update_kernel", "ops: slot_update")} == {32, 64, 128}
+    decode = rows("_decode_kernel", "ops: decode_attention fp32")
+    assert [r["constexprs"]["HEAD_DIM"] for r in decode] == [128]
+    prefill = rows("_attn_fwd_kernel", "ops: attention, head_dim 256")
+    assert [r["constexprs"]["HEAD_DIM"] for r in prefill] == [256]
+
+
+@pytest.mark.slow
 def test_cli_writes_json_and_table(report: list[dict], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as caught:  # a --json in a missing directory: refused before the report runs
         bench_main(["--compile-report", "--json", str(tmp_path / "missing" / "report.json")])

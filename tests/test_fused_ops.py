@@ -61,12 +61,35 @@ def test_add_rmsnorm(shape: tuple[int, ...], dtype: torch.dtype) -> None:
     torch.testing.assert_close(normed.float(), want.float(), rtol=1e-2, atol=1e-2)
 
 
+def test_add_rmsnorm_strided_weight_and_mixed_dtypes() -> None:
+    """A weight view with a stride (the kernel read it as contiguous), a residual and delta of two dtypes (promoted,
+    as the reference's add), and shapes or dtypes the kernel does not take (the reference's result or error)."""
+    gen = torch.Generator().manual_seed(64)
+    res, delta = _randn(3, 64, gen=gen), _randn(3, 64, gen=gen)
+    w = _randn(128, gen=gen)[::2]
+    for d in (delta, None):
+        normed, h = tf.add_rmsnorm(res, d, w, 1e-5)
+        want_normed, want_h = ref.add_rmsnorm(res, d, w, 1e-5)
+        assert torch.equal(h, want_h)
+        torch.testing.assert_close(normed, want_normed, rtol=2e-6, atol=2e-6)
+    for r, d in ((res.half(), delta), (res, delta.bfloat16()), (res.half(), delta.bfloat16())):
+        normed, h = tf.add_rmsnorm(r, d, w, 1e-5)
+        want_normed, want_h = ref.add_rmsnorm(r, d, w, 1e-5)
+        assert normed.dtype == h.dtype == want_h.dtype == torch.float32
+        assert torch.equal(h, want_h)
+        torch.testing.assert_close(normed, want_normed, rtol=2e-6, atol=2e-6)
+    for r, d, weight in ((res, res[:1], w), (res.double(), None, w), (res, None, w[:1])):  # broadcasts, fp64
+        normed, h = tf.add_rmsnorm(r, d, weight, 1e-5)
+        want_normed, want_h = ref.add_rmsnorm(r, d, weight, 1e-5)
+        assert torch.equal(normed, want_normed) and torch.equal(h, want_h)
+
+
 def test_add_rmsnorm_errors_and_empty() -> None:
     x = torch.zeros(2, 8, device=DEVICE)
-    with pytest.raises(ValueError, match="weight"):
+    with pytest.raises(RuntimeError, match="size"):  # the reference's error
         tf.add_rmsnorm(x, None, torch.ones(7, device=DEVICE), 1e-5)
-    with pytest.raises(ValueError, match="differ"):
-        tf.add_rmsnorm(x, x[:1], torch.ones(8, device=DEVICE), 1e-5)
+    with pytest.raises(RuntimeError, match="size"):
+        tf.add_rmsnorm(x, x[:, :7], torch.ones(8, device=DEVICE), 1e-5)
     empty = torch.zeros(0, 8, device=DEVICE)
     normed, h = tf.add_rmsnorm(empty, empty, torch.ones(8, device=DEVICE), 1e-5)
     assert normed.shape == (0, 8) and h.shape == (0, 8)
@@ -132,9 +155,34 @@ def test_rope_kv_write_out_of_range_positions_write_nothing() -> None:
     assert not k.any() and not v.any()
 
 
+def test_rope_kv_write_tables_shorter_than_the_cache() -> None:
+    """cos/sin tables that do not cover the cache run the reference: positions inside the table get its values (and
+    writes), a position inside the cache but past the table raises its IndexError (the kernel rotated by zeros)."""
+    gen = torch.Generator().manual_seed(8)
+    qkv = _randn(2, 1, 4 * 16, gen=gen)
+    cos, sin = _tables(16, 8)
+    k1, v1, k2, v2 = (torch.zeros(2, 1, 16, 16, device=DEVICE) for _ in range(4))
+    start = torch.tensor([7, 2], device=DEVICE)
+    q = tf.rope_kv_write(qkv, start, cos, sin, k1, v1, 2, 1)
+    assert torch.equal(q, ref.rope_kv_write(qkv, start, cos, sin, k2, v2, 2, 1))
+    assert torch.equal(k1, k2) and torch.equal(v1, v2)
+    with pytest.raises(IndexError):
+        tf.rope_kv_write(qkv[:1], torch.tensor([10], device=DEVICE), cos, sin, k1[:1], v1[:1], 2, 1)
+    prefill = _randn(1, 9, 4 * 16, gen=gen)  # start None: the table must cover the T tokens
+    with pytest.raises(IndexError):
+        tf.rope_kv_write(prefill, None, cos, sin, k1[:1], v1[:1], 2, 1)
+    cos64, sin64 = (t.double() for t in _tables(16, 16))  # fp64 tables: the reference's fp64 rotation
+    q = tf.rope_kv_write(qkv, start, cos64, sin64, k1, v1, 2, 1)
+    assert torch.equal(q, ref.rope_kv_write(qkv, start, cos64, sin64, k2, v2, 2, 1))
+
+
 def test_rope_kv_write_errors() -> None:
     cos, sin = _tables(16, 8)
     k = torch.zeros(1, 1, 4, 16, device=DEVICE)
+    qkv = torch.zeros(1, 1, 64, device=DEVICE)
+    for cache in (torch.zeros(4, device=DEVICE), torch.zeros(1, 1, 4, device=DEVICE)):  # ndim checked first
+        with pytest.raises(ValueError, match="k_cache"):
+            tf.rope_kv_write(qkv, None, cos, sin, cache, cache.clone(), 2, 1)
     with pytest.raises(ValueError, match="heads of an even head dim"):
         tf.rope_kv_write(torch.zeros(1, 1, 50, device=DEVICE), None, cos, sin, k, k.clone(), 2, 1)
     with pytest.raises(ValueError, match="k_cache"):
@@ -160,6 +208,11 @@ def test_swiglu(shape: tuple[int, ...], dtype: torch.dtype) -> None:
         tf.swiglu(x[..., :-1])
 
 
+def test_swiglu_fp64_runs_the_reference() -> None:
+    x = _randn(3, 40, gen=torch.Generator().manual_seed(40), dtype=torch.float64, scale=4.0)
+    assert torch.equal(tf.swiglu(x), ref.swiglu(x))  # the kernel's fp32 silu rounds otherwise
+
+
 # --- the step's bookkeeping ----------------------------------------------------------------------
 
 
@@ -180,10 +233,26 @@ def test_step_update(B: int, cfg: bool) -> None:
     assert bool(state["done"])
 
 
+def test_step_update_other_layouts_run_the_reference() -> None:
+    """Buffers the kernel does not take (a channel-major out, int64 flags) run the reference in place: the same
+    results instead of an error."""
+    gen = torch.Generator().manual_seed(3)
+    state = step_state(4, 8, 48, gen, 30, True)
+    state["out"] = state["out"].transpose(1, 2).contiguous().transpose(1, 2)  # stride(-1) != 1
+    state["real"] = state["real"].long()
+    mine = {k: v.clone().to(DEVICE) for k, v in state.items()}
+    mine["out"] = mine["out"].transpose(1, 2).contiguous().transpose(1, 2)
+    tstep.step_update(**mine, eos_value=1024, pad_value=1025)
+    ref.step_update(**state, eos_value=1024, pad_value=1025)
+    for k, v in state.items():
+        assert torch.equal(mine[k].cpu(), v), k
+
+
 def test_slot_update() -> None:
-    """Continuous batching's per-slot bookkeeping: live, idle and finished slots, each at its own position."""
+    """Continuous batching's per-slot bookkeeping: live, idle and finished slots, each at its own position; up to the
+    largest max_slots bucket (128), and a channel-major out buffer (the reference runs it)."""
     gen = torch.Generator().manual_seed(0)
-    for S in (1, 3, 8):
+    for S in (1, 3, 8, 64, 128):
         for _ in range(4):
             state = slot_state(S, 48, gen)
             mine = {k: v.clone().to(DEVICE) for k, v in state.items()}
@@ -191,6 +260,13 @@ def test_slot_update() -> None:
             ref.slot_update(**state, eos_value=1024, pad_value=1025)
             for k, v in state.items():
                 assert torch.equal(mine[k].cpu(), v), (S, k)
+    state = slot_state(5, 48, gen)
+    mine = {k: v.clone().to(DEVICE) for k, v in state.items()}
+    mine["out"] = mine["out"].transpose(1, 2).contiguous().transpose(1, 2)
+    tstep.slot_update(**mine, eos_value=1024, pad_value=1025)
+    ref.slot_update(**state, eos_value=1024, pad_value=1025)
+    for k, v in state.items():
+        assert torch.equal(mine[k].cpu(), v), k
 
 
 # --- split-KV decode attention with the reduction inside the kernel ----------------------------

@@ -183,6 +183,27 @@ def test_embed_delayed_codes(dtype: torch.dtype) -> None:
             torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
 
 
+def test_embed_tables_past_the_kernel_run_the_reference() -> None:
+    """A table with fewer than C * vocab_size rows: the kernel would read past its end (any in-vocabulary code is
+    read unchecked), so it runs the reference, whose IndexError is the op's; codes inside the table get the
+    reference's sums. fp64 tables (the kernel sums in fp32) run the reference too."""
+    store = torch.arange(40.0).reshape(10, 4).to(DEVICE)
+    table = store[:5]  # 2 channels x vocabulary 4 need 8 rows
+    past = torch.tensor([[[3, 3]]], device=DEVICE)  # channel 1, code 3: row 7
+    with pytest.raises(IndexError):
+        td.embed_codes(past, table, 4)
+    with pytest.raises(IndexError):
+        td.embed_delayed_codes(past, [0, 0], 1, 2, table, 4)
+    inside = torch.tensor([[[3, 0], [1, 0]]], device=DEVICE)  # rows 3 + 4, 1 + 4
+    assert torch.equal(td.embed_codes(inside, table, 4), ref.embed_codes(inside, table, 4))
+    want = ref.embed_codes(ref.apply_delay(inside, [0, 1], 0, 0), table, 4)
+    assert torch.equal(td.embed_delayed_codes(inside, [0, 1], 0, 0, table, 4), want)
+    gen = torch.Generator().manual_seed(64)
+    table64 = torch.randn(3 * 7, 5, generator=gen, dtype=torch.float64).to(DEVICE)
+    codes = torch.randint(0, 7, (2, 4, 3), generator=gen).to(DEVICE)
+    assert torch.equal(td.embed_codes(codes, table64, 7), ref.embed_codes(codes, table64, 7))
+
+
 @pytest.mark.gpu
 def test_embed_codes_bf16_gpu() -> None:
     gen = torch.Generator().manual_seed(5)

@@ -133,8 +133,18 @@ def test_int8_linear_rejects_bad_input():
         tl_lin.int8_linear(x[:, :31], w, s)
     with pytest.raises(ValueError, match="out is"):
         tl_lin.int8_linear(x, w, s, out=torch.empty(2, 9, device=DEVICE))
-    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
-        tl_lin.int8_linear(x.double(), w, s)
+
+
+def test_other_activation_dtypes_run_the_reference():
+    """fp64 activations (no tl.dot for them): the reference's result in fp64, also into out= and through the
+    dispatcher's Triton backend (what a CUDA device picks)."""
+    x, w, s = _case(3, 16, 40, torch.float64, seed=5)
+    want = ref.int8_linear(x, w, s)
+    assert want.dtype == torch.float64
+    assert torch.equal(tl_lin.int8_linear(x, w, s), want)
+    assert torch.equal(ops.int8_linear(x, w, s, backend="triton"), want)
+    out = torch.empty(3, 16, dtype=torch.float64, device=DEVICE)
+    assert tl_lin.int8_linear(x, w, s, out=out) is out and torch.equal(out, want)
 
 
 def test_int8_linear_is_the_triton_backend_of_the_op():

@@ -177,6 +177,33 @@ def test_per_row_settings() -> None:
         assert torch.equal(got[b : b + 1], alone), b
 
 
+def test_negative_top_p_keeps_the_top_id() -> None:
+    """A top_p below 0 keeps the most probable id alone, as 0 does and as the reference's nucleus always keeps it (the
+    kernel kept nothing and drew id 0); a number or per-row values."""
+    gen = torch.Generator().manual_seed(12)
+    B = 4
+    cond, uncond = _logits(B, torch.float32, gen)
+    kw = dict(eos_id=SEOS, seed=torch.tensor([5, 6, 7, 8], device=DEVICE), offset=torch.tensor([3], device=DEVICE))
+    for top_p in (-0.5, torch.tensor([-0.1, 0.5, -3.0, 0.0], device=DEVICE)):
+        got = ts.cfg_sample(cond, uncond, top_p=top_p, **kw)
+        assert torch.equal(got, ref.cfg_sample(cond, uncond, top_p=top_p, **kw)), top_p
+    greedy = ref.cfg_sample(cond, uncond, eos_id=SEOS, do_sample=False)
+    assert torch.equal(ts.cfg_sample(cond, uncond, top_p=-1.0, **kw), greedy)  # the top id alone: the argmax
+
+
+def test_vocabularies_past_the_kernel_run_the_reference() -> None:
+    """V > MAX_VOCAB (one row no longer fits a block): the reference's codes, greedy and seeded, also through the
+    dispatcher's Triton backend (what a CUDA device picks)."""
+    gen = torch.Generator().manual_seed(4100)
+    Vb = ts.MAX_VOCAB + 4
+    cond, uncond = _logits(2, torch.float32, gen, SC, Vb, Vb - 4)
+    seeded = dict(eos_id=Vb - 4, seed=torch.tensor([1, 2], device=DEVICE), offset=7)
+    for kw in (dict(eos_id=Vb - 4, do_sample=False), seeded):
+        want = ref.cfg_sample(cond, uncond, **kw)
+        assert torch.equal(ts.cfg_sample(cond, uncond, **kw), want)
+        assert torch.equal(ops.cfg_sample(cond, uncond, backend="triton", **kw), want)
+
+
 def test_seed_and_offset_select_the_noise() -> None:
     gen = torch.Generator().manual_seed(6)
     cond, uncond = _logits(2, torch.float32, gen)
@@ -308,9 +335,9 @@ def test_errors() -> None:
         ts.cfg_sample(cond, cond, eos_id=7, seed=torch.tensor([1]), generator=torch.Generator())
     with pytest.raises(ValueError, match=r"\[B=1\]"):
         ts.cfg_sample(cond, cond, eos_id=7, temperature=torch.ones(3))
-    big = torch.zeros(1, 1, ts.MAX_VOCAB + 1, device=DEVICE)
-    with pytest.raises(ValueError, match="V <="):
-        ts.cfg_sample(big, big, eos_id=3)
+    big = torch.zeros(1, 1, ts.MAX_VOCAB + 1, device=DEVICE)  # the reference's checks past the kernel's vocabulary
+    with pytest.raises(ValueError, match="not a vocabulary id"):
+        ts.cfg_sample(big, big, eos_id=ts.MAX_VOCAB + 1)
     empty = torch.zeros(0, 9, 1028, device=DEVICE)
     assert ts.cfg_sample(empty, empty).shape == (0, 9)
 

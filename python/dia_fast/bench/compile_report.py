@@ -388,6 +388,61 @@ def _scenarios(rec: _Recorder | None, dtype: str, log: Callable[[str], None], de
         s = (torch.rand(n, generator=gen) * 0.01).to(device)
         for m in (2, 16, 64, 1024):
             ops.int8_linear(torch.randn(m, k, generator=gen).to(device=device, dtype=model.dtype), w, s)
+    _edge_scenarios(rec, model.dtype, data, gen, device)
+
+
+def _edge_scenarios(rec: _Recorder | None, dtype: Any, data: Any, gen: Any, device: str) -> None:
+    """Supported configurations the generations above do not reach: the slot step at the larger ``max_slots``
+    buckets (64 and 128 slots: more warps), fp32 decode attention at Dia's head dim (a model run in fp32) and
+    prefill attention at head dim 256 in the model's dtype (another architecture)."""
+    import torch
+
+    from .. import ops
+
+    if rec is not None:
+        rec.scenario = "ops: slot_update, 32 / 64 / 128 slots"
+    C, L = data.channels, data.audio_length
+    delays = torch.tensor(data.delay_pattern, device=device)
+
+    def per_slot(S: int, value: int | bool, dt: torch.dtype) -> torch.Tensor:
+        return torch.full((S,), value, dtype=dt, device=device)
+
+    for S in (32, 64, 128):
+        ops.slot_update(
+            torch.randint(0, 1024, (S, C), generator=gen).to(device),
+            per_slot(S, 5, torch.long),
+            per_slot(S, -1, torch.long),
+            delays,
+            per_slot(S, L - data.max_delay - 1, torch.long),
+            per_slot(S, 0, torch.long),
+            torch.full((S, L, C), -1, dtype=torch.long, device=device),
+            torch.full((S, L, C), data.audio_pad_value, dtype=torch.long, device=device),
+            per_slot(S, True, torch.bool),
+            per_slot(S, False, torch.bool),
+            per_slot(S, True, torch.bool),
+            torch.zeros(2 * S, 1, C, dtype=torch.long, device=device),
+            torch.zeros(2 * S, dtype=torch.long, device=device),
+            eos_value=data.audio_eos_value,
+            pad_value=data.audio_pad_value,
+        )
+    if rec is not None:
+        rec.scenario = "ops: decode_attention fp32, head_dim 128, 3072 keys"
+    q = torch.randn(2, 16, 1, 128, generator=gen).to(device)
+    kv = torch.randn(2, 4, L, 128, generator=gen).to(device)
+    ops.decode_attention(
+        q,
+        kv,
+        kv,
+        scale=0.088,
+        kv_len=torch.tensor([L - 72], device=device),
+        key_mask=torch.ones(2, L, dtype=torch.bool, device=device),
+        semaphores=torch.zeros(8, dtype=torch.int32, device=device),
+    )
+    if rec is not None:
+        rec.scenario = "ops: attention, head_dim 256, 300 causal steps"
+    q = torch.randn(2, 16, 300, 256, generator=gen).to(device=device, dtype=dtype)
+    kv = torch.randn(2, 4, 300, 256, generator=gen).to(device=device, dtype=dtype)
+    ops.attention(q, kv, kv, scale=0.0625, causal=True, key_mask=torch.ones(2, 300, dtype=torch.bool, device=device))
 
 
 def record_launches(arch: Arch, dtype: str = "bfloat16", log: Callable[[str], None] = print) -> list[Launch]:

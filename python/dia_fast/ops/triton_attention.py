@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import reference
+
 __all__ = ["attention", "decode_attention", "decode_num_splits"]
 
 _LOG2E = 1.4426950408889634
@@ -30,6 +32,8 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _CPU_SM_COUNT = 4
 # Upper bound on KV splits (the last split combines the partials of all of them in a loop).
 _MAX_SPLITS = 128
+# Largest head dim the kernels take (a whole head's tile in registers); larger ones run the reference.
+_MAX_HEAD_DIM = 256
 
 
 # --- kernels --------------------------------------------------------------------------------
@@ -310,16 +314,16 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, 
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch or head_dim")
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
-    if D < 1 or D > 256:
-        raise ValueError(f"head_dim must be in [1, 256], got {D}")
-    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(
-            f"q, k, v must share one dtype among float32/float16/bfloat16, got {q.dtype}, {k.dtype}, {v.dtype}"
-        )
     if k.device != q.device or v.device != q.device:
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     _check_device(q)
     return B, Hq, Tq, D, Hkv, Tk
+
+
+def _kernel_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the kernels cover these (valid) inputs: one dtype among fp32 / fp16 / bf16 and a head dim in
+    [1, 256]. Other inputs run the reference, as in the C++ and Metal backends."""
+    return q.dtype in _DTYPES and k.dtype == q.dtype and v.dtype == q.dtype and 1 <= q.shape[-1] <= _MAX_HEAD_DIM
 
 
 def _mask_arg(key_mask: torch.Tensor | None, B: int, T: int, like: torch.Tensor) -> tuple[torch.Tensor, int, int]:
@@ -356,8 +360,8 @@ def _prefill_config(D: int, dtype: torch.dtype, Tq: int, interp: bool) -> tuple[
         bm, bn, warps, stages = 128, 64, 4, 3
     elif D <= 128:
         bm, bn, warps, stages = 128, 64, 8, 3
-    else:
-        bm, bn, warps, stages = 64, 32, 4, 2
+    else:  # 8 warps: with 4 a [64, 256] fp32 accumulator spills on sm_90a (docs/kernels-compile-report.md)
+        bm, bn, warps, stages = 64, 32, 8, 2
     # short query blocks (cross-attention of a few steps): do not waste a 128-row tile
     bm = max(16, min(bm, triton.next_power_of_2(max(Tq, 1))))
     if bm < 64:
@@ -369,8 +373,8 @@ def _decode_config(D: int, dtype: torch.dtype, interp: bool) -> tuple[int, int, 
     """(BLOCK_N, num_warps, num_stages) for the split-KV decode kernel."""
     if interp:
         return 32, 4, 1
-    if dtype == torch.float32:
-        return (32 if D <= 128 else 16), 4, 2
+    if dtype == torch.float32:  # 16-key tiles above D = 64: 32 fp32 keys of D = 128 spill on sm_90a
+        return (32 if D <= 64 else 16), 4, 2
     if D <= 128:
         return 64, 4, 3
     return 32, 4, 2
@@ -423,17 +427,18 @@ def attention(
     head ``h // (Hq // Hkv)``); ``key_mask`` [B, Tk] (True = attend) or None; ``causal``
     aligns queries to the end of the keys (query ``i`` sees keys ``<= i + Tk - Tq``). Rows
     seeing no key return zeros. fp32 / fp16 / bf16, any head_dim up to 256,
-    any strides. Returns a contiguous [B, Hq, Tq, D] tensor in q's dtype.
+    any strides. Returns a contiguous [B, Hq, Tq, D] tensor in q's dtype. Other dtypes (or mixed ones),
+    larger head dims and more than 65535 ``B * Hq`` run :func:`dia_fast.ops.reference.attention`.
     """
     B, Hq, Tq, D, Hkv, Tk = _check_qkv(q, k, v)
+    km, skmb, skmn = _mask_arg(key_mask, B, Tk, q)
+    if not _kernel_takes(q, k, v) or B * Hq > 65535:  # (65535: the largest CUDA grid's y dimension)
+        return reference.attention(q, k, v, scale=scale, causal=causal, key_mask=key_mask)
     out = torch.empty((B, Hq, Tq, D), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
     if Tk == 0:
         return out.zero_()
-    km, skmb, skmn = _mask_arg(key_mask, B, Tk, q)
-    if B * Hq > 65535:
-        raise ValueError(f"batch * query heads must be <= 65535 (a CUDA grid dimension), got {B * Hq}")
     interp = _is_interpreter(q)
     bm, bn, warps, stages = _prefill_config(D, q.dtype, Tq, interp)
     grid = (triton.cdiv(Tq, bm), B * Hq)
@@ -472,17 +477,12 @@ def decode_attention(
     semaphore tells: ``semaphores`` is a contiguous int32 tensor of at least ``B * Hkv`` zeros that the
     kernel leaves at zero (keep one per decode state and reuse it for every layer; calls that may run at
     the same time on different streams need their own). Without it a zeroed one is made per call.
-    Returns [B, Hq, 1, D] in q's dtype.
+    Returns [B, Hq, 1, D] in q's dtype. Inputs the kernel does not take (see :func:`attention`) run
+    :func:`dia_fast.ops.reference.decode_attention`.
     """
     B, Hq, Tq, D, Hkv, L = _check_qkv(q, k_cache, v_cache)
     if Tq != 1:
         raise ValueError(f"decode_attention takes one query step, q is {tuple(q.shape)}")
-    out = torch.empty((B, Hq, 1, D), dtype=q.dtype, device=q.device)
-    if out.numel() == 0:
-        return out
-    if L == 0:
-        return out.zero_()
-
     kvlen_t, skvl, kv_len_int = q, 0, 0
     if kv_len is None:
         mode = 0
@@ -499,6 +499,13 @@ def decode_attention(
         kv_len_int = max(0, min(int(kv_len), L))
 
     km, skmb, skmn = _mask_arg(key_mask, B, L, q)
+    if not _kernel_takes(q, k_cache, v_cache):
+        return reference.decode_attention(q, k_cache, v_cache, scale=scale, kv_len=kv_len, key_mask=key_mask)
+    out = torch.empty((B, Hq, 1, D), dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    if L == 0:
+        return out.zero_()
     interp = _is_interpreter(q)
     block_n, warps, stages = _decode_config(D, q.dtype, interp)
     sm_count = _device_sm_count(q.device)

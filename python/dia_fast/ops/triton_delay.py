@@ -239,9 +239,6 @@ def _launch_embed(
     bos_value: int = 0,
     pad_value: int = 0,
 ) -> torch.Tensor:
-    _check_codes(codes)
-    if table.ndim != 2:
-        raise ValueError(f"table must be [C * vocab_size, D], got shape {tuple(table.shape)}")
     B, T, C = codes.shape
     D = table.shape[1]
     out = torch.empty((B, T, D), dtype=table.dtype, device=table.device)
@@ -275,12 +272,29 @@ def _launch_embed(
     return out
 
 
+_TABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _table_ok(codes: torch.Tensor, table: torch.Tensor, vocab_size: int) -> bool:
+    """Whether the kernel takes this table: every channel's ``vocab_size`` rows inside it (the kernel reads row
+    ``c * vocab_size + code`` for any in-vocabulary code, unchecked) and a dtype it sums as the reference does."""
+    _check_codes(codes)
+    if table.ndim != 2:
+        raise ValueError(f"table must be [C * vocab_size, D], got shape {tuple(table.shape)}")
+    n_rows = codes.shape[2] * int(vocab_size)
+    return table.dtype in _TABLE_DTYPES and vocab_size > 0 and table.shape[0] >= n_rows
+
+
 def embed_codes(codes: torch.Tensor, table: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Decoder input embedding: ``out[b, t] = sum_c table[c * vocab_size + codes[b, t, c]]``.
 
     codes [B, T, C] integer in ``[0, vocab_size)`` (out-of-range codes add zero instead of raising),
-    table [C * vocab_size, D] -> [B, T, D] in ``table``'s dtype, summed in fp32. One kernel launch.
+    table [C * vocab_size, D] -> [B, T, D] in ``table``'s dtype, summed in fp32. One kernel launch. A table of
+    fewer than ``C * vocab_size`` rows (or not fp32 / fp16 / bf16) runs the reference, which raises its IndexError
+    for a code past the table.
     """
+    if not _table_ok(codes, table, vocab_size):
+        return reference.embed_codes(codes, table, vocab_size)
     return _launch_embed(codes, table, vocab_size, None)
 
 
@@ -294,8 +308,10 @@ def embed_delayed_codes(
 ) -> torch.Tensor:
     """``embed_codes(apply_delay(codes, delay_pattern, bos_value, pad_value), table, vocab_size)`` in one
     kernel, without materialising the delayed codes: the decoder input of undelayed codes [B, T, C]
-    (e.g. an audio prompt). Same value ranges and precision as :func:`embed_codes`.
+    (e.g. an audio prompt). Same value ranges, precision and fallback as :func:`embed_codes`.
     """
-    _check_codes(codes)
+    if not _table_ok(codes, table, vocab_size):
+        delayed = reference.apply_delay(codes, delay_pattern, bos_value, pad_value)
+        return reference.embed_codes(delayed, table, vocab_size)
     delays, _ = _pattern(delay_pattern, codes.shape[2], codes.device)
     return _launch_embed(codes, table, vocab_size, delays, bos_value, pad_value)

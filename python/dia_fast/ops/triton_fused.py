@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import reference
+
 __all__ = ["add_rmsnorm", "rope_kv_write", "swiglu"]
 
 
@@ -24,7 +26,7 @@ __all__ = ["add_rmsnorm", "rope_kv_write", "swiglu"]
 @triton.jit
 def _add_rmsnorm_kernel(
     Res, Delta, W, Normed, H,
-    n_cols, s_res, s_delta, s_normed, s_h, eps,
+    n_cols, s_res, s_delta, s_normed, s_h, s_w, eps,
     HAS_DELTA: tl.constexpr,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
@@ -40,7 +42,7 @@ def _add_rmsnorm_kernel(
     hf = h.to(tl.float32)
     mean_sq = tl.sum(hf * hf, axis=0) / n_cols
     inv = 1.0 / tl.sqrt_rn(mean_sq + eps)
-    w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
+    w = tl.load(W + cols * s_w, mask=ok, other=0.0).to(tl.float32)
     tl.store(Normed + row * s_normed + cols, (hf * inv * w).to(Normed.dtype.element_ty), mask=ok)
 
 
@@ -115,6 +117,8 @@ def _swiglu_kernel(X, Out, H, s_x, s_o, BLOCK: tl.constexpr):
 
 # --- host side ------------------------------------------------------------------------------
 
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the kernels compute as the reference does
+
 
 def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
     """[..., D] as a [rows, D] view with a contiguous last dim (a copy only when no such view exists)."""
@@ -137,14 +141,20 @@ def add_rmsnorm(
     residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`dia_fast.ops.reference.add_rmsnorm` in one launch: returns ``(normed, residual + delta)``
-    (``delta`` None: the residual itself is returned as the second value). [..., D] any dtype, weight [D]."""
-    D = residual.shape[-1]
-    if weight.shape != (D,):
-        raise ValueError(f"weight must be [{D}], got {tuple(weight.shape)}")
-    if delta is not None and delta.shape != residual.shape:
-        raise ValueError(f"residual {tuple(residual.shape)} and delta {tuple(delta.shape)} differ")
+    (``delta`` None: the residual itself is returned as the second value). [..., D] fp32 / fp16 / bf16 (a residual
+    and delta of two dtypes give results in the promoted one, as the reference), weight [D] of any strides.
+    Other shapes (a broadcast delta or weight) and dtypes run the reference (or raise its error)."""
+    D = residual.shape[-1] if residual.ndim else 0
+    if (
+        residual.ndim == 0
+        or residual.dtype not in _DTYPES
+        or weight.shape != (D,)
+        or (delta is not None and (delta.shape != residual.shape or delta.dtype not in _DTYPES))
+    ):
+        return reference.add_rmsnorm(residual, delta, weight, eps)
+    dtype = residual.dtype if delta is None else torch.promote_types(residual.dtype, delta.dtype)
     res2 = _rows(residual, "residual")
-    normed = torch.empty(residual.shape, dtype=residual.dtype, device=residual.device)
+    normed = torch.empty(residual.shape, dtype=dtype, device=residual.device)
     h = residual if delta is None else torch.empty_like(normed)
     n = res2.shape[0]
     if n == 0 or D == 0:
@@ -155,7 +165,7 @@ def add_rmsnorm(
     block = triton.next_power_of_2(D)
     _add_rmsnorm_kernel[(n,)](
         res2, d2, weight, normed, h,
-        D, res2.stride(0), d2.stride(0), D, D, float(eps),
+        D, res2.stride(0), d2.stride(0), D, D, weight.stride(0), float(eps),
         HAS_DELTA=delta is not None, BLOCK=block, num_warps=_warps(D),
     )  # fmt: skip
     return normed, h
@@ -174,7 +184,9 @@ def rope_kv_write(
     """:func:`dia_fast.ops.reference.rope_kv_write` in one launch (one program per token).
 
     Positions come from ``start`` on the device; a position outside the cache ``[0, L)`` writes nothing
-    (the reference raises instead). Returns the rotated q [R, n_head, T, D].
+    (the reference raises instead). The cos/sin tables must cover the positions the kernel may see (all L of
+    the cache, or the T tokens when ``start`` is None): shorter tables, and fp64 ones, run the reference, whose
+    IndexError a position past the table raises. Returns the rotated q [R, n_head, T, D].
     """
     if qkv.ndim != 3:
         raise ValueError(f"qkv must be [R, T, (n_head + 2 n_kv_head) * D], got {tuple(qkv.shape)}")
@@ -183,13 +195,16 @@ def rope_kv_write(
     if W % heads or (W // heads) % 2:
         raise ValueError(f"qkv width {W} is not {heads} heads of an even head dim")
     D = W // heads
-    L = k_cache.shape[2]
-    if k_cache.ndim != 4 or k_cache.shape != (R, n_kv_head, L, D) or v_cache.shape != k_cache.shape:
+    if k_cache.ndim != 4 or k_cache.shape != (R, n_kv_head, k_cache.shape[2], D) or v_cache.shape != k_cache.shape:
         raise ValueError(
             f"k_cache/v_cache must be [R={R}, {n_kv_head}, L, {D}], got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}"
         )
+    L = k_cache.shape[2]
     if cos.ndim != 2 or cos.shape[1] != D // 2 or sin.shape != cos.shape:
         raise ValueError(f"cos/sin must be [positions, {D // 2}], got {tuple(cos.shape)}, {tuple(sin.shape)}")
+    if cos.shape[0] < (T if start is None else L) or cos.dtype == torch.float64 or sin.dtype == torch.float64:
+        # a position inside the cache but past the table would rotate by zeros: the reference raises there
+        return reference.rope_kv_write(qkv, start, cos, sin, k_cache, v_cache, n_head, n_kv_head)
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("the caches' head dim must be contiguous")
     if qkv.stride(-1) != 1:
@@ -221,7 +236,10 @@ def rope_kv_write(
 
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-    """:func:`dia_fast.ops.reference.swiglu` in one launch: [..., 2H] -> [..., H]."""
+    """:func:`dia_fast.ops.reference.swiglu` in one launch: [..., 2H] -> [..., H] (fp32 / fp16 / bf16; other dtypes
+    run the reference)."""
+    if gate_up.dtype not in _DTYPES:  # the kernel's fp32 math would round an fp64 silu differently
+        return reference.swiglu(gate_up)
     W = gate_up.shape[-1]
     if W % 2:
         raise ValueError(f"gate_up's last dim must be even ([gate | up]), got {W}")

@@ -136,15 +136,15 @@ def int8_linear(
 ) -> torch.Tensor:
     """Weight-only int8 linear ``x @ (weight * scale[:, None]).T`` (int8 [N, K] weights, fp32 scale per row),
     result in ``x``'s dtype; the semantics of :func:`dia_fast.ops.reference.int8_linear` (here fp32 sums, then the
-    scale: see the module's note on overflow), for any number of rows, columns and K. ``config``: launch settings
-    (benchmarks)."""
+    scale: see the module's note on overflow), for any number of rows, columns and K. Activations other than fp32 /
+    fp16 / bf16 run the reference. ``config``: launch settings (benchmarks)."""
     cfg = DEFAULT_CONFIG if config is None else config
     bad_weight = weight.dtype != torch.int8 or weight.ndim != 2 or scale.shape != weight.shape[:1]
     if bad_weight or x.shape[-1] != weight.shape[1]:
         return reference.int8_linear(x, weight, scale, out=out)  # raises its error
     N, K = weight.shape
-    if x.dtype not in _DTYPES:
-        raise ValueError(f"int8_linear: x must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.dtype not in _DTYPES:  # e.g. fp64 activations: the reference's fp32 product, in x's dtype
+        return reference.int8_linear(x, weight, scale, out=out)
     if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("Triton int8_linear runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)")
     M = x.numel() // K if K else math.prod(x.shape[:-1])

@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import reference
 from .reference import Param, top_k_arg
 
 __all__ = ["MAX_VOCAB", "cfg_sample"]
@@ -153,6 +154,8 @@ def _cfg_sample_kernel(
         if tl.max(sampled.to(tl.int32), axis=0) > 0:
             z = tl.math.div_rn(logits, tl.where(sampled, temp, 1.0)[:, None])  # IEEE division, as torch
             top_p = tl.load(TopP + b * s_topp, mask=row_ok, other=1.0).to(tl.float32)
+            # a negative top_p keeps the top id alone, as 0 does (the reference always keeps it); NaN stays NaN
+            top_p = tl.where(top_p < 0.0, 0.0, top_p)
             use_p = sampled & (top_p < 1.0)
             if tl.max(use_p.to(tl.int32), axis=0) > 0:  # nucleus: keep an id iff the mass ranked above is <= top_p
                 finite = z > neg_inf
@@ -201,7 +204,8 @@ def cfg_sample(
     offset: int | torch.Tensor = 0,
     allow_eos: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Next codes [B, C] int64 from conditional / unconditional logits [B, C, V], V <= 4096, in one launch.
+    """Next codes [B, C] int64 from conditional / unconditional logits [B, C, V] in one launch (V <= 4096; a larger
+    vocabulary runs :func:`dia_fast.ops.reference.cfg_sample`).
 
     :func:`dia_fast.ops.reference.cfg_sample`'s semantics (CFG, top-k of the guided logits applied to the
     cond logits or, without a top-k, the guided logits; EOS rules; then argmax, or temperature + top-p + a
@@ -219,10 +223,23 @@ def cfg_sample(
     if seed is not None and generator is not None:
         raise ValueError("pass either seed or generator, not both")
     B, C, V = cond.shape
-    if V > MAX_VOCAB:
-        raise ValueError(f"the Triton cfg_sample handles V <= {MAX_VOCAB}, got V = {V}; use backend='torch'")
     if not 0 <= eos_id < V:
         raise ValueError(f"eos_id {eos_id} is not a vocabulary id (V = {V})")
+    if V > MAX_VOCAB:  # one row must fit one block: larger vocabularies run the reference (as cpp and metal do)
+        return reference.cfg_sample(
+            cond,
+            uncond,
+            cfg_scale=cfg_scale,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            eos_id=eos_id,
+            do_sample=do_sample,
+            generator=generator,
+            seed=seed,
+            offset=offset,
+            allow_eos=allow_eos,
+        )
     out = torch.empty((B, C), dtype=torch.int64, device=cond.device)
     if B * C == 0:
         return out

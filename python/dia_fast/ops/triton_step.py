@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import reference
+
 __all__ = ["slot_update", "step_update"]
 
 
@@ -87,27 +89,36 @@ def step_update(
     eos_value: int,
     pad_value: int,
 ) -> None:
-    """:func:`dia_fast.ops.reference.step_update` in one launch (in place; same arguments)."""
+    """:func:`dia_fast.ops.reference.step_update` in one launch (in place; same arguments). Buffers of other
+    shapes, layouts or flag dtypes than the decode step's run the reference (which raises for bad ones)."""
+    args = (codes, pos, eos_pos, delays, forced_eos_pos, forced, out, real, done, tokens, min_eos_pos, allow_eos)
+    if codes.ndim != 2 or out.ndim != 3 or tokens.ndim != 3:
+        return reference.step_update(*args, eos_value=eos_value, pad_value=pad_value)
     B, C = codes.shape
-    R = tokens.shape[0]
     if B == 0:
-        return
-    if R % B or tokens.shape[1:] != (1, C):
-        raise ValueError(f"tokens must be [k * {B}, 1, {C}], got {tuple(tokens.shape)}")
-    if out.shape[0] != B or out.shape[2] != C or forced.shape != out.shape:
-        raise ValueError(f"out and forced must be [{B}, L, {C}], got {tuple(out.shape)}, {tuple(forced.shape)}")
-    for name, t in (("codes", codes), ("forced", forced), ("out", out), ("tokens", tokens), ("delays", delays)):
-        if t.stride(-1) != 1:
-            raise ValueError(f"{name} must have a contiguous last dim")
-    if not (eos_pos.is_contiguous() and real.is_contiguous() and done.numel() == 1):
-        raise ValueError("eos_pos and real must be contiguous [B] tensors and done a one-element tensor")
+        return None
+    R = tokens.shape[0]
     fep = forced_eos_pos.reshape(-1)
-    if fep.numel() not in (1, B):
-        raise ValueError(f"forced_eos_pos must have 1 or {B} elements, got {fep.numel()}")
-    s_fep = fep.stride(0) if fep.numel() == B and B > 1 else 0
     has_min = min_eos_pos is not None and allow_eos is not None
-    if has_min and (min_eos_pos.shape != (B,) or allow_eos.shape != (B,) or not allow_eos.is_contiguous()):
-        raise ValueError(f"min_eos_pos and allow_eos must be contiguous [{B}] tensors")
+    if (
+        R % B
+        or tokens.shape[1:] != (1, C)
+        or out.shape[0] != B
+        or out.shape[2] != C
+        or forced.shape != out.shape
+        or eos_pos.shape != (B,)
+        or real.shape != (B,)
+        or delays.shape != (C,)
+        or pos.numel() < 1
+        or done.numel() != 1
+        or fep.numel() not in (1, B)
+        or real.dtype != torch.bool
+        or done.dtype != torch.bool
+        or any(t.stride(-1) != 1 for t in (codes, forced, out, tokens, delays, eos_pos, real))
+        or (has_min and (min_eos_pos.shape != (B,) or allow_eos.shape != (B,) or not allow_eos.is_contiguous()))
+    ):
+        return reference.step_update(*args, eos_value=eos_value, pad_value=pad_value)
+    s_fep = fep.stride(0) if fep.numel() == B and B > 1 else 0
     allow = allow_eos.view(torch.uint8) if has_min and allow_eos.dtype == torch.bool else allow_eos
     block_b = max(2, triton.next_power_of_2(B))
     _step_update_kernel[(1,)](
@@ -167,6 +178,12 @@ def _slot_update_kernel(
         tl.store(RowPos + rows, p, mask=s_ok)
 
 
+def _slot_warps(block_s: int) -> int:
+    """Warps of the slot kernel: one up to 16 slots, then one more per 16 (max_slots is a power of two up to 128;
+    one warp spills registers on sm_90a from 32 slots: docs/kernels-compile-report.md)."""
+    return max(1, min(8, block_s // 16))
+
+
 def slot_update(
     codes: torch.Tensor,
     pos: torch.Tensor,
@@ -185,29 +202,37 @@ def slot_update(
     eos_value: int,
     pad_value: int,
 ) -> None:
-    """:func:`dia_fast.ops.reference.slot_update` in one launch (in place; same arguments)."""
+    """:func:`dia_fast.ops.reference.slot_update` in one launch (in place; same arguments). Buffers of other shapes
+    or layouts than the slot engine's run the reference (which raises for bad ones)."""
+    per_slot = (pos, eos_pos, forced_eos_pos, min_eos_pos, active, finished, allow_eos)
+    args = (codes, pos, eos_pos, delays, forced_eos_pos, min_eos_pos, forced, out, *per_slot[4:], tokens, row_pos)
+    if codes.ndim != 2 or out.ndim != 3:
+        return reference.slot_update(*args, eos_value=eos_value, pad_value=pad_value)
     S, C = codes.shape
     if S == 0:
-        return
-    if tokens.shape != (2 * S, 1, C) or row_pos.shape != (2 * S,):
-        raise ValueError(f"tokens must be [{2 * S}, 1, {C}] and row_pos [{2 * S}]")
-    if out.shape[0] != S or out.shape[2] != C or forced.shape != out.shape:
-        raise ValueError(f"out and forced must be [{S}, L, {C}], got {tuple(out.shape)}, {tuple(forced.shape)}")
-    per_slot = (pos, eos_pos, forced_eos_pos, min_eos_pos, active, finished, allow_eos)
-    if any(t.shape != (S,) or not t.is_contiguous() for t in per_slot):
-        raise ValueError(f"the per-slot state must be contiguous [{S}] tensors")
-    for name, t in (("codes", codes), ("forced", forced), ("out", out), ("tokens", tokens), ("delays", delays)):
-        if t.stride(-1) != 1:
-            raise ValueError(f"{name} must have a contiguous last dim")
+        return None
+    if (
+        tokens.shape != (2 * S, 1, C)
+        or row_pos.shape != (2 * S,)
+        or out.shape[0] != S
+        or out.shape[1] == 0
+        or out.shape[2] != C
+        or forced.shape != out.shape
+        or delays.shape != (C,)
+        or any(t.shape != (S,) or not t.is_contiguous() for t in per_slot)
+        or any(t.stride(-1) != 1 for t in (codes, forced, out, tokens, delays))
+    ):
+        return reference.slot_update(*args, eos_value=eos_value, pad_value=pad_value)
 
     def as_u8(t: torch.Tensor) -> torch.Tensor:
         return t.view(torch.uint8) if t.dtype == torch.bool else t
 
+    block_s = max(2, triton.next_power_of_2(S))
     _slot_update_kernel[(1,)](
         codes, pos, eos_pos, delays, forced_eos_pos, min_eos_pos, forced, out,
         as_u8(active), as_u8(finished), as_u8(allow_eos), tokens, row_pos,
         S, C, out.shape[1],
         codes.stride(0), forced.stride(0), forced.stride(1), out.stride(0), out.stride(1), tokens.stride(0),
         int(eos_value), int(pad_value),
-        BLOCK_S=max(2, triton.next_power_of_2(S)), BLOCK_C=max(2, triton.next_power_of_2(C)), num_warps=1,
+        BLOCK_S=block_s, BLOCK_C=max(2, triton.next_power_of_2(C)), num_warps=_slot_warps(block_s),
     )  # fmt: skip

@@ -4,6 +4,8 @@ fp32 and fp16 (and bf16 where no tl.dot is involved); the bf16 decode attention 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -279,7 +281,7 @@ DECODE_CASES = [
     (2, 8, 2, 256, 80, (0, 0), 4),
     (1, 4, 1, 512, 64, (512,), None),
     (2, 4, 1, 97, 16, (97, 96), 2),
-    (1, 4, 2, 2000, 16, (1999,), 40),  # more splits than one combine load takes (32)
+    (1, 4, 2, 2000, 16, (1999,), 40),  # 40 splits asked for, 32 of them with keys (the chunks round up)
 ]
 
 
@@ -304,6 +306,27 @@ def test_decode_attention_splits_reduce_in_one_launch(case: tuple, dtype: torch.
     got = ta.decode_attention(q, k, v, kv_len=kv_len, key_mask=mask, num_splits=splits)
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
     assert all(not got[b].any() for b in range(B) if lens[b] == 0)
+
+
+def test_decode_attention_combines_more_splits_than_one_load():
+    """More working splits than one combine load takes (32), with the largest scores in the last split: a later load
+    raises the running max, so the partial sums loaded before must be rescaled (a kernel that forgot to passed every
+    other case)."""
+    B, Hq, Hkv, L, D, splits = 1, 4, 2, 2100, 16, 66
+    gen = torch.Generator().manual_seed(7)
+    q = _randn(B, Hq, 1, D, gen=gen)
+    k = _randn(B, Hkv, L, D, gen=gen)
+    v = _randn(B, Hkv, L, D, gen=gen)
+    k[:, :, 2060:] *= 3.0  # the largest scores in the 33rd split
+    # the kernel's split arithmetic: keys per split rounded up to its key blocks, at least its minimum chunk
+    block_n, sms = ta._decode_config(D, q.dtype, ta._is_interpreter(q))[0], ta._device_sm_count(q.device)
+    n_splits = ta.decode_num_splits(B, Hkv, L, block_n, sms, splits)  # (capped at one per key block: 65)
+    chunk = max(math.ceil(math.ceil(L / n_splits) / block_n) * block_n, ta._min_chunk(sms))
+    assert math.ceil(L / chunk) == 33  # splits with keys: one more than a combine load
+    kv_len = torch.tensor([L], device=DEVICE)
+    want = ref.decode_attention(q, k, v, kv_len=kv_len)
+    got = ta.decode_attention(q, k, v, kv_len=kv_len, num_splits=splits)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
 
 
 def test_decode_attention_semaphore_checks() -> None:

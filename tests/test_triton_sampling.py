@@ -9,6 +9,8 @@ the probabilities its filters define. On a CPU-only machine the kernel runs in t
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 
@@ -50,7 +52,7 @@ def _k(top_k: int | None, Vs: int) -> int | None:
 @pytest.mark.parametrize("B", [1, 3])
 def test_greedy_matches_reference(B: int, dtype: torch.dtype) -> None:
     """bf16 too: the kernel has no tl.dot, so the interpreter's bf16 is right."""
-    gen = torch.Generator().manual_seed(100 * B + hash(str(dtype)) % 100)
+    gen = torch.Generator().manual_seed(100 * B + zlib.crc32(str(dtype).encode()) % 100)  # (hash() varies by run)
     cond, uncond = _logits(B, dtype, gen)
     for cfg_scale, top_k in GREEDY_SETTINGS:
         kw = dict(cfg_scale=cfg_scale, top_k=_k(top_k, SV), eos_id=SEOS, do_sample=False)

@@ -101,10 +101,12 @@ def _metric(base: str, name: str) -> float:
 
 
 def _wait_for_metric(base: str, name: str, minimum: float = 1, timeout: float = 60) -> None:
-    """Poll /metrics until ``name`` reaches ``minimum`` (bounded by ``timeout`` seconds)."""
+    """Poll /metrics until ``name`` reaches ``minimum`` (bounded by ``timeout`` seconds: then the test fails, since
+    what it goes on to check assumes that state)."""
     deadline = time.monotonic() + timeout
     while _metric(base, name) < minimum and time.monotonic() < deadline:
         time.sleep(0.02)
+    assert _metric(base, name) >= minimum, f"{name} stayed below {minimum} for {timeout} s"
 
 
 def test_openai_client_gets_valid_audio_in_every_format(tts, base):

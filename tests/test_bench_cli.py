@@ -425,3 +425,61 @@ def test_cfg_scales_map_to_transformers_guidance_or_are_refused():
     for scale in (0.5, 1.0):
         with pytest.raises(ValueError, match="no transformers equivalent"):
             transformers_guidance(scale)
+
+
+def test_load_p95_is_never_above_the_largest_value():
+    """16 requests (the default) all at once, finishing 0.1 s apart: the p95 lies between the two largest latencies,
+    at 0.95 of the way through the sorted values (position 14.25 of 0..15: 1.5 + 0.25 * 0.1), not past the largest."""
+    from dia_fast.bench.load import LoadRequest, _summary
+
+    reqs = [LoadRequest("[S1] x", 20, i, 0.0) for i in range(16)]
+    finish = [0.1 * (i + 1) for i in range(16)]
+    first = [f / 2 for f in finish]
+    s = _summary("continuous", reqs, finish, first, 16)
+    assert s["latency_p95_s"] == pytest.approx(1.525) and s["latency_p95_s"] <= max(finish)
+    assert s["ttfa_p95_s"] == pytest.approx(0.7625) and s["ttfa_p95_s"] <= max(first)
+    four = _summary("static", reqs[:4], finish[:4], finish[:4], 4)  # few values: 0.3 + 0.85 * 0.1
+    assert four["latency_p95_s"] == pytest.approx(0.385) and four["latency_p95_s"] <= 0.4
+    one = _summary("sequential", reqs[:1], [0.7], [0.2], 1)
+    assert (one["latency_p95_s"], one["ttfa_p95_s"]) == (0.7, 0.2)
+
+
+def test_quantized_engines_of_each_cuda_int8_kernel_are_compared_with_full_precision():
+    """With two --cuda-int8 kernels the engines are dia_fast-int8-torchao and dia_fast-int8-dia_fast: each is still a
+    quantized engine, compared with the full-precision dia_fast row (dia_fast-eager, a baseline, is not)."""
+    from dia_fast.bench.report import add_speedups
+
+    def row(engine: str, rate: float) -> RunResult:
+        return RunResult(engine, 1, 100, rate, rate * 9, rate / 86, 0.01, 100 / rate, 100 / rate + 0.01, 0.1, 0, "x")
+
+    rows = [row("dia_fast", 300.0), row("dia_fast-int8-torchao", 360.0), row("dia_fast-int4-dia_fast", 390.0)]
+    rows += [row("dia_fast-fp8", 330.0), row("dia_fast-eager", 150.0)]
+    add_speedups(rows)
+    by = {r.engine: r for r in rows}
+    assert by["dia_fast-int8-torchao"].speedup == pytest.approx({"dia_fast-eager": 2.4, "dia_fast": 1.2})
+    assert by["dia_fast-int4-dia_fast"].speedup == pytest.approx({"dia_fast-eager": 2.6, "dia_fast": 1.3})
+    assert by["dia_fast-fp8"].speedup == pytest.approx({"dia_fast-eager": 2.2, "dia_fast": 1.1})
+    assert by["dia_fast-int8-torchao"].speedup_end_to_end["dia_fast"] == pytest.approx(
+        (1 / 3 + 0.01) / (1 / 3.6 + 0.01)
+    )
+    assert by["dia_fast"].speedup == pytest.approx({"dia_fast-eager": 2.0}) and by["dia_fast-eager"].speedup == {}
+
+
+@pytest.mark.parametrize(("platform", "unit"), [("darwin", 1), ("linux", 1024)])
+def test_peak_memory_from_ru_maxrss_in_the_units_of_the_platform(monkeypatch, platform, unit):
+    """Where the peak RSS mark cannot be reset (no /proc: macOS, hence MPS too), ``ru_maxrss`` is read: bytes on
+    macOS, KiB on Linux. A growth of 3,000,000 units is that many bytes on macOS and 1024x that on Linux."""
+    import resource
+    import types
+
+    from dia_fast.bench import measure
+
+    marks = iter([5_000_000, 8_000_000])
+    monkeypatch.setattr(measure.sys, "platform", platform)
+    monkeypatch.setattr(measure, "_reset_peak_rss", lambda: False)
+    monkeypatch.setattr(measure, "_STATUS", Path("/no/such/proc/status"))
+    monkeypatch.setattr(resource, "getrusage", lambda who: types.SimpleNamespace(ru_maxrss=next(marks)))
+    with measure.PeakMemory(torch.device("cpu")) as mem:
+        pass
+    assert mem.kind == "cpu_peak_rss_ru_maxrss"
+    assert mem.peak_bytes == 3_000_000 * unit and mem.after_bytes == 0

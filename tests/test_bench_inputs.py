@@ -8,6 +8,7 @@ import http.server
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -172,6 +173,7 @@ class _Stub(http.server.BaseHTTPRequestHandler):
 
     health: tuple[int, bytes] = (200, b'{"status": "ok"}')
     paths: list[str] = []
+    drop_posts = False  # True: close every POST's connection without an answer (a server that crashed)
 
     def log_message(self, *args: object) -> None:  # quiet
         pass
@@ -193,6 +195,10 @@ class _Stub(http.server.BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
         self._record()
+        if self.drop_posts:
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
         self._answer(200, b"\0" * 64) if self.path == "/v1/audio/speech" else self._answer(404, b"{}")
 
 
@@ -216,6 +222,26 @@ def test_server_load_url_with_a_trailing_slash(stub, tmp_path, capsys):
     assert main(argv) == 0, capsys.readouterr().err
     assert handler.paths == ["/health", "/v1/audio/speech", "/v1/audio/speech"]
     assert _strict_json(out.read_text())["result"]["ok"] == 2
+
+
+def test_server_load_counts_dropped_connections_as_errors_and_writes_the_json(stub, tmp_path, monkeypatch, capsys):
+    """A server that drops every request's connection: each is an error by its transport failure (no traceback), and
+    the summary and the JSON are still written (exit 1: not every request succeeded)."""
+    url, handler = stub
+    handler.drop_posts = True
+    # each request bounded in time (the default waits 600 s for an answer)
+    run = server_load.run_server_load
+    monkeypatch.setattr(server_load, "run_server_load", lambda *a, **k: run(*a, **k, timeout_s=10.0))
+    out = tmp_path / "s.json"
+    argv = ["--server-load", "--url", url, "--requests", "3", "--concurrency", "2", "--json", str(out)]
+    assert main(argv) == 1
+    err = capsys.readouterr()
+    assert "Traceback" not in err.err and "ok 0/3" in err.out, err
+    res = _strict_json(out.read_text())["result"]
+    assert res["ok"] == 0 and sum(res["errors"].values()) == 3, res
+    assert all(key.startswith("transport: ") for key in res["errors"]), res
+    assert res["latency_p95_s"] is None and res["requests_per_s"] == 0
+    assert handler.paths == ["/health"] + ["/v1/audio/speech"] * 3
 
 
 @pytest.mark.parametrize(
@@ -252,6 +278,13 @@ def test_sub_mode_options_are_checked_before_any_work(tmp_path, capsys):
         (["--server-load", "--max-batch", "3"], "--max-batch must be a power of two >= 1, got 3"),
         (["--server-load", "--max-queue", "0"], "--max-queue must be >= 1"),
         (["--server-load", "--url", "http://127.0.0.1:9", "--max-batch", "2"], "--max-batch applies to the local"),
+        # at its default value too: it would be ignored
+        (["--server-load", "--url", "http://127.0.0.1:9", "--max-queue", "64"], "--max-queue applies to the local"),
+        # every request would be refused: the local tiny demo model takes 17 to 3071 steps, a --url server >= 17
+        (["--server-load", "--max-new-tokens", "16"], "--max-new-tokens must be at least 17"),
+        (["--server-load", "--max-new-tokens", "0"], "--max-new-tokens must be at least 17"),
+        (["--server-load", "--max-new-tokens", "3072"], "--max-new-tokens must be at most 3071"),
+        (["--server-load", "--url", "http://127.0.0.1:9", "--max-new-tokens", "-1"], "must be at least 17"),
         (["--compile-report", "--json", str(tmp_path)], "--json is a directory"),
         (["--compile-report", "--json", str(tmp_path / "no" / "c.json")], "directory does not exist"),
         (["--load", "--arrival-rate", "1e-300"], "--arrival-rate must be between 0.1 and 1000000"),
@@ -262,6 +295,10 @@ def test_sub_mode_options_are_checked_before_any_work(tmp_path, capsys):
         assert message in _error_of(argv, capsys), argv
     assert not (tmp_path / "no").exists()  # no folder created
     assert parse_args(["--load", "--arrival-rate", "0.1"]).arrival_rate == 0.1
+    assert server_load.parse_args(["--server-load", "--max-new-tokens", "17"]).max_new_tokens == 17
+    assert (
+        server_load.parse_args(["--server-load", "--url", "http://h:1", "--max-new-tokens", "9000"]).url == "http://h:1"
+    )
 
 
 def test_run_load_refuses_a_non_finite_arrival_rate():

@@ -113,7 +113,9 @@ def test_checkpoint_directory_with_its_codec(tmp_path, capsys):
     out = tmp_path / "c.wav"
     rc, _, err = _run(capsys, "[S1] From a checkpoint.", "--model", str(tmp_path / "ckpt"), "--out", str(out), *FAST)
     assert rc == 0, err
-    assert "random" not in err and "demonstration" not in err
+    # the model's weights are its own (not a demo model's); the codec saved is the demo's random one, which says so
+    assert "holds random weights" not in err and "random-weight" not in err
+    assert "holds a random codec" in err
     assert sf.info(out).frames == 24 * 512
 
 
@@ -425,7 +427,7 @@ def test_a_speech_that_max_new_tokens_ends_warns(tmp_path, capsys):
     checkpoint = _short_budget_tts().save_pretrained(tmp_path / "ck")
     base = ["[S1] Hello friend.", "--model", str(checkpoint), "--out", str(tmp_path / "o.wav"), "--greedy"]
     rc, _, err = _run(capsys, *base, "--max-new-tokens", "100", "--no-progress")
-    assert rc == 0 and "warning" not in err, err  # the model ends it
+    assert rc == 0 and "ended the speech" not in err, err  # the model ends it (its codec is random: that warns)
     rc, _, err = _run(capsys, *base, "--max-new-tokens", "100", "--min-new-tokens", "84", "--no-progress")
     assert rc == 0 and "--max-new-tokens 100 ended the speech before the model did" in err, err
 
@@ -518,6 +520,8 @@ def test_argparse_mistakes_are_one_line_too(module, args, start):
         (["--max-new-tokens", "5"], "max_new_tokens=5 is too small"),
         (["--max-new-tokens", "99999"], "exceeds the model's audio length"),
         (["--min-new-tokens", "40", "--max-new-tokens", "40"], "min_new_tokens must be in [0, max_new_tokens - 16]"),
+        # no --max-new-tokens: the error names the option given (3072 positions less BOS and 16 delay steps)
+        (["--min-new-tokens", "3056"], "--min-new-tokens must be at most 3055"),
     ],
 )
 def test_generation_options_are_checked_before_the_model_loads(tmp_path, capsys, args, message):
@@ -531,3 +535,39 @@ def test_generation_options_are_checked_before_the_model_loads(tmp_path, capsys,
     assert rc == 2 and "dia_fast: error:" in err and message in err, err
     rc, _, err = _run(capsys, "[S1] Hello there.", "--out", str(tmp_path / "o.wav"), *args)  # the demo model too
     assert rc == 2 and message in err and "random-weight" not in err, err  # (before the demo is built)
+
+
+def test_a_min_new_tokens_longer_than_the_demos_text_lengthens_it(tmp_path, capsys):
+    """The demo's length follows its text (here ~1.6 s: about 150 steps); a larger --min-new-tokens, without
+    --max-new-tokens, makes room for itself after the delay pattern: 200 codec frames of audio."""
+    from dia_fast import DiaTTS
+
+    out = tmp_path / "o.wav"
+    rc, _, err = _run(capsys, "[S1] Hi.", "--min-new-tokens", "200", "--out", str(out), "--no-progress", "--seed", "0")
+    assert rc == 0, err
+    audio, rate = sf.read(out)
+    frame_rate = DiaTTS.random("tiny", seed=0).codec.frame_rate
+    assert audio.shape[0] / rate == pytest.approx(200 / frame_rate, abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["[S1] Please speak this.", "--out", "x.wav"], "the text, --out"),
+        (["--text-file", "t.txt"], "--text-file"),
+        (["--max-tokens", "40", "-q"], "--max-new-tokens, --quiet"),
+    ],
+)
+def test_info_with_text_or_other_options_is_an_error(tmp_path, capsys, monkeypatch, args, named):
+    """--info only prints: whatever else is given would be ignored (no audio written), so it is a one-line error."""
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = _run(capsys, *args, "--info")
+    assert (
+        rc == 2
+        and out == ""
+        and err.strip().splitlines()
+        == [f"dia_fast: error: --info only prints; it takes no text and no other option: {named}"]
+    ), err
+    assert list(tmp_path.iterdir()) == []
+    rc, out, _ = _run(capsys, "--info")
+    assert rc == 0 and json.loads(out)["version"]

@@ -3,6 +3,12 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import threading
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -24,6 +30,7 @@ def home(tmp_path, monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore:no codec checkpoint given")  # (the random EnCodec that is saved)
+@pytest.mark.filterwarnings("ignore:.*holds a random codec")  # (and that warns when loaded back)
 @pytest.mark.parametrize("quantize", [None, "int8"])
 def test_from_pretrained_expands_the_tilde_and_finds_the_checkpoints_codec(home, quantize):
     """A ``~/...`` checkpoint saved with its codec (EnCodec here: 24 kHz, where the default demo DAC is 44.1 kHz)
@@ -67,3 +74,45 @@ def test_tilde_paths_on_the_command_line(home, capsys):
     assert rc == 0, capsys.readouterr().err
     assert sf.info(home / "c.wav").frames == (40 - 16) * 512
     assert not (home.parent / "cwd" / "~").exists()
+
+
+def _feed(fifo: Path, data: bytes, wait_s: float = 30.0) -> None:
+    """Write ``data`` into ``fifo`` once a reader has opened it (gives up after ``wait_s`` without one)."""
+    end = time.monotonic() + wait_s
+    while True:
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO while no reader has it open
+            break
+        except OSError as exc:
+            if exc.errno != errno.ENXIO or time.monotonic() > end:
+                return
+            time.sleep(0.01)
+    os.set_blocking(fd, True)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_text_file_reads_a_pipe_and_a_directory_is_named_as_one(tmp_path, capsys):
+    """--text-file reads what is not a regular file (a named pipe, as /dev/stdin and a shell's <(...) are) and speaks
+    it as the same text given as an argument; a directory is said to be one (for --prompt-wav too)."""
+    text = "[S1] Hello from a pipe."
+    fifo = tmp_path / "text.fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=_feed, args=(fifo, text.encode()), daemon=True)
+    writer.start()
+    rc = main(["--text-file", str(fifo), "--out", str(tmp_path / "pipe.wav"), *FAST])
+    assert rc == 0, capsys.readouterr().err
+    writer.join(timeout=5)
+    assert main([text, "--out", str(tmp_path / "arg.wav"), *FAST]) == 0
+    assert np.array_equal(sf.read(tmp_path / "pipe.wav")[0], sf.read(tmp_path / "arg.wav")[0])
+    capsys.readouterr()
+    for args, message in (
+        (["--text-file", str(tmp_path)], f"--text-file {tmp_path} is a directory, not a file"),
+        (["[S1] Hi.", "--prompt-wav", str(tmp_path)], f"--prompt-wav {tmp_path} is a directory, not a file"),
+        (["--text-file", str(tmp_path / "none.txt")], f"text file not found: {tmp_path / 'none.txt'}"),
+    ):
+        assert main([*args, "--out", str(tmp_path / "x.wav"), *FAST]) == 2
+        assert capsys.readouterr().err.strip() == f"dia_fast: error: {message}", args

@@ -152,8 +152,7 @@ def _read_text(args: argparse.Namespace) -> str:
     if args.text_file is not None:
         if args.text is not None:
             raise UsageError("give the text either as an argument or with --text-file, not both")
-        if not args.text_file.is_file():
-            raise UsageError(f"text file not found: {args.text_file}")
+        _raise_if(_unreadable_file("--text-file", args.text_file, "text file"))
         return _decode_text(args.text_file.read_bytes(), f"--text-file {args.text_file}")
     if args.text is None:
         raise UsageError('no text given: python -m dia_fast "[S1] Hello." --out hello.wav')
@@ -165,6 +164,18 @@ def _read_text(args: argparse.Namespace) -> str:
     return args.text
 
 
+def _unreadable_file(flag: str, path: Path | None, what: str) -> str | None:
+    """Why ``path`` cannot be read as a file, or None: it does not exist, or it is a directory. Anything else is
+    read (a pipe, ``/dev/stdin``, a shell's ``<(...)``: not regular files, still readable)."""
+    if path is None:
+        return None
+    if not path.exists():
+        return f"{what} not found: {path}"
+    if path.is_dir():
+        return f"{flag} {path} is a directory, not a file"
+    return None
+
+
 def _check_args(args: argparse.Namespace) -> None:
     if args.prompt_text and not args.prompt_wav:
         raise UsageError(
@@ -174,10 +185,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError("use either --prompt-wav or --speaker-file, not both")
     if args.save_speaker and not (args.prompt_wav and (args.prompt_text or "").strip()):
         raise UsageError("--save-speaker needs --prompt-wav and --prompt-text (the voice to save and its transcript)")
-    if args.prompt_wav is not None and not args.prompt_wav.is_file():
-        raise UsageError(f"prompt audio not found: {args.prompt_wav}")
-    if args.speaker_file is not None and not args.speaker_file.is_file():
-        raise UsageError(f"speaker file not found: {args.speaker_file}")
+    _raise_if(_unreadable_file("--prompt-wav", args.prompt_wav, "prompt audio"))
+    _raise_if(_unreadable_file("--speaker-file", args.speaker_file, "speaker file"))
     if args.sample_rate is not None and not 1000 <= args.sample_rate <= 384000:
         raise UsageError(f"--sample-rate must be between 1000 and 384000 Hz, got {args.sample_rate}")
     if not args.no_loudness and not -70.0 <= args.loudness <= 0.0:
@@ -222,7 +231,14 @@ def _check_generation_options(args: argparse.Namespace) -> None:
     config = DiaConfig.preset(args.demo_preset) if args.model is None else local_config(args.model)
     if config is None:  # a hub id, or a path the loader reports on
         return
-    check_step_budget(config.data, 0, args.max_new_tokens, 0 if args.min_new_tokens is None else args.min_new_tokens)
+    data, min_new = config.data, args.min_new_tokens
+    most = data.audio_length - 1 - (data.max_delay + 1)  # the audio length less the BOS position and the delays
+    if args.max_new_tokens is None and isinstance(min_new, int) and min_new > most:  # (not about max_new_tokens)
+        raise UsageError(
+            f"--min-new-tokens must be at most {most} (the model's audio length {data.audio_length} less the BOS "
+            f"position and the delay pattern's {data.max_delay + 1} steps), got {min_new}"
+        )
+    check_step_budget(data, 0, args.max_new_tokens, 0 if min_new is None else min_new)
 
 
 def _raise_if(problem: str | None) -> None:
@@ -435,6 +451,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if max_new is None and tts.demo:
             budget = data.audio_length - 1 - prompt_frames
             max_new = demo_max_new_tokens(chunk, tts.codec.frame_rate, data.max_delay, budget)
+            if min_new is not None:  # room for --min-new-tokens after the delay pattern, however short the text
+                max_new = min(budget, max(max_new, min_new + data.max_delay + 1))
         if min_new is None:
             min_new = max(max_new - data.max_delay - 1, 0) if tts.demo and max_new is not None else 0
         return {"max_new_tokens": max_new, "min_new_tokens": min_new}
@@ -532,6 +550,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.given = given_options(parser, argv, args)
     if args.info:
+        # it only prints: text or another option would be ignored, so it is an error (as in save-only mode)
+        flags = {
+            a.dest: next(o for o in a.option_strings if o.startswith("--")) for a in parser._actions if a.option_strings
+        }
+        ignored = (["the text"] if args.text is not None else []) + [
+            flag for dest, flag in flags.items() if dest in args.given and dest != "info"
+        ]
+        if ignored:
+            print(
+                f"dia_fast: error: --info only prints; it takes no text and no other option: {', '.join(ignored)}",
+                file=sys.stderr,
+            )
+            return 2
         from .info import info
 
         print(json.dumps(info(), indent=2, default=str))

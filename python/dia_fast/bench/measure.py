@@ -1,4 +1,4 @@
-"""Timing and peak-memory measurement for the bench (CUDA allocator stats, or Linux peak RSS on CPU)."""
+"""Timing and peak-memory measurement for the bench (CUDA allocator stats, or the peak RSS on CPU and MPS)."""
 
 from __future__ import annotations
 
@@ -40,6 +40,12 @@ def _status_kib(key: str) -> int | None:
     return None
 
 
+def _ru_maxrss_bytes() -> int:
+    """The process's peak resident set so far, from ``getrusage``: in bytes on macOS, in KiB on Linux and the BSDs."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
 def _reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS mark (VmHWM) of this process; False where that is not possible."""
     try:
@@ -74,7 +80,8 @@ class PeakMemory:
     CUDA: ``torch.cuda.max_memory_allocated`` (tensors, not the allocator's cache). CPU: the
     process's peak resident set (Linux VmHWM, reset on entry through ``/proc/self/clear_refs``, after the C heap's
     free pages are handed back by :func:`release_free_heap`, so that reused freed memory is counted;
-    ``ru_maxrss`` elsewhere, which cannot be reset and may then under-report). ``kind`` says which.
+    ``ru_maxrss`` elsewhere, which cannot be reset and may then under-report). MPS has no peak counter: it is
+    measured as the CPU is (on macOS ``ru_maxrss``). ``kind`` says which.
     ``after_bytes``: what is still in use at the end, above the same start (CUDA: allocated; CPU: VmRSS, 0 where
     there is none).
     """
@@ -98,7 +105,7 @@ class PeakMemory:
             self._base = (_status_kib("VmRSS") or 0) * 1024
         else:
             self.kind = "cpu_peak_rss_ru_maxrss"
-            self._base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            self._base = _ru_maxrss_bytes()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -110,7 +117,7 @@ class PeakMemory:
             peak = (_status_kib("VmHWM") or 0) * 1024
             after = (_status_kib("VmRSS") or 0) * 1024
         else:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            peak = _ru_maxrss_bytes()
             after = (_status_kib("VmRSS") or 0) * 1024
         self.peak_bytes = max(int(peak - self._base), 0)
         self.after_bytes = max(int(after - self._base), 0)

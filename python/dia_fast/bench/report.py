@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..quantize import QUANT_MODES
 from .runners import RunResult
 
 BASELINES = ("transformers", "transformers-bf16", "transformers-compile", "dia_fast-eager")
@@ -20,14 +23,26 @@ def add_speedups(results: list[RunResult]) -> None:
     for r in results:
         if not r.engine.startswith("dia_fast"):
             continue
-        # a quantized engine (dia_fast-int8, ...) is also compared with the full-precision one
-        quantized = r.engine.removeprefix("dia_fast-") in ("int8", "fp8", "int4")
+        # a quantized engine (dia_fast-MODE, or dia_fast-MODE-KERNEL with several --cuda-int8 kernels) is also
+        # compared with the full-precision one
+        quantized = r.engine.removeprefix("dia_fast-").split("-")[0] in QUANT_MODES
         for base in BASELINES + (("dia_fast",) if quantized else ()):
             b = by_key.get((base, r.batch))
             if b is None or b is r:
                 continue
             r.speedup[base] = r.decode_steps_per_s / max(b.decode_steps_per_s, 1e-12)
             r.speedup_end_to_end[base] = b.total_s / max(r.total_s, 1e-12)
+
+
+def percentile(values: Sequence[float], q: int) -> float | None:
+    """The ``q``-th percentile (1 to 99) of ``values``, interpolated between the measured values (``statistics``'
+    "inclusive" method: the default "exclusive" one extrapolates beyond the largest value when there are few);
+    None when there are no values."""
+    if not values:
+        return None
+    if len(values) == 1:
+        return float(values[0])
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
 def _fmt_bytes(n: int) -> str:

@@ -12,7 +12,6 @@ import argparse
 import concurrent.futures
 import contextlib
 import os
-import statistics
 import sys
 import threading
 import time
@@ -21,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from .._version import __version__
-from ..cliparse import OneLineParser
+from ..cliparse import OneLineParser, given_options
 from ..paths import unwritable_file
-from .report import write_json
+from .report import percentile, write_json
 
 __all__ = ["main", "run_server_load"]
 
@@ -44,14 +43,6 @@ def _local_server(max_batch: int | None, max_queue: int) -> Iterator[str]:
         yield local.url
 
 
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    if len(values) == 1:
-        return values[0]
-    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
-
-
 def run_server_load(
     url: str,
     *,
@@ -64,7 +55,8 @@ def run_server_load(
     timeout_s: float = 600.0,
 ) -> dict[str, Any]:
     """Send ``requests`` speech requests, ``concurrency`` at a time, to the server at ``url``; returns the summary
-    (requests/s, time to first byte and latency percentiles, audio bytes, errors by status)."""
+    (requests/s, time to first byte and latency percentiles, audio bytes, errors by status, or ``transport: NAME``
+    for a request whose connection failed or dropped: an error of that request, not of the run)."""
     import httpx
 
     if requests < 1 or concurrency < 1:
@@ -85,12 +77,17 @@ def run_server_load(
             body["stream_format"] = "audio"
         t0 = time.perf_counter()
         first, size = None, 0
-        with client.stream("POST", f"{url}/v1/audio/speech", json=body, headers=headers) as resp:
-            for chunk in resp.iter_bytes():
-                if chunk and first is None:
-                    first = time.perf_counter() - t0
-                size += len(chunk)
-        return {"status": resp.status_code, "ttfb_s": first, "latency_s": time.perf_counter() - t0, "bytes": size}
+        try:
+            with client.stream("POST", f"{url}/v1/audio/speech", json=body, headers=headers) as resp:
+                for chunk in resp.iter_bytes():
+                    if chunk and first is None:
+                        first = time.perf_counter() - t0
+                    size += len(chunk)
+        except (httpx.HTTPError, TimeoutError) as exc:  # the connection failed or dropped: an error of that request
+            status: int | str = f"transport: {type(exc).__name__}"
+        else:
+            status = resp.status_code
+        return {"status": status, "ttfb_s": first, "latency_s": time.perf_counter() - t0, "bytes": size}
 
     local = threading.local()
 
@@ -119,10 +116,10 @@ def run_server_load(
         "errors": errors,
         "wall_s": wall,
         "requests_per_s": len(ok) / wall,
-        "ttfb_p50_s": _pct(ttfb, 50),
-        "ttfb_p95_s": _pct(ttfb, 95),
-        "latency_p50_s": _pct(lat, 50),
-        "latency_p95_s": _pct(lat, 95),
+        "ttfb_p50_s": percentile(ttfb, 50),
+        "ttfb_p95_s": percentile(ttfb, 95),
+        "latency_p50_s": percentile(lat, 50),
+        "latency_p95_s": percentile(lat, 95),
         "audio_bytes": sum(r["bytes"] for r in ok),
     }
 
@@ -151,6 +148,21 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _max_new_tokens_problem(steps: int, *, local: bool) -> str | None:
+    """Why every request with ``steps`` decoder steps would be refused, or None: the local server's tiny demo model
+    takes its delay pattern's steps plus one up to its audio length minus one; a server at --url at least Dia's
+    delay pattern's (its model's audio length is not known here: the server checks that)."""
+    from ..config import DataConfig, DiaConfig
+    from . import steps_problem
+
+    if local:
+        return steps_problem("--max-new-tokens", steps, DiaConfig.preset("tiny").data)
+    low = DataConfig().max_delay + 2
+    if steps < low:
+        return f"--max-new-tokens must be at least {low} (Dia's delay pattern needs {low - 1} steps), got {steps}"
+    return None
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The options, checked before any work (one-line errors, exit 2); ``url`` without a trailing slash and
     ``json_path`` with ``~`` expanded."""
@@ -162,9 +174,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--max-batch must be a power of two >= 1, got {a.max_batch}")
     if a.max_queue < 1:
         p.error(f"--max-queue must be >= 1, got {a.max_queue}")
+    if problem := _max_new_tokens_problem(a.max_new_tokens, local=a.url is None):
+        p.error(problem)
     if a.url is not None:
-        for flag, value, default in (("--max-batch", a.max_batch, None), ("--max-queue", a.max_queue, 64)):
-            if value != default:
+        given = given_options(p, argv, a)  # given at its default value is an error too
+        for flag in ("--max-batch", "--max-queue"):
+            if flag[2:].replace("-", "_") in given:
                 p.error(f"{flag} applies to the local server only (without --url)")
         a.url = a.url.strip().rstrip("/")
         if not a.url.startswith(("http://", "https://")):

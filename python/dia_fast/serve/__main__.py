@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
 from ..cliparse import OneLineParser
+from .ray_app import LOG_FORMAT
 from .settings import ServerSettings
 
 
@@ -64,26 +66,19 @@ def main(argv: list[str] | None = None) -> int:
             max_input_chars=args.max_input_chars,
             model_id=args.model_id,
         )
-        # a device, dtype or quantization mode this machine cannot run, or a checkpoint that is not there: an
-        # error before the server starts (loading itself happens at start-up)
-        from ..checkpoint import is_hub_id
-        from ..devices import resolve_device, resolve_dtype
-        from ..quantize import check_quantize
+        if args.ray:
+            if not args.gpus_per_replica >= 0:
+                raise ValueError(f"--gpus-per-replica must be >= 0, got {args.gpus_per_replica}")
+            from .ray_app import replica_settings
 
-        dev = resolve_device(settings.device)
-        check_quantize(settings.quantize, dev, resolve_dtype(settings.dtype, dev))
-        if args.model and not Path(args.model).expanduser().exists() and not is_hub_id(args.model):
-            raise ValueError(f"--model: checkpoint not found: {args.model}")
-        codec = args.codec
-        if codec and codec.lower() not in ("dac", "encodec") and not Path(codec).expanduser().exists():
-            raise ValueError(f"--codec: codec checkpoint not found: {codec} (a path, 'dac' or 'encodec')")
-        if args.voices_dir is not None:
-            if args.voices_dir.exists() and not args.voices_dir.is_dir():
-                raise ValueError(f"--voices-dir: {args.voices_dir} is not a directory")
-            try:  # (the server would create it at start-up)
-                args.voices_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise ValueError(f"--voices-dir: cannot create {args.voices_dir}: {exc.strerror}") from None
+            device = replica_settings(settings, args.gpus_per_replica).device  # (what each replica runs on)
+        else:
+            device = settings.device
+        # a device, dtype or quantization mode this machine cannot run, or a checkpoint that is not there: an
+        # error before the server starts (loading itself happens at start-up). Not with --ray-address (or
+        # RAY_ADDRESS): the replicas run on the cluster's machines, where these paths and devices may well exist.
+        if not (args.ray and (args.ray_address or os.environ.get("RAY_ADDRESS"))):
+            _check_local(args, settings, device)
         if not 0 < args.port < 65536:
             raise ValueError(f"--port must be 1-65535, got {args.port}")
         if args.replicas < 1 or (args.max_replicas is not None and args.max_replicas < args.replicas):
@@ -91,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"dia_fast.serve: error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     if args.ray:
         from .ray_app import run_ray
 
@@ -103,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             max_replicas=args.max_replicas,
             gpus_per_replica=args.gpus_per_replica,
             address=args.ray_address,
+            log_level=args.log_level,
         )
         return 0
     from . import create_app
@@ -115,6 +111,28 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     return 0 if server.started else 3  # 3: the start failed (uvicorn's code; the log says why)
+
+
+def _check_local(args: argparse.Namespace, settings: ServerSettings, device: str | None) -> None:
+    """The checks of the options against this machine: device, dtype and quantization, checkpoints, voices dir."""
+    from ..checkpoint import is_hub_id
+    from ..devices import resolve_device, resolve_dtype
+    from ..quantize import check_quantize
+
+    dev = resolve_device(device)
+    check_quantize(settings.quantize, dev, resolve_dtype(settings.dtype, dev))
+    if args.model and not Path(args.model).expanduser().exists() and not is_hub_id(args.model):
+        raise ValueError(f"--model: checkpoint not found: {args.model}")
+    codec = args.codec
+    if codec and codec.lower() not in ("dac", "encodec") and not Path(codec).expanduser().exists():
+        raise ValueError(f"--codec: codec checkpoint not found: {codec} (a path, 'dac' or 'encodec')")
+    if args.voices_dir is not None:
+        if args.voices_dir.exists() and not args.voices_dir.is_dir():
+            raise ValueError(f"--voices-dir: {args.voices_dir} is not a directory")
+        try:  # (the server would create it at start-up)
+            args.voices_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(f"--voices-dir: cannot create {args.voices_dir}: {exc.strerror}") from None
 
 
 def _no_ray() -> bool:

@@ -138,6 +138,12 @@ def load_tts(settings: ServerSettings) -> DiaTTS:
     return DiaTTS.from_pretrained(settings.model, **kw)
 
 
+def _cancel_submitted(future: asyncio.Future) -> None:
+    """Cancel the request of a submission whose caller was cancelled while it ran (nothing to do if it failed)."""
+    if not future.cancelled() and future.exception() is None:
+        future.result().handle.cancel()
+
+
 class SpeechService:
     """Serves speech requests on one model (see the module doc). ``close(drain=True)`` lets running requests end."""
 
@@ -182,6 +188,23 @@ class SpeechService:
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.workers, fn, *args)
+
+    def _count_task_cancel(self, req: SpeechRequest) -> None:
+        """Count a whole-file request whose task was cancelled (the client left, under Ray Serve; uvicorn lets the
+        task run and :meth:`speech` sees the disconnect instead) as that cancel: no error answer follows."""
+        self.metrics.cancelled.inc()
+        self.count_error(ApiError(499, "the request was cancelled", code="cancelled"), req.response_format, "none")
+
+    async def _submit_job(self, req: SpeechRequest) -> _Job:
+        """:meth:`_submit` in a worker thread. If this task is cancelled meanwhile (a client that left, under Ray
+        Serve), the submission still completes in its thread: its request is then cancelled, not left running in a
+        slot with nobody to take its audio."""
+        future = asyncio.get_running_loop().run_in_executor(self.workers, self._submit, req)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(_cancel_submitted)
+            raise
 
     # ------------------------------------------------------------------------------ requests
     def model_card(self) -> dict[str, Any]:
@@ -289,7 +312,11 @@ class SpeechService:
 
     async def speech(self, req: SpeechRequest, is_disconnected: Callable[[], Awaitable[bool]]) -> bytes:
         """The whole audio file of one request. Cancels it when the client leaves while it runs."""
-        job = await self._run(self._submit, req)
+        try:
+            job = await self._submit_job(req)
+        except asyncio.CancelledError:
+            self._count_task_cancel(req)
+            raise
         handle = job.handle
         waiting = asyncio.ensure_future(handle.result_async(decode_audio=False))
         try:
@@ -302,8 +329,11 @@ class SpeechService:
             audio = await self._run(lambda: handle.result(0).audio)
             data = await self._run(lambda: job.pipeline.feed(audio) + job.pipeline.finish())
         except asyncio.CancelledError:
+            # the client left and the server cancelled this task (as Ray Serve's replicas do; uvicorn lets it run,
+            # and is_disconnected above counts the cancel): counted as that one, since no error answer follows
             handle.cancel()
             waiting.cancel()
+            self._count_task_cancel(req)
             raise
         except Exception as exc:
             handle.cancel()
@@ -318,7 +348,7 @@ class SpeechService:
 
     async def open_stream(self, req: SpeechRequest) -> tuple[_Job, AsyncIterator[bytes]]:
         """Submit a streamed request (errors before any audio raise :class:`ApiError`) and return its body."""
-        job = await self._run(self._submit, req)
+        job = await self._submit_job(req)
         body = self._sse(job, req) if req.stream_format == "sse" else self._audio(job, req)
         return job, body
 

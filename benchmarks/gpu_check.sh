@@ -65,7 +65,9 @@ stage() {  # stage NAME DEFAULT_SECONDS CMD...: CMD under a time limit, its outp
     return 0
   fi
   local t0=$SECONDS
-  timeout --kill-after=5 "$limit" "$@" >"$OUTDIR/$name.log" 2>&1
+  # SIGINT, not timeout's SIGTERM: pytest then still runs its end-of-session hooks, where pytest-benchmark writes its
+  # JSON and table (SIGTERM left the gemm/kernels/prefill stages with nothing); the bench stages keep theirs either way
+  timeout -s INT --kill-after=5 "$limit" "$@" >"$OUTDIR/$name.log" 2>&1
   local rc=$?
   note "stage $name: exit $rc after $((SECONDS - t0)) s$([ $rc -eq 124 ] && echo " (time limit $limit s)")"
 }

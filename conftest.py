@@ -1,7 +1,8 @@
 """Settings for tests/ and benchmarks/: offline hub, the Triton interpreter on CPU-only machines
 (set before triton is imported), GPU/MPS-marked tests skipped without the device, a fixed seed; in CI
-(``CI`` set) a test may skip only for a missing device: any other skip (a test extra that does not import, the C++
-extension not built, no cmake) is a failure, since ``.[test]`` installs all of it.
+(``CI`` set) a test may skip only for what the machine lacks (a GPU, a CPU instruction set, ...): any other skip (a
+test extra that does not import, the C++ extension not built) is a failure, since ``.[test]`` installs all of it (and
+CI's machine has the C++ toolchain and cmake the build needs).
 
 Benchmarks: ``PYTHONPATH=python python -m pytest benchmarks/ --benchmark-columns=mean,stddev,rounds``.
 """
@@ -42,7 +43,15 @@ def _seed() -> None:
 
 
 _IN_CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-_DEVICE_SKIPS = ("needs a CUDA GPU", "needs an Apple GPU")  # the only reasons a test may skip in CI
+# the only reasons a test may skip in CI: what the machine lacks (a GPU, an ISA, a compiler type, an OS feature)
+_DEVICE_SKIPS = (
+    "needs a CUDA GPU",
+    "needs an Apple GPU",
+    "this CPU does not run ISA",
+    "this g++ has no _Float16",
+    "fp8 needs compute capability",
+    "no named pipes here",
+)
 
 
 def _fail_skips_in_ci(report: pytest.TestReport | pytest.CollectReport) -> None:
@@ -53,7 +62,7 @@ def _fail_skips_in_ci(report: pytest.TestReport | pytest.CollectReport) -> None:
     reason = reason.removeprefix("Skipped: ")
     if not reason.startswith(_DEVICE_SKIPS):
         report.outcome = "failed"
-        report.longrepr = f"skipped in CI ({reason}): there, only a missing GPU may skip a test (CI sets CI=true)"
+        report.longrepr = f"skipped in CI ({reason}): there, only missing hardware may skip a test (CI sets CI=true)"
 
 
 @pytest.hookimpl(wrapper=True)

@@ -240,6 +240,44 @@ def test_max_seconds_reads_audio_under_the_limit_as_a_plain_read_does():
     np.testing.assert_allclose(read_audio(io.BytesIO(told), mono=False, max_seconds=20)[0], stereo, atol=1 / 32767)
 
 
+def test_max_seconds_decodes_an_mp3_whose_length_is_only_estimated():
+    """An MP3 without a Xing/Info header (a streamed one, as the server writes it) has only libsndfile's estimate of
+    its length, from its size and bitrate: an ID3 tag with cover art in front makes a 5 s file "30 s". Its length
+    is what decoding finds, so it is read under a 20 s limit, not refused on the estimate."""
+    from dia_fast.serve.audio_out import AudioPipeline
+
+    rate = 44100
+    tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(5 * rate) / rate)).astype(np.float32)
+    pipeline = AudioPipeline("mp3", rate, rate, streaming=True)
+    mp3 = b"".join(pipeline.feed(part) for part in np.array_split(tone, 20)) + pipeline.finish()
+    picture = b"\x00image/jpeg\x00\x03\x00\xff\xd8" + bytes(200_000)
+    frame = b"APIC" + len(picture).to_bytes(4, "big") + b"\x00\x00" + picture
+    size = len(frame)
+    syncsafe = bytes([(size >> 21) & 127, (size >> 14) & 127, (size >> 7) & 127, size & 127])
+    tagged = b"ID3\x03\x00\x00" + syncsafe + frame + mp3
+    with sf.SoundFile(io.BytesIO(tagged)) as f:
+        assert f.frames / rate > 20  # the estimate
+    got, got_rate = read_audio(io.BytesIO(tagged), max_seconds=20)
+    assert got_rate == rate and abs(got.shape[0] / rate - 5.0) < 0.1
+    np.testing.assert_array_equal(got, read_audio(io.BytesIO(tagged))[0])
+
+
+def test_max_seconds_reads_a_corrupt_stream_as_an_error_not_an_early_end():
+    """In a stream that does not say its length, only the end of the stream ends the read: a decoding error part-way
+    (a FLAC that lost sync) is an AudioFormatError, as in a file that says its length, not the audio before it."""
+    rate = 8000
+    tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(10 * rate) / rate)).astype(np.float32)
+    for length_told in (True, False):
+        data = bytearray(_flac(tone, rate, length_told=length_told))
+        at = int(len(data) * 0.3)
+        data[at : at + 4000] = bytes(4000)
+        with pytest.raises(AudioFormatError, match="cannot decode audio file .*flac decoder"):
+            read_audio(io.BytesIO(bytes(data)), max_seconds=20)
+    for bad in ("20", [20], b"20"):
+        with pytest.raises(ValueError, match="max_seconds must be a positive finite number"):
+            read_audio(io.BytesIO(_flac(tone, rate)), max_seconds=bad)
+
+
 def test_load_prompt_audio_arrays_and_layouts(tmp_path):
     rate = 22_050
     mono = _sine(500.0, rate, 0.2)

@@ -228,6 +228,21 @@ def test_bad_requests_name_their_option(tts):
         torch.testing.assert_close(huge, vocab, rtol=0, atol=0)
 
 
+def test_given_pieces_that_do_not_fit_with_the_transcript_fail_before_the_prompt_is_encoded(tts, monkeypatch):
+    """A list of texts (pieces as given) with a voice prompt: each piece and the transcript must fit together; the
+    error names both, param "text", and comes before the prompt is encoded (a file decode, perhaps)."""
+    encoded: list[object] = []
+    monkeypatch.setattr(tts, "encode_prompt", lambda audio, *a: encoded.append(audio))
+    with BatchEngine(tts, max_slots=1) as engine:
+        with pytest.raises(ValueError, match=r"transcript \(502 bytes\) and the text \(602 bytes\)") as caught:
+            engine.submit(
+                ["[S1] Short.", "[S1] " + "b" * 600],
+                audio_prompt=np.zeros(44100, np.float32),
+                audio_prompt_text="[S1] " + "a" * 500,
+            )
+    assert caught.value.param == "text" and encoded == []
+
+
 def test_a_request_that_fails_fails_alone(tts, monkeypatch):
     """An error while a request is prefilled fails that request; the others complete with their solo codes.
     Bad options fail in the caller, before anything is queued."""

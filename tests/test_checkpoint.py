@@ -556,6 +556,7 @@ def test_save_pretrained_expands_the_tilde(tmp_path, monkeypatch):
         ('{"metadata": {}}', "no 'weight_map'"),
         ("{not json", "not a readable shard index"),
         ('["a list"]', "not a readable shard index"),
+        ('{"weight_map": {"x": ["model-00001-of-00001.safetensors"]}}', "no 'weight_map'"),  # (unhashable values)
         ('{"weight_map": {"x": "model-00009-of-00009.safetensors"}}', "names shard files that are not in"),
     ],
 )

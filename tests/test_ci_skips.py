@@ -1,4 +1,4 @@
-"""The root conftest's CI rule: with ``CI`` set, a skip for anything but a missing device fails the run (a test extra
+"""The root conftest's CI rule: with ``CI`` set, a skip for anything but missing hardware fails the run (a test extra
 that stops importing must not turn its tests into silent skips); without ``CI``, skips stay skips."""
 
 from __future__ import annotations
@@ -16,6 +16,9 @@ import pytest
 
 def test_no_gpu():
     pytest.skip("needs a CUDA GPU")
+
+def test_no_avx512():
+    pytest.skip("this CPU does not run ISA 3")
 
 def test_missing_package():
     pytest.importorskip("dia_fast_no_such_module")
@@ -51,10 +54,11 @@ def test_in_ci_only_a_missing_device_may_skip(tmp_path):
     # (a skip marker acts in the setup phase: its failure is reported as an error there)
     assert "ERROR test_skips.py::test_no_extension - skipped in CI (the C++ extension is not built)" in out
     assert "SKIPPED [1] test_skips.py:5: needs a CUDA GPU" in out
-    assert "1 failed, 1 passed, 1 skipped, 1 xfailed, 1 error" in out
+    assert "SKIPPED [1] test_skips.py:8: this CPU does not run ISA 3" in out
+    assert "1 failed, 1 passed, 2 skipped, 1 xfailed, 1 error" in out
 
 
 def test_outside_ci_skips_stay_skips(tmp_path):
     for ci in (None, "false", "0"):
         rc, out = _run(tmp_path, ci)
-        assert rc == 0 and "1 passed, 3 skipped, 1 xfailed" in out, (ci, out)
+        assert rc == 0 and "1 passed, 4 skipped, 1 xfailed" in out, (ci, out)

@@ -151,7 +151,6 @@ def test_norm_eps_and_rope_theta_are_read_per_sub_config():
     [
         ("decoder_config", {"rope_parameters": {"rope_type": "linear", "factor": 4.0}}, "rope_type='linear'"),
         ("encoder_config", {"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_type='dynamic'"),
-        ("encoder_config", {"rope_parameters": {"rope_theta": 1e4, "partial_rotary_factor": 0.5}}, "partial_rotary"),
         ("decoder_config", {"rope_scaling": 2.0}, "must be an object"),
     ],
 )
@@ -160,6 +159,14 @@ def test_unsupported_rope_is_an_error(sub, rope, message):
     raw[sub].update(rope)
     with pytest.raises(ConfigError, match=f"{sub}.*{message}"):
         DiaConfig.from_dict(raw)
+
+
+def test_a_partial_rotary_factor_is_ignored_as_transformers_does():
+    """transformers' Dia builds its rotary tables over the whole head whatever partial_rotary_factor says: the same
+    model as without it (not an error)."""
+    raw = _official_0626_config()
+    raw["encoder_config"]["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}
+    assert DiaConfig.from_dict(raw) == DiaConfig.from_dict(_official_0626_config())
 
 
 def test_v01_config_round_trips_in_both_formats():

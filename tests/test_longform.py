@@ -262,6 +262,25 @@ def test_cjk_sentences_end_without_a_space():
     assert all(text[c.start : c.end].endswith("。") for c in spans)
 
 
+def test_given_chunks_are_checked_with_the_transcript_before_any_work(tts, monkeypatch):
+    """Chunks given as they are: each must fit the text budget with the prompt's transcript in front, checked before
+    the prompt is encoded or any chunk generated (the second chunk used to fail after the first was spoken)."""
+    from dia_fast.longform import generate_long
+
+    encoded, spoken = [], []
+    monkeypatch.setattr(tts, "encode_prompt", lambda audio, *a: encoded.append(audio))
+    chunks = ["[S1] The first chunk is short.", "[S1] " + "b" * 600]
+    with pytest.raises(ValueError, match=r"transcript \(502 bytes\) and the text \(602 bytes\) are 1105 bytes"):
+        generate_long(
+            tts, "", chunks=chunks, audio_prompt=np.zeros(44100, np.float32), audio_prompt_text="[S1] " + "a" * 500,
+            max_new_tokens=40, on_chunk=lambda i, audio: spoken.append(i),
+        )  # fmt: skip
+    assert encoded == [] and spoken == []
+    with pytest.raises(ValueError, match="1202 bytes after tokenization"):  # a chunk too long by itself, no prompt
+        generate_long(tts, "", chunks=["[S1] Fine.", "[S1] " + "c" * 1200], on_chunk=lambda i, a: spoken.append(i))
+    assert spoken == []
+
+
 def test_doubtful_text_warnings_are_about_the_text_as_written_not_its_chunks(tts):
     """A long text's chunks may be short or start mid-turn: generate_long checks the whole text once instead."""
     import warnings

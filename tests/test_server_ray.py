@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -330,6 +331,23 @@ def test_ray_cli_options_are_checked_locally_only_without_a_cluster_address(tmp_
     assert main(["--ray", "--model", str(tmp_path / "missing")]) == 0 and len(calls) == 2
 
 
+def test_ray_on_a_gpu_machine_without_gpus_per_replica_warns_that_replicas_run_on_the_cpu(monkeypatch):
+    """The replicas' default device is the CPU unless each reserves a GPU: on a machine with one, say so."""
+    from dia_fast.serve import __main__ as cli
+    from dia_fast.serve import ray_app
+
+    calls = []
+    monkeypatch.setattr(ray_app, "run_ray", lambda settings, **kw: calls.append(settings))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(cli, "_cuda_here", lambda: True)
+    with pytest.warns(UserWarning, match="the replicas run on the CPU although this machine has a GPU"):
+        assert cli.main(["--ray"]) == 0
+    assert calls[-1].device is None  # (each replica picks: cpu without a GPU reserved)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cli.main(["--ray", "--device", "cpu"]) == 0  # asked for: no warning
+
+
 def test_a_whole_file_request_whose_task_is_cancelled_is_counted_once():
     """Under Ray a whole-file client that leaves arrives as the request task's cancellation (uvicorn's apps see the
     disconnect instead): counted as a cancel and a 499, as uvicorn counts it, and the engine request is cancelled."""
@@ -368,9 +386,11 @@ def test_a_whole_file_request_whose_task_is_cancelled_is_counted_once():
         service.close(drain=False)
 
 
-def test_a_task_cancelled_while_its_request_is_submitted_cancels_that_request():
+@pytest.mark.parametrize("stream_format", [None, "audio"])
+def test_a_task_cancelled_while_its_request_is_submitted_cancels_that_request(stream_format):
     """Cancelled while the submission runs in its worker thread: the submission still completes there, and its
-    request is cancelled then (not left running in a slot with nobody to take its audio); counted as a cancel."""
+    request is cancelled then (not left running in a slot with nobody to take its audio); counted as a cancel,
+    whole-file or streamed."""
     import threading
 
     from dia_fast.api import DiaTTS
@@ -389,13 +409,13 @@ def test_a_task_cancelled_while_its_request_is_submitted_cancels_that_request():
 
     service._submit = slow_submit
     try:
-        req = SpeechRequest(**{**LONG, "max_new_tokens": 3000, "min_new_tokens": 2984})
+        req = SpeechRequest(**{**LONG, "max_new_tokens": 3000, "min_new_tokens": 2984, "stream_format": stream_format})
 
         async def never() -> bool:
             return False
 
         async def leave() -> None:
-            task = asyncio.ensure_future(service.speech(req, never))
+            task = asyncio.ensure_future(service.open_stream(req) if stream_format else service.speech(req, never))
             assert await asyncio.get_running_loop().run_in_executor(None, entered.wait, 30)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
@@ -414,7 +434,9 @@ def test_a_task_cancelled_while_its_request_is_submitted_cancels_that_request():
         while service.engine.busy_slots and time.monotonic() < deadline:
             time.sleep(0.05)
         assert service.engine.busy_slots == 0
-        assert _value(service.metrics.render().decode(), "dia_fast_cancelled_requests_total") == 1
+        text = service.metrics.render().decode()
+        assert _value(text, "dia_fast_cancelled_requests_total") == 1
+        assert _value(text, "dia_fast_requests_total", status="499", stream=stream_format or "none") == 1
     finally:
         release.set()
         service.close(drain=False)

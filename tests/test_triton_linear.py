@@ -81,6 +81,15 @@ def test_int8_linear_is_right_with_other_launch_settings(config, M, N, K):
     _close(tl_lin.int8_linear(x, w, s, config=config), ref.int8_linear(x, w, s), torch.float32)
 
 
+def test_int8_linear_out_may_be_x_itself():
+    """In place (N == K, out=x; several column blocks, one K split): the unaliased result. Writing x's storage while
+    other blocks still read it gave wrong values."""
+    x, w, s = _case(4, 128, 128, torch.float32, seed=5)
+    want = tl_lin.int8_linear(x, w, s)
+    assert tl_lin.int8_linear(x, w, s, out=x) is x
+    torch.testing.assert_close(x, want, rtol=0, atol=0)
+
+
 def test_int8_linear_keeps_leading_dims_and_writes_out():
     x, w, s = _case(2, 48, 96, torch.float32, lead=(3,))  # [3, 2, 96]: 6 rows
     want = ref.int8_linear(x, w, s)

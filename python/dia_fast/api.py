@@ -24,7 +24,7 @@ from .generation.generate import DecodeOutput, check_step_budget, generate_codes
 from .generation.sampling import SamplingConfig
 from .model import DiaModel, RMSNorm
 from .options import check_int_option
-from .text import encode_batch, encode_text, prompted_text, text_tokens, warn_doubtful_text
+from .text import check_prompted_text, encode_batch, encode_text, warn_doubtful_text
 
 if TYPE_CHECKING:
     from .generation.stream import AudioStream
@@ -122,7 +122,7 @@ def _remove_sharded_weights(directory: Path) -> None:
     if not index.is_file():
         return
     try:
-        names = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        names = {n for n in json.loads(index.read_text()).get("weight_map", {}).values() if isinstance(n, str)}
     except (OSError, ValueError, AttributeError):
         names = set()  # an unreadable index: it goes, its shards are no longer found by name
     index.unlink()
@@ -655,14 +655,7 @@ class DiaTTS:
                 )
                 out_texts.append(text)
             else:  # the transcript is read in front of the text: both must fit, checked before any prompt is encoded
-                out_texts.append(prompted_text(text, transcript))
-                tokens, limit = text_tokens(out_texts[-1]), self.config.data.text_length
-                if tokens > limit:
-                    raise ValueError(
-                        f"the audio prompt's transcript ({text_tokens(transcript.strip())} bytes) and the text "
-                        f"({text_tokens(text.strip())} bytes) are {tokens} bytes together, but the model reads at "
-                        f"most {limit}: use a shorter text or a shorter prompt and transcript"
-                    )
+                out_texts.append(check_prompted_text(text, transcript, self.config.data.text_length))
         cache: dict[int, torch.Tensor] = {}
         prompts: list[torch.Tensor | None] = []
         for prompt in prompts_in:

@@ -69,8 +69,9 @@ def _index_shards(index: Path) -> list[Path]:
         raise CheckpointError(
             f"{index}: not a readable shard index (expected a JSON object with 'weight_map'): {exc}"
         ) from None
-    names = set(weight_map.values()) if isinstance(weight_map, dict) else set()
-    if not names or not all(isinstance(n, str) and n and Path(n).name == n for n in names):
+    values = list(weight_map.values()) if isinstance(weight_map, dict) else []
+    names = set(values) if all(isinstance(n, str) for n in values) else set()  # (a list as a value is unhashable)
+    if not names or not all(n and Path(n).name == n for n in names):
         raise CheckpointError(f"{index}: no 'weight_map' of tensor name -> shard file name in the shard index")
     shards = [index.parent / name for name in sorted(names)]
     missing = [p.name for p in shards if not p.is_file()]

@@ -340,15 +340,14 @@ def _get(d: dict[str, Any], key: str, where: str) -> Any:
 def _rope_theta(sub: dict[str, Any], where: str) -> float:
     """The RoPE theta of a transformers / current official sub-config (``rope_parameters``, the older
     ``rope_scaling`` dict, or a plain ``rope_theta``, in transformers' order). Only plain RoPE is supported: another
-    ``rope_type`` or a partial rotary factor is a :class:`ConfigError` (the model would differ silently)."""
+    ``rope_type`` is a :class:`ConfigError` (the model would differ silently). A ``partial_rotary_factor`` is ignored,
+    as transformers' Dia ignores it (its rotary tables span the whole head)."""
     params = sub.get("rope_scaling") or sub.get("rope_parameters") or {}  # transformers prefers rope_scaling
     if not isinstance(params, dict):
         raise ConfigError(f"{where}rope_parameters / rope_scaling must be an object, got {params!r}")
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type != "default":
         raise ConfigError(f"{where}rope_type={rope_type!r} is not supported (Dia uses plain RoPE, 'default')")
-    if float(params.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise ConfigError(f"{where}partial_rotary_factor={params['partial_rotary_factor']} is not supported (Dia: 1.0)")
     theta = params.get("rope_theta", sub.get("rope_theta", 10000.0))
     return float(10000.0 if theta is None else theta)
 

@@ -28,11 +28,9 @@ from .audio import check_crossfade_ms, crossfade_join
 from .options import check_int_option
 from .progress import progress_bar
 from .text import SPEAKER_TAG_RE as _TAG_RE
-from .text import text_already_checked, text_tokens, warn_doubtful_text
+from .text import check_prompted_text, encode_text, text_already_checked, text_tokens, warn_doubtful_text
 
 if TYPE_CHECKING:
-    import torch
-
     from .api import DiaTTS
 
 __all__ = [
@@ -355,11 +353,13 @@ def generate_long(
         raise TypeError(f"chunks must be a sequence of str (one text per chunk), got {got}")
     if "decode_audio" in generate_kwargs:  # (text and progress are parameters of their own)
         raise TypeError("generate_long() got an unexpected keyword argument 'decode_audio'")
-    prompt_codes: torch.Tensor | None = None
-    if audio_prompt is not None:
-        prompt_codes = tts.encode_prompt(audio_prompt)
-    elif audio_prompt_text:
+    if audio_prompt is None and audio_prompt_text:
         raise ValueError("audio_prompt_text was given without an audio_prompt")
+    if chunks is not None:  # each given chunk must fit, the transcript in front: checked before any work
+        limit, transcript = tts.config.data.text_length, audio_prompt_text if audio_prompt is not None else None
+        for chunk in filter(str.strip, chunks):
+            encode_text(check_prompted_text(chunk, transcript, limit), limit)
+    prompt_codes = None if audio_prompt is None else tts.encode_prompt(audio_prompt)
     if chunks is None:
 
         def split(frames: int) -> list[str]:

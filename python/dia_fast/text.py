@@ -85,6 +85,20 @@ def prompted_text(text: str, transcript: str | None) -> str:
     return text if not transcript or not transcript.strip() else f"{transcript.strip()} {text.strip()}"
 
 
+def check_prompted_text(text: str, transcript: str | None, max_length: int) -> str:
+    """:func:`prompted_text`, checked against the text budget: a ValueError giving both lengths when the transcript
+    and the text do not fit together (before any prompt is encoded)."""
+    joined = prompted_text(text, transcript)
+    tokens = text_tokens(joined)
+    if transcript and transcript.strip() and tokens > max_length:
+        raise ValueError(
+            f"the audio prompt's transcript ({text_tokens(transcript.strip())} bytes) and the text "
+            f"({text_tokens(text.strip())} bytes) are {tokens} bytes together, but the model reads at most "
+            f"{max_length}: use a shorter text or a shorter prompt and transcript"
+        )
+    return joined
+
+
 _ANY_TAG_RE = re.compile(r"\[[Ss]\d+\]")
 SHORT_TEXT_CHARS = 12  # spoken characters below which Dia's audio is known to be poor
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import numbers
 import os
 import secrets
 import stat
@@ -87,7 +88,9 @@ def read_audio(
             raise IsADirectoryError(f"expected an audio file, got a directory: {name}")
     if target_rate is not None:
         target_rate = check_rate(target_rate, "target_rate")
-    if max_seconds is not None and (isinstance(max_seconds, bool) or not 0 < float(max_seconds) < math.inf):
+    if max_seconds is not None and (
+        isinstance(max_seconds, bool) or not isinstance(max_seconds, numbers.Real) or not 0 < max_seconds < math.inf
+    ):
         raise ValueError(f"max_seconds must be a positive finite number, got {max_seconds!r}")
     try:
         if max_seconds is None:
@@ -114,6 +117,7 @@ def read_audio(
 
 _UNKNOWN_FRAMES = 2**63 - 1  # libsndfile's frame count of a stream that does not say its length (streamed FLAC)
 _BLOCK_SAMPLES = 1 << 20  # samples (frames x channels) decoded at a time by a bounded read: 4 MiB
+_SEEK_FAILED = 39  # libsndfile's "Internal psf_fseek() failed": how a read past the end of such a stream ends
 
 
 def _read_at_most(src: PathLike | BinaryIO, max_seconds: float, name: str, mono: bool) -> tuple[np.ndarray, int]:
@@ -123,7 +127,10 @@ def _read_at_most(src: PathLike | BinaryIO, max_seconds: float, name: str, mono:
         rate, channels, frames = f.samplerate, f.channels, f.frames
         limit = math.ceil(max_seconds * rate)
         told = frames != _UNKNOWN_FRAMES
-        if told and frames > limit:  # the header says so: nothing is decoded
+        # an MPEG file's frame count is libsndfile's estimate from its size and bitrate without a Xing/Info header
+        # (a streamed MP3, or an ID3 tag with cover art, makes it seconds too long): only decoding tells
+        estimated = f.format == "MP3" or f.subtype.startswith("MPEG")
+        if told and not estimated and frames > limit:  # the header says so: nothing is decoded
             raise AudioTooLongError(name, frames / rate, max_seconds)
         block = max(1, _BLOCK_SAMPLES // max(channels, 1))
         parts, total, end = [], 0, False
@@ -132,9 +139,9 @@ def _read_at_most(src: PathLike | BinaryIO, max_seconds: float, name: str, mono:
             out = np.full((want, channels), np.nan, np.float32)
             try:
                 got = f.read(want, dtype="float32", always_2d=True, out=out)
-            except RuntimeError:
-                if told:
-                    raise
+            except RuntimeError as exc:
+                if told or getattr(exc, "code", None) != _SEEK_FAILED:
+                    raise  # (a decoding error: corrupt audio, not the end of the stream)
                 # at the end of a stream of unknown length libsndfile reads its last frames, then soundfile's seek
                 # to the new position fails: the frames read are the rows it filled (NaN rows never come from
                 # integer formats, the only ones written this way; a float file's NaN is an error anyway)

@@ -323,7 +323,7 @@ def cfg_sample(
     on_device = allow_eos is not None or any(isinstance(x, torch.Tensor) for x in settings)
     shape_ok = V <= SAMPLE_MAX_VOCAB and cond.shape == uncond.shape
     hp = reference.host_params(*settings) if shape_ok and not on_device else None
-    greedy = (not do_sample) or (hp is not None and hp.temperature <= 0)  # (as the reference: T <= 0 is greedy)
+    greedy = (not do_sample) or (hp is not None and not hp.temperature > 0)  # (as the reference: T <= 0, NaN)
     if hp is None or (not greedy and seed is not None):
         return reference.cfg_sample(cond, uncond, cfg_scale=cfg_scale, temperature=temperature, top_p=top_p,
                                     top_k=top_k, eos_id=eos_id, do_sample=do_sample, generator=generator,

@@ -161,7 +161,10 @@ def int8_linear(
             raise ValueError(
                 f"int8_linear: out is {out.dtype} {tuple(out.shape)}, the result {x.dtype} {shape} on {x.device}"
             )
-        y = out.view(M, N) if out.is_contiguous() else torch.empty(M, N, dtype=x.dtype, device=x.device)
+        # written directly only when out shares no storage with x: blocks of out written while other blocks still
+        # read x would corrupt an in-place out=x
+        direct = out.is_contiguous() and out.untyped_storage().data_ptr() != x2.untyped_storage().data_ptr()
+        y = out.view(M, N) if direct else torch.empty(M, N, dtype=x.dtype, device=x.device)
     else:
         y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     block_m = min(max(16, triton.next_power_of_2(M)), MAX_BLOCK_M)

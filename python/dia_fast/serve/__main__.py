@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from ..cliparse import OneLineParser
@@ -24,7 +25,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--codec", help="codec checkpoint, 'dac' or 'encodec' (default: the model's DAC)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best available)")
+    p.add_argument(
+        "--device",
+        help="cpu, cuda, cuda:1, mps (default: the best available; with --ray: cuda when --gpus-per-replica > 0, "
+        "else cpu)",
+    )
     p.add_argument("--dtype", help="float32, bfloat16, float16 (default: the device's)")
     p.add_argument("--quantize", choices=("int8", "fp8", "int4"), help="quantize the decoder (docs/quantization.md)")
     p.add_argument("--max-batch", type=int, help="requests decoded together (default: 16 CUDA, 4 MPS, 8 CPU)")
@@ -38,9 +43,20 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--ray", action="store_true", help="run as Ray Serve replicas instead of one uvicorn process")
     g.add_argument("--replicas", type=int, default=1, help="--ray: replicas (default 1)")
     g.add_argument("--max-replicas", type=int, help="--ray: autoscale from --replicas up to this many")
-    g.add_argument("--gpus-per-replica", type=float, default=0.0, help="--ray: GPUs per replica (default 0)")
+    g.add_argument(
+        "--gpus-per-replica",
+        type=float,
+        default=0.0,
+        help="--ray: GPUs per replica (default 0: the replicas run on the CPU; give 1 for a GPU each)",
+    )
     g.add_argument("--ray-address", help="--ray: an existing cluster (default: start a local one)")
     return p
+
+
+def _cuda_here() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,6 +88,12 @@ def main(argv: list[str] | None = None) -> int:
             from .ray_app import replica_settings
 
             device = replica_settings(settings, args.gpus_per_replica).device  # (what each replica runs on)
+            if device == "cpu" and settings.device is None and _cuda_here():
+                warnings.warn(
+                    "--ray without --gpus-per-replica: the replicas run on the CPU although this machine has a GPU "
+                    "(give --gpus-per-replica 1 for a GPU each)",
+                    stacklevel=1,
+                )
         else:
             device = settings.device
         # a device, dtype or quantization mode this machine cannot run, or a checkpoint that is not there: an

@@ -189,11 +189,11 @@ class SpeechService:
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.workers, fn, *args)
 
-    def _count_task_cancel(self, req: SpeechRequest) -> None:
-        """Count a whole-file request whose task was cancelled (the client left, under Ray Serve; uvicorn lets the
-        task run and :meth:`speech` sees the disconnect instead) as that cancel: no error answer follows."""
+    def _count_task_cancel(self, req: SpeechRequest, stream: str = "none") -> None:
+        """Count a request whose task was cancelled (the client left, under Ray Serve; uvicorn lets the task run and
+        :meth:`speech` sees the disconnect instead) as that cancel: no error answer follows."""
         self.metrics.cancelled.inc()
-        self.count_error(ApiError(499, "the request was cancelled", code="cancelled"), req.response_format, "none")
+        self.count_error(ApiError(499, "the request was cancelled", code="cancelled"), req.response_format, stream)
 
     async def _submit_job(self, req: SpeechRequest) -> _Job:
         """:meth:`_submit` in a worker thread. If this task is cancelled meanwhile (a client that left, under Ray
@@ -348,7 +348,11 @@ class SpeechService:
 
     async def open_stream(self, req: SpeechRequest) -> tuple[_Job, AsyncIterator[bytes]]:
         """Submit a streamed request (errors before any audio raise :class:`ApiError`) and return its body."""
-        job = await self._submit_job(req)
+        try:
+            job = await self._submit_job(req)
+        except asyncio.CancelledError:
+            self._count_task_cancel(req, req.stream_format or "none")
+            raise
         body = self._sse(job, req) if req.stream_format == "sse" else self._audio(job, req)
         return job, body
 

@@ -44,7 +44,7 @@ from ..longform import PromptTooLong
 from ..ops.cpu_graph import CpuGraphStep
 from ..ops.reference import last_eos_position
 from ..options import check_int_option, named
-from ..text import encode_batch, prompted_text
+from ..text import check_prompted_text, encode_batch, prompted_text
 from .slots import SlotState, admit, allocate_slots, slot_step, undelayed_codes
 
 if TYPE_CHECKING:
@@ -490,6 +490,12 @@ class BatchEngine:
                              do_sample, seed)  # fmt: skip
         if audio_prompt_text and audio_prompt is None:
             raise named(ValueError("audio_prompt_text was given without an audio_prompt"), "audio_prompt_text")
+        if texts is not None and audio_prompt is not None:  # given pieces with the transcript: before the prompt
+            for piece in texts:
+                try:
+                    check_prompted_text(piece, audio_prompt_text, self.tts.config.data.text_length)
+                except ValueError as exc:
+                    raise named(exc, "text") from None
         prompt = None if audio_prompt is None else self.tts.encode_prompt(audio_prompt)
         if timeout is not None and not timeout > 0:
             raise named(ValueError(f"timeout must be > 0 seconds, got {timeout}"), "timeout")

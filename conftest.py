@@ -44,7 +44,7 @@ def _seed() -> None:
 
 _IN_CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 # the only reasons a test may skip in CI: what the machine lacks (a GPU, an ISA, a compiler type, an OS feature)
-_DEVICE_SKIPS = (
+_HARDWARE_SKIPS = (
     "needs a CUDA GPU",
     "needs an Apple GPU",
     "this CPU does not run ISA",
@@ -60,7 +60,7 @@ def _fail_skips_in_ci(report: pytest.TestReport | pytest.CollectReport) -> None:
     longrepr = report.longrepr
     reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
     reason = reason.removeprefix("Skipped: ")
-    if not reason.startswith(_DEVICE_SKIPS):
+    if not reason.startswith(_HARDWARE_SKIPS):
         report.outcome = "failed"
         report.longrepr = f"skipped in CI ({reason}): there, only missing hardware may skip a test (CI sets CI=true)"
 

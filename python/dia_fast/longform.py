@@ -28,7 +28,7 @@ from .audio import check_crossfade_ms, crossfade_join
 from .options import check_int_option
 from .progress import progress_bar
 from .text import SPEAKER_TAG_RE as _TAG_RE
-from .text import check_prompted_text, encode_text, text_already_checked, text_tokens, warn_doubtful_text
+from .text import check_prompted_text, text_already_checked, text_tokens, warn_doubtful_text
 
 if TYPE_CHECKING:
     from .api import DiaTTS
@@ -358,7 +358,7 @@ def generate_long(
     if chunks is not None:  # each given chunk must fit, the transcript in front: checked before any work
         limit, transcript = tts.config.data.text_length, audio_prompt_text if audio_prompt is not None else None
         for chunk in filter(str.strip, chunks):
-            encode_text(check_prompted_text(chunk, transcript, limit), limit)
+            check_prompted_text(chunk, transcript, limit)
     prompt_codes = None if audio_prompt is None else tts.encode_prompt(audio_prompt)
     if chunks is None:
 

@@ -86,8 +86,8 @@ def prompted_text(text: str, transcript: str | None) -> str:
 
 
 def check_prompted_text(text: str, transcript: str | None, max_length: int) -> str:
-    """:func:`prompted_text`, checked against the text budget: a ValueError giving both lengths when the transcript
-    and the text do not fit together (before any prompt is encoded)."""
+    """:func:`prompted_text`, checked against the text budget as :func:`encode_text` checks a text (before any prompt
+    is encoded); when the transcript is what makes it too long, the ValueError gives both lengths."""
     joined = prompted_text(text, transcript)
     tokens = text_tokens(joined)
     if transcript and transcript.strip() and tokens > max_length:
@@ -96,6 +96,7 @@ def check_prompted_text(text: str, transcript: str | None, max_length: int) -> s
             f"({text_tokens(text.strip())} bytes) are {tokens} bytes together, but the model reads at most "
             f"{max_length}: use a shorter text or a shorter prompt and transcript"
         )
+    encode_text(joined, max_length)  # (empty, or too long by itself)
     return joined
 
 

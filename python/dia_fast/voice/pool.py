@@ -21,7 +21,7 @@ import torch
 from ..generation.sampling import SamplingConfig
 from ..options import check_int_option
 from ..serving import BatchEngine, RequestHandle, default_max_slots
-from ..text import encode_text, prompted_text, warn_doubtful_text
+from ..text import check_prompted_text, warn_doubtful_text
 
 if TYPE_CHECKING:
     from ..api import DiaTTS
@@ -165,7 +165,7 @@ class VoicePool:
         if audio_prompt_text and audio_prompt is None:
             raise ValueError("audio_prompt_text was given without an audio_prompt")
         for piece in [text] if isinstance(text, str) else text:
-            encode_text(prompted_text(piece, audio_prompt_text), self.tts.config.data.text_length)
+            check_prompted_text(piece, audio_prompt_text, self.tts.config.data.text_length)
         if isinstance(text, str):  # (a list of pieces comes from a Conversation, which warned about its text)
             warn_doubtful_text(text, stacklevel=4)
         return dict(text=text, audio_prompt=audio_prompt, audio_prompt_text=audio_prompt_text, **opts.kwargs())

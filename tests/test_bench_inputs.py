@@ -4,6 +4,7 @@ one line."""
 
 from __future__ import annotations
 
+import copy
 import http.server
 import json
 import math
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 import dia_fast.bench as bench
 from dia_fast.api import DiaTTS
@@ -395,3 +397,18 @@ def test_warnings_are_one_line_each(checkpoint, capsys):
     assert warned and all(line.startswith("dia_fast.bench: warning: ") for line in warned), err
     assert any("random weights" in line for line in warned)
     assert not any("UserWarning" in line or "from_pretrained(" in line for line in err), err
+
+
+def test_the_precision_floor_compares_the_model_with_a_float32_copy_of_its_weights():
+    """The quality block's floor: a bf16 model against float32 on the same weights differs by bf16's rounding (not
+    zero, well under the int8 tests' bounds for the tiny preset); a float32 model has no floor."""
+    from dia_fast.bench.quality import precision_floor
+
+    fp32 = DiaTTS.random("tiny", seed=0, device="cpu")
+    assert precision_floor(fp32, steps=24) is None
+    bf16 = DiaTTS(copy.deepcopy(fp32.model).to(torch.bfloat16), fp32.codec)
+    floor = precision_floor(bf16, steps=24)
+    assert floor["dtype"] == "bfloat16" and floor["reference_dtype"] == "float32"
+    assert floor["teacher_forced_positions"] > 16 and len(floor["top1_agreement"]) == 9
+    assert 1e-4 < floor["rel_logit_error"] < 0.05 and floor["top1_agreement_mean"] > 0.9, floor
+    assert fp32.model.decoder.logits_dense.weight.dtype == torch.float32  # the copy left the model as it was

@@ -425,5 +425,16 @@ def test_full_width_decode_step_triton_equals_torch_gpu() -> None:
     got, want = bufs[1].logits.float(), bufs[0].logits.float()
     outside = (got - want).abs() > 0.05 + 0.05 * want.abs()
     assert outside.float().mean() < 1e-3 and float((got - want).abs().max()) < 0.25
-    torch.testing.assert_close(bufs[1].state.self_k.float(), bufs[0].state.self_k.float(), rtol=0.02, atol=0.02)
+    # the step writes one position of the self-attention cache; the rest stays as it was, bit for bit
+    for name in ("self_k", "self_v"):
+        got, want = getattr(bufs[1].state, name), getattr(bufs[0].state, name)
+        assert torch.equal(got[..., :2000, :], want[..., :2000, :]) and torch.equal(
+            got[..., 2001:, :], want[..., 2001:, :]
+        )
+        # the written keys and values come through the same bf16 rounding as the logits: on an H200, 8 of the 4096
+        # second-layer keys differed by more than 0.02 + 2% (at most 0.027, about two bf16 steps at |k| ~ 2)
+        got, want = got[..., 2000, :].float(), want[..., 2000, :].float()
+        outside = (got - want).abs() > 0.02 + 0.02 * want.abs()
+        assert outside.float().mean() < 1e-2 and float((got - want).abs().max()) < 0.1, name
+        assert float((got - want).norm() / want.norm()) < 2e-2, name
     assert not bufs[1].state.semaphores.any()

@@ -49,7 +49,11 @@ def test_info_reports_everything():
     info = dia_fast.info()
     assert info["version"] == dia_fast.__version__
     assert info["torch"] == torch.__version__
-    assert info["quantize"] == {"cpu": ["int8", "int4"], "cuda": ["int8", "fp8", "int4"], "cuda_int8_kernel": "torchao"}
+    assert info["quantize"] == {
+        "cpu": ["int8", "int4"],
+        "cuda": ["int8", "fp8", "int4"],
+        "cuda_int8_kernel": "dia_fast",
+    }
     assert "torchao" in info  # its version, or None where it is not installed
     assert "triton" in info and info["device"] in ("cpu", "cuda", "mps")
     ext = info["extension"]

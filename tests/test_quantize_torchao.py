@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 
 import pytest
 import torch
@@ -76,7 +77,7 @@ def test_cuda_modes_quantize_every_target_and_keep_the_measured_quality(mode, ma
     quant = DiaTTS(copy.deepcopy(ref.model), ref.codec)
     kinds = gemm_kinds(quant.model, mode, PARTS, INT4_PARTS)
     with cpu_tinygemm():
-        quantize_cuda(quant.model, kinds)
+        quantize_cuda(quant.model, kinds, int8_kernel="torchao")
         assert set(kinds) == set(target_names(quant.model))
         for name, kind in kinds.items():  # int4: the MLP in int4, the rest in int8
             assert kind == (("int4" if ".mlp." in name else "int8") if mode == "int4" else mode)
@@ -102,7 +103,7 @@ def test_a_replaced_torchao_weight_makes_new_decode_runners(mode):
     tts = DiaTTS.random("tiny", seed=0, dtype=torch.bfloat16)
     name = target_names(tts.model)[0]
     with cpu_tinygemm():
-        quantize_cuda(tts.model, gemm_kinds(tts.model, mode, PARTS, INT4_PARTS))
+        quantize_cuda(tts.model, gemm_kinds(tts.model, mode, PARTS, INT4_PARTS), int8_kernel="torchao")
         assert tts.model.get_submodule(name).weight.data_ptr() == 0  # (why the key looks inside)
         engine = engine_for(tts.model)
         before = engine._weights_key()
@@ -127,10 +128,10 @@ def test_the_torchao_loader_quantizes_each_gemm_as_its_weight_arrives(tmp_path, 
     with torch.device("meta"):
         model = DiaModel(cfg)
     with cpu_tinygemm():
-        load_cuda_quantized(model, tensors, mode, torch.bfloat16, torch.device("cpu"), "test")
+        load_cuda_quantized(model, tensors, mode, torch.bfloat16, torch.device("cpu"), "test", int8_kernel="torchao")
         model = _finish_model(model, torch.device("cpu"), torch.bfloat16)
         want = copy.deepcopy(full.model)
-        quantize_cuda(want, gemm_kinds(want, mode, PARTS, INT4_PARTS))
+        quantize_cuda(want, gemm_kinds(want, mode, PARTS, INT4_PARTS), int8_kernel="torchao")
         g = torch.Generator().manual_seed(0)
         ids, mask = torch.randint(1, 200, (1, 20), generator=g), torch.ones(1, 20, dtype=torch.bool)
         codes = torch.randint(0, 1024, (1, 12, 9), generator=g)
@@ -159,7 +160,13 @@ def test_cuda_modes_a_gpu_cannot_run_are_one_line_errors(monkeypatch, mode, capa
 )
 def test_cuda_modes_a_gpu_can_run_pass_the_check(monkeypatch, mode, dtype):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_a: (9, 0))
-    assert check_quantize(mode, "cuda", dtype) == mode
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert check_quantize(mode, "cuda", dtype) == mode
+    # fp8 runs, but slowly (torchao dequantizes per call: measured on an H200): the user is told once
+    assert [str(w.message)[:40] for w in caught] == (
+        ["quantize=fp8 on CUDA runs through torcha"] if mode == "fp8" else []
+    )
 
 
 def _load_saved_as_torchao(directory):
@@ -174,7 +181,7 @@ def _load_saved_as_torchao(directory):
     with torch.device("meta"):
         model = DiaModel(DiaConfig.from_json(directory / "config.json"))
     load_saved(model, load_file(str(directory / "model.safetensors")), read_quantization(directory), str(directory))
-    cuda_from_saved(model, torch.device("cpu"), torch.bfloat16)
+    cuda_from_saved(model, torch.device("cpu"), torch.bfloat16, int8_kernel="torchao")
     return _finish_model(model, torch.device("cpu"), torch.bfloat16)
 
 
@@ -214,7 +221,7 @@ def test_a_torchao_int8_model_saves_in_the_cpu_format_and_loads_back_on_the_cpu(
     """CUDA's int8 (torchao's int8 weights: int8 values with a row scale, no zero point) saves as dia_fast's int8
     directory, which the CPU loads as it is."""
     tts = DiaTTS.random("tiny", seed=0, dtype=torch.bfloat16)
-    quantize_cuda(tts.model, gemm_kinds(tts.model, "int8", PARTS, INT4_PARTS))
+    quantize_cuda(tts.model, gemm_kinds(tts.model, "int8", PARTS, INT4_PARTS), int8_kernel="torchao")
     tts.model._dia_fast_quantized = "int8"  # what quantize_decoder sets (its torchao branch runs on CUDA only)
     directory = tts.save_pretrained(tmp_path / "q")
     back = DiaTTS.from_pretrained(directory, device="cpu", codec=tts.codec)
@@ -240,7 +247,7 @@ def test_cuda_fp8_and_int4_models_save_and_load_back_with_the_same_weights(tmp_p
 
     tts = DiaTTS.random("tiny", seed=0, dtype=torch.bfloat16)
     with cpu_tinygemm():
-        quantize_cuda(tts.model, gemm_kinds(tts.model, mode, PARTS, INT4_PARTS))
+        quantize_cuda(tts.model, gemm_kinds(tts.model, mode, PARTS, INT4_PARTS), int8_kernel="torchao")
         tts.model._dia_fast_quantized = mode  # what quantize_decoder sets (its torchao branch runs on CUDA only)
         directory = tts.save_pretrained(tmp_path / "q")
         doc, saved = read_quantization(directory), load_file(str(directory / "model.safetensors"))
@@ -285,7 +292,7 @@ def test_a_damaged_cuda_int4_directory_is_an_error_naming_the_gemm(tmp_path):
 
     tts = DiaTTS.random("tiny", seed=0, dtype=torch.bfloat16)
     with cpu_tinygemm():
-        quantize_cuda(tts.model, gemm_kinds(tts.model, "int4", PARTS, INT4_PARTS))
+        quantize_cuda(tts.model, gemm_kinds(tts.model, "int4", PARTS, INT4_PARTS), int8_kernel="torchao")
         tts.model._dia_fast_quantized = "int4"
         directory = tts.save_pretrained(tmp_path / "q")
     doc, state = read_quantization(directory), load_file(str(directory / "model.safetensors"))
@@ -453,10 +460,12 @@ def test_gpu_loading_quantizes_tensor_by_tensor_on_the_device(tmp_path, mode):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_gpu_saved_directories_load_across_devices(tmp_path, mode):
-    """A CPU-saved directory loads on CUDA (tinygemm / torchao int8 with the saved values), and a CUDA int8 model
-    saves a directory that the CPU loads as it is."""
-    cpu = DiaTTS.random("tiny", seed=0, quantize=mode)
+def test_gpu_saved_directories_load_across_devices(tmp_path, monkeypatch, mode):
+    """A CPU-saved directory loads on CUDA (tinygemm / dia_fast's or torchao's int8 with the saved values), and a
+    CUDA int8 model of either int8 kernel saves a directory that the CPU loads as it is."""
+    import dia_fast.quantize
+
+    cpu = DiaTTS.random("tiny", seed=0, device="cpu", quantize=mode)  # (the default device here is CUDA)
     gpu = DiaTTS.from_pretrained(cpu.save_pretrained(tmp_path / "cpu"), device="cuda", codec=cpu.codec)
     g = torch.Generator().manual_seed(0)
     ids, mask = torch.randint(1, 200, (1, 20), generator=g), torch.ones(1, 20, dtype=torch.bool)
@@ -465,11 +474,13 @@ def test_gpu_saved_directories_load_across_devices(tmp_path, mode):
         want = cpu.model(ids, mask, codes)
         got = gpu.model(ids.cuda(), mask.cuda(), codes.cuda()).float().cpu()
     assert float((got - want).norm() / want.norm()) < 0.02  # bf16 on the GPU against fp32 on the CPU
-    if mode == "int8":
+    for kernel in dia_fast.quantize.CUDA_INT8_KERNELS if mode == "int8" else ():
+        monkeypatch.setattr(dia_fast.quantize, "CUDA_INT8_KERNEL", kernel)
         cuda_int8 = DiaTTS.random("tiny", seed=0, device="cuda", dtype=torch.bfloat16, quantize="int8")
-        back = DiaTTS.from_pretrained(cuda_int8.save_pretrained(tmp_path / "gpu"), device="cpu", codec=cpu.codec)
-        head, saved = back.model.decoder.logits_dense, cuda_int8.model.decoder.logits_dense.weight
-        assert torch.equal(head.weight_int8, saved.qdata.cpu())
+        back = DiaTTS.from_pretrained(cuda_int8.save_pretrained(tmp_path / kernel), device="cpu", codec=cpu.codec)
+        layer = cuda_int8.model.decoder.logits_dense
+        saved = layer.weight_int8 if kernel == "dia_fast" else layer.weight.qdata
+        assert torch.equal(back.model.decoder.logits_dense.weight_int8, saved.cpu()), kernel
 
 
 @pytest.mark.gpu

@@ -15,13 +15,13 @@ per request).
   :class:`~dia_fast.model.int4.Int4Linear`, run by ``ops.int4_linear``, csrc/linear_int4.cpp); the other GEMMs
   get int8 as above. Measured: int4 costs the least accuracy there per byte saved (docs/quantization.md).
   Activations stay float32.
-* CUDA ``int8`` / ``fp8`` / ``int4``: torchao's weight-only configs (``Int8WeightOnlyConfig``,
-  ``Float8WeightOnlyConfig``; int4: ``Int4WeightOnlyConfig`` in the ``tile_packed_to_4d`` packing, PyTorch's own
-  tinygemm kernel, one bf16 scale and zero per 128 input columns, on the same :data:`INT4_PARTS` as the CPU with
-  int8 on the rest); activations stay in the model's dtype. fp8 needs compute capability 8.9 or newer, int4 8.0
-  or newer and bfloat16. The int8 GEMMs can run on dia_fast's own layer and Triton kernel instead
-  (:data:`CUDA_INT8_KERNEL`, ``int8_kernel=``). **Not yet run on a GPU**; its quantization is checked on the CPU
-  through torchao with the CPU's int4 kernel standing in for tinygemm (tests/torchao_cpu.py).
+* CUDA ``int8``: the CPU's int8 layer, run by dia_fast's Triton kernel (:data:`CUDA_INT8_KERNEL`), or torchao's
+  ``Int8WeightOnlyConfig`` with ``int8_kernel="torchao"``. ``fp8``: torchao's ``Float8WeightOnlyConfig`` (compute
+  capability 8.9+; slow: it warns). ``int4``: ``Int4WeightOnlyConfig`` in the ``tile_packed_to_4d`` packing
+  (PyTorch's own tinygemm kernel, one bf16 scale and zero per 128 input columns) on the same :data:`INT4_PARTS` as
+  the CPU, int8 on the rest (compute capability 8.0+, bfloat16). Activations stay in the model's dtype. Run on an
+  H200 (docs/quantization.md has the numbers); in CI the torchao path runs on the CPU, with the CPU's int4 kernel
+  standing in for tinygemm (tests/torchao_cpu.py).
 * Apple GPUs: not supported.
 
 A quantized model loads from a full-precision checkpoint one tensor at a time, each GEMM quantized as its weight
@@ -32,6 +32,7 @@ arrives, so the full-precision GEMM weights are never all in memory (CPU: :func:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -76,9 +77,10 @@ _TORCHAO_INT4_GROUPS = (128, 64, 32)
 #: what runs CUDA's int8 GEMMs: ``"torchao"`` (its int8 weight-only tensors; eagerly they write a bf16 copy of the
 #: weight and multiply that) or ``"dia_fast"`` (:class:`~dia_fast.model.int8.Int8Linear`, the CPU's layer, whose
 #: ``ops.int8_linear`` runs the Triton kernel of :mod:`dia_fast.ops.triton_linear` on CUDA, reading each weight
-#: once as one byte). The default stays torchao until the GPU check's ``gemm`` stage has measured both.
+#: once as one byte). The default is dia_fast's: on an H200 (Dia-1.6B, bf16, CUDA graphs, 2026-11-30) it ran
+#: 782 / 720 decode steps/s at batch 1 / 8 against torchao's 191 / 187 and bf16's 724 / 635 (docs/quantization.md).
 CUDA_INT8_KERNELS = ("torchao", "dia_fast")
-CUDA_INT8_KERNEL = "torchao"
+CUDA_INT8_KERNEL = "dia_fast"
 _GEMMS = ("qkv_proj", "o_proj", "q_proj", "gate_up_proj", "down_proj")  # per decoder layer (o_proj: both)
 #: the kinds of decoder GEMM that can be quantized; ``logits``: the output head
 PARTS = ("self_attention", "cross_attention", "mlp", "logits")
@@ -113,6 +115,13 @@ def check_quantize(mode: str | None, device: torch.device | str, dtype: torch.dt
         if mode == "fp8" and (major, minor) < (8, 9):
             raise ValueError(
                 f"quantize=fp8 needs compute capability 8.9+ (Ada, Hopper); {dev} is {major}.{minor}: use int8 or int4"
+            )
+        if mode == "fp8":  # it works, but a user choosing it for speed should know
+            warnings.warn(
+                "quantize=fp8 on CUDA runs through torchao's fp8 weight-only layer, which dequantizes each weight on "
+                "every call: measured 0.13-0.16x bfloat16's decode speed on an H200; int8 holds the same bytes and "
+                "ran 1.08-1.17x bfloat16 (docs/quantization.md)",
+                stacklevel=2,
             )
         if mode == "int4" and major < 8:
             raise ValueError(

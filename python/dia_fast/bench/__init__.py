@@ -319,6 +319,12 @@ def _run_bench(opts: BenchOptions) -> dict[str, Any]:
         from .quality import quantization_quality
 
         quant_meta[label]["quality"] = quantization_quality(tts, qtts, steps=opts.quality_steps)
+    quality_floor = None
+    if quantized and tts.dtype != torch.float32:
+        from .quality import precision_floor
+
+        log(f"precision floor: the full-precision model in {tts.dtype} against a float32 copy (teacher-forced)")
+        quality_floor = precision_floor(tts, steps=opts.quality_steps)
     if "eager" in compare and device.type not in ("cuda", "cpu"):
         notes.append(f"dia_fast-eager: step graphs exist on CUDA and the CPU, so on {device.type} it runs as dia_fast")
 
@@ -438,7 +444,9 @@ def _run_bench(opts: BenchOptions) -> dict[str, Any]:
             ),
             "audio_tokens_per_s": "decode_steps_per_s x channels x batch",
             "realtime_factor": "decode_steps_per_s / codec frame rate (per stream)",
-            "time_to_first_audio_s": "streaming, batch 1: from the call to the first PCM chunk",
+            "time_to_first_audio_s": (
+                "streaming, batch 1: from the call to the first PCM chunk (a second stream, after an untimed one)"
+            ),
             "prefill_s": "text encoder + decoder prefill",
             "warmup_s": "wall time of the first (warm-up) call, including CUDA-graph capture",
             "decode_steps_per_s_runs": "decode_steps_per_s of every timed run, in order (the spread on a busy machine)",
@@ -449,6 +457,7 @@ def _run_bench(opts: BenchOptions) -> dict[str, Any]:
         "ops_backends_used": {op: devs.get(device.type) for op, devs in ops.table().items()},
         "notes": notes,
         "quantize": quant_meta,
+        "quality_floor": quality_floor,
         "loading": loading,
         "torch_threads": torch.get_num_threads(),
         "machine_load_at_start": busy,

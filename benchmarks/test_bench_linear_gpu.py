@@ -39,9 +39,10 @@ L2_FLUSH = 8
 # are QKV's shape with fewer columns)
 SHAPES = {"qkv": (3072, 2048), "gate_up": (16384, 2048), "down": (2048, 8192)}
 SHAPES["logits"] = (9 * 1028, 2048)
-# the Triton kernel's launch settings timed beside its defaults (its defaults are a first guess, not tuned)
+# the Triton kernel's launch settings timed beside what it picks per shape (config_for: measured on an H200, 2026-11-30)
 TRITON_CONFIGS = {
-    "int8-triton": triton_linear.DEFAULT_CONFIG,
+    "int8-triton": None,  # what int8_linear picks for the shape (triton_linear.config_for)
+    "int8-triton-n64k128": triton_linear.DEFAULT_CONFIG,
     "int8-triton-n32k256": triton_linear.Int8LinearConfig(block_n=32, block_k=256),
     "int8-triton-n128w8": triton_linear.Int8LinearConfig(block_n=128, num_warps=8),
     "int8-triton-k256s4": triton_linear.Int8LinearConfig(block_k=256, num_stages=4),

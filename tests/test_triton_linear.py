@@ -81,6 +81,24 @@ def test_int8_linear_is_right_with_other_launch_settings(config, M, N, K):
     _close(tl_lin.int8_linear(x, w, s, config=config), ref.int8_linear(x, w, s), torch.float32)
 
 
+@pytest.mark.parametrize(
+    ("M", "N", "wide"), [(2, 16384, True), (16, 9252, True), (1, 8192, True), (2, 8191, False), (17, 16384, False)]
+)
+def test_wide_gemms_at_decode_rows_get_the_wide_launch_settings(M, N, wide):
+    """Measured on an H200: 32-column blocks with 256-deep K steps were faster for gate/up and the logits head at 2
+    and 16 rows, slower for the narrower GEMMs; more rows keep the default (only it was measured there)."""
+    want = tl_lin.Int8LinearConfig(block_n=32, block_k=256) if wide else tl_lin.Int8LinearConfig()
+    assert tl_lin.config_for(M, N) == want
+
+
+def test_int8_linear_is_right_with_the_wide_settings_it_picks():
+    """A ragged wide GEMM (N past 8192, not a multiple of the 32-column block; K not a multiple of 256) at decode
+    rows: the settings config_for picks give the reference's sums."""
+    x, w, s = _case(3, 8200, 300, torch.float32, seed=4)
+    assert tl_lin.config_for(3, 8200) == tl_lin.WIDE_CONFIG
+    _close(tl_lin.int8_linear(x, w, s), ref.int8_linear(x, w, s), torch.float32)
+
+
 def test_int8_linear_out_may_be_x_itself():
     """In place (N == K, out=x; several column blocks, one K split): the unaliased result. Writing x's storage while
     other blocks still read it gave wrong values."""

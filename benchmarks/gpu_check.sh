@@ -6,7 +6,7 @@
 #
 # Where one command may run 10 minutes at most, run it as two: the first six stages' limits add up to 550 s
 # (580 s with the 5 s each stage may take to stop),
-#   GPU_CHECK_SKIP="bench compile kernels prefill" bash benchmarks/gpu_check.sh out1
+#   GPU_CHECK_SKIP="bench compile kernels prefill quality" bash benchmarks/gpu_check.sh out1
 #   GPU_CHECK_SKIP="env quick pytest load quant gemm" bash benchmarks/gpu_check.sh out2
 #
 # Stages, most important first, each under its own time limit (a hang in one still leaves the others' logs):
@@ -26,8 +26,10 @@
 #   kernels   the kernel benchmarks (pytest-benchmark, CUDA-graph timings)
 #   prefill   the MLP's GEMMs at 1024 rows (a voice prompt's prefill): bf16 cuBLAS vs the Triton int8 kernel's row
 #             blocks vs the reference (an fp32 copy of the weight) vs torchao int8
+#   quality   the quant stage at Dia widths with 2 + 2 layers, where the quality block means something on random
+#             weights (at 18 layers bf16 against fp32 alone differs as much as any mode), with the loading memory
 # Everything lands in OUTDIR: <stage>.log, quick.json, load.json, quant.json, gemm.json, bench.json, bench_compile.json,
-# kernels.json, prefill.json and
+# kernels.json, prefill.json, quality.json and
 # summary.txt. The bench writes its JSON after every batch size, so a stage stopped by its limit keeps what
 # it measured. Limits (seconds) per stage: GPU_CHECK_<STAGE>_S, e.g. GPU_CHECK_PYTEST_S=200; GPU_CHECK_STEPS
 # (512) and GPU_CHECK_COMPARE_STEPS (256) set the steps; GPU_CHECK_SKIP a space-separated list of stages
@@ -116,4 +118,15 @@ grep -E "^test_" "$OUTDIR/kernels.log" | grep -v reference | head -40 >>"$summar
 stage prefill 60 $PY -m pytest -q -p no:cacheprovider benchmarks/test_bench_linear_gpu.py -k prefill \
   --benchmark-columns=min,rounds --benchmark-json "$OUTDIR/prefill.json"
 bench_summary prefill us_per_call us TFLOPs TFLOP/s
+
+stage quality 90 "${BENCH[@]}" --layers 2 --batch 1,8 --steps 128 --compare none --quantize int8,fp8,int4 \
+  --cuda-int8 torchao,dia_fast --quality-steps 200 --json "$OUTDIR/quality.json"
+grep -E "^(engine|dia_fast)|error" "$OUTDIR/quality.log" | awk '!seen[$0]++' >>"$summary"
+$PY -c 'import json, sys
+m = json.load(open(sys.argv[1]))["meta"]
+f = m.get("quality_floor") or {}
+print("quality floor (bf16 vs fp32):", round(f.get("rel_logit_error", float("nan")), 4), round(f.get("top1_agreement_mean", float("nan")), 3))
+for k, v in m["quantize"].items():
+    q = v["quality"]
+    print("quality", k, round(q["rel_logit_error"], 4), round(q["top1_agreement_mean"], 3))' "$OUTDIR/quality.json" >>"$summary" 2>/dev/null
 cat "$summary"

@@ -483,3 +483,20 @@ def test_peak_memory_from_ru_maxrss_in_the_units_of_the_platform(monkeypatch, pl
         pass
     assert mem.kind == "cpu_peak_rss_ru_maxrss"
     assert mem.peak_bytes == 3_000_000 * unit and mem.after_bytes == 0
+
+
+def test_every_bench_command_of_the_gpu_check_parses(tmp_path):
+    """benchmarks/gpu_check.sh runs only on a GPU, where a mistyped option costs a stage of scarce device time: each
+    of its bench stages' command lines (continuations joined) must parse, as the script expands them."""
+    import re
+    import shlex
+
+    script = (Path(__file__).parents[1] / "benchmarks" / "gpu_check.sh").read_text().replace("\\\n", " ")
+    base = re.search(r"^BENCH=\(\$PY -m dia_fast\.bench (.*)\)$", script, re.M)
+    assert base is not None
+    stages = re.findall(r'^stage (\w+) \d+ "\$\{BENCH\[@\]\}" (.*)$', script, re.M)
+    assert {"quick", "load", "quant", "bench", "compile", "quality"} <= {name for name, _ in stages}
+    for name, args in stages:
+        args = args.replace('"$STEPS"', "512").replace('"$COMPARE_STEPS"', "256").replace("$OUTDIR", str(tmp_path))
+        opts = parse_args([*shlex.split(base.group(1)), *shlex.split(args)])
+        assert Path(opts.json_path).parent == tmp_path, name

@@ -40,6 +40,12 @@ def _teacher_forced_logits(tts: DiaTTS, delayed: torch.Tensor, text: str) -> tor
     return model.decoder(delayed[None].to(tts.device), state)[0].float()  # [T, C, V]
 
 
+def _logit_measures(l_ref: torch.Tensor, l_other: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """(||L_other - L_ref|| / ||L_ref||, top-1 agreement per channel) of two [T, C, V] teacher-forced logits."""
+    rel = float(torch.linalg.vector_norm(l_other - l_ref) / torch.linalg.vector_norm(l_ref).clamp_min(1e-30))
+    return rel, (l_other.argmax(-1) == l_ref.argmax(-1)).float().mean(0)
+
+
 def quantization_quality(ref: DiaTTS, quant: DiaTTS, *, steps: int = 200, text: str = TEXT) -> dict[str, Any]:
     """Compare ``quant`` with ``ref`` (see the module doc); both must hold the same weights before quantization."""
     md = ref.config.data.max_delay
@@ -53,8 +59,7 @@ def quantization_quality(ref: DiaTTS, quant: DiaTTS, *, steps: int = 200, text: 
     delayed = delayed[: min(delayed.shape[0], length)]
     l_ref = _teacher_forced_logits(ref, delayed, text)
     l_q = _teacher_forced_logits(quant, delayed, text)
-    rel = float(torch.linalg.vector_norm(l_q - l_ref) / torch.linalg.vector_norm(l_ref).clamp_min(1e-30))
-    top1 = (l_q.argmax(-1) == l_ref.argmax(-1)).float().mean(0)  # [C]
+    rel, top1 = _logit_measures(l_ref, l_q)
     c_ref, c_q = g_ref.codes[0], g_q.codes[0]
     n = min(c_ref.shape[0], c_q.shape[0])
     agree = float((c_ref[:n] == c_q[:n]).float().mean()) if n else float("nan")
@@ -97,8 +102,7 @@ def precision_floor(tts: DiaTTS, *, steps: int = 200, text: str = TEXT) -> dict[
     l_ref = _teacher_forced_logits(fp32, delayed, text)
     del fp32
     l_low = _teacher_forced_logits(tts, delayed, text)
-    rel = float(torch.linalg.vector_norm(l_low - l_ref) / torch.linalg.vector_norm(l_ref).clamp_min(1e-30))
-    top1 = (l_low.argmax(-1) == l_ref.argmax(-1)).float().mean(0)
+    rel, top1 = _logit_measures(l_ref, l_low)
     return {
         "dtype": str(tts.dtype).removeprefix("torch."),
         "reference_dtype": "float32",

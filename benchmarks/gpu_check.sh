@@ -88,7 +88,7 @@ grep -m1 -E "H100|H200|A100|L40|RTX" "$OUTDIR/env.log" | sed 's/^/device: /' >>"
 
 BENCH=($PY -m dia_fast.bench --model dia-1.6b --device cuda --dtype bfloat16)
 stage quick 100 "${BENCH[@]}" --batch 1,8 --steps "$STEPS" --compare none --count-launches --json "$OUTDIR/quick.json"
-grep -E "^(engine|dia_fast|launches)" "$OUTDIR/quick.log" | awk '!seen[$0]++' >>"$summary"
+grep -E "^(engine|dia_fast|launches|GPU kernel time)" "$OUTDIR/quick.log" | awk '!seen[$0]++' >>"$summary"
 
 stage pytest 140 $PY -m pytest -m gpu -q -p no:cacheprovider tests/ --no-header -rfE  # (the stage's limit bounds it)
 tail -n 4 "$OUTDIR/pytest.log" >>"$summary"

@@ -500,3 +500,25 @@ def test_every_bench_command_of_the_gpu_check_parses(tmp_path):
         args = args.replace('"$STEPS"', "512").replace('"$COMPARE_STEPS"', "256").replace("$OUTDIR", str(tmp_path))
         opts = parse_args([*shlex.split(base.group(1)), *shlex.split(args)])
         assert Path(opts.json_path).parent == tmp_path, name
+
+
+def test_gpu_kernel_times_per_step_by_name_from_profiler_events():
+    """--count-launches on CUDA: the profiler's GPU events give a count and a time per kernel name per step (CPU
+    events are not GPU time), and the bench prints the total with the largest kernels."""
+    from types import SimpleNamespace
+
+    from dia_fast.bench import gpu_time_summary
+    from dia_fast.bench.launches import kernels_by_name
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def event(name, device, us):
+        return SimpleNamespace(name=name, device_type=device, time_range=SimpleNamespace(elapsed_us=lambda: us))
+
+    events = [event("gemm", cuda, 30.0), event("gemm", cuda, 50.0), event("norm", cuda, 4.0), event("aten::mm", cpu, 9)]
+    counts, micros = kernels_by_name(events, steps=2)
+    assert counts == {"gemm": 1.0, "norm": 0.5} and micros == {"gemm": 40.0, "norm": 2.0}
+    line = gpu_time_summary({"cuda_kernel_us_per_step": 42.0, "cuda_kernel_us_by_name": micros})
+    assert line == "42 us; largest: gemm 40 us (95%), norm 2 us (5%)"
+    untimed = [SimpleNamespace(name="gemm", device_type=cuda)]
+    assert kernels_by_name(untimed, steps=1) == ({"gemm": 1.0}, {})

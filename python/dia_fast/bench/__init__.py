@@ -478,6 +478,8 @@ def _run_bench(opts: BenchOptions) -> dict[str, Any]:
                 f"outside (aten ops + Triton launches)"
                 + (f"; {kernels:.0f} GPU kernels per step (profiler)" if kernels is not None else "")
             )
+            if c.get("cuda_kernel_us_per_step"):
+                print(f"GPU kernel time per eager decode step, batch {batch}: {gpu_time_summary(c)}")
         for n in notes:
             print(f"note: {n}")
     if opts.json_path:
@@ -572,6 +574,15 @@ def _run_load(
     if opts.json_path:
         log(f"wrote {write_json(opts.json_path, doc)}")
     return doc
+
+
+def gpu_time_summary(count: dict[str, Any], top: int = 6) -> str:
+    """``count``'s GPU kernel time per step (:class:`~dia_fast.bench.launches.LaunchCount`'s dict) and its largest
+    kernels by time, e.g. ``"1234 us; largest: gemm 640 us (52%), ..."``."""
+    total = count["cuda_kernel_us_per_step"]
+    largest = sorted(count["cuda_kernel_us_by_name"].items(), key=lambda kv: -kv[1])[:top]
+    parts = ", ".join(f"{name[:60]} {us:.0f} us ({100 * us / total:.0f}%)" for name, us in largest)
+    return f"{total:.0f} us; largest: {parts}"
 
 
 def _launch_fields(launches: dict[str, Any]) -> dict[str, Any]:

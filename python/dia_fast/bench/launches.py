@@ -138,6 +138,9 @@ class LaunchCount:
     cuda_kernels_per_step: float | None = None
     cuda_kernels_by_name: dict[str, float] = field(default_factory=dict)
     cuda_kernels_error: str = ""
+    # their GPU time per eager step (microseconds; the GPU's busy time, without the gaps between kernels)
+    cuda_kernel_us_per_step: float | None = None
+    cuda_kernel_us_by_name: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -150,6 +153,8 @@ class LaunchCount:
             "cuda_kernels_per_step": self.cuda_kernels_per_step,
             "cuda_kernels_by_name": self.cuda_kernels_by_name,
             "cuda_kernels_error": self.cuda_kernels_error,
+            "cuda_kernel_us_per_step": self.cuda_kernel_us_per_step,
+            "cuda_kernel_us_by_name": self.cuda_kernel_us_by_name,
         }
 
 
@@ -208,16 +213,22 @@ def count_decode_launches(
     count = LaunchCount(per_step, per_layer, per_step - sum(inside) / steps, len(layers), batch, by_op)
     if model.device.type == "cuda":
         try:
-            kernels = _profile_cuda_kernels(model, spec, bufs, steps)
+            kernels, micros = _profile_cuda_kernels(model, spec, bufs, steps)
             count.cuda_kernels_per_step = sum(kernels.values())
             count.cuda_kernels_by_name = kernels
+            if micros:
+                count.cuda_kernel_us_per_step = sum(micros.values())
+                count.cuda_kernel_us_by_name = micros
         except Exception as exc:  # the profiler (CUPTI) may be unavailable: the aten/Triton count stands
             count.cuda_kernels_error = f"{type(exc).__name__}: {exc}"
     return count
 
 
-def _profile_cuda_kernels(model: DiaModel, spec: StepSpec, bufs: Any, steps: int) -> dict[str, float]:
-    """GPU activities (kernels, memcpy, memset) per eager decode step, by name, from torch.profiler."""
+def _profile_cuda_kernels(
+    model: DiaModel, spec: StepSpec, bufs: Any, steps: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """GPU activities (kernels, memcpy, memset) per eager decode step, by name, from torch.profiler: their count and
+    their GPU time in microseconds (:func:`kernels_by_name`)."""
     from torch.profiler import ProfilerActivity, profile
 
     with using_device(model.device):
@@ -226,10 +237,26 @@ def _profile_cuda_kernels(model: DiaModel, spec: StepSpec, bufs: Any, steps: int
             for _ in range(steps):
                 decode_step(model, spec, bufs)
             torch.cuda.synchronize(model.device)
-    names: Counter[str] = Counter()
-    for evt in prof.events():
-        if evt.device_type == torch.autograd.DeviceType.CUDA:
-            names[evt.name] += 1
-    if not names:
+    counts, micros = kernels_by_name(prof.events(), steps)
+    if not counts:
         raise RuntimeError("the profiler recorded no GPU activity")
-    return {k: v / steps for k, v in sorted(names.items())}
+    return counts, micros
+
+
+def kernels_by_name(events: Any, steps: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Per step, by name, the GPU events' count and their time in microseconds (each event's own interval on the
+    GPU), from the profiler's ``events()``; the times are ``{}`` where an event carries none."""
+    names: Counter[str] = Counter()
+    micros: Counter[str] = Counter()
+    timed = True
+    for evt in events:
+        if evt.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        names[evt.name] += 1
+        span = getattr(evt, "time_range", None)
+        if span is None:
+            timed = False
+        else:
+            micros[evt.name] += span.elapsed_us()
+    per_step = lambda c: {k: v / steps for k, v in sorted(c.items())}  # noqa: E731
+    return per_step(names), per_step(micros) if timed else {}

@@ -663,3 +663,100 @@ def test_an_engine_dropped_without_close_is_freed_once_its_requests_are_done(tts
     gc.collect()
     thread.join(30)
     assert not thread.is_alive() and ref() is None
+
+
+def test_the_scheduler_reads_each_rounds_state_back_without_stalling_the_device(tts, monkeypatch):
+    """On a GPU a blocking read-back (``.tolist()`` of device state, a plain ``.cpu()``) waits for every queued step,
+    and the device idles while the host does the round's bookkeeping. Simulated here on the CPU with a pinned pool
+    whose copies complete only once a later step has been queued (a device one step behind the host): while requests
+    run, the scheduler reads the slots' state and codes only through that pool, and never waits for a copy with
+    nothing queued behind it. The codes (moves, a stream and a slot reused included) are those of the solo runs."""
+    from dia_fast.memory import PinnedPool
+
+    reqs = _requests()
+    opts = [dict(reqs[i], max_new_tokens=20 + 9 * i, min_new_tokens=0) for i in (0, 3, 5, 6, 7)]
+    want = [_solo(tts, o) for o in opts]
+    queued = [0]  # decode steps queued by the scheduler
+    stalls: list[int] = []  # steps queued when the host waited for a copy that nothing was queued behind
+    running: list[BatchEngine] = []
+
+    class LaggingEvent:
+        def __init__(self) -> None:
+            self.at = -1
+
+        def record(self, stream: object = None) -> None:
+            self.at = queued[0]
+
+        def query(self) -> bool:
+            return queued[0] > self.at
+
+        def synchronize(self) -> None:
+            if not self.query() and running and running[0].busy_slots:
+                stalls.append(queued[0])
+
+    pool = PinnedPool(event_factory=LaggingEvent)
+    pooled: set[int] = set()  # the pool's host blocks
+    copies = [0]
+    acquire = pool.acquire
+
+    def tracked_acquire(*args, **kwargs):
+        buf = acquire(*args, **kwargs)
+        pooled.add(buf.tensor.untyped_storage().data_ptr())
+        copies[0] += 1
+        return buf
+
+    direct: list[tuple] = []  # host reads of tensors that are not pooled copies, in the scheduler thread
+    tolist = torch.Tensor.tolist
+
+    def watched_tolist(t: torch.Tensor):
+        if threading.current_thread().name == "dia_fast-batch-engine" and t.untyped_storage().data_ptr() not in pooled:
+            direct.append(tuple(t.shape))
+        return tolist(t)
+
+    step = BatchEngine._step
+
+    def counted_step(self, n, view):
+        step(self, n, view)
+        queued[0] += 1
+
+    monkeypatch.setattr(pool, "acquire", tracked_acquire)
+    monkeypatch.setattr(engine_module, "default_pool", lambda: pool, raising=False)
+    monkeypatch.setattr(torch.Tensor, "tolist", watched_tolist)
+    monkeypatch.setattr(BatchEngine, "_step", counted_step)
+    with BatchEngine(tts, max_slots=4, poll_every=2, chunk_frames=8, first_chunk_frames=4) as engine:
+        running.append(engine)
+        handles = [engine.submit(**o, stream=i == 3) for i, o in enumerate(opts)]  # the 5th waits for a slot
+        chunks = list(handles[3])
+        got = [h.result(60, decode_audio=False).codes for h in handles]
+        stream_audio = handles[3].result(60).audio
+        moves = engine.stats["moves"]
+    assert queued[0] > 20 and copies[0] > 20 and moves >= 1
+    assert direct == [] and stalls == []
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+    np.testing.assert_allclose(np.concatenate(chunks), stream_audio, atol=1e-5)
+
+
+def test_admission_copies_its_inputs_to_a_gpu_without_blocking():
+    """A plain host-to-device copy from pageable memory waits for the running batch's queued steps: admission copies
+    through pinned memory, without blocking (checked with a stand-in tensor, as this runs without a GPU)."""
+    from dia_fast.serving import slots as slots_module
+
+    calls: list[tuple] = []
+
+    class HostTensor:
+        device = torch.device("cpu")
+
+        def pin_memory(self) -> HostTensor:
+            calls.append(("pin_memory",))
+            return self
+
+        def to(self, device: torch.device, non_blocking: bool = False) -> str:
+            calls.append(("to", device.type, non_blocking))
+            return "on the device"
+
+    assert slots_module._to_device(HostTensor(), torch.device("cuda", 0)) == "on the device"
+    assert calls == [("pin_memory",), ("to", "cuda", True)]
+    calls.clear()
+    slots_module._to_device(HostTensor(), torch.device("cpu"))
+    assert calls == [("to", "cpu", False)]

@@ -8,6 +8,10 @@ slot; on CUDA each bucket's step is a CUDA graph captured when the engine starts
 it reads the slots' positions and completion flags back and hands each request its final frames (streams
 get them as they become final). Audio is decoded in the caller's thread, never in the scheduler's.
 
+The read-backs never stall the device: each round's state (and the codes it makes final) is copied into pinned
+host memory without blocking and read one round later, once the next round is queued behind it, as
+``generate`` reads its completion flag; admission copies its inputs to the device the same way.
+
 A request's codes do not depend on what runs beside it or on when it joined: it starts at position 0 of its
 slot, its prefill and steps compute on its own rows, and its draws come from Philox keyed by its seed at its
 own positions.
@@ -41,6 +45,7 @@ from ..generation.generate import check_step_budget
 from ..generation.sampling import SamplingConfig
 from ..generation.stream import ChunkedDecoder, StreamStats, check_stream_frames, codec_context_frames
 from ..longform import PromptTooLong
+from ..memory import PinnedPool, PooledBuffer, default_pool
 from ..ops.cpu_graph import CpuGraphStep
 from ..ops.reference import last_eos_position
 from ..options import check_int_option, named
@@ -186,6 +191,26 @@ class _Request:
     prefill_s: float = 0.0
     steps: int = 0
     batch_peak: int = 0
+
+
+@dataclass
+class _Readback:
+    """A round's slot state (positions, finished flags, EOS positions of its first slots), being copied to the host,
+    and the requests that held those slots when it was queued."""
+
+    buf: PooledBuffer
+    owners: list[_Request | None]
+
+
+@dataclass
+class _Delivery:
+    """Delayed codes ``out[:rows, lo:hi]`` being copied to the host, and what to hand over once they are there:
+    (request, its slot, kind, start, end, EOS position) with kind "codes" (a stream's positions ``[start, end)``)
+    or "result" (the finished request's positions ``[start, end)``: its prefix to EOS + the largest delay)."""
+
+    buf: PooledBuffer
+    lo: int
+    items: list[tuple[_Request, int, str, int, int, int]]
 
 
 class RequestHandle:
@@ -438,6 +463,10 @@ class BatchEngine:
         self._use_cpu_graphs = dev.type == "cpu" and (cpu_graphs is None or bool(cpu_graphs))
         self._cpu_steps: dict[int, CpuGraphStep] = {}  # bucket -> its step (eager, or replayed from a CPU graph)
         self._dispatch_generation = ops.dispatch_generation()
+        # read-backs in flight (docs/serving.md): the last round's state, and codes on their way to their requests
+        self._pool: PinnedPool = default_pool()
+        self._readback: _Readback | None = None
+        self._deliveries: deque[_Delivery] = deque()
         if self._use_graphs:
             self._capture_all()
         # the scheduler holds the engine only while it has work: an engine dropped without close() is freed (its
@@ -712,34 +741,43 @@ class BatchEngine:
                 n *= 2
 
     def _idle(self) -> bool:
-        return not self._queue and not any(self._owner)
+        return not self._queue and not any(self._owner) and self._readback is None and not self._deliveries
 
     def _should_stop(self) -> bool:
         """Closing, and (unless draining) nothing left to finish (call holding ``_cv``)."""
         return self._closing and (not self._drain or self._idle())
 
     def _work(self) -> None:
-        """One round of the scheduler: expire and admit requests, ``poll_every`` steps of the live slots' bucket,
-        then collect what finished."""
+        """One round of the scheduler: expire and admit requests, queue ``poll_every`` steps of the live slots'
+        bucket and the read-back of their state, then handle the previous round's read-back (finished requests
+        leave, streams get their frames) while this round runs: the host never waits for the work it has just
+        queued, so the device is not idle while the host does the round's bookkeeping."""
         self._expire()
         self._admit()
         live = [s for s, r in enumerate(self._owner) if r is not None]
-        if not live:
-            return
-        n = bucket_batch(max(live) + 1)
-        view = self._views.get(n) or self._views.setdefault(n, self._slots.view(n))
-        if self._graphs and self._dispatch_generation != ops.dispatch_generation():
-            # ops.set_backend since the capture: the graphs would call the old kernels, and a new capture's warm-up
-            # would step the live slots: the engine steps eagerly from here on
-            log.warning("the op backends changed: this engine's CUDA graphs are dropped (eager steps)")
-            self._graphs.clear()
-        for _ in range(self.poll_every):
-            if n in self._graphs:
-                self._graphs[n].replay()
-            else:
-                self._step(n, view)
-        self._count_steps(live)
-        self._compact(self._collect(n))
+        readback = None
+        if live:
+            n = bucket_batch(max(live) + 1)
+            view = self._views.get(n) or self._views.setdefault(n, self._slots.view(n))
+            if self._graphs and self._dispatch_generation != ops.dispatch_generation():
+                # ops.set_backend since the capture: the graphs would call the old kernels, and a new capture's
+                # warm-up would step the live slots: the engine steps eagerly from here on
+                log.warning("the op backends changed: this engine's CUDA graphs are dropped (eager steps)")
+                self._graphs.clear()
+            for _ in range(self.poll_every):
+                if n in self._graphs:
+                    self._graphs[n].replay()
+                else:
+                    self._step(n, view)
+            self._count_steps(live)
+            readback = self._read_state(n)
+        self._deliver()  # codes copied while this round was queued (ready once the previous round is done)
+        if self._readback is not None:
+            self._collect(self._readback)
+        self._readback = readback
+        if readback is None:
+            self._deliver()  # nothing runs: what the last read-back finished is handed over now
+        self._compact()
 
     def _step(self, n: int, view: SlotState) -> None:
         """One step of bucket ``n`` on the CPU or MPS, or on CUDA once its graphs were dropped; on the CPU its first
@@ -828,9 +866,9 @@ class BatchEngine:
             req.prefill_s = time.monotonic() - t0
             self._owner[s] = req
 
-    def _compact(self, pos: list[int]) -> None:
+    def _compact(self) -> None:
         """With nothing queued, move the requests in the highest slots into free lower ones when that lets the
-        running batch step in a smaller bucket (``pos``: each slot's position, as just read back)."""
+        running batch step in a smaller bucket."""
         live = [s for s, r in enumerate(self._owner) if r is not None]
         if not live or self._queue:
             return
@@ -840,39 +878,60 @@ class BatchEngine:
         free = [s for s in range(target) if self._owner[s] is None]
         for src in (s for s in live if s >= target):
             dst = free.pop(0)
-            self._slots.move(src, dst, pos[src] + 1)
             req = self._owner[src]
             assert req is not None
+            # its position is at most prefix + steps (one per step at most): its cache is written below that + 1
+            self._slots.move(src, dst, req.prefix + req.steps + 1)
             self._owner[dst], self._owner[src], req.slot = req, None, dst
             self.stats["moves"] += 1
 
-    def _collect(self, n: int) -> list[int]:
-        """Read the slots' state back; stream final positions; finished requests leave with their codes.
-        Returns the slots' positions."""
+    def _read_state(self, n: int) -> _Readback:
+        """Queue the copy of the first ``n`` slots' positions, finished flags and EOS positions to the host (on CUDA
+        a non-blocking copy into pinned memory: no host sync)."""
         sl = self._slots
-        # one read-back of the per-slot state, one of the streams' new positions (each a host sync on a GPU)
-        pos, finished, eos = torch.stack([sl.pos[:n], sl.finished[:n].long(), sl.eos_pos[:n]]).tolist()
-        # positions below pos[s] are written (pos[s] too once finished): streams get [sent, end)
-        ends = {}
-        for s in range(n):
-            req, end = self._owner[s], pos[s] + 1 if finished[s] else pos[s]
-            if req is not None and req.chunks is not None and end > req.sent:
-                ends[s] = end
-        if ends:
-            lo, hi = min(self._owner[s].sent for s in ends), max(ends.values())
-            # a copy even on the CPU: a slot's row is overwritten when its next request is admitted
-            new = sl.out[:n, lo:hi].to("cpu", copy=True)
-            for s, end in ends.items():
-                req = self._owner[s]
-                req.chunks.put(("codes", new[s, req.sent - lo : end - lo]))
-                req.sent = end
-        for s in range(n):
-            req = self._owner[s]
-            if req is None:
+        state = torch.stack([sl.pos[:n], sl.finished[:n].long(), sl.eos_pos[:n]])
+        return _Readback(self._pool.copy_to_host(state), list(self._owner[:n]))
+
+    def _collect(self, rb: _Readback) -> None:
+        """A round's read-back (waited for one round later: the device has the next round queued meanwhile): the
+        finished requests leave their slots, and the copy of their codes and of the streams' newly final positions
+        is queued (handed over by :meth:`_deliver`)."""
+        pos, finished, eos = rb.buf.wait().tolist()
+        rb.buf.release()
+        md = self.tts.config.data.max_delay
+        items: list[tuple[_Request, int, str, int, int, int]] = []
+        for s, req in enumerate(rb.owners):
+            if req is None or req.slot < 0:  # it left since (finished, cancelled, timed out)
                 continue
+            # positions below pos[s] are written (pos[s] too once finished): streams get [sent, end); a request
+            # moved to a lower slot since has the same state there, and its codes are read from where it is now
+            end = pos[s] + 1 if finished[s] else pos[s]
+            if req.chunks is not None and end > req.sent:
+                items.append((req, req.slot, "codes", req.sent, end, -1))
+                req.sent = end
             if finished[s]:
-                codes = undelayed_codes(self.tts.model, self._slots.out[s], eos[s], req.prefix)
-                self._free(s)
+                items.append((req, req.slot, "result", req.prefix, max(eos[s], req.prefix) + md, eos[s]))
+                self._free(req.slot)
+        if not items:
+            return
+        lo, hi = min(i[3] for i in items), min(max(i[4] for i in items), self._slots.out.shape[1])
+        block = self._slots.out[: max(i[1] for i in items) + 1, lo:hi]
+        if block.device.type == "cuda":  # the pool copies on its own stream: a copy that a later admit cannot overwrite
+            block = block.clone()
+        self._deliveries.append(_Delivery(self._pool.copy_to_host(block), lo, items))
+
+    def _deliver(self) -> None:
+        """Hand the copied codes over: stream frames, and the results of the finished requests (with the end of their
+        stream after the result, so that a stream that has ended can take it at once)."""
+        while self._deliveries:
+            d = self._deliveries.popleft()
+            host = d.buf.wait()
+            for req, s, kind, start, end, eos in d.items:
+                row = host[s, start - d.lo : end - d.lo]
+                if kind == "codes":
+                    req.chunks.put(("codes", row.clone()))  # (the pooled buffer is reused)
+                    continue
+                codes = undelayed_codes(self.tts.model, row, eos - start, 0)
                 stats = {
                     "queued_s": req.admitted - req.submitted,
                     "prefill_s": req.prefill_s,
@@ -881,17 +940,20 @@ class BatchEngine:
                     "batch_peak": float(req.batch_peak),
                     "frames": float(codes.shape[0]),
                     "prefix_length": float(req.prefix),
-                    "eos_position": float(eos[s]),
+                    "eos_position": float(eos),
                 }
                 self.stats["finished"] += 1
                 limit = last_eos_position(req.prefix + req.max_new_tokens, self.tts.config.data.max_delay)
-                result = EngineResult(codes, np.zeros(0, np.float32), self.tts.sample_rate, stats, eos[s] >= limit)
+                result = EngineResult(codes, np.zeros(0, np.float32), self.tts.sample_rate, stats, eos >= limit)
                 self._settle(req, result=result)
                 if req.chunks is not None:  # after the result: a stream that has ended can take it at once
-                    req.chunks.put(("end", max(eos[s] - req.prefix, 0)))
-        return pos
+                    req.chunks.put(("end", max(eos - req.prefix, 0)))
+            d.buf.release()
 
     def _free(self, s: int) -> None:
+        req = self._owner[s]
+        if req is not None:
+            req.slot = -1
         self._slots.active[s] = False
         self._owner[s] = None
 
@@ -918,6 +980,12 @@ class BatchEngine:
             if req is not None:
                 self._owner[s] = None
                 pending.append(req)
+        # finished on the device, their codes not handed over yet
+        pending += [item[0] for d in self._deliveries for item in d.items if item[2] == "result"]
+        for buf in [d.buf for d in self._deliveries] + ([self._readback.buf] if self._readback else []):
+            buf.release()  # (the pool keeps a block until its copy is done)
+        self._deliveries.clear()
+        self._readback = None
         for req in pending:
             self._settle(req, exc=exc)
 

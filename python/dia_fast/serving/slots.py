@@ -170,6 +170,14 @@ def slot_step(model: DiaModel, view: SlotState, sampler: str | None = None) -> N
     model.decoder(view.tokens, view.state, view.row_pos, logits_out=view.logits)
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``. On CUDA through pinned memory, without blocking: a plain copy from pageable
+    memory waits for everything queued on the stream (the running batch's steps) before it returns."""
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)  # (torch's host allocator keeps it until the copy is done)
+
+
 def admit(
     model: DiaModel,
     slots: SlotState,
@@ -188,7 +196,7 @@ def admit(
     Returns the prefix length (the first generated position)."""
     data = model.config.data
     dev = model.device
-    ids, mask = text_ids.to(dev), text_mask.to(dev).bool()
+    ids, mask = _to_device(text_ids, dev), _to_device(text_mask, dev).bool()
     enc_ids = torch.cat([ids, torch.zeros_like(ids)])
     enc_mask = mask.repeat(2, 1)
     T = ids.shape[1]
@@ -202,7 +210,7 @@ def admit(
     P0 = prefix.length
     n = prefix.forced.shape[1]
     slots.forced[s].fill_(NOT_FORCED)
-    slots.forced[s, :n] = prefix.forced[0].to(dev)
+    slots.forced[s, :n] = _to_device(prefix.forced[0], dev)
     slots.out[s].fill_(data.audio_pad_value)
     slots.out[s, :P0] = slots.forced[s, :P0]
     model.decoder(slots.out[s : s + 1, :P0].repeat(2, 1, 1), slots.rows(s), logits_out=slots.logits[rows])
@@ -222,7 +230,9 @@ def admit(
 
 
 def undelayed_codes(model: DiaModel, delayed: torch.Tensor, eos_pos: int, prefix_length: int) -> torch.Tensor:
-    """A finished slot's new codec codes [n, C] (CPU, int64) from its delayed row ``delayed`` [L, C]."""
+    """A finished slot's new codec codes [n, C] (CPU, int64) from its delayed row ``delayed`` [L, C] (or the part
+    of it from any position on, with ``eos_pos`` and ``prefix_length`` counted from there; the engine passes the
+    host copy of positions prefix to EOS + the largest delay)."""
     data = model.config.data
     n = max(eos_pos - prefix_length, 0)
     seg = delayed[None, prefix_length : prefix_length + n + data.max_delay]

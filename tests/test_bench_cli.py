@@ -343,6 +343,11 @@ def test_load_bench_cli_writes_json_for_every_mode(tmp_path):
     stream = by_mode["continuous-stream"]
     assert stream["ttfa_p50_s"] < stream["latency_p50_s"]  # the first chunk comes before the end
     assert stream["batched_steps"] > 0 and stream["decode_steps"] >= stream["batched_steps"]
+    for mode in ("continuous-stream", "continuous"):  # the engine's own times: admission (prefill), queueing
+        r = by_mode[mode]
+        assert 0 < r["admission_s_p50"] <= r["admission_s_total"] <= r["wall_s"]  # one at a time, in the run
+        assert 0 <= r["queued_s_p50"] <= r["queued_s_p95"] <= r["latency_p95_s"] + 1e-9
+        assert f"{mode}: admission " in proc.stdout
 
 
 def test_run_load_with_poisson_arrivals_and_bad_input():

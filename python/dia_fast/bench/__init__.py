@@ -543,6 +543,9 @@ def _run_load(
                 "frames_per_s": "codec frames of all requests / (last finish - first arrival)",
                 "latency": "finish - arrival per request (p50, p95)",
                 "ttfa": "continuous-stream: arrival to the first streamed PCM chunk; other modes: to the finish",
+                "admission_s": "continuous modes: the engine's prefill of each request (encoder + prompt), one at a "
+                "time in the scheduler, no step running meanwhile (total and p50 per request)",
+                "queued_s": "continuous modes: submit to admission per request (p50, p95)",
             },
             "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "wall_s": time.perf_counter() - t0,

@@ -158,9 +158,21 @@ def _continuous(tts: DiaTTS, reqs: list[LoadRequest], max_slots: int, sampling: 
         if errors:
             raise RuntimeError(f"{len(errors)} of {len(reqs)} load requests failed") from errors[0]
         steps, batched = engine.stats["steps"] - steps0, engine.stats["batched_steps"] - batched0
+        # after the clock: each request's own times in the engine (its codes are kept, nothing is decoded again)
+        parts = [h.results(decode_audio=False) for h in handles]
     name = "continuous-stream" if stream else "continuous"
     res = _summary(name, reqs, finish, first, sum(_frames(r, md) for r in reqs))
-    res.update(decode_steps=steps, batched_steps=batched, max_slots=max_slots)
+    prefill = [sum(p.stats["prefill_s"] for p in ps) for ps in parts]  # (a long text's pieces: each admitted)
+    queued = [ps[0].stats["queued_s"] for ps in parts]
+    res.update(
+        decode_steps=steps,
+        batched_steps=batched,
+        max_slots=max_slots,
+        admission_s_total=sum(prefill),  # the scheduler admits one request at a time: no step runs meanwhile
+        admission_s_p50=statistics.median(prefill),
+        queued_s_p50=statistics.median(queued),
+        queued_s_p95=percentile(queued, 95),
+    )
     return res
 
 
@@ -283,4 +295,11 @@ def load_table(results: list[dict[str, Any]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    for r in results:
+        if "admission_s_total" in r:
+            lines.append(
+                f"{r['mode']}: admission {r['admission_s_total']:.3f} s in all ({1e3 * r['admission_s_p50']:.1f} ms "
+                f"p50 per request), queued p50 / p95 {r['queued_s_p50']:.2f} / {r['queued_s_p95']:.2f} s, "
+                f"{r['decode_steps']} decode steps"
+            )
     return "\n".join(lines)

@@ -571,3 +571,31 @@ def test_info_with_text_or_other_options_is_an_error(tmp_path, capsys, monkeypat
     assert list(tmp_path.iterdir()) == []
     rc, out, _ = _run(capsys, "--info")
     assert rc == 0 and json.loads(out)["version"]
+
+
+def test_a_warning_from_outside_dia_fast_says_where_it_came_from(tmp_path):
+    """On the H200 the bench printed torchao's own SyntaxWarning as "dia_fast.bench: warning: invalid escape
+    sequence" (it read as dia_fast's); a warning raised in a dependency now names its file, dia_fast's own do not."""
+    import dia_fast
+    from dia_fast.cliparse import warning_line
+
+    ours = str(Path(dia_fast.__file__).parent / "api.py")
+    assert warning_line("dia_fast", "the audio is not speech", ours, 12) == "dia_fast: warning: the audio is not speech"
+    theirs = tmp_path / "torchao" / "quant_api.py"
+    got = warning_line("dia_fast.bench", "invalid escape sequence '\\.'", str(theirs), 1542)
+    assert got == "dia_fast.bench: warning: invalid escape sequence '\\.' (from torchao/quant_api.py:1542)"
+    assert warning_line("dia_fast", "x", None, None) == "dia_fast: warning: x"
+    # through the bench's handler, as a dependency raises it
+    import warnings
+
+    from dia_fast.bench import one_line_warnings
+
+    err = io.StringIO()
+    with one_line_warnings(), warnings.catch_warnings():
+        warnings.simplefilter("always")
+        old, sys.stderr = sys.stderr, err
+        try:
+            warnings.warn_explicit("deprecated", DeprecationWarning, str(theirs), 7)
+        finally:
+            sys.stderr = old
+    assert err.getvalue() == "dia_fast.bench: warning: deprecated (from torchao/quant_api.py:7)\n"

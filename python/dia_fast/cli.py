@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
-from .cliparse import OneLineParser, given_options
+from .cliparse import OneLineParser, given_options, warning_line
 from .paths import real_path, unwritable_dir, unwritable_file
 
 
@@ -574,7 +574,9 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             # doubtful text, short prompts, ...: one line each, once (none with --quiet)
             warnings.simplefilter("once", UserWarning)
-            warnings.showwarning = lambda message, *_a, **_k: _log(args, f"dia_fast: warning: {message}")
+            warnings.showwarning = lambda message, _category, filename, lineno, *_a, **_k: _log(
+                args, warning_line("dia_fast", message, filename, lineno)
+            )
             from .devices import keep_torch_threads
 
             with keep_torch_threads():

@@ -27,3 +27,22 @@ def given_options(parser: argparse.ArgumentParser, argv: list[str] | None, args:
     unset = object()  # argparse leaves an attribute that is already there when its option is not given
     again = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), unset)))
     return {dest for dest, value in vars(again).items() if value is not unset}
+
+
+def warning_line(program: str, message: Warning | str, filename: str | None = None, lineno: int | None = None) -> str:
+    """A Python warning as the programs show it: ``{program}: warning: MESSAGE``, with where it came from when
+    that is outside dia_fast (a dependency's own warning, e.g. a ``SyntaxWarning`` of its source, is then not
+    taken for one of dia_fast's)."""
+    line = f"{program}: warning: {message}"
+    if filename:
+        from pathlib import Path
+
+        path = Path(filename)
+        package = Path(__file__).resolve().parent
+        try:
+            inside = path.resolve().is_relative_to(package)
+        except OSError:
+            inside = False
+        if not inside:
+            line += f" (from {path.parent.name}/{path.name}:{lineno})" if lineno else f" (from {path.name})"
+    return line

@@ -26,7 +26,7 @@ import torch
 from .. import ops
 from .._version import __version__
 from ..checkpoint import local_config
-from ..cliparse import OneLineParser, given_options
+from ..cliparse import OneLineParser, given_options, warning_line
 from ..codec import AudioCodec, load_codec
 from ..config import DataConfig, DiaConfig
 from ..devices import keep_torch_threads, resolve_device, resolve_dtype, use_default_cpu_threads
@@ -826,10 +826,11 @@ def parse_args(argv: list[str] | None = None) -> BenchOptions:
 @contextlib.contextmanager
 def one_line_warnings() -> Iterator[None]:
     """Show each Python warning raised inside the block as one line, ``dia_fast.bench: warning: MESSAGE`` on
-    stderr (no source line), as the main CLI does; the warning filters still decide which are shown."""
+    stderr (no source line; where it came from when that is outside dia_fast), as the main CLI does; the warning
+    filters still decide which are shown."""
 
-    def show(message: Warning | str, *args: object, **kwargs: object) -> None:
-        print(f"dia_fast.bench: warning: {message}", file=sys.stderr, flush=True)
+    def show(message: Warning | str, _category: object, filename: str, lineno: int, *_: object, **__: object) -> None:
+        print(warning_line("dia_fast.bench", message, filename, lineno), file=sys.stderr, flush=True)
 
     with warnings.catch_warnings():  # restores the previous showwarning afterwards
         warnings.showwarning = show

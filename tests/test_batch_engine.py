@@ -4,6 +4,7 @@ join and leave a running batch give exactly the codes of their solo runs, whatev
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
 
@@ -670,8 +671,10 @@ def test_the_scheduler_reads_each_rounds_state_back_without_stalling_the_device(
     and the device idles while the host does the round's bookkeeping. Simulated here on the CPU with a pinned pool
     whose copies complete only once a later step has been queued (a device one step behind the host): while requests
     run, the scheduler reads the slots' state and codes only through that pool, and never waits for a copy with
-    nothing queued behind it. The codes (moves, a stream and a slot reused included) are those of the solo runs."""
-    from dia_fast.memory import PinnedPool
+    nothing queued behind it. The codes (moves, a stream and a slot reused included) are those of the solo runs. The
+    overlap is CUDA's (on the CPU copies are synchronous and a round's own state is read at once): forced on here, and
+    a pooled copy holds garbage until it is waited for, as a copy still in flight would."""
+    from dia_fast.memory import PinnedPool, PooledBuffer
 
     reqs = _requests()
     opts = [dict(reqs[i], max_new_tokens=20 + 9 * i, min_new_tokens=0) for i in (0, 3, 5, 6, 7)]
@@ -694,7 +697,28 @@ def test_the_scheduler_reads_each_rounds_state_back_without_stalling_the_device(
             if not self.query() and running and running[0].busy_slots:
                 stalls.append(queued[0])
 
-    pool = PinnedPool(event_factory=LaggingEvent)
+    class InFlightPool(PinnedPool):
+        """Each copy lands only when it is waited for: until then its buffer holds garbage."""
+
+        def copy_to_host(self, device_tensor, *, out=None):
+            buf = super().copy_to_host(device_tensor, out=out)
+            landing[buf.tensor.untyped_storage().data_ptr()] = buf.tensor.clone()
+            buf.tensor.fill_(-12345)
+            return buf
+
+    landing: dict[int, torch.Tensor] = {}
+    wait = PooledBuffer.wait
+
+    def landing_wait(self):
+        t = wait(self)
+        value = landing.pop(t.untyped_storage().data_ptr(), None)
+        if value is not None:
+            t.copy_(value)
+        return t
+
+    monkeypatch.setattr(PooledBuffer, "wait", landing_wait)
+    monkeypatch.setattr(engine_module, "overlaps_readback", lambda _device: True)
+    pool = InFlightPool(event_factory=LaggingEvent)
     pooled: set[int] = set()  # the pool's host blocks
     copies = [0]
     acquire = pool.acquire
@@ -760,3 +784,74 @@ def test_admission_copies_its_inputs_to_a_gpu_without_blocking():
     calls.clear()
     slots_module._to_device(HostTensor(), torch.device("cpu"))
     assert calls == [("to", "cpu", False)]
+
+
+@pytest.mark.parametrize("where", ["codes copy", "codes wait"])
+def test_a_failure_while_handing_results_over_fails_every_request_and_returns_the_buffers(tts, monkeypatch, where):
+    """With the read-back lag (CUDA's, forced on): an error while the finished requests' codes are being copied (the
+    pool cannot lend their buffer) or waited for (where a CUDA fault surfaces: the round's first host sync) fails
+    every request, the finished ones included, and returns every pooled buffer. Before, the first made the engine's
+    clean-up raise 'buffer already released' and every request waited forever; the second lost the finished
+    requests and two buffers."""
+    from dia_fast.memory import PinnedPool, PooledBuffer
+    from dia_fast.serving import EngineFailed
+
+    monkeypatch.setattr(engine_module, "overlaps_readback", lambda _device: True)
+    pool = PinnedPool(1024) if where == "codes copy" else PinnedPool()  # 1 KiB: the state (3 x n int64) fits
+    monkeypatch.setattr(engine_module, "default_pool", lambda: pool)
+    if where == "codes wait":
+        wait = PooledBuffer.wait
+
+        def failing_wait(self):
+            if sys._getframe(1).f_code.co_name == "_deliver":  # the engine waiting for a block of codes
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            return wait(self)
+
+        monkeypatch.setattr(PooledBuffer, "wait", failing_wait)
+    engine = BatchEngine(tts, max_slots=2, poll_every=2)
+    try:
+        handles = [engine.submit("[S1] Hello there.", max_new_tokens=20 + 10 * i, seed=i) for i in range(3)]
+        for h in handles:
+            with pytest.raises(EngineFailed):
+                h.result(30, decode_audio=False)
+    finally:
+        engine.close(timeout=30)
+    assert pool.stats()["buffers_in_use"] == 0
+
+
+def test_without_the_overlap_results_come_in_their_own_round_and_the_stats_are_the_same(tts, monkeypatch):
+    """Off CUDA the copies are synchronous: a round's own state is read at once, so a finished request leaves after
+    its round (the lag would hold its slot and its result two more rounds). Its codes and its own stats (steps,
+    largest batch) are the same either way; only the engine's step count grows with the lag."""
+    opts = [dict(r, min_new_tokens=0) for r in _requests()[:4]]
+    runs = {}
+    for overlap in (False, True):
+        monkeypatch.setattr(engine_module, "overlaps_readback", lambda _device, on=overlap: on)
+        with BatchEngine(tts, max_slots=4, poll_every=4) as engine:
+            results = [h.result(60, decode_audio=False) for h in [engine.submit(**o) for o in opts]]
+            runs[overlap] = (results, dict(engine.stats))
+    (plain, plain_stats), (lagged, lagged_stats) = runs[False], runs[True]
+    for a, b in zip(plain, lagged, strict=True):
+        assert torch.equal(a.codes, b.codes)
+        assert a.stats["steps"] == b.stats["steps"] and a.stats["batch_peak"] == b.stats["batch_peak"]
+        # its steps cover its generation in whole rounds of 4, no more
+        assert a.stats["steps"] - 4 < a.stats["eos_position"] + tts.config.data.max_delay < a.stats["steps"] + 4
+    assert plain_stats["steps"] < lagged_stats["steps"]
+
+
+def test_closing_hands_over_results_that_were_already_final(tts, monkeypatch):
+    """close() (not draining) in the round of a request's last step: its codes are final on the device and on their
+    way to the host; it gets its result, not EngineClosed (as before the read-back lag)."""
+    monkeypatch.setattr(engine_module, "overlaps_readback", lambda _device: True)
+    count = BatchEngine._count_steps
+
+    def closing(self, live):
+        count(self, live)
+        if self.stats["steps"] == 20:  # the request's last step (prefix 1, 20 new tokens)
+            self.close()  # from the scheduler thread: takes effect after this round
+
+    monkeypatch.setattr(BatchEngine, "_count_steps", closing)
+    engine = BatchEngine(tts, max_slots=2, poll_every=4)
+    h = engine.submit("[S1] Hello there.", max_new_tokens=20, min_new_tokens=4, seed=1)
+    result = h.result(60, decode_audio=False)
+    assert result.codes.shape[0] > 0 and engine.stats["finished"] == 1

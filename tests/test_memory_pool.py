@@ -495,3 +495,15 @@ def test_gpu_at_bound_reuse_waits() -> None:
     again.tensor.fill_(4.0)
     torch.cuda.synchronize()
     assert bool((dev_out == 3.0).all())
+
+
+def test_a_failed_copy_to_host_does_not_keep_its_buffer():
+    """A copy that raises (a source the host cannot read from here; on CUDA, an error surfacing at the copy) gives the
+    buffer it acquired back: the engine's error path relies on not leaking one per failure."""
+    pool = PinnedPool(pin=False)
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        pool.copy_to_host(torch.empty(4, 3, device="meta"))
+    assert pool.stats()["buffers_in_use"] == 0
+    good = pool.copy_to_host(torch.arange(12).reshape(4, 3))
+    assert torch.equal(good.wait(), torch.arange(12).reshape(4, 3)) and pool.stats()["buffers_in_use"] == 1
+    good.release()

@@ -474,8 +474,16 @@ class PinnedPool:
         """
         if out is None:
             out = self.acquire(device_tensor.shape, device_tensor.dtype)
-        elif out._pool is not self:
+            try:
+                return self._copy_to_host(device_tensor, out)
+            except BaseException:
+                self.release(out)  # (a failed copy, e.g. a CUDA error: the buffer is not lent out for nothing)
+                raise
+        if out._pool is not self:
             raise ValueError("out belongs to another pool")
+        return self._copy_to_host(device_tensor, out)
+
+    def _copy_to_host(self, device_tensor: torch.Tensor, out: PooledBuffer) -> PooledBuffer:
         dst = out.tensor
         if dst.shape != device_tensor.shape or dst.dtype != device_tensor.dtype:
             raise ValueError(

@@ -120,6 +120,13 @@ def _close_engines() -> None:
         engine.close(timeout=5.0)
 
 
+def overlaps_readback(device: torch.device) -> bool:
+    """Whether the scheduler reads a round's state back one round later (docs/serving.md): on CUDA, where the copy is
+    asynchronous and the device runs the next round meanwhile. Elsewhere copies are synchronous, so there is nothing
+    to overlap and a round's own state is read at once (the lag would only delay results)."""
+    return device.type == "cuda"
+
+
 def default_max_slots(device: torch.device | str) -> int:
     """Slots of a :class:`BatchEngine` by default: 16 on CUDA, 4 on Apple GPUs, 8 on the CPU."""
     return _DEFAULT_SLOTS.get(torch.device(device).type, 8)
@@ -200,6 +207,10 @@ class _Readback:
 
     buf: PooledBuffer
     owners: list[_Request | None]
+    # their step counts and largest batches then: a finished request's own (the engine counts the round it runs on in
+    # its slot until this is read as the round after)
+    steps: list[int]
+    peaks: list[int]
 
 
 @dataclass
@@ -465,6 +476,7 @@ class BatchEngine:
         self._dispatch_generation = ops.dispatch_generation()
         # read-backs in flight (docs/serving.md): the last round's state, and codes on their way to their requests
         self._pool: PinnedPool = default_pool()
+        self._overlap = overlaps_readback(dev)
         self._readback: _Readback | None = None
         self._deliveries: deque[_Delivery] = deque()
         if self._use_graphs:
@@ -771,10 +783,22 @@ class BatchEngine:
                     self._step(n, view)
             self._count_steps(live)
             readback = self._read_state(n)
-        self._deliver()  # codes copied while this round was queued (ready once the previous round is done)
-        if self._readback is not None:
-            self._collect(self._readback)
-        self._readback = readback
+        if not self._overlap:  # synchronous copies: this round's own state, at once
+            if readback is not None:
+                self._collect(readback)
+            self._deliver()
+            self._compact()
+            return
+        # tracked before anything below can raise, so that _fail_all finds it (and releases its buffer once)
+        previous, self._readback = self._readback, readback
+        try:
+            self._deliver()  # codes copied while this round was queued (ready once the previous round is done)
+        except BaseException:
+            if previous is not None:  # its requests are still running ones: _fail_all settles them
+                previous.buf.release()
+            raise
+        if previous is not None:
+            self._collect(previous)  # (releases its buffer, whatever happens)
         if readback is None:
             self._deliver()  # nothing runs: what the last read-back finished is handed over now
         self._compact()
@@ -890,14 +914,19 @@ class BatchEngine:
         a non-blocking copy into pinned memory: no host sync)."""
         sl = self._slots
         state = torch.stack([sl.pos[:n], sl.finished[:n].long(), sl.eos_pos[:n]])
-        return _Readback(self._pool.copy_to_host(state), list(self._owner[:n]))
+        owners = list(self._owner[:n])
+        steps = [r.steps if r is not None else 0 for r in owners]
+        peaks = [r.batch_peak if r is not None else 0 for r in owners]
+        return _Readback(self._pool.copy_to_host(state), owners, steps, peaks)
 
     def _collect(self, rb: _Readback) -> None:
         """A round's read-back (waited for one round later: the device has the next round queued meanwhile): the
         finished requests leave their slots, and the copy of their codes and of the streams' newly final positions
         is queued (handed over by :meth:`_deliver`)."""
-        pos, finished, eos = rb.buf.wait().tolist()
-        rb.buf.release()
+        try:
+            pos, finished, eos = rb.buf.wait().tolist()
+        finally:
+            rb.buf.release()
         md = self.tts.config.data.max_delay
         items: list[tuple[_Request, int, str, int, int, int]] = []
         for s, req in enumerate(rb.owners):
@@ -911,7 +940,7 @@ class BatchEngine:
                 req.sent = end
             if finished[s]:
                 items.append((req, req.slot, "result", req.prefix, max(eos[s], req.prefix) + md, eos[s]))
-                self._free(req.slot)
+                req.steps, req.batch_peak = rb.steps[s], rb.peaks[s]  # not the round it ran on after finishing
         if not items:
             return
         lo, hi = min(i[3] for i in items), min(max(i[4] for i in items), self._slots.out.shape[1])
@@ -919,12 +948,17 @@ class BatchEngine:
         if block.device.type == "cuda":  # the pool copies on its own stream: a copy that a later admit cannot overwrite
             block = block.clone()
         self._deliveries.append(_Delivery(self._pool.copy_to_host(block), lo, items))
+        # only now do the finished requests leave their slots: until their codes are on their way, a failure above
+        # still finds them among the running requests (_fail_all settles them)
+        for _req, slot, kind, *_ in items:
+            if kind == "result":
+                self._free(slot)
 
     def _deliver(self) -> None:
         """Hand the copied codes over: stream frames, and the results of the finished requests (with the end of their
         stream after the result, so that a stream that has ended can take it at once)."""
         while self._deliveries:
-            d = self._deliveries.popleft()
+            d = self._deliveries[0]  # left queued until handed over: a failure meanwhile still finds its requests
             host = d.buf.wait()
             for req, s, kind, start, end, eos in d.items:
                 row = host[s, start - d.lo : end - d.lo]
@@ -948,6 +982,7 @@ class BatchEngine:
                 self._settle(req, result=result)
                 if req.chunks is not None:  # after the result: a stream that has ended can take it at once
                     req.chunks.put(("end", max(eos - req.prefix, 0)))
+            self._deliveries.popleft()
             d.buf.release()
 
     def _free(self, s: int) -> None:
@@ -976,6 +1011,14 @@ class BatchEngine:
             self._closing = True
             pending = list(self._queue)
             self._queue.clear()
+        if error is None and self._overlap:  # closed, not broken: what is already final is handed over, not failed
+            try:
+                previous, self._readback = self._readback, None
+                if previous is not None:
+                    self._collect(previous)
+                self._deliver()
+            except Exception as late:  # noqa: BLE001 - the rest fails below, as it would have
+                log.warning("handing over final results at close failed: %r", late)
         for s, req in enumerate(self._owner):
             if req is not None:
                 self._owner[s] = None
@@ -983,7 +1026,8 @@ class BatchEngine:
         # finished on the device, their codes not handed over yet
         pending += [item[0] for d in self._deliveries for item in d.items if item[2] == "result"]
         for buf in [d.buf for d in self._deliveries] + ([self._readback.buf] if self._readback else []):
-            buf.release()  # (the pool keeps a block until its copy is done)
+            if not buf.released:  # (the pool keeps a block until its copy is done)
+                buf.release()
         self._deliveries.clear()
         self._readback = None
         for req in pending:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 
@@ -35,8 +36,6 @@ def warning_line(program: str, message: Warning | str, filename: str | None = No
     taken for one of dia_fast's)."""
     line = f"{program}: warning: {message}"
     if filename:
-        from pathlib import Path
-
         path = Path(filename)
         package = Path(__file__).resolve().parent
         try:

@@ -46,17 +46,31 @@ def _logit_measures(l_ref: torch.Tensor, l_other: torch.Tensor) -> tuple[float, 
     return rel, (l_other.argmax(-1) == l_ref.argmax(-1)).float().mean(0)
 
 
-def quantization_quality(ref: DiaTTS, quant: DiaTTS, *, steps: int = 200, text: str = TEXT) -> dict[str, Any]:
-    """Compare ``quant`` with ``ref`` (see the module doc); both must hold the same weights before quantization."""
-    md = ref.config.data.max_delay
+def _check_steps(tts: DiaTTS, steps: int) -> int:
+    """``tts``'s largest delay, after checking that ``steps`` leaves room for one frame past it."""
+    md = tts.config.data.max_delay
     if steps < md + 2:
         raise ValueError(f"steps must be at least {md + 2}")
-    kw = dict(max_new_tokens=steps, min_new_tokens=steps - md - 1, do_sample=False, progress=False)
-    g_ref = ref.generate(text, **kw)
-    g_q = quant.generate(text, **kw)
-    delayed = g_ref.delayed[0]
-    length = int(g_ref.stats.get("steps", steps)) + 1
-    delayed = delayed[: min(delayed.shape[0], length)]
+    return md
+
+
+def _greedy(tts: DiaTTS, steps: int, text: str) -> Any:
+    """``tts``'s greedy generation of ``text`` held to ``steps`` decoder steps (the sequence both models are fed)."""
+    md = _check_steps(tts, steps)
+    return tts.generate(text, max_new_tokens=steps, min_new_tokens=steps - md - 1, do_sample=False, progress=False)
+
+
+def _delayed_codes(generation: Any, steps: int) -> torch.Tensor:
+    """The delayed codes of a :func:`_greedy` generation, up to its last step (the teacher-forced input)."""
+    delayed = generation.delayed[0]
+    return delayed[: min(delayed.shape[0], int(generation.stats.get("steps", steps)) + 1)]
+
+
+def quantization_quality(ref: DiaTTS, quant: DiaTTS, *, steps: int = 200, text: str = TEXT) -> dict[str, Any]:
+    """Compare ``quant`` with ``ref`` (see the module doc); both must hold the same weights before quantization."""
+    g_ref = _greedy(ref, steps, text)
+    g_q = _greedy(quant, steps, text)
+    delayed = _delayed_codes(g_ref, steps)
     l_ref = _teacher_forced_logits(ref, delayed, text)
     l_q = _teacher_forced_logits(quant, delayed, text)
     rel, top1 = _logit_measures(l_ref, l_q)
@@ -92,13 +106,9 @@ def precision_floor(tts: DiaTTS, *, steps: int = 200, text: str = TEXT) -> dict[
 
     if tts.dtype == torch.float32:
         return None
-    md = tts.config.data.max_delay
-    if steps < md + 2:
-        raise ValueError(f"steps must be at least {md + 2}")
+    _check_steps(tts, steps)  # (before the float32 copy)
     fp32 = _DiaTTS(copy.deepcopy(tts.model).float(), tts.codec)
-    kw = dict(max_new_tokens=steps, min_new_tokens=steps - md - 1, do_sample=False, progress=False)
-    g = fp32.generate(text, **kw)
-    delayed = g.delayed[0][: int(g.stats.get("steps", steps)) + 1]
+    delayed = _delayed_codes(_greedy(fp32, steps, text), steps)
     l_ref = _teacher_forced_logits(fp32, delayed, text)
     del fp32
     l_low = _teacher_forced_logits(tts, delayed, text)

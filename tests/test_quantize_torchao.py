@@ -169,6 +169,29 @@ def test_cuda_modes_a_gpu_can_run_pass_the_check(monkeypatch, mode, dtype):
     )
 
 
+@pytest.mark.parametrize(
+    ("mode", "kernel", "needs_torchao"),
+    [("int8", "dia_fast", False), ("int8", "torchao", True), ("fp8", "dia_fast", True), ("int4", "dia_fast", True)],
+)
+def test_cuda_int8_on_dia_fasts_kernel_does_not_need_torchao(monkeypatch, mode, kernel, needs_torchao):
+    """int8 on dia_fast's Triton layer (the default) runs without torchao; fp8, int4 (tinygemm) and torchao's int8
+    need it: a one-line error naming the mode, where it is missing."""
+    import sys
+
+    import dia_fast.quantize
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_a: (9, 0))
+    monkeypatch.setattr(dia_fast.quantize, "CUDA_INT8_KERNEL", kernel)
+    monkeypatch.setitem(sys.modules, "torchao", None)  # as if not installed: importing it raises ImportError
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (fp8's slowness warning)
+        if needs_torchao:
+            with pytest.raises(ValueError, match=f"quantize={mode} on CUDA.* needs torchao: pip install torchao"):
+                check_quantize(mode, "cuda", torch.bfloat16)
+        else:
+            assert check_quantize(mode, "cuda", torch.bfloat16) == mode
+
+
 def _load_saved_as_torchao(directory):
     """What from_pretrained does with a saved quantized directory on CUDA, here on the CPU (bf16)."""
     from safetensors.torch import load_file

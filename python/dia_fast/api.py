@@ -198,10 +198,10 @@ class DiaTTS:
         a ``dac/`` directory inside the checkpoint directory, else a random demo codec (with a warning).
         ``quantize``: ``"int8"`` / ``"fp8"`` / ``"int4"`` quantizes the decoder's GEMMs (:mod:`dia_fast.quantize`;
         a mode the device cannot run is an error before anything loads). The checkpoint is read one tensor at a
-        time and each GEMM weight is quantized as it arrives (CPU: dia_fast's int8 / int4 layers; CUDA: torchao on the
-        device, or dia_fast's int8 layer as ``quantize.CUDA_INT8_KERNEL`` says), so the full-precision model is never
-        in memory at once. A directory that :meth:`save_pretrained`
-        wrote from a quantized model loads quantized as it is, on the CPU or CUDA (another ``quantize`` is an error,
+        time and each GEMM weight is quantized as it arrives (CPU: dia_fast's int8 / int4 layers; CUDA: dia_fast's int8
+        layer, or torchao's as ``quantize.CUDA_INT8_KERNEL`` says, and torchao for fp8 / int4), so the
+        full-precision model is never in memory at once. A directory that :meth:`save_pretrained` wrote from a
+        quantized model loads quantized as it is, on the CPU or CUDA (another ``quantize`` is an error,
         never a re-quantization).
         """
         from .quantize import check_quantize, load_cuda_quantized, load_quantized

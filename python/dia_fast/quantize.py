@@ -107,10 +107,12 @@ def check_quantize(mode: str | None, device: torch.device | str, dtype: torch.dt
             )
         return mode
     if dev.type == "cuda":
-        try:
-            import torchao  # noqa: F401
-        except ImportError:
-            raise ValueError(f"quantize={mode} on CUDA needs torchao: pip install torchao") from None
+        if mode != "int8" or _int8_kernel(None) == "torchao":  # dia_fast's int8 layer needs only Triton
+            try:
+                import torchao  # noqa: F401
+            except ImportError:
+                also = "" if mode != "int8" else f" with CUDA_INT8_KERNEL={CUDA_INT8_KERNEL!r}"
+                raise ValueError(f"quantize={mode} on CUDA{also} needs torchao: pip install torchao") from None
         major, minor = torch.cuda.get_device_capability(dev)
         if mode == "fp8" and (major, minor) < (8, 9):
             raise ValueError(

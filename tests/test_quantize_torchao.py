@@ -190,6 +190,13 @@ def test_cuda_int8_on_dia_fasts_kernel_does_not_need_torchao(monkeypatch, mode, 
                 check_quantize(mode, "cuda", torch.bfloat16)
         else:
             assert check_quantize(mode, "cuda", torch.bfloat16) == mode
+        if mode == "int8":  # the kernel asked for in the call, whatever the default
+            other = "torchao" if kernel == "dia_fast" else "dia_fast"
+            if other == "torchao":
+                with pytest.raises(ValueError, match="quantize=int8 on CUDA on torchao's kernel needs torchao"):
+                    check_quantize(mode, "cuda", torch.bfloat16, other)
+            else:
+                assert check_quantize(mode, "cuda", torch.bfloat16, other) == mode
 
 
 def _load_saved_as_torchao(directory):

@@ -87,9 +87,11 @@ PARTS = ("self_attention", "cross_attention", "mlp", "logits")
 DEFAULT_PARTS = PARTS
 
 
-def check_quantize(mode: str | None, device: torch.device | str, dtype: torch.dtype | None = None) -> str | None:
+def check_quantize(
+    mode: str | None, device: torch.device | str, dtype: torch.dtype | None = None, int8_kernel: str | None = None
+) -> str | None:
     """``mode`` if this device (and dtype) can run it, else a one-line ``ValueError`` naming the mode, the device
-    and what works there."""
+    and what works there. ``int8_kernel``: CUDA's int8 kernel to run (default :data:`CUDA_INT8_KERNEL`)."""
     if mode is None or mode == "none":
         return None
     if mode not in QUANT_MODES:
@@ -107,11 +109,11 @@ def check_quantize(mode: str | None, device: torch.device | str, dtype: torch.dt
             )
         return mode
     if dev.type == "cuda":
-        if mode != "int8" or _int8_kernel(None) == "torchao":  # dia_fast's int8 layer needs only Triton
+        if mode != "int8" or _int8_kernel(int8_kernel) == "torchao":  # dia_fast's int8 layer needs only Triton
             try:
                 import torchao  # noqa: F401
             except ImportError:
-                also = "" if mode != "int8" else f" with CUDA_INT8_KERNEL={CUDA_INT8_KERNEL!r}"
+                also = "" if mode != "int8" else " on torchao's kernel"
                 raise ValueError(f"quantize={mode} on CUDA{also} needs torchao: pip install torchao") from None
         major, minor = torch.cuda.get_device_capability(dev)
         if mode == "fp8" and (major, minor) < (8, 9):
@@ -173,7 +175,7 @@ def quantize_decoder(
     ``int4_parts``: int4 only, which of ``parts`` get int4 (the others get int8).
     ``int8_kernel``: CUDA only, what runs the int8 GEMMs (:data:`CUDA_INT8_KERNELS`; default
     :data:`CUDA_INT8_KERNEL`)."""
-    mode = check_quantize(mode, model.device, model.dtype)
+    mode = check_quantize(mode, model.device, model.dtype, int8_kernel)
     if mode is None:
         return {"mode": None}
     if quantized_mode(model) is not None:

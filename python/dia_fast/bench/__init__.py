@@ -271,8 +271,9 @@ def _run_bench(opts: BenchOptions) -> dict[str, Any]:
         raise ValueError(f"--cuda-int8 chooses CUDA's int8 kernel; this run is on {device.type}")
     from ..quantize import check_quantize, quantized_mode
 
-    for mode in opts.quantize:  # every mode checked before any is measured
-        check_quantize(mode, device, tts.dtype)
+    for mode in opts.quantize:  # every mode (and int8 kernel) checked before any is measured
+        for kernel in opts.cuda_int8 or (None,):
+            check_quantize(mode, device, tts.dtype, kernel)
     if opts.load:
         return _run_load(opts, tts, model_info, log, t0)
     sampling = SamplingConfig(do_sample=opts.do_sample)
